@@ -1,0 +1,146 @@
+"""`apply_adapter`: put any adapter kind on a model and get one handle with one interface.
+
+    adapter = apply_adapter(model, AdapterConfig(kind="tinylora", r=2, u=13, tie="all"), model_id)
+    adapter.model            # the model to train and evaluate (a PeftModel for kind=lora)
+    adapter.trainable_params # unique trainable parameters; adapter.trainable_bytes by precision
+    adapter.merge(); adapter.unmerge()      # unmerge restores the base weights bit for bit
+    adapter.export_peft(dir)               # PEFT LoRA format, loads with PeftModel.from_pretrained
+    adapter.save_native(dir)               # just v, seeds and the SVD identity
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .targets import Target, expected_trainable_params, resolve_targets
+
+ROOT_NAME = "tinyablate_adapter"
+
+
+class Adapter:
+    """The adapter on one model; see the module docstring."""
+
+    def __init__(self, model: nn.Module, cfg: AdapterConfig, targets: list[Target], model_id: str,
+                 layers: dict | None = None, stats: dict | None = None):
+        self.model = model
+        self.cfg = cfg
+        self.targets = targets
+        self.model_id = model_id
+        self.layers = layers or {}
+        self.stats = stats or {}
+
+    # -- accounting -------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        seen, out = set(), []
+        for p in self.model.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    @property
+    def trainable_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.trainable_parameters())
+
+    @property
+    def n_groups(self) -> int:
+        return len({t.group for t in self.targets}) if self.cfg.kind in ("tinylora", "lora_xs") else len(self.targets)
+
+    def summary(self) -> dict:
+        cfg = self.cfg
+        return {
+            "kind": cfg.kind, "r": cfg.r if cfg.kind != "none" else 0,
+            "u": cfg.params_per_group if cfg.kind in ("tinylora", "lora_xs") else None,
+            "tie": cfg.tie, "sharing": cfg.sharing, "precision": cfg.precision,
+            "n_modules": len(self.targets), "n_groups": self.n_groups if cfg.kind != "none" else 0,
+            "trainable_params": self.trainable_params, "trainable_bytes": self.trainable_bytes,
+            "expected_trainable_params": expected_trainable_params(self.targets, cfg),
+            **{k: v for k, v in self.stats.items()},
+        }
+
+    # -- merge / enable -----------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold ΔW into the weights (for export or a plain inference model)."""
+        if self.cfg.kind == "lora":
+            from .lora import merge_lora
+            merge_lora(self.model)
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        """Restore the base weights exactly as they were before merge()."""
+        if self.cfg.kind == "lora":
+            from .lora import unmerge_lora
+            unmerge_lora(self.model)
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Run the base model: e.g. the 0-parameter point or a reference policy."""
+        if self.cfg.kind == "lora":
+            with self.model.disable_adapter():
+                yield
+            return
+        for layer in self.layers.values():
+            layer.enabled = False
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.enabled = True
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trainable tensors, by stable names (what checkpoints keep)."""
+        named = dict(self.model.named_parameters())
+        return {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        named = dict(self.model.named_parameters())
+        missing = sorted(set(n for n, p in named.items() if p.requires_grad) - set(state))
+        if missing:
+            raise ValueError(f"adapter state is missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        with torch.no_grad():
+            for name, value in state.items():
+                named[name].copy_(value.to(named[name].device, named[name].dtype))
+
+    def export_peft(self, out_dir) -> None:
+        from .export import export_peft
+        export_peft(self, out_dir)
+
+    def save_native(self, out_dir) -> None:
+        from .export import save_native
+        save_native(self, out_dir)
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
+
+
+def apply_adapter(model: nn.Module, cfg: AdapterConfig, model_id: str) -> Adapter:
+    """Validate `cfg` against `model` (before touching any weight), then apply the adapter.
+
+    `model_id` names the weights (e.g. "hub:Qwen/Qwen2.5-7B-Instruct"); it keys the SVD cache.
+    """
+    cfg.validate()
+    targets = resolve_targets(model, cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.kind == "none":
+        return Adapter(model, cfg, targets, model_id)
+    if cfg.kind == "lora":
+        from .lora import build_lora
+        return Adapter(build_lora(model, cfg, targets), cfg, targets, model_id)
+    from .svd_adapter import build_svd_adapter
+    root, layers, stats = build_svd_adapter(model, cfg, targets, model_id)
+    model.add_module(ROOT_NAME, root)
+    return Adapter(model, cfg, targets, model_id, layers, stats)

@@ -1,0 +1,169 @@
+"""The adapter schema: every ablation axis of TinyLoRA, LoRA-XS and LoRA as one typed config.
+
+`AdapterConfig.validate()` checks everything that can be checked without a model; the
+model-dependent checks (rank against the weight shapes, target modules that match nothing) run in
+`tinyablate.adapters.targets.resolve_targets` before any weight is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+KINDS = ("tinylora", "lora_xs", "lora", "none")
+SHARINGS = ("tiled", "structured")
+PRECISIONS = ("fp32", "bf16", "fp16")
+FORWARD_MODES = ("fused", "unmerged")
+SVD_METHODS = ("auto", "full", "randomized")
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class SVDConfig:
+    """How the frozen top-r SVD factors are computed and cached."""
+
+    # "full": torch.linalg.svd (exact, slow on big matrices); "randomized": seeded subspace iteration
+    # (accurate for the top singular vectors of real weights, ms per module on a GPU); "auto": full
+    # when min(d, k) <= full_below, randomized otherwise.
+    method: str = "auto"
+    full_below: int = 512
+    # Randomized SVD: power iterations and oversampling (extra columns beyond cache_rank).
+    niter: int = 6
+    oversample: int = 16
+    seed: int = 0
+    # Factors are computed and cached at max(r, cache_rank); a smaller r slices the cached factors, so
+    # every cell of a rank sweep shares one SVD per module.
+    cache_rank: int = 8
+    # Where factors are cached on disk; None -> $TINYABLATE_CACHE/svd or ~/.cache/tinyablate/svd.
+    # "" disables the disk cache.
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class AdapterConfig:
+    """One adapter: the research object of a sweep cell.
+
+    TinyLoRA:  W' = W + U Σ (Σ_i v_i P_i) Vᵀ,  v ∈ R^u trainable, P a fixed random u×r×r tensor.
+    LoRA-XS:   W' = W + U Σ R Vᵀ,              R ∈ R^{r×r} trainable (u is ignored: u = r²).
+    LoRA:      W' = W + (α/r) B A through PEFT (B: d×r, A: r×k trainable).
+    none:      no trainable parameter (the 0-parameter point of every curve).
+    """
+
+    # Adapter family: tinylora | lora_xs | lora | none.
+    kind: str = "tinylora"
+    # Frozen rank r of the SVD factors (tinylora, lora_xs) or the LoRA rank (lora). Paper: r=2 is best.
+    r: int = 2
+    # Size of each trainable vector v (tinylora only).
+    u: int = 4
+    # How many modules share one v: a positive integer (1 = no sharing) or "all" (one v for the model).
+    tie: Any = 1
+    # tiled: consecutive modules in depth order share v; structured: modules of one type (q, k, ...)
+    # in consecutive layers share v.
+    sharing: str = "tiled"
+    # Storage dtype of the trainable parameters and of their optimizer state, independent of the
+    # base model's dtype: fp32 | bf16 | fp16. With fp16, Adam's second moment underflows for small
+    # gradients and eps=1e-8 rounds to 0: the optimizer's epsilon must be >= 1e-7 (checked in training).
+    precision: str = "fp32"
+    # Linear modules to adapt, matched by the last component of their name.
+    target_modules: list = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # Transformer layer indices to adapt; None adapts every layer.
+    layers: Optional[list] = None
+    # Seed of the fixed random projections P (one tensor per module, regenerated from this seed and the
+    # module's index; never stored per run).
+    projection_seed: int = 0
+    # fused: the adapted weight is merged into a cached copy whenever v changes, and a custom backward
+    # computes v's gradient from rank-r projections (fast; one extra copy of the adapted weights).
+    # unmerged: W x + A M B x through autograd (the exact reference; no extra weight memory).
+    forward: str = "fused"
+    # LoRA only: scaling numerator α (the update is scaled by α / r) and dropout.
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    svd: SVDConfig = field(default_factory=SVDConfig)
+
+    def validate(self) -> "AdapterConfig":
+        """Raise ValueError naming the field, the value and what is allowed."""
+        _one_of("kind", self.kind, KINDS)
+        _one_of("sharing", self.sharing, SHARINGS)
+        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("forward", self.forward, FORWARD_MODES)
+        _one_of("svd.method", self.svd.method, SVD_METHODS)
+        _positive_int("r", self.r)
+        _positive_int("u", self.u)
+        self.tie_value()  # validates tie
+        if not isinstance(self.target_modules, (list, tuple)) or not self.target_modules:
+            raise ValueError(
+                f"adapter.target_modules={self.target_modules!r} is invalid: give a non-empty list of "
+                f"module names, e.g. {DEFAULT_TARGETS}"
+            )
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not self.layers or not all(
+                _is_int(x) and x >= 0 for x in self.layers
+            ):
+                raise ValueError(
+                    f"adapter.layers={self.layers!r} is invalid: give null (all layers) or a non-empty "
+                    "list of non-negative layer indices"
+                )
+        for name in ("niter", "oversample", "cache_rank", "full_below"):
+            value = getattr(self.svd, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"adapter.svd.{name}={value!r} is invalid: must be an integer >= 0")
+        if not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
+            raise ValueError(f"adapter.lora_alpha={self.lora_alpha!r} is invalid: must be a number > 0")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            raise ValueError(f"adapter.lora_dropout={self.lora_dropout!r} is invalid: must be in [0, 1)")
+        return self
+
+    def tie_value(self) -> Optional[int]:
+        """The tie factor as an int, or None for "all"."""
+        tie = self.tie
+        if isinstance(tie, str) and tie.strip().lower() == "all":
+            return None
+        if isinstance(tie, str) and tie.strip().isdigit():
+            tie = int(tie.strip())
+        if not _is_int(tie) or tie <= 0:
+            raise ValueError(
+                f"adapter.tie={self.tie!r} is invalid: must be a positive integer (1 = no sharing) "
+                "or 'all' (one v for the whole model)"
+            )
+        return int(tie)
+
+    @property
+    def params_per_group(self) -> int:
+        """Trainable parameters of one shared group (v for tinylora, R for lora_xs)."""
+        return self.r * self.r if self.kind == "lora_xs" else self.u
+
+    @property
+    def bytes_per_param(self) -> int:
+        return BYTES_PER_PARAM[self.precision]
+
+
+def count_groups(n_modules_per_type: dict, tie: Optional[int], sharing: str) -> int:
+    """Number of distinct trainable vectors for the given module counts (analytic formula).
+
+    tiled: ceil(n_modules / tie); structured: sum over module types of ceil(n_type / tie);
+    tie=None ("all"): 1.
+    """
+    n_total = sum(n_modules_per_type.values())
+    if n_total == 0:
+        return 0
+    if tie is None:
+        return 1
+    if sharing == "tiled":
+        return math.ceil(n_total / tie)
+    return sum(math.ceil(n / tie) for n in n_modules_per_type.values())
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"adapter.{name}={value!r} is invalid: must be a positive integer")
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"adapter.{name}={value!r} is invalid: allowed values are {list(allowed)}")

@@ -1,0 +1,176 @@
+"""The adapted linear layer of TinyLoRA and LoRA-XS:  y = x (W + A M B)ᵀ + b.
+
+A = U Σ (d × r) and B = Vᵀ (r × k) are the frozen top-r SVD factors of W; M (r × r) is the only thing
+that depends on trainable parameters: M = Σ_i v_i P_i (TinyLoRA) or M = R (LoRA-XS).
+
+Two forward paths compute the same function:
+- unmerged (the reference): x Wᵀ + ((x Bᵀ) Mᵀ) Aᵀ through autograd.
+- fused: y = x W_effᵀ with W_eff = W + A M B kept in a cache that is rebuilt only when v changes
+  (once per optimizer step). Its custom backward gives x the gradient W_eff would give it and M the
+  rank-r gradient (g A)ᵀ (x Bᵀ), so neither pass touches a d × k weight gradient. Generation and
+  training then run at the frozen model's speed, plus two skinny matmuls and one merge per step.
+
+The layer keeps W (`self.weight`) pristine and keeps the parameter names of nn.Linear, so the
+model's state dict is unchanged apart from the adapter's own vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import merge_into
+
+
+class _FusedLowRankLinear(torch.autograd.Function):
+    """y = x W_effᵀ + b, where W_eff = W + A M B was merged for the current M."""
+
+    @staticmethod
+    def forward(ctx, x, M, w_eff, A, B, bias):
+        x_b = x @ B.t()  # tokens × r: all the backward needs from x
+        ctx.save_for_backward(x_b, w_eff, A)
+        ctx.m_dtype = M.dtype
+        return F.linear(x, w_eff, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_b, w_eff, A = ctx.saved_tensors
+        grad_x = grad_y @ w_eff if ctx.needs_input_grad[0] else None
+        grad_m = None
+        if ctx.needs_input_grad[1]:
+            g_a = (grad_y @ A).reshape(-1, A.shape[1]).float()
+            grad_m = (g_a.t() @ x_b.reshape(-1, x_b.shape[-1]).float()).to(ctx.m_dtype)
+        return grad_x, grad_m, None, None, None, None
+
+
+class SVDAdapterLinear(nn.Linear):
+    """A drop-in replacement for an nn.Linear adapted with a frozen-SVD core M.
+
+    `vectors` is the adapter root's ParameterList; this layer reads its group's entry, so a vector
+    shared by many layers is registered (and optimised) once. `P` is this module's fixed projection
+    (u × r·r, in v's dtype) or None for the identity basis (LoRA-XS: M = v viewed as r × r).
+    """
+
+    def __init__(self, base: nn.Linear, A, B, P, vectors: nn.ParameterList, group: int, forward_mode: str):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # pristine frozen W, same parameter object and name
+        self.bias = base.bias
+        self.register_buffer("A", A.to(base.weight.dtype).contiguous(), persistent=False)
+        self.register_buffer("B", B.to(base.weight.dtype).contiguous(), persistent=False)
+        self.register_buffer("P", P, persistent=False)
+        self._vectors = (vectors,)  # a tuple, so the shared list is not registered here again
+        self.group = group
+        self._v = (vectors[group],)  # direct reference: the hot path skips ParameterList lookups
+        self._forward_mode = forward_mode
+        self._enabled = True
+        self._w_eff = None
+        self._w_eff_version = None
+        self._pristine = None  # the base weight while ΔW is merged into self.weight
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        self.drop_cache()  # the hot path in forward() must never see a stale merged weight
+
+    @property
+    def forward_mode(self) -> str:
+        return self._forward_mode
+
+    @forward_mode.setter
+    def forward_mode(self, value: str) -> None:
+        self._forward_mode = value
+        self.drop_cache()
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def v(self) -> nn.Parameter:
+        return self._v[0]
+
+    def core(self) -> torch.Tensor:
+        """M (r × r) with autograd to v."""
+        v, r = self.v, self.rank
+        return v.view(r, r) if self.P is None else (v @ self.P).view(r, r)
+
+    def delta_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """ΔW = A M B as a dense d × k tensor (float32 by default)."""
+        with torch.no_grad():
+            M = self.core().to(dtype)
+            return (self.A.to(dtype) @ M) @ self.B.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Hot path of generation: a fresh merged weight and no autograd -> one plain linear.
+        w_eff = self._w_eff
+        if w_eff is not None and not torch.is_grad_enabled() and self._v[0]._version == self._w_eff_version:
+            return F.linear(x, w_eff, self.bias)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self._pristine is not None:
+            return F.linear(x, self.weight, self.bias)  # disabled, or ΔW already merged into weight
+        if self.forward_mode == "unmerged":
+            M = self.core().to(x.dtype)
+            return F.linear(x, self.weight, self.bias) + ((x @ self.B.t()) @ M.t()) @ self.A.t()
+        w_eff = self._merged_weight()
+        if torch.is_grad_enabled() and self.v.requires_grad:
+            return _FusedLowRankLinear.apply(x, self.core(), w_eff, self.A, self.B, self.bias)
+        return F.linear(x, w_eff, self.bias)
+
+    def _merged_weight(self) -> torch.Tensor:
+        version = self._v[0]._version
+        if self._w_eff is None or version != self._w_eff_version:
+            with torch.no_grad():
+                if self._w_eff is None:
+                    self._w_eff = torch.empty_like(self.weight)
+                # W + (A M) B in one pass over W, accumulated in fp32 and rounded once.
+                merge_into(self._w_eff, self.weight, self.A.float() @ self.core().float(), self.B)
+            self._w_eff_version = version
+        return self._w_eff
+
+    def drop_cache(self) -> None:
+        self._w_eff = None
+        self._w_eff_version = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self.drop_cache()  # a device or dtype move invalidates the merged copy
+        return super()._apply(fn, *args, **kwargs)
+
+    def merge(self) -> None:
+        """Write W + ΔW into `weight` (as a new tensor) and keep the pristine W for `unmerge`."""
+        if self._pristine is not None:
+            return
+        with torch.no_grad():
+            merged = (self.weight.float() + self.delta_weight(torch.float32)).to(self.weight.dtype)
+        self._pristine = self.weight.data
+        self.weight.data = merged
+        self.drop_cache()
+
+    def unmerge(self) -> None:
+        """Restore the pristine base weight bit for bit (no subtract drift)."""
+        if self._pristine is None:
+            return
+        self.weight.data = self._pristine
+        self._pristine = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.rank}, group={self.group}, "
+            f"forward={self.forward_mode}"
+        )
+
+
+def projection(seed: int, module_index: int, u: int, r: int) -> torch.Tensor:
+    """The fixed random tensor P (u × r × r) of one module, from the seed and the module's index.
+
+    Entries are N(0, 1/r), as in PEFT's TinyLoRA (the paper does not state the distribution).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + module_index)
+    return torch.randn(u, r, r, generator=gen) / r**0.5
