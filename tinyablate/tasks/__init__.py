@@ -1,0 +1,46 @@
+"""The task room: problems, chat prompts and the one scorer used for RL reward and evaluation.
+
+    from tinyablate.tasks import TaskConfig, load_task, reward_fn
+    task = load_task(TaskConfig(name="gsm8k", data_dir="/path/to/gsm8k"))
+    rows = task.prompt_rows(task.train_problems())   # {"prompt", "answer", "id"} for GRPO
+    rewards = reward_fn("strict")                    # TRL reward function reading `answer`
+"""
+
+from .arithmetic import ArithmeticTask
+from .base import Problem, Task
+from .config import TaskConfig
+from .gsm8k import GSM8KTask
+from .scoring import (
+    Score,
+    completion_text,
+    extract_flexible,
+    extract_strict,
+    normalize_number,
+    reward_fn,
+    score,
+)
+
+_TASK_CLASSES = {"arithmetic": ArithmeticTask, "gsm8k": GSM8KTask}
+
+
+def load_task(cfg: TaskConfig) -> Task:
+    """Validate the config and build the task it names."""
+    cfg.validate()
+    return _TASK_CLASSES[cfg.name](cfg)
+
+
+__all__ = [
+    "ArithmeticTask",
+    "GSM8KTask",
+    "Problem",
+    "Score",
+    "Task",
+    "TaskConfig",
+    "completion_text",
+    "extract_flexible",
+    "extract_strict",
+    "load_task",
+    "normalize_number",
+    "reward_fn",
+    "score",
+]

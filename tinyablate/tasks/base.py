@@ -1,0 +1,59 @@
+"""What every task provides: problems, chat prompts for them, and scoring of completions.
+
+A `Task` turns a `TaskConfig` into train/eval `Problem`s. Trainers and evaluators only use this
+interface, so adding a task means subclassing `Task` and implementing the two problem lists.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from .config import TaskConfig
+from .scoring import Score, score
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One question with its gold answer and a reference solution for SFT."""
+
+    id: str  # unique within the task, e.g. "gsm8k-test-17"
+    question: str  # the question text shown to the model (without the instruction)
+    answer: str  # gold answer, already normalized by scoring.normalize_number
+    solution: str  # reference completion ending in \boxed{answer}; scores strict and flexible
+
+
+class Task(ABC):
+    """Base class of tasks: subclasses implement `train_problems` and `eval_problems`."""
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+
+    @abstractmethod
+    def train_problems(self) -> list[Problem]:
+        """Problems to train on (disjoint from the evaluation problems)."""
+
+    @abstractmethod
+    def eval_problems(self) -> list[Problem]:
+        """Problems to evaluate on, at most `cfg.eval_limit` of them."""
+
+    def messages(self, problem: Problem) -> list[dict]:
+        """Chat prompt: the optional system prompt, then the question followed by the instruction."""
+        user_text = problem.question
+        if self.cfg.instruction:
+            user_text = f"{problem.question}\n{self.cfg.instruction}"
+        system = [] if self.cfg.system_prompt is None else [{"role": "system", "content": self.cfg.system_prompt}]
+        return system + [{"role": "user", "content": user_text}]
+
+    def score(self, completion: str, problem: Problem) -> Score:
+        """Score a completion's text against the problem's gold answer."""
+        return score(completion, problem.answer)
+
+    def prompt_rows(self, problems: list[Problem]) -> list[dict]:
+        """Rows for GRPO datasets: a conversational `prompt`, the `answer` the reward reads, the `id`."""
+        return [{"prompt": self.messages(p), "answer": p.answer, "id": p.id} for p in problems]
+
+    def sft_rows(self, problems: list[Problem]) -> list[dict]:
+        """Rows for SFT datasets in TRL's prompt-completion form, the completion being the solution."""
+        return [
+            {"prompt": self.messages(p), "completion": [{"role": "assistant", "content": p.solution}]}
+            for p in problems
+        ]
