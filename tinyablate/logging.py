@@ -1,0 +1,400 @@
+"""One metrics sink per sweep cell: an append-only `metrics.jsonl`, mirrored to W&B.
+
+`MetricLogger` writes every `log(metrics, step)` call as one JSON line in
+`<cell_dir>/metrics.jsonl` and sends the same call to a W&B run (offline by default; nothing is
+sent anywhere unless `mode="online"`). `summary()` sets W&B summary values and keeps them in
+`<cell_dir>/summary.json`. The W&B run id comes from the cell id (`wandb_run_id`), so a
+requeued cell resumes its run. Everything written goes through `redact`, so API keys and
+tokens never reach a file. `MetricLoggerCallback` plugs the logger into a transformers/TRL
+Trainer (whose own `report_to` stays "none").
+
+`LoggerConfig` is a plain dataclass (the lead registers it in Hydra's ConfigStore).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from tinyablate.wandb_files import wait_for_exit_record
+
+LOGGER_MODES = ("online", "offline", "disabled")
+# How long `close` waits for wandb-core to flush the run's `.wandb` file after finish().
+FINISH_FLUSH_TIMEOUT_S = 30.0
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+# Keys of a metrics line that `log` fills itself; a metric may not use them.
+RESERVED_KEYS = ("step", "time")
+# Metrics whose W&B summary keeps the last and the best value ({"last": v, "max": m}):
+# wandb-core stores a define_metric summary as such a dict, not as a bare number.
+SUMMARY_METRICS = {"eval/accuracy": "last,max"}
+# W&B run ids: at most 64 characters; we use only [a-z0-9] (wandb_run_id produces these).
+_RUN_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
+_TAG_MAX_LEN = 64
+
+REDACTED = "***REDACTED***"
+# A key names a secret when a word of it (split at non-letters and camelCase) is one of these.
+SECRET_KEY_RE = re.compile(
+    r"(?i)(?:^|[^a-z])(api[_-]?keys?|token|secrets?|passwords?|passwd)(?:$|[^a-z])"
+)
+# Tokenizer special-token fields ("pad_token": "<pad>") are not secrets.
+_BENIGN_KEY_RE = re.compile(r"(?i)^(bos|eos|pad|unk|sep|cls|mask)_token$")
+# Environment secrets shorter than this are not scrubbed from strings (too many false hits).
+_MIN_SECRET_LEN = 8
+
+
+@dataclass
+class LoggerConfig:
+    # W&B mode: "offline" writes the run under `dir` for a later `wandb sync`; "online" streams
+    # it to the W&B server (needs network and WANDB_API_KEY); "disabled" writes only the JSONL.
+    mode: str = "offline"
+    # W&B project every cell of a sweep logs to.
+    project: str = "tinyablate"
+    # W&B entity (user or team); None uses the API key's default entity.
+    entity: Optional[str] = None
+    # Tags put on every run (each at most 64 characters).
+    tags: List[str] = field(default_factory=list)
+    # Folder that receives W&B's `wandb/` folder; None puts it in the cell directory.
+    dir: Optional[str] = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field, its value and what is allowed."""
+        if self.mode not in LOGGER_MODES:
+            _fail("mode", self.mode, f"one of {', '.join(LOGGER_MODES)}")
+        if not isinstance(self.project, str) or not self.project.strip():
+            _fail("project", self.project, "a non-empty string")
+        if self.entity is not None and (not isinstance(self.entity, str) or not self.entity):
+            _fail("entity", self.entity, "None or a non-empty string")
+        tags_iterable = hasattr(self.tags, "__iter__") and not isinstance(self.tags, str)
+        if not tags_iterable or not all(_is_tag(t) for t in self.tags):
+            _fail("tags", self.tags, f"a list of non-empty strings of at most {_TAG_MAX_LEN} chars")
+        if self.dir is not None and (not isinstance(self.dir, str) or not self.dir):
+            _fail("dir", self.dir, "None (the cell directory) or a non-empty path string")
+
+
+def _fail(name: str, value: object, allowed: str) -> None:
+    """Raise the ValueError of a bad `logger.<name>`."""
+    raise ValueError(f"logger.{name}={value!r} is invalid: expected {allowed}.")
+
+
+def _is_tag(tag: object) -> bool:
+    """A W&B tag: a non-empty string of at most 64 characters."""
+    return isinstance(tag, str) and 0 < len(tag) <= _TAG_MAX_LEN
+
+
+def wandb_run_id(cell_id: str) -> str:
+    """Deterministic W&B run id for a sweep cell: a readable [a-z0-9] slug plus a hash.
+
+    At most 56 characters. The hash is of the exact cell id, so cell ids that differ only in
+    punctuation or case ("lr=1e-3" vs "lr1e3") still get different run ids.
+    """
+    if not isinstance(cell_id, str) or not cell_id:
+        raise ValueError(f"cell_id={cell_id!r} is invalid: expected a non-empty string.")
+    slug = re.sub(r"[^a-z0-9]", "", cell_id.lower())[:40]
+    return slug + hashlib.sha256(cell_id.encode("utf-8")).hexdigest()[:16]
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-serializable copy of `value`.
+
+    Tensor / numpy scalars become Python numbers (via `.item()`), arrays and tensors become
+    lists, mappings and dataclasses become dicts with string keys, tuples and sets become lists,
+    anything else becomes `str(value)`. NaN and inf stay floats (written as NaN / Infinity).
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return json_safe(dataclasses.asdict(value))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(v) for v in value]
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return json_safe(value.item())
+    if callable(getattr(value, "tolist", None)):
+        return json_safe(value.tolist())
+    return str(value)
+
+
+def redact(obj: Any) -> Any:
+    """A copy of `obj` with secrets masked as REDACTED.
+
+    Under a key that names a secret (`SECRET_KEY_RE`: api_key, WANDB_API_KEY, hf_token,
+    client_secret, password, apiKey...) every value except numbers, booleans and None is masked
+    (so `pad_token_id: 0` stays, `hf_token: "hf_..."` does not). Keys like `max_new_tokens` or
+    `tokenizer` are not secrets. Also, any string containing the value of a secret-named
+    environment variable (e.g. $WANDB_API_KEY) has it replaced, wherever it appears.
+    """
+    return _redact(obj, _env_secrets())
+
+
+def _redact(obj: Any, secrets: List[str]) -> Any:
+    """`redact` with the environment secrets already collected."""
+    if isinstance(obj, str):
+        return _scrub(obj, secrets)
+    if isinstance(obj, Mapping):
+        return {_scrub_key(k, secrets): _redact_item(k, v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_redact(v, secrets) for v in obj)
+    return obj
+
+
+def _redact_item(key: Any, value: Any, secrets: List[str]) -> Any:
+    """The redacted value stored under `key`."""
+    if is_secret_key(key) and not (value is None or isinstance(value, (bool, int, float))):
+        return REDACTED
+    return _redact(value, secrets)
+
+
+def _scrub_key(key: Any, secrets: List[str]) -> Any:
+    """A dict key with environment secrets replaced (non-string keys unchanged)."""
+    return _scrub(key, secrets) if isinstance(key, str) else key
+
+
+def is_secret_key(key: Any) -> bool:
+    """True when a dict key names a secret (see `redact`)."""
+    if not isinstance(key, str) or _BENIGN_KEY_RE.match(key):
+        return False
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key)
+    return SECRET_KEY_RE.search(words) is not None
+
+
+def _env_secrets() -> List[str]:
+    """Values of secret-named environment variables, longest first."""
+    values = {v for k, v in os.environ.items() if is_secret_key(k) and len(v) >= _MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)
+
+
+def _scrub(text: str, secrets: List[str]) -> str:
+    """`text` with every occurrence of each secret replaced by REDACTED."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+class MetricLogger:
+    """The metrics sink of one sweep cell (use as a context manager, or call `close`).
+
+    Args:
+        cell_dir: the cell's output folder (created if missing).
+        cfg: the logger config (validated here); None uses `LoggerConfig()`.
+        run_id: the W&B run id, from `wandb_run_id(cell_id)`; the same id resumes the run.
+        group, job_type, name: W&B run group (e.g. the sweep), job type (e.g. "train"), and
+            display name (e.g. the cell id).
+        config: the cell's resolved config, stored (redacted) as the W&B run config.
+    """
+
+    def __init__(
+        self,
+        cell_dir: Union[str, Path],
+        cfg: Optional[LoggerConfig] = None,
+        *,
+        run_id: str,
+        group: Optional[str] = None,
+        job_type: Optional[str] = None,
+        name: Optional[str] = None,
+        config: Optional[Mapping] = None,
+    ) -> None:
+        self.cfg = cfg if cfg is not None else LoggerConfig()
+        self.cfg.validate()
+        if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
+            raise ValueError(f"run_id={run_id!r} is invalid: expected 1-64 chars of [a-z0-9] "
+                             "(use tinyablate.logging.wandb_run_id(cell_id)).")
+        self.cell_dir = Path(cell_dir)
+        self.cell_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.cell_dir / METRICS_FILE
+        self.summary_path = self.cell_dir / SUMMARY_FILE
+        self.run_id = run_id
+        self._summary = _read_json_dict(self.summary_path)
+        self._file = open(self.metrics_path, "a", encoding="utf-8")
+        self._closed = False
+        # True while W&B holds an uncommitted history row (a step is committed only when a
+        # later step is logged, or by an explicit commit).
+        self._row_pending = False
+        self.run = None
+        # The run's `run-<id>.wandb` file (None when W&B is disabled).
+        self.run_file: Optional[Path] = None
+        if self.cfg.mode != "disabled":
+            safe_config = redact(json_safe(dict(config or {})))
+            try:
+                self.run = self._init_wandb(group, job_type, name, safe_config)
+            except BaseException:
+                self._file.close()
+                raise
+            self.run_file = Path(self.run.settings.sync_file).resolve()
+
+    @property
+    def wandb_dir(self) -> Optional[Path]:
+        """The folder holding W&B's `wandb/` folder (None when W&B is disabled)."""
+        if self.cfg.mode == "disabled":
+            return None
+        return Path(self.cfg.dir) if self.cfg.dir else self.cell_dir
+
+    def _init_wandb(self, group, job_type, name, config: Dict[str, Any]):
+        """Start (or resume) this cell's W&B run, with our summary metrics defined."""
+        import wandb
+
+        self.wandb_dir.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=self.cfg.project, entity=self.cfg.entity, group=group, job_type=job_type,
+            name=name, id=self.run_id, resume="allow", config=config, tags=list(self.cfg.tags),
+            mode=self.cfg.mode, dir=str(self.wandb_dir),
+            # A process may run several cells: each logger owns its run, never wandb.run.
+            reinit="create_new",
+            settings=wandb.Settings(console="off", silent=True, disable_code=True),
+        )
+        for metric, summary in SUMMARY_METRICS.items():
+            run.define_metric(metric, summary=summary)
+        return run
+
+    def define_metric(self, name: str, **kwargs: Any) -> None:
+        """Pass-through to the W&B run's `define_metric` (no-op when W&B is disabled)."""
+        if self.run is not None:
+            self.run.define_metric(name, **kwargs)
+
+    def log(self, metrics: Mapping, step: int) -> None:
+        """Append `{"step", "time", **metrics}` to metrics.jsonl and log it to W&B at `step`.
+
+        W&B merges calls with the same step into one history row and drops steps lower than
+        one already committed; the JSONL keeps every call.
+        """
+        self._check_open()
+        row = redact(json_safe(dict(metrics)))
+        clash = [k for k in RESERVED_KEYS if k in row]
+        if clash:
+            raise ValueError(f"metric names {clash} are reserved by MetricLogger.log")
+        step = int(step)
+        self._file.write(json.dumps({"step": step, "time": time.time(), **row}) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            self.run.log(row, step=step)
+            self._row_pending = True
+
+    def summary(self, values: Mapping) -> None:
+        """Set W&B summary values and merge them into summary.json (kept across resumes).
+
+        The pending W&B history row is committed first, so these values are not overwritten
+        by that row when the run finishes; after this call W&B drops further logs at that
+        same step (the JSONL still gets them), so call it once the step is complete.
+        """
+        self._check_open()
+        values = redact(json_safe(dict(values)))
+        self._summary.update(values)
+        _write_json_atomic(self.summary_path, self._summary)
+        if self.run is not None:
+            if self._row_pending:
+                self.run.log({}, commit=True)
+                self._row_pending = False
+            self.run.summary.update(values)
+
+    def close(self, exit_code: int = 0) -> None:
+        """Close metrics.jsonl and finish the W&B run with `exit_code`. Safe to call twice.
+
+        Returns once the run's `.wandb` file is complete (wandb-core may still be writing it
+        when `finish()` returns), so the cell's files can be read or copied right away.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._file.close()
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            if not wait_for_exit_record(self.run_file, FINISH_FLUSH_TIMEOUT_S):
+                warnings.warn(f"W&B did not finish writing {self.run_file} within "
+                              f"{FINISH_FLUSH_TIMEOUT_S:.0f} s", RuntimeWarning, stacklevel=2)
+
+    def _check_open(self) -> None:
+        """Raise RuntimeError once the logger is closed."""
+        if self._closed:
+            raise RuntimeError(f"MetricLogger for {self.cell_dir} is closed")
+
+    def __enter__(self) -> "MetricLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close(0 if exc_type is None else 1)
+        return False
+
+
+def read_metrics(cell_dir: Union[str, Path]) -> List[Dict[str, Any]]:
+    """Every line of `<cell_dir>/metrics.jsonl` (a torn last line from a crash is skipped)."""
+    path = Path(cell_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _read_json_dict(path: Path) -> Dict[str, Any]:
+    """The dict stored in `path`, or {} when missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
+    """Write `data` as JSON to `path` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def rewrite_trainer_logs(logs: Mapping) -> Dict[str, Any]:
+    """Name trainer logs like transformers' W&B integration: "eval_x" -> "eval/x",
+    "test_x" -> "test/x", anything else "x" -> "train/x"."""
+    out = {}
+    for key, value in logs.items():
+        for prefix in ("eval_", "test_"):
+            if key.startswith(prefix):
+                out[f"{prefix[:-1]}/{key[len(prefix):]}"] = value
+                break
+        else:
+            out[f"train/{key}"] = value
+    return out
+
+
+def _make_callback_class() -> type:
+    """Build MetricLoggerCallback (transformers is imported only when it is first used)."""
+    from transformers import TrainerCallback
+
+    class MetricLoggerCallback(TrainerCallback):
+        """Forwards a Trainer's logs to a MetricLogger at `state.global_step`.
+
+        Only the main process logs. With `rewrite=True` (default) keys are renamed by
+        `rewrite_trainer_logs` ("loss" -> "train/loss", "eval_accuracy" -> "eval/accuracy").
+        """
+
+        def __init__(self, logger: MetricLogger, rewrite: bool = True) -> None:
+            self.logger = logger
+            self.rewrite = rewrite
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                metrics = rewrite_trainer_logs(logs) if self.rewrite else dict(logs)
+                self.logger.log(metrics, step=state.global_step)
+
+    MetricLoggerCallback.__module__ = __name__
+    MetricLoggerCallback.__qualname__ = "MetricLoggerCallback"  # picklable by reference
+    return MetricLoggerCallback
+
+
+def __getattr__(name: str) -> Any:
+    """Lazily provide `MetricLoggerCallback` (importing transformers costs seconds)."""
+    if name == "MetricLoggerCallback":
+        cls = globals()[name] = _make_callback_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
