@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 TASK_NAMES = ("arithmetic", "gsm8k")
+SCORERS = ("strict", "flexible")
 ARITHMETIC_OPERATIONS = ("+", "-", "*")
 # Number of generated arithmetic training problems when `train_size` is None.
 ARITHMETIC_DEFAULT_TRAIN_SIZE = 2000
@@ -29,6 +30,9 @@ class TaskConfig:
     system_prompt: Optional[str] = None
     # Text appended (after a newline) to every question in the user message; "" appends nothing.
     instruction: str = DEFAULT_INSTRUCTION
+    # Which match defines `accuracy` and the GRPO reward: "strict" (the last \boxed{}, else ####)
+    # or "flexible" (the last number). Both are always reported.
+    scorer: str = "strict"
     # Training problems: gsm8k takes the first N of the train split (None = all 7473);
     # arithmetic generates N problems (None = ARITHMETIC_DEFAULT_TRAIN_SIZE = 2000).
     train_size: Optional[int] = None
@@ -53,6 +57,7 @@ class TaskConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field, its value and what is allowed."""
         _check_choice("name", self.name, TASK_NAMES)
+        _check_choice("scorer", self.scorer, SCORERS)
         _check_optional_str("data_dir", self.data_dir)
         _check_non_empty_str("hub_id", self.hub_id)
         _check_non_empty_str("hub_config", self.hub_config)

@@ -1,0 +1,234 @@
+"""One cell end to end on CPU with tiny random models: result record, exports, W&B, failure, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinyablate.adapters import AdapterConfig
+from tinyablate.cell import cell_dir_for, run_cell
+from tinyablate.eval import EvalConfig
+from tinyablate.logging import LoggerConfig
+from tinyablate.models import ModelConfig
+from tinyablate.results import cell_state, read_result
+from tinyablate.spec import CellSpec, cell_id
+from tinyablate.tasks import TaskConfig
+from tinyablate.train.config import AlgoConfig
+from tinyablate.wandb_files import find_offline_runs, read_run
+
+SECRET = "wandb-secret-key-0123456789abcdef0123456789"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(tmp_path, algo="grpo", kind="tinylora", family="tiny-qwen2", **algo_kw) -> CellSpec:
+    settings = dict(name=algo, max_steps=4, learning_rate=1e-2, prompts_per_step=2, num_generations=4,
+                    micro_batch_size=4, max_completion_length=12, max_length=96, save_steps=2)
+    settings.update(algo_kw)
+    return CellSpec(
+        model=ModelConfig(name=family, cache_dir=str(tmp_path / "cache")),
+        adapter=AdapterConfig(kind=kind, r=2, u=3, tie=2),
+        task=TaskConfig(name="arithmetic", max_value=9, train_size=40, eval_size=12, scorer="flexible"),
+        algo=AlgoConfig(**settings),
+        eval=EvalConfig(batch_size=12, max_new_tokens=12),
+        logger=LoggerConfig(mode="offline"),
+        output_dir=str(tmp_path / "runs"), sweep="unit",
+    )
+
+
+@pytest.fixture(scope="module")
+def grpo_cell(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grpo")
+    os.environ["WANDB_API_KEY"] = SECRET
+    try:
+        spec = tiny_spec(tmp)
+        result = run_cell(spec)
+    finally:
+        os.environ.pop("WANDB_API_KEY", None)
+    return spec, result, cell_dir_for(spec)
+
+
+@pytest.fixture(scope="module")
+def sft_cell(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sft")
+    spec = tiny_spec(tmp, algo="sft", prompts_per_step=4, micro_batch_size=2)
+    spec.logger = LoggerConfig(mode="disabled")
+    return spec, run_cell(spec), cell_dir_for(spec)
+
+
+def test_result_record_has_everything(grpo_cell):
+    spec, result, cell_dir = grpo_cell
+    on_disk = read_result(cell_dir)
+    assert on_disk["cell_id"] == result["cell_id"] == cell_id(spec)
+    assert on_disk["status"] == "completed" and cell_state(cell_dir) == "completed"
+    assert on_disk["model"]["family"] == "qwen2" and on_disk["model"]["n_params"] > 0
+    adapter = on_disk["adapter"]
+    # 2 layers x 7 modules, tie 2 (tiled) -> 7 groups of u=3
+    assert adapter["trainable_params"] == 21 and adapter["trainable_bytes"] == 84
+    assert {"kind", "r", "u", "tie", "sharing", "precision"} <= set(adapter)
+    m = on_disk["metrics"]
+    for key in ("accuracy", "accuracy_flexible", "accuracy_strict", "base_accuracy"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["n_eval"] == 12 and m["train_steps"] == 4 and set(m["reward"]) >= {"first", "last", "mean_last10"}
+    assert set(on_disk["timing"]) >= {"wall_s", "train_s", "eval_s", "gpu_hours"}
+    prov = on_disk["provenance"]
+    assert "torch" in prov["packages"] and "git" in prov and "devices" in prov
+    assert on_disk["config"]["adapter"]["u"] == 3
+
+
+def test_outputs_on_disk(grpo_cell):
+    spec, result, cell_dir = grpo_cell
+    assert (cell_dir / "adapter" / "adapter_config.json").exists()
+    assert (cell_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert (cell_dir / "adapter_native" / "vectors.safetensors").exists()
+    steps = [json.loads(line) for line in (cell_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = sorted({s["step"] for s in steps if "train/reward" in s})
+    assert train_steps == [1, 2, 3, 4]
+    assert len((cell_dir / "eval_samples.jsonl").read_text().splitlines()) == 12
+    checkpoints = sorted(p.name for p in (cell_dir / "checkpoints").iterdir())
+    assert "checkpoint-4" in checkpoints
+    # checkpoints hold the adapter only, not the base weights
+    assert (cell_dir / "checkpoints" / "checkpoint-4" / "adapter_state.safetensors").stat().st_size < 10_000
+
+
+def test_peft_export_loads_and_matches(sft_cell):
+    from peft import PeftModel
+
+    from tinyablate.adapters import load_native
+    from tinyablate.cell import build
+
+    spec, result, cell_dir = sft_cell
+
+    def fresh_base():
+        return build(CellSpec(model=spec.model, adapter=AdapterConfig(kind="none"), task=spec.task)).model
+
+    peft_model = PeftModel.from_pretrained(fresh_base(), str(cell_dir / "adapter")).eval()
+    native = load_native(fresh_base(), cell_dir / "adapter_native")
+    base_model = fresh_base()
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = peft_model(ids).logits
+        b = native.model(ids).logits
+        c = base_model(ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(b, c, atol=1e-7)  # trained v differs from the fresh (zero) one
+
+
+def test_wandb_offline_run_read_back(grpo_cell):
+    spec, result, cell_dir = grpo_cell
+    runs = find_offline_runs(cell_dir)
+    assert runs
+    run = read_run(runs[-1])
+    assert run.group == "unit" and run.job_type == "grpo"
+    assert run.config["trainable_params"] == 21 and run.config["model_family"] == "qwen2"
+    assert run.config["adapter"]["u"] == 3 and run.config["adapter"]["sharing"] == "tiled"
+    assert any("train/reward" in row for row in run.history)
+    assert abs(float(_summary_value(run.summary["eval/accuracy"])) - result["metrics"]["accuracy"]) < 1e-9
+    assert run.summary["trainable_params"] == 21
+
+
+def _summary_value(v):
+    return v["last"] if isinstance(v, dict) else v
+
+
+def test_api_key_never_written(grpo_cell):
+    _, _, cell_dir = grpo_cell
+    for path in cell_dir.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_base_accuracy_is_cached(grpo_cell, tmp_path):
+    spec, result, _ = grpo_cell
+    assert result["metrics"]["base_cached"] is False
+    again = run_cell(CellSpec(**{**spec.__dict__, "seed": 1, "logger": LoggerConfig(mode="disabled")}))
+    assert again["metrics"]["base_cached"] is True
+    assert again["metrics"]["base_accuracy"] == result["metrics"]["base_accuracy"]
+
+
+def test_sft_cell(sft_cell):
+    _, result, _ = sft_cell
+    assert result["status"] == "completed" and result["metrics"]["train_steps"] == 4
+    losses = result["metrics"]["reward"]
+    assert 0 < losses["first_loss"] < 20 and 0 < losses["last_loss"] < 20
+
+
+def test_llama_family_cell(tmp_path):
+    spec = tiny_spec(tmp_path, family="tiny-llama", max_steps=2)
+    spec.logger = LoggerConfig(mode="disabled")
+    result = run_cell(spec)
+    assert result["status"] == "completed" and result["model"]["family"] == "llama"
+
+
+@pytest.mark.parametrize("kind", ["lora_xs", "lora", "none"])
+def test_other_adapters_complete(tmp_path, kind):
+    spec = tiny_spec(tmp_path, kind=kind, max_steps=2)
+    spec.logger = LoggerConfig(mode="disabled")
+    result = run_cell(spec)
+    assert result["status"] == "completed"
+    if kind == "none":
+        assert result["metrics"]["train_steps"] == 0
+        assert result["metrics"]["accuracy"] == result["metrics"]["base_accuracy"]
+        assert result["adapter"]["trainable_params"] == 0
+
+
+def test_failed_cell_leaves_a_failed_result(tmp_path):
+    spec = tiny_spec(tmp_path)
+    spec.logger = LoggerConfig(mode="disabled")
+    spec.task = TaskConfig(name="gsm8k", data_dir=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="task.data_dir"):
+        run_cell(spec)
+    result = read_result(cell_dir_for(spec))
+    assert result["status"] == "failed" and "task.data_dir" in result["error"]["message"]
+    assert cell_state(cell_dir_for(spec)) == "failed"
+
+
+def test_invalid_spec_fails_before_any_weight_loads(tmp_path):
+    spec = tiny_spec(tmp_path, num_generations=3)  # 2 prompts x 3 = 6 completions, micro-batch 4
+    with pytest.raises(ValueError, match="not divisible by algo.micro_batch_size"):
+        run_cell(spec)
+    assert not Path(spec.output_dir).exists()
+
+
+def _run_cell_subprocess(spec_path: Path, log: Path) -> subprocess.Popen:
+    code = (
+        "import json,sys; from tinyablate.spec import spec_from_dict; from tinyablate.cell import run_cell;"
+        f"run_cell(spec_from_dict(json.load(open({str(spec_path)!r}))))"
+    )
+    env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", code], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+
+
+@pytest.mark.slow
+def test_killed_cell_resumes_from_checkpoint_with_same_step_count(tmp_path):
+    from dataclasses import asdict
+
+    spec = tiny_spec(tmp_path, max_steps=12, save_steps=3, max_completion_length=24)
+    spec.logger = LoggerConfig(mode="disabled")
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(asdict(spec)))
+    cell_dir = cell_dir_for(spec)
+    proc = _run_cell_subprocess(spec_path, tmp_path / "first.log")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (cell_dir / "checkpoints" / "checkpoint-6" / "trainer_state.json").exists():
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # a real kill: no cleanup, no result
+    proc.wait()
+    assert read_result(cell_dir) is None
+    second = _run_cell_subprocess(spec_path, tmp_path / "second.log")
+    assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    result = read_result(cell_dir)
+    assert result["status"] == "completed"
+    assert result["metrics"]["train_steps"] == 12
+    assert result["metrics"]["resumed_from_step"] in (6, 9)
+    logged = [json.loads(line)["step"] for line in (cell_dir / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert max(logged) == 12

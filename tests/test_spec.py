@@ -1,0 +1,69 @@
+"""The cell spec: identity, validation across concerns, round trip."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+import pytest
+
+from tinyablate.adapters import AdapterConfig
+from tinyablate.eval import EvalConfig
+from tinyablate.logging import LoggerConfig
+from tinyablate.spec import CellSpec, cell_id, spec_from_dict, validate_spec
+from tinyablate.train.config import AlgoConfig
+
+
+def test_cell_id_is_stable_and_ignores_bookkeeping():
+    spec = CellSpec()
+    assert cell_id(spec) == cell_id(CellSpec())
+    same = replace(spec, logger=LoggerConfig(mode="disabled"), output_dir="/elsewhere", sweep="other",
+                   eval=EvalConfig(batch_size=7), algo=replace(spec.algo, micro_batch_size=8, save_steps=3),
+                   adapter=replace(spec.adapter, forward="unmerged"))
+    assert cell_id(same) == cell_id(spec)
+
+
+@pytest.mark.parametrize("change", [
+    dict(seed=1),
+    dict(adapter=AdapterConfig(u=13)),
+    dict(adapter=AdapterConfig(tie="all")),
+    dict(adapter=AdapterConfig(sharing="structured")),
+    dict(adapter=AdapterConfig(precision="bf16")),
+    dict(algo=AlgoConfig(name="sft")),
+    dict(algo=AlgoConfig(learning_rate=2e-5)),
+])
+def test_cell_id_changes_with_every_axis(change):
+    assert cell_id(replace(CellSpec(), **change)) != cell_id(CellSpec())
+
+
+def test_cell_id_is_readable():
+    cid = cell_id(CellSpec(adapter=AdapterConfig(r=2, u=13, tie="all")))
+    assert cid.startswith("smollm2-135m-arithmetic-grpo-tiny-r2-u13-tall-fp32-s0-")
+
+
+def test_round_trip_through_dict():
+    spec = CellSpec(adapter=AdapterConfig(kind="lora_xs", tie=3, layers=[0, 1]))
+    back = spec_from_dict(asdict(spec))
+    assert back == spec and cell_id(back) == cell_id(spec)
+
+
+@pytest.mark.parametrize("spec,message", [
+    (CellSpec(algo=AlgoConfig(prompts_per_step=3, num_generations=4, micro_batch_size=8)),
+     "3 x 4 = 12 completions is not divisible by algo.micro_batch_size=8"),
+    (CellSpec(algo=AlgoConfig(num_generations=1)), "algo.num_generations=1"),
+    (CellSpec(algo=AlgoConfig(name="ppo")), "algo.name='ppo'"),
+    (CellSpec(algo=AlgoConfig(name="sft", prompts_per_step=10, micro_batch_size=4)), "algo.prompts_per_step=10"),
+    (CellSpec(adapter=AdapterConfig(precision="fp16")), "algo.adam_epsilon"),
+    (CellSpec(adapter=AdapterConfig(u=0)), "adapter.u"),
+    (CellSpec(eval=EvalConfig(max_new_tokens=0)), "eval.max_new_tokens"),
+    (CellSpec(sweep="a/b"), "sweep='a/b'"),
+    (CellSpec(seed="x"), "seed='x'"),
+    (CellSpec(logger=LoggerConfig(mode="cloud")), "logger.mode"),
+])
+def test_validation_names_the_field(spec, message):
+    with pytest.raises(ValueError) as err:
+        validate_spec(spec)
+    assert message in str(err.value)
+
+
+def test_fp16_with_large_epsilon_is_valid():
+    validate_spec(CellSpec(adapter=AdapterConfig(precision="fp16"), algo=AlgoConfig(adam_epsilon=1e-6)))

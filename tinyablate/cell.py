@@ -1,0 +1,235 @@
+"""One sweep cell end to end: build → train → evaluate → write result.
+
+    from tinyablate.cell import run_cell
+    result = run_cell(spec)          # spec: tinyablate.spec.CellSpec
+
+Runs the same in a notebook, a test, a local subprocess or a SLURM job: it imports no launcher.
+A cell started again resumes training from its last complete checkpoint. Whatever happens, the
+cell ends with a result.json (status completed or failed) unless the process itself is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .results import clear_running, mark_running, write_json_atomic, write_result
+from .spec import CellSpec, cell_id, spec_to_dict, validate_spec
+
+
+@dataclass
+class Built:
+    """What build() makes: everything training and evaluation need."""
+
+    model: object
+    tokenizer: object
+    info: object  # models.ModelInfo
+    adapter: object  # adapters.Adapter
+    task: object  # tasks.Task
+    model_id: str
+    device: object
+
+
+def cell_dir_for(spec: CellSpec) -> Path:
+    return Path(spec.output_dir) / spec.sweep / cell_id(spec)
+
+
+def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
+    """Run one cell and return its result (also written to <cell_dir>/result.json)."""
+    validate_spec(spec)
+    cid = cell_id(spec)
+    cell_dir = Path(cell_dir) if cell_dir is not None else cell_dir_for(spec)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cell_dir / "spec.json", {"cell_id": cid, "config": spec_to_dict(spec)})
+    mark_running(cell_dir, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                            "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+    start = time.time()
+    try:
+        result = _run(spec, cid, cell_dir, start)
+    except Exception as err:  # a failed cell still leaves its record (a kill or requeue signal does not)
+        _write_failure(spec, cid, cell_dir, start, err)
+        raise
+    finally:
+        clear_running(cell_dir)
+    return result
+
+
+def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float) -> dict:
+    from .logging import MetricLogger, MetricLoggerCallback, wandb_run_id
+
+    built = build(spec)
+    config = {**spec_to_dict(spec), "cell_id": cid, "trainable_params": built.adapter.trainable_params,
+              "trainable_bytes": built.adapter.trainable_bytes, "model_family": built.info.family,
+              "model_size": built.info.size}
+    with MetricLogger(cell_dir, spec.logger, run_id=wandb_run_id(cid), group=spec.sweep,
+                      job_type=spec.algo.name, name=cid, config=config) as logger:
+        t0 = time.time()
+        base = base_accuracy(spec, built)
+        logger.log({f"eval/base_{k}": v for k, v in base.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+        train_info = train(spec, built, cell_dir, [MetricLoggerCallback(logger)])
+        t1 = time.time()
+        final = evaluate_final(spec, built, cell_dir, base, trained=train_info["steps"] > 0)
+        t2 = time.time()
+        export(built, cell_dir)
+        result = make_result(spec, cid, built, base, final, train_info,
+                             timing={"wall_s": time.time() - start, "train_s": train_info["train_s"],
+                                     "eval_s": (t2 - t1) + base.get("eval_s", 0.0), "setup_s": t0 - start})
+        write_result(cell_dir, result)
+        summary = {"eval/accuracy": final["accuracy"], "eval/accuracy_flexible": final["accuracy_flexible"],
+                   "eval/base_accuracy": base["accuracy"], "trainable_params": built.adapter.trainable_params,
+                   "trainable_bytes": built.adapter.trainable_bytes}
+        logger.log(summary, step=train_info["steps"] + 1)
+        logger.summary(summary)
+    return result
+
+
+# -- build -------------------------------------------------------------------------------------
+def build(spec: CellSpec) -> Built:
+    """Load the model and task, and apply the adapter (validated against the model first)."""
+    from transformers import set_seed
+
+    from .adapters import apply_adapter
+    from .models import load_model_and_tokenizer, model_identity
+    from .tasks import load_task
+
+    task = load_task(spec.task)  # data errors surface before the model loads
+    model, tokenizer, info = load_model_and_tokenizer(spec.model)
+    model_id = model_identity(spec.model, model)
+    set_seed(spec.seed)
+    adapter = apply_adapter(model, spec.adapter, model_id)
+    device = next(model.parameters()).device
+    return Built(adapter.model, tokenizer, info, adapter, task, model_id, device)
+
+
+# -- evaluation --------------------------------------------------------------------------------
+def base_accuracy(spec: CellSpec, built: Built) -> dict:
+    """The base model's accuracy (adapter disabled), from the on-disk cache when possible."""
+    from .eval import base_cache_key, base_cache_path, evaluate, read_base_cache, write_base_cache
+    from .models import resolve_cache_dir
+
+    if not spec.eval.base:
+        return {"accuracy": None, "accuracy_flexible": None, "n_eval": 0, "cached": False}
+    dtype = str(next(built.model.parameters()).dtype)
+    path = base_cache_path(resolve_cache_dir(spec.model), base_cache_key(built.model_id, spec.task, spec.eval, dtype))
+    cached = read_base_cache(path) if spec.eval.cache_base else None
+    if cached is not None:
+        return {**cached, "cached": True, "eval_s": 0.0}
+    t0 = time.time()
+    with built.adapter.disabled():
+        result = evaluate(built.model, built.tokenizer, built.task, built.task.eval_problems(), spec.eval,
+                          desc="eval base")
+    metrics = _scored(result.metrics(), spec.task.scorer)
+    if spec.eval.cache_base:
+        write_base_cache(path, metrics)
+    return {**metrics, "cached": False, "eval_s": time.time() - t0}
+
+
+def evaluate_final(spec: CellSpec, built: Built, cell_dir: Path, base: dict, trained: bool) -> dict:
+    """Accuracy of the adapted model; per-problem records go to eval_samples.jsonl."""
+    import json
+
+    from .eval import evaluate
+
+    if not trained and base.get("accuracy") is not None and built.adapter.trainable_params == 0:
+        return {k: base[k] for k in ("accuracy", "accuracy_strict", "accuracy_flexible", "n_eval")}
+    result = evaluate(built.model, built.tokenizer, built.task, built.task.eval_problems(), spec.eval,
+                      desc="eval trained")
+    with open(cell_dir / "eval_samples.jsonl", "w") as f:
+        for record in result.records:
+            f.write(json.dumps(record) + "\n")
+    return _scored(result.metrics(), spec.task.scorer)
+
+
+def _scored(metrics: dict, scorer: str) -> dict:
+    """`accuracy` is the task's scorer; strict and flexible are both kept under their names."""
+    strict = metrics["accuracy"]
+    return {**metrics, "accuracy_strict": strict,
+            "accuracy": strict if scorer == "strict" else metrics["accuracy_flexible"]}
+
+
+# -- training ----------------------------------------------------------------------------------
+def train(spec: CellSpec, built: Built, cell_dir: Path, callbacks) -> dict:
+    """Train with TRL, resuming from the last complete checkpoint; returns steps and reward summary."""
+    from .train import build_trainer, last_complete_checkpoint
+
+    if not spec.train or built.adapter.trainable_params == 0:
+        return {"steps": 0, "train_s": 0.0, "resumed_from_step": None, "reward": None}
+    t0 = time.time()
+    checkpoints = cell_dir / "checkpoints"
+    trainer = build_trainer(built.model, built.tokenizer, built.task, spec, checkpoints, built.device, callbacks)
+    last = last_complete_checkpoint(checkpoints)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    resumed = int(last.name.split("-")[1]) if last else None
+    return {"steps": trainer.state.global_step, "train_s": time.time() - t0, "resumed_from_step": resumed,
+            "reward": reward_summary(trainer.state.log_history)}
+
+
+def reward_summary(log_history: list) -> Optional[dict]:
+    rewards = [entry["reward"] for entry in log_history if "reward" in entry]
+    if not rewards:
+        losses = [entry["loss"] for entry in log_history if "loss" in entry]
+        return {"first_loss": losses[0], "last_loss": losses[-1]} if losses else None
+    tail = rewards[-10:]
+    return {"first": rewards[0], "last": rewards[-1], "mean_last10": sum(tail) / len(tail), "max": max(rewards)}
+
+
+# -- outputs -----------------------------------------------------------------------------------
+def export(built: Built, cell_dir: Path) -> None:
+    """The PEFT-format adapter (anyone can load it) and, for TinyLoRA/LoRA-XS, the native one."""
+    kind = built.adapter.cfg.kind
+    if kind == "none":
+        return
+    built.adapter.export_peft(cell_dir / "adapter")
+    if kind in ("tinylora", "lora_xs"):
+        built.adapter.save_native(cell_dir / "adapter_native")
+
+
+def make_result(spec, cid, built, base, final, train_info, timing) -> dict:
+    from .provenance import collect_provenance
+
+    info, adapter = built.info, built.adapter
+    n_gpus = _n_gpus(built.device)
+    summary = adapter.summary()
+    return {
+        "cell_id": cid,
+        "status": "completed",
+        "sweep": spec.sweep,
+        "config": spec_to_dict(spec),
+        "model": {"name": info.name, "family": info.family, "size": info.size, "n_params": info.n_params,
+                  "model_id": built.model_id},
+        "adapter": {k: summary.get(k) for k in ("kind", "r", "u", "tie", "sharing", "precision", "trainable_params",
+                                                "trainable_bytes", "n_modules", "n_groups")},
+        "algo": {"name": spec.algo.name, "learning_rate": spec.algo.learning_rate, "steps": train_info["steps"]},
+        "task": {"name": spec.task.name, "scorer": spec.task.scorer},
+        "metrics": {
+            "accuracy": final["accuracy"], "accuracy_strict": final["accuracy_strict"],
+            "accuracy_flexible": final["accuracy_flexible"], "n_eval": final["n_eval"],
+            "base_accuracy": base.get("accuracy"), "base_accuracy_strict": base.get("accuracy_strict"),
+            "base_accuracy_flexible": base.get("accuracy_flexible"), "base_cached": base.get("cached"),
+            "reward": train_info["reward"], "train_steps": train_info["steps"],
+            "resumed_from_step": train_info["resumed_from_step"],
+        },
+        "timing": {**timing, "n_gpus": n_gpus, "gpu_hours": timing["wall_s"] / 3600 * n_gpus},
+        "provenance": collect_provenance(),
+    }
+
+
+def _n_gpus(device) -> int:
+    return 1 if getattr(device, "type", "cpu") == "cuda" else 0
+
+
+def _write_failure(spec: CellSpec, cid: str, cell_dir: Path, start: float, err: BaseException) -> None:
+    from .provenance import collect_provenance
+
+    write_result(cell_dir, {
+        "cell_id": cid, "status": "failed", "sweep": spec.sweep, "config": spec_to_dict(spec),
+        "error": {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()},
+        "timing": {"wall_s": time.time() - start},
+        "provenance": collect_provenance(),
+    })

@@ -1,0 +1,153 @@
+"""Batched greedy pass@1 (strict and flexible) and the cached base-model accuracy.
+
+    result = evaluate(model, tokenizer, task, task.eval_problems(), EvalConfig())
+    result.accuracy, result.accuracy_flexible, result.n
+
+The scorer is the task's, the same one the GRPO reward uses. The base model's accuracy (the
+0-parameter point of every curve) is cached on disk per (model, task, eval settings), so every
+cell of a sweep reports it without generating again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class EvalConfig:
+    """How evaluation generates."""
+
+    # Prompts per generate() call (left-padded).
+    batch_size: int = 32
+    # Longest completion; longer ones are cut (and usually score as wrong).
+    max_new_tokens: int = 256
+    # Evaluate before training too (the base accuracy; read from the cache when present).
+    base: bool = True
+    # Cache the base accuracy on disk, keyed by model, task and these settings.
+    cache_base: bool = True
+    # Sampled pass@k on top of greedy pass@1: 0 disables; k samples per problem at `temperature`.
+    pass_k: int = 0
+    temperature: float = 1.0
+
+    def validate(self) -> "EvalConfig":
+        for name in ("batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"eval.{name}={value!r} is invalid: must be an integer >= 1")
+        if not isinstance(self.pass_k, int) or self.pass_k < 0:
+            raise ValueError(f"eval.pass_k={self.pass_k!r} is invalid: must be an integer >= 0 (0 = off)")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"eval.temperature={self.temperature!r} is invalid: must be > 0")
+        return self
+
+
+@dataclass
+class EvalResult:
+    accuracy: float  # strict: \boxed{} or ####
+    accuracy_flexible: float  # the last number in the completion
+    n: int
+    pass_at_k: Optional[float] = None
+    records: list = field(default_factory=list)  # per problem: id, completion, extracted answers, scores
+
+    def metrics(self) -> dict:
+        out = {"accuracy": self.accuracy, "accuracy_flexible": self.accuracy_flexible, "n_eval": self.n}
+        if self.pass_at_k is not None:
+            out["pass_at_k"] = self.pass_at_k
+        return out
+
+
+def prompts_for(tokenizer, task, problems) -> list[str]:
+    return [tokenizer.apply_chat_template(task.messages(p), add_generation_prompt=True, tokenize=False)
+            for p in problems]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, do_sample=False, progress=None) -> list[str]:
+    """Completions for `prompts`, batched by length (left padding), returned in input order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[Optional[str]] = [None] * len(prompts)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start:start + cfg.batch_size]
+        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0) if do_sample else dict(
+            do_sample=False, temperature=None, top_p=None, top_k=None)
+        tokens = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                **sampling)
+        texts = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, text in zip(idx, texts):
+            out[i] = text
+        if progress is not None:
+            progress.update(len(idx))
+    return out  # type: ignore[return-value]
+
+
+def evaluate(model, tokenizer, task, problems, cfg: EvalConfig, desc: str = "eval") -> EvalResult:
+    """Greedy pass@1 over `problems` with the task's scorer (and sampled pass@k if asked)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    prompts = prompts_for(tokenizer, task, problems)
+    with tqdm(total=len(prompts), desc=desc, unit="problem", leave=False) as bar:
+        completions = generate(model, tokenizer, prompts, cfg, progress=bar)
+    records = []
+    for problem, completion in zip(problems, completions):
+        s = task.score(completion, problem)
+        records.append({"id": problem.id, "answer": problem.answer, "completion": completion,
+                        "extracted_strict": s.extracted_strict, "extracted_flexible": s.extracted_flexible,
+                        "strict": s.strict, "flexible": s.flexible})
+    n = len(records)
+    result = EvalResult(
+        accuracy=sum(r["strict"] for r in records) / max(n, 1),
+        accuracy_flexible=sum(r["flexible"] for r in records) / max(n, 1),
+        n=n, records=records)
+    if cfg.pass_k:
+        result.pass_at_k = _pass_at_k(model, tokenizer, task, problems, prompts, cfg)
+    model.train(was_training)
+    return result
+
+
+def _pass_at_k(model, tokenizer, task, problems, prompts, cfg: EvalConfig) -> float:
+    """Fraction of problems with at least one strictly correct answer among k samples."""
+    solved = [False] * len(problems)
+    for _ in range(cfg.pass_k):
+        for i, text in enumerate(generate(model, tokenizer, prompts, cfg, do_sample=True)):
+            solved[i] = solved[i] or task.score(text, problems[i]).strict
+    return sum(solved) / max(len(problems), 1)
+
+
+# -- base accuracy cache ---------------------------------------------------------------------
+def base_cache_key(model_id: str, task_cfg, eval_cfg: EvalConfig, dtype: str) -> str:
+    task = {k: v for k, v in asdict(task_cfg).items() if k not in ("train_size",)}
+    settings = {k: v for k, v in asdict(eval_cfg).items() if k not in ("batch_size", "base", "cache_base")}
+    blob = json.dumps([model_id, task, settings, dtype], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def base_cache_path(cache_root: Path, key: str) -> Path:
+    return cache_root / "base_accuracy" / f"{key}.json"
+
+
+def read_base_cache(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_base_cache(path: Path, metrics: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(metrics, f)
+    os.replace(tmp, path)

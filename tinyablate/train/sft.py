@@ -1,0 +1,32 @@
+"""SFT through TRL's SFTTrainer on the reference solutions, loss on the completion only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import AdapterCheckpointMixin, trainer_kwargs
+
+
+def build_sft_trainer(model, tokenizer, task, spec, output_dir: Path, device, callbacks=()):
+    """An SFTTrainer over prompt-completion conversations built from the task's training problems."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    class TinyablateSFTTrainer(AdapterCheckpointMixin, SFTTrainer):
+        pass
+
+    algo = spec.algo
+    args = SFTConfig(
+        **trainer_kwargs(algo, spec.seed, output_dir, device),
+        max_length=algo.max_length,
+        completion_only_loss=True,  # the prompt's tokens carry no loss
+        packing=False,
+    )
+    dataset = Dataset.from_list(task.sft_rows(task.train_problems()))
+    return TinyablateSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
