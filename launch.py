@@ -1,11 +1,16 @@
-"""Run a tinyablate cell (and, with -m, a sweep) from the composed Hydra config.
+"""Run a tinyablate cell, or with -m a sweep, from the composed Hydra config.
 
     python launch.py                                   # the default cell: SmolLM2-135M, TinyLoRA, GRPO, arithmetic
     python launch.py adapter.u=13 adapter.tie=all      # any axis on the command line
-    python launch.py model=qwen2.5-7b task=gsm8k algo=grpo task.data_dir=/data/gsm8k
-    python launch.py logger=online                     # W&B online (WANDB_API_KEY in the environment)
+    python launch.py -m                                # the embedded sweep (sweeps/embedded.yaml), locally
+    python launch.py -m sweeps=paper_gsm8k hydra/launcher=slurm task.data_dir=/data/gsm8k hydra.launcher.partition=gpu
+    python launch.py -m sweeps=paper_gsm8k dry_run=true   # validate and list every cell, submit nothing
+    python launch.py -m sweeps=paper_gsm8k status=true    # every cell's state
+    python launch.py -m ... wait=false                    # SLURM: submit and return the job ids
+    python launch.py -m ... retry_failed=true             # re-run failed cells (completed ones are always skipped)
 
-Configs: conf/ (groups model, adapter, algo, task, eval, logger), typed by tinyablate/spec.py.
+Configs: conf/ (groups model, adapter, algo, task, eval, logger, split), sweeps/ (presets), typed by
+tinyablate/config_schema.py; launchers: hydra_plugins/tinyablate (hydra/launcher=local|slurm).
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from hydra_plugins.tinyablate.conf import register as register_launchers
 from tinyablate.config_schema import register_schemas, spec_from_hydra
 
 register_schemas()
+register_launchers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -27,10 +34,21 @@ def main(cfg: DictConfig) -> None:
     spec = spec_from_hydra(cfg)  # validated before any weight loads
     result = run_cell(spec)
     metrics = result["metrics"]
-    print(f"\ncell {result['cell_id']}: accuracy {metrics['accuracy']:.3f} (base {metrics['base_accuracy']:.3f}, "
-          f"n={metrics['n_eval']}, {result['adapter']['trainable_params']:,} trainable parameters)")
+    base = metrics["base_accuracy"]
+    print(f"\ncell {result['cell_id']}: accuracy {metrics['accuracy']:.3f}"
+          f" (base {'n/a' if base is None else f'{base:.3f}'}, n={metrics['n_eval']}, "
+          f"{result['adapter']['trainable_params']:,} trainable parameters)")
     print(f"result: {cell_dir_for(spec) / 'result.json'}")
 
 
+def _default_sweep(argv: list) -> list:
+    """`python launch.py -m` with no sweep named runs the embedded sweep."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if multirun and not any(a.startswith(("sweeps=", "+sweeps=")) for a in argv):
+        return argv + ["sweeps=embedded"]
+    return argv
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.argv = _default_sweep(sys.argv)
+    main()

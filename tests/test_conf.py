@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from hydra_plugins.tinyablate.conf import register as register_launchers
 from tinyablate.config_schema import register_schemas, spec_from_hydra
 from tinyablate.spec import CellSpec
 
@@ -14,6 +15,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
 
 register_schemas()
+register_launchers()
 
 
 def compose_spec(overrides) -> CellSpec:
@@ -24,7 +26,7 @@ def compose_spec(overrides) -> CellSpec:
 
 def test_every_group_has_options():
     groups = {g for g, _ in OPTIONS}
-    assert groups == {"model", "adapter", "algo", "task", "eval", "logger"}
+    assert groups == {"model", "adapter", "algo", "task", "eval", "logger", "split"}
 
 
 def test_default_config_is_the_embedded_cell():
@@ -38,6 +40,11 @@ def test_default_config_is_the_embedded_cell():
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_validates(group, option):
     spec = compose_spec([f"{group}={option}"])
+    if group == "split":
+        from tinyablate.shapes import adapter_size
+
+        assert adapter_size("qwen2.5-7b", spec.adapter)[0] == 196  # matched total on Qwen2.5-7B
+        return
     node = getattr(spec, group)
     if group in ("model",):
         assert node.name == option

@@ -41,15 +41,26 @@ class CellSpec:
     output_dir: str = "runs"
     # Skip training (evaluate the adapter as initialised); used for the 0-parameter point.
     train: bool = True
+    # GPUs this cell uses (0 = CPU). The SLURM launcher requests this many per cell.
+    gpus: int = 0
 
 
 # Settings that change speed or bookkeeping but not the result: left out of cell_id.
 _NOT_IDENTITY = {
-    "logger": None, "sweep": None, "output_dir": None,
+    "logger": None, "sweep": None, "output_dir": None, "gpus": None,
     "eval": {"batch_size", "base", "cache_base"},
     "model": {"device", "cache_dir", "attn_implementation"},
     "adapter": {"forward"}, "adapter.svd": {"cache_dir"},
     "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing"},
+}
+
+
+# Adapter fields a kind ignores: two cells differing only there are the same cell.
+_IGNORED_BY_KIND = {
+    "none": None,  # keep only the kind
+    "lora": {"u", "tie", "sharing", "projection_seed", "svd"},
+    "lora_xs": {"u", "projection_seed", "lora_alpha", "lora_dropout"},
+    "tinylora": {"lora_alpha", "lora_dropout"},
 }
 
 
@@ -60,6 +71,11 @@ def identity_dict(spec: CellSpec) -> dict:
         if f.name in _NOT_IDENTITY and _NOT_IDENTITY[f.name] is None:
             continue
         out[f.name] = _strip(getattr(spec, f.name), f.name)
+    ignored = _IGNORED_BY_KIND[spec.adapter.kind]
+    out["adapter"] = {"kind": "none"} if ignored is None else {
+        k: v for k, v in out["adapter"].items() if k not in ignored}
+    if str(spec.adapter.tie).strip().lower() == "all":
+        out["adapter"].pop("sharing", None)  # one vector for the model: tiled and structured coincide
     return out
 
 
@@ -101,6 +117,9 @@ def validate_spec(spec: CellSpec) -> CellSpec:
     spec.logger.validate()
     if not isinstance(spec.seed, int) or isinstance(spec.seed, bool):
         raise ValueError(f"seed={spec.seed!r} is invalid: must be an integer")
+    if not isinstance(spec.gpus, int) or isinstance(spec.gpus, bool) or not 0 <= spec.gpus <= 1:
+        raise ValueError(f"gpus={spec.gpus!r} is invalid: a cell runs on 0 (CPU) or 1 GPU; data-parallel "
+                         "cells over several GPUs are not supported yet")
     if not spec.sweep or "/" in spec.sweep:
         raise ValueError(f"sweep={spec.sweep!r} is invalid: a non-empty name without '/'")
     if spec.adapter.precision == "fp16" and spec.algo.adam_epsilon < 1e-7:

@@ -1,0 +1,63 @@
+"""Launcher settings: `hydra/launcher=local` or `hydra/launcher=slurm` (pick on the command line,
+never inside an experiment file). Every field can be overridden, e.g.
+`hydra.launcher.partition=gpu hydra.launcher.timeout_min=720`.
+"""
+
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+TARGET = "hydra_plugins.tinyablate.launcher.TinyablateLauncher"
+
+
+@dataclass
+class LocalConf:
+    """Cells run in subprocesses on this machine (submitit's local executor)."""
+
+    _target_: str = TARGET
+    backend: str = "local"
+    # Cells running at once.
+    max_parallel: int = 1
+    # Wall-clock limit of one cell, in minutes.
+    timeout_min: int = 24 * 60
+    # Seconds between progress checks while waiting.
+    poll_s: float = 2.0
+
+
+@dataclass
+class SlurmConf:
+    """Cells run as one SLURM job array per GPU count, through submitit."""
+
+    _target_: str = TARGET
+    backend: str = "slurm"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    # CPUs and memory per cell (one task on one node); GPUs per cell come from the cell's `gpus`.
+    cpus_per_task: int = 8
+    mem_gb: int = 64
+    # Time limit per attempt (minutes); at the limit the job is requeued and resumes from its checkpoint.
+    timeout_min: int = 24 * 60
+    # Cells of one array running at once.
+    array_parallelism: int = 64
+    # Requeues after a time-out before the cell counts as failed (preemptions requeue without limit).
+    max_requeues: int = 3
+    # SLURM signals the job this many seconds before its time limit, so it can requeue itself.
+    signal_delay_s: int = 120
+    # Shell lines run before the cell in the batch script (module load, source venv, export ...).
+    setup: List[str] = field(default_factory=list)
+    # Any other sbatch option, e.g. {"reservation": "ml"}.
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)
+    poll_s: float = 10.0
+
+
+def register() -> None:
+    from .sweeper import register as register_sweeper
+
+    register_sweeper()
+    store = ConfigStore.instance()
+    store.store(group="hydra/launcher", name="local", node=LocalConf, provider="tinyablate")
+    store.store(group="hydra/launcher", name="slurm", node=SlurmConf, provider="tinyablate")

@@ -1,0 +1,190 @@
+"""The sweep launcher: validate every cell, skip finished ones, submit the rest through submitit.
+
+Unlike the stock hydra-submitit launcher it validates the whole grid before submitting anything,
+skips completed cells (and failed ones unless `retry_failed=true`), resumes interrupted cells from
+their checkpoints, can return at once (`wait=false`), lets a failed cell fail its SLURM job, and ends
+with a status table. Cell folders: <output_dir>/<sweep>/<cell_id>/.
+"""
+
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.launcher import Launcher
+
+from tinyablate.config_schema import cell_spec, root_from_hydra
+from tinyablate.results import cell_state, write_json_atomic
+from tinyablate.spec import CellSpec, cell_id, validate_spec
+from tinyablate.status import LAUNCH_FILE, cell_row, format_table
+
+from .compose import compose_cells
+
+
+@dataclass
+class Cell:
+    overrides: list
+    spec: Optional[CellSpec] = None
+    cell_id: str = ""
+    cell_dir: Optional[Path] = None
+    error: Optional[str] = None
+    params: Optional[int] = None
+    bytes: Optional[int] = None
+
+
+class TinyablateLauncher(Launcher):
+    def __init__(self, backend: str = "local", **settings: Any) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.config = None
+        self.hydra_context = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.hydra_context = hydra_context
+        self.config = config
+
+    # -- the one entry point Hydra calls --------------------------------------------------------
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        t0 = time.time()
+        roots = compose_cells(self.hydra_context.config_loader, self.config, job_overrides)
+        cells = [self._check(list(o), r) for o, r in zip(job_overrides, roots)]
+        options = roots[0]
+        print(f"composed and validated {len(cells)} cells in {time.time() - t0:.1f} s")
+        bad = [c for c in cells if c.error]
+        if bad:
+            for c in bad:
+                print(f"INVALID {' '.join(c.overrides)}\n    {c.error}")
+            print(f"{len(bad)} of {len(cells)} cells are invalid; nothing was submitted.")
+            raise SystemExit(2)
+        if options.status:
+            print(format_table([cell_row(c.cell_dir, c.cell_id) for c in cells]))
+            return self._returns(cells)
+        if options.dry_run:
+            self._print_plan(cells, options)
+            return self._returns(cells)
+        todo = self._select(cells, options.retry_failed)
+        if todo:
+            self._check_backend()
+            from .submit import submit_cells
+
+            jobs = submit_cells(self.backend, self.settings, todo, options.wait)
+            if not options.wait:
+                self._print_submitted(jobs)
+                return self._returns(cells)
+        rows = [cell_row(c.cell_dir, c.cell_id) for c in cells]
+        print(format_table(rows))
+        self._run_analysis(cells)
+        if any(r["state"] == "failed" for r in rows):
+            raise SystemExit(1)
+        return self._returns(cells)
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def _check(self, overrides: list, root) -> Cell:
+        cell = Cell(overrides)
+        try:
+            if isinstance(root, Exception):
+                raise root
+            spec = validate_spec(cell_spec(root))
+            from tinyablate.shapes import adapter_size
+
+            cell.params, cell.bytes = adapter_size(spec.model.name, spec.adapter)
+        except Exception as err:  # every invalid cell is reported, not just the first
+            cell.error = f"{type(err).__name__}: {err}"
+            return cell
+        cell.spec, cell.cell_id = spec, cell_id(spec)
+        cell.cell_dir = Path(spec.output_dir) / spec.sweep / cell.cell_id
+        return cell
+
+    def _select(self, cells: list, retry_failed: bool) -> list:
+        todo, completed, failed, seen = [], 0, 0, set()
+        for c in cells:
+            if c.cell_id in seen:
+                continue  # two override lists that define the same cell run it once
+            seen.add(c.cell_id)
+            state = cell_state(c.cell_dir)
+            if state == "completed":
+                completed += 1
+            elif state == "failed" and not retry_failed:
+                failed += 1
+            else:
+                todo.append(c)  # pending, interrupted (resumes from its checkpoint), or a retried failure
+        print(f"{len(todo)} to run, {completed} completed cells skipped"
+              + (f", {failed} failed cells skipped (retry_failed=true re-runs them)" if failed else ""))
+        return todo
+
+    def _check_backend(self) -> None:
+        if self.backend == "slurm" and shutil.which("sbatch") is None:
+            print("hydra/launcher=slurm needs SLURM's sbatch on PATH, and none was found on this machine: "
+                  "run on a SLURM login node, or use hydra/launcher=local. Nothing was submitted.")
+            raise SystemExit(2)
+
+    def _print_plan(self, cells: list, options) -> None:
+        estimates = _gpu_hour_estimates(cells)
+        for c in cells:
+            s, a = c.spec, c.spec.adapter
+            est = estimates.get((s.model.name, s.algo.name, s.algo.max_steps))
+            print(f"{cell_state(c.cell_dir):<9} {c.cell_id}  model={s.model.name} task={s.task.name} "
+                  f"algo={s.algo.name} kind={a.kind} r={a.r} u={a.u} tie={a.tie} sharing={a.sharing} "
+                  f"precision={a.precision} seed={s.seed} params={c.params:,} bytes={c.bytes:,} "
+                  f"gpu_h={'?' if est is None else f'{est:.2f}'}")
+        total = [estimates.get((c.spec.model.name, c.spec.algo.name, c.spec.algo.max_steps)) for c in cells]
+        known = [t for t in total if t is not None]
+        print(f"dry run: {len(cells)} valid cells, nothing submitted"
+              + (f"; {sum(known):.1f} GPU-hours estimated for {len(known)} cells" if known else ""))
+
+    def _print_submitted(self, jobs) -> None:
+        ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
+        print(f"submitted {len(jobs)} cells as job(s) {', '.join(ids)}; "
+              "follow with `python launch.py -m <same arguments> status=true` or `python -m tinyablate.status <sweep dir>`")
+
+    def _run_analysis(self, cells: list) -> None:
+        """At the end of a sweep: the analysis page (analysis/, when present in this checkout)."""
+        sweep_dirs = sorted({c.cell_dir.parent for c in cells})
+        try:
+            from analysis.report import analyze
+        except ImportError:
+            return
+        for sweep_dir in sweep_dirs:
+            page = analyze([sweep_dir], sweep_dir / "analysis")
+            print(f"analysis: {page}")
+
+    @staticmethod
+    def _returns(cells: list) -> list:
+        out = []
+        for c in cells:
+            ret = JobReturn(overrides=c.overrides, status=JobStatus.COMPLETED)
+            ret.return_value = c.cell_id
+            out.append(ret)
+        return out
+
+
+def _gpu_hour_estimates(cells: list) -> dict:
+    """Mean GPU-hours of completed cells with the same model, algorithm and step count."""
+    seen: dict = {}
+    for sweep_dir in sorted({c.cell_dir.parent for c in cells}):
+        if not sweep_dir.is_dir():
+            continue
+        for child in sweep_dir.iterdir():
+            try:
+                result = json.loads((child / "result.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if result.get("status") != "completed":
+                continue
+            cfg = result["config"]
+            key = (cfg["model"]["name"], cfg["algo"]["name"], cfg["algo"]["max_steps"])
+            seen.setdefault(key, []).append(result["timing"]["gpu_hours"])
+    return {k: sum(v) / len(v) for k, v in seen.items()}
+
+
+def write_launch_record(cell, job, backend: str) -> None:
+    write_json_atomic(cell.cell_dir / LAUNCH_FILE, {
+        "backend": backend, "job_id": str(job.job_id), "stdout": str(job.paths.stdout),
+        "stderr": str(job.paths.stderr), "submitted": time.time(), "argv": sys.argv,
+    })
+    write_json_atomic(cell.cell_dir / "spec.json", {"cell_id": cell.cell_id, "config": asdict(cell.spec)})

@@ -1,0 +1,91 @@
+"""Submission through submitit: a job array per GPU count on SLURM, a bounded pool locally."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import submitit
+
+
+class CellJob(submitit.helpers.Checkpointable):
+    """What a job runs: one cell. On preemption or time-out submitit calls `checkpoint`, which
+    requeues the same call; run_cell then resumes from the cell's last training checkpoint."""
+
+    def __call__(self, spec: dict, cell_dir: str) -> dict:
+        from tinyablate.cell import run_cell
+        from tinyablate.spec import spec_from_dict
+
+        result = run_cell(spec_from_dict(spec), Path(cell_dir))
+        return {"cell_id": result["cell_id"], "status": result["status"],
+                "accuracy": result["metrics"]["accuracy"]}
+
+
+def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
+    from .launcher import write_launch_record
+
+    folder = cells[0].cell_dir.parent / ".submitit" / "%j"
+    jobs = []
+    if backend == "local":
+        if not wait:
+            raise SystemExit("wait=false needs hydra/launcher=slurm: local cells are children of this process")
+        return _run_local(settings, cells, folder, write_launch_record)
+    for gpus in sorted({c.spec.gpus for c in cells}):
+        group = [c for c in cells if c.spec.gpus == gpus]
+        executor = _slurm_executor(settings, folder, gpus, group[0].spec.sweep)
+        group_jobs = executor.map_array(CellJob(), [asdict(c.spec) for c in group], [str(c.cell_dir) for c in group])
+        for cell, job in zip(group, group_jobs):
+            write_launch_record(cell, job, backend)
+        print(f"submitted {len(group)} cells ({gpus} GPU(s) each) as SLURM array {group_jobs[0].job_id.split('_')[0]}")
+        jobs += group_jobs
+    if wait:
+        _wait(jobs, settings.get("poll_s", 10.0))
+    return jobs
+
+
+def _slurm_executor(settings: dict, folder: Path, gpus: int, sweep: str):
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=settings["max_requeues"])
+    params = dict(
+        job_name=f"tinyablate-{sweep}", partition=settings.get("partition"), account=settings.get("account"),
+        qos=settings.get("qos"), constraint=settings.get("constraint"), nodes=1, ntasks_per_node=1,
+        cpus_per_task=settings["cpus_per_task"], mem=f"{settings['mem_gb']}G", time=settings["timeout_min"],
+        gpus_per_node=gpus or None, array_parallelism=settings["array_parallelism"],
+        signal_delay_s=settings["signal_delay_s"], setup=list(settings.get("setup") or []),
+        additional_parameters=dict(settings.get("additional_parameters") or {}),
+    )
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def _run_local(settings: dict, cells: list, folder: Path, record) -> list:
+    executor = submitit.LocalExecutor(folder=folder)
+    executor.update_parameters(timeout_min=settings["timeout_min"])
+    queue, running, jobs = list(cells), [], []
+    limit = max(1, int(settings.get("max_parallel", 1)))
+    while queue or running:
+        while queue and len(running) < limit:
+            cell = queue.pop(0)
+            job = executor.submit(CellJob(), asdict(cell.spec), str(cell.cell_dir))
+            record(cell, job, "local")
+            print(f"started {cell.cell_id} (log: {job.paths.stderr})")
+            running.append(job)
+            jobs.append(job)
+        time.sleep(settings.get("poll_s", 2.0))
+        running = [j for j in running if not j.done()]
+    return jobs
+
+
+def _wait(jobs: list, poll_s: float) -> None:
+    last = None
+    while True:
+        states = [j.state for j in jobs]
+        done = sum(j.done() for j in jobs)
+        summary = f"{done}/{len(jobs)} cells done; " + ", ".join(
+            f"{s.lower()}: {states.count(s)}" for s in sorted(set(states)))
+        if summary != last:
+            print(time.strftime("[%H:%M:%S] ") + summary, flush=True)
+            last = summary
+        if done == len(jobs):
+            return
+        time.sleep(poll_s)

@@ -1,0 +1,74 @@
+"""Model shapes without weights: count and validate an adapter for a grid before anything loads.
+
+`skeleton(name)` builds the decoder's linear modules on the meta device (no memory, no download)
+with the official configs' sizes, so `adapters.resolve_targets` and the analytic parameter count
+run on exactly the code path that a real cell uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+# From each model's config.json on the Hugging Face Hub.
+SHAPES = {
+    "qwen2.5-0.5b": Shape(24, 896, 4864, 14, 2, 64),
+    "qwen2.5-1.5b": Shape(28, 1536, 8960, 12, 2, 128),
+    "qwen2.5-3b": Shape(36, 2048, 11008, 16, 2, 128),
+    "qwen2.5-7b": Shape(28, 3584, 18944, 28, 4, 128),
+    "llama3.2-1b": Shape(16, 2048, 8192, 32, 8, 64),
+    "llama3.2-3b": Shape(28, 3072, 8192, 24, 8, 128),
+    "llama3.1-8b": Shape(32, 4096, 14336, 32, 8, 128),
+    "smollm2-135m": Shape(30, 576, 1536, 9, 3, 64),
+    # tinyablate.models.build_tiny_model's defaults
+    "tiny-qwen2": Shape(2, 64, 128, 4, 2, 16),
+    "tiny-llama": Shape(2, 64, 128, 4, 2, 16),
+}
+
+
+class _Layer(nn.Module):
+    def __init__(self, s: Shape):
+        super().__init__()
+        q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        self.self_attn = nn.Module()
+        for name, (out_f, in_f) in {"q_proj": (q, s.hidden), "k_proj": (kv, s.hidden), "v_proj": (kv, s.hidden),
+                                    "o_proj": (s.hidden, q)}.items():
+            setattr(self.self_attn, name, nn.Linear(in_f, out_f, bias=False, device="meta"))
+        self.mlp = nn.Module()
+        for name, (out_f, in_f) in {"gate_proj": (s.intermediate, s.hidden), "up_proj": (s.intermediate, s.hidden),
+                                    "down_proj": (s.hidden, s.intermediate)}.items():
+            setattr(self.mlp, name, nn.Linear(in_f, out_f, bias=False, device="meta"))
+
+
+@lru_cache(maxsize=None)
+def skeleton(name: str) -> nn.Module:
+    """The model's adaptable linear modules on the meta device, named as in transformers."""
+    if name not in SHAPES:
+        raise ValueError(f"model.name={name!r} has no known shape; known: {sorted(SHAPES)}")
+    s = SHAPES[name]
+    root = nn.Module()
+    root.model = nn.Module()
+    root.model.layers = nn.ModuleList([_Layer(s) for _ in range(s.layers)])
+    return root
+
+
+def adapter_size(model_name: str, adapter_cfg) -> tuple[int, int]:
+    """(trainable parameters, trainable bytes) of `adapter_cfg` on `model_name`; validates both."""
+    from .adapters import expected_trainable_params, resolve_targets
+
+    targets = resolve_targets(skeleton(model_name), adapter_cfg)
+    params = expected_trainable_params(targets, adapter_cfg)
+    return params, params * adapter_cfg.bytes_per_param

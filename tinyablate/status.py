@@ -1,0 +1,89 @@
+"""The state of every cell of a sweep, read from its folder (no scheduler needed).
+
+    python -m tinyablate.status runs/embedded          # every cell folder under a sweep folder
+
+States: pending (not started, or queued), running, completed, failed (with the log to read).
+The launcher prints the same table at the end of a sweep and for `status=true`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .results import ResultError, cell_state, read_result
+
+LAUNCH_FILE = "launch.json"  # written by the launcher at submission: job id and log paths
+
+
+def cell_row(cell_dir: Path, cell_id: Optional[str] = None, note: str = "") -> dict:
+    cell_dir = Path(cell_dir)
+    state = cell_state(cell_dir)
+    row = {"cell_id": cell_id or cell_dir.name, "state": state, "accuracy": None, "base": None,
+           "params": None, "log": None, "error": None, "note": note}
+    try:
+        result = read_result(cell_dir)
+    except ResultError as err:
+        result, row["error"] = None, str(err)
+    if result is not None and result["status"] == "completed":
+        row.update(accuracy=result["metrics"]["accuracy"], base=result["metrics"]["base_accuracy"],
+                   params=result["adapter"]["trainable_params"])
+    elif result is not None:
+        row["error"] = f"{result['error']['type']}: {result['error']['message']}"[:160]
+    launch = _read_json(cell_dir / LAUNCH_FILE)
+    if launch:
+        row["log"] = launch.get("stderr")
+        row["job_id"] = launch.get("job_id")
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    counts = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    lines = [f"{'state':<10} {'accuracy':>8} {'base':>6} {'params':>9}  cell"]
+    for r in rows:
+        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        base = "" if r["base"] is None else f"{r['base']:.3f}"
+        params = "" if r["params"] is None else f"{r['params']:,}"
+        extra = f"  [{r['note']}]" if r["note"] else ""
+        lines.append(f"{r['state']:<10} {acc:>8} {base:>6} {params:>9}  {r['cell_id']}{extra}")
+        if r["state"] == "failed":
+            lines.append(f"{'':<10} error: {r['error']}")
+            if r["log"]:
+                lines.append(f"{'':<10} log: {r['log']}")
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    lines.append(f"{len(rows)} cells: {summary}")
+    return "\n".join(lines)
+
+
+def sweep_cell_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / "spec.json").exists())
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Show the state of every cell under sweep folders.")
+    parser.add_argument("sweep_dirs", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    rows = []
+    for sweep_dir in args.sweep_dirs:
+        if not sweep_dir.is_dir():
+            print(f"{sweep_dir}: no such sweep folder", file=sys.stderr)
+            return 2
+        rows += [cell_row(d) for d in sweep_cell_dirs(sweep_dir)]
+    print(format_table(rows))
+    return 1 if any(r["state"] == "failed" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
