@@ -33,6 +33,7 @@ class Built:
     task: object  # tasks.Task
     model_id: str
     device: object
+    load_s: float = 0.0  # reading the weights (excluded from the per-cell overhead)
 
 
 def cell_dir_for(spec: CellSpec) -> Path:
@@ -77,9 +78,10 @@ def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float) -> dict:
         final = evaluate_final(spec, built, cell_dir, base, trained=train_info["steps"] > 0)
         t2 = time.time()
         export(built, cell_dir)
-        result = make_result(spec, cid, built, base, final, train_info,
-                             timing={"wall_s": time.time() - start, "train_s": train_info["train_s"],
-                                     "eval_s": (t2 - t1) + base.get("eval_s", 0.0), "setup_s": t0 - start})
+        timing = {"wall_s": time.time() - start, "train_s": train_info["train_s"],
+                  "eval_s": (t2 - t1) + base.get("eval_s", 0.0), "setup_s": t0 - start,
+                  "model_load_s": built.load_s, **_overhead(train_info, built, base)}
+        result = make_result(spec, cid, built, base, final, train_info, timing)
         write_result(cell_dir, result)
         summary = {"eval/accuracy": final["accuracy"], "eval/accuracy_flexible": final["accuracy_flexible"],
                    "eval/base_accuracy": base["accuracy"], "trainable_params": built.adapter.trainable_params,
@@ -99,12 +101,14 @@ def build(spec: CellSpec) -> Built:
     from .tasks import load_task
 
     task = load_task(spec.task)  # data errors surface before the model loads
+    t0 = time.time()
     model, tokenizer, info = load_model_and_tokenizer(spec.model)
+    load_s = time.time() - t0
     model_id = model_identity(spec.model, model)
     set_seed(spec.seed)
     adapter = apply_adapter(model, spec.adapter, model_id)
     device = next(model.parameters()).device
-    return Built(adapter.model, tokenizer, info, adapter, task, model_id, device)
+    return Built(adapter.model, tokenizer, info, adapter, task, model_id, device, load_s)
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -156,18 +160,20 @@ def _scored(metrics: dict, scorer: str) -> dict:
 # -- training ----------------------------------------------------------------------------------
 def train(spec: CellSpec, built: Built, cell_dir: Path, callbacks) -> dict:
     """Train with TRL, resuming from the last complete checkpoint; returns steps and reward summary."""
-    from .train import build_trainer, last_complete_checkpoint
+    from .train import build_trainer, first_step_timer, last_complete_checkpoint
 
     if not spec.train or built.adapter.trainable_params == 0:
-        return {"steps": 0, "train_s": 0.0, "resumed_from_step": None, "reward": None}
+        return {"steps": 0, "train_s": 0.0, "resumed_from_step": None, "reward": None, "first_step_time": None}
     t0 = time.time()
     checkpoints = cell_dir / "checkpoints"
+    times: dict = {}
+    callbacks = [*callbacks, first_step_timer(times)]
     trainer = build_trainer(built.model, built.tokenizer, built.task, spec, checkpoints, built.device, callbacks)
     last = last_complete_checkpoint(checkpoints)
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     resumed = int(last.name.split("-")[1]) if last else None
     return {"steps": trainer.state.global_step, "train_s": time.time() - t0, "resumed_from_step": resumed,
-            "reward": reward_summary(trainer.state.log_history)}
+            "reward": reward_summary(trainer.state.log_history), "first_step_time": times.get("first_step")}
 
 
 def reward_summary(log_history: list) -> Optional[dict]:
@@ -218,6 +224,18 @@ def make_result(spec, cid, built, base, final, train_info, timing) -> dict:
         "timing": {**timing, "n_gpus": n_gpus, "gpu_hours": timing["wall_s"] / 3600 * n_gpus},
         "provenance": collect_provenance(),
     }
+
+
+def _overhead(train_info: dict, built: Built, base: dict) -> dict:
+    """Process start to the first training step, and that minus weight loading and base evaluation."""
+    first = train_info.get("first_step_time")
+    if first is None:
+        return {}
+    import psutil
+
+    since_start = first - psutil.Process().create_time()
+    return {"start_to_first_step_s": since_start,
+            "overhead_to_first_step_s": since_start - built.load_s - base.get("eval_s", 0.0)}
 
 
 def _n_gpus(device) -> int:

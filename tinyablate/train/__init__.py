@@ -1,6 +1,6 @@
 """Training: GRPO and SFT through TRL on the adapter already applied to the model."""
 
-from .common import last_complete_checkpoint
+from .common import first_step_timer, last_complete_checkpoint
 
 
 def build_trainer(model, tokenizer, task, spec, output_dir, device, callbacks=()):
@@ -12,4 +12,4 @@ def build_trainer(model, tokenizer, task, spec, output_dir, device, callbacks=()
     return build_sft_trainer(model, tokenizer, task, spec, output_dir, device, callbacks)
 
 
-__all__ = ["build_trainer", "last_complete_checkpoint"]
+__all__ = ["build_trainer", "first_step_timer", "last_complete_checkpoint"]

@@ -35,6 +35,19 @@ class AdapterCheckpointMixin:
                 named[name].copy_(value.to(named[name].device, named[name].dtype))
 
 
+def first_step_timer(times: dict):
+    """A TrainerCallback that records the wall-clock time of the first training step in `times`."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class FirstStepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            times.setdefault("first_step", time.time())
+
+    return FirstStepTimer()
+
+
 def last_complete_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
     """The newest checkpoint-N folder that was written completely, or None."""
     checkpoint_dir = Path(checkpoint_dir)

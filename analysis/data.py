@@ -1,0 +1,381 @@
+"""Read sweep folders into flat rows, aggregate seeds, and compute the curves the report draws.
+
+Only `result.json` files are read (never logs or stdout). A cell folder is one holding
+`result.json`, `spec.json` or `running.json`; hidden folders (`.submitit`, `.hydra`) are skipped.
+A folder given may be a sweep folder (cells inside) or the output root (sweep folders inside).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+# One row per completed cell, in this order, in summary.csv.
+CSV_COLUMNS = [
+    "cell_id", "sweep", "task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie",
+    "sharing", "precision", "seed", "trainable_params", "trainable_bytes", "bits_per_param", "accuracy",
+    "accuracy_strict", "accuracy_flexible", "base_accuracy", "n_eval", "train_steps", "gpu_hours", "wall_s",
+]
+# Axes whose values get a GPU-hours line in summary.md.
+AXES = ["task", "model", "family", "algo", "kind", "r", "u", "tie", "sharing", "precision", "seed"]
+CELL_MARKERS = ("result.json", "spec.json", "running.json")
+# Settings that do not change a cell's result (speed/bookkeeping): ignored when grouping seeds.
+_NOT_IDENTITY_TOP = {"seed", "sweep", "output_dir", "logger", "gpus"}
+_NOT_IDENTITY_SUB = {
+    "eval": {"batch_size", "base", "cache_base"},
+    "model": {"device", "cache_dir", "attn_implementation"},
+    "adapter": {"forward"},
+    "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing"},
+}
+
+
+@dataclass
+class Skipped:
+    """A cell folder that gives no accuracy: failed, running, pending or unreadable."""
+
+    state: str  # failed | running | pending | unreadable
+    sweep: str
+    cell_id: str
+    path: Path
+    reason: str
+    wall_s: Optional[float] = None
+
+
+@dataclass
+class Sweeps:
+    """Everything read from the folders given."""
+
+    dirs: list
+    rows: list = field(default_factory=list)  # completed cells, dicts with CSV_COLUMNS (+ config_key, lr)
+    skipped: list = field(default_factory=list)  # Skipped
+
+    def counts(self) -> dict:
+        out = {"completed": len(self.rows)}
+        for s in self.skipped:
+            out[s.state] = out.get(s.state, 0) + 1
+        return out
+
+
+# -- reading -------------------------------------------------------------------------------------
+def load_sweeps(sweep_dirs: Iterable[Path]) -> Sweeps:
+    """Read every cell folder under `sweep_dirs`.
+
+    Raises ValueError (naming the folder) when a folder does not exist or holds no cell folder,
+    and when no cell at all has completed.
+    """
+    dirs, seen = [], set()
+    for d in sweep_dirs:
+        d = Path(d)
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            dirs.append(d)
+    if not dirs:
+        raise ValueError("no sweep folder given")
+    out = Sweeps(dirs=dirs)
+    seen_cells = set()
+    for d in dirs:
+        if not d.is_dir():
+            raise ValueError(f"{d}: no such sweep folder")
+        cells = find_cell_dirs(d)
+        if not cells:
+            raise ValueError(f"{d}: no results - it holds no cell folder (a folder with result.json, "
+                             "spec.json or running.json); pass a sweep folder such as runs/<sweep>")
+        for cell in cells:
+            if cell.resolve() in seen_cells:
+                continue
+            seen_cells.add(cell.resolve())
+            _read_cell(cell, out)
+    if not out.rows:
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(out.counts().items()) if n)
+        raise ValueError(f"{', '.join(map(str, dirs))}: no completed results ({counts}); nothing to analyse")
+    return out
+
+
+def find_cell_dirs(root: Path, depth: int = 2) -> list:
+    """Cell folders at `root`, under it, or one level deeper (an output root holding sweeps)."""
+    root = Path(root)
+    if _is_cell(root):
+        return [root]
+    if depth == 0:
+        return []
+    found = []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and not child.name.startswith((".", "_")) and child.name != "wandb":
+            found += find_cell_dirs(child, depth - 1)
+    return found
+
+
+def _is_cell(path: Path) -> bool:
+    return any((path / name).is_file() for name in CELL_MARKERS)
+
+
+def _read_cell(cell: Path, out: Sweeps) -> None:
+    sweep_guess = cell.parent.name
+    path = cell / "result.json"
+    if not path.exists():
+        spec = _read_json(cell / "spec.json") or {}
+        cid = spec.get("cell_id", cell.name) if isinstance(spec, dict) else cell.name
+        state = "running" if (cell / "running.json").exists() else "pending"
+        reason = "running.json present (cell in progress)" if state == "running" else "spec.json only (not started)"
+        out.skipped.append(Skipped(state, sweep_guess, str(cid), cell, reason))
+        return
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        out.skipped.append(Skipped("unreadable", sweep_guess, cell.name, cell,
+                                   f"result.json is not valid JSON ({_short(err)})"))
+        return
+    if not isinstance(result, dict) or "status" not in result or "cell_id" not in result:
+        out.skipped.append(Skipped("unreadable", sweep_guess, cell.name, cell,
+                                   "result.json has no status/cell_id: not a tinyablate result"))
+        return
+    sweep = str(result.get("sweep") or sweep_guess)
+    cid = str(result["cell_id"])
+    wall = _num((result.get("timing") or {}).get("wall_s"))
+    if result["status"] == "failed":
+        err = result.get("error") or {}
+        reason = f"{err.get('type', 'Error')}: {err.get('message', '')}".strip()
+        out.skipped.append(Skipped("failed", sweep, cid, cell, _short(reason, 200), wall))
+        return
+    if result["status"] != "completed":
+        out.skipped.append(Skipped("unreadable", sweep, cid, cell, f"unknown status {result['status']!r}"))
+        return
+    schema = result.get("schema_version", 1)
+    if schema != 1:
+        out.skipped.append(Skipped("unreadable", sweep, cid, cell, f"schema_version {schema!r} (expected 1)"))
+        return
+    try:
+        out.rows.append(result_row(result, sweep))
+    except (KeyError, TypeError, ValueError) as err:
+        out.skipped.append(Skipped("unreadable", sweep, cid, cell,
+                                   f"completed result lacks a field ({type(err).__name__}: {_short(err)})", wall))
+
+
+def result_row(result: dict, sweep: str) -> dict:
+    """The flat row of a completed result (KeyError/TypeError/ValueError when a field is missing)."""
+    model, adapter, metrics = result["model"], result["adapter"], result["metrics"]
+    timing, config = result.get("timing") or {}, result.get("config") or {}
+    task, algo = result.get("task") or config.get("task") or {}, result.get("algo") or config.get("algo") or {}
+    params = int(adapter["trainable_params"])
+    nbytes = int(adapter.get("trainable_bytes") or 0)
+    accuracy = _num(metrics["accuracy"])
+    if accuracy is None:
+        raise ValueError("metrics.accuracy is not a number")
+    kind = adapter.get("kind") or "none"
+    row = {
+        "cell_id": str(result["cell_id"]), "sweep": sweep,
+        "task": str(task["name"]), "scorer": str(task.get("scorer") or ""),
+        "model": str(model["name"]), "family": str(model.get("family") or "?"), "size": model.get("size"),
+        "algo": str(algo["name"]), "kind": kind,
+        "r": adapter.get("r") if kind != "none" else None,
+        "u": adapter.get("u") if kind == "tinylora" else None,
+        "tie": adapter.get("tie") if kind in ("tinylora", "lora_xs") else None,
+        "sharing": adapter.get("sharing") if kind in ("tinylora", "lora_xs") else None,
+        "precision": adapter.get("precision") if kind != "none" else None,
+        "seed": config.get("seed", 0),
+        "trainable_params": params, "trainable_bytes": nbytes,
+        "bits_per_param": 8 * nbytes / params if params > 0 else None,
+        "accuracy": accuracy, "accuracy_strict": _num(metrics.get("accuracy_strict")),
+        "accuracy_flexible": _num(metrics.get("accuracy_flexible")),
+        "base_accuracy": _num(metrics.get("base_accuracy")), "n_eval": metrics.get("n_eval"),
+        "train_steps": metrics.get("train_steps"),
+        "gpu_hours": _num(timing.get("gpu_hours")) or 0.0, "wall_s": _num(timing.get("wall_s")) or 0.0,
+        "lr": algo.get("learning_rate"),
+    }
+    row["config_key"] = config_key(config, row)
+    return row
+
+
+def config_key(config: dict, row: dict) -> str:
+    """What defines a cell's result except its seed: cells with one key are seeds of one setting."""
+    if config:
+        ident = {}
+        for k, v in config.items():
+            if k in _NOT_IDENTITY_TOP:
+                continue
+            if isinstance(v, dict) and k in _NOT_IDENTITY_SUB:
+                v = {kk: vv for kk, vv in v.items() if kk not in _NOT_IDENTITY_SUB[k]}
+                if k == "adapter" and isinstance(v.get("svd"), dict):
+                    v = {**v, "svd": {kk: vv for kk, vv in v["svd"].items() if kk != "cache_dir"}}
+            ident[k] = v
+        if row["kind"] == "none":  # every adapter field but the kind is irrelevant
+            ident["adapter"] = {"kind": "none"}
+        ident["_measured"] = [row["trainable_params"], row["trainable_bytes"]]
+    else:
+        ident = {k: row[k] for k in CSV_COLUMNS if k not in ("cell_id", "sweep", "seed") and k in
+                 ("task", "scorer", "model", "algo", "kind", "r", "u", "tie", "sharing", "precision",
+                  "trainable_params", "trainable_bytes")}
+    return json.dumps(ident, sort_keys=True, default=str)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _num(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _short(text: Any, n: int = 120) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# -- statistics ----------------------------------------------------------------------------------
+def mean_ci(values: list, level: float = 0.95) -> tuple:
+    """(mean, low, high) with a t-interval over `values`; low/high are None for a single value."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_ci of no values")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+# Fields a setting (seeds aggregated) keeps from its cells.
+GROUP_FIELDS = ["task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie", "sharing",
+                "precision", "lr", "trainable_params", "trainable_bytes", "bits_per_param"]
+
+
+def aggregate(rows: list) -> list:
+    """One dict per setting (cells with the same config_key): mean accuracy and its 95% interval."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["config_key"]].append(row)
+    out = []
+    for key, cells in groups.items():
+        cells.sort(key=lambda r: str(r["seed"]))
+        mean, lo, hi = mean_ci([c["accuracy"] for c in cells])
+        g = {f: cells[0].get(f) for f in GROUP_FIELDS}
+        g.update(config_key=key, n_seeds=len(cells), seeds=[c["seed"] for c in cells],
+                 accuracies=[c["accuracy"] for c in cells], accuracy_mean=mean, ci_low=lo, ci_high=hi,
+                 base_accuracy=_mean([c["base_accuracy"] for c in cells if c["base_accuracy"] is not None]),
+                 gpu_hours=sum(c["gpu_hours"] for c in cells), wall_s=sum(c["wall_s"] for c in cells),
+                 sweeps=sorted({c["sweep"] for c in cells}))
+        out.append(g)
+    out.sort(key=lambda g: (g["task"], g["scorer"], g["family"], g["model"], g["algo"], g["trainable_params"],
+                            g["kind"], str(g["r"]), str(g["u"]), str(g["tie"]), str(g["sharing"]),
+                            str(g["precision"]), str(g["lr"])))
+    return out
+
+
+def _mean(values: list) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def task_groups(rows: list) -> dict:
+    """(task, scorer) -> rows: accuracies under different tasks or scorers never share a curve."""
+    out = defaultdict(list)
+    for row in rows:
+        out[(row["task"], row["scorer"])].append(row)
+    return dict(sorted(out.items()))
+
+
+def frontier(settings: list, x: str = "trainable_params") -> tuple:
+    """Split settings of one curve into (best, others): best = highest mean at each x value (> 0)."""
+    by_x = defaultdict(list)
+    for s in settings:
+        if s[x] and s[x] > 0:
+            by_x[s[x]].append(s)
+    best, others = [], []
+    for value in sorted(by_x):
+        ranked = sorted(by_x[value], key=lambda s: -s["accuracy_mean"])
+        best.append(ranked[0])
+        others += ranked[1:]
+    return best, others
+
+
+def base_point(settings: list, rows: list) -> Optional[dict]:
+    """The 0-parameter point of a model: its kind=none cells, else the base accuracy its cells report."""
+    none = [s for s in settings if s["trainable_params"] == 0]
+    if none:
+        accs = [a for s in none for a in s["accuracies"]]
+        mean, lo, hi = mean_ci(accs)
+        return {"accuracy_mean": mean, "ci_low": lo, "ci_high": hi, "n": len(accs), "source": "kind=none cells"}
+    base = [r["base_accuracy"] for r in rows if r["base_accuracy"] is not None]
+    if not base:
+        return None
+    return {"accuracy_mean": sum(base) / len(base), "ci_low": None, "ci_high": None, "n": len(base),
+            "source": "base_accuracy of the trained cells"}
+
+
+# -- RL vs SFT -----------------------------------------------------------------------------------
+def params_to_reach(curve: list, level: float) -> tuple:
+    """Smallest parameter count at which a curve [(params > 0, accuracy)] reaches `level`.
+
+    Linear interpolation of accuracy on the log-parameter axis between measured points.
+    Returns (params, how): how is "interpolated", "at or below the smallest count run" (reached at
+    the first point already) or "not reached" (params None).
+    """
+    pts = sorted((float(p), float(a)) for p, a in curve if p > 0)
+    if not pts:
+        return None, "not reached"
+    if pts[0][1] >= level:
+        return pts[0][0], "at or below the smallest count run"
+    for (p0, a0), (p1, a1) in zip(pts, pts[1:]):
+        if a0 < level <= a1:
+            frac = (level - a0) / (a1 - a0)
+            return math.exp(math.log(p0) + frac * (math.log(p1) - math.log(p0))), "interpolated"
+    return None, "not reached"
+
+
+def rl_sft_gap(settings: list, rl: str = "grpo", sft: str = "sft") -> list:
+    """For each accuracy level GRPO reaches, the parameters SFT needs for it (same task, scorer, model).
+
+    Both curves are the best setting at each parameter count (seeds averaged); 0-parameter cells
+    are left out. One dict per GRPO point: params_rl, accuracy, params_sft (None: not reached),
+    ratio = params_sft / params_rl, how.
+    """
+    curves = defaultdict(dict)
+    for s in settings:
+        if s["algo"] in (rl, sft):
+            curves[(s["task"], s["scorer"], s["family"], s["model"])].setdefault(s["algo"], []).append(s)
+    out = []
+    for (task, scorer, family, model), by_algo in sorted(curves.items()):
+        if rl not in by_algo or sft not in by_algo:
+            continue
+        rl_best, _ = frontier(by_algo[rl])
+        sft_best, _ = frontier(by_algo[sft])
+        sft_curve = [(s["trainable_params"], s["accuracy_mean"]) for s in sft_best]
+        for s in rl_best:
+            need, how = params_to_reach(sft_curve, s["accuracy_mean"])
+            out.append({"task": task, "scorer": scorer, "family": family, "model": model,
+                        "params_rl": s["trainable_params"], "accuracy": s["accuracy_mean"],
+                        "params_sft": need, "ratio": None if need is None else need / s["trainable_params"],
+                        "how": how, "sft_max_accuracy": max((a for _, a in sft_curve), default=None)})
+    return out
+
+
+def matched_families(settings: list) -> list:
+    """Parameter counts run on at least two families (same task, scorer, algo): best setting of each.
+
+    One dict per (task, scorer, algo, params): {"points": {model: setting}}.
+    """
+    table = defaultdict(dict)
+    for s in settings:
+        if s["trainable_params"] > 0:
+            key = (s["task"], s["scorer"], s["algo"], s["trainable_params"])
+            cur = table[key].get(s["model"])
+            if cur is None or s["accuracy_mean"] > cur["accuracy_mean"]:
+                table[key][s["model"]] = s
+    out = []
+    for (task, scorer, algo, params), points in sorted(table.items()):
+        if len({p["family"] for p in points.values()}) >= 2:
+            out.append({"task": task, "scorer": scorer, "algo": algo, "params": params,
+                        "points": dict(sorted(points.items(), key=lambda kv: (kv[1]["family"], kv[0])))})
+    return out

@@ -1,0 +1,435 @@
+"""The report's figures, one set per (task, scorer): matplotlib's Agg canvas, no pyplot state.
+
+Every panel function returns a `Plot`: the PNG written, or the reason it was skipped (an axis
+that does not vary in the data gives a note, never an empty or misleading figure).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
+from .data import base_point, frontier, matched_families, rl_sft_gap
+
+# The TinyLoRA paper (arXiv 2602.04118): Qwen2.5-7B-Instruct on GSM8K trained with GRPO.
+PAPER_TASK = "gsm8k"
+PAPER_POINTS = [(1, 82.0), (13, 91.8), (196, 92.2)]
+PAPER_BASE = 88.2
+PAPER_FULL_FT = 91.7
+PAPER_LABEL = "TinyLoRA paper: Qwen2.5-7B-Instruct, GRPO"
+
+FAMILY_COLORS = {"qwen2": ["#1f5fa8", "#17a2b8", "#6f42c1", "#4c9be8"],
+                 "llama": ["#d1495b", "#f08a24", "#8c564b", "#e377c2"]}
+OTHER_COLORS = ["#2e8b57", "#7f7f7f", "#bcbd22", "#9edae5"]
+ALGO_STYLE = {"grpo": ("-", "o"), "sft": ("--", "s")}
+REF_COLOR = "0.35"
+DPI = 110
+
+
+@dataclass
+class Plot:
+    key: str  # params | bytes | sharing | rank | family | rl_sft
+    title: str
+    task: str
+    scorer: str
+    file: Optional[str] = None  # PNG name inside out_dir
+    caption: str = ""
+    skipped: Optional[str] = None
+
+
+TITLES = {
+    "params": "Accuracy vs trainable parameters",
+    "bytes": "Accuracy vs trainable bytes (precision axis)",
+    "sharing": "Tiled vs structured sharing",
+    "rank": "Frozen rank r",
+    "family": "Qwen vs Llama at matched parameter counts",
+    "rl_sft": "RL vs SFT: parameters SFT needs to reach GRPO's accuracy",
+}
+
+
+def make_plots(rows: list, settings: list, out_dir: Path, task: str, scorer: str, reference: bool) -> list:
+    """All panels for one (task, scorer): `rows`/`settings` hold only that task and scorer."""
+    colors = model_colors(settings)
+    ctx = dict(rows=rows, settings=settings, out_dir=Path(out_dir), task=task, scorer=scorer, colors=colors)
+    return [
+        plot_params(reference=reference, **ctx),
+        plot_bytes(**ctx),
+        plot_sharing(**ctx),
+        plot_rank(**ctx),
+        plot_family(**ctx),
+        plot_rl_sft(**ctx),
+    ]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", str(text)).strip("-") or "x"
+
+
+def file_name(key: str, task: str, scorer: str) -> str:
+    return f"{key}__{slug(task)}-{slug(scorer or 'default')}.png"
+
+
+def model_colors(settings: list) -> dict:
+    """A colour per model: blues for Qwen, reds for Llama, others after."""
+    out, used = {}, defaultdict(int)
+    for family, model in sorted({(s["family"], s["model"]) for s in settings}):
+        palette = FAMILY_COLORS.get(family, OTHER_COLORS)
+        out[model] = palette[used[id(palette)] % len(palette)]
+        used[id(palette)] += 1
+    return out
+
+
+def _style(algo: str) -> tuple:
+    return ALGO_STYLE.get(algo, (":", "^"))
+
+
+def _fmt_count(x: float) -> str:
+    if x >= 1e9:
+        return f"{x / 1e9:g}G"
+    if x >= 1e6:
+        return f"{x / 1e6:g}M"
+    if x >= 1e3:
+        return f"{x / 1e3:g}k"
+    return f"{x:g}"
+
+
+def _ylabel(scorer: str) -> str:
+    return f"accuracy (%, {scorer} scorer)" if scorer else "accuracy (%)"
+
+
+def _new_figure(width: float = 9.5, height: float = 5.2, ncols: int = 1, nrows: int = 1):
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Figure, out_dir: Path, name: str) -> str:
+    fig.savefig(Path(out_dir) / name, dpi=DPI, bbox_inches="tight")
+    return name
+
+
+def _skip(key: str, task: str, scorer: str, reason: str) -> Plot:
+    return Plot(key, TITLES[key], task, scorer, skipped=reason)
+
+
+# -- the log-x axis with a 0 (base) position -----------------------------------------------------
+def _log_x(ax, positive: list, with_base: bool, unit: str) -> Optional[float]:
+    """Log x over `positive`; with_base adds a '0 (base)' slot left of a break. Returns its x."""
+    lo, hi = min(positive), max(positive)
+    base_x = lo / 5 if with_base else None
+    left = (base_x if with_base else lo) / 2
+    right = hi * 2
+    ax.set_xscale("log")
+    ax.set_xlim(left, right)
+    ticks = [10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)]
+    ticks = [t for t in ticks if lo / 1.5 <= t <= right]
+    labels = [_fmt_count(t) for t in ticks]
+    if with_base:
+        brk = math.sqrt(base_x * lo)
+        ax.axvspan(left, brk, color="0.93", zorder=0, lw=0)
+        ax.axvline(brk, color="0.55", lw=0.8, ls=(0, (3, 2)), zorder=1)
+        ticks, labels = [base_x] + ticks, ["0\n(base)"] + labels
+    ax.set_xticks(ticks, labels)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(f"trainable {unit} (log scale; 0 = no adapter, left of the break)" if with_base
+                  else f"trainable {unit} (log scale)")
+    return base_x
+
+
+def _draw_curve(ax, best: list, others: list, x: str, color: str, ls: str, marker: str, label: str) -> None:
+    """Mean over seeds (line), 95% t-interval (band + bars), single seeds (dots), other settings (hollow)."""
+    xs = [s[x] for s in best]
+    means = [100 * s["accuracy_mean"] for s in best]
+    lows = [100 * (s["ci_low"] if s["ci_low"] is not None else s["accuracy_mean"]) for s in best]
+    highs = [100 * (s["ci_high"] if s["ci_high"] is not None else s["accuracy_mean"]) for s in best]
+    ax.plot(xs, means, ls=ls, marker=marker, color=color, label=label, lw=1.8, ms=5, zorder=3)
+    if any(s["ci_low"] is not None for s in best):
+        if len(best) > 1:
+            ax.fill_between(xs, lows, highs, color=color, alpha=0.15, lw=0, zorder=2)
+        with_ci = [i for i, s in enumerate(best) if s["ci_low"] is not None]
+        ax.errorbar([xs[i] for i in with_ci], [means[i] for i in with_ci],
+                    yerr=[[means[i] - lows[i] for i in with_ci], [highs[i] - means[i] for i in with_ci]],
+                    fmt="none", ecolor=color, elinewidth=0.9, capsize=2.5, alpha=0.8, zorder=3)
+    seed_x = [s[x] for s in best for _ in s["accuracies"]]
+    seed_y = [100 * a for s in best for a in s["accuracies"]]
+    ax.scatter(seed_x, seed_y, s=9, color=color, alpha=0.35, lw=0, zorder=2)
+    if others:
+        ax.scatter([s[x] for s in others], [100 * s["accuracy_mean"] for s in others], s=28, marker=marker,
+                   facecolors="none", edgecolors=color, alpha=0.7, zorder=2)
+
+
+def _draw_base(ax, base: Optional[dict], base_x: Optional[float], color: str, label: str) -> None:
+    if base is None or base_x is None:
+        return
+    m = 100 * base["accuracy_mean"]
+    yerr = None
+    if base["ci_low"] is not None:
+        yerr = [[m - 100 * base["ci_low"]], [100 * base["ci_high"] - m]]
+    ax.errorbar([base_x], [m], yerr=yerr, marker="D", ms=7, mfc="white", mec=color, mew=1.8, color=color,
+                capsize=2.5, ls="none", label=label, zorder=4)
+
+
+def _finish(fig, ax, title: str, legend_cols: int = 1) -> None:
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, which="major", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+                  ncols=legend_cols)
+
+
+def _task_title(task: str, scorer: str) -> str:
+    return f"{task} ({scorer} scorer)" if scorer else task
+
+
+def _models_with_base(settings: list, rows: list) -> dict:
+    """model -> its 0-parameter point (kind=none cells, else reported base accuracy)."""
+    out = {}
+    for model in sorted({s["model"] for s in settings}):
+        out[model] = base_point([s for s in settings if s["model"] == model],
+                                [r for r in rows if r["model"] == model])
+    return out
+
+
+# -- 1. accuracy vs parameters -------------------------------------------------------------------
+def plot_params(rows, settings, out_dir, task, scorer, colors, reference: bool) -> Plot:
+    key = "params"
+    draw_ref = reference and task.lower() == PAPER_TASK
+    positive = sorted({s["trainable_params"] for s in settings if s["trainable_params"] > 0})
+    if len(positive) + (1 if any(s["trainable_params"] == 0 for s in settings) else 0) < 2:
+        return _skip(key, task, scorer, f"trainable parameters take one value ({_values(settings, 'trainable_params')})")
+    bases = _models_with_base(settings, rows)
+    fig, axes = _new_figure()
+    ax = axes[0][0]
+    xs = positive + ([p for p, _ in PAPER_POINTS] if draw_ref else [])
+    base_x = _log_x(ax, xs, with_base=True, unit="parameters")
+    for model, algo in sorted({(s["model"], s["algo"]) for s in settings}):
+        line = [s for s in settings if s["model"] == model and s["algo"] == algo and s["trainable_params"] > 0]
+        if not line:
+            continue
+        best, others = frontier(line)
+        ls, marker = _style(algo)
+        _draw_curve(ax, best, others, "trainable_params", colors[model], ls, marker,
+                    f"{line[0]['family']} · {model} · {algo}")
+    for model, base in bases.items():
+        _draw_base(ax, base, base_x, colors[model], f"{model} base (0 params)")
+    if draw_ref:
+        ax.plot([p for p, _ in PAPER_POINTS], [a for _, a in PAPER_POINTS], ls="-.", marker="*", ms=9,
+                color=REF_COLOR, label=PAPER_LABEL, zorder=3)
+        ax.plot([base_x], [PAPER_BASE], marker="*", ms=11, ls="none", mfc="white", mec=REF_COLOR,
+                label=f"paper: base {PAPER_BASE}% (0 params)", zorder=4)
+        ax.axhline(PAPER_FULL_FT, ls="--", color=REF_COLOR, lw=1.2, label=f"paper: full fine-tuning {PAPER_FULL_FT}%")
+    ax.set_ylabel(_ylabel(scorer))
+    _finish(fig, ax, f"{TITLES[key]} — {_task_title(task, scorer)}")
+    caption = ("Mean accuracy over seeds with a 95% t-interval (band and bars; none for a single seed). "
+               "Lines join the best setting at each parameter count (colour: model, blue Qwen / red Llama; "
+               "style: algorithm); hollow markers are other settings with that count; dots are single seeds. "
+               "Diamonds left of the break are the base model (0 trainable parameters).")
+    if draw_ref:
+        caption += (" Grey stars are the TinyLoRA paper's Qwen2.5-7B-Instruct GSM8K points (0 → 88.2%, 1 → 82.0%, "
+                    "13 → 91.8%, 196 → 92.2%) and the dashed line its full fine-tuning (91.7%).")
+    return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
+
+
+def _values(settings: list, field: str) -> str:
+    vals = sorted({s[field] for s in settings}, key=str)
+    return ", ".join(str(v) for v in vals[:6]) + (" …" if len(vals) > 6 else "")
+
+
+# -- 2. accuracy vs bytes ------------------------------------------------------------------------
+def plot_bytes(rows, settings, out_dir, task, scorer, colors) -> Plot:
+    key = "bytes"
+    positive = sorted({s["trainable_bytes"] for s in settings if s["trainable_params"] > 0 and s["trainable_bytes"]})
+    n_values = len(positive) + (1 if any(s["trainable_params"] == 0 for s in settings) else 0)
+    if n_values < 2:
+        return _skip(key, task, scorer, f"trainable bytes take one value ({_values(settings, 'trainable_bytes')})")
+    bases = _models_with_base(settings, rows)
+    fig, axes = _new_figure()
+    ax = axes[0][0]
+    base_x = _log_x(ax, positive, with_base=True, unit="bytes")
+    bits_markers = {32: "o", 16: "s", 8: "^"}
+    bits_seen = set()
+    lines = defaultdict(list)
+    for s in settings:
+        if s["trainable_params"] > 0 and s["trainable_bytes"]:
+            bits = round(s["bits_per_param"], 2)
+            bits_seen.add(bits)
+            lines[(s["model"], s["algo"], bits)].append(s)
+    for (model, algo, bits), line in sorted(lines.items()):
+        best, others = frontier(line, x="trainable_bytes")
+        ls, _ = _style(algo)
+        prec = "/".join(sorted({str(s["precision"]) for s in line}))
+        _draw_curve(ax, best, others, "trainable_bytes", colors[model], ls, bits_markers.get(int(bits), "D"),
+                    f"{line[0]['family']} · {model} · {algo} · {bits:g} bit/param ({prec})")
+    for model, base in bases.items():
+        _draw_base(ax, base, base_x, colors[model], f"{model} base (0 bytes)")
+    ax.set_ylabel(_ylabel(scorer))
+    _finish(fig, ax, f"{TITLES[key]} — {_task_title(task, scorer)}")
+    bits_txt = ", ".join(f"{b:g}" for b in sorted(bits_seen))
+    caption = ("Same cells against the bytes the trained parameters take; one line per model, algorithm and "
+               f"bits per parameter (8·bytes/params; here {bits_txt}), marker by precision "
+               "(○ 32-bit, □ 16-bit). Mean over seeds with a 95% t-interval.")
+    if len(bits_seen) < 2:
+        caption += " Precision takes one value in these cells, so this is the parameter plot rescaled."
+    return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
+
+
+# -- 3. tiled vs structured ----------------------------------------------------------------------
+def plot_sharing(rows, settings, out_dir, task, scorer, colors) -> Plot:
+    key = "sharing"
+    shared = [s for s in settings if s["kind"] in ("tinylora", "lora_xs") and s["sharing"]
+              and s["trainable_params"] > 0]
+    values = sorted({s["sharing"] for s in shared})
+    if len(values) < 2:
+        what = values[0] if values else "no TinyLoRA/LoRA-XS cell"
+        return _skip(key, task, scorer, f"sharing does not vary ({what})")
+    fig, axes = _new_figure()
+    ax = axes[0][0]
+    _log_x(ax, [s["trainable_params"] for s in shared], with_base=False, unit="parameters")
+    share_ls = {"tiled": "-", "structured": ":"}
+    for model, algo, sharing in sorted({(s["model"], s["algo"], s["sharing"]) for s in shared}):
+        line = [s for s in shared if (s["model"], s["algo"], s["sharing"]) == (model, algo, sharing)]
+        best, others = frontier(line)
+        _, marker = _style(algo)
+        _draw_curve(ax, best, others, "trainable_params", colors[model], share_ls.get(sharing, "-."), marker,
+                    f"{line[0]['family']} · {model} · {algo} · {sharing}")
+    ax.set_ylabel(_ylabel(scorer))
+    _finish(fig, ax, f"{TITLES[key]} — {_task_title(task, scorer)}")
+    caption = ("TinyLoRA/LoRA-XS cells only: solid = tiled (neighbouring modules in depth share a vector), "
+               "dotted = structured (one module type across consecutive layers). Mean over seeds, 95% t-interval; "
+               "best setting at each parameter count.")
+    return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
+
+
+# -- 4. frozen rank ------------------------------------------------------------------------------
+def plot_rank(rows, settings, out_dir, task, scorer, colors) -> Plot:
+    key = "rank"
+    tiny = [s for s in settings if s["kind"] == "tinylora" and s["r"] is not None]
+    ranks = sorted({s["r"] for s in tiny})
+    if len(ranks) < 2:
+        what = f"r={ranks[0]}" if ranks else "no TinyLoRA cell"
+        return _skip(key, task, scorer, f"frozen rank r does not vary ({what})")
+    groups = defaultdict(list)
+    for s in tiny:
+        groups[(s["model"], s["algo"], s["trainable_params"])].append(s)
+    groups = {k: v for k, v in groups.items() if len({s["r"] for s in v}) >= 2}
+    if not groups:
+        return _skip(key, task, scorer, "r varies only between different parameter counts, never at a matched one")
+    fig, axes = _new_figure()
+    ax = axes[0][0]
+    ax.set_xscale("log", base=2)
+    markers = ["o", "s", "^", "v", "P", "X", "D"]
+    counts = sorted({k[2] for k in groups})
+    for (model, algo, params), line in sorted(groups.items()):
+        best, others = frontier(line, x="r")
+        ls, _ = _style(algo)
+        _draw_curve(ax, best, others, "r", colors[model], ls, markers[counts.index(params) % len(markers)],
+                    f"{line[0]['family']} · {model} · {algo} · {_fmt_count(params)} params")
+    used = sorted({s["r"] for v in groups.values() for s in v})
+    ax.set_xticks(used, [str(r) for r in used])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(min(used) / 1.4, max(used) * 1.4)
+    ax.set_xlabel("frozen rank r of the SVD factors (log2 scale)")
+    ax.set_ylabel(_ylabel(scorer))
+    _finish(fig, ax, f"{TITLES[key]} — {_task_title(task, scorer)}")
+    caption = ("TinyLoRA cells at matched trainable-parameter counts (one line each): accuracy as the frozen "
+               "rank r changes. Mean over seeds with a 95% t-interval; best setting at each r.")
+    return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
+
+
+# -- 5. Qwen vs Llama ----------------------------------------------------------------------------
+def plot_family(rows, settings, out_dir, task, scorer, colors) -> Plot:
+    key = "family"
+    families = sorted({s["family"] for s in settings})
+    if len(families) < 2:
+        return _skip(key, task, scorer, f"one model family only ({families[0]})")
+    matched = matched_families(settings)
+    if not matched:
+        return _skip(key, task, scorer, "no trainable-parameter count was run on two families; "
+                                        "compare their curves on the parameter plot")
+    algos = sorted({m["algo"] for m in matched})
+    fig, axes = _new_figure(width=max(6.0, 3.2 + 1.6 * len(matched)), height=4.8, ncols=len(algos))
+    bases = _models_with_base(settings, rows)
+    for ax, algo in zip(axes[0], algos):
+        cols = [m for m in matched if m["algo"] == algo]
+        models = sorted({mdl for m in cols for mdl in m["points"]},
+                        key=lambda mdl: (next(m["points"][mdl]["family"] for m in cols if mdl in m["points"]), mdl))
+        width = 0.8 / len(models)
+        for j, model in enumerate(models):
+            xs, ys, err_lo, err_hi, fam = [], [], [], [], None
+            for i, m in enumerate(cols):
+                s = m["points"].get(model)
+                if s is None:
+                    continue
+                fam = s["family"]
+                mean = 100 * s["accuracy_mean"]
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(mean)
+                err_lo.append(mean - 100 * s["ci_low"] if s["ci_low"] is not None else 0.0)
+                err_hi.append(100 * s["ci_high"] - mean if s["ci_high"] is not None else 0.0)
+            ax.bar(xs, ys, width=width * 0.92, color=colors[model], alpha=0.85, label=f"{fam} · {model}",
+                   yerr=[err_lo, err_hi], capsize=3, error_kw={"elinewidth": 1})
+            base = bases.get(model)
+            if base is not None:
+                ax.axhline(100 * base["accuracy_mean"], color=colors[model], ls=":", lw=1.2,
+                           label=f"{model} base (0 params)")
+        ax.set_xticks(range(len(cols)), [_fmt_count(m["params"]) for m in cols])
+        ax.set_xlabel("trainable parameters (matched counts)")
+        ax.set_ylabel(_ylabel(scorer))
+        ax.set_title(f"{algo}", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    axes[0][-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.suptitle(f"{TITLES[key]} — {_task_title(task, scorer)}", fontsize=11)
+    caption = ("Only parameter counts run on both families (exact match), per algorithm; bars are the mean over "
+               "seeds of the best setting at that count, error bars its 95% t-interval; dotted lines are each "
+               "model's base accuracy.")
+    return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
+
+
+# -- 6. RL vs SFT --------------------------------------------------------------------------------
+def plot_rl_sft(rows, settings, out_dir, task, scorer, colors) -> Plot:
+    key = "rl_sft"
+    gap = rl_sft_gap(settings)
+    if not gap:
+        algos = ", ".join(sorted({s["algo"] for s in settings}))
+        return _skip(key, task, scorer, f"needs GRPO and SFT cells of one model (algorithms here: {algos})")
+    models = sorted({g["model"] for g in gap})
+    fig, axes = _new_figure(height=4.4 * len(models), nrows=len(models))
+    for ax, model in zip(axes[:, 0], models):
+        mine = [s for s in settings if s["model"] == model and s["trainable_params"] > 0]
+        pts = [g for g in gap if g["model"] == model]
+        xs = [s["trainable_params"] for s in mine] + [g["params_sft"] for g in pts if g["params_sft"]]
+        hi = max(xs) * 4
+        _log_x(ax, xs + [hi], with_base=False, unit="parameters")
+        for algo in ("grpo", "sft"):
+            line = [s for s in mine if s["algo"] == algo]
+            best, others = frontier(line)
+            ls, marker = _style(algo)
+            _draw_curve(ax, best, [], "trainable_params", colors[model] if algo == "grpo" else "0.3", ls, marker,
+                        f"{model} · {algo} (best setting per count)")
+        for g in pts:
+            y = 100 * g["accuracy"]
+            end = g["params_sft"] if g["params_sft"] is not None else hi
+            if end > g["params_rl"] * 1.05:
+                ax.annotate("", xy=(end, y), xytext=(g["params_rl"], y),
+                            arrowprops={"arrowstyle": "->", "color": "0.35", "lw": 1.0,
+                                        "ls": "-" if g["params_sft"] is not None else ":"})
+            text = "not reached" if g["params_sft"] is None else f"×{g['ratio']:.3g}"
+            ax.annotate(text, xy=(end, y), xytext=(4, 3), textcoords="offset points", fontsize=8, color="0.2")
+        ax.set_ylabel(_ylabel(scorer))
+        _finish(fig, ax, f"{model}: SFT parameters needed for each GRPO accuracy — {_task_title(task, scorer)}")
+    caption = ("For each accuracy GRPO reaches (its best setting at each count, seeds averaged), the arrow runs to "
+               "the parameter count at which SFT's curve first reaches it, interpolating accuracy linearly on "
+               "the log-parameter axis; ×N is SFT params / GRPO params, 'not reached' means SFT never gets "
+               "there in these cells. Numbers are in the table below.")
+    return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
