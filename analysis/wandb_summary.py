@@ -24,8 +24,15 @@ def table_columns() -> list:
     return CSV_COLUMNS + ["line", "log10_params"]
 
 
-def _cell(value):
-    return "" if value is None else value
+# Columns whose values mix types across adapter kinds (tie: 2 or "all"): logged as strings.
+_STRING_COLUMNS = {"tie", "size", "sharing", "precision", "seed"}
+
+
+def _cell(column: str, value):
+    """A table value: None stays None (W&B columns are nullable), mixed-type columns become strings."""
+    if value is None:
+        return None
+    return str(value) if column in _STRING_COLUMNS else value
 
 
 def log_wandb_summary(rows: list, sweep: str, mode: str, out_dir: Path, *, project: str = PROJECT,
@@ -62,7 +69,7 @@ def log_wandb_summary(rows: list, sweep: str, mode: str, out_dir: Path, *, proje
         for r in rows:
             extra = [f"{r['family']} · {r['algo']}",
                      math.log10(r["trainable_params"]) if r["trainable_params"] > 0 else None]
-            data.append([_cell(r.get(c)) for c in CSV_COLUMNS] + extra)
+            data.append([_cell(c, r.get(c)) for c in CSV_COLUMNS] + extra)
         cells = wandb.Table(columns=columns, data=data)
         log = {"cells": cells}
         summary = {"n_cells": len(rows), "gpu_hours": sum(r["gpu_hours"] for r in rows)}

@@ -1,0 +1,288 @@
+"""python -m analysis runs/embedded [runs/other ...] --out reports/embedded [--no-reference] [--wandb offline]
+
+Analyse sweep folders into summary tables, plots and one HTML page.
+
+    from analysis.report import analyze
+    page = analyze([Path("runs/embedded")], Path("reports/embedded"))   # -> reports/embedded/index.html
+
+Reads only `<sweep>/<cell>/result.json`. Writes into the output folder:
+  summary.csv          one row per completed cell (data.CSV_COLUMNS)
+  summary_groups.csv   one row per setting, seeds aggregated: mean accuracy and 95% t-interval
+  summary.md           readable tables, GPU-hours per sweep and per axis value, skipped cells and why
+  <panel>__<task>-<scorer>.png   the plots (one set per task and scorer; see plots.py)
+  index.html           the page to open: plots, tables, notes (PNGs referenced relatively)
+With `wandb_mode`, each sweep also gets a W&B summary run (wandb_summary.log_wandb_summary).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+from .data import AXES, CSV_COLUMNS, Sweeps, aggregate, load_sweeps, matched_families, rl_sft_gap, task_groups
+from .plots import PAPER_TASK, Plot, make_plots
+
+GROUP_COLUMNS = ["task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie", "sharing",
+                 "precision", "lr", "trainable_params", "trainable_bytes", "bits_per_param", "n_seeds", "seeds",
+                 "accuracy_mean", "ci_low", "ci_high", "base_accuracy", "gpu_hours", "wall_s", "sweeps"]
+
+
+def analyze(sweep_dirs: list, out_dir: Path, *, reference: bool = True, wandb_mode: Optional[str] = None) -> Path:
+    """Read `sweep_dirs`, write the report into `out_dir`, return the path of index.html.
+
+    Raises ValueError with a message naming the folder when a folder is missing or holds no
+    results. Unreadable, failed and running cells are counted and listed, never fatal.
+    """
+    sweeps = load_sweeps([Path(d) for d in sweep_dirs])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = aggregate(sweeps.rows)
+    write_csv(out_dir / "summary.csv", sweeps.rows, CSV_COLUMNS)
+    write_csv(out_dir / "summary_groups.csv", settings, GROUP_COLUMNS)
+    plots = []
+    for (task, scorer), rows in task_groups(sweeps.rows).items():
+        mine = [s for s in settings if (s["task"], s["scorer"]) == (task, scorer)]
+        plots += make_plots(rows, mine, out_dir, task, scorer, reference)
+    gap = rl_sft_gap(settings)
+    matched = matched_families(settings)
+    wandb_notes = []
+    if wandb_mode:
+        from .wandb_summary import log_wandb_summary
+
+        for sweep in sorted({r["sweep"] for r in sweeps.rows}):
+            path = log_wandb_summary([r for r in sweeps.rows if r["sweep"] == sweep], sweep, wandb_mode, out_dir)
+            wandb_notes.append(f"W&B summary run for sweep {sweep!r} ({wandb_mode}): "
+                               f"{path.parent if path else 'disabled'}")
+    (out_dir / "summary.md").write_text(summary_markdown(sweeps, settings, plots, gap, matched, reference,
+                                                         wandb_notes))
+    page = out_dir / "index.html"
+    page.write_text(render_html(sweeps, settings, plots, gap, matched, reference, wandb_notes))
+    return page
+
+
+# -- CSV -----------------------------------------------------------------------------------------
+def write_csv(path: Path, rows: list, columns: list) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_csv_value(row.get(c)) for c in columns])
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        return ";".join(map(str, v))
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+# -- numbers -------------------------------------------------------------------------------------
+def _pct(v: Optional[float]) -> str:
+    return "" if v is None else f"{100 * v:.1f}"
+
+
+def _acc_ci(s: dict) -> str:
+    if s["ci_low"] is None:
+        return f"{100 * s['accuracy_mean']:.1f}"
+    return f"{100 * s['accuracy_mean']:.1f} ± {100 * (s['ci_high'] - s['accuracy_mean']):.1f}"
+
+
+def _count(v: Optional[float]) -> str:
+    if v is None:
+        return ""
+    return f"{v:,.0f}" if v >= 10 or float(v).is_integer() else f"{v:.3g}"
+
+
+def _opt(v) -> str:
+    return "" if v is None else str(v)
+
+
+def gpu_hours_tables(sweeps: Sweeps) -> dict:
+    """{"sweep": [(value, n_cells, gpu_hours, wall_hours)], axis: [...] for each axis of data.AXES}."""
+    out = {}
+    for axis in ["sweep"] + AXES:
+        acc = defaultdict(lambda: [0, 0.0, 0.0])
+        for r in sweeps.rows:
+            a = acc[_opt(r[axis]) or "—"]
+            a[0] += 1
+            a[1] += r["gpu_hours"]
+            a[2] += r["wall_s"] / 3600
+        out[axis] = sorted((k, *v) for k, v in acc.items())
+    return out
+
+
+def setting_table(settings: list) -> tuple:
+    """(header, rows) of the per-setting table, accuracies in %."""
+    header = ["task", "scorer", "model", "algo", "kind", "r", "u", "tie", "sharing", "precision", "params",
+              "bytes", "bits/param", "accuracy % (±95% CI)", "seeds", "base %", "GPU-h"]
+    body = []
+    for s in settings:
+        body.append([s["task"], s["scorer"], s["model"], s["algo"], s["kind"], _opt(s["r"]), _opt(s["u"]),
+                     _opt(s["tie"]), _opt(s["sharing"]), _opt(s["precision"]), f"{s['trainable_params']:,}",
+                     f"{s['trainable_bytes']:,}", "" if s["bits_per_param"] is None else f"{s['bits_per_param']:g}",
+                     _acc_ci(s), str(s["n_seeds"]), _pct(s["base_accuracy"]), f"{s['gpu_hours']:.3g}"])
+    return header, body
+
+
+def gap_table(gap: list) -> tuple:
+    header = ["task", "scorer", "model", "GRPO params", "GRPO accuracy %", "SFT params needed", "SFT / GRPO", "how"]
+    body = []
+    for g in gap:
+        need = "not reached" if g["params_sft"] is None else _count(g["params_sft"])
+        if g["how"].startswith("at or below"):
+            need = "≤ " + need
+        ratio = "not reached" if g["ratio"] is None else f"{g['ratio']:.3g}×"
+        how = g["how"] if g["params_sft"] is not None else \
+            f"SFT's best is {_pct(g['sft_max_accuracy'])}%"
+        body.append([g["task"], g["scorer"], g["model"], f"{g['params_rl']:,}", _pct(g["accuracy"]), need, ratio, how])
+    return header, body
+
+
+def matched_table(matched: list) -> tuple:
+    header = ["task", "scorer", "algo", "params", "accuracy % (±95% CI) per model", "difference (pp)"]
+    body = []
+    for m in matched:
+        pts = list(m["points"].values())
+        per = "; ".join(f"{s['family']} {s['model']}: {_acc_ci(s)}" for s in pts)
+        by_family = defaultdict(list)
+        for s in pts:
+            by_family[s["family"]].append(s["accuracy_mean"])
+        fams = sorted(by_family)
+        diff = ""
+        if len(fams) == 2:
+            a, b = (max(by_family[f]) for f in fams)
+            diff = f"{fams[0]} − {fams[1]}: {100 * (a - b):+.1f}"
+        body.append([m["task"], m["scorer"], m["algo"], f"{m['params']:,}", per, diff])
+    return header, body
+
+
+# -- markdown ------------------------------------------------------------------------------------
+def _md_table(header: list, body: list) -> str:
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def summary_markdown(sweeps: Sweeps, settings: list, plots: list, gap: list, matched: list, reference: bool,
+                     wandb_notes: list) -> str:
+    counts = sweeps.counts()
+    out = [f"# tinyablate analysis", "",
+           f"Sources: {', '.join(f'`{d}`' for d in sweeps.dirs)} — generated {time.strftime('%Y-%m-%d %H:%M')}", "",
+           "Cells: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in
+                                 ("completed", "failed", "running", "pending", "unreadable")), "",
+           "## Accuracy per setting (seeds aggregated: mean ± half-width of the 95% t-interval)", "",
+           _md_table(*setting_table(settings)), "",
+           "Per-cell numbers: `summary.csv`; per-setting numbers with interval bounds: `summary_groups.csv`.", ""]
+    tables = gpu_hours_tables(sweeps)
+    out += ["## GPU-hours", "", "Per sweep:", "",
+            _md_table(["sweep", "cells", "GPU-hours", "wall-hours"],
+                      [[v, n, f"{g:.3g}", f"{w:.3g}"] for v, n, g, w in tables["sweep"]]), "",
+            "Per axis value (completed cells):", "",
+            _md_table(["axis", "value", "cells", "GPU-hours", "wall-hours"],
+                      [[axis, v, n, f"{g:.3g}", f"{w:.3g}"] for axis in AXES for v, n, g, w in tables[axis]]), ""]
+    failed_wall = sum(s.wall_s or 0 for s in sweeps.skipped if s.state == "failed")
+    if failed_wall:
+        out += [f"Failed cells ran {failed_wall / 3600:.3g} wall-hours in addition.", ""]
+    if gap:
+        out += ["## RL vs SFT: parameters SFT needs to reach each GRPO accuracy", "",
+                "SFT's curve (best setting per parameter count, seeds averaged) is interpolated linearly in accuracy "
+                "on the log-parameter axis; 'not reached' means no SFT cell gets there.", "",
+                _md_table(*gap_table(gap)), ""]
+    if matched:
+        out += ["## Qwen vs Llama at matched parameter counts", "", _md_table(*matched_table(matched)), ""]
+    out += ["## Plots", ""]
+    for p in plots:
+        where = f"`{p.file}`" if p.file else f"skipped: {p.skipped}"
+        out.append(f"- {p.title} — {p.task}/{p.scorer}: {where}")
+    if reference and not any(t == PAPER_TASK for t, _ in task_groups(sweeps.rows)):
+        out.append(f"- The TinyLoRA paper's reference points are for {PAPER_TASK} only: not drawn (no {PAPER_TASK} cells).")
+    out.append("")
+    if sweeps.skipped:
+        out += ["## Cells without a result", "",
+                _md_table(["state", "sweep", "cell", "reason"],
+                          [[s.state, s.sweep, s.cell_id, s.reason] for s in sweeps.skipped]), ""]
+    out += [n for n in wandb_notes] + ([""] if wandb_notes else [])
+    return "\n".join(out)
+
+
+# -- HTML ----------------------------------------------------------------------------------------
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:24px auto;padding:0 16px;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:1.05em}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+figure{margin:12px 0 28px}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#444;max-width:900px}
+.note{color:#8a5a00;background:#fff8e6;border-left:3px solid #e0a800;padding:4px 10px;margin:6px 0;font-size:14px}
+.counts span{margin-right:14px}.small{font-size:12px;color:#666}
+"""
+
+
+def _html_table(header: list, body: list) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(str(h))}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def render_html(sweeps: Sweeps, settings: list, plots: list, gap: list, matched: list, reference: bool,
+                wandb_notes: list) -> str:
+    e = html.escape
+    counts = sweeps.counts()
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>tinyablate analysis</title>",
+             f"<style>{CSS}</style></head><body>",
+             "<h1>tinyablate analysis</h1>",
+             f"<p class='small'>Sources: {e(', '.join(map(str, sweeps.dirs)))} — generated "
+             f"{e(time.strftime('%Y-%m-%d %H:%M'))}. Files: <a href='summary.csv'>summary.csv</a> (per cell), "
+             "<a href='summary_groups.csv'>summary_groups.csv</a> (per setting), <a href='summary.md'>summary.md</a>.</p>",
+             "<p class='counts'>" + "".join(f"<span><b>{counts.get(k, 0)}</b> {k}</span>" for k in
+                                            ("completed", "failed", "running", "pending", "unreadable")) + "</p>"]
+    n_skipped = len(sweeps.skipped)
+    if n_skipped:
+        parts.append(f"<p class='note'>{n_skipped} cell folder(s) have no usable result and are left out of every "
+                     "plot and table: see <a href='#skipped'>cells without a result</a>.</p>")
+    if reference and not any(t == PAPER_TASK for t, _ in task_groups(sweeps.rows)):
+        parts.append(f"<p class='note'>The TinyLoRA paper's Qwen2.5-7B-Instruct points are GSM8K results and are "
+                     f"drawn only on {PAPER_TASK} panels; these sweeps have no {PAPER_TASK} cells.</p>")
+    groups = defaultdict(list)
+    for p in plots:
+        groups[(p.task, p.scorer)].append(p)
+    for (task, scorer), mine in groups.items():
+        parts.append(f"<h2>Task {e(task)} — scorer {e(scorer)}</h2>")
+        for p in mine:
+            if p.file:
+                parts.append(f"<figure><h3>{e(p.title)}</h3><img src='{e(p.file)}' alt='{e(p.title)}'>"
+                             f"<figcaption>{e(p.caption)}</figcaption></figure>")
+            else:
+                parts.append(f"<p class='note'><b>{e(p.title)}</b>: not drawn — {e(p.skipped)}.</p>")
+            if p.key == "rl_sft" and p.file:
+                rows = [g for g in gap if (g["task"], g["scorer"]) == (task, scorer)]
+                parts.append(_html_table(*gap_table(rows)))
+            if p.key == "family" and p.file:
+                rows = [m for m in matched if (m["task"], m["scorer"]) == (task, scorer)]
+                parts.append(_html_table(*matched_table(rows)))
+    parts += ["<h2>Accuracy per setting</h2>",
+              "<p class='small'>Seeds aggregated: mean ± half-width of the 95% t-interval (a single seed has no "
+              "interval). Accuracies in %.</p>", _html_table(*setting_table(settings))]
+    tables = gpu_hours_tables(sweeps)
+    parts += ["<h2>GPU-hours</h2>",
+              _html_table(["sweep", "cells", "GPU-hours", "wall-hours"],
+                          [[v, n, f"{g:.3g}", f"{w:.3g}"] for v, n, g, w in tables["sweep"]]),
+              _html_table(["axis", "value", "cells", "GPU-hours", "wall-hours"],
+                          [[a, v, n, f"{g:.3g}", f"{w:.3g}"] for a in AXES for v, n, g, w in tables[a]])]
+    if sweeps.skipped:
+        parts += ["<h2 id='skipped'>Cells without a result</h2>",
+                  _html_table(["state", "sweep", "cell", "reason", "folder"],
+                              [[s.state, s.sweep, s.cell_id, s.reason, str(s.path)] for s in sweeps.skipped])]
+    for n in wandb_notes:
+        parts.append(f"<p class='small'>{e(n)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,286 @@
+"""Analysis of sweep folders: tables, plots, HTML, RL-vs-SFT gap, errors, W&B summary run (CPU, fast)."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from analysis.__main__ import main as cli_main
+from analysis.data import aggregate, load_sweeps, params_to_reach, rl_sft_gap
+from analysis.report import analyze
+from analysis.wandb_summary import log_wandb_summary
+from tinyablate.wandb_files import find_offline_runs, read_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+T_975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (table value)
+MODELS = {"qwen2.5-0.5b": ("qwen2", "0.5B"), "smollm2-135m": ("llama", "135M")}
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def make_result(*, model="qwen2.5-0.5b", algo="grpo", kind="tinylora", params=13, accuracy=0.5, seed=0,
+                task="arithmetic", scorer="flexible", sweep="main", r=2, u=None, tie="all", sharing="tiled",
+                precision="fp32", base=0.30, gpu_hours=0.01) -> dict:
+    family, size = MODELS.get(model, ("qwen2", "?"))
+    u = params if u is None else u
+    nbytes = params * BYTES[precision]
+    adapter_cfg = {"kind": kind, "r": r, "u": u, "tie": tie, "sharing": sharing, "precision": precision}
+    label = f"{model}-{task}-{algo}-{kind}-r{r}-u{u}-t{tie}-{sharing}-{precision}-p{params}-s{seed}"
+    reward = {"first_loss": 2.0, "last_loss": 1.0} if algo == "sft" else \
+        {"first": 0.1, "last": accuracy, "mean_last10": accuracy, "max": 1.0}
+    return {
+        "schema_version": 1, "cell_id": label, "status": "completed", "sweep": sweep,
+        "config": {"model": {"name": model, "device": "cpu"}, "adapter": {**adapter_cfg, "forward": "fused"},
+                   "task": {"name": task, "scorer": scorer}, "algo": {"name": algo, "learning_rate": 0.002,
+                                                                      "max_steps": 50, "micro_batch_size": 4},
+                   "eval": {"n": 100, "batch_size": 8}, "seed": seed, "sweep": sweep, "output_dir": "runs"},
+        "model": {"name": model, "family": family, "size": size, "n_params": 1000, "model_id": f"hub:{model}"},
+        "adapter": {**adapter_cfg, "trainable_params": params, "trainable_bytes": nbytes, "n_modules": 168,
+                    "n_groups": 1},
+        "algo": {"name": algo, "learning_rate": 0.002, "steps": 0 if kind == "none" else 50},
+        "task": {"name": task, "scorer": scorer},
+        "metrics": {"accuracy": accuracy, "accuracy_strict": 0.0, "accuracy_flexible": accuracy, "n_eval": 100,
+                    "base_accuracy": base, "base_accuracy_strict": 0.0, "base_accuracy_flexible": base,
+                    "base_cached": True, "reward": None if kind == "none" else reward,
+                    "train_steps": 0 if kind == "none" else 50, "resumed_from_step": None},
+        "timing": {"wall_s": 3600 * gpu_hours, "train_s": 1.0, "eval_s": 1.0, "setup_s": 1.0, "n_gpus": 1,
+                   "gpu_hours": gpu_hours},
+        "provenance": {"git": "abc"},
+    }
+
+
+def write_cell(sweep_dir: Path, result: dict) -> Path:
+    cell = sweep_dir / result["cell_id"]
+    cell.mkdir(parents=True)
+    (cell / "spec.json").write_text(json.dumps({"cell_id": result["cell_id"]}))
+    (cell / "result.json").write_text(json.dumps(result))
+    return cell
+
+
+# The hand-checked group: Qwen, GRPO, TinyLoRA u=13 fp32 r=2, three seeds.
+HAND = [0.50, 0.55, 0.62]
+
+
+def accuracy_of(model, algo, params, seed):
+    """Synthetic curve: GRPO climbs fast in log-params, SFT slowly; Llama a bit lower; seed noise."""
+    gain = (0.09 if algo == "grpo" else 0.035) * math.log10(params + 1) * 10 / 3
+    return round(min(0.95, 0.30 + gain - (0.05 if "smollm" in model else 0) + [-0.02, 0.0, 0.025][seed]), 4)
+
+
+def build_main_sweep(root: Path) -> tuple:
+    """2 families x 2 algos x 4 param counts x 3 seeds, plus extra axes, a failed, torn and running cell."""
+    d = root / "main"
+    n = 0
+    for model in MODELS:
+        write_cell(d, make_result(model=model, kind="none", params=0, accuracy=0.30 if "qwen" in model else 0.25,
+                                  r=None, u=None, tie=None, sharing=None, gpu_hours=0.001))
+        n += 1
+        for algo in ("grpo", "sft"):
+            for params in (1, 13, 196, 5000):
+                for seed in range(3):
+                    acc = accuracy_of(model, algo, params, seed)
+                    if (model, algo, params) == ("qwen2.5-0.5b", "grpo", 13):
+                        acc = HAND[seed]
+                    kind = "lora" if params == 5000 else "tinylora"
+                    write_cell(d, make_result(model=model, algo=algo, kind=kind, params=params, accuracy=acc, seed=seed))
+                    n += 1
+            # tiled vs structured at matched counts
+            for sharing, acc in (("tiled", 0.6), ("structured", 0.55)):
+                for seed in range(3):
+                    write_cell(d, make_result(model=model, algo=algo, params=336, u=4, tie=2, sharing=sharing,
+                                              accuracy=acc + 0.01 * seed, seed=seed))
+                    n += 1
+    # precision axis (bf16: 16 bits/param) and frozen rank axis (r=1 vs r=2 at 13 params)
+    for seed in range(3):
+        write_cell(d, make_result(params=13, precision="bf16", accuracy=0.52 + 0.01 * seed, seed=seed))
+        write_cell(d, make_result(params=13, r=1, accuracy=0.45 + 0.01 * seed, seed=seed))
+        n += 2
+    failed = d / "failed-cell"
+    failed.mkdir()
+    (failed / "result.json").write_text(json.dumps({
+        "schema_version": 1, "cell_id": "failed-cell", "status": "failed", "sweep": "main", "config": {},
+        "error": {"type": "RuntimeError", "message": "CUDA out of memory", "traceback": "..."},
+        "timing": {"wall_s": 12.0}}))
+    torn = d / "torn-cell"
+    torn.mkdir()
+    (torn / "result.json").write_text('{"schema_version": 1, "cell_id": "torn-cell", "sta')
+    running = d / "running-cell"
+    running.mkdir()
+    (running / "spec.json").write_text(json.dumps({"cell_id": "running-cell"}))
+    (running / "running.json").write_text(json.dumps({"pid": 1}))
+    for junk in (".submitit/123", ".hydra"):
+        (d / junk).mkdir(parents=True)
+        (d / junk / "result.json").write_text("not a result")
+    return d, n
+
+
+def build_gsm_sweep(root: Path) -> Path:
+    d = root / "gsm"
+    for params, acc in ((0, 0.80), (1, 0.81), (13, 0.86), (196, 0.88)):
+        kind = "none" if params == 0 else "tinylora"
+        write_cell(d, make_result(task="gsm8k", sweep="gsm", kind=kind, params=params, accuracy=acc, base=0.80))
+    return d
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    main_dir, n = build_main_sweep(root)
+    gsm_dir = build_gsm_sweep(root)
+    out = tmp_path_factory.mktemp("report")
+    page = analyze([main_dir, gsm_dir], out)
+    return {"page": page, "out": out, "n": n, "main": main_dir, "gsm": gsm_dir}
+
+
+def read_csv(path: Path) -> list:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_summary_csv_numbers(report):
+    rows = read_csv(report["out"] / "summary.csv")
+    assert len(rows) == report["n"] + 4  # main completed + 4 gsm8k cells; failed/torn/running left out
+    assert set(rows[0]) >= {"cell_id", "sweep", "task", "scorer", "model", "family", "size", "algo", "kind", "r",
+                            "u", "tie", "sharing", "precision", "seed", "trainable_params", "trainable_bytes",
+                            "bits_per_param", "accuracy", "gpu_hours", "wall_s"}
+    bits = {(r["precision"], r["kind"]): r["bits_per_param"] for r in rows}
+    assert float(bits[("bf16", "tinylora")]) == 16
+    assert float(bits[("fp32", "tinylora")]) == 32
+    assert bits[("", "none")] == ""  # 0 parameters: no bits per parameter
+    hand = [r for r in rows if r["model"] == "qwen2.5-0.5b" and r["algo"] == "grpo" and r["trainable_params"] == "13"
+            and r["precision"] == "fp32" and r["r"] == "2" and r["task"] == "arithmetic"]
+    assert sorted(float(r["accuracy"]) for r in hand) == HAND
+
+    mean = sum(HAND) / 3
+    sd = math.sqrt(sum((a - mean) ** 2 for a in HAND) / 2)
+    half = T_975_DF2 * sd / math.sqrt(3)
+    groups = read_csv(report["out"] / "summary_groups.csv")
+    g = [g for g in groups if g["model"] == "qwen2.5-0.5b" and g["algo"] == "grpo" and g["trainable_params"] == "13"
+         and g["precision"] == "fp32" and g["r"] == "2" and g["task"] == "arithmetic"]
+    assert len(g) == 1 and g[0]["n_seeds"] == "3"
+    assert float(g[0]["accuracy_mean"]) == pytest.approx(mean, abs=1e-5)
+    assert float(g[0]["ci_low"]) == pytest.approx(mean - half, abs=1e-5)
+    assert float(g[0]["ci_high"]) == pytest.approx(mean + half, abs=1e-5)
+    single = [g for g in groups if g["task"] == "gsm8k" and g["trainable_params"] == "13"][0]
+    assert single["n_seeds"] == "1" and single["ci_low"] == "" and single["ci_high"] == ""  # one seed: no band
+
+
+def test_summary_md_reports_gpu_hours_and_skipped_cells(report):
+    md = (report["out"] / "summary.md").read_text()
+    assert "1 failed" in md and "1 running" in md and "1 unreadable" in md
+    assert "CUDA out of memory" in md and "not valid JSON" in md
+    assert "## GPU-hours" in md and "| sweep | main |" not in md
+    main_rows = read_csv(report["out"] / "summary.csv")
+    total = sum(float(r["gpu_hours"]) for r in main_rows if r["sweep"] == "main")
+    assert f"| main | {report['n']} | {total:.3g} |" in md
+    assert "| precision | bf16 | 3 |" in md  # per axis value
+
+
+def test_plots_exist_and_html_references_them(report):
+    out, page = report["out"], report["page"]
+    assert page == out / "index.html"
+    html = page.read_text()
+    expected = [f"{key}__arithmetic-flexible.png" for key in ("params", "bytes", "sharing", "rank", "family", "rl_sft")]
+    expected.append("params__gsm8k-flexible.png")
+    for name in expected:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+        assert f"src='{name}'" in html
+    # mixed tasks: one plot per task, never one curve; the gsm8k panels skip what does not vary there
+    assert (out / "params__gsm8k-flexible.png").read_bytes() != (out / "params__arithmetic-flexible.png").read_bytes()
+    assert not (out / "family__gsm8k-flexible.png").exists()
+    assert "one model family only (qwen2)" in html
+    assert "frozen rank r does not vary (r=2)" in html
+    assert "needs GRPO and SFT cells" in html
+    # the paper's reference is drawn on the gsm8k panel only
+    assert html.count("13 → 91.8%") == 1
+    assert "cells without a result" in html.lower() and "torn-cell" in html
+
+
+def test_no_reference_leaves_the_paper_out(report, tmp_path):
+    page = analyze([report["gsm"]], tmp_path / "out", reference=False)
+    assert "91.8" not in page.read_text()
+    assert (tmp_path / "out" / "params__gsm8k-flexible.png").exists()
+
+
+def test_params_to_reach_interpolates_on_log_axis():
+    sft = [(10, 0.2), (1000, 0.6)]
+    need, how = params_to_reach(sft, 0.4)
+    assert need == pytest.approx(100.0) and how == "interpolated"
+    assert params_to_reach(sft, 0.7) == (None, "not reached")
+    assert params_to_reach(sft, 0.1) == (10, "at or below the smallest count run")
+
+
+def test_rl_sft_gap_on_constructed_sweep(tmp_path):
+    d = tmp_path / "gap"
+    for algo, params, acc in (("sft", 10, 0.2), ("sft", 1000, 0.6), ("grpo", 1, 0.4), ("grpo", 10, 0.7)):
+        for seed, noise in enumerate((-0.01, 0.0, 0.01)):
+            write_cell(d, make_result(algo=algo, params=params, accuracy=acc + noise, seed=seed, sweep="gap"))
+    sweeps = load_sweeps([d])
+    gap = rl_sft_gap(aggregate(sweeps.rows))
+    assert [(g["params_rl"], round(g["accuracy"], 6)) for g in gap] == [(1, 0.4), (10, 0.7)]
+    assert gap[0]["params_sft"] == pytest.approx(100.0) and gap[0]["ratio"] == pytest.approx(100.0)
+    assert gap[1]["params_sft"] is None and gap[1]["how"] == "not reached"
+    out = tmp_path / "out"
+    page = analyze([d], out)
+    md = (out / "summary.md").read_text()
+    assert "| arithmetic | flexible | qwen2.5-0.5b | 1 | 40.0 | 100 | 100× |" in md
+    assert "| 10 | 70.0 | not reached | not reached |" in md
+    assert (out / "rl_sft__arithmetic-flexible.png").read_bytes()[:8] == PNG_MAGIC
+    assert "not reached" in page.read_text()
+
+
+def test_empty_or_missing_dir_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty_sweep"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty_sweep: no results"):
+        analyze([empty], tmp_path / "out")
+    assert cli_main([str(empty), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "empty_sweep" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="nope: no such sweep folder"):
+        analyze([tmp_path / "nope"], tmp_path / "out")
+    # only failed or torn cells: nothing completed
+    bad = tmp_path / "bad"
+    (bad / "torn").mkdir(parents=True)
+    (bad / "torn" / "result.json").write_text("{")
+    with pytest.raises(ValueError, match="no completed results .*1 unreadable"):
+        analyze([bad], tmp_path / "out")
+
+
+def test_cli_writes_report(report, tmp_path, capsys):
+    assert cli_main([str(report["gsm"]), "--out", str(tmp_path / "cli")]) == 0
+    assert "index.html" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "summary.csv").exists()
+
+
+def test_wandb_offline_summary_run(report, tmp_path, monkeypatch):
+    fake_key = "fa6e" * 10
+    monkeypatch.setenv("WANDB_API_KEY", fake_key)
+    rows = load_sweeps([report["main"]]).rows
+    path = log_wandb_summary(rows, "main", "offline", tmp_path)
+    runs = find_offline_runs(tmp_path)
+    assert len(runs) == 1 and path.parent == runs[0]
+    run = read_run(runs[0])
+    assert (run.project, run.group, run.job_type, run.exit_code) == ("tinyablate", "main", "analysis", 0)
+    assert run.config["n_cells"] == len(rows)
+    cells = run.summary["cells"]
+    assert cells["_type"] == "table-file" and cells["nrows"] == len(rows)
+    table = json.loads((runs[0] / "files" / cells["path"]).read_text())
+    assert "line" in table["columns"] and "accuracy" in table["columns"] and len(table["data"]) == len(rows)
+    lines = {row[table["columns"].index("line")] for row in table["data"]}
+    assert lines == {"qwen2 · grpo", "qwen2 · sft", "llama · grpo", "llama · sft"}
+    chart = run.summary["arithmetic-flexible/acc_vs_params_table"]
+    assert chart["_type"] == "table-file"
+    series = json.loads((runs[0] / "files" / chart["path"]).read_text())
+    assert {row[series["columns"].index("lineKey")] for row in series["data"]} == {
+        "qwen2 · qwen2.5-0.5b · grpo", "qwen2 · qwen2.5-0.5b · sft", "llama · smollm2-135m · grpo",
+        "llama · smollm2-135m · sft"}
+    for fam in ("qwen2", "llama"):
+        for algo in ("grpo", "sft"):
+            assert f"arithmetic-flexible/scatter/{fam}-{algo}_table" in run.summary
+    assert any("cells" in row for row in run.history)
+    for f in tmp_path.rglob("*"):  # the API key never reaches a file
+        if f.is_file():
+            assert fake_key.encode() not in f.read_bytes(), f

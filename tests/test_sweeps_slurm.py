@@ -1,0 +1,117 @@
+"""Sweeps on a real SLURM cluster (scripts/slurm_local.sh starts a one-node one; CI runs these).
+
+A 3-cell sweep completes as a job array; a failing cell ends FAILED in sacct while the others
+complete; re-running skips completed cells; a cell preempted mid-training is requeued and resumes
+from its checkpoint with the same number of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import require_cluster, requires_slurm, sacct_states, wait_sacct
+from test_sweeps import TINY, launch
+
+pytestmark = [pytest.mark.slurm, requires_slurm]
+
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.mem_gb=3", "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=60",
+         "hydra.launcher.poll_s=1"]
+
+
+def launch_records(runs: Path) -> dict:
+    """{cell_id: launch.json} for every submitted cell."""
+    return {p.parent.name: json.loads(p.read_text()) for p in runs.rglob("launch.json")}
+
+
+def results(runs: Path) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in runs.rglob("result.json")}
+
+
+@pytest.fixture(scope="module")
+def array_sweep(tmp_path_factory):
+    require_cluster()
+    tmp = tmp_path_factory.mktemp("slurm")
+    runs = tmp / "runs"
+    args = ["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=slurm", "adapter.u=1,2,3"]
+    proc = launch(args, tmp, timeout=600)
+    return tmp, runs, args, proc
+
+
+def test_three_cells_complete_as_one_job_array(array_sweep):
+    tmp, runs, _, proc = array_sweep
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = launch_records(runs)
+    assert len(records) == 3
+    array_ids = {r["job_id"].split("_")[0] for r in records.values()}
+    assert len(array_ids) == 1, records  # one array, three tasks
+    (array_id,) = array_ids
+    states = wait_sacct(array_id, ids=[r["job_id"] for r in records.values()], expect={"COMPLETED"})
+    assert len(states) == 3
+    assert all(r["status"] == "completed" for r in results(runs).values()) and len(results(runs)) == 3
+    assert "3 cells: 3 completed" in proc.stdout
+
+
+def test_rerun_skips_completed_cells(array_sweep):
+    tmp, runs, args, _ = array_sweep
+    again = launch(args, tmp, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "0 to run, 3 completed cells skipped" in again.stdout
+
+
+def test_failing_cell_is_failed_in_slurm_while_others_complete(tmp_path):
+    require_cluster()
+    runs = tmp_path / "runs"
+    proc = launch(["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=slurmfail", "adapter.u=5",
+                   "task=arithmetic,gsm8k", f"task.data_dir={tmp_path}/missing"], tmp_path, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    by_task = {r["config"]["task"]["name"]: (cid, r) for cid, r in results(runs).items()}
+    assert by_task["arithmetic"][1]["status"] == "completed" and by_task["gsm8k"][1]["status"] == "failed"
+    records = launch_records(runs)
+    good, bad = records[by_task["arithmetic"][0]]["job_id"], records[by_task["gsm8k"][0]]["job_id"]
+    states = wait_sacct(good.split("_")[0], ids=[good, bad])
+    assert states[good] == "COMPLETED" and states[bad] == "FAILED"
+    assert "log:" in proc.stdout
+
+
+def test_preempted_cell_is_requeued_and_resumes(tmp_path):
+    require_cluster()
+    runs = tmp_path / "runs"
+    proc = launch(["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=requeue", "adapter.u=7",
+                   "algo.max_steps=40", "algo.save_steps=4", "algo.max_completion_length=48",
+                   "wait=false"], tmp_path, timeout=300)
+    assert proc.returncode == 0 and "submitted 1 cells" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    (cell_id, record), = launch_records(runs).items()
+    cell_dir = runs / "requeue" / cell_id
+    deadline = time.time() + 240
+    while not (cell_dir / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists():
+        assert time.time() < deadline, sacct_states(record["job_id"])
+        assert (cell_dir / "result.json").exists() is False, "finished before it could be preempted"
+        time.sleep(0.2)
+    # preemption as SLURM does it: SIGTERM, then the signal submitit checkpoints and requeues on
+    subprocess.run(["scancel", record["job_id"], "--signal", "SIGTERM"], check=True)
+    subprocess.run(["scancel", record["job_id"], "--signal", "USR2"], check=True)
+    deadline = time.time() + 300
+    while not (cell_dir / "result.json").exists():
+        assert time.time() < deadline, sacct_states(record["job_id"], duplicates=True)
+        time.sleep(1)
+    result = json.loads((cell_dir / "result.json").read_text())
+    assert result["status"] == "completed"
+    assert result["metrics"]["train_steps"] == 40
+    assert result["metrics"]["resumed_from_step"] is not None and result["metrics"]["resumed_from_step"] >= 8
+    history = wait_sacct_history(record["job_id"])
+    assert "REQUEUED" in history and history.endswith("COMPLETED"), history
+
+
+def wait_sacct_history(job_id: str, timeout_s: float = 60) -> str:
+    deadline = time.time() + timeout_s
+    while True:
+        history = sacct_states(job_id, duplicates=True).get(job_id, "")
+        if history.endswith("COMPLETED") or time.time() > deadline:
+            return history
+        time.sleep(1)
