@@ -15,7 +15,8 @@ from .report import analyze
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[2])
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dirs", nargs="+", type=Path, help="sweep folders (runs/<sweep>) or an output root")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report (created)")
     parser.add_argument("--no-reference", action="store_true",

@@ -211,7 +211,8 @@ def plot_params(rows, settings, out_dir, task, scorer, colors, reference: bool) 
     fig, axes = _new_figure()
     ax = axes[0][0]
     xs = positive + ([p for p, _ in PAPER_POINTS] if draw_ref else [])
-    base_x = _log_x(ax, xs, with_base=True, unit="parameters")
+    with_base = draw_ref or any(b is not None for b in bases.values())
+    base_x = _log_x(ax, xs, with_base=with_base, unit="parameters")
     for model, algo in sorted({(s["model"], s["algo"]) for s in settings}):
         line = [s for s in settings if s["model"] == model and s["algo"] == algo and s["trainable_params"] > 0]
         if not line:
@@ -255,7 +256,7 @@ def plot_bytes(rows, settings, out_dir, task, scorer, colors) -> Plot:
     bases = _models_with_base(settings, rows)
     fig, axes = _new_figure()
     ax = axes[0][0]
-    base_x = _log_x(ax, positive, with_base=True, unit="bytes")
+    base_x = _log_x(ax, positive, with_base=any(b is not None for b in bases.values()), unit="bytes")
     bits_markers = {32: "o", 16: "s", 8: "^"}
     bits_seen = set()
     lines = defaultdict(list)
@@ -284,29 +285,59 @@ def plot_bytes(rows, settings, out_dir, task, scorer, colors) -> Plot:
 
 
 # -- 3. tiled vs structured ----------------------------------------------------------------------
+SHARING_STYLE = {"tiled": ("o", -0.14), "structured": ("s", 0.14)}
+
+
 def plot_sharing(rows, settings, out_dir, task, scorer, colors) -> Plot:
+    """Paired points: each setting run with both sharings (all else equal), tiled vs structured."""
     key = "sharing"
+    # sharing only changes anything when 1 < tie < all (tie=1: a vector per module; all: one vector)
     shared = [s for s in settings if s["kind"] in ("tinylora", "lora_xs") and s["sharing"]
-              and s["trainable_params"] > 0]
-    values = sorted({s["sharing"] for s in shared})
-    if len(values) < 2:
-        what = values[0] if values else "no TinyLoRA/LoRA-XS cell"
+              and str(s["tie"]) not in ("1", "all", "None")]
+    pairs = defaultdict(dict)
+    for s in shared:
+        k = (s["family"], s["model"], s["algo"], s["kind"], s["r"], s["u"], str(s["tie"]), s["precision"], s["lr"])
+        cur = pairs[k].get(s["sharing"])
+        if cur is None or s["accuracy_mean"] > cur["accuracy_mean"]:
+            pairs[k][s["sharing"]] = s
+    pairs = {k: v for k, v in sorted(pairs.items()) if len(v) >= 2}
+    if not pairs:
+        values = sorted({s["sharing"] for s in shared})
+        what = ("no TinyLoRA/LoRA-XS cell with 1 < tie < all" if not values else
+                f"only {values[0]} sharing was run" if len(values) == 1 else
+                "no setting was run with both tiled and structured sharing (all else equal)")
         return _skip(key, task, scorer, f"sharing does not vary ({what})")
-    fig, axes = _new_figure()
+    fig, axes = _new_figure(width=max(6.5, 2.8 + 1.3 * len(pairs)), height=5.0)
     ax = axes[0][0]
-    _log_x(ax, [s["trainable_params"] for s in shared], with_base=False, unit="parameters")
-    share_ls = {"tiled": "-", "structured": ":"}
-    for model, algo, sharing in sorted({(s["model"], s["algo"], s["sharing"]) for s in shared}):
-        line = [s for s in shared if (s["model"], s["algo"], s["sharing"]) == (model, algo, sharing)]
-        best, others = frontier(line)
-        _, marker = _style(algo)
-        _draw_curve(ax, best, others, "trainable_params", colors[model], share_ls.get(sharing, "-."), marker,
-                    f"{line[0]['family']} · {model} · {algo} · {sharing}")
+    labels = []
+    for i, (k, by_sharing) in enumerate(pairs.items()):
+        family, model, algo, kind, r, u, tie, precision, lr = k
+        for sharing, s in sorted(by_sharing.items()):
+            marker, dx = SHARING_STYLE.get(sharing, ("^", 0.0))
+            m = 100 * s["accuracy_mean"]
+            yerr = None if s["ci_low"] is None else [[m - 100 * s["ci_low"]], [100 * s["ci_high"] - m]]
+            ax.errorbar([i + dx], [m], yerr=yerr, marker=marker, ms=8, color=colors[model], capsize=3,
+                        mfc=colors[model] if sharing == "tiled" else "white", mew=1.8, ls="none", zorder=3)
+            ax.scatter([i + dx] * len(s["accuracies"]), [100 * a for a in s["accuracies"]], s=9,
+                       color=colors[model], alpha=0.35, lw=0, zorder=2)
+            ax.annotate(_fmt_count(s["trainable_params"]), (i + dx, m), xytext=(8, -3), textcoords="offset points",
+                        ha="left", fontsize=7, color="0.35")
+        ax.plot([i + SHARING_STYLE["tiled"][1], i + SHARING_STYLE["structured"][1]],
+                [100 * by_sharing.get("tiled", by_sharing[next(iter(by_sharing))])["accuracy_mean"],
+                 100 * by_sharing.get("structured", by_sharing[next(iter(by_sharing))])["accuracy_mean"]],
+                color=colors[model], lw=1, alpha=0.6, zorder=2)
+        labels.append(f"{model}\n{algo} · {kind}\nr={r} u={u} tie={tie}\n{precision}")
+    ax.set_xticks(range(len(pairs)), labels, fontsize=8)
+    ax.set_xlim(-0.6, len(pairs) - 0.4)
+    for sharing, (marker, _) in SHARING_STYLE.items():
+        ax.plot([], [], marker=marker, ls="none", color="0.3", mfc="0.3" if sharing == "tiled" else "white",
+                mew=1.8, label=sharing)
     ax.set_ylabel(_ylabel(scorer))
     _finish(fig, ax, f"{TITLES[key]} — {_task_title(task, scorer)}")
-    caption = ("TinyLoRA/LoRA-XS cells only: solid = tiled (neighbouring modules in depth share a vector), "
-               "dotted = structured (one module type across consecutive layers). Mean over seeds, 95% t-interval; "
-               "best setting at each parameter count.")
+    caption = ("Settings run with both sharings, everything else equal (TinyLoRA/LoRA-XS with 1 < tie < all): "
+               "filled = tiled (neighbouring modules in depth share a vector), hollow = structured (one module type "
+               "across consecutive layers). Mean over seeds with 95% t-interval, dots are seeds, small numbers the "
+               "trainable parameters of each (they can differ between the two).")
     return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
 
 
@@ -357,7 +388,9 @@ def plot_family(rows, settings, out_dir, task, scorer, colors) -> Plot:
         return _skip(key, task, scorer, "no trainable-parameter count was run on two families; "
                                         "compare their curves on the parameter plot")
     algos = sorted({m["algo"] for m in matched})
-    fig, axes = _new_figure(width=max(6.0, 3.2 + 1.6 * len(matched)), height=4.8, ncols=len(algos))
+    fig = Figure(figsize=(max(6.0, 3.2 + 1.6 * len(matched)), 4.8), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(algos), squeeze=False, sharey=True)
     bases = _models_with_base(settings, rows)
     for ax, algo in zip(axes[0], algos):
         cols = [m for m in matched if m["algo"] == algo]
@@ -388,6 +421,8 @@ def plot_family(rows, settings, out_dir, task, scorer, colors) -> Plot:
         ax.set_title(f"{algo}", fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     handles, labels = axes[0][-1].get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: "(0 params)" in labels[i])  # bars first, then bases
+    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
     axes[0][-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.suptitle(f"{TITLES[key]} — {_task_title(task, scorer)}", fontsize=11)
     caption = ("Only parameter counts run on both families (exact match), per algorithm; bars are the mean over "
@@ -424,8 +459,10 @@ def plot_rl_sft(rows, settings, out_dir, task, scorer, colors) -> Plot:
                 ax.annotate("", xy=(end, y), xytext=(g["params_rl"], y),
                             arrowprops={"arrowstyle": "->", "color": "0.35", "lw": 1.0,
                                         "ls": "-" if g["params_sft"] is not None else ":"})
-            text = "not reached" if g["params_sft"] is None else f"×{g['ratio']:.3g}"
-            ax.annotate(text, xy=(end, y), xytext=(4, 3), textcoords="offset points", fontsize=8, color="0.2")
+            text = "SFT: not reached" if g["params_sft"] is None else f"×{g['ratio']:.3g}"
+            mid = math.sqrt(g["params_rl"] * max(end, g["params_rl"]))
+            ax.annotate(text, xy=(mid, y), xytext=(0, 3), textcoords="offset points", fontsize=8, color="0.2",
+                        ha="center", va="bottom")
         ax.set_ylabel(_ylabel(scorer))
         _finish(fig, ax, f"{model}: SFT parameters needed for each GRPO accuracy — {_task_title(task, scorer)}")
     caption = ("For each accuracy GRPO reaches (its best setting at each count, seeds averaged), the arrow runs to "

@@ -115,8 +115,16 @@ def gpu_hours_tables(sweeps: Sweeps) -> dict:
             a[0] += 1
             a[1] += r["gpu_hours"]
             a[2] += r["wall_s"] / 3600
-        out[axis] = sorted((k, *v) for k, v in acc.items())
+        out[axis] = sorted(((k, *v) for k, v in acc.items()), key=lambda t: _natural(t[0]))
     return out
+
+
+def _natural(value: str) -> tuple:
+    """Numbers first in numeric order, then text ("—", "all") alphabetically."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def setting_table(settings: list) -> tuple:

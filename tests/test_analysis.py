@@ -170,7 +170,7 @@ def test_summary_md_reports_gpu_hours_and_skipped_cells(report):
     md = (report["out"] / "summary.md").read_text()
     assert "1 failed" in md and "1 running" in md and "1 unreadable" in md
     assert "CUDA out of memory" in md and "not valid JSON" in md
-    assert "## GPU-hours" in md and "| sweep | main |" not in md
+    assert "## GPU-hours" in md
     main_rows = read_csv(report["out"] / "summary.csv")
     total = sum(float(r["gpu_hours"]) for r in main_rows if r["sweep"] == "main")
     assert f"| main | {report['n']} | {total:.3g} |" in md
@@ -198,10 +198,13 @@ def test_plots_exist_and_html_references_them(report):
     assert "cells without a result" in html.lower() and "torn-cell" in html
 
 
-def test_no_reference_leaves_the_paper_out(report, tmp_path):
-    page = analyze([report["gsm"]], tmp_path / "out", reference=False)
+def test_no_reference_and_wandb_from_analyze(report, tmp_path):
+    page = analyze([report["gsm"]], tmp_path / "out", reference=False, wandb_mode="offline")
     assert "91.8" not in page.read_text()
     assert (tmp_path / "out" / "params__gsm8k-flexible.png").exists()
+    runs = find_offline_runs(tmp_path / "out")
+    assert len(runs) == 1 and read_run(runs[0]).group == "gsm"
+    assert "W&amp;B summary run for sweep" in page.read_text()
 
 
 def test_params_to_reach_interpolates_on_log_axis():
