@@ -88,6 +88,11 @@ def test_preempted_cell_is_requeued_and_resumes(tmp_path):
     assert proc.returncode == 0 and "submitted 1 cells" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     (cell_id, record), = launch_records(runs).items()
     cell_dir = runs / "requeue" / cell_id
+    # the same command again while the job is queued or running: no second copy is submitted
+    again = launch(["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=requeue", "adapter.u=7", "algo.max_steps=40",
+                    "algo.save_steps=4", "algo.max_completion_length=48", "wait=false"], tmp_path, timeout=300)
+    assert "0 to run" in again.stdout and "1 cells already queued or running left alone" in again.stdout, again.stdout
+    assert json.loads((cell_dir / "launch.json").read_text())["job_id"] == record["job_id"]
     deadline = time.time() + 240
     while not (cell_dir / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists():
         assert time.time() < deadline, sacct_states(record["job_id"])

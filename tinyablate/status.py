@@ -40,6 +40,35 @@ def cell_row(cell_dir: Path, cell_id: Optional[str] = None, note: str = "") -> d
     return row
 
 
+def live_job(cell_dir: Path) -> Optional[str]:
+    """A description of the job that is running or queued for this cell right now, else None.
+
+    SLURM: the job id of launch.json still known to `squeue`. Local: the pid in running.json alive on
+    this host. Used so that re-running a sweep never starts a second copy of a live cell.
+    """
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    cell_dir = Path(cell_dir)
+    launch = _read_json(cell_dir / LAUNCH_FILE) or {}
+    if launch.get("backend") == "slurm" and shutil.which("squeue"):
+        out = subprocess.run(["squeue", "-h", "-j", str(launch["job_id"]), "-o", "%T"],
+                             capture_output=True, text=True, timeout=30)
+        state = out.stdout.strip().splitlines()
+        if out.returncode == 0 and state:
+            return f"SLURM job {launch['job_id']} {state[0].lower()}"
+    running = _read_json(cell_dir / "running.json") or {}
+    if running.get("host") == socket.gethostname() and running.get("pid"):
+        try:
+            os.kill(int(running["pid"]), 0)
+            return f"process {running['pid']} running"
+        except (ProcessLookupError, PermissionError, ValueError):
+            return None
+    return None
+
+
 def format_table(rows: list[dict]) -> str:
     counts = {}
     for r in rows:

@@ -21,7 +21,7 @@ from hydra.plugins.launcher import Launcher
 from tinyablate.config_schema import cell_spec, root_from_hydra
 from tinyablate.results import cell_state, write_json_atomic
 from tinyablate.spec import CellSpec, cell_id, validate_spec
-from tinyablate.status import LAUNCH_FILE, cell_row, format_table
+from tinyablate.status import LAUNCH_FILE, cell_row, format_table, live_job
 
 from .compose import compose_cells
 
@@ -67,7 +67,7 @@ class TinyablateLauncher(Launcher):
         if options.dry_run:
             self._print_plan(cells, options)
             return self._returns(cells)
-        todo = self._select(cells, options.retry_failed)
+        todo, notes = self._select(cells, options.retry_failed)
         if todo:
             self._check_backend()
             from .submit import submit_cells
@@ -76,7 +76,7 @@ class TinyablateLauncher(Launcher):
             if not options.wait:
                 self._print_submitted(jobs)
                 return self._returns(cells)
-        rows = [cell_row(c.cell_dir, c.cell_id) for c in cells]
+        rows = [cell_row(c.cell_dir, c.cell_id, notes.get(c.cell_id, "")) for c in cells]
         print(format_table(rows))
         self._run_analysis(cells)
         if any(r["state"] == "failed" for r in rows):
@@ -100,22 +100,28 @@ class TinyablateLauncher(Launcher):
         cell.cell_dir = Path(spec.output_dir) / spec.sweep / cell.cell_id
         return cell
 
-    def _select(self, cells: list, retry_failed: bool) -> list:
-        todo, completed, failed, seen = [], 0, 0, set()
+    def _select(self, cells: list, retry_failed: bool) -> tuple:
+        """The cells to submit, and a note for each one left alone."""
+        todo, notes, seen = [], {}, set()
         for c in cells:
             if c.cell_id in seen:
                 continue  # two override lists that define the same cell run it once
             seen.add(c.cell_id)
             state = cell_state(c.cell_dir)
+            live = live_job(c.cell_dir) if state in ("pending", "running") else None
             if state == "completed":
-                completed += 1
+                notes[c.cell_id] = "skipped: completed"
             elif state == "failed" and not retry_failed:
-                failed += 1
+                notes[c.cell_id] = "skipped: failed (retry_failed=true re-runs it)"
+            elif live:
+                notes[c.cell_id] = f"left alone: {live}"
             else:
-                todo.append(c)  # pending, interrupted (resumes from its checkpoint), or a retried failure
-        print(f"{len(todo)} to run, {completed} completed cells skipped"
-              + (f", {failed} failed cells skipped (retry_failed=true re-runs them)" if failed else ""))
-        return todo
+                todo.append(c)  # new, interrupted (resumes from its checkpoint), or a retried failure
+        counts = [sum(n.startswith(p) for n in notes.values()) for p in ("skipped: completed", "skipped: failed", "left")]
+        print(f"{len(todo)} to run, {counts[0]} completed cells skipped"
+              + (f", {counts[1]} failed cells skipped (retry_failed=true re-runs them)" if counts[1] else "")
+              + (f", {counts[2]} cells already queued or running left alone" if counts[2] else ""))
+        return todo, notes
 
     def _check_backend(self) -> None:
         if self.backend == "slurm" and shutil.which("sbatch") is None:
