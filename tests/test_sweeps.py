@@ -85,6 +85,11 @@ def test_local_sweep_runs_skips_and_retries(tmp_path):
     results = _results(runs)
     assert len(results) == 2 and all(r["status"] == "completed" for r in results.values())
     assert "2 cells: 2 completed" in proc.stdout
+    # the analysis ran by itself at the end of the sweep
+    page = runs / "local" / "analysis" / "index.html"
+    assert f"analysis page: {page}" in proc.stdout and page.exists()
+    assert len((runs / "local" / "analysis" / "summary.csv").read_text().splitlines()) == 3  # header + 2 cells
+    assert list((runs / "local" / "analysis").glob("*.png"))
 
     again = launch([*common, "adapter.u=1,2"], tmp_path)
     assert again.returncode == 0 and "0 to run, 2 completed cells skipped" in again.stdout

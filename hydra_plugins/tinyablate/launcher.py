@@ -149,15 +149,17 @@ class TinyablateLauncher(Launcher):
               "follow with `python launch.py -m <same arguments> status=true` or `python -m tinyablate.status <sweep dir>`")
 
     def _run_analysis(self, cells: list) -> None:
-        """At the end of a sweep: the analysis page (analysis/, when present in this checkout)."""
-        sweep_dirs = sorted({c.cell_dir.parent for c in cells})
-        try:
-            from analysis.report import analyze
-        except ImportError:
-            return
-        for sweep_dir in sweep_dirs:
-            page = analyze([sweep_dir], sweep_dir / "analysis")
-            print(f"analysis: {page}")
+        """At the end of a sweep: the analysis page and, unless W&B is disabled, a W&B summary run."""
+        from analysis.report import analyze
+
+        for sweep_dir in sorted({c.cell_dir.parent for c in cells}):
+            mode = next(c.spec.logger.mode for c in cells if c.cell_dir.parent == sweep_dir)
+            try:
+                page = analyze([sweep_dir], sweep_dir / "analysis", wandb_mode=None if mode == "disabled" else mode)
+            except ValueError as err:  # e.g. no cell completed: say so, the status table says why
+                print(f"analysis skipped: {err}")
+                continue
+            print(f"analysis page: {page.resolve()}")
 
     @staticmethod
     def _returns(cells: list) -> list:
