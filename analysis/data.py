@@ -23,16 +23,6 @@ CSV_COLUMNS = [
 # Axes whose values get a GPU-hours line in summary.md.
 AXES = ["task", "model", "family", "algo", "kind", "r", "u", "tie", "sharing", "precision", "seed"]
 CELL_MARKERS = ("result.json", "spec.json", "running.json")
-# Settings that do not change a cell's result (speed/bookkeeping): ignored when grouping seeds.
-_NOT_IDENTITY_TOP = {"seed", "sweep", "output_dir", "logger", "gpus"}
-_NOT_IDENTITY_SUB = {
-    "eval": {"batch_size", "base", "cache_base"},
-    "model": {"device", "cache_dir", "attn_implementation"},
-    "adapter": {"forward"},
-    "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing"},
-}
-
-
 @dataclass
 class Skipped:
     """A cell folder that gives no accuracy: failed, running, pending or unreadable."""
@@ -61,11 +51,12 @@ class Sweeps:
 
 
 # -- reading -------------------------------------------------------------------------------------
-def load_sweeps(sweep_dirs: Iterable[Path]) -> Sweeps:
-    """Read every cell folder under `sweep_dirs`.
+def load_sweeps(sweep_dirs: Iterable[Path], results: Iterable[dict] = ()) -> Sweeps:
+    """Read every cell folder under `sweep_dirs`, plus completed `results` from elsewhere (W&B).
 
     Raises ValueError (naming the folder) when a folder does not exist or holds no cell folder,
-    and when no cell at all has completed.
+    and when no cell at all has completed. A cell found in a folder wins over the same cell in
+    `results`.
     """
     dirs, seen = [], set()
     for d in sweep_dirs:
@@ -73,7 +64,8 @@ def load_sweeps(sweep_dirs: Iterable[Path]) -> Sweeps:
         if d.resolve() not in seen:
             seen.add(d.resolve())
             dirs.append(d)
-    if not dirs:
+    results = list(results)
+    if not dirs and not results:
         raise ValueError("no sweep folder given")
     out = Sweeps(dirs=dirs)
     seen_cells = set()
@@ -89,6 +81,11 @@ def load_sweeps(sweep_dirs: Iterable[Path]) -> Sweeps:
                 continue
             seen_cells.add(cell.resolve())
             _read_cell(cell, out)
+    local = {row["cell_id"] for row in out.rows}
+    for result in results:
+        if result["cell_id"] not in local:
+            local.add(result["cell_id"])
+            out.rows.append(result_row(result, str(result.get("sweep") or "wandb")))
     if not out.rows:
         counts = ", ".join(f"{n} {state}" for state, n in sorted(out.counts().items()) if n)
         raise ValueError(f"{', '.join(map(str, dirs))}: no completed results ({counts}); nothing to analyse")
@@ -191,24 +188,23 @@ def result_row(result: dict, sweep: str) -> dict:
 
 
 def config_key(config: dict, row: dict) -> str:
-    """What defines a cell's result except its seed: cells with one key are seeds of one setting."""
+    """What defines a cell's result except its seed: cells with one key are seeds of one setting.
+
+    The identity is tinyablate.spec.identity_dict (the one behind cell_id), minus the seed, so the
+    report groups exactly the cells the launcher would call seeds of one setting.
+    """
+    ident = None
     if config:
-        ident = {}
-        for k, v in config.items():
-            if k in _NOT_IDENTITY_TOP:
-                continue
-            if isinstance(v, dict) and k in _NOT_IDENTITY_SUB:
-                v = {kk: vv for kk, vv in v.items() if kk not in _NOT_IDENTITY_SUB[k]}
-                if k == "adapter" and isinstance(v.get("svd"), dict):
-                    v = {**v, "svd": {kk: vv for kk, vv in v["svd"].items() if kk != "cache_dir"}}
-            ident[k] = v
-        if row["kind"] == "none":  # every adapter field but the kind is irrelevant
-            ident["adapter"] = {"kind": "none"}
-        ident["_measured"] = [row["trainable_params"], row["trainable_bytes"]]
-    else:
-        ident = {k: row[k] for k in CSV_COLUMNS if k not in ("cell_id", "sweep", "seed") and k in
-                 ("task", "scorer", "model", "algo", "kind", "r", "u", "tie", "sharing", "precision",
-                  "trainable_params", "trainable_bytes")}
+        from tinyablate.spec import identity_dict, spec_from_dict
+
+        try:
+            ident = identity_dict(spec_from_dict(config))
+            ident.pop("seed", None)
+        except (TypeError, ValueError):  # a config from another version: fall back to the row's axes
+            ident = None
+    if ident is None:
+        ident = {k: row[k] for k in ("task", "scorer", "model", "algo", "kind", "r", "u", "tie", "sharing",
+                                     "precision", "trainable_params", "trainable_bytes")}
     return json.dumps(ident, sort_keys=True, default=str)
 
 

@@ -32,13 +32,22 @@ GROUP_COLUMNS = ["task", "scorer", "model", "family", "size", "algo", "kind", "r
                  "accuracy_mean", "ci_low", "ci_high", "base_accuracy", "gpu_hours", "wall_s", "sweeps"]
 
 
-def analyze(sweep_dirs: list, out_dir: Path, *, reference: bool = True, wandb_mode: Optional[str] = None) -> Path:
+def analyze(sweep_dirs: list, out_dir: Path, *, reference: bool = True, wandb_mode: Optional[str] = None,
+            wandb_groups: tuple = ()) -> Path:
     """Read `sweep_dirs`, write the report into `out_dir`, return the path of index.html.
 
     Raises ValueError with a message naming the folder when a folder is missing or holds no
     results. Unreadable, failed and running cells are counted and listed, never fatal.
     """
-    sweeps = load_sweeps([Path(d) for d in sweep_dirs])
+    from_wandb = []
+    for spec in wandb_groups:  # "entity/project:group", read through W&B's public API (online)
+        from .wandb_source import results_from_wandb
+
+        path, _, group = spec.rpartition(":")
+        if not path or not group:
+            raise ValueError(f"--from-wandb {spec!r}: expected ENTITY/PROJECT:GROUP")
+        from_wandb += results_from_wandb(path, group)
+    sweeps = load_sweeps([Path(d) for d in sweep_dirs], from_wandb)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = aggregate(sweeps.rows)

@@ -287,3 +287,44 @@ def test_wandb_offline_summary_run(report, tmp_path, monkeypatch):
     for f in tmp_path.rglob("*"):  # the API key never reaches a file
         if f.is_file():
             assert fake_key.encode() not in f.read_bytes(), f
+
+
+class _FakeRun:
+    def __init__(self, result: dict, job_type: str):
+        self.job_type = job_type
+        self.config = {**result["config"], "cell_id": result["cell_id"], "model_family": result["model"]["family"],
+                       "model_size": result["model"]["size"], "trainable_params": result["adapter"]["trainable_params"],
+                       "trainable_bytes": result["adapter"]["trainable_bytes"]}
+        m = result["metrics"]
+        self.summary = {"eval/accuracy": {"last": m["accuracy"]}, "eval/accuracy_flexible": m["accuracy_flexible"],
+                        "eval/accuracy_strict": m["accuracy_strict"], "eval/base_accuracy": m["base_accuracy"],
+                        "eval/n_eval": m["n_eval"], "train_steps": m["train_steps"],
+                        "gpu_hours": result["timing"]["gpu_hours"], "wall_s": result["timing"]["wall_s"]}
+
+
+class _FakeApi:
+    def __init__(self, runs):
+        self._runs = runs
+        self.asked = []
+
+    def runs(self, path, filters):
+        self.asked.append((path, filters))
+        return self._runs
+
+
+def test_results_read_back_from_wandb_runs_match_the_local_rows(tmp_path):
+    from analysis.data import result_row
+    from analysis.wandb_source import results_from_wandb
+
+    results = [make_result(params=p, accuracy=a, seed=s) for p, a, s in [(1, 0.3, 0), (13, 0.6, 1), (13, 0.7, 2)]]
+    running = make_result(params=99)
+    fake_running = _FakeRun(running, "grpo")
+    fake_running.summary = {}  # no final accuracy yet: left out
+    api = _FakeApi([_FakeRun(r, r["config"]["algo"]["name"]) for r in results] + [fake_running])
+    got = results_from_wandb("ent/tinyablate", "sw", api=api)
+    assert api.asked == [("ent/tinyablate", {"group": "sw"})] and len(got) == 3
+    for local, remote in zip(results, got):
+        a, b = result_row(local, "sw"), result_row(remote, "sw")
+        for key in ("cell_id", "model", "family", "algo", "kind", "r", "u", "tie", "sharing", "precision", "seed",
+                    "trainable_params", "trainable_bytes", "accuracy", "accuracy_strict", "base_accuracy", "gpu_hours"):
+            assert a[key] == b[key], key

@@ -84,8 +84,10 @@ def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float) -> dict:
         result = make_result(spec, cid, built, base, final, train_info, timing)
         write_result(cell_dir, result)
         summary = {"eval/accuracy": final["accuracy"], "eval/accuracy_flexible": final["accuracy_flexible"],
+                   "eval/accuracy_strict": final["accuracy_strict"], "eval/n_eval": final["n_eval"],
                    "eval/base_accuracy": base["accuracy"], "trainable_params": built.adapter.trainable_params,
-                   "trainable_bytes": built.adapter.trainable_bytes}
+                   "trainable_bytes": built.adapter.trainable_bytes, "train_steps": train_info["steps"],
+                   "gpu_hours": result["timing"]["gpu_hours"], "wall_s": result["timing"]["wall_s"]}
         logger.log(summary, step=train_info["steps"] + 1)
         logger.summary(summary)
     return result
