@@ -188,6 +188,16 @@ def test_failed_cell_leaves_a_failed_result(tmp_path):
     result = read_result(cell_dir_for(spec))
     assert result["status"] == "failed" and "task.data_dir" in result["error"]["message"]
     assert cell_state(cell_dir_for(spec)) == "failed"
+    # a retry moves the failed record aside (kept for the post-mortem) and writes its own
+    with pytest.raises(FileNotFoundError):
+        run_cell(spec)
+    assert len(list(cell_dir_for(spec).glob("result.failed-*.json"))) == 1
+
+
+def test_a_completed_cell_is_not_run_again(grpo_cell):
+    spec, result, cell_dir = grpo_cell
+    again = run_cell(spec)
+    assert again["timing"] == result["timing"] and again["cell_id"] == result["cell_id"]
 
 
 def test_invalid_spec_fails_before_any_weight_loads(tmp_path):

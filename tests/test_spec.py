@@ -26,7 +26,8 @@ def test_cell_id_is_stable_and_ignores_bookkeeping():
     dict(seed=1),
     dict(adapter=AdapterConfig(u=13)),
     dict(adapter=AdapterConfig(tie="all")),
-    dict(adapter=AdapterConfig(sharing="structured")),
+    dict(adapter=AdapterConfig(r=4)),
+    dict(gpus=1),
     dict(adapter=AdapterConfig(precision="bf16")),
     dict(algo=AlgoConfig(name="sft")),
     dict(algo=AlgoConfig(learning_rate=2e-5)),
@@ -67,3 +68,26 @@ def test_validation_names_the_field(spec, message):
 
 def test_fp16_with_large_epsilon_is_valid():
     validate_spec(CellSpec(adapter=AdapterConfig(precision="fp16"), algo=AlgoConfig(adam_epsilon=1e-6)))
+
+
+def test_cell_id_separates_cpu_and_gpu_cells():
+    # model.device=auto follows gpus, and with it the dtype (fp32 on CPU, bf16 on GPU)
+    assert cell_id(CellSpec(gpus=0)) != cell_id(CellSpec(gpus=1))
+
+
+def test_cells_that_compute_the_same_model_share_an_id():
+    base = CellSpec(adapter=AdapterConfig(tie=7))
+    assert cell_id(base) == cell_id(CellSpec(adapter=AdapterConfig(tie="7")))
+    for tie in (1, "all"):  # one vector per module, or one for all: tiled and structured coincide
+        assert cell_id(CellSpec(adapter=AdapterConfig(tie=tie, sharing="tiled"))) == cell_id(
+            CellSpec(adapter=AdapterConfig(tie=tie, sharing="structured")))
+    assert cell_id(CellSpec(adapter=AdapterConfig(tie=2, sharing="tiled"))) != cell_id(
+        CellSpec(adapter=AdapterConfig(tie=2, sharing="structured")))
+    # LoRA ignores u: those cells collapse into one
+    assert cell_id(CellSpec(adapter=AdapterConfig(kind="lora", u=1))) == cell_id(
+        CellSpec(adapter=AdapterConfig(kind="lora", u=99)))
+
+
+def test_kl_penalty_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="algo.beta=0.04 is not supported"):
+        validate_spec(CellSpec(algo=AlgoConfig(beta=0.04)))

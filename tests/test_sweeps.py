@@ -44,6 +44,12 @@ def test_default_multirun_is_the_embedded_sweep(tmp_path):
     assert "dry run: 6 valid cells" in proc.stdout and "-u256-tall-" in proc.stdout
 
 
+def test_interpolated_overrides_are_resolved_like_hydra_does(tmp_path):
+    proc = launch(["-m", "sweeps=embedded", "seed=${algo.save_steps}", "dry_run=true"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert proc.stdout.count(" seed=10 ") == 6  # grpo_cpu and sft_cpu both save every 10 steps
+
+
 def test_invalid_cells_are_all_listed_and_nothing_runs(tmp_path):
     # the embedded grid (6 cells) x 3 ranks, of which r=0 and r=999 (> 576 = min(d, k)) are invalid
     proc = launch(["-m", "sweeps=embedded", "adapter.r=0,2,999", "dry_run=true"], tmp_path)

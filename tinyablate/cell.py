@@ -46,6 +46,9 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
     cid = cell_id(spec)
     cell_dir = Path(cell_dir) if cell_dir is not None else cell_dir_for(spec)
     cell_dir.mkdir(parents=True, exist_ok=True)
+    previous = _previous_result(cell_dir, cid)
+    if previous is not None:
+        return previous  # e.g. a requeue signal that arrived after the cell had finished
     write_json_atomic(cell_dir / "spec.json", {"cell_id": cid, "config": spec_to_dict(spec)})
     mark_running(cell_dir, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
                             "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
@@ -58,6 +61,22 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
     finally:
         clear_running(cell_dir)
     return result
+
+
+def _previous_result(cell_dir: Path, cid: str) -> Optional[dict]:
+    """This cell's completed result if it has one; a failed one is moved aside (this is a retry)."""
+    from .results import RESULT_FILE, ResultError, read_result
+
+    try:
+        result = read_result(cell_dir)
+    except ResultError:
+        result = {"status": "unreadable"}
+    if result is None:
+        return None
+    if result.get("status") == "completed" and result.get("cell_id") == cid:
+        return result
+    os.replace(cell_dir / RESULT_FILE, cell_dir / f"result.{result.get('status')}-{int(time.time())}.json")
+    return None
 
 
 def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float) -> dict:
@@ -82,7 +101,6 @@ def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float) -> dict:
                   "eval_s": (t2 - t1) + base.get("eval_s", 0.0), "setup_s": t0 - start,
                   "model_load_s": built.load_s, **_overhead(train_info, built, base)}
         result = make_result(spec, cid, built, base, final, train_info, timing)
-        write_result(cell_dir, result)
         summary = {"eval/accuracy": final["accuracy"], "eval/accuracy_flexible": final["accuracy_flexible"],
                    "eval/accuracy_strict": final["accuracy_strict"], "eval/n_eval": final["n_eval"],
                    "eval/base_accuracy": base["accuracy"], "trainable_params": built.adapter.trainable_params,
@@ -90,6 +108,7 @@ def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float) -> dict:
                    "gpu_hours": result["timing"]["gpu_hours"], "wall_s": result["timing"]["wall_s"]}
         logger.log(summary, step=train_info["steps"] + 1)
         logger.summary(summary)
+    write_result(cell_dir, result)  # after the logger closed: nothing after this can turn it into a failure
     return result
 
 
@@ -104,13 +123,29 @@ def build(spec: CellSpec) -> Built:
 
     task = load_task(spec.task)  # data errors surface before the model loads
     t0 = time.time()
-    model, tokenizer, info = load_model_and_tokenizer(spec.model)
+    model, tokenizer, info = load_model_and_tokenizer(_model_config(spec))
     load_s = time.time() - t0
     model_id = model_identity(spec.model, model)
     set_seed(spec.seed)
     adapter = apply_adapter(model, spec.adapter, model_id)
     device = next(model.parameters()).device
     return Built(adapter.model, tokenizer, info, adapter, task, model_id, device, load_s)
+
+
+def _model_config(spec: CellSpec):
+    """model.device=auto follows the cell's `gpus`: cuda when it asks for a GPU, cpu otherwise."""
+    from dataclasses import replace
+
+    if spec.model.device != "auto":
+        return spec.model
+    if spec.gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"gpus={spec.gpus} but no CUDA device is visible to this process; run it on a GPU "
+                               "node (hydra/launcher=slurm requests one) or set gpus=0 for CPU")
+        return replace(spec.model, device="cuda")
+    return replace(spec.model, device="cpu")
 
 
 # -- evaluation --------------------------------------------------------------------------------

@@ -41,13 +41,14 @@ class CellSpec:
     output_dir: str = "runs"
     # Skip training (evaluate the adapter as initialised); used for the 0-parameter point.
     train: bool = True
-    # GPUs this cell uses (0 = CPU). The SLURM launcher requests this many per cell.
+    # GPUs this cell uses (0 = CPU). With model.device=auto it decides the device (and so the dtype:
+    # bf16 on GPU, fp32 on CPU), so it is part of the cell's identity. Launchers request this many.
     gpus: int = 0
 
 
 # Settings that change speed or bookkeeping but not the result: left out of cell_id.
 _NOT_IDENTITY = {
-    "logger": None, "sweep": None, "output_dir": None, "gpus": None,
+    "logger": None, "sweep": None, "output_dir": None,
     "eval": {"batch_size", "base", "cache_base"},
     "model": {"device", "cache_dir", "attn_implementation"},
     "adapter": {"forward"}, "adapter.svd": {"cache_dir"},
@@ -74,8 +75,11 @@ def identity_dict(spec: CellSpec) -> dict:
     ignored = _IGNORED_BY_KIND[spec.adapter.kind]
     out["adapter"] = {"kind": "none"} if ignored is None else {
         k: v for k, v in out["adapter"].items() if k not in ignored}
-    if str(spec.adapter.tie).strip().lower() == "all":
-        out["adapter"].pop("sharing", None)  # one vector for the model: tiled and structured coincide
+    if "tie" in out["adapter"]:
+        tie = spec.adapter.tie_value()
+        out["adapter"]["tie"] = "all" if tie is None else tie  # 7 and "7" are one cell
+        if tie in (None, 1):
+            out["adapter"].pop("sharing", None)  # one vector per module or for all: tiled = structured
     return out
 
 
@@ -103,7 +107,9 @@ def cell_label(spec: CellSpec) -> str:
     elif a.kind == "lora_xs":
         ad = f"loraxs-r{a.r}-t{a.tie}"
     else:
-        ad = f"tiny-r{a.r}-u{a.u}-t{a.tie}{'s' if a.sharing == 'structured' else ''}-{a.precision}"
+        tie = a.tie_value()
+        structured = a.sharing == "structured" and tie not in (None, 1)  # sharing only matters there
+        ad = f"tiny-r{a.r}-u{a.u}-t{'all' if tie is None else tie}{'s' if structured else ''}-{a.precision}"
     return f"{spec.model.name}-{spec.task.name}-{spec.algo.name}-{ad}-s{spec.seed}".replace("_", "")
 
 
@@ -122,6 +128,11 @@ def validate_spec(spec: CellSpec) -> CellSpec:
                          "cells over several GPUs are not supported yet")
     if not spec.sweep or "/" in spec.sweep:
         raise ValueError(f"sweep={spec.sweep!r} is invalid: a non-empty name without '/'")
+    if spec.algo.name == "grpo" and spec.algo.beta > 0:
+        raise ValueError(
+            f"algo.beta={spec.algo.beta} is not supported: a KL penalty needs a reference model, which TRL would "
+            "load from the Hub by name; use algo.beta=0 (as the TinyLoRA paper does)"
+        )
     if spec.adapter.precision == "fp16" and spec.algo.adam_epsilon < 1e-7:
         raise ValueError(
             f"algo.adam_epsilon={spec.algo.adam_epsilon} is invalid with adapter.precision=fp16: it rounds to 0 "

@@ -54,8 +54,11 @@ def live_job(cell_dir: Path) -> Optional[str]:
     cell_dir = Path(cell_dir)
     launch = _read_json(cell_dir / LAUNCH_FILE) or {}
     if launch.get("backend") == "slurm" and shutil.which("squeue"):
-        out = subprocess.run(["squeue", "-h", "-j", str(launch["job_id"]), "-o", "%T"],
-                             capture_output=True, text=True, timeout=30)
+        try:
+            out = subprocess.run(["squeue", "-h", "-j", str(launch["job_id"]), "-o", "%T"],
+                                 capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            return f"SLURM job {launch['job_id']} (squeue did not answer: assumed live)"
         state = out.stdout.strip().splitlines()
         if out.returncode == 0 and state:
             return f"SLURM job {launch['job_id']} {state[0].lower()}"
@@ -63,9 +66,11 @@ def live_job(cell_dir: Path) -> Optional[str]:
     if running.get("host") == socket.gethostname() and running.get("pid"):
         try:
             os.kill(int(running["pid"]), 0)
-            return f"process {running['pid']} running"
-        except (ProcessLookupError, PermissionError, ValueError):
+        except PermissionError:
+            pass  # it exists, owned by someone else
+        except (ProcessLookupError, ValueError):
             return None
+        return f"process {running['pid']} running"
     return None
 
 

@@ -4,7 +4,7 @@ Hydra composes a whole config per override list (~0.1 s each: minutes for a pape
 Cells of a grid mostly differ in plain values (adapter.u=13, seed=2), not in config groups, so:
 compose once per distinct set of group choices (model=..., algo=...), convert to the typed
 RootConfig, then set each cell's plain values on a copy, with OmegaConf's type rules for scalars.
-Anything else (+key, ~key, unknown keys, an interpolating config) takes Hydra's full path.
+Anything else (+key, ~key, unknown keys, interpolations, dict values) takes Hydra's full path.
 """
 
 import copy
@@ -37,8 +37,8 @@ def _compose_one(loader, base_config, overrides: list, parser, bases: dict):
     parsed = parser.parse_overrides(overrides)
     groups = [o for o in parsed if _is_group(loader, o)]
     values = [o for o in parsed if not _is_group(loader, o)]
-    if any(o.is_add() or o.is_force_add() or o.is_delete() for o in values):
-        return _full(loader, base_config, overrides)
+    if any(o.is_add() or o.is_force_add() or o.is_delete() or _needs_hydra(o.value()) for o in values):
+        return _full(loader, base_config, overrides)  # Hydra resolves and merges these itself
     key = tuple(o.input_line for o in groups)
     if key not in bases:
         bases[key] = _full(loader, base_config, list(key))
@@ -47,6 +47,15 @@ def _compose_one(loader, base_config, overrides: list, parser, bases: dict):
         if not _set_path(root, o.key_or_group, o.value()):
             return _full(loader, base_config, overrides)
     return root
+
+
+def _needs_hydra(value) -> bool:
+    """Interpolations and dict values: Hydra resolves and merges them, so they take its path."""
+    if isinstance(value, dict):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_needs_hydra(v) for v in value)
+    return isinstance(value, str) and "${" in value
 
 
 def _is_group(loader, override) -> bool:

@@ -108,13 +108,13 @@ class TinyablateLauncher(Launcher):
                 continue  # two override lists that define the same cell run it once
             seen.add(c.cell_id)
             state = cell_state(c.cell_dir)
-            live = live_job(c.cell_dir) if state in ("pending", "running") else None
+            live = live_job(c.cell_dir) if state != "completed" else None  # a retry may be queued too
             if state == "completed":
                 notes[c.cell_id] = "skipped: completed"
-            elif state == "failed" and not retry_failed:
-                notes[c.cell_id] = "skipped: failed (retry_failed=true re-runs it)"
             elif live:
                 notes[c.cell_id] = f"left alone: {live}"
+            elif state == "failed" and not retry_failed:
+                notes[c.cell_id] = "skipped: failed (retry_failed=true re-runs it)"
             else:
                 todo.append(c)  # new, interrupted (resumes from its checkpoint), or a retried failure
         counts = [sum(n.startswith(p) for n in notes.values()) for p in ("skipped: completed", "skipped: failed", "left")]

@@ -59,21 +59,43 @@ def _slurm_executor(settings: dict, folder: Path, gpus: int, sweep: str):
 
 
 def _run_local(settings: dict, cells: list, folder: Path, record) -> list:
+    """At most `max_parallel` cells at once; each gets its own GPUs (CUDA_VISIBLE_DEVICES) if it asks."""
     executor = submitit.LocalExecutor(folder=folder)
-    executor.update_parameters(timeout_min=settings["timeout_min"])
+    free_gpus = _local_gpus() if any(c.spec.gpus for c in cells) else []
+    too_big = [c.cell_id for c in cells if c.spec.gpus > len(free_gpus)]
+    if too_big:
+        raise SystemExit(f"{len(too_big)} cells ask for more GPUs than this machine shows ({len(free_gpus)}), "
+                         f"e.g. {too_big[0]}: set gpus=0 for CPU, or run them with hydra/launcher=slurm")
     queue, running, jobs = list(cells), [], []
     limit = max(1, int(settings.get("max_parallel", 1)))
     while queue or running:
-        while queue and len(running) < limit:
+        while queue and len(running) < limit and queue[0].spec.gpus <= len(free_gpus):
             cell = queue.pop(0)
+            gpus = [free_gpus.pop(0) for _ in range(cell.spec.gpus)]
+            executor.update_parameters(timeout_min=settings["timeout_min"], gpus_per_node=len(gpus),
+                                       visible_gpus=gpus)
             job = executor.submit(CellJob(), asdict(cell.spec), str(cell.cell_dir))
             record(cell, job, "local")
-            print(f"started {cell.cell_id} (log: {job.paths.stderr})")
-            running.append(job)
+            print(f"started {cell.cell_id}{f' on GPU {gpus}' if gpus else ''} (log: {job.paths.stderr})")
+            running.append((job, gpus))
             jobs.append(job)
         time.sleep(settings.get("poll_s", 2.0))
-        running = [j for j in running if not j.done()]
+        for job, gpus in [r for r in running if r[0].done()]:
+            free_gpus += gpus
+        running = [r for r in running if not r[0].done()]
     return jobs
+
+
+def _local_gpus() -> list:
+    """GPU ids this process may hand out: its own CUDA_VISIBLE_DEVICES, else every GPU torch sees."""
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [int(x) for x in visible.split(",") if x.strip().isdigit()]
+    import torch
+
+    return list(range(torch.cuda.device_count()))
 
 
 def _wait(jobs: list, poll_s: float) -> None:
