@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import csv
 import html
-import math
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
 from .data import AXES, CSV_COLUMNS, Sweeps, aggregate, load_sweeps, matched_families, rl_sft_gap, task_groups
-from .plots import PAPER_TASK, Plot, make_plots
+from .plots import PAPER_TASK, make_plots
 
 GROUP_COLUMNS = ["task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie", "sharing",
                  "precision", "lr", "trainable_params", "trainable_bytes", "bits_per_param", "n_seeds", "seeds",
@@ -192,7 +191,7 @@ def _md_table(header: list, body: list) -> str:
 def summary_markdown(sweeps: Sweeps, settings: list, plots: list, gap: list, matched: list, reference: bool,
                      wandb_notes: list) -> str:
     counts = sweeps.counts()
-    out = [f"# tinyablate analysis", "",
+    out = ["# tinyablate analysis", "",
            f"Sources: {', '.join(f'`{d}`' for d in sweeps.dirs)} — generated {time.strftime('%Y-%m-%d %H:%M')}", "",
            "Cells: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in
                                  ("completed", "failed", "running", "pending", "unreadable")), "",

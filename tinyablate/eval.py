@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -146,8 +144,6 @@ def read_base_cache(path: Path) -> Optional[dict]:
 
 
 def write_base_cache(path: Path, metrics: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(metrics, f)
-    os.replace(tmp, path)
+    from .results import write_json_atomic
+
+    write_json_atomic(path, metrics)

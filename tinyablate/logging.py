@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from tinyablate.results import write_json_atomic
 from tinyablate.wandb_files import wait_for_exit_record
 
 LOGGER_MODES = ("online", "offline", "disabled")
@@ -287,7 +288,7 @@ class MetricLogger:
         self._check_open()
         values = redact(json_safe(dict(values)))
         self._summary.update(values)
-        _write_json_atomic(self.summary_path, self._summary)
+        write_json_atomic(self.summary_path, self._summary)
         if self.run is not None:
             if self._row_pending:
                 self.run.log({}, commit=True)
@@ -344,13 +345,6 @@ def _read_json_dict(path: Path) -> Dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
-    """Write `data` as JSON to `path` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def rewrite_trainer_logs(logs: Mapping) -> Dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 from .adapters.config import AdapterConfig, SVDConfig
 from .eval import EvalConfig
 from .logging import LoggerConfig
-from .models import MODELS, ModelConfig
+from .models import ModelConfig
 from .tasks.config import TaskConfig
 from .train.config import AlgoConfig
 

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 
-from tinyablate.config_schema import cell_spec, root_from_hydra
+from tinyablate.config_schema import cell_spec
 from tinyablate.results import cell_state, write_json_atomic
 from tinyablate.spec import CellSpec, cell_id, validate_spec
 from tinyablate.status import LAUNCH_FILE, cell_row, format_table, live_job

@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict
-
 import torch
 from torch import nn
 
@@ -99,21 +97,7 @@ class Adapter:
             for layer in self.layers.values():
                 layer.enabled = True
 
-    # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the trainable tensors, by stable names (what checkpoints keep)."""
-        named = dict(self.model.named_parameters())
-        return {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        named = dict(self.model.named_parameters())
-        missing = sorted(set(n for n, p in named.items() if p.requires_grad) - set(state))
-        if missing:
-            raise ValueError(f"adapter state is missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        with torch.no_grad():
-            for name, value in state.items():
-                named[name].copy_(value.to(named[name].device, named[name].dtype))
-
+    # -- saving -------------------------------------------------------------------------------
     def export_peft(self, out_dir) -> None:
         from .export import export_peft
         export_peft(self, out_dir)
@@ -122,8 +106,21 @@ class Adapter:
         from .export import save_native
         save_native(self, out_dir)
 
-    def config_dict(self) -> dict:
-        return asdict(self.cfg)
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of `model` by parameter name, on the CPU (what checkpoints keep)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state") -> None:
+    """Copy `state` into `model`'s trainable parameters in place (which also refreshes merged caches)."""
+    named = dict(model.named_parameters())
+    missing = sorted(n for n, p in named.items() if p.requires_grad and n not in state)
+    if missing:
+        raise ValueError(f"{source} lacks adapter tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    with torch.no_grad():
+        for name, value in state.items():
+            named[name].copy_(value.to(named[name].device, named[name].dtype))
 
 
 def apply_adapter(model: nn.Module, cfg: AdapterConfig, model_id: str) -> Adapter:

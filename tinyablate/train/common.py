@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..adapters import load_trainable_state, trainable_state
+
 ADAPTER_STATE = "adapter_state.safetensors"
 TRAINER_STATE = "trainer_state.json"  # written last by Trainer._save_checkpoint: marks a complete checkpoint
 
@@ -20,19 +22,12 @@ class AdapterCheckpointMixin:
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-        save_file(tensors, os.path.join(output_dir, ADAPTER_STATE))
+        save_file(trainable_state(self.model), os.path.join(output_dir, ADAPTER_STATE))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         tensors = load_file(os.path.join(resume_from_checkpoint, ADAPTER_STATE))
-        named = dict((model or self.model).named_parameters())
-        missing = [n for n, p in named.items() if p.requires_grad and n not in tensors]
-        if missing:
-            raise ValueError(f"checkpoint {resume_from_checkpoint} lacks adapter tensors {missing[:3]}")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                named[name].copy_(value.to(named[name].device, named[name].dtype))
+        load_trainable_state(model or self.model, tensors, source=f"checkpoint {resume_from_checkpoint}")
 
 
 def first_step_timer(times: dict):
