@@ -2,6 +2,7 @@
 
     python launch.py                                   # the default cell: SmolLM2-135M, TinyLoRA, GRPO, arithmetic
     python launch.py adapter.u=13 adapter.tie=all      # any axis on the command line
+    python launch.py gpus=2 model=qwen2.5-7b ...       # one cell, data-parallel over 2 GPUs of this machine
     python launch.py -m                                # the embedded sweep (sweeps/embedded.yaml), locally
     python launch.py -m sweeps=paper_gsm8k hydra/launcher=slurm task.data_dir=/data/gsm8k hydra.launcher.partition=gpu
     python launch.py -m sweeps=paper_gsm8k dry_run=true   # validate and list every cell, submit nothing
@@ -29,10 +30,13 @@ register_launchers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from tinyablate.cell import cell_dir_for, run_cell
+    from tinyablate.cell import cell_dir_for, run_cell_here
+    from tinyablate.distributed import ranks_from_env
 
     spec = spec_from_hydra(cfg)  # validated before any weight loads
-    result = run_cell(spec)
+    result = run_cell_here(spec)
+    if not ranks_from_env().is_main:
+        return
     metrics = result["metrics"]
     base = metrics["base_accuracy"]
     print(f"\ncell {result['cell_id']}: accuracy {metrics['accuracy']:.3f}"

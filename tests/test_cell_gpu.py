@@ -36,3 +36,33 @@ def test_cell_on_gpu(tmp_path, algo, kind):
     assert result["status"] == "completed" and result["metrics"]["train_steps"] == 3
     assert result["timing"]["n_gpus"] == 1 and result["timing"]["gpu_hours"] > 0
     assert result["provenance"]["devices"]
+
+
+def _sft_spec(tmp_path, name: str, gpus: int) -> CellSpec:
+    return CellSpec(
+        model=ModelConfig(name="tiny-qwen2", device="auto", dtype="float32", cache_dir=str(tmp_path / "cache")),
+        adapter=AdapterConfig(kind="tinylora", r=2, u=4, tie=2),
+        task=TaskConfig(name="arithmetic", max_value=9, train_size=40, eval_size=16, scorer="flexible"),
+        algo=AlgoConfig(name="sft", max_steps=3, learning_rate=1e-2, prompts_per_step=8, micro_batch_size=4,
+                        max_length=96, save_steps=3),
+        eval=EvalConfig(batch_size=16, max_new_tokens=12),
+        logger=LoggerConfig(mode="disabled"), output_dir=str(tmp_path / name), sweep="gpu", gpus=gpus,
+    )
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpu_cell_matches_one_gpu(tmp_path):
+    """gpus=2 spawns 2 NCCL ranks (launch.py's path); same global batch, so v matches the 1-GPU run."""
+    from safetensors.torch import load_file
+
+    from tinyablate.cell import cell_dir_for, run_cell_here
+
+    one = run_cell_here(_sft_spec(tmp_path, "one", 1))
+    two_spec = _sft_spec(tmp_path, "two", 2)
+    two = run_cell_here(two_spec)
+    assert two["timing"]["world_size"] == 2 and two["timing"]["n_gpus"] == 2
+    assert two["metrics"]["n_eval"] == one["metrics"]["n_eval"] == 16
+    v1 = load_file(str(cell_dir_for(_sft_spec(tmp_path, "one", 1)) / "adapter_native" / "vectors.safetensors"))
+    v2 = load_file(str(cell_dir_for(two_spec) / "adapter_native" / "vectors.safetensors"))
+    for k in v1:
+        torch.testing.assert_close(v1[k], v2[k], rtol=1e-4, atol=1e-6)

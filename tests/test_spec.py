@@ -9,7 +9,8 @@ import pytest
 from tinyablate.adapters import AdapterConfig
 from tinyablate.eval import EvalConfig
 from tinyablate.logging import LoggerConfig
-from tinyablate.spec import CellSpec, cell_id, spec_from_dict, validate_spec
+from tinyablate.models import ModelConfig
+from tinyablate.spec import CellSpec, cell_id, identity_dict, spec_from_dict, validate_spec
 from tinyablate.train.config import AlgoConfig
 
 
@@ -59,6 +60,11 @@ def test_round_trip_through_dict():
     (CellSpec(sweep="a/b"), "sweep='a/b'"),
     (CellSpec(seed="x"), "seed='x'"),
     (CellSpec(logger=LoggerConfig(mode="cloud")), "logger.mode"),
+    (CellSpec(gpus=-1), "gpus=-1"),
+    (CellSpec(algo=AlgoConfig(rollout_sampler="vllm")), "algo.rollout_sampler='vllm'"),
+    (CellSpec(gpus=8, algo=AlgoConfig(name="sft", prompts_per_step=64, micro_batch_size=32)),
+     "64 examples do not split into algo.micro_batch_size=32 x 8 GPUs"),
+    (CellSpec(gpus=2, model=ModelConfig(device="cpu")), "model.device='cpu' with gpus=2"),
 ])
 def test_validation_names_the_field(spec, message):
     with pytest.raises(ValueError) as err:
@@ -91,3 +97,19 @@ def test_cells_that_compute_the_same_model_share_an_id():
 def test_kl_penalty_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="algo.beta=0.04 is not supported"):
         validate_spec(CellSpec(algo=AlgoConfig(beta=0.04)))
+
+
+def test_settings_added_later_keep_old_cell_ids_at_their_default():
+    """algo.rollout_sampler came after ids were published: at its default the id is what it was."""
+    base = CellSpec()
+    assert "rollout_sampler" not in identity_dict(base)["algo"]
+    assert cell_id(CellSpec(algo=AlgoConfig(rollout_sampler="torch"))) == cell_id(base)
+    keyed = CellSpec(algo=AlgoConfig(rollout_sampler="keyed"))
+    assert identity_dict(keyed)["algo"]["rollout_sampler"] == "keyed" and cell_id(keyed) != cell_id(base)
+
+
+def test_multi_gpu_cells_are_valid_and_their_own_cells():
+    spec = validate_spec(CellSpec(gpus=8, algo=AlgoConfig(prompts_per_step=64, num_generations=4,
+                                                          micro_batch_size=32)))
+    assert spec.algo.gradient_accumulation_steps(8) == 1 and spec.algo.gradient_accumulation_steps(1) == 8
+    assert cell_id(spec) != cell_id(CellSpec(gpus=1, algo=spec.algo))

@@ -6,6 +6,8 @@
 Runs the same in a notebook, a test, a local subprocess or a SLURM job: it imports no launcher.
 A cell started again resumes training from its last complete checkpoint. Whatever happens, the
 cell ends with a result.json (status completed or failed) unless the process itself is killed.
+Started as several ranks (`gpus: N`, see distributed.py), every rank builds, trains (DDP) and
+evaluates its share; rank 0 alone writes the result, metrics, W&B run and exported adapter.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .results import clear_running, mark_running, write_json_atomic, write_result
+from . import distributed
+from .distributed import Ranks
+from .results import RESULT_FILE, clear_running, mark_running, write_json_atomic, write_result
 from .spec import CellSpec, cell_id, spec_to_dict, validate_spec
 
 
@@ -34,6 +38,7 @@ class Built:
     model_id: str
     device: object
     load_s: float = 0.0  # reading the weights (excluded from the per-cell overhead)
+    ranks: Ranks = Ranks()
 
 
 def cell_dir_for(spec: CellSpec) -> Path:
@@ -41,26 +46,42 @@ def cell_dir_for(spec: CellSpec) -> Path:
 
 
 def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
-    """Run one cell and return its result (also written to <cell_dir>/result.json)."""
+    """Run one cell and return its result (also written to <cell_dir>/result.json).
+
+    Under RANK/WORLD_SIZE (torchrun, submitit tasks, distributed.spawn_ranks) it joins the cell's
+    process group and runs as one data-parallel rank; every rank returns rank 0's result.
+    """
     validate_spec(spec)
+    with distributed.process_group(spec.gpus) as ranks:
+        if ranks.distributed:
+            validate_spec(spec, ranks.world_size)
+        return _run_ranks(spec, Path(cell_dir) if cell_dir is not None else cell_dir_for(spec), ranks)
+
+
+def _run_ranks(spec: CellSpec, cell_dir: Path, ranks: Ranks) -> dict:
     cid = cell_id(spec)
-    cell_dir = Path(cell_dir) if cell_dir is not None else cell_dir_for(spec)
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    previous = _previous_result(cell_dir, cid)
+    previous = None
+    if ranks.is_main:
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        previous = _previous_result(cell_dir, cid)
+    previous = distributed.broadcast_from_main(previous)
     if previous is not None:
         return previous  # e.g. a requeue signal that arrived after the cell had finished
-    write_json_atomic(cell_dir / "spec.json", {"cell_id": cid, "config": spec_to_dict(spec)})
-    mark_running(cell_dir, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                            "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+    if ranks.is_main:
+        write_json_atomic(cell_dir / "spec.json", {"cell_id": cid, "config": spec_to_dict(spec)})
+        mark_running(cell_dir, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "world_size": ranks.world_size})
     start = time.time()
     try:
-        result = _run(spec, cid, cell_dir, start)
+        result = _run(spec, cid, cell_dir, start, ranks)
     except Exception as err:  # a failed cell still leaves its record (a kill or requeue signal does not)
-        _write_failure(spec, cid, cell_dir, start, err)
+        if not (cell_dir / RESULT_FILE).exists():  # the first rank to fail says why (the others follow it)
+            _write_failure(spec, cid, cell_dir, start, err, ranks)
         raise
     finally:
-        clear_running(cell_dir)
-    return result
+        if ranks.is_main:
+            clear_running(cell_dir)
+    return distributed.broadcast_from_main(result)
 
 
 def _previous_result(cell_dir: Path, cid: str) -> Optional[dict]:
@@ -79,15 +100,17 @@ def _previous_result(cell_dir: Path, cid: str) -> Optional[dict]:
     return None
 
 
-def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float) -> dict:
-    from .logging import MetricLogger, MetricLoggerCallback, wandb_run_id
+def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float, ranks: Ranks) -> Optional[dict]:
+    """Build → base eval → train → eval → export; the result (rank 0; None on other ranks)."""
+    from .logging import MetricLogger, MetricLoggerCallback, NullLogger, wandb_run_id
 
-    built = build(spec)
+    built = build(spec, ranks)
     config = {**spec_to_dict(spec), "cell_id": cid, "trainable_params": built.adapter.trainable_params,
               "trainable_bytes": built.adapter.trainable_bytes, "model_family": built.info.family,
-              "model_size": built.info.size}
-    with MetricLogger(cell_dir, spec.logger, run_id=wandb_run_id(cid), group=spec.sweep,
-                      job_type=spec.algo.name, name=cid, config=config) as logger:
+              "model_size": built.info.size, "world_size": ranks.world_size}
+    logger = MetricLogger(cell_dir, spec.logger, run_id=wandb_run_id(cid), group=spec.sweep,
+                          job_type=spec.algo.name, name=cid, config=config) if ranks.is_main else NullLogger()
+    with logger:
         t0 = time.time()
         base = base_accuracy(spec, built)
         logger.log({f"eval/base_{k}": v for k, v in base.items()
@@ -96,6 +119,8 @@ def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float) -> dict:
         t1 = time.time()
         final = evaluate_final(spec, built, cell_dir, base, trained=train_info["steps"] > 0)
         t2 = time.time()
+        if not ranks.is_main:
+            return None
         export(built, cell_dir)
         timing = {"wall_s": time.time() - start, "train_s": train_info["train_s"],
                   "eval_s": (t2 - t1) + base.get("eval_s", 0.0), "setup_s": t0 - start,
@@ -113,8 +138,11 @@ def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float) -> dict:
 
 
 # -- build -------------------------------------------------------------------------------------
-def build(spec: CellSpec) -> Built:
-    """Load the model and task, and apply the adapter (validated against the model first)."""
+def build(spec: CellSpec, ranks: Ranks = Ranks()) -> Built:
+    """Load the model and task, and apply the adapter (validated against the model first).
+
+    Every rank builds the same thing; that the model and adapter agree across ranks is checked.
+    """
     from transformers import set_seed
 
     from .adapters import apply_adapter
@@ -123,28 +151,39 @@ def build(spec: CellSpec) -> Built:
 
     task = load_task(spec.task)  # data errors surface before the model loads
     t0 = time.time()
-    model, tokenizer, info = load_model_and_tokenizer(_model_config(spec))
+    model, tokenizer, info = load_model_and_tokenizer(_model_config(spec, ranks))
     load_s = time.time() - t0
     model_id = model_identity(spec.model, model)
     set_seed(spec.seed)
-    adapter = apply_adapter(model, spec.adapter, model_id)
+    with distributed.main_first():  # rank 0 fills the SVD cache; the others read the same factors from it
+        adapter = apply_adapter(model, spec.adapter, model_id)
     device = next(model.parameters()).device
-    return Built(adapter.model, tokenizer, info, adapter, task, model_id, device, load_s)
+    if ranks.distributed:  # DDP syncs only the trainable tensors: everything else must already agree
+        distributed.require_same_on_all_ranks(distributed.tensors_fingerprint(adapter.model),
+                                              "the model and adapter built (sampled weights and SVD factors)")
+    return Built(adapter.model, tokenizer, info, adapter, task, model_id, device, load_s, ranks)
 
 
-def _model_config(spec: CellSpec):
-    """model.device=auto follows the cell's `gpus`: cuda when it asks for a GPU, cpu otherwise."""
+def _model_config(spec: CellSpec, ranks: Ranks = Ranks()):
+    """model.device=auto follows the cell's `gpus`: cuda when it asks for a GPU, cpu otherwise.
+    Rank r of a multi-GPU cell uses cuda:LOCAL_RANK."""
     from dataclasses import replace
 
-    if spec.model.device != "auto":
+    if spec.model.device not in ("auto", "cuda"):
         return spec.model
     if spec.gpus > 0:
         import torch
 
-        if not torch.cuda.is_available():
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0:
             raise RuntimeError(f"gpus={spec.gpus} but no CUDA device is visible to this process; run it on a GPU "
                                "node (hydra/launcher=slurm requests one) or set gpus=0 for CPU")
-        return replace(spec.model, device="cuda")
+        if ranks.distributed and ranks.local_rank >= visible:
+            raise RuntimeError(f"rank {ranks.rank} (local rank {ranks.local_rank}) sees only {visible} GPU(s); "
+                               f"a gpus={spec.gpus} cell needs {spec.gpus} GPUs visible to every rank of the node")
+        return replace(spec.model, device=f"cuda:{ranks.local_rank}" if ranks.distributed else "cuda")
+    if spec.model.device == "cuda":
+        return spec.model
     return replace(spec.model, device="cpu")
 
 
@@ -158,7 +197,8 @@ def base_accuracy(spec: CellSpec, built: Built) -> dict:
         return {"accuracy": None, "accuracy_flexible": None, "n_eval": 0, "cached": False}
     dtype = str(next(built.model.parameters()).dtype)
     path = base_cache_path(resolve_cache_dir(spec.model), base_cache_key(built.model_id, spec.task, spec.eval, dtype))
-    cached = read_base_cache(path) if spec.eval.cache_base else None
+    cached = read_base_cache(path) if spec.eval.cache_base and built.ranks.is_main else None
+    cached = distributed.broadcast_from_main(cached)  # every rank takes the same branch
     if cached is not None:
         return {**cached, "cached": True, "eval_s": 0.0}
     t0 = time.time()
@@ -166,7 +206,7 @@ def base_accuracy(spec: CellSpec, built: Built) -> dict:
         result = evaluate(built.model, built.tokenizer, built.task, built.task.eval_problems(), spec.eval,
                           desc="eval base")
     metrics = _scored(result.metrics(), spec.task.scorer)
-    if spec.eval.cache_base:
+    if spec.eval.cache_base and built.ranks.is_main:
         write_base_cache(path, metrics)
     return {**metrics, "cached": False, "eval_s": time.time() - t0}
 
@@ -181,6 +221,8 @@ def evaluate_final(spec: CellSpec, built: Built, cell_dir: Path, base: dict, tra
         return {k: base[k] for k in ("accuracy", "accuracy_strict", "accuracy_flexible", "n_eval")}
     result = evaluate(built.model, built.tokenizer, built.task, built.task.eval_problems(), spec.eval,
                       desc="eval trained")
+    if not built.ranks.is_main:
+        return _scored(result.metrics(), spec.task.scorer)
     with open(cell_dir / "eval_samples.jsonl", "w") as f:
         for record in result.records:
             f.write(json.dumps(record) + "\n")
@@ -205,8 +247,9 @@ def train(spec: CellSpec, built: Built, cell_dir: Path, callbacks) -> dict:
     checkpoints = cell_dir / "checkpoints"
     times: dict = {}
     callbacks = [*callbacks, first_step_timer(times)]
-    trainer = build_trainer(built.model, built.tokenizer, built.task, spec, checkpoints, built.device, callbacks)
-    last = last_complete_checkpoint(checkpoints)
+    world = built.ranks.world_size
+    trainer = build_trainer(built.model, built.tokenizer, built.task, spec, checkpoints, built.device, callbacks, world)
+    last = last_complete_checkpoint(checkpoints, world)
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     resumed = int(last.name.split("-")[1]) if last else None
     return {"steps": trainer.state.global_step, "train_s": time.time() - t0, "resumed_from_step": resumed,
@@ -237,7 +280,7 @@ def make_result(spec, cid, built, base, final, train_info, timing) -> dict:
     from .provenance import collect_provenance
 
     info, adapter = built.info, built.adapter
-    n_gpus = _n_gpus(built.device)
+    n_gpus = built.ranks.world_size if getattr(built.device, "type", "cpu") == "cuda" else 0
     summary = adapter.summary()
     return {
         "cell_id": cid,
@@ -258,7 +301,8 @@ def make_result(spec, cid, built, base, final, train_info, timing) -> dict:
             "reward": train_info["reward"], "train_steps": train_info["steps"],
             "resumed_from_step": train_info["resumed_from_step"],
         },
-        "timing": {**timing, "n_gpus": n_gpus, "gpu_hours": timing["wall_s"] / 3600 * n_gpus},
+        "timing": {**timing, "n_gpus": n_gpus, "world_size": built.ranks.world_size,
+                   "gpu_hours": timing["wall_s"] / 3600 * n_gpus},
         "provenance": collect_provenance(),
     }
 
@@ -275,16 +319,37 @@ def _overhead(train_info: dict, built: Built, base: dict) -> dict:
             "overhead_to_first_step_s": since_start - built.load_s - base.get("eval_s", 0.0)}
 
 
-def _n_gpus(device) -> int:
-    return 1 if getattr(device, "type", "cpu") == "cuda" else 0
-
-
-def _write_failure(spec: CellSpec, cid: str, cell_dir: Path, start: float, err: BaseException) -> None:
+def _write_failure(spec: CellSpec, cid: str, cell_dir: Path, start: float, err: BaseException,
+                   ranks: Ranks = Ranks()) -> None:
     from .provenance import collect_provenance
 
+    cell_dir.mkdir(parents=True, exist_ok=True)
     write_result(cell_dir, {
         "cell_id": cid, "status": "failed", "sweep": spec.sweep, "config": spec_to_dict(spec),
-        "error": {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()},
+        "error": {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc(),
+                  "rank": ranks.rank, "world_size": ranks.world_size},
         "timing": {"wall_s": time.time() - start},
         "provenance": collect_provenance(),
     })
+
+
+def run_cell_here(spec: CellSpec) -> dict:
+    """run_cell from a plain process (launch.py): a `gpus: N > 1` cell started without RANK/WORLD_SIZE
+    spawns its N ranks on this machine; under torchrun or a SLURM task it runs as the given rank."""
+    from dataclasses import asdict
+
+    from .results import read_result
+
+    validate_spec(spec)
+    if spec.gpus > 1 and distributed.ranks_from_env().world_size == 1:
+        distributed.require_gpus(spec.gpus)
+        distributed.spawn_ranks(spec.gpus, run_cell_from_dict, asdict(spec))
+        return read_result(cell_dir_for(spec))
+    return run_cell(spec)
+
+
+def run_cell_from_dict(spec: dict, cell_dir: Optional[str] = None) -> dict:
+    """run_cell for a plain-dict spec: what spawned ranks and submitted jobs call (picklable by name)."""
+    from .spec import spec_from_dict
+
+    return run_cell(spec_from_dict(spec), Path(cell_dir) if cell_dir else None)

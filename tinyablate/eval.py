@@ -90,7 +90,32 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, do_sample=Fa
 
 
 def evaluate(model, tokenizer, task, problems, cfg: EvalConfig, desc: str = "eval") -> EvalResult:
-    """Greedy pass@1 over `problems` with the task's scorer (and sampled pass@k if asked)."""
+    """Greedy pass@1 over `problems` with the task's scorer (and sampled pass@k if asked).
+
+    Under several ranks each scores its share (round robin) and the records are gathered in the
+    problems' order, so every rank returns the same result and each problem is scored exactly once.
+    """
+    from . import distributed
+
+    ranks = distributed.current()
+    mine = distributed.shard(problems, ranks) if ranks.distributed else problems
+    records = _score_problems(model, tokenizer, task, mine, cfg, desc)
+    if ranks.distributed:
+        records = distributed.unshard(distributed.gather_to_all(records))
+    if [r["id"] for r in records] != [p.id for p in problems]:
+        raise RuntimeError(f"evaluation scored {len(records)} records for {len(problems)} problems")
+    n = len(records)
+    result = EvalResult(
+        accuracy=sum(r["strict"] for r in records) / max(n, 1),
+        accuracy_flexible=sum(r["flexible"] for r in records) / max(n, 1),
+        n=n, records=records)
+    if cfg.pass_k:
+        result.pass_at_k = sum(r["solved_at_k"] for r in records) / max(n, 1)
+    return result
+
+
+def _score_problems(model, tokenizer, task, problems, cfg: EvalConfig, desc: str) -> list:
+    """One record per problem: completion, extracted answers, strict/flexible scores (+ pass@k)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -104,24 +129,20 @@ def evaluate(model, tokenizer, task, problems, cfg: EvalConfig, desc: str = "eva
         records.append({"id": problem.id, "answer": problem.answer, "completion": completion,
                         "extracted_strict": s.extracted_strict, "extracted_flexible": s.extracted_flexible,
                         "strict": s.strict, "flexible": s.flexible})
-    n = len(records)
-    result = EvalResult(
-        accuracy=sum(r["strict"] for r in records) / max(n, 1),
-        accuracy_flexible=sum(r["flexible"] for r in records) / max(n, 1),
-        n=n, records=records)
     if cfg.pass_k:
-        result.pass_at_k = _pass_at_k(model, tokenizer, task, problems, prompts, cfg)
+        for record, solved in zip(records, _solved_at_k(model, tokenizer, task, problems, prompts, cfg)):
+            record["solved_at_k"] = solved
     model.train(was_training)
-    return result
+    return records
 
 
-def _pass_at_k(model, tokenizer, task, problems, prompts, cfg: EvalConfig) -> float:
-    """Fraction of problems with at least one strictly correct answer among k samples."""
+def _solved_at_k(model, tokenizer, task, problems, prompts, cfg: EvalConfig) -> list:
+    """Per problem: at least one strictly correct answer among k samples."""
     solved = [False] * len(problems)
     for _ in range(cfg.pass_k):
         for i, text in enumerate(generate(model, tokenizer, prompts, cfg, do_sample=True)):
             solved[i] = solved[i] or task.score(text, problems[i]).strict
-    return sum(solved) / max(len(problems), 1)
+    return solved
 
 
 # -- base accuracy cache ---------------------------------------------------------------------

@@ -324,6 +324,25 @@ class MetricLogger:
         return False
 
 
+class NullLogger:
+    """What ranks other than 0 log to: nothing (rank 0's MetricLogger is the cell's one sink)."""
+
+    def log(self, metrics: Mapping, step: int) -> None:
+        pass
+
+    def summary(self, values: Mapping) -> None:
+        pass
+
+    def close(self, exit_code: int = 0) -> None:
+        pass
+
+    def __enter__(self) -> "NullLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return False
+
+
 def read_metrics(cell_dir: Union[str, Path]) -> List[Dict[str, Any]]:
     """Every line of `<cell_dir>/metrics.jsonl` (a torn last line from a crash is skipped)."""
     path = Path(cell_dir) / METRICS_FILE

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, Optional
 
 from .adapters.config import AdapterConfig, SVDConfig
 from .eval import EvalConfig
@@ -42,7 +42,8 @@ class CellSpec:
     # Skip training (evaluate the adapter as initialised); used for the 0-parameter point.
     train: bool = True
     # GPUs this cell uses (0 = CPU). With model.device=auto it decides the device (and so the dtype:
-    # bf16 on GPU, fp32 on CPU), so it is part of the cell's identity. Launchers request this many.
+    # bf16 on GPU, fp32 on CPU), so it is part of the cell's identity. Launchers request this many;
+    # N > 1 runs N data-parallel ranks on one node (tinyablate/distributed.py), same global batch.
     gpus: int = 0
 
 
@@ -54,6 +55,11 @@ _NOT_IDENTITY = {
     "adapter": {"forward"}, "adapter.svd": {"cache_dir"},
     "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing"},
 }
+
+
+# Settings added after cell ids were first published: left out of the id at their default, so the
+# cells that existed before keep their ids (and are found completed) while other values get new ones.
+_OMIT_AT_DEFAULT = {("algo", "rollout_sampler"): "torch"}
 
 
 # Adapter fields a kind ignores: two cells differing only there are the same cell.
@@ -72,6 +78,9 @@ def identity_dict(spec: CellSpec) -> dict:
         if f.name in _NOT_IDENTITY and _NOT_IDENTITY[f.name] is None:
             continue
         out[f.name] = _strip(getattr(spec, f.name), f.name)
+    for (group, name), default in _OMIT_AT_DEFAULT.items():
+        if out.get(group, {}).get(name, default) == default:
+            out[group].pop(name, None)
     ignored = _IGNORED_BY_KIND[spec.adapter.kind]
     out["adapter"] = {"kind": "none"} if ignored is None else {
         k: v for k, v in out["adapter"].items() if k not in ignored}
@@ -113,19 +122,25 @@ def cell_label(spec: CellSpec) -> str:
     return f"{spec.model.name}-{spec.task.name}-{spec.algo.name}-{ad}-s{spec.seed}".replace("_", "")
 
 
-def validate_spec(spec: CellSpec) -> CellSpec:
-    """Check one cell; raises ValueError naming the field, its value and what is allowed."""
+def validate_spec(spec: CellSpec, world_size: Optional[int] = None) -> CellSpec:
+    """Check one cell; raises ValueError naming the field, its value and what is allowed.
+
+    `world_size`: the ranks it will run as (default: one per GPU, or 1 on CPU).
+    """
+    if not isinstance(spec.gpus, int) or isinstance(spec.gpus, bool) or spec.gpus < 0:
+        raise ValueError(f"gpus={spec.gpus!r} is invalid: an integer >= 0 (0 = CPU; N > 1 runs N data-parallel "
+                         "ranks on one node)")
     spec.model.validate()
     spec.adapter.validate()
     spec.task.validate()
-    spec.algo.validate()
+    spec.algo.validate(world_size or max(spec.gpus, 1))
     spec.eval.validate()
     spec.logger.validate()
     if not isinstance(spec.seed, int) or isinstance(spec.seed, bool):
         raise ValueError(f"seed={spec.seed!r} is invalid: must be an integer")
-    if not isinstance(spec.gpus, int) or isinstance(spec.gpus, bool) or not 0 <= spec.gpus <= 1:
-        raise ValueError(f"gpus={spec.gpus!r} is invalid: a cell runs on 0 (CPU) or 1 GPU; data-parallel "
-                         "cells over several GPUs are not supported yet")
+    if spec.gpus > 1 and spec.model.device not in ("auto", "cuda"):
+        raise ValueError(f"model.device={spec.model.device!r} with gpus={spec.gpus}: each rank uses its own GPU, "
+                         "so set model.device=auto (or cuda)")
     if not spec.sweep or "/" in spec.sweep:
         raise ValueError(f"sweep={spec.sweep!r} is invalid: a non-empty name without '/'")
     if spec.algo.name == "grpo" and spec.algo.beta > 0:

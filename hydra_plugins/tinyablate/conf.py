@@ -36,7 +36,8 @@ class SlurmConf:
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    # CPUs and memory per cell (one task on one node); GPUs per cell come from the cell's `gpus`.
+    # CPUs per task and memory per cell (one node). GPUs per cell come from the cell's `gpus`; a cell with
+    # gpus=N runs as N tasks (one rank per GPU), each with cpus_per_task CPUs.
     cpus_per_task: int = 8
     mem_gb: int = 64
     # Time limit per attempt (minutes); at the limit the job is requeued and resumes from its checkpoint.

@@ -1,4 +1,8 @@
-"""Submission through submitit: a job array per GPU count on SLURM, a bounded pool locally."""
+"""Submission through submitit: a job array per GPU count on SLURM, a bounded pool locally.
+
+A cell with `gpus: N > 1` is one job of N tasks on one node (one rank per GPU); each task exports
+the torch.distributed variables from submitit's job environment and runs the cell as its rank.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +21,12 @@ class CellJob(submitit.helpers.Checkpointable):
         from tinyablate.cell import run_cell
         from tinyablate.spec import spec_from_dict
 
+        if submitit.JobEnvironment().num_tasks > 1:  # one task per rank: MASTER_ADDR/PORT, RANK, WORLD_SIZE, ...
+            # Every task sees the node's GPUs; rank r takes cuda:LOCAL_RANK (distributed.process_group).
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         result = run_cell(spec_from_dict(spec), Path(cell_dir))
         return {"cell_id": result["cell_id"], "status": result["status"],
-                "accuracy": result["metrics"]["accuracy"]}
+                "accuracy": result["metrics"]["accuracy"], "world_size": result["timing"]["world_size"]}
 
 
 def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
@@ -44,11 +51,20 @@ def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
     return jobs
 
 
-def _slurm_executor(settings: dict, folder: Path, gpus: int, sweep: str):
+def ranks_per_cell(gpus: int) -> int:
+    """Processes a cell runs as: one per GPU, one on CPU."""
+    return max(gpus, 1)
+
+
+def _slurm_executor(settings: dict, folder: Path, gpus: int, sweep: str, tasks: int = 0):
+    """One node per cell, `tasks` tasks (default: one per GPU) of cpus_per_task CPUs each."""
+    tasks = tasks or ranks_per_cell(gpus)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=settings["max_requeues"])
     params = dict(
         job_name=f"tinyablate-{sweep}", partition=settings.get("partition"), account=settings.get("account"),
-        qos=settings.get("qos"), constraint=settings.get("constraint"), nodes=1, ntasks_per_node=1,
+        qos=settings.get("qos"), constraint=settings.get("constraint"), nodes=1, ntasks_per_node=tasks,
+        # One rank failing stops the others (they would wait in a collective until the time-out).
+        srun_args=["--kill-on-bad-exit=1"] if tasks > 1 else None,
         cpus_per_task=settings["cpus_per_task"], mem=f"{settings['mem_gb']}G", time=settings["timeout_min"],
         gpus_per_node=gpus or None, array_parallelism=settings["array_parallelism"],
         signal_delay_s=settings["signal_delay_s"], setup=list(settings.get("setup") or []),
@@ -73,7 +89,7 @@ def _run_local(settings: dict, cells: list, folder: Path, record) -> list:
             cell = queue.pop(0)
             gpus = [free_gpus.pop(0) for _ in range(cell.spec.gpus)]
             executor.update_parameters(timeout_min=settings["timeout_min"], gpus_per_node=len(gpus),
-                                       visible_gpus=gpus)
+                                       visible_gpus=gpus, tasks_per_node=ranks_per_cell(len(gpus)))
             job = executor.submit(CellJob(), asdict(cell.spec), str(cell.cell_dir))
             record(cell, job, "local")
             print(f"started {cell.cell_id}{f' on GPU {gpus}' if gpus else ''} (log: {job.paths.stderr})")

@@ -43,21 +43,71 @@ def first_step_timer(times: dict):
     return FirstStepTimer()
 
 
-def last_complete_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
-    """The newest checkpoint-N folder that was written completely, or None."""
+def last_complete_checkpoint(checkpoint_dir: Path, world_size: int = 1) -> Optional[Path]:
+    """The newest checkpoint-N folder that was written completely (by every rank), or None."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return None
+    rng_files = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{r}.pth" for r in range(world_size)]
     found = []
     for child in checkpoint_dir.iterdir():
         match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        if match and (child / TRAINER_STATE).exists() and (child / ADAPTER_STATE).exists():
+        if match and all((child / name).exists() for name in (TRAINER_STATE, ADAPTER_STATE, *rng_files)):
             found.append((int(match.group(1)), child))
     return max(found)[1] if found else None
 
 
-def trainer_kwargs(algo, seed: int, output_dir: Path, device: torch.device) -> dict:
-    """Arguments shared by GRPOConfig and SFTConfig, all pinned (no reliance on TRL defaults)."""
+def rank_sync_check(model):
+    """A TrainerCallback that verifies, after every optimizer step, that the trainable tensors are
+    bit-identical on every rank (DDP all-reduces the gradients, so they must be); raises otherwise.
+
+    It compares a per-tensor (sum, sum of squares, first element) fingerprint, a few floats per tensor.
+    """
+    from transformers import TrainerCallback
+
+    from .. import distributed
+
+    class RankSyncCheck(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if distributed.current().distributed:
+                distributed.require_same_on_all_ranks(trainable_fingerprint(model),
+                                                      f"the trainable parameters after step {state.global_step}")
+
+    return RankSyncCheck()
+
+
+def trainable_fingerprint(model) -> list:
+    out = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            flat = p.detach().double().flatten()
+            out.append((name, float(flat.sum()), float((flat * flat).sum()), float(flat[0])))
+    return out
+
+
+def ignore_frozen_in_ddp(model) -> None:
+    """DDP broadcasts every parameter and buffer from rank 0 when it wraps the model, and buffers
+    before every forward; the frozen base (GBs) and the adapters' fixed factors are identical on every
+    rank by construction (checked by the cell), so only the trainable tensors take part."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    frozen = [name for name, _ in model.named_parameters() if name not in trainable]
+    frozen += [name for name, _ in model.named_buffers()]
+    model._ddp_params_and_buffers_to_ignore = frozen
+
+
+def one_device_per_process(args) -> None:
+    """A single-process cell trains on its one device: Trainer would otherwise wrap the model in
+    nn.DataParallel over every GPU it can see (e.g. `gpus=1` run by hand on a 2-GPU machine)."""
+    _ = args.device  # resolves the device (and sets n_gpu) now, so the override below sticks
+    if args.world_size == 1 and args.n_gpu > 1:
+        args._n_gpu = 1
+
+
+def trainer_kwargs(algo, seed: int, output_dir: Path, device: torch.device, world_size: int = 1) -> dict:
+    """Arguments shared by GRPOConfig and SFTConfig, all pinned (no reliance on TRL defaults).
+
+    With N ranks each does 1/N of the step's micro-batches: the global batch does not change.
+    """
     return dict(
         output_dir=str(output_dir),
         max_steps=algo.max_steps,
@@ -71,7 +121,7 @@ def trainer_kwargs(algo, seed: int, output_dir: Path, device: torch.device) -> d
         max_grad_norm=algo.max_grad_norm,
         optim="adamw_torch",
         per_device_train_batch_size=algo.micro_batch_size,
-        gradient_accumulation_steps=algo.gradient_accumulation_steps,
+        gradient_accumulation_steps=algo.gradient_accumulation_steps(world_size),
         gradient_checkpointing=algo.gradient_checkpointing,
         save_strategy="steps",
         save_steps=algo.save_steps,
@@ -86,4 +136,11 @@ def trainer_kwargs(algo, seed: int, output_dir: Path, device: torch.device) -> d
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=False,
+        # Data parallel (used when the cell runs as several ranks).
+        # (the process group already exists: distributed.process_group; a backend named here would make
+        # a single process try to join a group)
+        ddp_backend=("nccl" if device.type == "cuda" else "gloo") if world_size > 1 else None,
+        ddp_find_unused_parameters=False,  # every trainable tensor is used in every forward
+        ddp_broadcast_buffers=False,  # buffers are fixed (SVD factors, P) and equal on every rank
+        average_tokens_across_devices=True,  # token-mean losses over the global batch, as on one rank
     )

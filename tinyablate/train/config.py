@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 ALGOS = ("grpo", "sft")
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
+ROLLOUT_SAMPLERS = ("torch", "keyed")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
@@ -45,6 +46,10 @@ class AlgoConfig:
     # GRPO sampling.
     temperature: float = 1.0
     top_p: float = 1.0
+    # GRPO rollout randomness. "torch": TRL's sampling from per-rank generators (rollouts depend on
+    # the number of ranks). "keyed": each completion's noise is keyed by (seed, step, prompt, sample
+    # number), so 1 and N GPUs with the same global batch sample the same rollouts (train/sampling.py).
+    rollout_sampler: str = "torch"
     # GRPO KL coefficient. Paper: no KL penalty (beta = 0), so no reference model is kept.
     beta: float = 0.0
     # GRPO loss normalisation (TRL's names). "grpo": per-sequence mean, the original GRPO; TRL's
@@ -60,8 +65,10 @@ class AlgoConfig:
     logging_steps: int = 1
     gradient_checkpointing: bool = False
 
-    def validate(self) -> "AlgoConfig":
+    def validate(self, world_size: int = 1) -> "AlgoConfig":
+        """Check every field; `world_size` is the cell's data-parallel ranks (its GPUs, at least 1)."""
         _one_of("name", self.name, ALGOS)
+        _one_of("rollout_sampler", self.rollout_sampler, ROLLOUT_SAMPLERS)
         _one_of("loss_type", self.loss_type, GRPO_LOSSES)
         _one_of("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _one_of("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
@@ -82,7 +89,24 @@ class AlgoConfig:
                 f"algo.prompts_per_step={self.prompts_per_step} is not a multiple of "
                 f"algo.micro_batch_size={self.micro_batch_size}: set them so the step splits into whole micro-batches"
             )
+        self._validate_ranks(world_size)
         return self
+
+    def _validate_ranks(self, world_size: int) -> None:
+        """The global batch of a step must split evenly over the ranks' micro-batches."""
+        per_step = self.sequences_per_step
+        if world_size <= 1 or per_step % (self.micro_batch_size * world_size) == 0:
+            return
+        what = "completions (prompts_per_step x num_generations)" if self.name == "grpo" else "examples"
+        if per_step % world_size:
+            fix = "change algo.prompts_per_step so the GPUs divide it"
+        else:
+            fix = f"e.g. algo.micro_batch_size={_largest_divisor(per_step // world_size, self.micro_batch_size)}"
+        raise ValueError(
+            f"a step's {per_step} {what} do not split into algo.micro_batch_size={self.micro_batch_size} "
+            f"x {world_size} GPUs: the global batch stays the same for any number of GPUs, so micro_batch_size x "
+            f"GPUs must divide it ({fix})"
+        )
 
     def _validate_grpo_batch(self) -> None:
         if not isinstance(self.num_generations, int) or self.num_generations < 2:
@@ -99,9 +123,17 @@ class AlgoConfig:
             )
 
     @property
-    def gradient_accumulation_steps(self) -> int:
-        per_step = self.prompts_per_step * (self.num_generations if self.name == "grpo" else 1)
-        return per_step // self.micro_batch_size
+    def sequences_per_step(self) -> int:
+        """The global batch of one optimizer step: completions (GRPO) or examples (SFT)."""
+        return self.prompts_per_step * (self.num_generations if self.name == "grpo" else 1)
+
+    def gradient_accumulation_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per rank per step: the global batch is the same for any number of ranks."""
+        return self.sequences_per_step // (self.micro_batch_size * world_size)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
 def _one_of(name, value, allowed):

@@ -5,20 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..tasks.scoring import reward_fn
-from .common import AdapterCheckpointMixin, trainer_kwargs
+from .common import AdapterCheckpointMixin, one_device_per_process, trainer_kwargs
+
+ROW = "row"  # dataset column: the prompt's index, part of each rollout's key under keyed sampling
 
 
-def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, callbacks=()):
+def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, callbacks=(), world_size: int = 1):
     """A GRPOTrainer over the task's training prompts, rewarded by the task's own scorer."""
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    class TinyablateGRPOTrainer(AdapterCheckpointMixin, GRPOTrainer):
-        pass
+    from trl import GRPOConfig
 
     algo = spec.algo
     args = GRPOConfig(
-        **trainer_kwargs(algo, spec.seed, output_dir, device),
+        **trainer_kwargs(algo, spec.seed, output_dir, device, world_size),
         num_generations=algo.num_generations,
         max_completion_length=algo.max_completion_length,
         temperature=algo.temperature,
@@ -34,8 +33,10 @@ def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, c
         disable_dropout=True,
         log_completions=False,
     )
-    dataset = Dataset.from_list(task.prompt_rows(task.train_problems()))
-    return TinyablateGRPOTrainer(
+    one_device_per_process(args)
+    rows = task.prompt_rows(task.train_problems())
+    dataset = Dataset.from_list([{**row, ROW: i} for i, row in enumerate(rows)])
+    trainer = _trainer_class()(
         model=model,
         reward_funcs=[reward_fn(spec.task.scorer)],
         args=args,
@@ -43,3 +44,38 @@ def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, c
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    trainer.keyed_seed = spec.seed if algo.rollout_sampler == "keyed" else None
+    return trainer
+
+
+def _trainer_class():
+    from trl import GRPOTrainer
+
+    from .. import distributed
+    from .sampling import keyed_generation, rollout_keys
+
+    class TinyablateGRPOTrainer(AdapterCheckpointMixin, GRPOTrainer):
+        """GRPOTrainer with adapter-only checkpoints and, when `keyed_seed` is set, keyed rollouts."""
+
+        keyed_seed = None
+        _rollout_keys = None
+
+        def _generate_and_score_completions(self, inputs):
+            if self.keyed_seed is not None and self.model.training:
+                rows = [x[ROW] for x in inputs]
+                everyone = distributed.gather_to_all(rows)
+                offset = sum(len(r) for r in everyone[:self.accelerator.process_index])
+                self._rollout_keys = rollout_keys(self.keyed_seed, self.state.global_step, rows,
+                                                  [r for rank_rows in everyone for r in rank_rows], offset)
+            return super()._generate_and_score_completions(inputs)
+
+        def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+            keys, self._rollout_keys = self._rollout_keys, None
+            if keys is None:
+                return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+            if len(keys) != len(prompt_ids):
+                raise RuntimeError(f"keyed sampling: {len(keys)} keys for {len(prompt_ids)} prompts")
+            with keyed_generation(self, keys):
+                return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+
+    return TinyablateGRPOTrainer

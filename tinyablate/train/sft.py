@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import AdapterCheckpointMixin, trainer_kwargs
+from .common import AdapterCheckpointMixin, one_device_per_process, trainer_kwargs
 
 
-def build_sft_trainer(model, tokenizer, task, spec, output_dir: Path, device, callbacks=()):
+def build_sft_trainer(model, tokenizer, task, spec, output_dir: Path, device, callbacks=(), world_size: int = 1):
     """An SFTTrainer over prompt-completion conversations built from the task's training problems."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -17,11 +17,12 @@ def build_sft_trainer(model, tokenizer, task, spec, output_dir: Path, device, ca
 
     algo = spec.algo
     args = SFTConfig(
-        **trainer_kwargs(algo, spec.seed, output_dir, device),
+        **trainer_kwargs(algo, spec.seed, output_dir, device, world_size),
         max_length=algo.max_length,
         completion_only_loss=True,  # the prompt's tokens carry no loss
         packing=False,
     )
+    one_device_per_process(args)
     dataset = Dataset.from_list(task.sft_rows(task.train_problems()))
     return TinyablateSFTTrainer(
         model=model,

@@ -1,0 +1,196 @@
+"""Data-parallel scaling of a GRPO step: 1 vs N ranks with the same global batch, side by side.
+
+Run (N GPUs, Qwen2.5-7B shape, 8 layers): python benchmarks/dp_bench.py --device cuda --world-sizes 1,2
+Run (CPU, gloo, small shape, ~1 min):      python benchmarks/dp_bench.py --device cpu --shape small --layers 2
+
+Random weights in the real model's shapes (no Hub), TinyLoRA r=2 u=13 tie=1 on every linear layer,
+bf16 base on GPU. One step is what a GRPO step computes, without TRL's bookkeeping: each rank samples
+its share of the step's prompts x generations (HF generate, `--sampler torch` or `keyed`), then runs
+forward + backward over those sequences in micro-batches with an advantage-weighted log-likelihood
+loss, DDP all-reduces v's gradient, and AdamW steps. For each world size it prints the step time,
+rollout tokens/s (all ranks), training time, and speed-up / scaling efficiency against 1 rank; with
+`--samplers torch,keyed` also keyed sampling's rollout throughput relative to torch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.adapter_bench import SHAPES, TARGETS  # noqa: E402
+from tinyablate import distributed  # noqa: E402
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-7b")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--world-sizes", default="1,2")
+    p.add_argument("--samplers", default="torch", help="comma list of torch,keyed")
+    p.add_argument("--prompts", type=int, default=16, help="prompts per step (global)")
+    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", type=Path)
+    return p.parse_args(argv)
+
+
+def build(args, device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tinyablate.adapters import AdapterConfig, SVDConfig, apply_adapter
+
+    cfg = Qwen2Config(**SHAPES[args.shape], num_hidden_layers=args.layers, max_position_embeddings=4096,
+                      tie_word_embeddings=False, use_cache=True)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with device:
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter_cfg = AdapterConfig(kind="tinylora", r=2, u=13, tie=1, target_modules=list(TARGETS),
+                                svd=SVDConfig(cache_dir=args.svd_cache))
+    with distributed.main_first():
+        adapter = apply_adapter(model, adapter_cfg, f"random:{args.shape}:{args.layers}")
+    return adapter.model, cfg.vocab_size
+
+
+def rank_main(args, world: int, sampler: str, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from transformers import LogitsProcessorList
+
+    from tinyablate.train.common import ignore_frozen_in_ddp
+    from tinyablate.train.sampling import KeyedGumbelSampler, sequence_key
+
+    with distributed.process_group(world if args.device == "cuda" else 0) as ranks:
+        device = torch.device("cuda", ranks.local_rank) if args.device == "cuda" else torch.device("cpu")
+        model, vocab = build(args, device)
+        ignore_frozen_in_ddp(model)
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        prompts = torch.randint(0, vocab, (args.prompts, args.prompt_len), generator=gen)
+        rows = distributed.shard(list(range(args.prompts * args.generations)), ranks)
+        times = []
+        for step in range(args.warmup + args.steps):
+            ids = prompts[[r // args.generations for r in rows]].to(device)
+            sync(device)
+            t0 = time.perf_counter()
+            model.eval()
+            kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+            if sampler == "keyed":
+                keys = [sequence_key(0, step, r // args.generations, r % args.generations) for r in rows]
+                kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None,
+                              logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 1.0)]))
+            with torch.no_grad():
+                seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=0,
+                                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kwargs)
+            sync(device)
+            t1 = time.perf_counter()
+            model.train()
+            advantages = torch.randn(len(rows), generator=gen).to(device)
+            chunks = range(0, len(rows), args.micro_batch)
+            for i, start in enumerate(chunks):
+                batch, adv = seqs[start:start + args.micro_batch], advantages[start:start + args.micro_batch]
+                last = i == len(chunks) - 1
+                context = ddp.no_sync() if world > 1 and not last else _null()
+                with context:
+                    logits = ddp(input_ids=batch).logits[:, args.prompt_len - 1:-1].float()
+                    logp = logits.log_softmax(-1).gather(-1, batch[:, args.prompt_len:, None]).squeeze(-1)
+                    loss = -(adv[:, None] * logp).mean() / len(chunks)
+                    loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            t2 = time.perf_counter()
+            if step >= args.warmup:
+                times.append((t2 - t0, t1 - t0, t2 - t1, len(rows) * args.new_tokens))
+        all_times = distributed.gather_to_all(times)
+        if ranks.is_main:
+            step = [max(t[i][0] for t in all_times) for i in range(len(times))]
+            rollout = [max(t[i][1] for t in all_times) for i in range(len(times))]
+            train = [max(t[i][2] for t in all_times) for i in range(len(times))]
+            tokens = sum(t[0][3] for t in all_times)
+            Path(out).write_text(json.dumps({
+                "world_size": world, "sampler": sampler, "step_s": statistics.median(step),
+                "rollout_s": statistics.median(rollout), "train_s": statistics.median(train),
+                "rollout_tokens_per_s": tokens / statistics.median(rollout)}))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    worlds = [int(w) for w in args.world_sizes.split(",")]
+    samplers = args.samplers.split(",")
+    visible = torch.cuda.device_count() if args.device == "cuda" else None
+    rows, skipped = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        args.svd_cache = str(Path(tmp) / "svd")
+        for sampler in samplers:
+            for world in worlds:
+                if visible is not None and world > visible:
+                    skipped.append(f"{world} ranks ({visible} GPU(s) visible)")
+                    continue
+                out = Path(tmp) / f"{sampler}-{world}.json"
+                distributed.spawn_ranks(world, rank_main, args, world, sampler, str(out))
+                rows.append(json.loads(out.read_text()))
+    report = {"device": _device_name(args.device), "date": time.strftime("%Y-%m-%d"),
+              "argv": sys.argv[1:] if argv is None else argv, "rows": rows, "skipped": sorted(set(skipped))}
+    print_table(report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def print_table(report: dict) -> None:
+    rows = report["rows"]
+    print(f"device: {report['device']}")
+    print(f"{'sampler':<8}{'ranks':>6}{'step s':>10}{'rollout s':>11}{'train s':>10}{'rollout tok/s':>15}"
+          f"{'speed-up':>10}{'efficiency':>12}")
+    for r in rows:
+        base = next((b for b in rows if b["sampler"] == r["sampler"] and b["world_size"] == 1), None)
+        speedup = base["step_s"] / r["step_s"] if base else float("nan")
+        print(f"{r['sampler']:<8}{r['world_size']:>6}{r['step_s']:>10.3f}{r['rollout_s']:>11.3f}{r['train_s']:>10.3f}"
+              f"{r['rollout_tokens_per_s']:>15.0f}{speedup:>10.2f}{speedup / r['world_size']:>12.2f}")
+    torch_rows = {r["world_size"]: r for r in rows if r["sampler"] == "torch"}
+    for r in rows:
+        if r["sampler"] == "keyed" and r["world_size"] in torch_rows:
+            ratio = r["rollout_tokens_per_s"] / torch_rows[r["world_size"]]["rollout_tokens_per_s"]
+            print(f"keyed / torch rollout tokens/s at {r['world_size']} rank(s): {ratio:.3f}")
+    for s in report["skipped"]:
+        print(f"not run: {s}")
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+if __name__ == "__main__":
+    main()
