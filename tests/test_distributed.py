@@ -223,3 +223,15 @@ def test_global_batch_must_split_over_the_gpus(tmp_path):
     spec.gpus = 3
     with pytest.raises(ValueError, match="change algo.prompts_per_step"):
         validate_spec(spec)
+
+
+def test_dp_bench_runs_on_cpu_ranks():
+    """The scaling benchmark's script works end to end (gloo; its CPU timings mean nothing)."""
+    from benchmarks.dp_bench import main
+
+    report = main(["--device", "cpu", "--shape", "small", "--layers", "1", "--world-sizes", "1,2",
+                   "--samplers", "torch,keyed", "--prompts", "2", "--generations", "2", "--prompt-len", "8",
+                   "--new-tokens", "4", "--micro-batch", "2", "--steps", "1", "--warmup", "0"])
+    assert [(r["sampler"], r["world_size"]) for r in report["rows"]] == [
+        ("torch", 1), ("torch", 2), ("keyed", 1), ("keyed", 2)]
+    assert all(r["step_s"] > 0 and r["rollout_tokens_per_s"] > 0 for r in report["rows"])
