@@ -118,6 +118,7 @@ def rank_main(args, world: int, sampler: str, out: str) -> None:
             t2 = time.perf_counter()
             if step >= args.warmup:
                 times.append((t2 - t0, t1 - t0, t2 - t1, len(rows) * args.new_tokens))
+        del ddp, model, params, opt, seqs  # before the process group goes (see distributed.process_group)
         all_times = distributed.gather_to_all(times)
         if ranks.is_main:
             step = [max(t[i][0] for t in all_times) for i in range(len(times))]

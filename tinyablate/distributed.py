@@ -83,8 +83,15 @@ def process_group(gpus: int) -> Iterator[Ranks]:
             dist.init_process_group("gloo", timeout=TIMEOUT)
     try:
         yield ranks
+        if created:
+            dist.barrier()  # no rank tears down while another still communicates
     finally:
         if created and dist.is_initialized():
+            # DDP wrappers (e.g. inside a finished Trainer) hold the group through reference cycles; freed
+            # only at interpreter exit, after the group, gloo's worker threads abort the process.
+            import gc
+
+            gc.collect()
             dist.destroy_process_group()
 
 
