@@ -20,12 +20,13 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.adapter_bench import SHAPES, TARGETS  # noqa: E402
+from benchmarks.adapter_bench import SHAPES, TARGETS, build_base  # noqa: E402
 from tinyablate import distributed  # noqa: E402
 
 
@@ -48,23 +49,18 @@ def parse(argv=None):
 
 
 def build(args, device):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """adapter_bench's random model in the shape (bf16 on GPU), with TinyLoRA applied."""
+    from types import SimpleNamespace
 
     from tinyablate.adapters import AdapterConfig, SVDConfig, apply_adapter
 
-    cfg = Qwen2Config(**SHAPES[args.shape], num_hidden_layers=args.layers, max_position_embeddings=4096,
-                      tie_word_embeddings=False, use_cache=True)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with device:
-        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_base(SimpleNamespace(shape=args.shape, layers=args.layers, device=str(device), dtype=dtype))
     adapter_cfg = AdapterConfig(kind="tinylora", r=2, u=13, tie=1, target_modules=list(TARGETS),
                                 svd=SVDConfig(cache_dir=args.svd_cache))
     with distributed.main_first():
         adapter = apply_adapter(model, adapter_cfg, f"random:{args.shape}:{args.layers}")
-    return adapter.model, cfg.vocab_size
+    return adapter.model, SHAPES[args.shape]["vocab_size"]
 
 
 def rank_main(args, world: int, sampler: str, out: str) -> None:
@@ -106,7 +102,7 @@ def rank_main(args, world: int, sampler: str, out: str) -> None:
             for i, start in enumerate(chunks):
                 batch, adv = seqs[start:start + args.micro_batch], advantages[start:start + args.micro_batch]
                 last = i == len(chunks) - 1
-                context = ddp.no_sync() if world > 1 and not last else _null()
+                context = ddp.no_sync() if world > 1 and not last else nullcontext()
                 with context:
                     logits = ddp(input_ids=batch).logits[:, args.prompt_len - 1:-1].float()
                     logp = logits.log_softmax(-1).gather(-1, batch[:, args.prompt_len:, None]).squeeze(-1)
@@ -129,14 +125,6 @@ def rank_main(args, world: int, sampler: str, out: str) -> None:
                 "world_size": world, "sampler": sampler, "step_s": statistics.median(step),
                 "rollout_s": statistics.median(rollout), "train_s": statistics.median(train),
                 "rollout_tokens_per_s": tokens / statistics.median(rollout)}))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def sync(device):

@@ -40,11 +40,13 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 
 def test_sample_numbers_do_not_depend_on_the_split():
     rows = [4, 4, 4, 4, 9, 9, 9, 9]
-    one = rollout_keys(0, 5, rows, rows, 0)
-    two = rollout_keys(0, 5, rows[:4], rows, 0) + rollout_keys(0, 5, rows[4:], rows, 4)
-    odd = rollout_keys(0, 5, rows[:2], rows, 0) + rollout_keys(0, 5, rows[2:6], rows, 2) + rollout_keys(0, 5, rows[6:], rows, 6)
+    one = rollout_keys(0, 5, [rows], 0)
+    halves = [rows[:4], rows[4:]]
+    two = rollout_keys(0, 5, halves, 0) + rollout_keys(0, 5, halves, 1)
+    thirds = [rows[:2], rows[2:6], rows[6:]]
+    odd = sum((rollout_keys(0, 5, thirds, r) for r in range(3)), [])
     assert one == two == odd and len(set(one)) == 8
-    assert rollout_keys(1, 5, rows, rows, 0) != one and rollout_keys(0, 6, rows, rows, 0) != one
+    assert rollout_keys(1, 5, [rows], 0) != one and rollout_keys(0, 6, [rows], 0) != one
 
 
 def test_same_key_same_completion_whatever_the_batch(tmp_path):

@@ -51,10 +51,9 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
     Under RANK/WORLD_SIZE (torchrun, submitit tasks, distributed.spawn_ranks) it joins the cell's
     process group and runs as one data-parallel rank; every rank returns rank 0's result.
     """
-    validate_spec(spec)
+    started_as = distributed.ranks_from_env()
+    validate_spec(spec, started_as.world_size if started_as.distributed else None)
     with distributed.process_group(spec.gpus) as ranks:
-        if ranks.distributed:
-            validate_spec(spec, ranks.world_size)
         return _run_ranks(spec, Path(cell_dir) if cell_dir is not None else cell_dir_for(spec), ranks)
 
 
@@ -174,13 +173,9 @@ def _model_config(spec: CellSpec, ranks: Ranks = Ranks()):
     if spec.gpus > 0:
         import torch
 
-        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if visible == 0:
+        if not torch.cuda.is_available():  # (each rank's own GPU was checked when it joined the group)
             raise RuntimeError(f"gpus={spec.gpus} but no CUDA device is visible to this process; run it on a GPU "
                                "node (hydra/launcher=slurm requests one) or set gpus=0 for CPU")
-        if ranks.distributed and ranks.local_rank >= visible:
-            raise RuntimeError(f"rank {ranks.rank} (local rank {ranks.local_rank}) sees only {visible} GPU(s); "
-                               f"a gpus={spec.gpus} cell needs {spec.gpus} GPUs visible to every rank of the node")
         return replace(spec.model, device=f"cuda:{ranks.local_rank}" if ranks.distributed else "cuda")
     if spec.model.device == "cuda":
         return spec.model
@@ -221,11 +216,10 @@ def evaluate_final(spec: CellSpec, built: Built, cell_dir: Path, base: dict, tra
         return {k: base[k] for k in ("accuracy", "accuracy_strict", "accuracy_flexible", "n_eval")}
     result = evaluate(built.model, built.tokenizer, built.task, built.task.eval_problems(), spec.eval,
                       desc="eval trained")
-    if not built.ranks.is_main:
-        return _scored(result.metrics(), spec.task.scorer)
-    with open(cell_dir / "eval_samples.jsonl", "w") as f:
-        for record in result.records:
-            f.write(json.dumps(record) + "\n")
+    if built.ranks.is_main:
+        with open(cell_dir / "eval_samples.jsonl", "w") as f:
+            for record in result.records:
+                f.write(json.dumps(record) + "\n")
     return _scored(result.metrics(), spec.task.scorer)
 
 
@@ -323,7 +317,6 @@ def _write_failure(spec: CellSpec, cid: str, cell_dir: Path, start: float, err: 
                    ranks: Ranks = Ranks()) -> None:
     from .provenance import collect_provenance
 
-    cell_dir.mkdir(parents=True, exist_ok=True)
     write_result(cell_dir, {
         "cell_id": cid, "status": "failed", "sweep": spec.sweep, "config": spec_to_dict(spec),
         "error": {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc(),

@@ -18,7 +18,7 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -200,8 +200,3 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def env_ranks_description(ranks: Optional[Ranks] = None) -> dict:
-    """What a result records of the layout it ran with."""
-    ranks = ranks or current()
-    return {"world_size": ranks.world_size, "backend": dist.get_backend() if ranks.distributed else None}

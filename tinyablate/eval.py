@@ -97,11 +97,9 @@ def evaluate(model, tokenizer, task, problems, cfg: EvalConfig, desc: str = "eva
     """
     from . import distributed
 
-    ranks = distributed.current()
-    mine = distributed.shard(problems, ranks) if ranks.distributed else problems
-    records = _score_problems(model, tokenizer, task, mine, cfg, desc)
-    if ranks.distributed:
-        records = distributed.unshard(distributed.gather_to_all(records))
+    mine = distributed.shard(problems, distributed.current())  # all of them on a single rank
+    records = distributed.unshard(distributed.gather_to_all(
+        _score_problems(model, tokenizer, task, mine, cfg, desc)))
     if [r["id"] for r in records] != [p.id for p in problems]:
         raise RuntimeError(f"evaluation scored {len(records)} records for {len(problems)} problems")
     n = len(records)

@@ -62,11 +62,9 @@ def _trainer_class():
 
         def _generate_and_score_completions(self, inputs):
             if self.keyed_seed is not None and self.model.training:
-                rows = [x[ROW] for x in inputs]
-                everyone = distributed.gather_to_all(rows)
-                offset = sum(len(r) for r in everyone[:self.accelerator.process_index])
-                self._rollout_keys = rollout_keys(self.keyed_seed, self.state.global_step, rows,
-                                                  [r for rank_rows in everyone for r in rank_rows], offset)
+                rows_by_rank = distributed.gather_to_all([x[ROW] for x in inputs])
+                self._rollout_keys = rollout_keys(self.keyed_seed, self.state.global_step, rows_by_rank,
+                                                  self.accelerator.process_index)
             return super()._generate_and_score_completions(inputs)
 
         def _generate_single_turn(self, prompt_ids, *args, **kwargs):

@@ -43,20 +43,21 @@ def sequence_key(seed: int, step: int, row: int, sample: int) -> int:
     return key
 
 
-def rollout_keys(seed: int, step: int, local_rows: Sequence[int], all_rows: Sequence[int], offset: int) -> list:
-    """Keys of this rank's completions; `all_rows` is every rank's rows in rank order, this rank's at `offset`.
+def rollout_keys(seed: int, step: int, rows_by_rank: Sequence[Sequence[int]], rank: int) -> list:
+    """Keys of rank `rank`'s completions, from every rank's dataset rows (in rank order).
 
     A prompt repeated G times in the generation batch (its GRPO group) gets sample numbers 0..G-1 by
     its position in the global batch, so the keys do not depend on how the batch is split.
     """
-    seen: Counter = Counter()
-    samples = []
-    for row in all_rows:
-        samples.append(seen[row])
-        seen[row] += 1
-    mine = samples[offset:offset + len(local_rows)]
-    assert list(all_rows[offset:offset + len(local_rows)]) == list(local_rows), "rows are not this rank's slice"
-    return [sequence_key(seed, step, row, s) for row, s in zip(local_rows, mine)]
+    seen: Counter = Counter()  # copies of each row met so far, in global order
+    keys_by_rank = []
+    for rows in rows_by_rank:
+        keys = []
+        for row in rows:
+            keys.append(sequence_key(seed, step, row, seen[row]))
+            seen[row] += 1
+        keys_by_rank.append(keys)
+    return keys_by_rank[rank]
 
 
 class KeyedGumbelSampler:
