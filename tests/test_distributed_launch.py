@@ -67,3 +67,26 @@ def test_a_multi_gpu_cell_without_the_gpus_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="needs 2 GPU.*set gpus=0 for CPU"):
         run_cell_here(spec)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_multi_gpu_cell_in_one_process_is_refused_before_loading(tmp_path, monkeypatch):
+    """run_cell itself never trains a gpus=N cell on fewer GPUs than it asks for."""
+    from tinyablate.cell import run_cell
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    spec = _spec(tmp_path)
+    spec.gpus = 2
+    with pytest.raises(ValueError, match=r"gpus=2 runs as 2 ranks, but this is a single process.*torchrun"):
+        run_cell(spec)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("value", ["ten", "0"])
+def test_a_bad_collective_timeout_says_what_to_set(monkeypatch, value):
+    from tinyablate.distributed import collective_timeout
+
+    monkeypatch.setenv("TINYABLATE_DIST_TIMEOUT_MIN", value)
+    with pytest.raises(ValueError, match=f"TINYABLATE_DIST_TIMEOUT_MIN='{value}' is invalid: a whole number"):
+        collective_timeout()
+    monkeypatch.setenv("TINYABLATE_DIST_TIMEOUT_MIN", "90")
+    assert collective_timeout().total_seconds() == 90 * 60

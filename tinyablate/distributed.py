@@ -23,8 +23,21 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-# How long a collective may wait for the slowest rank (rollouts of long completions are slow).
-TIMEOUT = timedelta(minutes=int(os.environ.get("TINYABLATE_DIST_TIMEOUT_MIN", "60")))
+# How long a collective may wait for the slowest rank, in minutes (rollouts of long completions are slow).
+TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN = "TINYABLATE_DIST_TIMEOUT_MIN", 60
+
+
+def collective_timeout() -> timedelta:
+    """$TINYABLATE_DIST_TIMEOUT_MIN (default 60) as a timedelta; a bad value says what to set."""
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_MIN))
+    try:
+        minutes = int(raw)
+    except ValueError:
+        minutes = 0
+    if minutes < 1:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} is invalid: a whole number of minutes >= 1 "
+                         f"(default {DEFAULT_TIMEOUT_MIN})")
+    return timedelta(minutes=minutes)
 
 
 @dataclass(frozen=True)
@@ -67,20 +80,25 @@ def process_group(gpus: int) -> Iterator[Ranks]:
     """
     ranks = ranks_from_env()
     if not ranks.distributed:
+        if gpus > 1:  # one process would quietly train on one of the N GPUs
+            raise ValueError(f"gpus={gpus} runs as {gpus} ranks, but this is a single process (no WORLD_SIZE): "
+                             f"start it with launch.py or tinyablate.cell.run_cell_here, or under "
+                             f"torchrun --nproc-per-node {gpus}")
         yield ranks
         return
     if gpus not in (0, ranks.world_size):
         raise ValueError(f"gpus={gpus} but this cell was started as {ranks.world_size} ranks (WORLD_SIZE): "
                          f"start one rank per GPU, e.g. torchrun --nproc-per-node {gpus}")
+    timeout = collective_timeout()
     _share_cpu_threads(ranks)
     created = not dist.is_initialized()
     if created:
         if gpus:
             require_gpus(ranks.local_rank + 1)
             torch.cuda.set_device(ranks.local_rank)
-            dist.init_process_group("nccl", timeout=TIMEOUT, device_id=torch.device("cuda", ranks.local_rank))
+            dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", ranks.local_rank))
         else:
-            dist.init_process_group("gloo", timeout=TIMEOUT)
+            dist.init_process_group("gloo", timeout=timeout)
     try:
         yield ranks
         if created:
