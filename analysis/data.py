@@ -205,6 +205,8 @@ def config_key(config: dict, row: dict) -> str:
     if ident is None:
         ident = {k: row[k] for k in ("task", "scorer", "model", "algo", "kind", "r", "u", "tie", "sharing",
                                      "precision", "trainable_params", "trainable_bytes")}
+        # e.g. the randomized SVD retired on 2026-12-02: another basis, never a seed of the current one
+        ident["svd"] = ((config or {}).get("adapter") or {}).get("svd")
     return json.dumps(ident, sort_keys=True, default=str)
 
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from tinyablate.adapters import AdapterConfig
+from tinyablate.adapters import AdapterConfig, SVDConfig
 from tinyablate.eval import EvalConfig
 from tinyablate.logging import LoggerConfig
 from tinyablate.models import ModelConfig
@@ -113,3 +113,16 @@ def test_multi_gpu_cells_are_valid_and_their_own_cells():
                                                           micro_batch_size=32)))
     assert spec.algo.gradient_accumulation_steps(8) == 1 and spec.algo.gradient_accumulation_steps(1) == 8
     assert cell_id(spec) != cell_id(CellSpec(gpus=1, algo=spec.algo))
+
+
+def test_the_svd_method_decides_the_basis_and_so_the_cell_id():
+    """The exact basis of 2026-12-02 made every TinyLoRA/LoRA-XS id new; an old config is refused, not reused."""
+    base = CellSpec()
+    assert identity_dict(base)["adapter"]["svd"] == {"method": "exact"}  # cache_rank/cache_dir: not identity
+    assert cell_id(CellSpec(adapter=AdapterConfig(svd=SVDConfig(cache_rank=16, cache_dir="/x")))) == cell_id(base)
+    assert cell_id(CellSpec(adapter=AdapterConfig(svd=SVDConfig(method="full")))) != cell_id(base)
+    old = asdict(base)
+    old["adapter"]["svd"] = {"method": "auto", "full_below": 512, "niter": 6, "oversample": 16, "seed": 0,
+                             "cache_rank": 8, "cache_dir": None}
+    with pytest.raises(ValueError, match="retired on 2026-12-02"):
+        spec_from_dict(old)

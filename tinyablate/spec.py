@@ -52,7 +52,7 @@ _NOT_IDENTITY = {
     "logger": None, "sweep": None, "output_dir": None,
     "eval": {"batch_size", "base", "cache_base"},
     "model": {"device", "cache_dir", "attn_implementation"},
-    "adapter": {"forward"}, "adapter.svd": {"cache_dir"},
+    "adapter": {"forward"}, "adapter.svd": {"cache_dir", "cache_rank"},
     "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing"},
 }
 
@@ -161,7 +161,7 @@ def spec_from_dict(raw: dict) -> CellSpec:
     raw = dict(raw)
     adapter = dict(raw.get("adapter", {}))
     if "svd" in adapter:
-        adapter["svd"] = SVDConfig(**adapter["svd"])
+        adapter["svd"] = SVDConfig.from_dict(adapter["svd"])
     return CellSpec(
         model=ModelConfig(**raw.get("model", {})),
         adapter=AdapterConfig(**adapter),

@@ -15,30 +15,43 @@ KINDS = ("tinylora", "lora_xs", "lora", "none")
 SHARINGS = ("tiled", "structured")
 PRECISIONS = ("fp32", "bf16", "fp16")
 FORWARD_MODES = ("fused", "unmerged")
-SVD_METHODS = ("auto", "full", "randomized")
+SVD_METHODS = ("exact", "full")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass
 class SVDConfig:
-    """How the frozen top-r SVD factors are computed and cached."""
+    """How the frozen top-r SVD factors are computed and cached (tinyablate/adapters/svd.py)."""
 
-    # "full": torch.linalg.svd (exact, slow on big matrices); "randomized": seeded subspace iteration
-    # (accurate for the top singular vectors of real weights, ms per module on a GPU); "auto": full
-    # when min(d, k) <= full_below, randomized otherwise.
-    method: str = "auto"
-    full_below: int = 512
-    # Randomized SVD: power iterations and oversampling (extra columns beyond cache_rank).
-    niter: int = 6
-    oversample: int = 16
-    seed: int = 0
+    # "exact": eigendecomposition of the smaller Gram matrix in float64 (the default: exact, and a
+    # certified error bound per module; ~ms per module on a GPU). "full": torch.linalg.svd in float32
+    # (LAPACK/cuSOLVER; exact too, slower on GPUs). Both decide the basis, so the method is part of
+    # cell_id. Before 2026-12-02 the default was a randomized SVD ("auto"/"randomized") whose basis was
+    # not W's top-r on flat spectra; those values are refused.
+    method: str = "exact"
     # Factors are computed and cached at max(r, cache_rank); a smaller r slices the cached factors, so
     # every cell of a rank sweep shares one SVD per module.
     cache_rank: int = 8
     # Where factors are cached on disk; None -> $TINYABLATE_CACHE/svd or ~/.cache/tinyablate/svd.
     # "" disables the disk cache.
     cache_dir: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "SVDConfig":
+        """An SVDConfig from a saved config, refusing the settings of the retired randomized SVD."""
+        legacy = sorted(set(raw) & set(_RETIRED_SVD_FIELDS))
+        if legacy:
+            raise ValueError(
+                f"adapter.svd has {legacy}, settings of the randomized SVD retired on 2026-12-02 (its basis "
+                "was not W's top-r on flat spectra): a cell saved with them used another basis and cannot "
+                "be rebuilt as it was; re-run it with the current defaults")
+        return cls(**raw)
+
+
+# Settings of the randomized SVD used before 2026-12-02 ("auto" switched to it above full_below).
+_RETIRED_SVD_FIELDS = ("full_below", "niter", "oversample", "seed")
+_RETIRED_SVD_METHODS = ("auto", "randomized")
 
 
 @dataclass
@@ -88,6 +101,10 @@ class AdapterConfig:
         _one_of("sharing", self.sharing, SHARINGS)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("forward", self.forward, FORWARD_MODES)
+        if self.svd.method in _RETIRED_SVD_METHODS:
+            raise ValueError(
+                f"adapter.svd.method={self.svd.method!r} was retired on 2026-12-02: its randomized basis was not "
+                f"W's top-r on flat spectra; use one of {list(SVD_METHODS)} (default 'exact')")
         _one_of("svd.method", self.svd.method, SVD_METHODS)
         _positive_int("r", self.r)
         _positive_int("u", self.u)
@@ -105,10 +122,8 @@ class AdapterConfig:
                     f"adapter.layers={self.layers!r} is invalid: give null (all layers) or a non-empty "
                     "list of non-negative layer indices"
                 )
-        for name in ("niter", "oversample", "cache_rank", "full_below"):
-            value = getattr(self.svd, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"adapter.svd.{name}={value!r} is invalid: must be an integer >= 0")
+        if not _is_int(self.svd.cache_rank) or self.svd.cache_rank < 0:
+            raise ValueError(f"adapter.svd.cache_rank={self.svd.cache_rank!r} is invalid: must be an integer >= 0")
         if not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
             raise ValueError(f"adapter.lora_alpha={self.lora_alpha!r} is invalid: must be a number > 0")
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):

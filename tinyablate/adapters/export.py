@@ -79,7 +79,7 @@ def load_native(model, in_dir, model_id: str | None = None, atol: float = 2e-2):
     if meta.get("format") != NATIVE_FORMAT:
         raise ValueError(f"{src} is not a {NATIVE_FORMAT} adapter (format={meta.get('format')!r})")
     raw = dict(meta["config"])
-    cfg = AdapterConfig(**{**raw, "svd": SVDConfig(**raw["svd"])})
+    cfg = AdapterConfig(**{**raw, "svd": SVDConfig.from_dict(raw["svd"])})
     adapter = apply_adapter(model, cfg, model_id or meta["model_id"])
     _check_svd_identity(adapter, meta["svd_probe"], atol)
     tensors = load_file(str(src / "vectors.safetensors"))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from torch import nn
 
 from .config import AdapterConfig
 from .layers import SVDAdapterLinear, projection
-from .svd import SVDCache
+from .svd import TIE_GAP, Factors, SVDCache
 from .targets import Target
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,10 +34,11 @@ def build_svd_adapter(model: nn.Module, cfg: AdapterConfig, targets: list[Target
     n_groups = max(t.group for t in targets) + 1
     root = AdapterVectors(n_groups, cfg.params_per_group, PRECISION_DTYPES[cfg.precision], first.device)
     layers: dict[str, SVDAdapterLinear] = {}
+    bases: dict[str, Factors] = {}
     start = time.perf_counter()
     for t in targets:
         base = model.get_submodule(t.name)
-        f = cache.factors(model_id, t.name, base.weight, cfg.r)
+        f = bases[t.name] = cache.factors(model_id, t.name, base.weight, cfg.r)
         A = f.U * f.S[None, :]  # U Σ  (d × r)
         P = None
         if cfg.kind == "tinylora":
@@ -53,8 +55,31 @@ def build_svd_adapter(model: nn.Module, cfg: AdapterConfig, targets: list[Target
         "init_ms_per_module": 1000 * seconds / len(targets),
         "svd_cache_hits": cache.hits,
         "svd_cache_misses": cache.misses,
+        **basis_report(bases, cfg.r, cfg.svd.method),
     }
     return root, layers, stats
+
+
+def basis_report(bases: dict[str, Factors], r: int, method: str) -> dict:
+    """How exact the frozen bases are (for the result), warning about modules whose top-r is a tie.
+
+    `svd_max_sin_bound`: the largest certified sine of the angle between a module's computed and true
+    top-r subspaces, over the modules with a gap at r; `svd_ties`: modules whose relative gap
+    (σ_r − σ_{r+1}) / σ_1 is below TIE_GAP, where the top-r subspace is not unique.
+    """
+    ties = sorted(name for name, f in bases.items() if f.is_tie(r))
+    bounds = [f.sin_bound(r) for name, f in bases.items() if name not in ties]
+    if ties:
+        warnings.warn(
+            f"frozen rank r={r}: {len(ties)} of {len(bases)} modules have a relative singular-value gap "
+            f"(σ_r − σ_(r+1)) / σ_1 below {TIE_GAP}, so their top-{r} subspace is not unique (a tie) and the "
+            f"{method} SVD picked one basis of it: {ties[:5]}{' ...' if len(ties) > 5 else ''}", stacklevel=2)
+    return {
+        "svd_method": method,
+        "svd_max_sin_bound": max(bounds, default=0.0),
+        "svd_min_rel_gap": min((f.rel_gap(r) for f in bases.values()), default=None),
+        "svd_ties": ties,
+    }
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
