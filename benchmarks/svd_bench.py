@@ -56,7 +56,7 @@ def retired_randomized(w, rank, niter=6, oversample=16):
     for _ in range(niter):
         basis = torch.linalg.qr(w @ torch.linalg.qr(w.T @ basis).Q).Q
     small_u, sig, Vh = torch.linalg.svd(basis.T @ w, full_matrices=False)
-    return S.Factors((basis @ small_u)[:, :rank], sig[:rank], Vh[:rank], float(sig[rank]),
+    return S.Factors((basis @ small_u)[:, :rank], sig[:rank], Vh[:rank], ((sig[:rank] - sig[1:rank + 1]) / sig[0]).cpu(),
                      torch.full((rank,), float("nan")))
 
 

@@ -47,35 +47,34 @@ TIE_GAP = 1e-3
 
 @dataclass
 class Factors:
-    """W ≈ U diag(S) Vh: the top-`rank` singular triplets in float32, with their certificates."""
+    """W ≈ U diag(S) Vh: the top-`rank` singular triplets in float32, with their certificates.
+
+    The certificates live on the CPU, so reading them never waits for the GPU.
+    """
 
     U: torch.Tensor  # d × rank
     S: torch.Tensor  # rank
     Vh: torch.Tensor  # rank × k
-    S_next: float  # σ_{rank+1} (0 when rank = min(d, k)): decides the gap at the last rank
-    err: torch.Tensor  # rank: err[j-1] bounds sin θ between the computed and true top-j subspaces
+    rel_gaps: torch.Tensor  # rank, CPU: (σ_j − σ_{j+1}) / σ_1 for j = 1..rank (σ_{rank+1} = 0 at full rank)
+    err: torch.Tensor  # rank, CPU: err[j-1] bounds sin θ between the computed and true top-j subspaces
 
     @property
     def rank(self) -> int:
         return self.S.numel()
 
     def top(self, r: int) -> "Factors":
-        nxt = float(self.S[r]) if r < self.rank else self.S_next
-        return Factors(self.U[:, :r], self.S[:r], self.Vh[:r], nxt, self.err[:r])
+        return Factors(self.U[:, :r], self.S[:r], self.Vh[:r], self.rel_gaps[:r], self.err[:r])
 
     def rel_gap(self, r: Optional[int] = None) -> float:
         """(σ_r − σ_{r+1}) / σ_1 at r (default: this rank)."""
-        r = self.rank if r is None else r
-        nxt = float(self.S[r]) if r < self.rank else self.S_next
-        top = float(self.S[0])
-        return (float(self.S[r - 1]) - nxt) / top if top > 0 else 0.0
+        return float(self.rel_gaps[(self.rank if r is None else r) - 1])
 
     def is_tie(self, r: Optional[int] = None) -> bool:
         return self.rel_gap(r) < TIE_GAP
 
     def meets(self, target: float) -> bool:
         """Every top-j subspace with a gap (no tie) is certified to a sine of at most `target`."""
-        return all(self.is_tie(j) or float(self.err[j - 1]) <= target for j in range(1, self.rank + 1))
+        return bool(torch.all((self.rel_gaps < TIE_GAP) | (self.err <= target)))
 
     def sin_bound(self, r: Optional[int] = None) -> float:
         """Certified bound on the sine of the largest principal angle of the top-r subspace."""
@@ -172,8 +171,8 @@ def _certify(a: torch.Tensor, U: torch.Tensor, S_all: torch.Tensor, Vh: torch.Te
     nxt = torch.cat([S_all[1:rank + 1], S_all.new_zeros(rank + 1)])[:rank]
     gaps = S_all[:rank] - nxt
     err = (res.cumsum(0).sqrt() / gaps.clamp_min(torch.finfo(torch.float64).tiny)).clamp_max(1.0)
-    S_next = float(S_all[rank]) if S_all.numel() > rank else 0.0
-    return Factors(U, S, Vh, S_next, err.float().cpu())
+    rel_gaps = gaps / S_all[0] if float(S_all[0]) > 0 else torch.zeros_like(gaps)
+    return Factors(U, S, Vh, rel_gaps.float().cpu(), err.float().cpu())
 
 
 def _fix_signs(U: torch.Tensor, Vh: torch.Tensor):
@@ -230,18 +229,18 @@ class SVDCache:
         if not path.exists():
             return None
         try:
-            t = load_file(str(path), device=str(device))
+            t = load_file(str(path))  # on the CPU: the certificates stay there, the factors move
         except Exception:  # a torn or foreign file: recompute and overwrite
             return None
-        if not {"U", "S", "Vh", "S_next", "err"} <= t.keys():
+        if not {"U", "S", "Vh", "rel_gaps", "err"} <= t.keys():
             return None
-        return Factors(t["U"], t["S"], t["Vh"], float(t["S_next"]), t["err"].cpu())
+        return Factors(t["U"].to(device), t["S"].to(device), t["Vh"].to(device), t["rel_gaps"], t["err"])
 
     @staticmethod
     def _store(path: Path, f: Factors, model_id: str, module_name: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"U": f.U.contiguous().cpu(), "S": f.S.contiguous().cpu(), "Vh": f.Vh.contiguous().cpu(),
-                   "S_next": torch.tensor([f.S_next]), "err": f.err.contiguous().cpu()}
+                   "rel_gaps": f.rel_gaps.contiguous().cpu(), "err": f.err.contiguous().cpu()}
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
         try:
