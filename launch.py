@@ -11,7 +11,7 @@
     python launch.py -m ... retry_failed=true             # re-run failed cells (completed ones are always skipped)
 
 Configs: conf/ (groups model, adapter, algo, task, eval, logger, split), sweeps/ (presets), typed by
-tinyablate/config_schema.py; launchers: hydra_plugins/tinyablate (hydra/launcher=local|slurm).
+tinyablate/config/ (RootConfig); launchers: hydra_plugins/tinyablate (hydra/launcher=local|slurm).
 """
 
 from __future__ import annotations
@@ -21,20 +21,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from hydra_plugins.tinyablate.conf import register as register_launchers
-from tinyablate.config_schema import register_schemas, spec_from_hydra
+from hydra_plugins.tinyablate.conf import register, spec_from_hydra
 
-register_schemas()
-register_launchers()
+register()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from tinyablate.cell import cell_dir_for, run_cell_here
+    # Imported for one cell only: `-m` never reaches here (the launcher runs the cells as jobs).
+    from tinyablate.cell import run_cell
+    from tinyablate.cell_folder import RESULT_FILE, CellFolder
     from tinyablate.distributed import ranks_from_env
 
-    spec = spec_from_hydra(cfg)  # validated before any weight loads
-    result = run_cell_here(spec)
+    spec = spec_from_hydra(cfg)
+    result = run_cell(spec)  # validates before any weight loads; spawns the ranks of a gpus=N cell
     if not ranks_from_env().is_main:
         return
     metrics = result["metrics"]
@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> None:
     print(f"\ncell {result['cell_id']}: accuracy {metrics['accuracy']:.3f}"
           f" (base {'n/a' if base is None else f'{base:.3f}'}, n={metrics['n_eval']}, "
           f"{result['adapter']['trainable_params']:,} trainable parameters)")
-    print(f"result: {cell_dir_for(spec) / 'result.json'}")
+    print(f"result: {CellFolder.of(spec).file(RESULT_FILE)}")
 
 
 def _default_sweep(argv: list) -> list:

@@ -1,8 +1,9 @@
 """Read sweep folders into flat rows, aggregate seeds, and compute the curves the report draws.
 
-Only `result.json` files are read (never logs or stdout). A cell folder is one holding
-`result.json`, `spec.json` or `running.json`; hidden folders (`.submitit`, `.hydra`) are skipped.
-A folder given may be a sweep folder (cells inside) or the output root (sweep folders inside).
+Only `result.json` files are read (never logs or stdout), through tinyablate.cell_folder (the result
+schema). A cell folder is one holding `result.json`, `spec.json` or `running.json`; hidden folders
+(`.submitit`, `.hydra`) are skipped. A folder given may be a sweep folder (cells inside) or the output
+root (sweep folders inside).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from scipy.stats import t as student_t
+
+from tinyablate.cell_folder import CellFolder, Result, ResultError, sweep_cell_folders
+from tinyablate.config import ConfigError, identity_dict, spec_from_dict
+
 # One row per completed cell, in this order, in summary.csv.
 CSV_COLUMNS = [
     "cell_id", "sweep", "task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie",
@@ -22,7 +28,8 @@ CSV_COLUMNS = [
 ]
 # Axes whose values get a GPU-hours line in summary.md.
 AXES = ["task", "model", "family", "algo", "kind", "r", "u", "tie", "sharing", "precision", "seed"]
-CELL_MARKERS = ("result.json", "spec.json", "running.json")
+
+
 @dataclass
 class Skipped:
     """A cell folder that gives no accuracy: failed, running, pending or unreadable."""
@@ -72,116 +79,80 @@ def load_sweeps(sweep_dirs: Iterable[Path], results: Iterable[dict] = ()) -> Swe
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"{d}: no such sweep folder")
-        cells = find_cell_dirs(d)
+        cells = sweep_cell_folders(d)
         if not cells:
             raise ValueError(f"{d}: no results - it holds no cell folder (a folder with result.json, "
                              "spec.json or running.json); pass a sweep folder such as runs/<sweep>")
         for cell in cells:
-            if cell.resolve() in seen_cells:
+            if cell.path.resolve() in seen_cells:
                 continue
-            seen_cells.add(cell.resolve())
+            seen_cells.add(cell.path.resolve())
             _read_cell(cell, out)
     local = {row["cell_id"] for row in out.rows}
-    for result in results:
-        if result["cell_id"] not in local:
-            local.add(result["cell_id"])
-            out.rows.append(result_row(result, str(result.get("sweep") or "wandb")))
+    for raw in results:
+        result = Result.parse(raw, f"W&B run of cell {raw.get('cell_id')}")
+        if result.cell_id not in local:
+            local.add(result.cell_id)
+            out.rows.append(result_row(result, str(result.sweep or "wandb")))
     if not out.rows:
         counts = ", ".join(f"{n} {state}" for state, n in sorted(out.counts().items()) if n)
         raise ValueError(f"{', '.join(map(str, dirs))}: no completed results ({counts}); nothing to analyse")
     return out
 
 
-def find_cell_dirs(root: Path, depth: int = 2) -> list:
-    """Cell folders at `root`, under it, or one level deeper (an output root holding sweeps)."""
-    root = Path(root)
-    if _is_cell(root):
-        return [root]
-    if depth == 0:
-        return []
-    found = []
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and not child.name.startswith((".", "_")) and child.name != "wandb":
-            found += find_cell_dirs(child, depth - 1)
-    return found
-
-
-def _is_cell(path: Path) -> bool:
-    return any((path / name).is_file() for name in CELL_MARKERS)
-
-
-def _read_cell(cell: Path, out: Sweeps) -> None:
-    sweep_guess = cell.parent.name
-    path = cell / "result.json"
-    if not path.exists():
-        spec = _read_json(cell / "spec.json") or {}
-        cid = spec.get("cell_id", cell.name) if isinstance(spec, dict) else cell.name
-        state = "running" if (cell / "running.json").exists() else "pending"
-        reason = "running.json present (cell in progress)" if state == "running" else "spec.json only (not started)"
-        out.skipped.append(Skipped(state, sweep_guess, str(cid), cell, reason))
-        return
+def _read_cell(cell: CellFolder, out: Sweeps) -> None:
+    sweep_guess = cell.path.parent.name
     try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        out.skipped.append(Skipped("unreadable", sweep_guess, cell.name, cell,
-                                   f"result.json is not valid JSON ({_short(err)})"))
+        result = cell.read_result()
+    except ResultError as err:
+        out.skipped.append(Skipped("unreadable", sweep_guess, cell.name, cell.path, _short(err, 200)))
         return
-    if not isinstance(result, dict) or "status" not in result or "cell_id" not in result:
-        out.skipped.append(Skipped("unreadable", sweep_guess, cell.name, cell,
-                                   "result.json has no status/cell_id: not a tinyablate result"))
+    if result is None:
+        spec = cell.read_spec() or {}
+        state = cell.state()
+        reason = "running.json present (cell in progress)" if state == "running" else "spec.json only (not started)"
+        out.skipped.append(Skipped(state, sweep_guess, str(spec.get("cell_id", cell.name)), cell.path, reason))
         return
-    sweep = str(result.get("sweep") or sweep_guess)
-    cid = str(result["cell_id"])
-    wall = _num((result.get("timing") or {}).get("wall_s"))
-    if result["status"] == "failed":
-        err = result.get("error") or {}
-        reason = f"{err.get('type', 'Error')}: {err.get('message', '')}".strip()
-        out.skipped.append(Skipped("failed", sweep, cid, cell, _short(reason, 200), wall))
-        return
-    if result["status"] != "completed":
-        out.skipped.append(Skipped("unreadable", sweep, cid, cell, f"unknown status {result['status']!r}"))
-        return
-    schema = result.get("schema_version", 1)
-    if schema != 1:
-        out.skipped.append(Skipped("unreadable", sweep, cid, cell, f"schema_version {schema!r} (expected 1)"))
+    sweep, wall = str(result.sweep or sweep_guess), result.timing.wall_s if result.timing else None
+    if result.status == "failed":
+        reason = f"{result.error.type}: {result.error.message}".strip()
+        out.skipped.append(Skipped("failed", sweep, result.cell_id, cell.path, _short(reason, 200), wall))
         return
     try:
         out.rows.append(result_row(result, sweep))
-    except (KeyError, TypeError, ValueError) as err:
-        out.skipped.append(Skipped("unreadable", sweep, cid, cell,
-                                   f"completed result lacks a field ({type(err).__name__}: {_short(err)})", wall))
+    except ValueError as err:
+        out.skipped.append(Skipped("unreadable", sweep, result.cell_id, cell.path, _short(err), wall))
 
 
-def result_row(result: dict, sweep: str) -> dict:
-    """The flat row of a completed result (KeyError/TypeError/ValueError when a field is missing)."""
-    model, adapter, metrics = result["model"], result["adapter"], result["metrics"]
-    timing, config = result.get("timing") or {}, result.get("config") or {}
-    task, algo = result.get("task") or config.get("task") or {}, result.get("algo") or config.get("algo") or {}
-    params = int(adapter["trainable_params"])
-    nbytes = int(adapter.get("trainable_bytes") or 0)
-    accuracy = _num(metrics["accuracy"])
+def result_row(result: Result, sweep: str) -> dict:
+    """The flat row of a completed result (ValueError when its accuracy is not a number)."""
+    model, adapter, metrics, task, algo = result.model, result.adapter, result.metrics, result.task, result.algo
+    config = result.config or {}
+    gpu_hours, wall_s = (result.timing.gpu_hours, result.timing.wall_s) if result.timing else (None, None)
+    params, nbytes = adapter.trainable_params, adapter.trainable_bytes or 0
+    accuracy = _num(metrics.accuracy)
     if accuracy is None:
         raise ValueError("metrics.accuracy is not a number")
-    kind = adapter.get("kind") or "none"
+    kind = adapter.kind or "none"
     row = {
-        "cell_id": str(result["cell_id"]), "sweep": sweep,
-        "task": str(task["name"]), "scorer": str(task.get("scorer") or ""),
-        "model": str(model["name"]), "family": str(model.get("family") or "?"), "size": model.get("size"),
-        "algo": str(algo["name"]), "kind": kind,
-        "r": adapter.get("r") if kind != "none" else None,
-        "u": adapter.get("u") if kind == "tinylora" else None,
-        "tie": adapter.get("tie") if kind in ("tinylora", "lora_xs") else None,
-        "sharing": adapter.get("sharing") if kind in ("tinylora", "lora_xs") else None,
-        "precision": adapter.get("precision") if kind != "none" else None,
+        "cell_id": result.cell_id, "sweep": sweep,
+        "task": task.name, "scorer": task.scorer or "",
+        "model": model.name, "family": model.family or "?", "size": model.size,
+        "algo": algo.name, "kind": kind,
+        "r": adapter.r if kind != "none" else None,
+        "u": adapter.u if kind == "tinylora" else None,
+        "tie": adapter.tie if kind in ("tinylora", "lora_xs") else None,
+        "sharing": adapter.sharing if kind in ("tinylora", "lora_xs") else None,
+        "precision": adapter.precision if kind != "none" else None,
         "seed": config.get("seed", 0),
         "trainable_params": params, "trainable_bytes": nbytes,
         "bits_per_param": 8 * nbytes / params if params > 0 else None,
-        "accuracy": accuracy, "accuracy_strict": _num(metrics.get("accuracy_strict")),
-        "accuracy_flexible": _num(metrics.get("accuracy_flexible")),
-        "base_accuracy": _num(metrics.get("base_accuracy")), "n_eval": metrics.get("n_eval"),
-        "train_steps": metrics.get("train_steps"),
-        "gpu_hours": _num(timing.get("gpu_hours")) or 0.0, "wall_s": _num(timing.get("wall_s")) or 0.0,
-        "lr": algo.get("learning_rate"),
+        "accuracy": accuracy, "accuracy_strict": _num(metrics.accuracy_strict),
+        "accuracy_flexible": _num(metrics.accuracy_flexible),
+        "base_accuracy": _num(metrics.base_accuracy), "n_eval": metrics.n_eval,
+        "train_steps": metrics.train_steps,
+        "gpu_hours": _num(gpu_hours) or 0.0, "wall_s": _num(wall_s) or 0.0,
+        "lr": algo.learning_rate,
     }
     row["config_key"] = config_key(config, row)
     return row
@@ -190,17 +161,15 @@ def result_row(result: dict, sweep: str) -> dict:
 def config_key(config: dict, row: dict) -> str:
     """What defines a cell's result except its seed: cells with one key are seeds of one setting.
 
-    The identity is tinyablate.spec.identity_dict (the one behind cell_id), minus the seed, so the
+    The identity is tinyablate.config.identity_dict (the one behind cell_id), minus the seed, so the
     report groups exactly the cells the launcher would call seeds of one setting.
     """
     ident = None
     if config:
-        from tinyablate.spec import identity_dict, spec_from_dict
-
         try:
             ident = identity_dict(spec_from_dict(config))
             ident.pop("seed", None)
-        except (TypeError, ValueError):  # a config from another version: fall back to the row's axes
+        except (TypeError, ValueError, ConfigError):  # a config from another version: fall back to the row's axes
             ident = None
     if ident is None:
         ident = {k: row[k] for k in ("task", "scorer", "model", "algo", "kind", "r", "u", "tie", "sharing",
@@ -208,13 +177,6 @@ def config_key(config: dict, row: dict) -> str:
         # e.g. the randomized SVD retired on 2026-12-02: another basis, never a seed of the current one
         ident["svd"] = ((config or {}).get("adapter") or {}).get("svd")
     return json.dumps(ident, sort_keys=True, default=str)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _num(value: Any) -> Optional[float]:
@@ -239,9 +201,7 @@ def mean_ci(values: list, level: float = 0.95) -> tuple:
     if n == 1:
         return mean, None, None
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    from scipy.stats import t
-
-    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tinyablate.adapters import AdapterConfig, SVDConfig, apply_adapter  # noqa: E402
+from tinyablate.adapters import apply_adapter  # noqa: E402
+from tinyablate.config import AdapterConfig, SVDConfig  # noqa: E402
 
 SHAPES = {
     # Qwen2.5-7B-Instruct's config.json (hidden, intermediate, heads, kv heads, vocab)

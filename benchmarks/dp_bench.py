@@ -52,7 +52,8 @@ def build(args, device):
     """adapter_bench's random model in the shape (bf16 on GPU), with TinyLoRA applied."""
     from types import SimpleNamespace
 
-    from tinyablate.adapters import AdapterConfig, SVDConfig, apply_adapter
+    from tinyablate.adapters import apply_adapter
+    from tinyablate.config import AdapterConfig, SVDConfig
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_base(SimpleNamespace(shape=args.shape, layers=args.layers, device=str(device), dtype=dtype))

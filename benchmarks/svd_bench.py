@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinyablate.adapters import svd as S  # noqa: E402
-from tinyablate.adapters.config import SVDConfig  # noqa: E402
+from tinyablate.config import SVDConfig  # noqa: E402
 
 SHAPES = {"q/o": (3584, 3584), "k/v": (512, 3584), "gate/up": (18944, 3584), "down": (3584, 18944)}
 RANK = 8  # the cache rank: every route computes the top 8 and cells slice r <= 8

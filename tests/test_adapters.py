@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tinyablate.adapters import AdapterConfig, SVDConfig, apply_adapter, load_native
+from tinyablate.adapters import apply_adapter, load_native
+from tinyablate.config import AdapterConfig, SVDConfig
 from tinyablate.adapters.layers import projection
 
 N_LAYERS = 3

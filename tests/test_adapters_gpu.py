@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tinyablate.adapters import AdapterConfig, SVDConfig, apply_adapter
+from tinyablate.adapters import apply_adapter
+from tinyablate.config import AdapterConfig, SVDConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

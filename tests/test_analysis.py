@@ -315,6 +315,7 @@ class _FakeApi:
 def test_results_read_back_from_wandb_runs_match_the_local_rows(tmp_path):
     from analysis.data import result_row
     from analysis.wandb_source import results_from_wandb
+    from tinyablate.cell_folder import Result
 
     results = [make_result(params=p, accuracy=a, seed=s) for p, a, s in [(1, 0.3, 0), (13, 0.6, 1), (13, 0.7, 2)]]
     running = make_result(params=99)
@@ -324,7 +325,7 @@ def test_results_read_back_from_wandb_runs_match_the_local_rows(tmp_path):
     got = results_from_wandb("ent/tinyablate", "sw", api=api)
     assert api.asked == [("ent/tinyablate", {"group": "sw"})] and len(got) == 3
     for local, remote in zip(results, got):
-        a, b = result_row(local, "sw"), result_row(remote, "sw")
+        a, b = result_row(Result.parse(local), "sw"), result_row(Result.parse(remote), "sw")
         for key in ("cell_id", "model", "family", "algo", "kind", "r", "u", "tie", "sharing", "precision", "seed",
                     "trainable_params", "trainable_bytes", "accuracy", "accuracy_strict", "base_accuracy", "gpu_hours"):
             assert a[key] == b[key], key

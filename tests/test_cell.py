@@ -13,19 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyablate.adapters import AdapterConfig
-from tinyablate.cell import cell_dir_for, run_cell
-from tinyablate.eval import EvalConfig
-from tinyablate.logging import LoggerConfig
-from tinyablate.models import ModelConfig
-from tinyablate.results import cell_state, read_result
-from tinyablate.spec import CellSpec, cell_id
-from tinyablate.tasks import TaskConfig
-from tinyablate.train.config import AlgoConfig
+from tinyablate.cell import run_cell
+from tinyablate.cell_folder import CellFolder
+from tinyablate.config import (AdapterConfig, AlgoConfig, CellSpec, EvalConfig, LoggerConfig, ModelConfig, TaskConfig,
+                               cell_id)
 from tinyablate.wandb_files import find_offline_runs, read_run
 
 SECRET = "wandb-secret-key-0123456789abcdef0123456789"
 REPO = Path(__file__).resolve().parents[1]
+
+
+def result_on_disk(cell_dir):
+    """result.json of a cell folder as a dict (None if it has none), read through the cell-folder schema."""
+    result = CellFolder(cell_dir).read_result()
+    return None if result is None else result.to_dict()
 
 
 def tiny_spec(tmp_path, algo="grpo", kind="tinylora", family="tiny-qwen2", **algo_kw) -> CellSpec:
@@ -52,7 +53,7 @@ def grpo_cell(tmp_path_factory):
         result = run_cell(spec)
     finally:
         os.environ.pop("WANDB_API_KEY", None)
-    return spec, result, cell_dir_for(spec)
+    return spec, result, CellFolder.of(spec).path
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +61,14 @@ def sft_cell(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sft")
     spec = tiny_spec(tmp, algo="sft", prompts_per_step=4, micro_batch_size=2)
     spec.logger = LoggerConfig(mode="disabled")
-    return spec, run_cell(spec), cell_dir_for(spec)
+    return spec, run_cell(spec), CellFolder.of(spec).path
 
 
 def test_result_record_has_everything(grpo_cell):
     spec, result, cell_dir = grpo_cell
-    on_disk = read_result(cell_dir)
+    on_disk = result_on_disk(cell_dir)
     assert on_disk["cell_id"] == result["cell_id"] == cell_id(spec)
-    assert on_disk["status"] == "completed" and cell_state(cell_dir) == "completed"
+    assert on_disk["status"] == "completed" and CellFolder(cell_dir).state() == "completed"
     assert on_disk["model"]["family"] == "qwen2" and on_disk["model"]["n_params"] > 0
     adapter = on_disk["adapter"]
     # 2 layers x 7 modules, tie 2 (tiled) -> 7 groups of u=3
@@ -185,13 +186,13 @@ def test_failed_cell_leaves_a_failed_result(tmp_path):
     spec.task = TaskConfig(name="gsm8k", data_dir=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="task.data_dir"):
         run_cell(spec)
-    result = read_result(cell_dir_for(spec))
+    result = result_on_disk(CellFolder.of(spec).path)
     assert result["status"] == "failed" and "task.data_dir" in result["error"]["message"]
-    assert cell_state(cell_dir_for(spec)) == "failed"
+    assert CellFolder.of(spec).state() == "failed"
     # a retry moves the failed record aside (kept for the post-mortem) and writes its own
     with pytest.raises(FileNotFoundError):
         run_cell(spec)
-    assert len(list(cell_dir_for(spec).glob("result.failed-*.json"))) == 1
+    assert len(list(CellFolder.of(spec).path.glob("result.failed-*.json"))) == 1
 
 
 def test_a_completed_cell_is_not_run_again(grpo_cell):
@@ -209,7 +210,7 @@ def test_invalid_spec_fails_before_any_weight_loads(tmp_path):
 
 def _run_cell_subprocess(spec_path: Path, log: Path) -> subprocess.Popen:
     code = (
-        "import json,sys; from tinyablate.spec import spec_from_dict; from tinyablate.cell import run_cell;"
+        "import json,sys; from tinyablate.config import spec_from_dict; from tinyablate.cell import run_cell;"
         f"run_cell(spec_from_dict(json.load(open({str(spec_path)!r}))))"
     )
     env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
@@ -224,7 +225,7 @@ def test_killed_cell_resumes_from_checkpoint_with_same_step_count(tmp_path):
     spec.logger = LoggerConfig(mode="disabled")
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(asdict(spec)))
-    cell_dir = cell_dir_for(spec)
+    cell_dir = CellFolder.of(spec).path
     proc = _run_cell_subprocess(spec_path, tmp_path / "first.log")
     deadline = time.time() + 240
     while time.time() < deadline and not (cell_dir / "checkpoints" / "checkpoint-6" / "trainer_state.json").exists():
@@ -232,10 +233,10 @@ def test_killed_cell_resumes_from_checkpoint_with_same_step_count(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)  # a real kill: no cleanup, no result
     proc.wait()
-    assert read_result(cell_dir) is None
+    assert result_on_disk(cell_dir) is None
     second = _run_cell_subprocess(spec_path, tmp_path / "second.log")
     assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    result = read_result(cell_dir)
+    result = result_on_disk(cell_dir)
     assert result["status"] == "completed"
     assert result["metrics"]["train_steps"] == 12
     assert result["metrics"]["resumed_from_step"] in (6, 9)

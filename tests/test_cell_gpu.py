@@ -8,14 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinyablate.adapters import AdapterConfig
 from tinyablate.cell import run_cell
-from tinyablate.eval import EvalConfig
-from tinyablate.logging import LoggerConfig
-from tinyablate.models import ModelConfig
-from tinyablate.spec import CellSpec
-from tinyablate.tasks import TaskConfig
-from tinyablate.train.config import AlgoConfig
+from tinyablate.config import AdapterConfig, AlgoConfig, CellSpec, EvalConfig, LoggerConfig, ModelConfig, TaskConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -55,14 +49,14 @@ def test_two_gpu_cell_matches_one_gpu(tmp_path):
     """gpus=2 spawns 2 NCCL ranks (launch.py's path); same global batch, so v matches the 1-GPU run."""
     from safetensors.torch import load_file
 
-    from tinyablate.cell import cell_dir_for, run_cell_here
+    from tinyablate.cell_folder import CellFolder
 
-    one = run_cell_here(_sft_spec(tmp_path, "one", 1))
+    one = run_cell(_sft_spec(tmp_path, "one", 1))
     two_spec = _sft_spec(tmp_path, "two", 2)
-    two = run_cell_here(two_spec)
+    two = run_cell(two_spec)
     assert two["timing"]["world_size"] == 2 and two["timing"]["n_gpus"] == 2
     assert two["metrics"]["n_eval"] == one["metrics"]["n_eval"] == 16
-    v1 = load_file(str(cell_dir_for(_sft_spec(tmp_path, "one", 1)) / "adapter_native" / "vectors.safetensors"))
-    v2 = load_file(str(cell_dir_for(two_spec) / "adapter_native" / "vectors.safetensors"))
+    v1 = load_file(str(CellFolder.of(_sft_spec(tmp_path, "one", 1)).path / "adapter_native" / "vectors.safetensors"))
+    v2 = load_file(str(CellFolder.of(two_spec).path / "adapter_native" / "vectors.safetensors"))
     for k in v1:
         torch.testing.assert_close(v1[k], v2[k], rtol=1e-4, atol=1e-6)

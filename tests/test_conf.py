@@ -7,21 +7,19 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from hydra_plugins.tinyablate.conf import register as register_launchers
-from tinyablate.config_schema import register_schemas, spec_from_hydra
-from tinyablate.spec import CellSpec
+from hydra_plugins.tinyablate.conf import register, spec_from_hydra
+from tinyablate.config import CellSpec, validate_spec
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
 
-register_schemas()
-register_launchers()
+register()
 
 
 def compose_spec(overrides) -> CellSpec:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
-    return spec_from_hydra(cfg)
+    return validate_spec(spec_from_hydra(cfg))
 
 
 def test_every_group_has_options():

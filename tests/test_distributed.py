@@ -15,10 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from tinyablate import distributed
-from tinyablate.logging import LoggerConfig
-from tinyablate.results import read_result
+from tinyablate.config import LoggerConfig, spec_from_dict, validate_spec
 
-from test_cell import tiny_spec
+from test_cell import result_on_disk, tiny_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -59,7 +58,7 @@ def _recorded_rank(spec: dict, cell_dir: str, out: str, text_reward: bool = Fals
         return inner(spec_, built, cell_dir_, [*callbacks, Recorder(built.model)])
 
     cell.train = train
-    result = cell.run_cell_from_dict(spec, cell_dir)
+    result = cell.run_cell(spec_from_dict(spec), cell_dir)
     (folder / "result.json").write_text(json.dumps(result, default=str))
 
 
@@ -109,7 +108,7 @@ def test_sft_two_ranks_match_one_rank_every_step(sft_runs):
 
 def test_only_rank_zero_writes_and_every_problem_is_scored_once(sft_runs):
     spec, _, (cell_dir, out) = sft_runs
-    result = read_result(cell_dir)
+    result = result_on_disk(cell_dir)
     assert result["status"] == "completed"
     assert result["timing"]["world_size"] == 2 and result["config"]["gpus"] == 0
     assert json.loads((out / "rank1" / "result.json").read_text())["cell_id"] == result["cell_id"]
@@ -138,7 +137,7 @@ def test_two_rank_cell_resumes_like_one_rank(sft_runs, tmp_path):
     (copy / "result.json").unlink()
     resumed_out = tmp_path / "out"
     distributed.spawn_ranks(2, _recorded_rank, asdict(spec), str(copy), str(resumed_out))
-    result = read_result(copy)
+    result = result_on_disk(copy)
     assert result["metrics"]["resumed_from_step"] == 2 and result["metrics"]["train_steps"] == 4
     assert sorted(_steps(resumed_out, 0)) == [3, 4]
     _assert_close(_steps(resumed_out, 0)[4], _steps(out, 0)[4], rtol=1e-6, atol=1e-8)
@@ -160,7 +159,7 @@ def test_grpo_keyed_rollouts_two_ranks_match_one_rank(tmp_path):
         _assert_close(r0[step], ref[step])
     assert any(float(t.abs().max()) > 0 for t in ref[3].values()), "v never moved: the comparison proves nothing"
     one_res = json.loads((one / "rank0" / "result.json").read_text())
-    two_res = read_result(cell_dir)
+    two_res = result_on_disk(cell_dir)
     assert two_res["metrics"]["reward"]["first"] == pytest.approx(one_res["metrics"]["reward"]["first"])
 
 
@@ -175,7 +174,7 @@ def test_grpo_torch_sampler_two_ranks_stay_in_sync(tmp_path):
     for step in r0:
         for k in r0[step]:
             assert torch.equal(r0[step][k], r1[step][k])
-    assert read_result(cell_dir)["status"] == "completed"
+    assert result_on_disk(cell_dir)["status"] == "completed"
 
 
 # -- what fails, fails loudly -----------------------------------------------------------------
@@ -200,7 +199,7 @@ def _diverging_rank(spec: dict, cell_dir: str) -> None:
         return inner(spec_, built, cell_dir_, [*callbacks, Nudge(built.model)])
 
     cell.train = train
-    cell.run_cell_from_dict(spec, cell_dir)
+    cell.run_cell(spec_from_dict(spec), cell_dir)
 
 
 def test_ranks_that_diverge_fail_the_cell(tmp_path):
@@ -208,14 +207,12 @@ def test_ranks_that_diverge_fail_the_cell(tmp_path):
     spec.logger = LoggerConfig(mode="disabled")
     with pytest.raises(Exception):
         distributed.spawn_ranks(2, _diverging_rank, asdict(spec), str(tmp_path / "cell"))
-    failed = read_result(tmp_path / "cell")
+    failed = result_on_disk(tmp_path / "cell")
     assert failed["status"] == "failed"
     assert "the trainable parameters after step 2 differs between ranks" in failed["error"]["message"]
 
 
 def test_global_batch_must_split_over_the_gpus(tmp_path):
-    from tinyablate.spec import validate_spec
-
     spec = _spec(tmp_path, "grpo", prompts_per_step=2, num_generations=4, micro_batch_size=4)
     validate_spec(spec, world_size=2)  # 8 completions = 4 x 2 ranks
     with pytest.raises(ValueError, match=r"micro_batch_size=4 x 4 GPUs.*algo.micro_batch_size=2"):

@@ -13,11 +13,10 @@ import pytest
 import submitit
 
 from hydra_plugins.tinyablate.submit import CellJob, _slurm_executor
-from tinyablate.logging import LoggerConfig
-from tinyablate.results import read_result
+from tinyablate.config import LoggerConfig
 
 from slurm_cluster import PARTITION, requires_slurm, require_cluster, wait_done, wait_sacct
-from test_cell import tiny_spec
+from test_cell import result_on_disk, tiny_spec
 
 
 def _spec(tmp_path):
@@ -34,7 +33,7 @@ def test_local_executor_runs_a_cell_as_two_tasks(tmp_path):
     results = job.results()  # one per task
     assert [r["world_size"] for r in results] == [2, 2], job.stderr()
     assert results[0] == results[1] and results[0]["status"] == "completed"
-    assert read_result(tmp_path / "cell")["timing"]["world_size"] == 2
+    assert result_on_disk(tmp_path / "cell")["timing"]["world_size"] == 2
 
 
 @pytest.mark.slurm
@@ -51,34 +50,35 @@ def test_slurm_runs_a_cell_as_two_tasks_of_one_job(tmp_path):
     wait_done(job, timeout_s=300)
     wait_sacct(job.job_id, timeout_s=60, expect={"COMPLETED"})
     assert [r["world_size"] for r in job.results()] == [2, 2]
-    result = read_result(tmp_path / "cell")
+    result = result_on_disk(tmp_path / "cell")
     assert result["status"] == "completed" and result["timing"]["world_size"] == 2
 
 
-def test_a_multi_gpu_cell_without_the_gpus_says_so(tmp_path):
+def test_a_multi_gpu_cell_without_the_gpus_says_so(tmp_path, monkeypatch):
     import torch
 
-    from tinyablate.cell import run_cell_here
+    from tinyablate.cell import run_cell
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
 
     if torch.cuda.device_count() >= 2:
         pytest.skip("this machine has the GPUs")
     spec = _spec(tmp_path)
     spec.gpus = 2
     with pytest.raises(RuntimeError, match="needs 2 GPU.*set gpus=0 for CPU"):
-        run_cell_here(spec)
+        run_cell(spec)
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_multi_gpu_cell_in_one_process_is_refused_before_loading(tmp_path, monkeypatch):
-    """run_cell itself never trains a gpus=N cell on fewer GPUs than it asks for."""
-    from tinyablate.cell import run_cell
+    """A rank's process group never trains a gpus=N cell on fewer GPUs than it asks for (run_cell spawns
+    the N ranks; a single process that reaches the group anyway is refused)."""
+    from tinyablate.distributed import process_group
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    spec = _spec(tmp_path)
-    spec.gpus = 2
     with pytest.raises(ValueError, match=r"gpus=2 runs as 2 ranks, but this is a single process.*torchrun"):
-        run_cell(spec)
-    assert not (tmp_path / "runs").exists()
+        with process_group(2):
+            pass
 
 
 @pytest.mark.parametrize("value", ["ten", "0"])

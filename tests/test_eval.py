@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tinyablate.eval import EvalConfig, base_cache_key, evaluate, generate, prompts_for
-from tinyablate.models import ModelConfig, load_model_and_tokenizer
-from tinyablate.tasks import TaskConfig, load_task
+from tinyablate.config import EvalConfig, ModelConfig, TaskConfig
+from tinyablate.eval import base_cache_key, evaluate, generate, prompts_for
+from tinyablate.models import load_model_and_tokenizer
+from tinyablate.tasks import load_task
 from tinyablate.tasks.scoring import reward_fn
 
 

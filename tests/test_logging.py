@@ -227,7 +227,7 @@ def test_log_rejects_reserved_keys_and_closed_logger(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,allowed", [
-    ("mode", "cloud", "online, offline, disabled"),
+    ("mode", "cloud", "'online', 'offline', 'disabled'"),
     ("project", "", "non-empty"),
     ("entity", "", "None or"),
     ("tags", ["x" * 65], "at most 64"),
@@ -289,7 +289,7 @@ def test_json_safe_scalars_and_arrays():
 def test_trainer_callback_forwards_logs(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
-    from tinyablate.logging import MetricLoggerCallback
+    from tinyablate.train.common import MetricLoggerCallback
 
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(

@@ -53,7 +53,8 @@ def test_same_key_same_completion_whatever_the_batch(tmp_path):
     """Padding and batch-mates change nothing: a completion is a function of its prompt and key."""
     from transformers import LogitsProcessorList
 
-    from tinyablate.models import ModelConfig, load_model_and_tokenizer
+    from tinyablate.config import ModelConfig
+    from tinyablate.models import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name="tiny-qwen2", cache_dir=str(tmp_path)))
 

@@ -6,12 +6,8 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from tinyablate.adapters import AdapterConfig, SVDConfig
-from tinyablate.eval import EvalConfig
-from tinyablate.logging import LoggerConfig
-from tinyablate.models import ModelConfig
-from tinyablate.spec import CellSpec, cell_id, identity_dict, spec_from_dict, validate_spec
-from tinyablate.train.config import AlgoConfig
+from tinyablate.config import (AdapterConfig, AlgoConfig, CellSpec, EvalConfig, LoggerConfig, ModelConfig, SVDConfig,
+                               cell_id, identity_dict, spec_from_dict, validate_spec)
 
 
 def test_cell_id_is_stable_and_ignores_bookkeeping():

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tinyablate.tasks import ArithmeticTask, GSM8KTask, Problem, TaskConfig, load_task
-from tinyablate.tasks.config import ARITHMETIC_DEFAULT_TRAIN_SIZE
+from tinyablate.config import TaskConfig
+from tinyablate.config.task import ARITHMETIC_DEFAULT_TRAIN_SIZE
+from tinyablate.tasks import ArithmeticTask, GSM8KTask, Problem, load_task
 from tinyablate.tasks.gsm8k import parse_row
 
 # /work/main/tests/test_tasks.py -> /work/shared/data/gsm8k (shared is a sibling of the repo).

@@ -1,29 +1,43 @@
 """One sweep cell end to end: build → train → evaluate → write result.
 
     from tinyablate.cell import run_cell
-    result = run_cell(spec)          # spec: tinyablate.spec.CellSpec
+    result = run_cell(spec)          # spec: tinyablate.config.CellSpec; returns result.json's content
 
-Runs the same in a notebook, a test, a local subprocess or a SLURM job: it imports no launcher.
-A cell started again resumes training from its last complete checkpoint. Whatever happens, the
-cell ends with a result.json (status completed or failed) unless the process itself is killed.
-Started as several ranks (`gpus: N`, see distributed.py), every rank builds, trains (DDP) and
-evaluates its share; rank 0 alone writes the result, metrics, W&B run and exported adapter.
+`run_cell` is the one way into a cell: launch.py, the launchers' jobs, spawned ranks and tests all
+call it. It runs the same in a notebook, a test, a local subprocess or a SLURM job: it imports no
+launcher. A cell started again resumes training from its last complete checkpoint. Whatever happens,
+the cell ends with a result.json (status completed or failed) unless the process itself is killed.
+A `gpus: N > 1` cell runs as N ranks (distributed.py): started as one plain process, run_cell spawns
+them on this machine; under torchrun or a SLURM task it is one of them. Every rank builds, trains
+(DDP) and evaluates its share; rank 0 alone writes the result, metrics, W&B run and exported adapter.
 """
 
 from __future__ import annotations
 
-import os
-import socket
+import json
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import psutil
+import torch
+from transformers import set_seed
+
 from . import distributed
+from .adapters import apply_adapter
+from .cell_folder import (ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR, EVAL_SAMPLES_FILE, AdapterRecord,
+                          AlgoRecord, CellFolder, ErrorRecord, Metrics, ModelRecord, Result, ResultError, TaskRecord,
+                          Timing)
+from .config import CellSpec, cell_id, spec_to_dict, validate_spec
 from .distributed import Ranks
-from .results import RESULT_FILE, clear_running, mark_running, write_json_atomic, write_result
-from .spec import CellSpec, cell_id, spec_to_dict, validate_spec
+from .eval import base_cache_key, base_cache_path, evaluate, read_base_cache, write_base_cache
+from .logging import MetricLogger, NullLogger, wandb_run_id
+from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
+from .provenance import collect_provenance
+from .tasks import load_task
+from .train import FirstStepTimer, MetricLoggerCallback, build_trainer, last_complete_checkpoint
 
 
 @dataclass
@@ -41,86 +55,84 @@ class Built:
     ranks: Ranks = Ranks()
 
 
-def cell_dir_for(spec: CellSpec) -> Path:
-    return Path(spec.output_dir) / spec.sweep / cell_id(spec)
-
-
 def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
-    """Run one cell and return its result (also written to <cell_dir>/result.json).
+    """Run one cell (validated here, once) and return its result, as written to <cell_dir>/result.json.
 
-    Under RANK/WORLD_SIZE (torchrun, submitit tasks, distributed.spawn_ranks) it joins the cell's
-    process group and runs as one data-parallel rank; every rank returns rank 0's result.
+    `cell_dir` defaults to <output_dir>/<sweep>/<cell_id>. Under RANK/WORLD_SIZE (torchrun, submitit
+    tasks, spawned ranks) this process is one data-parallel rank; a `gpus: N > 1` cell started without
+    them spawns its N ranks here. Every rank returns rank 0's result.
     """
     started_as = distributed.ranks_from_env()
     validate_spec(spec, started_as.world_size if started_as.distributed else None)
+    folder = CellFolder(cell_dir) if cell_dir is not None else CellFolder.of(spec)
+    if spec.gpus > 1 and not started_as.distributed:
+        distributed.require_gpus(spec.gpus)
+        distributed.spawn_ranks(spec.gpus, run_cell, spec, folder.path)
+        return folder.read_result().to_dict()
     with distributed.process_group(spec.gpus) as ranks:
-        return _run_ranks(spec, Path(cell_dir) if cell_dir is not None else cell_dir_for(spec), ranks)
+        return _run_ranks(spec, folder, ranks).to_dict()
 
 
-def _run_ranks(spec: CellSpec, cell_dir: Path, ranks: Ranks) -> dict:
+def _run_ranks(spec: CellSpec, folder: CellFolder, ranks: Ranks) -> Result:
     cid = cell_id(spec)
     previous = None
     if ranks.is_main:
-        cell_dir.mkdir(parents=True, exist_ok=True)
-        previous = _previous_result(cell_dir, cid)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        previous = _previous_result(folder, cid)
     previous = distributed.broadcast_from_main(previous)
     if previous is not None:
         return previous  # e.g. a requeue signal that arrived after the cell had finished
     if ranks.is_main:
-        write_json_atomic(cell_dir / "spec.json", {"cell_id": cid, "config": spec_to_dict(spec)})
-        mark_running(cell_dir, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "world_size": ranks.world_size})
+        folder.write_spec(spec)
+        folder.mark_running(ranks.world_size)
     start = time.time()
     try:
-        result = _run(spec, cid, cell_dir, start, ranks)
+        result = _run(spec, cid, folder, start, ranks)
     except Exception as err:  # a failed cell still leaves its record (a kill or requeue signal does not)
-        if not (cell_dir / RESULT_FILE).exists():  # the first rank to fail says why (the others follow it)
-            _write_failure(spec, cid, cell_dir, start, err, ranks)
+        if not folder.has_result():  # the first rank to fail says why (the others follow it)
+            folder.write_result(_failure(spec, cid, start, err, ranks))
         raise
     finally:
         if ranks.is_main:
-            clear_running(cell_dir)
+            folder.clear_running()
     return distributed.broadcast_from_main(result)
 
 
-def _previous_result(cell_dir: Path, cid: str) -> Optional[dict]:
-    """This cell's completed result if it has one; a failed one is moved aside (this is a retry)."""
-    from .results import RESULT_FILE, ResultError, read_result
-
+def _previous_result(folder: CellFolder, cid: str) -> Optional[Result]:
+    """This cell's completed result if it has one; any other is moved aside (this is a retry)."""
     try:
-        result = read_result(cell_dir)
+        result = folder.read_result()
     except ResultError:
-        result = {"status": "unreadable"}
+        folder.move_result_aside("unreadable")
+        return None
     if result is None:
         return None
-    if result.get("status") == "completed" and result.get("cell_id") == cid:
+    if result.completed and result.cell_id == cid:
         return result
-    os.replace(cell_dir / RESULT_FILE, cell_dir / f"result.{result.get('status')}-{int(time.time())}.json")
+    folder.move_result_aside(result.status)
     return None
 
 
-def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float, ranks: Ranks) -> Optional[dict]:
+def _run(spec: CellSpec, cid: str, folder: CellFolder, start: float, ranks: Ranks) -> Optional[Result]:
     """Build → base eval → train → eval → export; the result (rank 0; None on other ranks)."""
-    from .logging import MetricLogger, MetricLoggerCallback, NullLogger, wandb_run_id
-
     built = build(spec, ranks)
     config = {**spec_to_dict(spec), "cell_id": cid, "trainable_params": built.adapter.trainable_params,
               "trainable_bytes": built.adapter.trainable_bytes, "model_family": built.info.family,
               "model_size": built.info.size, "world_size": ranks.world_size}
-    logger = MetricLogger(cell_dir, spec.logger, run_id=wandb_run_id(cid), group=spec.sweep,
+    logger = MetricLogger(folder.path, spec.logger, run_id=wandb_run_id(cid), group=spec.sweep,
                           job_type=spec.algo.name, name=cid, config=config) if ranks.is_main else NullLogger()
     with logger:
         t0 = time.time()
         base = base_accuracy(spec, built)
         logger.log({f"eval/base_{k}": v for k, v in base.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
-        train_info = train(spec, built, cell_dir, [MetricLoggerCallback(logger)])
+        train_info = train(spec, built, folder.path, [MetricLoggerCallback(logger)])
         t1 = time.time()
-        final = evaluate_final(spec, built, cell_dir, base, trained=train_info["steps"] > 0)
+        final = evaluate_final(spec, built, folder.path, base, trained=train_info["steps"] > 0)
         t2 = time.time()
         if not ranks.is_main:
             return None
-        export(built, cell_dir)
+        export(built, folder.path)
         timing = {"wall_s": time.time() - start, "train_s": train_info["train_s"],
                   "eval_s": (t2 - t1) + base.get("eval_s", 0.0), "setup_s": t0 - start,
                   "model_load_s": built.load_s, **_overhead(train_info, built, base)}
@@ -129,10 +141,10 @@ def _run(spec: CellSpec, cid: str, cell_dir: Path, start: float, ranks: Ranks) -
                    "eval/accuracy_strict": final["accuracy_strict"], "eval/n_eval": final["n_eval"],
                    "eval/base_accuracy": base["accuracy"], "trainable_params": built.adapter.trainable_params,
                    "trainable_bytes": built.adapter.trainable_bytes, "train_steps": train_info["steps"],
-                   "gpu_hours": result["timing"]["gpu_hours"], "wall_s": result["timing"]["wall_s"]}
+                   "gpu_hours": result.timing.gpu_hours, "wall_s": result.timing.wall_s}
         logger.log(summary, step=train_info["steps"] + 1)
         logger.summary(summary)
-    write_result(cell_dir, result)  # after the logger closed: nothing after this can turn it into a failure
+    folder.write_result(result)  # after the logger closed: nothing after this can turn it into a failure
     return result
 
 
@@ -142,12 +154,6 @@ def build(spec: CellSpec, ranks: Ranks = Ranks()) -> Built:
 
     Every rank builds the same thing; that the model and adapter agree across ranks is checked.
     """
-    from transformers import set_seed
-
-    from .adapters import apply_adapter
-    from .models import load_model_and_tokenizer, model_identity
-    from .tasks import load_task
-
     task = load_task(spec.task)  # data errors surface before the model loads
     t0 = time.time()
     model, tokenizer, info = load_model_and_tokenizer(_model_config(spec, ranks))
@@ -166,13 +172,9 @@ def build(spec: CellSpec, ranks: Ranks = Ranks()) -> Built:
 def _model_config(spec: CellSpec, ranks: Ranks = Ranks()):
     """model.device=auto follows the cell's `gpus`: cuda when it asks for a GPU, cpu otherwise.
     Rank r of a multi-GPU cell uses cuda:LOCAL_RANK."""
-    from dataclasses import replace
-
     if spec.model.device not in ("auto", "cuda"):
         return spec.model
     if spec.gpus > 0:
-        import torch
-
         if not torch.cuda.is_available():  # (each rank's own GPU was checked when it joined the group)
             raise RuntimeError(f"gpus={spec.gpus} but no CUDA device is visible to this process; run it on a GPU "
                                "node (hydra/launcher=slurm requests one) or set gpus=0 for CPU")
@@ -185,9 +187,6 @@ def _model_config(spec: CellSpec, ranks: Ranks = Ranks()):
 # -- evaluation --------------------------------------------------------------------------------
 def base_accuracy(spec: CellSpec, built: Built) -> dict:
     """The base model's accuracy (adapter disabled), from the on-disk cache when possible."""
-    from .eval import base_cache_key, base_cache_path, evaluate, read_base_cache, write_base_cache
-    from .models import resolve_cache_dir
-
     if not spec.eval.base:
         return {"accuracy": None, "accuracy_flexible": None, "n_eval": 0, "cached": False}
     dtype = str(next(built.model.parameters()).dtype)
@@ -208,16 +207,12 @@ def base_accuracy(spec: CellSpec, built: Built) -> dict:
 
 def evaluate_final(spec: CellSpec, built: Built, cell_dir: Path, base: dict, trained: bool) -> dict:
     """Accuracy of the adapted model; per-problem records go to eval_samples.jsonl."""
-    import json
-
-    from .eval import evaluate
-
     if not trained and base.get("accuracy") is not None and built.adapter.trainable_params == 0:
         return {k: base[k] for k in ("accuracy", "accuracy_strict", "accuracy_flexible", "n_eval")}
     result = evaluate(built.model, built.tokenizer, built.task, built.task.eval_problems(), spec.eval,
                       desc="eval trained")
     if built.ranks.is_main:
-        with open(cell_dir / "eval_samples.jsonl", "w") as f:
+        with open(cell_dir / EVAL_SAMPLES_FILE, "w") as f:
             for record in result.records:
                 f.write(json.dumps(record) + "\n")
     return _scored(result.metrics(), spec.task.scorer)
@@ -233,14 +228,12 @@ def _scored(metrics: dict, scorer: str) -> dict:
 # -- training ----------------------------------------------------------------------------------
 def train(spec: CellSpec, built: Built, cell_dir: Path, callbacks) -> dict:
     """Train with TRL, resuming from the last complete checkpoint; returns steps and reward summary."""
-    from .train import build_trainer, first_step_timer, last_complete_checkpoint
-
     if not spec.train or built.adapter.trainable_params == 0:
         return {"steps": 0, "train_s": 0.0, "resumed_from_step": None, "reward": None, "first_step_time": None}
     t0 = time.time()
-    checkpoints = cell_dir / "checkpoints"
+    checkpoints = cell_dir / CHECKPOINTS_DIR
     times: dict = {}
-    callbacks = [*callbacks, first_step_timer(times)]
+    callbacks = [*callbacks, FirstStepTimer(times)]
     world = built.ranks.world_size
     trainer = build_trainer(built.model, built.tokenizer, built.task, spec, checkpoints, built.device, callbacks, world)
     last = last_complete_checkpoint(checkpoints, world)
@@ -265,40 +258,37 @@ def export(built: Built, cell_dir: Path) -> None:
     kind = built.adapter.cfg.kind
     if kind == "none":
         return
-    built.adapter.export_peft(cell_dir / "adapter")
+    built.adapter.export_peft(cell_dir / ADAPTER_DIR)
     if kind in ("tinylora", "lora_xs"):
-        built.adapter.save_native(cell_dir / "adapter_native")
+        built.adapter.save_native(cell_dir / ADAPTER_NATIVE_DIR)
 
 
-def make_result(spec, cid, built, base, final, train_info, timing) -> dict:
-    from .provenance import collect_provenance
-
+def make_result(spec: CellSpec, cid: str, built: Built, base: dict, final: dict, train_info: dict,
+                timing: dict) -> Result:
+    """The completed result of a cell (the schema is documented in cell_folder.py)."""
     info, adapter = built.info, built.adapter
     n_gpus = built.ranks.world_size if getattr(built.device, "type", "cpu") == "cuda" else 0
     summary = adapter.summary()
-    return {
-        "cell_id": cid,
-        "status": "completed",
-        "sweep": spec.sweep,
-        "config": spec_to_dict(spec),
-        "model": {"name": info.name, "family": info.family, "size": info.size, "n_params": info.n_params,
-                  "model_id": built.model_id},
-        "adapter": {k: summary.get(k) for k in ("kind", "r", "u", "tie", "sharing", "precision", "trainable_params",
-                                                "trainable_bytes", "n_modules", "n_groups")},
-        "algo": {"name": spec.algo.name, "learning_rate": spec.algo.learning_rate, "steps": train_info["steps"]},
-        "task": {"name": spec.task.name, "scorer": spec.task.scorer},
-        "metrics": {
-            "accuracy": final["accuracy"], "accuracy_strict": final["accuracy_strict"],
-            "accuracy_flexible": final["accuracy_flexible"], "n_eval": final["n_eval"],
-            "base_accuracy": base.get("accuracy"), "base_accuracy_strict": base.get("accuracy_strict"),
-            "base_accuracy_flexible": base.get("accuracy_flexible"), "base_cached": base.get("cached"),
-            "reward": train_info["reward"], "train_steps": train_info["steps"],
-            "resumed_from_step": train_info["resumed_from_step"],
-        },
-        "timing": {**timing, "n_gpus": n_gpus, "world_size": built.ranks.world_size,
-                   "gpu_hours": timing["wall_s"] / 3600 * n_gpus},
-        "provenance": collect_provenance(),
-    }
+    return Result(
+        cell_id=cid, status="completed", sweep=spec.sweep, config=spec_to_dict(spec),
+        model=ModelRecord(name=info.name, family=info.family, size=info.size, n_params=info.n_params,
+                          model_id=built.model_id),
+        adapter=AdapterRecord(**{k: summary.get(k) for k in (
+            "kind", "r", "u", "tie", "sharing", "precision", "trainable_params", "trainable_bytes", "n_modules",
+            "n_groups")}),
+        algo=AlgoRecord(name=spec.algo.name, learning_rate=spec.algo.learning_rate, steps=train_info["steps"]),
+        task=TaskRecord(name=spec.task.name, scorer=spec.task.scorer),
+        metrics=Metrics(
+            accuracy=final["accuracy"], accuracy_strict=final["accuracy_strict"],
+            accuracy_flexible=final["accuracy_flexible"], n_eval=final["n_eval"],
+            base_accuracy=base.get("accuracy"), base_accuracy_strict=base.get("accuracy_strict"),
+            base_accuracy_flexible=base.get("accuracy_flexible"), base_cached=base.get("cached"),
+            reward=train_info["reward"], train_steps=train_info["steps"],
+            resumed_from_step=train_info["resumed_from_step"]),
+        timing=Timing(**timing, n_gpus=n_gpus, world_size=built.ranks.world_size,
+                      gpu_hours=timing["wall_s"] / 3600 * n_gpus),
+        provenance=collect_provenance(),
+    )
 
 
 def _overhead(train_info: dict, built: Built, base: dict) -> dict:
@@ -306,43 +296,17 @@ def _overhead(train_info: dict, built: Built, base: dict) -> dict:
     first = train_info.get("first_step_time")
     if first is None:
         return {}
-    import psutil
-
     since_start = first - psutil.Process().create_time()
     return {"start_to_first_step_s": since_start,
             "overhead_to_first_step_s": since_start - built.load_s - base.get("eval_s", 0.0)}
 
 
-def _write_failure(spec: CellSpec, cid: str, cell_dir: Path, start: float, err: BaseException,
-                   ranks: Ranks = Ranks()) -> None:
-    from .provenance import collect_provenance
-
-    write_result(cell_dir, {
-        "cell_id": cid, "status": "failed", "sweep": spec.sweep, "config": spec_to_dict(spec),
-        "error": {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc(),
-                  "rank": ranks.rank, "world_size": ranks.world_size},
-        "timing": {"wall_s": time.time() - start},
-        "provenance": collect_provenance(),
-    })
-
-
-def run_cell_here(spec: CellSpec) -> dict:
-    """run_cell from a plain process (launch.py): a `gpus: N > 1` cell started without RANK/WORLD_SIZE
-    spawns its N ranks on this machine; under torchrun or a SLURM task it runs as the given rank."""
-    from dataclasses import asdict
-
-    from .results import read_result
-
-    validate_spec(spec)
-    if spec.gpus > 1 and distributed.ranks_from_env().world_size == 1:
-        distributed.require_gpus(spec.gpus)
-        distributed.spawn_ranks(spec.gpus, run_cell_from_dict, asdict(spec))
-        return read_result(cell_dir_for(spec))
-    return run_cell(spec)
-
-
-def run_cell_from_dict(spec: dict, cell_dir: Optional[str] = None) -> dict:
-    """run_cell for a plain-dict spec: what spawned ranks and submitted jobs call (picklable by name)."""
-    from .spec import spec_from_dict
-
-    return run_cell(spec_from_dict(spec), Path(cell_dir) if cell_dir else None)
+def _failure(spec: CellSpec, cid: str, start: float, err: BaseException, ranks: Ranks) -> Result:
+    """The failed result: what was raised, where, after how long."""
+    return Result(
+        cell_id=cid, status="failed", sweep=spec.sweep, config=spec_to_dict(spec),
+        error=ErrorRecord(type=type(err).__name__, message=str(err), traceback=traceback.format_exc(),
+                          rank=ranks.rank, world_size=ranks.world_size),
+        timing=Timing(wall_s=time.time() - start),
+        provenance=collect_provenance(),
+    )

@@ -82,7 +82,7 @@ def process_group(gpus: int) -> Iterator[Ranks]:
     if not ranks.distributed:
         if gpus > 1:  # one process would quietly train on one of the N GPUs
             raise ValueError(f"gpus={gpus} runs as {gpus} ranks, but this is a single process (no WORLD_SIZE): "
-                             f"start it with launch.py or tinyablate.cell.run_cell_here, or under "
+                             f"start it with launch.py or tinyablate.cell.run_cell, or under "
                              f"torchrun --nproc-per-node {gpus}")
         yield ranks
         return

@@ -1,6 +1,6 @@
 """Batched greedy pass@1 (strict and flexible) and the cached base-model accuracy.
 
-    result = evaluate(model, tokenizer, task, task.eval_problems(), EvalConfig())
+    result = evaluate(model, tokenizer, task, task.eval_problems(), EvalConfig())   # tinyablate.config
     result.accuracy, result.accuracy_flexible, result.n
 
 The scorer is the task's, the same one the GRPO reward uses. The base model's accuracy (the
@@ -17,34 +17,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
-
-@dataclass
-class EvalConfig:
-    """How evaluation generates."""
-
-    # Prompts per generate() call (left-padded).
-    batch_size: int = 32
-    # Longest completion; longer ones are cut (and usually score as wrong).
-    max_new_tokens: int = 256
-    # Evaluate before training too (the base accuracy; read from the cache when present).
-    base: bool = True
-    # Cache the base accuracy on disk, keyed by model, task and these settings.
-    cache_base: bool = True
-    # Sampled pass@k on top of greedy pass@1: 0 disables; k samples per problem at `temperature`.
-    pass_k: int = 0
-    temperature: float = 1.0
-
-    def validate(self) -> "EvalConfig":
-        for name in ("batch_size", "max_new_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"eval.{name}={value!r} is invalid: must be an integer >= 1")
-        if not isinstance(self.pass_k, int) or self.pass_k < 0:
-            raise ValueError(f"eval.pass_k={self.pass_k!r} is invalid: must be an integer >= 0 (0 = off)")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"eval.temperature={self.temperature!r} is invalid: must be > 0")
-        return self
+from . import distributed
+from .cell_folder import read_json, write_json_atomic
+from .config import EvalConfig
 
 
 @dataclass
@@ -95,8 +72,6 @@ def evaluate(model, tokenizer, task, problems, cfg: EvalConfig, desc: str = "eva
     Under several ranks each scores its share (round robin) and the records are gathered in the
     problems' order, so every rank returns the same result and each problem is scored exactly once.
     """
-    from . import distributed
-
     mine = distributed.shard(problems, distributed.current())  # all of them on a single rank
     records = distributed.unshard(distributed.gather_to_all(
         _score_problems(model, tokenizer, task, mine, cfg, desc)))
@@ -114,8 +89,6 @@ def evaluate(model, tokenizer, task, problems, cfg: EvalConfig, desc: str = "eva
 
 def _score_problems(model, tokenizer, task, problems, cfg: EvalConfig, desc: str) -> list:
     """One record per problem: completion, extracted answers, strict/flexible scores (+ pass@k)."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     prompts = prompts_for(tokenizer, task, problems)
@@ -156,13 +129,9 @@ def base_cache_path(cache_root: Path, key: str) -> Path:
 
 
 def read_base_cache(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    cached = read_json(path)
+    return cached if isinstance(cached, dict) else None
 
 
 def write_base_cache(path: Path, metrics: dict) -> None:
-    from .results import write_json_atomic
-
     write_json_atomic(path, metrics)

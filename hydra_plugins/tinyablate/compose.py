@@ -13,15 +13,14 @@ import typing
 from functools import lru_cache
 from typing import Any, Sequence
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict, read_write
 
-from tinyablate.config_schema import root_from_hydra
+from .conf import root_from_hydra
 
 
 def compose_cells(config_loader, base_config, job_overrides: Sequence[Sequence[str]]) -> list:
     """A RootConfig per override list, or the Exception that composing it raised."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser = OverridesParser.create()
     bases: dict = {}
     out = []

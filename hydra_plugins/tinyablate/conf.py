@@ -1,5 +1,9 @@
-"""Launcher settings: `hydra/launcher=local` or `hydra/launcher=slurm` (pick on the command line,
-never inside an experiment file). Every field can be overridden, e.g.
+"""Hydra's ConfigStore: the typed root config, and the launcher settings.
+
+`root_schema` is tinyablate.config.RootConfig (a cell's CellSpec plus the options of one launch);
+conf/config.yaml lists it first in its defaults, so every composed config is typed by it.
+Launchers: `hydra/launcher=local` or `hydra/launcher=slurm` (pick on the command line, never inside
+an experiment file). Every field can be overridden, e.g.
 `hydra.launcher.partition=gpu hydra.launcher.timeout_min=720`.
 """
 
@@ -8,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from tinyablate.config import CellSpec, RootConfig, cell_spec
+
+from .sweeper import register as register_sweeper
 
 TARGET = "hydra_plugins.tinyablate.launcher.TinyablateLauncher"
 
@@ -55,10 +64,23 @@ class SlurmConf:
     poll_s: float = 10.0
 
 
-def register() -> None:
-    from .sweeper import register as register_sweeper
+def root_from_hydra(cfg) -> RootConfig:
+    """The typed RootConfig of a composed Hydra/OmegaConf config."""
+    root = OmegaConf.to_object(cfg)
+    if not isinstance(root, RootConfig):
+        raise TypeError(f"expected the composed config to be a RootConfig, got {type(root).__name__}")
+    return root
 
+
+def spec_from_hydra(cfg) -> CellSpec:
+    """The CellSpec of a composed config (not validated: run_cell and the launcher validate)."""
+    return cell_spec(root_from_hydra(cfg))
+
+
+def register() -> None:
+    """Register the root schema, the sweeper and the launchers in Hydra's ConfigStore."""
     register_sweeper()
     store = ConfigStore.instance()
+    store.store(name="root_schema", node=RootConfig)
     store.store(group="hydra/launcher", name="local", node=LocalConf, provider="tinyablate")
     store.store(group="hydra/launcher", name="slurm", node=SlurmConf, provider="tinyablate")

@@ -7,23 +7,22 @@ with a status table. Cell folders: <output_dir>/<sweep>/<cell_id>/.
 """
 
 
-import json
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 
-from tinyablate.config_schema import cell_spec
-from tinyablate.results import cell_state, write_json_atomic
-from tinyablate.spec import CellSpec, cell_id, validate_spec
-from tinyablate.status import LAUNCH_FILE, cell_row, format_table, live_job
+from analysis.report import analyze
+from tinyablate.cell_folder import CellFolder, ResultError, sweep_cell_folders
+from tinyablate.config import CellSpec, cell_id, cell_spec, validate_spec
+from tinyablate.shapes import adapter_size
+from tinyablate.status import cell_row, format_table, live_job
 
 from .compose import compose_cells
+from .submit import submit_cells
 
 
 @dataclass
@@ -31,7 +30,7 @@ class Cell:
     overrides: list
     spec: Optional[CellSpec] = None
     cell_id: str = ""
-    cell_dir: Optional[Path] = None
+    folder: Optional[CellFolder] = None
     error: Optional[str] = None
     params: Optional[int] = None
     bytes: Optional[int] = None
@@ -62,7 +61,7 @@ class TinyablateLauncher(Launcher):
             print(f"{len(bad)} of {len(cells)} cells are invalid; nothing was submitted.")
             raise SystemExit(2)
         if options.status:
-            print(format_table([cell_row(c.cell_dir, c.cell_id) for c in cells]))
+            print(format_table([cell_row(c.folder.path, c.cell_id) for c in cells]))
             return self._returns(cells)
         if options.dry_run:
             self._print_plan(cells, options)
@@ -70,13 +69,11 @@ class TinyablateLauncher(Launcher):
         todo, notes = self._select(cells, options.retry_failed)
         if todo:
             self._check_backend()
-            from .submit import submit_cells
-
             jobs = submit_cells(self.backend, self.settings, todo, options.wait)
             if not options.wait:
                 self._print_submitted(jobs)
                 return self._returns(cells)
-        rows = [cell_row(c.cell_dir, c.cell_id, notes.get(c.cell_id, "")) for c in cells]
+        rows = [cell_row(c.folder.path, c.cell_id, notes.get(c.cell_id, "")) for c in cells]
         print(format_table(rows))
         self._run_analysis(cells)
         if any(r["state"] == "failed" for r in rows):
@@ -90,14 +87,11 @@ class TinyablateLauncher(Launcher):
             if isinstance(root, Exception):
                 raise root
             spec = validate_spec(cell_spec(root))
-            from tinyablate.shapes import adapter_size
-
             cell.params, cell.bytes = adapter_size(spec.model.name, spec.adapter)
         except Exception as err:  # every invalid cell is reported, not just the first
             cell.error = f"{type(err).__name__}: {err}"
             return cell
-        cell.spec, cell.cell_id = spec, cell_id(spec)
-        cell.cell_dir = Path(spec.output_dir) / spec.sweep / cell.cell_id
+        cell.spec, cell.cell_id, cell.folder = spec, cell_id(spec), CellFolder.of(spec)
         return cell
 
     def _select(self, cells: list, retry_failed: bool) -> tuple:
@@ -107,8 +101,8 @@ class TinyablateLauncher(Launcher):
             if c.cell_id in seen:
                 continue  # two override lists that define the same cell run it once
             seen.add(c.cell_id)
-            state = cell_state(c.cell_dir)
-            live = live_job(c.cell_dir) if state != "completed" else None  # a retry may be queued too
+            state = c.folder.state()
+            live = live_job(c.folder.path) if state != "completed" else None  # a retry may be queued too
             if state == "completed":
                 notes[c.cell_id] = "skipped: completed"
             elif live:
@@ -134,7 +128,7 @@ class TinyablateLauncher(Launcher):
         for c in cells:
             s, a = c.spec, c.spec.adapter
             est = estimates.get((s.model.name, s.algo.name, s.algo.max_steps))
-            print(f"{cell_state(c.cell_dir):<9} {c.cell_id}  model={s.model.name} task={s.task.name} "
+            print(f"{c.folder.state():<9} {c.cell_id}  model={s.model.name} task={s.task.name} "
                   f"algo={s.algo.name} kind={a.kind} r={a.r} u={a.u} tie={a.tie} sharing={a.sharing} "
                   f"precision={a.precision} seed={s.seed} params={c.params:,} bytes={c.bytes:,} "
                   f"gpu_h={'?' if est is None else f'{est:.2f}'}")
@@ -150,10 +144,8 @@ class TinyablateLauncher(Launcher):
 
     def _run_analysis(self, cells: list) -> None:
         """At the end of a sweep: the analysis page and, unless W&B is disabled, a W&B summary run."""
-        from analysis.report import analyze
-
-        for sweep_dir in sorted({c.cell_dir.parent for c in cells}):
-            mode = next(c.spec.logger.mode for c in cells if c.cell_dir.parent == sweep_dir)
+        for sweep_dir in sorted({c.folder.path.parent for c in cells}):
+            mode = next(c.spec.logger.mode for c in cells if c.folder.path.parent == sweep_dir)
             try:
                 page = analyze([sweep_dir], sweep_dir / "analysis", wandb_mode=None if mode == "disabled" else mode)
             except ValueError as err:  # e.g. no cell completed: say so, the status table says why
@@ -174,25 +166,15 @@ class TinyablateLauncher(Launcher):
 def _gpu_hour_estimates(cells: list) -> dict:
     """Mean GPU-hours of completed cells with the same model, algorithm and step count."""
     seen: dict = {}
-    for sweep_dir in sorted({c.cell_dir.parent for c in cells}):
-        if not sweep_dir.is_dir():
-            continue
-        for child in sweep_dir.iterdir():
+    for sweep_dir in sorted({c.folder.path.parent for c in cells}):
+        for folder in sweep_cell_folders(sweep_dir, depth=1):
             try:
-                result = json.loads((child / "result.json").read_text())
-            except (OSError, ValueError):
+                result = folder.read_result()
+            except ResultError:
                 continue
-            if result.get("status") != "completed":
+            if result is None or not result.completed or not result.config or result.timing.gpu_hours is None:
                 continue
-            cfg = result["config"]
+            cfg = result.config
             key = (cfg["model"]["name"], cfg["algo"]["name"], cfg["algo"]["max_steps"])
-            seen.setdefault(key, []).append(result["timing"]["gpu_hours"])
+            seen.setdefault(key, []).append(result.timing.gpu_hours)
     return {k: sum(v) / len(v) for k, v in seen.items()}
-
-
-def write_launch_record(cell, job, backend: str) -> None:
-    write_json_atomic(cell.cell_dir / LAUNCH_FILE, {
-        "backend": backend, "job_id": str(job.job_id), "stdout": str(job.paths.stdout),
-        "stderr": str(job.paths.stderr), "submitted": time.time(), "argv": sys.argv,
-    })
-    write_json_atomic(cell.cell_dir / "spec.json", {"cell_id": cell.cell_id, "config": asdict(cell.spec)})

@@ -6,11 +6,16 @@ the torch.distributed variables from submitit's job environment and runs the cel
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import submitit
+import torch
+
+from tinyablate.config import spec_from_dict
 
 
 class CellJob(submitit.helpers.Checkpointable):
@@ -18,8 +23,8 @@ class CellJob(submitit.helpers.Checkpointable):
     requeues the same call; run_cell then resumes from the cell's last training checkpoint."""
 
     def __call__(self, spec: dict, cell_dir: str) -> dict:
+        # Imported here, in the job: the launching process never loads torch/TRL for the cells it submits.
         from tinyablate.cell import run_cell
-        from tinyablate.spec import spec_from_dict
 
         if submitit.JobEnvironment().num_tasks > 1:  # one task per rank: MASTER_ADDR/PORT, RANK, WORLD_SIZE, ...
             # Every task sees the node's GPUs; rank r takes cuda:LOCAL_RANK (distributed.process_group).
@@ -29,19 +34,24 @@ class CellJob(submitit.helpers.Checkpointable):
                 "accuracy": result["metrics"]["accuracy"], "world_size": result["timing"]["world_size"]}
 
 
-def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
-    from .launcher import write_launch_record
+def write_launch_record(cell, job, backend: str) -> None:
+    """launch.json (job id, log files) and spec.json in the cell's folder, as soon as it is submitted."""
+    cell.folder.write_launch(backend, job.job_id, job.paths.stdout, job.paths.stderr, sys.argv)
+    cell.folder.write_spec(cell.spec)
 
-    folder = cells[0].cell_dir.parent / ".submitit" / "%j"
+
+def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
+    """Submit `cells` (the launcher's Cell records) and return their submitit jobs."""
+    folder = cells[0].folder.path.parent / ".submitit" / "%j"
     jobs = []
     if backend == "local":
         if not wait:
             raise SystemExit("wait=false needs hydra/launcher=slurm: local cells are children of this process")
-        return _run_local(settings, cells, folder, write_launch_record)
+        return _run_local(settings, cells, folder)
     for gpus in sorted({c.spec.gpus for c in cells}):
         group = [c for c in cells if c.spec.gpus == gpus]
         executor = _slurm_executor(settings, folder, gpus, group[0].spec.sweep)
-        group_jobs = executor.map_array(CellJob(), [asdict(c.spec) for c in group], [str(c.cell_dir) for c in group])
+        group_jobs = executor.map_array(CellJob(), [asdict(c.spec) for c in group], [str(c.folder.path) for c in group])
         for cell, job in zip(group, group_jobs):
             write_launch_record(cell, job, backend)
         print(f"submitted {len(group)} cells ({gpus} GPU(s) each) as SLURM array {group_jobs[0].job_id.split('_')[0]}")
@@ -74,7 +84,7 @@ def _slurm_executor(settings: dict, folder: Path, gpus: int, sweep: str, tasks: 
     return executor
 
 
-def _run_local(settings: dict, cells: list, folder: Path, record) -> list:
+def _run_local(settings: dict, cells: list, folder: Path) -> list:
     """At most `max_parallel` cells at once; each gets its own GPUs (CUDA_VISIBLE_DEVICES) if it asks."""
     executor = submitit.LocalExecutor(folder=folder)
     free_gpus = _local_gpus() if any(c.spec.gpus for c in cells) else []
@@ -90,8 +100,8 @@ def _run_local(settings: dict, cells: list, folder: Path, record) -> list:
             gpus = [free_gpus.pop(0) for _ in range(cell.spec.gpus)]
             executor.update_parameters(timeout_min=settings["timeout_min"], gpus_per_node=len(gpus),
                                        visible_gpus=gpus, tasks_per_node=ranks_per_cell(len(gpus)))
-            job = executor.submit(CellJob(), asdict(cell.spec), str(cell.cell_dir))
-            record(cell, job, "local")
+            job = executor.submit(CellJob(), asdict(cell.spec), str(cell.folder.path))
+            write_launch_record(cell, job, "local")
             print(f"started {cell.cell_id}{f' on GPU {gpus}' if gpus else ''} (log: {job.paths.stderr})")
             running.append((job, gpus))
             jobs.append(job)
@@ -104,13 +114,9 @@ def _run_local(settings: dict, cells: list, folder: Path, record) -> list:
 
 def _local_gpus() -> list:
     """GPU ids this process may hand out: its own CUDA_VISIBLE_DEVICES, else every GPU torch sees."""
-    import os
-
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [int(x) for x in visible.split(",") if x.strip().isdigit()]
-    import torch
-
     return list(range(torch.cuda.device_count()))
 
 

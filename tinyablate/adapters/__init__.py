@@ -1,12 +1,11 @@
 """Adapters: TinyLoRA, LoRA-XS, LoRA (PEFT) and none, behind one handle (`apply_adapter`)."""
 
-from .adapter import ROOT_NAME, Adapter, apply_adapter, load_trainable_state, trainable_state
-from .config import AdapterConfig, SVDConfig, count_groups
-from .export import export_peft, load_native, save_native
+from .adapter import ROOT_NAME, Adapter, apply_adapter, load_native, load_trainable_state, trainable_state
+from .export import export_peft, save_native
 from .targets import Target, expected_trainable_params, resolve_targets
 
 __all__ = [
-    "ROOT_NAME", "Adapter", "AdapterConfig", "SVDConfig", "Target", "apply_adapter", "count_groups",
+    "ROOT_NAME", "Adapter", "Target", "apply_adapter",
     "expected_trainable_params", "export_peft", "load_native", "load_trainable_state", "resolve_targets",
     "save_native", "trainable_state",
 ]

@@ -6,15 +6,26 @@
     adapter.merge(); adapter.unmerge()      # unmerge restores the base weights bit for bit
     adapter.export_peft(dir)               # PEFT LoRA format, loads with PeftModel.from_pretrained
     adapter.save_native(dir)               # just v, seeds and the SVD identity
+    load_native(fresh_model, dir)          # the saved adapter on a fresh base model (SVD identity checked)
+
+peft is imported only by LoRA cells and exports (lora.py, export.py): the dry run counts parameters
+through this package, and importing peft costs seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from .config import AdapterConfig
+from ..config.adapter import AdapterConfig, adapter_from_dict
+from . import export
+from .lora import build_lora, merge_lora, unmerge_lora
+from .svd_adapter import build_svd_adapter
 from .targets import Target, expected_trainable_params, resolve_targets
 
 ROOT_NAME = "tinyablate_adapter"
@@ -69,7 +80,6 @@ class Adapter:
     def merge(self) -> None:
         """Fold ΔW into the weights (for export or a plain inference model)."""
         if self.cfg.kind == "lora":
-            from .lora import merge_lora
             merge_lora(self.model)
         for layer in self.layers.values():
             layer.merge()
@@ -77,7 +87,6 @@ class Adapter:
     def unmerge(self) -> None:
         """Restore the base weights exactly as they were before merge()."""
         if self.cfg.kind == "lora":
-            from .lora import unmerge_lora
             unmerge_lora(self.model)
         for layer in self.layers.values():
             layer.unmerge()
@@ -98,13 +107,15 @@ class Adapter:
                 layer.enabled = True
 
     # -- saving -------------------------------------------------------------------------------
+    def vectors(self) -> list:
+        """The trainable vectors v (TinyLoRA) or matrices R (LoRA-XS), in group order."""
+        return list(getattr(self.model, ROOT_NAME).vectors)
+
     def export_peft(self, out_dir) -> None:
-        from .export import export_peft
-        export_peft(self, out_dir)
+        export.export_peft(self, out_dir)
 
     def save_native(self, out_dir) -> None:
-        from .export import save_native
-        save_native(self, out_dir)
+        export.save_native(self, out_dir)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -135,9 +146,24 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig, model_id: str) -> Adapte
     if cfg.kind == "none":
         return Adapter(model, cfg, targets, model_id)
     if cfg.kind == "lora":
-        from .lora import build_lora
         return Adapter(build_lora(model, cfg, targets), cfg, targets, model_id)
-    from .svd_adapter import build_svd_adapter
     root, layers, stats = build_svd_adapter(model, cfg, targets, model_id)
     model.add_module(ROOT_NAME, root)
     return Adapter(model, cfg, targets, model_id, layers, stats)
+
+
+def load_native(model: nn.Module, in_dir, model_id: str | None = None, atol: float = 2e-2) -> Adapter:
+    """Apply the adapter saved by `save_native` to `model` (a fresh base model) and load its vectors.
+
+    Fails if the SVD factors computed now differ from the ones it was trained on (export.py)."""
+    src = Path(in_dir)
+    meta = json.loads((src / export.NATIVE_META).read_text())
+    if meta.get("format") != export.NATIVE_FORMAT:
+        raise ValueError(f"{src} is not a {export.NATIVE_FORMAT} adapter (format={meta.get('format')!r})")
+    adapter = apply_adapter(model, adapter_from_dict(meta["config"]), model_id or meta["model_id"])
+    export.check_svd_identity(adapter, meta["svd_probe"], atol)
+    tensors = load_file(str(src / export.NATIVE_VECTORS))
+    with torch.no_grad():
+        for i, v in enumerate(adapter.vectors()):
+            v.copy_(tensors[f"v.{i}"].to(v.device, v.dtype))
+    return adapter

@@ -16,9 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 NATIVE_FORMAT = "tinyablate-native/1"
+NATIVE_META, NATIVE_VECTORS = "adapter_native.json", "vectors.safetensors"
 _PROBE_ROWS = 8
 
 
@@ -32,7 +33,7 @@ def export_peft(adapter, out_dir) -> None:
     if kind == "lora":
         adapter.model.save_pretrained(str(out))
         return
-    from peft import LoraConfig
+    from peft import LoraConfig  # only here and in lora.py: importing peft costs seconds
 
     tensors = {}
     for name, layer in adapter.layers.items():
@@ -51,14 +52,14 @@ def export_peft(adapter, out_dir) -> None:
 
 
 def save_native(adapter, out_dir) -> None:
-    """Write adapter_native.json + vectors.safetensors."""
+    """Write adapter_native.json + vectors.safetensors (read back by adapter.load_native)."""
     if adapter.cfg.kind not in ("tinylora", "lora_xs"):
         raise ValueError(f"the native format holds tinylora and lora_xs only, not {adapter.cfg.kind!r}; "
                          "use export_peft")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vectors = {f"v.{i}": v.detach().contiguous().cpu() for i, v in enumerate(_vectors(adapter))}
-    save_file(vectors, str(out / "vectors.safetensors"))
+    vectors = {f"v.{i}": v.detach().contiguous().cpu() for i, v in enumerate(adapter.vectors())}
+    save_file(vectors, str(out / NATIVE_VECTORS))
     meta = {
         "format": NATIVE_FORMAT,
         "model_id": adapter.model_id,
@@ -66,33 +67,7 @@ def save_native(adapter, out_dir) -> None:
         "targets": [[t.name, t.group] for t in adapter.targets],
         "svd_probe": {name: _probe(layer) for name, layer in adapter.layers.items()},
     }
-    (out / "adapter_native.json").write_text(json.dumps(meta, indent=1))
-
-
-def load_native(model, in_dir, model_id: str | None = None, atol: float = 2e-2):
-    """Apply the saved adapter to `model` (a fresh base model) and load its vectors."""
-    from .adapter import apply_adapter
-    from .config import AdapterConfig, SVDConfig
-
-    src = Path(in_dir)
-    meta = json.loads((src / "adapter_native.json").read_text())
-    if meta.get("format") != NATIVE_FORMAT:
-        raise ValueError(f"{src} is not a {NATIVE_FORMAT} adapter (format={meta.get('format')!r})")
-    raw = dict(meta["config"])
-    cfg = AdapterConfig(**{**raw, "svd": SVDConfig.from_dict(raw["svd"])})
-    adapter = apply_adapter(model, cfg, model_id or meta["model_id"])
-    _check_svd_identity(adapter, meta["svd_probe"], atol)
-    tensors = load_file(str(src / "vectors.safetensors"))
-    with torch.no_grad():
-        for i, v in enumerate(_vectors(adapter)):
-            v.copy_(tensors[f"v.{i}"].to(v.device, v.dtype))
-    return adapter
-
-
-def _vectors(adapter):
-    from .adapter import ROOT_NAME
-
-    return list(getattr(adapter.model, ROOT_NAME).vectors)
+    (out / NATIVE_META).write_text(json.dumps(meta, indent=1))
 
 
 def _probe(layer) -> dict:
@@ -101,7 +76,7 @@ def _probe(layer) -> dict:
     return {"sigma": s.tolist(), "u_head": (A[:_PROBE_ROWS] / s).tolist()}
 
 
-def _check_svd_identity(adapter, probes: dict, atol: float) -> None:
+def check_svd_identity(adapter, probes: dict, atol: float) -> None:
     for name, layer in adapter.layers.items():
         want = probes.get(name)
         if want is None:

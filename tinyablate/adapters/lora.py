@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import AdapterConfig
+from ..config.adapter import AdapterConfig
 from .svd_adapter import PRECISION_DTYPES
 from .targets import Target
 

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import SVDConfig
+from ..config.adapter import SVDConfig
 
 # Bump when the computed factors change for the same weight and settings: cached factors of another
 # version are never reused (they are part of the cache key).

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from .config import AdapterConfig
+from ..config.adapter import AdapterConfig
 from .layers import SVDAdapterLinear, projection
 from .svd import TIE_GAP, Factors, SVDCache
 from .targets import Target

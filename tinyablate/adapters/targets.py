@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import AdapterConfig, count_groups
+from ..config.adapter import AdapterConfig, count_groups
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 

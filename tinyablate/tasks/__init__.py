@@ -1,14 +1,15 @@
 """The task room: problems, chat prompts and the one scorer used for RL reward and evaluation.
 
-    from tinyablate.tasks import TaskConfig, load_task, reward_fn
+    from tinyablate.config import TaskConfig
+    from tinyablate.tasks import load_task, reward_fn
     task = load_task(TaskConfig(name="gsm8k", data_dir="/path/to/gsm8k"))
     rows = task.prompt_rows(task.train_problems())   # {"prompt", "answer", "id"} for GRPO
     rewards = reward_fn("strict")                    # TRL reward function reading `answer`
 """
 
+from ..config.task import TaskConfig
 from .arithmetic import ArithmeticTask
 from .base import Problem, Task
-from .config import TaskConfig
 from .gsm8k import GSM8KTask
 from .scoring import (
     Score,
@@ -35,7 +36,6 @@ __all__ = [
     "Problem",
     "Score",
     "Task",
-    "TaskConfig",
     "completion_text",
     "extract_flexible",
     "extract_strict",

@@ -10,7 +10,7 @@ import random
 from bisect import bisect_right
 
 from .base import Problem, Task
-from .config import TaskConfig
+from ..config.task import TaskConfig
 from .scoring import normalize_number
 
 

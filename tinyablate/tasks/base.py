@@ -7,7 +7,7 @@ interface, so adding a task means subclassing `Task` and implementing the two pr
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from .config import TaskConfig
+from ..config.task import TaskConfig
 from .scoring import Score, score
 
 

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from .base import Problem, Task
-from .config import TaskConfig
+from ..config.task import TaskConfig
 from .scoring import normalize_number
 
 SPLITS = ("train", "test")

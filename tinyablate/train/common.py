@@ -1,16 +1,21 @@
-"""What GRPO and SFT share: adapter-only checkpoints, resume, and the pinned trainer arguments."""
+"""What GRPO and SFT share: adapter-only checkpoints, resume, the pinned trainer arguments, and the
+trainer callbacks (metrics to the cell's one sink, first-step time, rank sync check)."""
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
 
+from .. import distributed
 from ..adapters import load_trainable_state, trainable_state
+from ..logging import MetricLogger, rewrite_trainer_logs
 
 ADAPTER_STATE = "adapter_state.safetensors"
 TRAINER_STATE = "trainer_state.json"  # written last by Trainer._save_checkpoint: marks a complete checkpoint
@@ -30,17 +35,31 @@ class AdapterCheckpointMixin:
         load_trainable_state(model or self.model, tensors, source=f"checkpoint {resume_from_checkpoint}")
 
 
-def first_step_timer(times: dict):
-    """A TrainerCallback that records the wall-clock time of the first training step in `times`."""
-    import time
+class FirstStepTimer(TrainerCallback):
+    """Records the wall-clock time of the first training step in `times["first_step"]`."""
 
-    from transformers import TrainerCallback
+    def __init__(self, times: dict) -> None:
+        self.times = times
 
-    class FirstStepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            times.setdefault("first_step", time.time())
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.times.setdefault("first_step", time.time())
 
-    return FirstStepTimer()
+
+class MetricLoggerCallback(TrainerCallback):
+    """Forwards a Trainer's logs to a MetricLogger at `state.global_step`.
+
+    Only the main process logs. With `rewrite=True` (default) keys are renamed by
+    `rewrite_trainer_logs` ("loss" -> "train/loss", "eval_accuracy" -> "eval/accuracy").
+    """
+
+    def __init__(self, logger: MetricLogger, rewrite: bool = True) -> None:
+        self.logger = logger
+        self.rewrite = rewrite
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            metrics = rewrite_trainer_logs(logs) if self.rewrite else dict(logs)
+            self.logger.log(metrics, step=state.global_step)
 
 
 def last_complete_checkpoint(checkpoint_dir: Path, world_size: int = 1) -> Optional[Path]:
@@ -57,23 +76,20 @@ def last_complete_checkpoint(checkpoint_dir: Path, world_size: int = 1) -> Optio
     return max(found)[1] if found else None
 
 
-def rank_sync_check(model):
-    """A TrainerCallback that verifies, after every optimizer step, that the trainable tensors are
-    bit-identical on every rank (DDP all-reduces the gradients, so they must be); raises otherwise.
+class RankSyncCheck(TrainerCallback):
+    """Verifies, after every optimizer step, that the trainable tensors are bit-identical on every rank
+    (DDP all-reduces the gradients, so they must be); raises otherwise.
 
     It compares a per-tensor (sum, sum of squares, first element) fingerprint, a few floats per tensor.
     """
-    from transformers import TrainerCallback
 
-    from .. import distributed
+    def __init__(self, model) -> None:
+        self.model = model
 
-    class RankSyncCheck(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if distributed.current().distributed:
-                distributed.require_same_on_all_ranks(trainable_fingerprint(model),
-                                                      f"the trainable parameters after step {state.global_step}")
-
-    return RankSyncCheck()
+    def on_step_end(self, args, state, control, **kwargs):
+        if distributed.current().distributed:
+            distributed.require_same_on_all_ranks(trainable_fingerprint(self.model),
+                                                  f"the trainable parameters after step {state.global_step}")
 
 
 def trainable_fingerprint(model) -> list:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from .. import distributed
 from ..tasks.scoring import reward_fn
 from .common import AdapterCheckpointMixin, one_device_per_process, trainer_kwargs
+from .sampling import keyed_generation, rollout_keys
 
 ROW = "row"  # dataset column: the prompt's index, part of each rollout's key under keyed sampling
 
 
 def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, callbacks=(), world_size: int = 1):
     """A GRPOTrainer over the task's training prompts, rewarded by the task's own scorer."""
-    from datasets import Dataset
-    from trl import GRPOConfig
-
     algo = spec.algo
     args = GRPOConfig(
         **trainer_kwargs(algo, spec.seed, output_dir, device, world_size),
@@ -36,7 +38,7 @@ def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, c
     one_device_per_process(args)
     rows = task.prompt_rows(task.train_problems())
     dataset = Dataset.from_list([{**row, ROW: i} for i, row in enumerate(rows)])
-    trainer = _trainer_class()(
+    trainer = TinyablateGRPOTrainer(
         model=model,
         reward_funcs=[reward_fn(spec.task.scorer)],
         args=args,
@@ -48,32 +50,24 @@ def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, c
     return trainer
 
 
-def _trainer_class():
-    from trl import GRPOTrainer
+class TinyablateGRPOTrainer(AdapterCheckpointMixin, GRPOTrainer):
+    """GRPOTrainer with adapter-only checkpoints and, when `keyed_seed` is set, keyed rollouts."""
 
-    from .. import distributed
-    from .sampling import keyed_generation, rollout_keys
+    keyed_seed = None
+    _rollout_keys = None
 
-    class TinyablateGRPOTrainer(AdapterCheckpointMixin, GRPOTrainer):
-        """GRPOTrainer with adapter-only checkpoints and, when `keyed_seed` is set, keyed rollouts."""
+    def _generate_and_score_completions(self, inputs):
+        if self.keyed_seed is not None and self.model.training:
+            rows_by_rank = distributed.gather_to_all([x[ROW] for x in inputs])
+            self._rollout_keys = rollout_keys(self.keyed_seed, self.state.global_step, rows_by_rank,
+                                              self.accelerator.process_index)
+        return super()._generate_and_score_completions(inputs)
 
-        keyed_seed = None
-        _rollout_keys = None
-
-        def _generate_and_score_completions(self, inputs):
-            if self.keyed_seed is not None and self.model.training:
-                rows_by_rank = distributed.gather_to_all([x[ROW] for x in inputs])
-                self._rollout_keys = rollout_keys(self.keyed_seed, self.state.global_step, rows_by_rank,
-                                                  self.accelerator.process_index)
-            return super()._generate_and_score_completions(inputs)
-
-        def _generate_single_turn(self, prompt_ids, *args, **kwargs):
-            keys, self._rollout_keys = self._rollout_keys, None
-            if keys is None:
-                return super()._generate_single_turn(prompt_ids, *args, **kwargs)
-            if len(keys) != len(prompt_ids):
-                raise RuntimeError(f"keyed sampling: {len(keys)} keys for {len(prompt_ids)} prompts")
-            with keyed_generation(self, keys):
-                return super()._generate_single_turn(prompt_ids, *args, **kwargs)
-
-    return TinyablateGRPOTrainer
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+        keys, self._rollout_keys = self._rollout_keys, None
+        if keys is None:
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        if len(keys) != len(prompt_ids):
+            raise RuntimeError(f"keyed sampling: {len(keys)} keys for {len(prompt_ids)} prompts")
+        with keyed_generation(self, keys):
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Iterator, Optional, Sequence
 
 import torch
+from transformers import GenerationConfig, LogitsProcessorList
 
 _M32 = 0xFFFFFFFF
 
@@ -129,8 +130,6 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 @contextmanager
 def keyed_generation(trainer, keys: Sequence[int]) -> Iterator[None]:
     """Within the block, the trainer's model generates with KeyedGumbelSampler (greedy over keyed scores)."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     sampler = KeyedGumbelSampler(keys, trainer.temperature, trainer.top_p)
     greedy = {**trainer.generation_kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None,

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
 from .common import AdapterCheckpointMixin, one_device_per_process, trainer_kwargs
+
+
+class TinyablateSFTTrainer(AdapterCheckpointMixin, SFTTrainer):
+    """SFTTrainer with adapter-only checkpoints."""
 
 
 def build_sft_trainer(model, tokenizer, task, spec, output_dir: Path, device, callbacks=(), world_size: int = 1):
     """An SFTTrainer over prompt-completion conversations built from the task's training problems."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    class TinyablateSFTTrainer(AdapterCheckpointMixin, SFTTrainer):
-        pass
-
     algo = spec.algo
     args = SFTConfig(
         **trainer_kwargs(algo, spec.seed, output_dir, device, world_size),

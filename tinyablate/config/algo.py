@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .checks import Checks, Section
+
 ALGOS = ("grpo", "sft")
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
 ROLLOUT_SAMPLERS = ("torch", "keyed")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+REWARD_SCALINGS = ("group", "batch", "none")
 
 
 @dataclass
-class AlgoConfig:
+class AlgoConfig(Section):
     """How a cell trains its adapter."""
 
     # grpo (RL from the task's reward) or sft (supervised on the reference solutions).
@@ -65,34 +68,48 @@ class AlgoConfig:
     logging_steps: int = 1
     gradient_checkpointing: bool = False
 
-    def validate(self, world_size: int = 1) -> "AlgoConfig":
-        """Check every field; `world_size` is the cell's data-parallel ranks (its GPUs, at least 1)."""
-        _one_of("name", self.name, ALGOS)
-        _one_of("rollout_sampler", self.rollout_sampler, ROLLOUT_SAMPLERS)
-        _one_of("loss_type", self.loss_type, GRPO_LOSSES)
-        _one_of("lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        _one_of("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+    section = "algo"
+
+    def check(self, c: Checks, world_size: int = 1) -> None:
+        """Every field; `world_size` is the cell's data-parallel ranks (its GPUs, at least 1)."""
+        c.choice("name", self.name, ALGOS)
+        c.choice("rollout_sampler", self.rollout_sampler, ROLLOUT_SAMPLERS)
+        c.choice("loss_type", self.loss_type, GRPO_LOSSES)
+        c.choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        c.choice("scale_rewards", self.scale_rewards, REWARD_SCALINGS)
         for name in ("max_steps", "prompts_per_step", "micro_batch_size", "max_completion_length",
                      "max_length", "save_steps", "logging_steps", "num_iterations"):
-            _positive_int(name, getattr(self, name))
-        _non_negative_int("warmup_steps", self.warmup_steps)
+            c.integer(name, getattr(self, name), minimum=1)
+        c.integer("warmup_steps", self.warmup_steps, minimum=0)
         for name in ("learning_rate", "adam_epsilon", "temperature"):
-            _positive_number(name, getattr(self, name))
+            c.number(name, getattr(self, name), above=0)
         for name in ("weight_decay", "beta", "epsilon", "max_grad_norm"):
-            _non_negative_number(name, getattr(self, name))
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"algo.top_p={self.top_p!r} is invalid: must be in (0, 1]")
+            c.number(name, getattr(self, name), minimum=0)
+        for name in ("adam_beta1", "adam_beta2"):
+            c.number(name, getattr(self, name), minimum=0, below=1)
+        c.number("top_p", self.top_p, above=0, maximum=1)
+        c.boolean("gradient_checkpointing", self.gradient_checkpointing)
         if self.name == "grpo":
-            self._validate_grpo_batch()
-        elif self.prompts_per_step % self.micro_batch_size:
-            raise ValueError(
-                f"algo.prompts_per_step={self.prompts_per_step} is not a multiple of "
-                f"algo.micro_batch_size={self.micro_batch_size}: set them so the step splits into whole micro-batches"
-            )
-        self._validate_ranks(world_size)
-        return self
+            c.integer("num_generations", self.num_generations, minimum=2,
+                      note=" (GRPO's advantages are relative to the group of completions of a prompt)")
+        if not c.problems:  # the batch rules below read the fields checked above
+            self._check_batch(c)
+            self._check_ranks(c, world_size)
 
-    def _validate_ranks(self, world_size: int) -> None:
+    def _check_batch(self, c: Checks) -> None:
+        """A step's sequences split into whole micro-batches."""
+        if self.sequences_per_step % self.micro_batch_size == 0:
+            return
+        if self.name == "grpo":
+            c.rule(f"GRPO batch of algo.prompts_per_step x algo.num_generations = {self.prompts_per_step} x "
+                   f"{self.num_generations} = {self.sequences_per_step} completions is not divisible by "
+                   f"algo.micro_batch_size={self.micro_batch_size}: pick a micro-batch size that divides it")
+        else:
+            c.rule(f"algo.prompts_per_step={self.prompts_per_step} is not a multiple of "
+                   f"algo.micro_batch_size={self.micro_batch_size}: set them so the step splits into whole "
+                   "micro-batches")
+
+    def _check_ranks(self, c: Checks, world_size: int) -> None:
         """The global batch of a step must split evenly over the ranks' micro-batches."""
         per_step = self.sequences_per_step
         if world_size <= 1 or per_step % (self.micro_batch_size * world_size) == 0:
@@ -102,25 +119,9 @@ class AlgoConfig:
             fix = "change algo.prompts_per_step so the GPUs divide it"
         else:
             fix = f"e.g. algo.micro_batch_size={_largest_divisor(per_step // world_size, self.micro_batch_size)}"
-        raise ValueError(
-            f"a step's {per_step} {what} do not split into algo.micro_batch_size={self.micro_batch_size} "
-            f"x {world_size} GPUs: the global batch stays the same for any number of GPUs, so micro_batch_size x "
-            f"GPUs must divide it ({fix})"
-        )
-
-    def _validate_grpo_batch(self) -> None:
-        if not isinstance(self.num_generations, int) or self.num_generations < 2:
-            raise ValueError(
-                f"algo.num_generations={self.num_generations!r} is invalid: GRPO needs >= 2 completions per prompt "
-                "(advantages are relative to the group)"
-            )
-        completions = self.prompts_per_step * self.num_generations
-        if completions % self.micro_batch_size:
-            raise ValueError(
-                f"GRPO batch of algo.prompts_per_step x algo.num_generations = {self.prompts_per_step} x "
-                f"{self.num_generations} = {completions} completions is not divisible by "
-                f"algo.micro_batch_size={self.micro_batch_size}: pick a micro-batch size that divides it"
-            )
+        c.rule(f"a step's {per_step} {what} do not split into algo.micro_batch_size={self.micro_batch_size} "
+               f"x {world_size} GPUs: the global batch stays the same for any number of GPUs, so micro_batch_size x "
+               f"GPUs must divide it ({fix})")
 
     @property
     def sequences_per_step(self) -> int:
@@ -134,28 +135,3 @@ class AlgoConfig:
 
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
-
-
-def _one_of(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"algo.{name}={value!r} is invalid: allowed values are {list(allowed)}")
-
-
-def _positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"algo.{name}={value!r} is invalid: must be an integer >= 1")
-
-
-def _non_negative_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"algo.{name}={value!r} is invalid: must be an integer >= 0")
-
-
-def _positive_number(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"algo.{name}={value!r} is invalid: must be a number > 0")
-
-
-def _non_negative_number(name, value):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"algo.{name}={value!r} is invalid: must be a number >= 0")

@@ -1,7 +1,7 @@
 """The adapter schema: every ablation axis of TinyLoRA, LoRA-XS and LoRA as one typed config.
 
-`AdapterConfig.validate()` checks everything that can be checked without a model; the
-model-dependent checks (rank against the weight shapes, target modules that match nothing) run in
+`AdapterConfig.check` states everything that can be checked without a model; the model-dependent
+checks (rank against the weight shapes, target modules that match nothing) run in
 `tinyablate.adapters.targets.resolve_targets` before any weight is read.
 """
 
@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .checks import Checks, Section, invalid, is_int
+
 KINDS = ("tinylora", "lora_xs", "lora", "none")
 SHARINGS = ("tiled", "structured")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -18,6 +20,7 @@ FORWARD_MODES = ("fused", "unmerged")
 SVD_METHODS = ("exact", "full")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}
+_TIE_EXPECTED = "a positive integer (1 = no sharing) or 'all' (one v for the whole model)"
 
 
 @dataclass
@@ -55,7 +58,7 @@ _RETIRED_SVD_METHODS = ("auto", "randomized")
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(Section):
     """One adapter: the research object of a sweep cell.
 
     TinyLoRA:  W' = W + U Σ (Σ_i v_i P_i) Vᵀ,  v ∈ R^u trainable, P a fixed random u×r×r tensor.
@@ -95,54 +98,46 @@ class AdapterConfig:
     lora_dropout: float = 0.0
     svd: SVDConfig = field(default_factory=SVDConfig)
 
-    def validate(self) -> "AdapterConfig":
-        """Raise ValueError naming the field, the value and what is allowed."""
-        _one_of("kind", self.kind, KINDS)
-        _one_of("sharing", self.sharing, SHARINGS)
-        _one_of("precision", self.precision, PRECISIONS)
-        _one_of("forward", self.forward, FORWARD_MODES)
-        if self.svd.method in _RETIRED_SVD_METHODS:
-            raise ValueError(
-                f"adapter.svd.method={self.svd.method!r} was retired on 2026-12-02: its randomized basis was not "
-                f"W's top-r on flat spectra; use one of {list(SVD_METHODS)} (default 'exact')")
-        _one_of("svd.method", self.svd.method, SVD_METHODS)
-        _positive_int("r", self.r)
-        _positive_int("u", self.u)
-        self.tie_value()  # validates tie
-        if not isinstance(self.target_modules, (list, tuple)) or not self.target_modules:
-            raise ValueError(
-                f"adapter.target_modules={self.target_modules!r} is invalid: give a non-empty list of "
-                f"module names, e.g. {DEFAULT_TARGETS}"
-            )
-        if self.layers is not None:
-            if not isinstance(self.layers, (list, tuple)) or not self.layers or not all(
-                _is_int(x) and x >= 0 for x in self.layers
-            ):
-                raise ValueError(
-                    f"adapter.layers={self.layers!r} is invalid: give null (all layers) or a non-empty "
-                    "list of non-negative layer indices"
-                )
-        if not _is_int(self.svd.cache_rank) or self.svd.cache_rank < 0:
-            raise ValueError(f"adapter.svd.cache_rank={self.svd.cache_rank!r} is invalid: must be an integer >= 0")
-        if not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
-            raise ValueError(f"adapter.lora_alpha={self.lora_alpha!r} is invalid: must be a number > 0")
-        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
-            raise ValueError(f"adapter.lora_dropout={self.lora_dropout!r} is invalid: must be in [0, 1)")
-        return self
+    section = "adapter"
 
-    def tie_value(self) -> Optional[int]:
-        """The tie factor as an int, or None for "all"."""
+    def check(self, c: Checks) -> None:
+        c.choice("kind", self.kind, KINDS)
+        c.choice("sharing", self.sharing, SHARINGS)
+        c.choice("precision", self.precision, PRECISIONS)
+        c.choice("forward", self.forward, FORWARD_MODES)
+        if self.svd.method in _RETIRED_SVD_METHODS:
+            c.fail("svd.method", self.svd.method, "a method not retired on 2026-12-02 (the randomized basis was not "
+                   f"W's top-r on flat spectra): one of {', '.join(map(repr, SVD_METHODS))}, default 'exact'")
+        else:
+            c.choice("svd.method", self.svd.method, SVD_METHODS)
+        c.integer("r", self.r, minimum=1)
+        c.integer("u", self.u, minimum=1)
+        if self._tie() is False:
+            c.fail("tie", self.tie, _TIE_EXPECTED)
+        c.non_empty_list("target_modules", self.target_modules, lambda x: isinstance(x, str) and x,
+                         f"module names, e.g. {DEFAULT_TARGETS}")
+        c.non_empty_list("layers", self.layers, lambda x: is_int(x) and x >= 0,
+                         "non-negative layer indices (None: every layer)", optional=True)
+        c.integer("svd.cache_rank", self.svd.cache_rank, minimum=0)
+        c.string("svd.cache_dir", self.svd.cache_dir, optional=True, empty_ok=True)
+        c.number("lora_alpha", self.lora_alpha, above=0)
+        c.number("lora_dropout", self.lora_dropout, minimum=0, below=1)
+
+    def _tie(self):
+        """The tie factor as an int, None for "all", False when invalid."""
         tie = self.tie
         if isinstance(tie, str) and tie.strip().lower() == "all":
             return None
         if isinstance(tie, str) and tie.strip().isdigit():
             tie = int(tie.strip())
-        if not _is_int(tie) or tie <= 0:
-            raise ValueError(
-                f"adapter.tie={self.tie!r} is invalid: must be a positive integer (1 = no sharing) "
-                "or 'all' (one v for the whole model)"
-            )
-        return int(tie)
+        return int(tie) if is_int(tie) and tie > 0 else False
+
+    def tie_value(self) -> Optional[int]:
+        """The tie factor as an int, or None for "all" (ConfigError if invalid)."""
+        tie = self._tie()
+        if tie is False:
+            raise invalid("adapter.tie", self.tie, _TIE_EXPECTED)
+        return tie
 
     @property
     def params_per_group(self) -> int:
@@ -152,6 +147,14 @@ class AdapterConfig:
     @property
     def bytes_per_param(self) -> int:
         return BYTES_PER_PARAM[self.precision]
+
+
+def adapter_from_dict(raw: dict) -> AdapterConfig:
+    """An AdapterConfig from plain values (its `svd` a dict), as spec.json and adapter_native.json hold it."""
+    raw = dict(raw)
+    if isinstance(raw.get("svd"), dict):
+        raw["svd"] = SVDConfig.from_dict(raw["svd"])
+    return AdapterConfig(**raw)
 
 
 def count_groups(n_modules_per_type: dict, tie: Optional[int], sharing: str) -> int:
@@ -168,17 +171,3 @@ def count_groups(n_modules_per_type: dict, tie: Optional[int], sharing: str) -> 
     if sharing == "tiled":
         return math.ceil(n_total / tie)
     return sum(math.ceil(n / tie) for n in n_modules_per_type.values())
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value) -> None:
-    if not _is_int(value) or value <= 0:
-        raise ValueError(f"adapter.{name}={value!r} is invalid: must be a positive integer")
-
-
-def _one_of(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"adapter.{name}={value!r} is invalid: allowed values are {list(allowed)}")

@@ -1,0 +1,91 @@
+"""A cell's stable identity: `cell_id` hashes the values that define its result.
+
+Paths, logging and batch sizes that only change speed are left out (`NOT_IDENTITY`), so re-running a
+sweep finds the same cells, and a completed cell is never run twice. Every other field of CellSpec is
+in the hash: adding a field changes every cell_id (and so re-runs every completed cell) unless it is
+listed below, either in NOT_IDENTITY (it never changes a result) or in OMIT_AT_DEFAULT (it is new:
+old cells keep their ids at its default). tests/test_spec.py pins one literal id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+from .spec import CellSpec
+
+# Settings that change speed or bookkeeping but not the result: left out of cell_id
+# (a section name mapped to None drops the whole section).
+NOT_IDENTITY = {
+    "logger": None, "sweep": None, "output_dir": None,
+    "eval": {"batch_size", "base", "cache_base"},
+    "model": {"device", "cache_dir", "attn_implementation"},
+    "adapter": {"forward"}, "adapter.svd": {"cache_dir", "cache_rank"},
+    "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing"},
+}
+
+# Settings added after cell ids were first published: left out of the id at their default, so the
+# cells that existed before keep their ids (and are found completed) while other values get new ones.
+OMIT_AT_DEFAULT = {("algo", "rollout_sampler"): "torch"}
+
+# Adapter fields a kind ignores: two cells differing only there are the same cell.
+IGNORED_BY_KIND = {
+    "none": None,  # keep only the kind
+    "lora": {"u", "tie", "sharing", "projection_seed", "svd"},
+    "lora_xs": {"u", "projection_seed", "lora_alpha", "lora_dropout"},
+    "tinylora": {"lora_alpha", "lora_dropout"},
+}
+
+
+def identity_dict(spec: CellSpec) -> dict:
+    """The values that define a cell's result."""
+    out = {}
+    for f in fields(spec):
+        if f.name in NOT_IDENTITY and NOT_IDENTITY[f.name] is None:
+            continue
+        out[f.name] = _strip(getattr(spec, f.name), f.name)
+    for (group, name), default in OMIT_AT_DEFAULT.items():
+        if out.get(group, {}).get(name, default) == default:
+            out[group].pop(name, None)
+    ignored = IGNORED_BY_KIND[spec.adapter.kind]
+    out["adapter"] = {"kind": "none"} if ignored is None else {
+        k: v for k, v in out["adapter"].items() if k not in ignored}
+    if "tie" in out["adapter"]:
+        tie = spec.adapter.tie_value()
+        out["adapter"]["tie"] = "all" if tie is None else tie  # 7 and "7" are one cell
+        if tie in (None, 1):
+            out["adapter"].pop("sharing", None)  # one vector per module or for all: tiled = structured
+    return out
+
+
+def _strip(value: Any, path: str) -> Any:
+    if not is_dataclass(value):
+        return value
+    drop = NOT_IDENTITY.get(path, set())
+    return {f.name: _strip(getattr(value, f.name), f"{path}.{f.name}")
+            for f in fields(value) if f.name not in drop}
+
+
+def cell_id(spec: CellSpec) -> str:
+    """A stable 12-hex-digit hash of `identity_dict(spec)`, prefixed by a readable label."""
+    blob = json.dumps(identity_dict(spec), sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return f"{cell_label(spec)}-{digest}"
+
+
+def cell_label(spec: CellSpec) -> str:
+    """model-task-algo-adapter-seed, readable in a folder listing (the hash makes the id unique)."""
+    a = spec.adapter
+    if a.kind == "none":
+        ad = "none"
+    elif a.kind == "lora":
+        ad = f"lora-r{a.r}"
+    elif a.kind == "lora_xs":
+        ad = f"loraxs-r{a.r}-t{a.tie}"
+    else:
+        tie = a.tie_value()
+        structured = a.sharing == "structured" and tie not in (None, 1)  # sharing only matters there
+        ad = f"tiny-r{a.r}-u{a.u}-t{'all' if tie is None else tie}{'s' if structured else ''}-{a.precision}"
+    return f"{spec.model.name}-{spec.task.name}-{spec.algo.name}-{ad}-s{spec.seed}".replace("_", "")

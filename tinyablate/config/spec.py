@@ -1,0 +1,131 @@
+"""The typed spec of one sweep cell, its validation, and the Hydra root config around it.
+
+A `CellSpec` is everything that defines a cell: model, adapter, task, algorithm, evaluation, seed.
+`validate_spec` is the one place that checks a cell: every section's `check` plus the rules that
+span sections, all problems reported together in one `ConfigError`, so a whole grid is checked
+before anything is loaded or submitted. `RootConfig` is what Hydra composes (conf/config.yaml lists
+`root_schema` first): a cell plus the options of one launch, registered by
+hydra_plugins/tinyablate/conf.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+from .adapter import AdapterConfig, adapter_from_dict
+from .algo import AlgoConfig
+from .checks import Checks, is_number, raise_problems
+from .eval import EvalConfig
+from .logger import LoggerConfig
+from .model import ModelConfig
+from .task import TaskConfig
+
+
+@dataclass
+class CellSpec:
+    """One cell of a sweep. A new field changes every cell_id unless tinyablate/config/identity.py
+    lists it as not part of the identity (README, "Extending")."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Seed of training (sampling, data order); the model's and P's seeds are their own settings.
+    seed: int = 0
+    # Sweep name: the W&B group and the folder under output_dir.
+    sweep: str = "default"
+    # Root of sweep folders: a cell writes to <output_dir>/<sweep>/<cell_id>/.
+    output_dir: str = "runs"
+    # Skip training (evaluate the adapter as initialised); used for the 0-parameter point.
+    train: bool = True
+    # GPUs this cell uses (0 = CPU). With model.device=auto it decides the device (and so the dtype:
+    # bf16 on GPU, fp32 on CPU), so it is part of the cell's identity. Launchers request this many;
+    # N > 1 runs N data-parallel ranks on one node (tinyablate/distributed.py), same global batch.
+    gpus: int = 0
+
+
+SECTIONS = ("model", "adapter", "task", "algo", "eval", "logger")
+_SECTION_TYPES = {"model": ModelConfig, "task": TaskConfig, "algo": AlgoConfig,
+                  "eval": EvalConfig, "logger": LoggerConfig}
+
+
+def spec_problems(spec: CellSpec, world_size: Optional[int] = None) -> list:
+    """Every problem of one cell (empty when valid). `world_size`: the ranks it will run as
+    (default: one per GPU, or 1 on CPU)."""
+    c = Checks()
+    gpus_ok = c.integer("gpus", spec.gpus, minimum=0, note=" (0 = CPU; N > 1 runs N data-parallel ranks on one node)")
+    c.integer("seed", spec.seed)
+    c.boolean("train", spec.train)
+    c.string("output_dir", spec.output_dir)
+    if not isinstance(spec.sweep, str) or not spec.sweep or "/" in spec.sweep:
+        c.fail("sweep", spec.sweep, "a non-empty name without '/'")
+    problems = list(c.problems)
+    for name in SECTIONS:
+        section = getattr(spec, name)
+        if name == "algo":
+            problems += section.problems(world_size=world_size or (max(spec.gpus, 1) if gpus_ok else 1))
+        else:
+            problems += section.problems()
+    return problems + _cross_section_problems(spec, gpus_ok)
+
+
+def _cross_section_problems(spec: CellSpec, gpus_ok: bool) -> list:
+    """Rules that span sections."""
+    c = Checks()
+    if gpus_ok and spec.gpus > 1 and spec.model.device not in ("auto", "cuda"):
+        c.rule(f"model.device={spec.model.device!r} with gpus={spec.gpus}: each rank uses its own GPU, "
+               "so set model.device=auto (or cuda)")
+    if spec.algo.name == "grpo" and is_number(spec.algo.beta) and spec.algo.beta > 0:
+        c.rule(f"algo.beta={spec.algo.beta} is not supported: a KL penalty needs a reference model, which TRL would "
+               "load from the Hub by name; use algo.beta=0 (as the TinyLoRA paper does)")
+    if spec.adapter.precision == "fp16" and is_number(spec.algo.adam_epsilon) and spec.algo.adam_epsilon < 1e-7:
+        c.rule(f"algo.adam_epsilon={spec.algo.adam_epsilon} is invalid with adapter.precision=fp16: it rounds to 0 "
+               "in fp16 and Adam divides by it; set algo.adam_epsilon >= 1e-7")
+    return c.problems
+
+
+def validate_spec(spec: CellSpec, world_size: Optional[int] = None) -> CellSpec:
+    """Check one cell; raises ConfigError (a ValueError) listing every problem, each naming the field,
+    its value and what is allowed. Returns the spec."""
+    raise_problems(spec_problems(spec, world_size))
+    return spec
+
+
+def spec_from_dict(raw: dict) -> CellSpec:
+    """Build a CellSpec from a plain (resolved) dict such as result.json's `config` (not validated)."""
+    raw = dict(raw)
+    sections = {name: dict(raw.pop(name, {})) for name in SECTIONS}
+    adapter = adapter_from_dict(sections.pop("adapter"))
+    return CellSpec(adapter=adapter, **{name: _SECTION_TYPES[name](**values) for name, values in sections.items()},
+                    **raw)
+
+
+def spec_to_dict(spec: CellSpec) -> dict:
+    """The spec as plain JSON-able values (what spec.json and result.json's `config` hold)."""
+    return asdict(spec)
+
+
+@dataclass
+class RootConfig(CellSpec):
+    """A composed config: one cell's spec plus what to do with the sweep it belongs to."""
+
+    # Validate every cell and print one line per cell (axes, trainable parameters, bytes, estimated
+    # GPU-hours); submit nothing. Invalid cells are listed with reasons and the exit code is 2.
+    dry_run: bool = False
+    # Block until every submitted cell ends and print the status table (SLURM only can return at once).
+    wait: bool = True
+    # Re-run cells whose result says failed (they are skipped otherwise).
+    retry_failed: bool = False
+    # Print every cell's state (pending, running, completed, failed with its log) and submit nothing.
+    status: bool = False
+
+
+_CELL_FIELDS = tuple(f.name for f in fields(CellSpec))
+
+
+def cell_spec(root: CellSpec) -> CellSpec:
+    """The CellSpec part of a RootConfig (launch options dropped)."""
+    return CellSpec(**{name: getattr(root, name) for name in _CELL_FIELDS})
