@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from tinyablate.config import (AdapterConfig, AlgoConfig, CellSpec, EvalConfig, LoggerConfig, ModelConfig, SVDConfig,
-                               cell_id, identity_dict, spec_from_dict, validate_spec)
+                               TaskConfig, cell_id, identity_dict, spec_from_dict, validate_spec)
 
 
 def test_cell_id_is_stable_and_ignores_bookkeeping():
@@ -122,3 +122,16 @@ def test_the_svd_method_decides_the_basis_and_so_the_cell_id():
                              "cache_rank": 8, "cache_dir": None}
     with pytest.raises(ValueError, match="retired on 2026-12-02"):
         spec_from_dict(old)
+
+
+def test_golden_cell_ids():
+    """Literal ids (after issue 15's exact basis, 2026-12-02). An accidental change of identity fails here:
+    a new CellSpec field, a renamed default or a changed label would re-run every completed cell. If the
+    change is meant, list the field in config/identity.py (NOT_IDENTITY or OMIT_AT_DEFAULT) or, if ids
+    must change, update these literals and say so in the commit (README, "Extending")."""
+    assert cell_id(CellSpec()) == "smollm2-135m-arithmetic-grpo-tiny-r2-u4-t1-fp32-s0-af96ad0febf7"
+    paper = CellSpec(model=ModelConfig(name="qwen2.5-7b"), task=TaskConfig(name="gsm8k", data_dir="/data/gsm8k"),
+                     adapter=AdapterConfig(kind="lora_xs", r=4, tie=7, sharing="structured", precision="bf16"),
+                     algo=AlgoConfig(name="grpo", rollout_sampler="keyed", learning_rate=2e-5, max_steps=300),
+                     eval=EvalConfig(pass_k=4), seed=2, gpus=1)
+    assert cell_id(paper) == "qwen2.5-7b-gsm8k-grpo-loraxs-r4-t7-s2-3d1804b58a0c"
