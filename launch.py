@@ -22,6 +22,8 @@ import hydra
 from omegaconf import DictConfig
 
 from hydra_plugins.tinyablate.conf import register, spec_from_hydra
+from tinyablate.cell_folder import RESULT_FILE, CellFolder
+from tinyablate.distributed import ranks_from_env
 
 register()
 
@@ -30,8 +32,6 @@ register()
 def main(cfg: DictConfig) -> None:
     # Imported for one cell only: `-m` never reaches here (the launcher runs the cells as jobs).
     from tinyablate.cell import run_cell
-    from tinyablate.cell_folder import RESULT_FILE, CellFolder
-    from tinyablate.distributed import ranks_from_env
 
     spec = spec_from_hydra(cfg)
     result = run_cell(spec)  # validates before any weight loads; spawns the ranks of a gpus=N cell

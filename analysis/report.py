@@ -25,6 +25,8 @@ from typing import Optional
 
 from .data import AXES, CSV_COLUMNS, Sweeps, aggregate, load_sweeps, matched_families, rl_sft_gap, task_groups
 from .plots import PAPER_TASK, make_plots
+from .wandb_source import results_from_wandb
+from .wandb_summary import log_wandb_summary
 
 GROUP_COLUMNS = ["task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie", "sharing",
                  "precision", "lr", "trainable_params", "trainable_bytes", "bits_per_param", "n_seeds", "seeds",
@@ -40,8 +42,6 @@ def analyze(sweep_dirs: list, out_dir: Path, *, reference: bool = True, wandb_mo
     """
     from_wandb = []
     for spec in wandb_groups:  # "entity/project:group", read through W&B's public API (online)
-        from .wandb_source import results_from_wandb
-
         path, _, group = spec.rpartition(":")
         if not path or not group:
             raise ValueError(f"--from-wandb {spec!r}: expected ENTITY/PROJECT:GROUP")
@@ -60,8 +60,6 @@ def analyze(sweep_dirs: list, out_dir: Path, *, reference: bool = True, wandb_mo
     matched = matched_families(settings)
     wandb_notes = []
     if wandb_mode:
-        from .wandb_summary import log_wandb_summary
-
         for sweep in sorted({r["sweep"] for r in sweeps.rows}):
             path = log_wandb_summary([r for r in sweeps.rows if r["sweep"] == sweep], sweep, wandb_mode, out_dir)
             wandb_notes.append(f"W&B summary run for sweep {sweep!r} ({wandb_mode}): "

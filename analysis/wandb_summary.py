@@ -12,6 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from tinyablate.wandb_files import wait_for_exit_record
+
 from .data import CSV_COLUMNS, aggregate
 
 PROJECT = "tinyablate"
@@ -45,9 +47,7 @@ def log_wandb_summary(rows: list, sweep: str, mode: str, out_dir: Path, *, proje
     `<task>/scatter/<family>-<algo>` (accuracy of every cell vs log10 parameters). Summary values:
     n_cells, gpu_hours, and the best mean accuracy per line under `best/<task>/<line>`.
     """
-    import wandb
-
-    from tinyablate.wandb_files import wait_for_exit_record
+    import wandb  # only when a summary run is asked for: importing it costs ~0.5 s
 
     if mode not in MODES:
         raise ValueError(f"wandb mode={mode!r} is invalid: expected one of {', '.join(MODES)}")

@@ -13,6 +13,8 @@ code runs with the gloo backend when WORLD_SIZE > 1 (the tests do this).
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import os
 import socket
 from contextlib import contextmanager
@@ -22,6 +24,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .adapters.svd import weight_fingerprint
 
 # How long a collective may wait for the slowest rank, in minutes (rollouts of long completions are slow).
 TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN = "TINYABLATE_DIST_TIMEOUT_MIN", 60
@@ -107,8 +112,6 @@ def process_group(gpus: int) -> Iterator[Ranks]:
         if created and dist.is_initialized():
             # DDP wrappers (e.g. inside a finished Trainer) hold the group through reference cycles; freed
             # only at interpreter exit, after the group, gloo's worker threads abort the process.
-            import gc
-
             gc.collect()
             dist.destroy_process_group()
 
@@ -170,10 +173,6 @@ def main_first() -> Iterator[None]:
 
 def tensors_fingerprint(module: torch.nn.Module) -> str:
     """A hash of every parameter and buffer (names, shapes, dtypes and a strided sample of values)."""
-    import hashlib
-
-    from .adapters.svd import weight_fingerprint
-
     digest = hashlib.sha256()
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         digest.update(f"{name}:{weight_fingerprint(tensor)};".encode())
@@ -201,8 +200,6 @@ def spawn_ranks(world_size: int, fn: Callable, *args: Any) -> None:
     fails, the others are stopped and the error is raised here. `fn` must be importable (a module-level
     function), as the children are started with the spawn method.
     """
-    import torch.multiprocessing as mp
-
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world_size),
            "LOCAL_WORLD_SIZE": str(world_size)}
     mp.start_processes(_rank_main, args=(env, fn, args), nprocs=world_size, join=True, start_method="spawn")

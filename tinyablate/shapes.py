@@ -12,6 +12,8 @@ from functools import lru_cache
 
 from torch import nn
 
+from .adapters.targets import expected_trainable_params, resolve_targets
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -67,8 +69,6 @@ def skeleton(name: str) -> nn.Module:
 
 def adapter_size(model_name: str, adapter_cfg) -> tuple[int, int]:
     """(trainable parameters, trainable bytes) of `adapter_cfg` on `model_name`; validates both."""
-    from .adapters import expected_trainable_params, resolve_targets
-
     targets = resolve_targets(skeleton(model_name), adapter_cfg)
     params = expected_trainable_params(targets, adapter_cfg)
     return params, params * adapter_cfg.bytes_per_param

@@ -74,7 +74,7 @@ def read_records(path: Union[str, Path]) -> Iterator[Any]:
     A truncated tail (a process killed mid-write, or a run still being written) ends the
     iteration quietly; a bad header or checksum raises `WandbFileError`.
     """
-    from wandb.proto import wandb_internal_pb2
+    from wandb.proto import wandb_internal_pb2  # loads wandb (~0.5 s): only when a run file is read
 
     for payload in read_payloads(path):
         record = wandb_internal_pb2.Record()
@@ -291,7 +291,7 @@ def _history_row(rec: Any) -> Dict[str, Any]:
 
 def _metric_options(record: Any) -> Dict[str, Any]:
     """A MetricRecord as a plain dict (without the metric's name)."""
-    from google.protobuf.json_format import MessageToDict
+    from google.protobuf.json_format import MessageToDict  # with wandb.proto, as above
 
     options = MessageToDict(record.metric, preserving_proto_field_name=True)
     options.pop("name", None)

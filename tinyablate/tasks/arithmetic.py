@@ -9,8 +9,8 @@ set is sampled first, then the training set from the numbers the eval set left o
 import random
 from bisect import bisect_right
 
-from .base import Problem, Task
 from ..config.task import TaskConfig
+from .base import Problem, Task
 from .scoring import normalize_number
 
 

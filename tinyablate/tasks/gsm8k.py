@@ -9,8 +9,10 @@ import json
 import re
 from pathlib import Path
 
-from .base import Problem, Task
+import datasets
+
 from ..config.task import TaskConfig
+from .base import Problem, Task
 from .scoring import normalize_number
 
 SPLITS = ("train", "test")
@@ -90,8 +92,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _load_from_hub(cfg: TaskConfig) -> dict[str, list[dict]]:
     try:
-        import datasets
-
         dataset = datasets.load_dataset(cfg.hub_id, cfg.hub_config)
         return {split: [{"question": r["question"], "answer": r["answer"]} for r in dataset[split]] for split in SPLITS}
     except Exception as error:  # offline, unknown id, missing split: all mean "no data"
