@@ -90,7 +90,12 @@ def load_sweeps(sweep_dirs: Iterable[Path], results: Iterable[dict] = ()) -> Swe
             _read_cell(cell, out)
     local = {row["cell_id"] for row in out.rows}
     for raw in results:
-        result = Result.parse(raw, f"W&B run of cell {raw.get('cell_id')}")
+        try:
+            result = Result.parse(raw, f"the W&B run of cell {raw.get('cell_id')}")
+        except ResultError as err:
+            out.skipped.append(Skipped("unreadable", str(raw.get("sweep") or "wandb"), str(raw.get("cell_id")),
+                                       Path("wandb"), _short(err, 200)))
+            continue
         if result.cell_id not in local:
             local.add(result.cell_id)
             out.rows.append(result_row(result, str(result.sweep or "wandb")))
