@@ -74,6 +74,9 @@ def test_result_record_has_everything(grpo_cell):
     # 2 layers x 7 modules, tie 2 (tiled) -> 7 groups of u=3
     assert adapter["trainable_params"] == 21 and adapter["trainable_bytes"] == 84
     assert {"kind", "r", "u", "tie", "sharing", "precision"} <= set(adapter)
+    # the frozen basis' report (issue 15), as the README says: method, certified bound, gap, ties
+    assert adapter["svd_method"] == "exact" and 0 <= adapter["svd_max_sin_bound"] < 1e-3
+    assert adapter["svd_min_rel_gap"] > 0 and isinstance(adapter["svd_ties"], list)
     m = on_disk["metrics"]
     for key in ("accuracy", "accuracy_flexible", "accuracy_strict", "base_accuracy"):
         assert 0.0 <= m[key] <= 1.0

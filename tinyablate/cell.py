@@ -275,7 +275,7 @@ def make_result(spec: CellSpec, cid: str, built: Built, base: dict, final: dict,
                           model_id=built.model_id),
         adapter=AdapterRecord(**{k: summary.get(k) for k in (
             "kind", "r", "u", "tie", "sharing", "precision", "trainable_params", "trainable_bytes", "n_modules",
-            "n_groups")}),
+            "n_groups", "svd_method", "svd_max_sin_bound", "svd_min_rel_gap", "svd_ties")}),
         algo=AlgoRecord(name=spec.algo.name, learning_rate=spec.algo.learning_rate, steps=train_info["steps"]),
         task=TaskRecord(name=spec.task.name, scorer=spec.task.scorer),
         metrics=Metrics(

@@ -74,6 +74,7 @@ class ResultError(ValueError):
 
 class _Record:
     """A JSON object with typed fields: `from_dict` checks it (ResultError names what is wrong).
+    A field added later is Optional (older results lack it), so SCHEMA_VERSION stays.
 
     Keys a record does not know (written by another version) are kept in `extra` and written back.
     """
@@ -106,7 +107,8 @@ def _dump(value: Any) -> Any:
     return value.to_dict() if isinstance(value, _Record) else value
 
 
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "Any": (object,)}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,),
+          "Any": (object,)}
 
 
 def _parse(value: Any, hint: str, where: str) -> Any:
@@ -147,6 +149,11 @@ class AdapterRecord(_Record):
     trainable_bytes: Optional[int] = None  # their storage at `precision`
     n_modules: Optional[int] = None  # adapted linear modules
     n_groups: Optional[int] = None  # distinct trainable vectors / matrices
+    # TinyLoRA / LoRA-XS: how exact the frozen bases are (adapters/svd_adapter.basis_report).
+    svd_method: Optional[str] = None  # exact | full
+    svd_max_sin_bound: Optional[float] = None  # largest certified sine to the true top-r, modules with a gap
+    svd_min_rel_gap: Optional[float] = None  # smallest (σ_r − σ_{r+1}) / σ_1 over the modules
+    svd_ties: Optional[list] = None  # modules whose top-r subspace is not unique (gap below TIE_GAP)
 
 
 @dataclass
