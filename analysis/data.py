@@ -88,6 +88,15 @@ def load_sweeps(sweep_dirs: Iterable[Path], results: Iterable[dict] = ()) -> Swe
                 continue
             seen_cells.add(cell.path.resolve())
             _read_cell(cell, out)
+    _add_results(results, out)
+    if not out.rows:
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(out.counts().items()) if n)
+        raise ValueError(f"{', '.join(map(str, dirs))}: no completed results ({counts}); nothing to analyse")
+    return out
+
+
+def _add_results(results: list, out: Sweeps) -> None:
+    """Completed results read elsewhere (W&B), for the cells no folder holds."""
     local = {row["cell_id"] for row in out.rows}
     for raw in results:
         try:
@@ -99,10 +108,6 @@ def load_sweeps(sweep_dirs: Iterable[Path], results: Iterable[dict] = ()) -> Swe
         if result.cell_id not in local:
             local.add(result.cell_id)
             out.rows.append(result_row(result, str(result.sweep or "wandb")))
-    if not out.rows:
-        counts = ", ".join(f"{n} {state}" for state, n in sorted(out.counts().items()) if n)
-        raise ValueError(f"{', '.join(map(str, dirs))}: no completed results ({counts}); nothing to analyse")
-    return out
 
 
 def _read_cell(cell: CellFolder, out: Sweeps) -> None:
