@@ -152,3 +152,17 @@ def test_only_the_cell_folder_module_names_the_files_of_a_cell_folder():
             if isinstance(node, ast.Constant) and node.value in CELL_FILES:
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}")
     assert not offenders, offenders
+
+
+def test_the_library_imports_no_launching_code():
+    """House rule 1: tinyablate/ runs a cell from a plain spec; Hydra and submitit stay in launch.py and
+    hydra_plugins/."""
+    offenders = []
+    for name, path in _modules().items():
+        if not name.startswith("tinyablate"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{name}: {n}" for n in names if n.split(".")[0] in ("hydra", "omegaconf", "submitit")]
+    assert not offenders, offenders

@@ -74,9 +74,9 @@ class ResultError(ValueError):
 
 class _Record:
     """A JSON object with typed fields: `from_dict` checks it (ResultError names what is wrong).
-    A field added later is Optional (older results lack it), so SCHEMA_VERSION stays.
 
-    Keys a record does not know (written by another version) are kept in `extra` and written back.
+    A field added later is Optional (older results lack it), so SCHEMA_VERSION stays; keys a record
+    does not know (written by a newer version) are kept in `extra` and written back.
     """
 
     omit_none = False  # True: fields that are None are left out of the JSON (Result's sections, Timing)
@@ -269,9 +269,9 @@ class CellFolder:
     path: Path
 
     @classmethod
-    def of(cls, spec: CellSpec) -> "CellFolder":
-        """<output_dir>/<sweep>/<cell_id>/ of a spec."""
-        return cls(Path(spec.output_dir) / spec.sweep / cell_id(spec))
+    def of(cls, spec: CellSpec, cid: Optional[str] = None) -> "CellFolder":
+        """<output_dir>/<sweep>/<cell_id>/ of a spec (`cid`: its cell_id, when already computed)."""
+        return cls(Path(spec.output_dir) / spec.sweep / (cid or cell_id(spec)))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))

@@ -91,7 +91,8 @@ class TinyablateLauncher(Launcher):
         except Exception as err:  # every invalid cell is reported, not just the first
             cell.error = f"{type(err).__name__}: {err}"
             return cell
-        cell.spec, cell.cell_id, cell.folder = spec, cell_id(spec), CellFolder.of(spec)
+        cell.spec, cell.cell_id = spec, cell_id(spec)
+        cell.folder = CellFolder.of(spec, cell.cell_id)
         return cell
 
     def _select(self, cells: list, retry_failed: bool) -> tuple:
