@@ -26,17 +26,17 @@ import torch
 from transformers import set_seed
 
 from . import distributed
-from .adapters import apply_adapter
+from .adapters import Adapter, apply_adapter
 from .cell_folder import (ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR, EVAL_SAMPLES_FILE, AdapterRecord,
                           AlgoRecord, CellFolder, ErrorRecord, Metrics, ModelRecord, Result, ResultError, TaskRecord,
                           Timing)
-from .config import CellSpec, cell_id, spec_to_dict, validate_spec
+from .config import CellSpec, ModelInfo, cell_id, spec_to_dict, validate_spec
 from .distributed import Ranks
 from .eval import base_cache_key, base_cache_path, evaluate, read_base_cache, write_base_cache
 from .logging import MetricLogger, NullLogger, wandb_run_id
 from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
 from .provenance import collect_provenance
-from .tasks import load_task
+from .tasks import Task, load_task
 from .train import FirstStepTimer, MetricLoggerCallback, build_trainer, last_complete_checkpoint
 
 
@@ -44,13 +44,13 @@ from .train import FirstStepTimer, MetricLoggerCallback, build_trainer, last_com
 class Built:
     """What build() makes: everything training and evaluation need."""
 
-    model: object
-    tokenizer: object
-    info: object  # models.ModelInfo
-    adapter: object  # adapters.Adapter
-    task: object  # tasks.Task
+    model: torch.nn.Module  # the adapted model (adapter.model)
+    tokenizer: object  # a transformers tokenizer
+    info: ModelInfo
+    adapter: Adapter
+    task: Task
     model_id: str
-    device: object
+    device: torch.device
     load_s: float = 0.0  # reading the weights (excluded from the per-cell overhead)
     ranks: Ranks = Ranks()
 
