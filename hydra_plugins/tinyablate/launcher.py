@@ -15,7 +15,6 @@ from typing import Any, Optional, Sequence
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 
-from analysis.report import analyze
 from tinyablate.cell_folder import CellFolder, ResultError, sweep_cell_folders
 from tinyablate.config import CellSpec, cell_id, cell_spec, validate_spec
 from tinyablate.shapes import adapter_size
@@ -145,6 +144,10 @@ class TinyablateLauncher(Launcher):
 
     def _run_analysis(self, cells: list) -> None:
         """At the end of a sweep: the analysis page and, unless W&B is disabled, a W&B summary run."""
+        # Here, not at the top: Hydra imports this module at every start of launch.py (one cell, dry run,
+        # status), and analysis loads matplotlib and scipy (~0.8 s) that only this step uses.
+        from analysis.report import analyze
+
         for sweep_dir in sorted({c.folder.path.parent for c in cells}):
             mode = next(c.spec.logger.mode for c in cells if c.folder.path.parent == sweep_dir)
             try:
