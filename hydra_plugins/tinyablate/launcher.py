@@ -88,7 +88,7 @@ class TinyablateLauncher(Launcher):
             spec = validate_spec(cell_spec(root))
             cell.params, cell.bytes = adapter_size(spec.model.name, spec.adapter)
         except Exception as err:  # every invalid cell is reported, not just the first
-            cell.error = f"{type(err).__name__}: {err}"
+            cell.error = f"{type(err).__name__}: " + "\n    ".join(str(err).splitlines())  # one problem a line
             return cell
         cell.spec, cell.cell_id = spec, cell_id(spec)
         cell.folder = CellFolder.of(spec, cell.cell_id)
