@@ -1,0 +1,149 @@
+"""The generation engine (tinyablate/engine) against HF generate on CPU: its non-graph path.
+
+The CUDA-graph path replays the same decode step; tests/test_engine_gpu.py covers its capture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
+from tinyablate.engine import GenerationEngine, Sampling, check_engine_setting, resolve_engine
+from tinyablate.models import ModelConfig, load_model_and_tokenizer
+from tinyablate.train.sampling import KeyedGumbelSampler, sequence_key
+
+TEXTS = ["What is 2+3?", "Hi", "Tell me a long story about a cat and a dog who became friends one day",
+         "7*8=?", "x", "Count from one to twenty, please, slowly and with care"]
+
+
+def _load(name, tmp_path=None):
+    cache = {} if tmp_path is None else {"cache_dir": str(tmp_path)}
+    return load_model_and_tokenizer(ModelConfig(name=name, **cache))[:2]
+
+
+def _prompts(tok, texts=TEXTS):
+    out = []
+    for t in texts:
+        ids = tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def _hf(model, tok, prompts, new, eos, **kwargs):
+    """HF generate on the same left-padded batch; rows cut after their first EOS, as the engine returns them."""
+    batch = tok.pad({"input_ids": prompts}, return_tensors="pt", padding_side="left")
+    sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=new, pad_token_id=tok.pad_token_id, eos_token_id=eos,
+                             **{**sampling, **kwargs})
+    rows = out[:, batch["input_ids"].shape[1]:].tolist()
+    return [r[:next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_greedy_tokens_match_hf_generate_on_tiny_models(name, tmp_path):
+    model, tok = _load(name, tmp_path)
+    prompts = _prompts(tok)
+    # Random tiny models never say their EOS: stop instead on a token one row emits mid-way, so rows end
+    # at different steps (finished rows padded, the others go on).
+    free = _hf(model, tok, prompts, 64, [-1])
+    eos = [free[2][20]]
+    ref = _hf(model, tok, prompts, 64, eos)
+    assert 1 < len({len(r) for r in ref}) and min(len(r) for r in ref) < 64 and max(len(r) for r in ref) == 64
+    ours = GenerationEngine(model, tok.pad_token_id, eos, use_graphs=False).generate(prompts, 64)
+    assert ours == ref
+
+
+def test_greedy_tokens_match_hf_generate_on_smollm2():
+    model, tok = _load("smollm2-135m")
+    prompts = _prompts(tok)
+    eos = [tok.eos_token_id]
+    ref = _hf(model, tok, prompts, 64, eos)
+    ends = [r[-1] in eos for r in ref]
+    assert any(ends) and not all(ends), "the batch must hold rows that stop and rows that run to the limit"
+    assert GenerationEngine(model, tok.pad_token_id, eos, use_graphs=False).generate(prompts, 64) == ref
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_keyed_samples_match_the_keyed_hf_path(top_p, tmp_path):
+    model, tok = _load("tiny-qwen2", tmp_path)
+    prompts = _prompts(tok)
+    keys = [sequence_key(3, 1, row, 0) for row in range(len(prompts))]
+    sampler = KeyedGumbelSampler(keys, 0.7, top_p)
+    ref = _hf(model, tok, prompts, 48, [-1], logits_processor=LogitsProcessorList([sampler]))
+    ours = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False).generate(
+        prompts, 48, Sampling(temperature=0.7, top_p=top_p, keyed=True), keys=keys)
+    assert ours == ref
+    greedy = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False).generate(prompts, 48)
+    assert ours != greedy  # the noise is there
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampled_token_frequencies_match_softmax_at_temperature(top_k, tmp_path):
+    model, tok = _load("tiny-llama", tmp_path)
+    prompt = _prompts(tok, ["Hi"])[0]
+    n, temperature = 6000, 0.5
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].float() / temperature
+    if top_k:
+        logits[logits < logits.topk(top_k).values[-1]] = float("-inf")
+    expected = logits.softmax(-1)
+    torch.manual_seed(0)
+    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False)
+    first = [c[0] for c in engine.generate([prompt] * n, 1, Sampling(temperature=temperature, top_k=top_k))]
+    freq = torch.bincount(torch.tensor(first), minlength=len(expected)).float() / n
+    assert expected.max() < 0.9  # a spread distribution, so the check has teeth
+    torch.testing.assert_close(freq, expected, atol=0.02, rtol=0)
+    assert freq[expected == 0].sum() == 0
+
+
+def test_next_rollout_uses_the_v_the_optimizer_just_changed(tmp_path):
+    """The engine reads the fused weights re-merged for the new v (fails if it kept the old ones)."""
+    from tinyablate.adapters import AdapterConfig, SVDConfig, apply_adapter
+
+    model, tok = _load("tiny-qwen2", tmp_path)
+    adapter = apply_adapter(model, AdapterConfig(kind="tinylora", r=2, u=4, tie=1, svd=SVDConfig(cache_dir="")), "t")
+    prompts = _prompts(tok)
+    engine = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False)
+    before = engine.generate(prompts, 24)
+    assert before == _hf(adapter.model, tok, prompts, 24, [-1])
+    params = adapter.trainable_parameters()
+    layer = next(iter(adapter.layers.values()))
+    w_eff = layer._w_eff
+    engine._graphs["sentinel"] = object()  # stands for captured graphs (CPU has none)
+    opt = torch.optim.SGD(params, lr=50.0)
+    ids = torch.tensor([prompts[0]])
+    adapter.model.train()
+    (-adapter.model(ids).logits[0, -1, :7].sum()).backward()
+    opt.step()
+    after = engine.generate(prompts, 24)
+    assert after == _hf(adapter.model, tok, prompts, 24, [-1]) and after != before
+    assert layer._w_eff is w_eff and "sentinel" in engine._graphs  # re-merged in place: graphs stay valid
+    torch.testing.assert_close(layer._w_eff, layer.weight + layer.delta_weight(), atol=1e-5, rtol=0)
+    layer.drop_cache()  # the merged weight will be a new tensor: graphs must be captured again
+    engine.generate(prompts, 2)
+    assert "sentinel" not in engine._graphs
+    engine._graphs["sentinel"] = object()
+    adapter.merge()  # ΔW folded into the weights, fused path off: again a different computation
+    merged = engine.generate(prompts, 24)
+    assert "sentinel" not in engine._graphs and merged == after
+
+
+def test_engine_setting_is_checked_before_anything_loads():
+    check_engine_setting("algo.rollout_engine", "eager", gpus=0)
+    check_engine_setting("algo.rollout_engine", "graph", gpus=1)
+    with pytest.raises(ValueError, match=r"algo.rollout_engine='vllm' is invalid: allowed values"):
+        check_engine_setting("algo.rollout_engine", "vllm", gpus=1)
+    with pytest.raises(ValueError, match=r"eval.engine=graph needs a CUDA GPU.*eval.engine=eager"):
+        check_engine_setting("eval.engine", "graph", gpus=0)
+    assert resolve_engine("auto", "cuda") == "graph" and resolve_engine("auto", "cpu") == "hf"
+
+
+def test_unsupported_sampling_and_architecture_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="keyed sampling needs a temperature"):
+        Sampling(keyed=True)
+    model, tok = _load("tiny-qwen2", tmp_path)
+    model.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="rollout_engine=hf"):
+        GenerationEngine(model, 0, [1])
