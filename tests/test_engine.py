@@ -147,3 +147,18 @@ def test_unsupported_sampling_and_architecture_are_refused(tmp_path):
     model.config.model_type = "gpt2"
     with pytest.raises(ValueError, match="rollout_engine=hf"):
         GenerationEngine(model, 0, [1])
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_the_fixed_shapes_graphs_capture_give_the_same_tokens(name, tmp_path):
+    """Power-of-two batch (filler rows) and key lengths padded to a bucket (masked keys): as HF generate."""
+    model, tok = _load(name, tmp_path)
+    prompts = _prompts(tok)[:5]
+    keys = [sequence_key(0, 0, row, 0) for row in range(len(prompts))]
+    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, length_bucket=16)
+    engine.fixed_shapes = True
+    engine.reserve(8, 160)
+    assert engine.generate(prompts, 40) == _hf(model, tok, prompts, 40, [-1])
+    sampler = KeyedGumbelSampler(keys, 1.0)
+    ref = _hf(model, tok, prompts, 40, [-1], logits_processor=LogitsProcessorList([sampler]))
+    assert engine.generate(prompts, 40, Sampling(temperature=1.0, keyed=True), keys=keys) == ref

@@ -115,6 +115,9 @@ class GenerationEngine:
         self.use_graphs = device.type == "cuda" if use_graphs is None else bool(use_graphs)
         if self.use_graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        # Fixed shapes (power-of-two batches, key lengths in multiples of length_bucket): what capture
+        # needs; also settable without graphs, so CPU tests run the captured step's exact shapes.
+        self.fixed_shapes = self.use_graphs
         self.length_bucket = int(length_bucket)
         self.check_every = check_every or (8 if self.use_graphs else 1)
         self.log = log or (lambda msg: None)
@@ -147,8 +150,9 @@ class GenerationEngine:
         self._drop_graphs()
         shape = (rows, self.kv_heads, length, self.head_dim)
         n = len(self.decoder.layers)
-        self._k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
-        self._v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
+        # Zeros, not empty: masked keys beyond the written slots are still read (x 0), so never NaN.
+        self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
+        self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
         self.rows, self.length = rows, length
         self.log(f"generation engine: KV cache {rows} rows x {length} tokens = {self.cache_bytes / 2**30:.2f} GiB")
         return self.cache_bytes
@@ -199,7 +203,7 @@ class GenerationEngine:
         return row
 
     def _bucket_rows(self, n: int) -> int:
-        if not self.use_graphs:
+        if not self.fixed_shapes:
             return n
         rows = 1 << (n - 1).bit_length()  # graphs are captured for power-of-two batches
         return max(n, min(rows, max(self.rows, n)))
@@ -233,7 +237,7 @@ class GenerationEngine:
         return st.out[:, :done_at].tolist()
 
     def _kv_len(self, used: int) -> int:
-        if not self.use_graphs:
+        if not self.fixed_shapes:
             return used  # exactly the keys written so far, as HF's dynamic cache
         return min(-(-used // self.length_bucket) * self.length_bucket, self.length)
 
