@@ -49,6 +49,7 @@ def parse(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", default="256,512", help="comma list")
     p.add_argument("--paths", default="hf,engine,hf_static", help="comma list of hf,engine,hf_static")
+    p.add_argument("--adapters", default="none,tinylora", help="comma list of none,tinylora")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--agreement-rows", type=int, default=64)
     p.add_argument("--agreement-new", type=int, default=64)
@@ -99,8 +100,8 @@ def throughput_rows(model, label, args, ids, news, engine):
         for path in args.paths:
             if path == "engine":
                 fn = lambda: engine.generate(ids.tolist(), new, Sampling(temperature=1.0))  # noqa: E731
-            elif path == "hf_static" and (label != "none" or new != news[0]):
-                continue  # compiling costs minutes: once, without the adapter, at the first length
+            elif path == "hf_static" and new != news[0]:
+                continue  # compiling costs minutes: once per adapter setting, at the first length
             else:
                 fn = lambda: hf_generate(model, ids, new, static=path == "hf_static")  # noqa: E731
             try:
@@ -177,7 +178,7 @@ def main(argv=None) -> dict:
     report = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:] if argv is None else argv,
               "torch": torch.__version__, "rows": []}
-    for label in ("none", "tinylora"):
+    for label in args.adapters.split(","):
         if label == "tinylora":
             from tinyablate.adapters import AdapterConfig, SVDConfig, apply_adapter
 
@@ -199,9 +200,10 @@ def main(argv=None) -> dict:
             except Exception as err:  # noqa: BLE001
                 print(f"engine keyed sampler failed: {type(err).__name__}: {err}", flush=True)
             n = min(args.agreement_rows, ids.shape[0])
-            report["agreement"] = agreement(model, engine, prompts[:n].to(args.device), args.agreement_new)
-            print(f"greedy agreement with HF generate ({n} rows x {args.agreement_new} tokens): {report['agreement']}",
-                  flush=True)
+            if n:
+                report["agreement"] = agreement(model, engine, prompts[:n].to(args.device), args.agreement_new)
+                print(f"greedy agreement with HF generate ({n} rows x {args.agreement_new} tokens): "
+                      f"{report['agreement']}", flush=True)
             engine.release()
             if args.eval_problems:
                 eval_engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print)
