@@ -57,6 +57,8 @@ def parse(argv=None):
     p.add_argument("--eval-new", type=int, default=512)
     p.add_argument("--eval-batch-hf", type=int, default=32)
     p.add_argument("--eval-batch-engine", type=int, default=256)
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "matmul"], help="the engine's decode attention")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of eager decode steps and exit")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
@@ -175,6 +177,8 @@ def main(argv=None) -> dict:
     ids = prompts.repeat_interleave(args.generations, 0).to(args.device)
     print(f"roofline per decode step = max(bytes / {HBM_BYTES_PER_S:.1e} B/s, FLOPs / {BF16_FLOPS:.1e} FLOP/s); "
           "bytes = weights without input embedding + KV cache at prompt + new/2; FLOPs = 2 x params x rows", flush=True)
+    if args.profile:
+        return profile_decode(model, ids, args)
     report = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:] if argv is None else argv,
               "torch": torch.__version__, "rows": []}
@@ -187,7 +191,7 @@ def main(argv=None) -> dict:
             with torch.no_grad():
                 for p in adapter.trainable_parameters():
                     p.normal_(0, 1e-3)
-        engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print)
+        engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print, attention=args.attention)
         report["rows"] += throughput_rows(model, label, args, ids, news, engine)
         if label == "tinylora":
             t0 = time.perf_counter()
@@ -216,6 +220,30 @@ def main(argv=None) -> dict:
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     return report
+
+
+def profile_decode(model, ids, args):
+    """8 decode steps at a 256-token context, run eagerly (the kernels the graphs replay), under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], use_graphs=False, attention=args.attention)
+    engine.fixed_shapes = True
+    engine.reserve(ids.shape[0], 384)
+    sampling = Sampling(temperature=1.0)
+    engine.generate(ids.tolist(), 64, sampling)  # fills the cache to slot 191
+    st = engine._states[ids.shape[0]]
+    with torch.no_grad():
+        for _ in range(2):
+            engine._decode_step(st, 256, sampling)
+        sync(args.device)
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(8):
+                engine._decode_step(st, 256, sampling)
+            sync(args.device)
+    print(f"8 eager decode steps: {1e3 * (time.perf_counter() - t0) / 8:.2f} ms/step (with profiler)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+    return {}
 
 
 def print_table(report):

@@ -162,3 +162,10 @@ def test_the_fixed_shapes_graphs_capture_give_the_same_tokens(name, tmp_path):
     sampler = KeyedGumbelSampler(keys, 1.0)
     ref = _hf(model, tok, prompts, 40, [-1], logits_processor=LogitsProcessorList([sampler]))
     assert engine.generate(prompts, 40, Sampling(temperature=1.0, keyed=True), keys=keys) == ref
+
+
+def test_matmul_decode_attention_gives_the_same_tokens(tmp_path):
+    model, tok = _load("tiny-llama", tmp_path)
+    prompts = _prompts(tok)
+    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, attention="matmul")
+    assert engine.generate(prompts, 32) == _hf(model, tok, prompts, 32, [-1])

@@ -18,11 +18,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def tiny(family: str, dtype=torch.float32):
     torch.manual_seed(0)
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512)
+                  num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.5)
     cls, cfg = (Qwen2ForCausalLM, Qwen2Config) if family == "qwen2" else (LlamaForCausalLM, LlamaConfig)
     model = cls(cfg(**common))
     model.config._attn_implementation = "sdpa"
-    return model.to("cuda", dtype).eval()
+    return model.to("cuda", dtype).eval()  # initializer_range 0.5: peaked logits, no fp32 near-ties
 
 
 def prompts(n=6, seed=0):
@@ -49,7 +49,9 @@ def test_graph_engine_matches_hf_generate_in_fp32(family):
     ref = hf(model, ps, 64, eos)
     assert 1 < len({len(r) for r in ref})
     engine = GenerationEngine(model, 0, eos, use_graphs=True, length_bucket=32)
-    assert engine.generate(ps, 64) == ref
+    ours = engine.generate(ps, 64)
+    firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ours, ref)]
+    assert ours == ref, f"first divergences per row: {firsts}"
     assert engine._graphs  # it did replay captured graphs
     keys = [sequence_key(0, 0, i, 0) for i in range(len(ps))]
     ref = hf(model, ps, 64, [-1], logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 0.8)]))

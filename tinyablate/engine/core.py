@@ -105,7 +105,7 @@ class GenerationEngine:
     """Batched generation for one model; see the module docstring. One engine per cell and rank."""
 
     def __init__(self, model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: Optional[bool] = None,
-                 length_bucket: int = 64, check_every: Optional[int] = None, log=None):
+                 length_bucket: int = 64, check_every: Optional[int] = None, log=None, attention: str = "sdpa"):
         self.model = model
         self.lm, self.decoder = causal_lm_parts(model)
         self.pad = int(pad_token_id)
@@ -119,6 +119,11 @@ class GenerationEngine:
         # needs; also settable without graphs, so CPU tests run the captured step's exact shapes.
         self.fixed_shapes = self.use_graphs
         self.length_bucket = int(length_bucket)
+        # Decode attention: "sdpa" (torch's fused kernel, fp32 softmax) or "matmul" (two grouped matmuls,
+        # scores rounded to the model dtype as HF's eager attention does).
+        if attention not in ("sdpa", "matmul"):
+            raise ValueError(f"attention={attention!r}: 'sdpa' or 'matmul'")
+        self.attention = attention
         self.check_every = check_every or (8 if self.use_graphs else 1)
         self.log = log or (lambda msg: None)
         attn = self.decoder.layers[0].self_attn
@@ -302,7 +307,12 @@ class GenerationEngine:
         keys, values = write(k, v)
         if decode:  # one query per head: the G heads sharing a kv head are its G "queries" (no repeat_kv)
             q = q.reshape(rows, self.kv_heads, self.groups, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+        if decode and self.attention == "matmul":
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * attn.scaling
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype)
+            out = torch.matmul(probs, values)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
         out = out.reshape(rows, self.kv_heads * self.groups, length, self.head_dim).transpose(1, 2)
         x = x + attn.o_proj(out.reshape(rows, length, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
