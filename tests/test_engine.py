@@ -169,3 +169,82 @@ def test_matmul_decode_attention_gives_the_same_tokens(tmp_path):
     prompts = _prompts(tok)
     engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, attention="matmul")
     assert engine.generate(prompts, 32) == _hf(model, tok, prompts, 32, [-1])
+
+
+# -- settings and the seams (GRPO through TRL, evaluation) ---------------------------------------
+def test_engine_settings_are_validated_with_the_cell_and_left_out_of_its_id():
+    from dataclasses import replace
+
+    from tinyablate.eval import EvalConfig, base_cache_key
+    from tinyablate.spec import CellSpec, cell_id, validate_spec
+    from tinyablate.tasks import TaskConfig
+    from tinyablate.train.config import AlgoConfig
+
+    with pytest.raises(ValueError, match=r"algo.rollout_engine='fast' is invalid"):
+        validate_spec(CellSpec(algo=AlgoConfig(rollout_engine="fast")))
+    with pytest.raises(ValueError, match=r"eval.engine='fast' is invalid"):
+        validate_spec(CellSpec(eval=EvalConfig(engine="fast")))
+    with pytest.raises(ValueError, match=r"algo.rollout_engine=graph needs a CUDA GPU"):
+        validate_spec(CellSpec(gpus=0, algo=AlgoConfig(rollout_engine="graph")))
+    validate_spec(CellSpec(gpus=1, algo=AlgoConfig(rollout_engine="graph"), eval=EvalConfig(engine="graph")))
+    base = CellSpec()
+    assert cell_id(replace(base, algo=AlgoConfig(rollout_engine="hf"), eval=EvalConfig(engine="eager"))) == cell_id(base)
+    key = base_cache_key("m", TaskConfig(), EvalConfig(), "torch.float32")
+    assert key == base_cache_key("m", TaskConfig(), EvalConfig(engine="hf", engine_batch_size=8), "torch.float32")
+
+
+def test_evaluation_through_the_engine_gives_hf_generates_completions():
+    from tinyablate.eval import EvalConfig, evaluate
+    from tinyablate.tasks import TaskConfig, load_task
+
+    model, tok = _load("smollm2-135m")
+    task = load_task(TaskConfig(name="arithmetic", max_value=9, train_size=4, eval_size=10, scorer="flexible"))
+    problems = task.eval_problems()
+    hf = evaluate(model, tok, task, problems, EvalConfig(batch_size=5, max_new_tokens=24, engine="hf"))
+    ours = evaluate(model, tok, task, problems, EvalConfig(engine_batch_size=4, max_new_tokens=24, engine="eager"))
+    assert [r["completion"] for r in ours.records] == [r["completion"] for r in hf.records]
+    assert ours.accuracy_flexible == hf.accuracy_flexible
+
+
+def test_keyed_grpo_cell_trains_the_same_v_with_the_engine(tmp_path, monkeypatch):
+    """TRL's seam: rollouts from the engine (keyed) are HF's keyed rollouts, so the cells train the same v."""
+    from safetensors.torch import load_file
+
+    import tinyablate.train.grpo as grpo
+
+    # The task's reward is always 0 for a random tiny model; digits in the text are earned unevenly.
+    monkeypatch.setattr(grpo, "reward_fn", lambda kind: lambda completions, **kw: [
+        float(sum(ch.isdigit() for ch in str(c))) for c in completions])
+    import tinyablate.train.rollouts as rollouts
+
+    calls = []
+    real = rollouts.engine_rollouts
+    monkeypatch.setattr(rollouts, "engine_rollouts", lambda *a: calls.append(1) or real(*a))
+    from tinyablate.cell import cell_dir_for, run_cell
+    from tinyablate.logging import LoggerConfig
+
+    sys_path_tests()
+    from test_cell import tiny_spec
+
+    vectors = {}
+    for engine in ("hf", "eager"):
+        spec = tiny_spec(tmp_path / engine, rollout_sampler="keyed", rollout_engine=engine, max_steps=2, save_steps=2)
+        spec.logger = LoggerConfig(mode="disabled")
+        result = run_cell(spec)
+        assert result["status"] == "completed", result.get("error")
+        vectors[engine] = load_file(str(cell_dir_for(spec) / "adapter_native" / "vectors.safetensors"))
+        rewards = result["metrics"]["reward"]
+        vectors[engine + "_reward"] = rewards
+    assert len(calls) == 2  # one rollout batch per step, through the engine (none in the hf cell)
+    assert vectors["hf_reward"] == vectors["eager_reward"]
+    for name, v in vectors["hf"].items():
+        assert v.abs().max() > 0 and torch.equal(v, vectors["eager"][name]), name
+
+
+def sys_path_tests():
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)

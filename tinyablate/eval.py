@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from .engine.settings import ENGINES
+
 
 @dataclass
 class EvalConfig:
@@ -34,9 +36,16 @@ class EvalConfig:
     # Sampled pass@k on top of greedy pass@1: 0 disables; k samples per problem at `temperature`.
     pass_k: int = 0
     temperature: float = 1.0
+    # Generator (tinyablate/engine): "auto" (the graph engine on CUDA, HF generate on CPU), "graph",
+    # "eager" or "hf"; see algo.rollout_engine. Speed only: not in cell_id nor the base-accuracy key.
+    engine: str = "auto"
+    # Prompts per engine call (its KV cache holds this many rows); batch_size is HF generate's.
+    engine_batch_size: int = 256
 
     def validate(self) -> "EvalConfig":
-        for name in ("batch_size", "max_new_tokens"):
+        if self.engine not in ENGINES:
+            raise ValueError(f"eval.engine={self.engine!r} is invalid: allowed values are {list(ENGINES)}")
+        for name in ("batch_size", "max_new_tokens", "engine_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"eval.{name}={value!r} is invalid: must be an integer >= 1")
@@ -70,9 +79,14 @@ def prompts_for(tokenizer, task, problems) -> list[str]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, do_sample=False, progress=None) -> list[str]:
     """Completions for `prompts`, batched by length (left padding), returned in input order."""
+    from .engine import resolve_engine
+
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Optional[str]] = [None] * len(prompts)
     device = next(model.parameters()).device
+    engine = resolve_engine(cfg.engine, device.type)
+    if engine != "hf":
+        return _engine_generate(model, tokenizer, prompts, order, cfg, do_sample, engine == "graph", progress)
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start:start + cfg.batch_size]
         batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -87,6 +101,26 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, do_sample=Fa
         if progress is not None:
             progress.update(len(idx))
     return out  # type: ignore[return-value]
+
+
+def _engine_generate(model, tokenizer, prompts, order, cfg: EvalConfig, do_sample, use_graphs, progress) -> list:
+    """generate() through tinyablate's engine, in batches of cfg.engine_batch_size."""
+    from .engine import Sampling, engine_for
+
+    eos = model.generation_config.eos_token_id
+    eos = [tokenizer.eos_token_id] if eos is None else (eos if isinstance(eos, list) else [eos])
+    engine = engine_for(model, tokenizer.pad_token_id, eos, use_graphs=use_graphs)
+    sampling = Sampling(temperature=cfg.temperature) if do_sample else Sampling()
+    out: list = [None] * len(prompts)
+    for start in range(0, len(order), cfg.engine_batch_size):
+        idx = order[start:start + cfg.engine_batch_size]
+        ids = tokenizer([prompts[i] for i in idx], add_special_tokens=False)["input_ids"]
+        completions = engine.generate(ids, cfg.max_new_tokens, sampling)
+        for i, text in zip(idx, tokenizer.batch_decode(completions, skip_special_tokens=True)):
+            out[i] = text
+        if progress is not None:
+            progress.update(len(idx))
+    return out
 
 
 def evaluate(model, tokenizer, task, problems, cfg: EvalConfig, desc: str = "eval") -> EvalResult:
@@ -146,7 +180,8 @@ def _solved_at_k(model, tokenizer, task, problems, prompts, cfg: EvalConfig) -> 
 # -- base accuracy cache ---------------------------------------------------------------------
 def base_cache_key(model_id: str, task_cfg, eval_cfg: EvalConfig, dtype: str) -> str:
     task = {k: v for k, v in asdict(task_cfg).items() if k not in ("train_size",)}
-    settings = {k: v for k, v in asdict(eval_cfg).items() if k not in ("batch_size", "base", "cache_base")}
+    speed_only = ("batch_size", "base", "cache_base", "engine", "engine_batch_size")
+    settings = {k: v for k, v in asdict(eval_cfg).items() if k not in speed_only}
     blob = json.dumps([model_id, task, settings, dtype], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

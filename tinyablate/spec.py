@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from .adapters.config import AdapterConfig, SVDConfig
+from .engine.settings import check_engine_setting
 from .eval import EvalConfig
 from .logging import LoggerConfig
 from .models import ModelConfig
@@ -50,10 +51,10 @@ class CellSpec:
 # Settings that change speed or bookkeeping but not the result: left out of cell_id.
 _NOT_IDENTITY = {
     "logger": None, "sweep": None, "output_dir": None,
-    "eval": {"batch_size", "base", "cache_base"},
+    "eval": {"batch_size", "base", "cache_base", "engine", "engine_batch_size"},
     "model": {"device", "cache_dir", "attn_implementation"},
     "adapter": {"forward"}, "adapter.svd": {"cache_dir"},
-    "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing"},
+    "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing", "rollout_engine"},
 }
 
 
@@ -135,6 +136,8 @@ def validate_spec(spec: CellSpec, world_size: Optional[int] = None) -> CellSpec:
     spec.task.validate()
     spec.algo.validate(world_size or max(spec.gpus, 1))
     spec.eval.validate()
+    for field, engine in (("algo.rollout_engine", spec.algo.rollout_engine), ("eval.engine", spec.eval.engine)):
+        check_engine_setting(field, engine, spec.gpus, spec.model.device)
     spec.logger.validate()
     if not isinstance(spec.seed, int) or isinstance(spec.seed, bool):
         raise ValueError(f"seed={spec.seed!r} is invalid: must be an integer")

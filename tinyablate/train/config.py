@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..engine.settings import ENGINES
+
 ALGOS = ("grpo", "sft")
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
 ROLLOUT_SAMPLERS = ("torch", "keyed")
@@ -50,6 +52,10 @@ class AlgoConfig:
     # the number of ranks). "keyed": each completion's noise is keyed by (seed, step, prompt, sample
     # number), so 1 and N GPUs with the same global batch sample the same rollouts (train/sampling.py).
     rollout_sampler: str = "torch"
+    # GRPO rollout generator (tinyablate/engine): "auto" (the graph engine on CUDA, HF generate on CPU),
+    # "graph" (static KV cache, decode step replayed from CUDA graphs; CUDA only), "eager" (the same
+    # engine without graphs, any device) or "hf" (TRL's HF generate). Speed only: not in cell_id.
+    rollout_engine: str = "auto"
     # GRPO KL coefficient. Paper: no KL penalty (beta = 0), so no reference model is kept.
     beta: float = 0.0
     # GRPO loss normalisation (TRL's names). "grpo": per-sequence mean, the original GRPO; TRL's
@@ -69,6 +75,7 @@ class AlgoConfig:
         """Check every field; `world_size` is the cell's data-parallel ranks (its GPUs, at least 1)."""
         _one_of("name", self.name, ALGOS)
         _one_of("rollout_sampler", self.rollout_sampler, ROLLOUT_SAMPLERS)
+        _one_of("rollout_engine", self.rollout_engine, ENGINES)
         _one_of("loss_type", self.loss_type, GRPO_LOSSES)
         _one_of("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _one_of("scale_rewards", self.scale_rewards, ("group", "batch", "none"))

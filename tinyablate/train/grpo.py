@@ -12,8 +12,11 @@ ROW = "row"  # dataset column: the prompt's index, part of each rollout's key un
 
 def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, callbacks=(), world_size: int = 1):
     """A GRPOTrainer over the task's training prompts, rewarded by the task's own scorer."""
+    import torch
     from datasets import Dataset
     from trl import GRPOConfig
+
+    from ..engine import resolve_engine
 
     algo = spec.algo
     args = GRPOConfig(
@@ -45,6 +48,11 @@ def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, c
         callbacks=list(callbacks),
     )
     trainer.keyed_seed = spec.seed if algo.rollout_sampler == "keyed" else None
+    trainer.rollout_engine = resolve_engine(algo.rollout_engine, torch.device(device).type)
+    if trainer.rollout_engine != "hf":
+        from .rollouts import reserve_rollout_cache
+
+        reserve_rollout_cache(trainer, tokenizer, rows, algo, world_size)
     return trainer
 
 
@@ -55,9 +63,11 @@ def _trainer_class():
     from .sampling import keyed_generation, rollout_keys
 
     class TinyablateGRPOTrainer(AdapterCheckpointMixin, GRPOTrainer):
-        """GRPOTrainer with adapter-only checkpoints and, when `keyed_seed` is set, keyed rollouts."""
+        """GRPOTrainer with adapter-only checkpoints, keyed rollouts when `keyed_seed` is set, and rollouts
+        from tinyablate's generation engine unless `rollout_engine` is "hf" (TRL keeps rewards and loss)."""
 
         keyed_seed = None
+        rollout_engine = "hf"
         _rollout_keys = None
 
         def _generate_and_score_completions(self, inputs):
@@ -69,6 +79,10 @@ def _trainer_class():
 
         def _generate_single_turn(self, prompt_ids, *args, **kwargs):
             keys, self._rollout_keys = self._rollout_keys, None
+            if self.rollout_engine != "hf":
+                from .rollouts import engine_rollouts
+
+                return engine_rollouts(self, prompt_ids, keys), None
             if keys is None:
                 return super()._generate_single_turn(prompt_ids, *args, **kwargs)
             if len(keys) != len(prompt_ids):
