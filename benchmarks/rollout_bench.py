@@ -48,7 +48,8 @@ def parse(argv=None):
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", default="256,512", help="comma list")
-    p.add_argument("--paths", default="hf,engine,hf_static", help="comma list of hf,engine,hf_static")
+    p.add_argument("--paths", default="hf,engine,hf_static",
+                   help="comma list of hf, hf_static, engine, engine_nocompile (its glue ops uncompiled)")
     p.add_argument("--adapters", default="none,tinylora", help="comma list of none,tinylora")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--agreement-rows", type=int, default=64)
@@ -95,13 +96,13 @@ def hf_generate(model, ids, new, static=False, greedy=False, attention_mask=None
                               min_new_tokens=new, **kwargs)
 
 
-def throughput_rows(model, label, args, ids, news, engine):
+def throughput_rows(model, label, args, ids, news, engines):
     rows = []
     for new in news:
         ms_roof = roofline_ms(args.cfg, ids.shape[0], ids.shape[1], new)
         for path in args.paths:
-            if path == "engine":
-                fn = lambda: engine.generate(ids.tolist(), new, Sampling(temperature=1.0))  # noqa: E731
+            if path in engines:
+                fn = lambda: engines[path].generate(ids.tolist(), new, Sampling(temperature=1.0))  # noqa: E731
             elif path == "hf_static" and new != news[0]:
                 continue  # compiling costs minutes: once per adapter setting, at the first length
             else:
@@ -192,7 +193,13 @@ def main(argv=None) -> dict:
                 for p in adapter.trainable_parameters():
                     p.normal_(0, 1e-3)
         engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print, attention=args.attention)
-        report["rows"] += throughput_rows(model, label, args, ids, news, engine)
+        engines = {"engine": engine}
+        if "engine_nocompile" in args.paths:
+            engines["engine_nocompile"] = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print,
+                                                           attention=args.attention, compile_glue=False)
+        report["rows"] += throughput_rows(model, label, args, ids, news, engines)
+        for other in list(engines.values())[1:]:
+            other.release()
         if label == "tinylora":
             t0 = time.perf_counter()
             keyed = lambda: engine.generate(ids.tolist(), news[0], Sampling(temperature=1.0, keyed=True),  # noqa: E731
@@ -232,6 +239,7 @@ def profile_decode(model, ids, args):
     sampling = Sampling(temperature=1.0)
     engine.generate(ids.tolist(), 64, sampling)  # fills the cache to slot 191
     st = engine._states[ids.shape[0]]
+    st.step.zero_()  # the output column: the steps below write columns 0..9 again
     with torch.no_grad():
         for _ in range(2):
             engine._decode_step(st, 256, sampling)

@@ -248,3 +248,22 @@ def sys_path_tests():
     here = str(Path(__file__).parent)
     if here not in sys.path:
         sys.path.insert(0, here)
+
+
+def test_paper_setting_kv_cache_fits_one_80gb_gpu_and_too_much_names_the_settings():
+    """256 completions of a GSM8K prompt (< 256 tokens) + 512 new tokens, Qwen2.5-7B, bf16."""
+    from transformers import Qwen2Config
+
+    from tinyablate.engine.core import kv_cache_bytes
+    from tinyablate.train.rollouts import check_cache_fits
+
+    cfg = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                      num_hidden_layers=28, vocab_size=152064)
+    need = kv_cache_bytes(cfg, 256, 256 + 512, torch.bfloat16)
+    assert need == 2 * 28 * 4 * 128 * 2 * 256 * 768  # 10.5 GiB
+    gib = 2**30
+    weights = 15.2 * gib + 13.1 * gib  # bf16 base + TinyLoRA's merged copies of all 196 projections
+    check_cache_fits(need, free=int(80 * gib - weights), total=80 * gib, batch=256, length=768, world_size=1)
+    with pytest.raises(ValueError, match="lower algo.prompts_per_step, algo.num_generations or "
+                                         "algo.max_completion_length.*algo.rollout_engine=hf"):
+        check_cache_fits(4 * need, free=int(80 * gib - weights), total=80 * gib, batch=1024, length=768, world_size=1)

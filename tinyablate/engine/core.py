@@ -105,7 +105,8 @@ class GenerationEngine:
     """Batched generation for one model; see the module docstring. One engine per cell and rank."""
 
     def __init__(self, model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: Optional[bool] = None,
-                 length_bucket: int = 64, check_every: Optional[int] = None, log=None, attention: str = "sdpa"):
+                 length_bucket: int = 64, check_every: Optional[int] = None, log=None, attention: str = "sdpa",
+                 compile_glue: bool = True):
         self.model = model
         self.lm, self.decoder = causal_lm_parts(model)
         self.pad = int(pad_token_id)
@@ -130,7 +131,11 @@ class GenerationEngine:
         self.head_dim = attn.head_dim
         self.kv_heads = attn.k_proj.out_features // attn.head_dim
         self.groups = attn.num_key_value_groups
-        self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        # The elementwise work between the matmuls (norms, residual adds, rotary, SiLU x up): HF's own math,
+        # as plain functions; in the decode step on CUDA compiled into a few fused kernels (compile_glue).
+        self._glue = _Glue(self.decoder, rope, compiled=False)
+        self._glue_decode = _Glue(self.decoder, rope, compiled=compile_glue and device.type == "cuda")
         self._eos_t = torch.tensor(self.eos or [-1], device=device)
         self.dtype = self.decoder.embed_tokens.weight.dtype
         self._k = self._v = None
@@ -268,13 +273,12 @@ class GenerationEngine:
         attend |= torch.eye(width, dtype=torch.bool, device=self.device)[None]  # pads see themselves only
         x = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(x, pos)
-        for i, layer in enumerate(self.decoder.layers):
-            def write(k, v, i=i):
-                self._k[i][:rows, :, :width].copy_(k)
-                self._v[i][:rows, :, :width].copy_(v)
-                return _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)
-            x = self._layer(layer, x, cos, sin, attend[:, None], write)
-        return self.lm.lm_head(self.decoder.norm(x[:, -1:]))[:, -1].float()
+        def write(i, k, v):
+            self._k[i][:rows, :, :width].copy_(k)
+            self._v[i][:rows, :, :width].copy_(v)
+            return _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)
+
+        return self.lm.lm_head(self._layers(x, cos, sin, attend[:, None], write))[:, -1].float()
 
     def _decode_step(self, st: _State, kv_len: int, sampling: Sampling) -> None:
         rows = st.tokens.shape[0]
@@ -282,29 +286,42 @@ class GenerationEngine:
         x = self.decoder.embed_tokens(st.tokens[:, None])
         cos, sin = self.decoder.rotary_emb(x, st.pos[:, None])
         mask = st.valid[:, None, None, :kv_len]
-        for i, layer in enumerate(self.decoder.layers):
-            def write(k, v, i=i):
-                kc, vc = self._k[i][:rows], self._v[i][:rows]
-                kc.index_copy_(2, st.slot, k)
-                vc.index_copy_(2, st.slot, v)
-                return kc[:, :, :kv_len], vc[:, :, :kv_len]
-            x = self._layer(layer, x, cos, sin, mask, write, decode=True)
-        logits = self.lm.lm_head(self.decoder.norm(x))[:, -1].float()
+
+        def write(i, k, v):
+            kc, vc = self._k[i][:rows], self._v[i][:rows]
+            kc.index_copy_(2, st.slot, k)
+            vc.index_copy_(2, st.slot, v)
+            return kc[:, :, :kv_len], vc[:, :, :kv_len]
+
+        logits = self.lm.lm_head(self._layers(x, cos, sin, mask, write, decode=True))[:, -1].float()
         st.pos.add_(1)
         st.slot.add_(1)
         st.step.add_(1)
         self._choose(logits, st, sampling)
 
-    def _layer(self, layer, x, cos, sin, mask, write, decode: bool = False):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
+    def _layers(self, x, cos, sin, mask, write, decode: bool = False):
+        """Every decoder layer, then the final norm, at the last position only (for its logits)."""
+        glue = self._glue_decode if decode else self._glue
+        delta = None
+        for i, layer in enumerate(self.decoder.layers):
+            ln1, ln2, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
+            if delta is None:
+                h = glue.norm(ln1, x)
+            else:
+                x, h = glue.add_norm(ln1, x, delta)  # the previous layer's residual add, fused with this norm
+            o = self._attention(layer.self_attn, h, cos, sin, mask, i, write, decode, glue)
+            x, h = glue.add_norm(ln2, x, o)
+            delta = glue.mlp(mlp, h)
+        return glue.add_norm(self.decoder.norm, x[:, -1:], delta[:, -1:])[1]
+
+    def _attention(self, attn, h, cos, sin, mask, i, write, decode, glue):
         rows, length = h.shape[:2]
         shape = (rows, length, -1, self.head_dim)
         q = attn.q_proj(h).view(shape).transpose(1, 2)
         k = attn.k_proj(h).view(shape).transpose(1, 2)
         v = attn.v_proj(h).view(shape).transpose(1, 2)
-        q, k = self.rope(q, k, cos, sin)
-        keys, values = write(k, v)
+        q, k = glue.rope(q, k, cos, sin)
+        keys, values = write(i, k, v)
         if decode:  # one query per head: the G heads sharing a kv head are its G "queries" (no repeat_kv)
             q = q.reshape(rows, self.kv_heads, self.groups, self.head_dim)
         if decode and self.attention == "matmul":
@@ -314,8 +331,7 @@ class GenerationEngine:
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
         out = out.reshape(rows, self.kv_heads * self.groups, length, self.head_dim).transpose(1, 2)
-        x = x + attn.o_proj(out.reshape(rows, length, -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        return attn.o_proj(out.reshape(rows, length, -1))
 
     # -- sampling -------------------------------------------------------------------------------
     def _choose(self, logits: torch.Tensor, st: _State, sampling: Sampling) -> None:
@@ -398,6 +414,57 @@ class GenerationEngine:
                 self.log("generation engine: weights changed place or state, recapturing the decode graphs")
             self._graphs.clear()
             self._signature = signature
+
+
+def _rms_norm(x, weight, eps: float):
+    """HF's Qwen2RMSNorm / LlamaRMSNorm, op for op."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _add_rms_norm(x, delta, weight, eps: float):
+    x = x + delta
+    return x, _rms_norm(x, weight, eps)
+
+
+def _silu_mul(gate, up):
+    return F.silu(gate) * up
+
+
+class _Glue:
+    """Norms, residual adds, rotary embedding and the MLP's SiLU x up of one model, as functions.
+
+    With HF's RMSNorm and SiLU MLPs they are the functions above (compiled when `compiled`); any other
+    module falls back to calling the module itself.
+    """
+
+    def __init__(self, decoder, rope, compiled: bool):
+        layer = decoder.layers[0]
+        norms = [decoder.norm] + [m for lay in decoder.layers for m in (lay.input_layernorm, lay.post_attention_layernorm)]
+        self.fused = (all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms)
+                      and getattr(layer.mlp.config, "hidden_act", None) == "silu"
+                      and all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")))
+        wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compiled and self.fused else (lambda f: f)
+        self._rms, self._add_rms, self._silu_mul, self._rope = map(wrap, (_rms_norm, _add_rms_norm, _silu_mul, rope))
+
+    def norm(self, module, x):
+        return self._rms(x, module.weight, module.variance_epsilon) if self.fused else module(x)
+
+    def add_norm(self, module, x, delta):
+        if self.fused:
+            return self._add_rms(x, delta, module.weight, module.variance_epsilon)
+        x = x + delta
+        return x, module(x)
+
+    def rope(self, q, k, cos, sin):
+        return self._rope(q, k, cos, sin)
+
+    def mlp(self, mlp, h):
+        if self.fused:
+            return mlp.down_proj(self._silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+        return mlp(h)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
