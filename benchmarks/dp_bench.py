@@ -189,7 +189,8 @@ def print_table(report: dict) -> None:
         base = next((b for b in rows if b["sampler"] == r["sampler"] and b["world_size"] == 1
                      and b.get("engine", "hf") == r.get("engine", "hf")), None)
         speedup = base["step_s"] / r["step_s"] if base else float("nan")
-        print(f"{r.get('engine', 'hf'):<8}{r['sampler']:<8}{r['world_size']:>6}{r['step_s']:>10.3f}{r['rollout_s']:>11.3f}{r['train_s']:>10.3f}"
+        print(f"{r.get('engine', 'hf'):<8}{r['sampler']:<8}{r['world_size']:>6}{r['step_s']:>10.3f}"
+              f"{r['rollout_s']:>11.3f}{r['train_s']:>10.3f}"
               f"{r['rollout_tokens_per_s']:>15.0f}{speedup:>10.2f}{speedup / r['world_size']:>12.2f}")
     key = lambda r: (r.get("engine", "hf"), r["sampler"], r["world_size"])  # noqa: E731
     by = {key(r): r for r in rows}

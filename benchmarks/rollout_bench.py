@@ -88,8 +88,8 @@ def hf_generate(model, ids, new, static=False, greedy=False, attention_mask=None
         do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
     if static:
         from transformers import CompileConfig
-        kwargs.update(cache_implementation="static", compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"),
-                      disable_compile=False)
+        kwargs.update(cache_implementation="static", disable_compile=False,
+                      compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, max_new_tokens=new,
@@ -187,7 +187,8 @@ def main(argv=None) -> dict:
         if label == "tinylora":
             from tinyablate.adapters import AdapterConfig, SVDConfig, apply_adapter
 
-            cfg = AdapterConfig(kind="tinylora", r=2, u=13, tie=1, target_modules=list(TARGETS), svd=SVDConfig(cache_dir=""))
+            cfg = AdapterConfig(kind="tinylora", r=2, u=13, tie=1, target_modules=list(TARGETS),
+                                svd=SVDConfig(cache_dir=""))
             adapter = apply_adapter(model, cfg, f"random:{args.shape}:{args.layers}")
             with torch.no_grad():
                 for p in adapter.trainable_parameters():

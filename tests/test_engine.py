@@ -188,7 +188,8 @@ def test_engine_settings_are_validated_with_the_cell_and_left_out_of_its_id():
         validate_spec(CellSpec(gpus=0, algo=AlgoConfig(rollout_engine="graph")))
     validate_spec(CellSpec(gpus=1, algo=AlgoConfig(rollout_engine="graph"), eval=EvalConfig(engine="graph")))
     base = CellSpec()
-    assert cell_id(replace(base, algo=AlgoConfig(rollout_engine="hf"), eval=EvalConfig(engine="eager"))) == cell_id(base)
+    other = replace(base, algo=AlgoConfig(rollout_engine="hf"), eval=EvalConfig(engine="eager"))
+    assert cell_id(other) == cell_id(base)
     key = base_cache_key("m", TaskConfig(), EvalConfig(), "torch.float32")
     assert key == base_cache_key("m", TaskConfig(), EvalConfig(engine="hf", engine_batch_size=8), "torch.float32")
 
@@ -267,3 +268,22 @@ def test_paper_setting_kv_cache_fits_one_80gb_gpu_and_too_much_names_the_setting
     with pytest.raises(ValueError, match="lower algo.prompts_per_step, algo.num_generations or "
                                          "algo.max_completion_length.*algo.rollout_engine=hf"):
         check_cache_fits(4 * need, free=int(80 * gib - weights), total=80 * gib, batch=1024, length=768, world_size=1)
+
+
+def test_compiled_glue_rounds_where_hf_rounds_in_bf16():
+    """The decode step's compiled norm + residual add gives HF's eager bf16 numbers bit for bit."""
+    from tinyablate.engine.core import _Glue
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).bfloat16()
+    norm = llama.model.layers[0].input_layernorm
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+    glue = _Glue(llama.model, None, compiled=True)
+    x, delta = torch.randn(2, 32, 1, 256).bfloat16()
+    summed, normed = glue.add_norm(norm, x, delta)
+    with torch.no_grad():
+        assert torch.equal(summed, x + delta) and torch.equal(normed, norm(x + delta))

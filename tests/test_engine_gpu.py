@@ -42,13 +42,14 @@ def hf(model, ps, new, eos, **kwargs):
     return [r[:next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
 
 
+@pytest.mark.parametrize("compile_glue", [False, True])
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_graph_engine_matches_hf_generate_in_fp32(family):
+def test_graph_engine_matches_hf_generate_in_fp32(family, compile_glue):
     model, ps = tiny(family), prompts()
     eos = [hf(model, ps, 64, [-1])[1][30]]
     ref = hf(model, ps, 64, eos)
     assert 1 < len({len(r) for r in ref})
-    engine = GenerationEngine(model, 0, eos, use_graphs=True, length_bucket=32)
+    engine = GenerationEngine(model, 0, eos, use_graphs=True, length_bucket=32, compile_glue=compile_glue)
     ours = engine.generate(ps, 64)
     firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ours, ref)]
     assert ours == ref, f"first divergences per row: {firsts}"
@@ -78,11 +79,14 @@ def test_graphs_never_replay_stale_weights():
     assert engine.generate(ps, 32) == after
 
 
+@pytest.mark.parametrize("compile_glue", [False, True])
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_bf16_graph_replay_equals_the_same_step_run_eagerly(family, capsys):
+def test_bf16_graph_replay_equals_the_same_step_run_eagerly(family, compile_glue, capsys):
+    """Measured 2026-12-02 (H200): mean share 0.961 (qwen2), 0.903 (llama) uncompiled; compiled before the
+    precision-cast emulation 0.455 / 0.336."""
     model, ps = tiny(family, torch.bfloat16), prompts(16, seed=1)
-    graph = GenerationEngine(model, 0, [-1], use_graphs=True, length_bucket=32)
-    eager = GenerationEngine(model, 0, [-1], use_graphs=False, length_bucket=32)
+    graph = GenerationEngine(model, 0, [-1], use_graphs=True, length_bucket=32, compile_glue=compile_glue)
+    eager = GenerationEngine(model, 0, [-1], use_graphs=False, length_bucket=32, compile_glue=compile_glue)
     eager.fixed_shapes = True
     eager.reserve(16, 128)
     ours = graph.generate(ps, 64)
@@ -90,6 +94,7 @@ def test_bf16_graph_replay_equals_the_same_step_run_eagerly(family, capsys):
     ref = hf(model, ps, 64, [-1])
     shares = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), 64) / 64 for x, y in zip(ours, ref)]
     with capsys.disabled():
-        print(f"\n{family} bf16 greedy, share identical to HF generate up to the first divergence: "
+        print(f"\n{family} bf16 greedy (compile_glue={compile_glue}), share identical to HF generate up to the "
+              f"first divergence: "
               f"mean {sum(shares) / len(shares):.3f}, rows fully identical {sum(s == 1 for s in shares)}/{len(shares)}")
     assert sum(shares) / len(shares) > 0.5
