@@ -2,10 +2,13 @@
 
 Run (N GPUs, Qwen2.5-7B shape, 8 layers): python benchmarks/dp_bench.py --device cuda --world-sizes 1,2
 Run (CPU, gloo, small shape, ~1 min):      python benchmarks/dp_bench.py --device cpu --shape small --layers 2
+Run (1 GPU, rollouts by HF generate vs the graph engine):
+    python benchmarks/dp_bench.py --device cuda --layers 28 --world-sizes 1 --engines hf,graph
 
 Random weights in the real model's shapes (no Hub), TinyLoRA r=2 u=13 tie=1 on every linear layer,
 bf16 base on GPU. One step is what a GRPO step computes, without TRL's bookkeeping: each rank samples
-its share of the step's prompts x generations (HF generate, `--sampler torch` or `keyed`), then runs
+its share of the step's prompts x generations (`--engines`: HF generate and/or tinyablate's engine,
+"graph" on CUDA, "eager" on CPU; `--samplers torch` or `keyed`), then runs
 forward + backward over those sequences in micro-batches with an advantage-weighted log-likelihood
 loss, DDP all-reduces v's gradient, and AdamW steps. For each world size it prints the step time,
 rollout tokens/s (all ranks), training time, and speed-up / scaling efficiency against 1 rank; with
@@ -37,6 +40,7 @@ def parse(argv=None):
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--world-sizes", default="1,2")
     p.add_argument("--samplers", default="torch", help="comma list of torch,keyed")
+    p.add_argument("--engines", default="hf", help="comma list of hf,graph,eager (rollout generator)")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (global)")
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=128)
@@ -64,12 +68,10 @@ def build(args, device):
     return adapter.model, SHAPES[args.shape]["vocab_size"]
 
 
-def rank_main(args, world: int, sampler: str, out: str) -> None:
+def rank_main(args, world: int, sampler: str, out: str, engine: str = "hf") -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from transformers import LogitsProcessorList
-
     from tinyablate.train.common import ignore_frozen_in_ddp
-    from tinyablate.train.sampling import KeyedGumbelSampler, sequence_key
+    from tinyablate.sampling import sequence_key
 
     with distributed.process_group(world if args.device == "cuda" else 0) as ranks:
         device = torch.device("cuda", ranks.local_rank) if args.device == "cuda" else torch.device("cpu")
@@ -79,6 +81,7 @@ def rank_main(args, world: int, sampler: str, out: str) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3)
         gen = torch.Generator(device="cpu").manual_seed(0)
+        rollout = _rollout_fn(model, engine, sampler, args)
         prompts = torch.randint(0, vocab, (args.prompts, args.prompt_len), generator=gen)
         rows = distributed.shard(list(range(args.prompts * args.generations)), ranks)
         times = []
@@ -86,15 +89,8 @@ def rank_main(args, world: int, sampler: str, out: str) -> None:
             ids = prompts[[r // args.generations for r in rows]].to(device)
             sync(device)
             t0 = time.perf_counter()
-            model.eval()
-            kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
-            if sampler == "keyed":
-                keys = [sequence_key(0, step, r // args.generations, r % args.generations) for r in rows]
-                kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None,
-                              logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 1.0)]))
-            with torch.no_grad():
-                seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=0,
-                                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kwargs)
+            keys = [sequence_key(0, step, r // args.generations, r % args.generations) for r in rows]
+            seqs = rollout(ids, keys)
             sync(device)
             t1 = time.perf_counter()
             model.train()
@@ -123,9 +119,35 @@ def rank_main(args, world: int, sampler: str, out: str) -> None:
             train = [max(t[i][2] for t in all_times) for i in range(len(times))]
             tokens = sum(t[0][3] for t in all_times)
             Path(out).write_text(json.dumps({
-                "world_size": world, "sampler": sampler, "step_s": statistics.median(step),
+                "world_size": world, "sampler": sampler, "engine": engine, "step_s": statistics.median(step),
                 "rollout_s": statistics.median(rollout), "train_s": statistics.median(train),
                 "rollout_tokens_per_s": tokens / statistics.median(rollout)}))
+
+
+def _rollout_fn(model, engine: str, sampler: str, args):
+    """ids (rows x prompt_len), keys -> rows x (prompt_len + new_tokens): every completion full length (no EOS)."""
+    from transformers import LogitsProcessorList
+
+    from tinyablate.engine import GenerationEngine, Sampling
+    from tinyablate.sampling import KeyedGumbelSampler
+
+    if engine != "hf":
+        gen = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], use_graphs=engine == "graph")
+
+    def rollout(ids, keys):
+        if engine != "hf":
+            sampling = Sampling(temperature=1.0, keyed=sampler == "keyed")
+            new = gen.generate(ids.tolist(), args.new_tokens, sampling, keys=keys if sampling.keyed else None)
+            return torch.cat([ids, torch.tensor(new, device=ids.device)], dim=1)
+        model.eval()
+        kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+        if sampler == "keyed":
+            kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None,
+                          logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 1.0)]))
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=0,
+                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kwargs)
+    return rollout
 
 
 def sync(device):
@@ -137,18 +159,20 @@ def main(argv=None) -> dict:
     args = parse(argv)
     worlds = [int(w) for w in args.world_sizes.split(",")]
     samplers = args.samplers.split(",")
+    engines = args.engines.split(",")
     visible = torch.cuda.device_count() if args.device == "cuda" else None
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         args.svd_cache = str(Path(tmp) / "svd")
-        for sampler in samplers:
-            for world in worlds:
-                if visible is not None and world > visible:
-                    skipped.append(f"{world} ranks ({visible} GPU(s) visible)")
-                    continue
-                out = Path(tmp) / f"{sampler}-{world}.json"
-                distributed.spawn_ranks(world, rank_main, args, world, sampler, str(out))
-                rows.append(json.loads(out.read_text()))
+        for engine in engines:
+            for sampler in samplers:
+                for world in worlds:
+                    if visible is not None and world > visible:
+                        skipped.append(f"{world} ranks ({visible} GPU(s) visible)")
+                        continue
+                    out = Path(tmp) / f"{engine}-{sampler}-{world}.json"
+                    distributed.spawn_ranks(world, rank_main, args, world, sampler, str(out), engine)
+                    rows.append(json.loads(out.read_text()))
     report = {"device": _device_name(args.device), "date": time.strftime("%Y-%m-%d"),
               "argv": sys.argv[1:] if argv is None else argv, "rows": rows, "skipped": sorted(set(skipped))}
     print_table(report)
@@ -160,18 +184,26 @@ def main(argv=None) -> dict:
 def print_table(report: dict) -> None:
     rows = report["rows"]
     print(f"device: {report['device']}")
-    print(f"{'sampler':<8}{'ranks':>6}{'step s':>10}{'rollout s':>11}{'train s':>10}{'rollout tok/s':>15}"
+    print(f"{'engine':<8}{'sampler':<8}{'ranks':>6}{'step s':>10}{'rollout s':>11}{'train s':>10}{'rollout tok/s':>15}"
           f"{'speed-up':>10}{'efficiency':>12}")
     for r in rows:
-        base = next((b for b in rows if b["sampler"] == r["sampler"] and b["world_size"] == 1), None)
+        base = next((b for b in rows if b["sampler"] == r["sampler"] and b["world_size"] == 1
+                     and b.get("engine", "hf") == r.get("engine", "hf")), None)
         speedup = base["step_s"] / r["step_s"] if base else float("nan")
-        print(f"{r['sampler']:<8}{r['world_size']:>6}{r['step_s']:>10.3f}{r['rollout_s']:>11.3f}{r['train_s']:>10.3f}"
+        print(f"{r.get('engine', 'hf'):<8}{r['sampler']:<8}{r['world_size']:>6}{r['step_s']:>10.3f}"
+              f"{r['rollout_s']:>11.3f}{r['train_s']:>10.3f}"
               f"{r['rollout_tokens_per_s']:>15.0f}{speedup:>10.2f}{speedup / r['world_size']:>12.2f}")
-    torch_rows = {r["world_size"]: r for r in rows if r["sampler"] == "torch"}
+    key = lambda r: (r.get("engine", "hf"), r["sampler"], r["world_size"])  # noqa: E731
+    by = {key(r): r for r in rows}
     for r in rows:
-        if r["sampler"] == "keyed" and r["world_size"] in torch_rows:
-            ratio = r["rollout_tokens_per_s"] / torch_rows[r["world_size"]]["rollout_tokens_per_s"]
-            print(f"keyed / torch rollout tokens/s at {r['world_size']} rank(s): {ratio:.3f}")
+        torch_row = by.get((r.get("engine", "hf"), "torch", r["world_size"]))
+        if r["sampler"] == "keyed" and torch_row:
+            ratio = r["rollout_tokens_per_s"] / torch_row["rollout_tokens_per_s"]
+            print(f"{r.get('engine', 'hf')}: keyed / torch rollout tokens/s at {r['world_size']} rank(s): {ratio:.3f}")
+        hf_row = by.get(("hf", r["sampler"], r["world_size"]))
+        if r.get("engine", "hf") != "hf" and hf_row:
+            print(f"{r['engine']} vs hf, {r['sampler']} sampler, {r['world_size']} rank(s): step "
+                  f"{hf_row['step_s'] / r['step_s']:.2f}x faster, rollout {hf_row['rollout_s'] / r['rollout_s']:.2f}x")
     for s in report["skipped"]:
         print(f"not run: {s}")
 

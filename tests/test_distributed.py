@@ -227,8 +227,8 @@ def test_dp_bench_runs_on_cpu_ranks():
     from benchmarks.dp_bench import main
 
     report = main(["--device", "cpu", "--shape", "small", "--layers", "1", "--world-sizes", "1,2",
-                   "--samplers", "torch,keyed", "--prompts", "2", "--generations", "2", "--prompt-len", "8",
+                   "--samplers", "torch,keyed", "--engines", "hf,eager", "--prompts", "2", "--generations", "2", "--prompt-len", "8",
                    "--new-tokens", "4", "--micro-batch", "2", "--steps", "1", "--warmup", "0"])
-    assert [(r["sampler"], r["world_size"]) for r in report["rows"]] == [
-        ("torch", 1), ("torch", 2), ("keyed", 1), ("keyed", 2)]
+    assert [(r["engine"], r["sampler"], r["world_size"]) for r in report["rows"]] == [
+        (e, s, w) for e in ("hf", "eager") for s in ("torch", "keyed") for w in (1, 2)]
     assert all(r["step_s"] > 0 and r["rollout_tokens_per_s"] > 0 for r in report["rows"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinyablate.train.sampling import KeyedGumbelSampler, _top_p_filter, mix32, rollout_keys, sequence_key
+from tinyablate.sampling import KeyedGumbelSampler, _top_p_filter, mix32, rollout_keys, sequence_key
 
 
 def test_mix32_is_the_same_on_tensors_and_ints():

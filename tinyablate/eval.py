@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .cell_folder import read_json, write_json_atomic
 from .config import EvalConfig
+from .engine import Sampling, engine_for, resolve_engine
 
 
 @dataclass
@@ -50,6 +51,9 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, do_sample=Fa
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Optional[str]] = [None] * len(prompts)
     device = next(model.parameters()).device
+    engine = resolve_engine(cfg.engine, device.type)
+    if engine != "hf":
+        return _engine_generate(model, tokenizer, prompts, order, cfg, do_sample, engine == "graph", progress)
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start:start + cfg.batch_size]
         batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -64,6 +68,24 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, do_sample=Fa
         if progress is not None:
             progress.update(len(idx))
     return out  # type: ignore[return-value]
+
+
+def _engine_generate(model, tokenizer, prompts, order, cfg: EvalConfig, do_sample, use_graphs, progress) -> list:
+    """generate() through tinyablate's engine, in batches of cfg.engine_batch_size."""
+    eos = model.generation_config.eos_token_id
+    eos = [tokenizer.eos_token_id] if eos is None else (eos if isinstance(eos, list) else [eos])
+    engine = engine_for(model, tokenizer.pad_token_id, eos, use_graphs=use_graphs)
+    sampling = Sampling(temperature=cfg.temperature) if do_sample else Sampling()
+    out: list = [None] * len(prompts)
+    for start in range(0, len(order), cfg.engine_batch_size):
+        idx = order[start:start + cfg.engine_batch_size]
+        ids = tokenizer([prompts[i] for i in idx], add_special_tokens=False)["input_ids"]
+        completions = engine.generate(ids, cfg.max_new_tokens, sampling)
+        for i, text in zip(idx, tokenizer.batch_decode(completions, skip_special_tokens=True)):
+            out[i] = text
+        if progress is not None:
+            progress.update(len(idx))
+    return out
 
 
 def evaluate(model, tokenizer, task, problems, cfg: EvalConfig, desc: str = "eval") -> EvalResult:
@@ -119,7 +141,8 @@ def _solved_at_k(model, tokenizer, task, problems, prompts, cfg: EvalConfig) -> 
 # -- base accuracy cache ---------------------------------------------------------------------
 def base_cache_key(model_id: str, task_cfg, eval_cfg: EvalConfig, dtype: str) -> str:
     task = {k: v for k, v in asdict(task_cfg).items() if k not in ("train_size",)}
-    settings = {k: v for k, v in asdict(eval_cfg).items() if k not in ("batch_size", "base", "cache_base")}
+    speed_only = ("batch_size", "base", "cache_base", "engine", "engine_batch_size")
+    settings = {k: v for k, v in asdict(eval_cfg).items() if k not in speed_only}
     blob = json.dumps([model_id, task, settings, dtype], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

@@ -15,6 +15,8 @@ from .checks import Checks, Section
 ALGOS = ("grpo", "sft")
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
 ROLLOUT_SAMPLERS = ("torch", "keyed")
+# Generators of GRPO rollouts and evaluation (tinyablate/engine): see AlgoConfig.rollout_engine.
+ENGINES = ("auto", "graph", "eager", "hf")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 REWARD_SCALINGS = ("group", "batch", "none")
 
@@ -51,8 +53,12 @@ class AlgoConfig(Section):
     top_p: float = 1.0
     # GRPO rollout randomness. "torch": TRL's sampling from per-rank generators (rollouts depend on
     # the number of ranks). "keyed": each completion's noise is keyed by (seed, step, prompt, sample
-    # number), so 1 and N GPUs with the same global batch sample the same rollouts (train/sampling.py).
+    # number), so 1 and N GPUs with the same global batch sample the same rollouts (tinyablate/sampling.py).
     rollout_sampler: str = "torch"
+    # GRPO rollout generator (tinyablate/engine): "auto" (the graph engine on CUDA, HF generate on CPU),
+    # "graph" (static KV cache, decode step replayed from CUDA graphs; CUDA only), "eager" (the same
+    # engine without graphs, any device) or "hf" (TRL's HF generate). Speed only: not in cell_id.
+    rollout_engine: str = "auto"
     # GRPO KL coefficient. Paper: no KL penalty (beta = 0), so no reference model is kept.
     beta: float = 0.0
     # GRPO loss normalisation (TRL's names). "grpo": per-sequence mean, the original GRPO; TRL's
@@ -74,6 +80,7 @@ class AlgoConfig(Section):
         """Every field; `world_size` is the cell's data-parallel ranks (its GPUs, at least 1)."""
         c.choice("name", self.name, ALGOS)
         c.choice("rollout_sampler", self.rollout_sampler, ROLLOUT_SAMPLERS)
+        c.choice("rollout_engine", self.rollout_engine, ENGINES)
         c.choice("loss_type", self.loss_type, GRPO_LOSSES)
         c.choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         c.choice("scale_rewards", self.scale_rewards, REWARD_SCALINGS)

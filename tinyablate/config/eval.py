@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .algo import ENGINES
 from .checks import Checks, Section
 
 
@@ -22,12 +23,19 @@ class EvalConfig(Section):
     # Sampled pass@k on top of greedy pass@1: 0 disables; k samples per problem at `temperature`.
     pass_k: int = 0
     temperature: float = 1.0
+    # Generator (tinyablate/engine): "auto" (the graph engine on CUDA, HF generate on CPU), "graph",
+    # "eager" or "hf"; see algo.rollout_engine. Speed only: not in cell_id nor the base-accuracy key.
+    engine: str = "auto"
+    # Prompts per engine call (its KV cache holds this many rows); batch_size is HF generate's.
+    engine_batch_size: int = 256
 
     section = "eval"
 
     def check(self, c: Checks) -> None:
         c.integer("batch_size", self.batch_size, minimum=1)
         c.integer("max_new_tokens", self.max_new_tokens, minimum=1)
+        c.choice("engine", self.engine, ENGINES)
+        c.integer("engine_batch_size", self.engine_batch_size, minimum=1)
         c.boolean("base", self.base)
         c.boolean("cache_base", self.cache_base)
         c.integer("pass_k", self.pass_k, minimum=0, note=" (0 = off)")

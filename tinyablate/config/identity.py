@@ -20,10 +20,10 @@ from .spec import CellSpec
 # (a section name mapped to None drops the whole section).
 NOT_IDENTITY = {
     "logger": None, "sweep": None, "output_dir": None,
-    "eval": {"batch_size", "base", "cache_base"},
+    "eval": {"batch_size", "base", "cache_base", "engine", "engine_batch_size"},
     "model": {"device", "cache_dir", "attn_implementation"},
     "adapter": {"forward"}, "adapter.svd": {"cache_dir", "cache_rank"},
-    "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing"},
+    "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing", "rollout_engine"},
 }
 
 # Settings added after cell ids were first published: left out of the id at their default, so the

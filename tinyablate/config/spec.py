@@ -78,6 +78,12 @@ def _cross_section_problems(spec: CellSpec, gpus_ok: bool) -> list:
     if gpus_ok and spec.gpus > 1 and spec.model.device not in ("auto", "cuda"):
         c.rule(f"model.device={spec.model.device!r} with gpus={spec.gpus}: each rank uses its own GPU, "
                "so set model.device=auto (or cuda)")
+    on_cpu = spec.model.device == "cpu" or (spec.gpus == 0 and not str(spec.model.device).startswith("cuda"))
+    for field, engine in (("algo.rollout_engine", spec.algo.rollout_engine), ("eval.engine", spec.eval.engine)):
+        if engine == "graph" and on_cpu:
+            c.rule(f"{field}=graph needs a CUDA GPU (its decode step is replayed from CUDA graphs) but this cell "
+                   f"runs on the CPU (gpus={spec.gpus}, model.device={spec.model.device}): use {field}=eager (the "
+                   f"same engine without graphs), hf or auto")
     if spec.algo.name == "grpo" and is_number(spec.algo.beta) and spec.algo.beta > 0:
         c.rule(f"algo.beta={spec.algo.beta} is not supported: a KL penalty needs a reference model, which TRL would "
                "load from the Hub by name; use algo.beta=0 (as the TinyLoRA paper does)")

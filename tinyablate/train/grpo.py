@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from .. import distributed
+from ..engine import resolve_engine
 from ..tasks.scoring import reward_fn
 from .common import AdapterCheckpointMixin, one_device_per_process, trainer_kwargs
-from .sampling import keyed_generation, rollout_keys
+from .rollouts import engine_rollouts, reserve_rollout_cache
+from ..sampling import keyed_generation, rollout_keys
 
 ROW = "row"  # dataset column: the prompt's index, part of each rollout's key under keyed sampling
 
@@ -47,13 +50,18 @@ def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, c
         callbacks=list(callbacks),
     )
     trainer.keyed_seed = spec.seed if algo.rollout_sampler == "keyed" else None
+    trainer.rollout_engine = resolve_engine(algo.rollout_engine, torch.device(device).type)
+    if trainer.rollout_engine != "hf":
+        reserve_rollout_cache(trainer, tokenizer, rows, algo, world_size)
     return trainer
 
 
 class TinyablateGRPOTrainer(AdapterCheckpointMixin, GRPOTrainer):
-    """GRPOTrainer with adapter-only checkpoints and, when `keyed_seed` is set, keyed rollouts."""
+    """GRPOTrainer with adapter-only checkpoints, keyed rollouts when `keyed_seed` is set, and rollouts
+    from tinyablate's generation engine unless `rollout_engine` is "hf" (TRL keeps rewards and loss)."""
 
     keyed_seed = None
+    rollout_engine = "hf"
     _rollout_keys = None
 
     def _generate_and_score_completions(self, inputs):
@@ -65,6 +73,8 @@ class TinyablateGRPOTrainer(AdapterCheckpointMixin, GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, *args, **kwargs):
         keys, self._rollout_keys = self._rollout_keys, None
+        if self.rollout_engine != "hf":
+            return engine_rollouts(self, prompt_ids, keys), None
         if keys is None:
             return super()._generate_single_turn(prompt_ids, *args, **kwargs)
         if len(keys) != len(prompt_ids):

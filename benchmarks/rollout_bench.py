@@ -1,0 +1,271 @@
+"""Rollout throughput: HF generate (dynamic cache; static cache compiled) vs tinyablate's graph engine.
+
+Run (H200, ~5 min):  python benchmarks/rollout_bench.py --out rollout.json
+Run (CPU smoke):     python benchmarks/rollout_bench.py --device cpu --shape small --layers 2 --prompts 4 \\
+                         --prompt-len 16 --new-tokens 16 --paths hf,engine --eval-problems 8 --agreement-rows 4
+
+Random weights in the real model's shape (adapter_bench.build_base, no Hub), bf16 on GPU, without and
+with this project's fused TinyLoRA (r=2, u=13, tie=1 on all projections, v perturbed). prompts x
+generations completions of prompt-len random tokens + each of --new-tokens, sampled at T=1, EOS off.
+For each it prints tok/s, ms per decode step (wall time / new tokens, prefill included) and the share
+of the roofline, where a decode step's roofline time is
+
+    max(bytes / HBM bandwidth, FLOPs / bf16 peak),
+    bytes = weights without the input embedding + KV cache at the mean context (prompt + new/2),
+    FLOPs = 2 x (parameters without the input embedding) x rows.
+
+Also: greedy agreement in bf16 of the engine with HF generate (per row, the share of new tokens identical
+up to the first divergence), the keyed sampler's throughput in the engine, and a greedy evaluation
+(--eval-problems prompts of ragged lengths, --eval-new tokens, EOS off) at HF's eval batch vs the engine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.adapter_bench import SHAPES, TARGETS, build_base, sync  # noqa: E402
+from tinyablate.engine import GenerationEngine, Sampling  # noqa: E402
+
+HBM_BYTES_PER_S = 4.8e12  # H200
+BF16_FLOPS = 790e12  # H200 dense bf16, measured on this device (KINDS.md)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--shape", default="qwen2.5-7b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", default="256,512", help="comma list")
+    p.add_argument("--paths", default="hf,engine,hf_static",
+                   help="comma list of hf, hf_static, engine, engine_nocompile (its glue ops uncompiled)")
+    p.add_argument("--adapters", default="none,tinylora", help="comma list of none,tinylora")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--agreement-rows", type=int, default=64)
+    p.add_argument("--agreement-new", type=int, default=64)
+    p.add_argument("--eval-problems", type=int, default=256)
+    p.add_argument("--eval-new", type=int, default=512)
+    p.add_argument("--eval-batch-hf", type=int, default=32)
+    p.add_argument("--eval-batch-engine", type=int, default=256)
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "matmul"], help="the engine's decode attention")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of eager decode steps and exit")
+    p.add_argument("--out", type=Path)
+    return p.parse_args(argv)
+
+
+def roofline_ms(cfg, rows: int, prompt_len: int, new: int) -> float:
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    params = sum(p.numel() for n, p in cfg._model.named_parameters() if "embed_tokens" not in n)
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * 2 * rows * (prompt_len + new / 2)
+    return 1e3 * max((2 * params + kv) / HBM_BYTES_PER_S, 2 * params * rows / BF16_FLOPS)
+
+
+def timed(fn, device, repeats):
+    fn()  # warm-up (captures graphs / compiles)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def hf_generate(model, ids, new, static=False, greedy=False, attention_mask=None):
+    kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy else dict(
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    if static:
+        from transformers import CompileConfig
+        kwargs.update(cache_implementation="static", disable_compile=False,
+                      compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, max_new_tokens=new,
+                              min_new_tokens=new, **kwargs)
+
+
+def throughput_rows(model, label, args, ids, news, engines):
+    rows = []
+    for new in news:
+        ms_roof = roofline_ms(args.cfg, ids.shape[0], ids.shape[1], new)
+        for path in args.paths:
+            if path in engines:
+                fn = lambda: engines[path].generate(ids.tolist(), new, Sampling(temperature=1.0))  # noqa: E731
+            elif path == "hf_static" and new != news[0]:
+                continue  # compiling costs minutes: once per adapter setting, at the first length
+            else:
+                fn = lambda: hf_generate(model, ids, new, static=path == "hf_static")  # noqa: E731
+            try:
+                seconds = timed(fn, args.device, args.repeats)
+            except Exception as err:  # noqa: BLE001 - a path that fails is reported, the others still run
+                print(f"{label:<9}{path:<10}{new:>5}  failed: {type(err).__name__}: {err}", flush=True)
+                continue
+            row = dict(adapter=label, path=path, new_tokens=new, rows=ids.shape[0], seconds=seconds,
+                       tok_s=ids.shape[0] * new / seconds, ms_per_step=1e3 * seconds / new,
+                       roofline_ms=ms_roof)
+            row["of_roofline"] = row["roofline_ms"] / row["ms_per_step"]
+            rows.append(row)
+            print(f"{label:<9}{path:<10}{new:>5}{row['tok_s']:>10.0f} tok/s{row['ms_per_step']:>8.2f} ms/step"
+                  f"{100 * row['of_roofline']:>7.1f}% of roofline", flush=True)
+    return rows
+
+
+def agreement(model, engine, ids, new) -> dict:
+    """Greedy, bf16: per row, share of new tokens identical to HF generate's up to the first divergence."""
+    ref = hf_generate(model, ids, new, greedy=True)[:, ids.shape[1]:].tolist()
+    ours = engine.generate(ids.tolist(), new)
+    shares = []
+    for a, b in zip(ours, ref):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), new)
+        shares.append(first / new)
+    return {"mean_share": statistics.mean(shares), "rows_identical": sum(s == 1 for s in shares), "rows": len(shares)}
+
+
+def eval_rows(model, engine, args, vocab) -> dict:
+    """Greedy evaluation of ragged prompts: HF generate in eval.py's batches vs the engine's batches."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(80, 220, (args.eval_problems,), generator=gen).tolist()
+    prompts = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+
+    def hf():
+        for s in range(0, len(order), args.eval_batch_hf):
+            batch = [prompts[i] for i in order[s:s + args.eval_batch_hf]]
+            width = max(map(len, batch))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=args.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
+            hf_generate(model, ids, args.eval_new, greedy=True, attention_mask=mask)
+
+    def ours():
+        for s in range(0, len(order), args.eval_batch_engine):
+            engine.generate([prompts[i] for i in order[s:s + args.eval_batch_engine]], args.eval_new)
+
+    out = {}
+    for name, fn in (("engine", ours), ("hf", hf)):
+        sync(args.device)
+        t0 = time.perf_counter()
+        fn()
+        sync(args.device)
+        out[f"{name}_s"] = time.perf_counter() - t0
+        print(f"eval {name}: {out[f'{name}_s']:.1f} s for {len(prompts)} problems x {args.eval_new} tokens", flush=True)
+    out["speedup"] = out["hf_s"] / out["engine_s"]
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    args.paths = args.paths.split(",")
+    news = [int(n) for n in args.new_tokens.split(",")]
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = build_base(SimpleNamespace(shape=args.shape, layers=args.layers, device=args.device, dtype=dtype))
+    args.cfg = model.config
+    args.cfg._model = model
+    vocab = SHAPES[args.shape]["vocab_size"]
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(1, vocab, (args.prompts, args.prompt_len), generator=gen)
+    ids = prompts.repeat_interleave(args.generations, 0).to(args.device)
+    print(f"roofline per decode step = max(bytes / {HBM_BYTES_PER_S:.1e} B/s, FLOPs / {BF16_FLOPS:.1e} FLOP/s); "
+          "bytes = weights without input embedding + KV cache at prompt + new/2; FLOPs = 2 x params x rows", flush=True)
+    if args.profile:
+        return profile_decode(model, ids, args)
+    report = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+              "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:] if argv is None else argv,
+              "torch": torch.__version__, "rows": []}
+    for label in args.adapters.split(","):
+        if label == "tinylora":
+            from tinyablate.adapters import apply_adapter
+            from tinyablate.config import AdapterConfig, SVDConfig
+
+            cfg = AdapterConfig(kind="tinylora", r=2, u=13, tie=1, target_modules=list(TARGETS),
+                                svd=SVDConfig(cache_dir=""))
+            adapter = apply_adapter(model, cfg, f"random:{args.shape}:{args.layers}")
+            with torch.no_grad():
+                for p in adapter.trainable_parameters():
+                    p.normal_(0, 1e-3)
+        engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print, attention=args.attention)
+        engines = {"engine": engine}
+        if "engine_nocompile" in args.paths:
+            engines["engine_nocompile"] = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print,
+                                                           attention=args.attention, compile_glue=False)
+        report["rows"] += throughput_rows(model, label, args, ids, news, engines)
+        for other in list(engines.values())[1:]:
+            other.release()
+        if label == "tinylora":
+            t0 = time.perf_counter()
+            keyed = lambda: engine.generate(ids.tolist(), news[0], Sampling(temperature=1.0, keyed=True),  # noqa: E731
+                                            keys=list(range(ids.shape[0])))
+            try:
+                seconds = timed(keyed, args.device, args.repeats)
+                report["keyed_tok_s"] = ids.shape[0] * news[0] / seconds
+                print(f"engine keyed sampler at {news[0]}: {report['keyed_tok_s']:.0f} tok/s", flush=True)
+            except Exception as err:  # noqa: BLE001
+                print(f"engine keyed sampler failed: {type(err).__name__}: {err}", flush=True)
+            n = min(args.agreement_rows, ids.shape[0])
+            if n:
+                report["agreement"] = agreement(model, engine, prompts[:n].to(args.device), args.agreement_new)
+                print(f"greedy agreement with HF generate ({n} rows x {args.agreement_new} tokens): "
+                      f"{report['agreement']}", flush=True)
+            engine.release()
+            if args.eval_problems:
+                eval_engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print)
+                report["eval"] = eval_rows(model, eval_engine, args, vocab)
+                eval_engine.release()
+        del engine
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    print_table(report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def profile_decode(model, ids, args):
+    """8 decode steps at a 256-token context, run eagerly (the kernels the graphs replay), under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], use_graphs=False, attention=args.attention)
+    engine.fixed_shapes = True
+    engine.reserve(ids.shape[0], 384)
+    sampling = Sampling(temperature=1.0)
+    engine.generate(ids.tolist(), 64, sampling)  # fills the cache to slot 191
+    st = engine._states[ids.shape[0]]
+    st.step.zero_()  # the output column: the steps below write columns 0..9 again
+    with torch.no_grad():
+        for _ in range(2):
+            engine._decode_step(st, 256, sampling)
+        sync(args.device)
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(8):
+                engine._decode_step(st, 256, sampling)
+            sync(args.device)
+    print(f"8 eager decode steps: {1e3 * (time.perf_counter() - t0) / 8:.2f} ms/step (with profiler)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+    return {}
+
+
+def print_table(report):
+    rows = report["rows"]
+    print(f"\ndevice: {report['device']} ({report['date']}, torch {report['torch']})")
+    for r in rows:
+        hf = next((h for h in rows if h["path"] == "hf" and h["adapter"] == r["adapter"]
+                   and h["new_tokens"] == r["new_tokens"]), None)
+        vs = f"{r['tok_s'] / hf['tok_s']:.2f}x HF" if hf else ""
+        print(f"| {r['adapter']} | {r['path']} | {r['new_tokens']} | {r['tok_s']:,.0f} | {r['ms_per_step']:.2f} | "
+              f"{100 * r['of_roofline']:.1f}% | {vs} |")
+
+
+if __name__ == "__main__":
+    main()

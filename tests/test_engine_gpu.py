@@ -1,0 +1,101 @@
+"""The engine's CUDA-graph path (`pytest -m gpu tests/test_engine_gpu.py`, on a CUDA GPU).
+
+Tiny random Qwen2/Llama models built from configs (no tokenizer needed), ragged left-padded prompts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
+
+from tinyablate.engine import GenerationEngine, Sampling
+from tinyablate.sampling import KeyedGumbelSampler, sequence_key
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def tiny(family: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.5)
+    cls, cfg = (Qwen2ForCausalLM, Qwen2Config) if family == "qwen2" else (LlamaForCausalLM, LlamaConfig)
+    model = cls(cfg(**common))
+    model.config._attn_implementation = "sdpa"
+    return model.to("cuda", dtype).eval()  # initializer_range 0.5: peaked logits, no fp32 near-ties
+
+
+def prompts(n=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 512, (int(k),), generator=gen).tolist() for k in torch.randint(3, 40, (n,), generator=gen)]
+
+
+def hf(model, ps, new, eos, **kwargs):
+    width = max(map(len, ps))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device="cuda")
+    sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, pad_token_id=0,
+                             eos_token_id=eos, **{**sampling, **kwargs})
+    rows = out[:, width:].tolist()
+    return [r[:next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
+
+
+@pytest.mark.parametrize("compile_glue", [False, True])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_graph_engine_matches_hf_generate_in_fp32(family, compile_glue):
+    model, ps = tiny(family), prompts()
+    eos = [hf(model, ps, 64, [-1])[1][30]]
+    ref = hf(model, ps, 64, eos)
+    assert 1 < len({len(r) for r in ref})
+    engine = GenerationEngine(model, 0, eos, use_graphs=True, length_bucket=32, compile_glue=compile_glue)
+    ours = engine.generate(ps, 64)
+    firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ours, ref)]
+    assert ours == ref, f"first divergences per row: {firsts}"
+    assert engine._graphs  # it did replay captured graphs
+    keys = [sequence_key(0, 0, i, 0) for i in range(len(ps))]
+    ref = hf(model, ps, 64, [-1], logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 0.8)]))
+    assert engine.generate(ps, 64, Sampling(temperature=0.8, keyed=True), keys=keys) == [r for r in ref]
+
+
+def test_graphs_never_replay_stale_weights():
+    from tinyablate.adapters import apply_adapter
+    from tinyablate.config import AdapterConfig, SVDConfig
+
+    model = tiny("qwen2")
+    adapter = apply_adapter(model, AdapterConfig(kind="tinylora", r=2, u=4, tie=1, svd=SVDConfig(cache_dir="")), "t")
+    ps = prompts()
+    engine = GenerationEngine(adapter.model, 0, [-1], use_graphs=True, length_bucket=32)
+    before = engine.generate(ps, 32)
+    assert before == hf(adapter.model, ps, 32, [-1])
+    opt = torch.optim.SGD(adapter.trainable_parameters(), lr=50.0)
+    adapter.model.train()
+    (-adapter.model(torch.tensor([ps[0]], device="cuda")).logits[0, -1, :7].sum()).backward()
+    opt.step()
+    after = engine.generate(ps, 32)
+    assert after != before and after == hf(adapter.model, ps, 32, [-1])
+    for layer in adapter.layers.values():
+        layer.drop_cache()  # new merged-weight tensors: the old graphs would read freed memory
+    assert engine.generate(ps, 32) == after
+
+
+@pytest.mark.parametrize("compile_glue", [False, True])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_bf16_graph_replay_equals_the_same_step_run_eagerly(family, compile_glue, capsys):
+    """Measured 2026-12-02 (H200): mean share 0.961 (qwen2), 0.903 (llama) uncompiled; compiled before the
+    precision-cast emulation 0.455 / 0.336."""
+    model, ps = tiny(family, torch.bfloat16), prompts(16, seed=1)
+    graph = GenerationEngine(model, 0, [-1], use_graphs=True, length_bucket=32, compile_glue=compile_glue)
+    eager = GenerationEngine(model, 0, [-1], use_graphs=False, length_bucket=32, compile_glue=compile_glue)
+    eager.fixed_shapes = True
+    eager.reserve(16, 128)
+    ours = graph.generate(ps, 64)
+    assert ours == eager.generate(ps, 64)
+    ref = hf(model, ps, 64, [-1])
+    shares = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), 64) / 64 for x, y in zip(ours, ref)]
+    with capsys.disabled():
+        print(f"\n{family} bf16 greedy (compile_glue={compile_glue}), share identical to HF generate up to the "
+              f"first divergence: "
+              f"mean {sum(shares) / len(shares):.3f}, rows fully identical {sum(s == 1 for s in shares)}/{len(shares)}")
+    assert sum(shares) / len(shares) > 0.5

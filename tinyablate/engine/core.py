@@ -1,0 +1,506 @@
+"""GenerationEngine: batched left-padded prefill, then a fixed-shape decode step, replayed from CUDA graphs.
+
+The engine runs the model's own modules (embeddings, RMSNorms, q/k/v/o projections, MLPs, rotary
+embedding, lm_head) in its own loop, so every adapter on them (TinyLoRA / LoRA-XS fused layers, PEFT
+LoRA) is in the computation; only the cache and the attention over it are the engine's:
+
+- KV cache: one (batch, kv heads, length, head dim) tensor per layer for keys and one for values,
+  allocated for the largest (batch, prompt + new tokens) asked so far and reused (`reserve`).
+- prefill: the whole left-padded prompt batch in one forward; pad tokens attend only to themselves
+  (so nothing is NaN) and no real token attends to a pad.
+- decode step: embed the last tokens, every layer (the new key/value written at slot P + t), the
+  logits of that position, sampling (greedy, temperature + top-k + top-p, or the keyed Gumbel sampler
+  of tinyablate/sampling.py), finished rows forced to pad, per-row EOS flags, counters advanced. All of it
+  reads and writes fixed buffers, so on CUDA it is captured once per (batch bucket, key-length
+  bucket, sampling) and replayed; the host only checks every `check_every` steps whether all rows
+  are done (early exit).
+- weights: before a generation the adapters' fused weights are re-merged for the current v (in
+  place, the same storage) and a signature of every weight tensor the step reads (addresses and
+  adapter states) is compared with the one the graphs were captured with; any change (a dropped
+  merged cache, adapters disabled or merged, a device move) drops the graphs, which are captured
+  again. A replay therefore never reads a stale or freed weight.
+
+Positions follow HF generate (cumulative attention mask minus one), so greedy tokens match it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters.layers import SVDAdapterLinear
+from ..sampling import KeyedGumbelSampler, _noisy_scores, _top_p_filter, mix32
+
+ARCHITECTURES = ("qwen2", "llama")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0: greedy. keyed: Gumbel noise keyed per row (needs keys)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    keyed: bool = False
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"invalid sampling {self}: temperature >= 0, top_p in (0, 1], top_k >= 0")
+        if self.keyed and self.temperature == 0:
+            raise ValueError("keyed sampling needs a temperature > 0")
+        if self.keyed and self.top_k:
+            raise ValueError("keyed sampling does not apply top_k (as tinyablate/sampling.py's sampler)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def causal_lm_parts(model):
+    """(causal LM, decoder) of a Qwen2/Llama model, a PeftModel around one, or a DDP-unwrapped one."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(lm.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"the generation engine supports {list(ARCHITECTURES)} models, not {model_type!r}: "
+                         "use rollout_engine=hf / eval.engine=hf")
+    layer_types = getattr(lm.config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError("the generation engine has no sliding-window attention: "
+                         "use rollout_engine=hf / eval.engine=hf")
+    return lm, lm.model
+
+
+def kv_cache_bytes(config, batch: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes of the engine's KV cache for `batch` rows of `length` tokens."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    return per_token * batch * length * torch.empty((), dtype=dtype).element_size()
+
+
+class _State:
+    """The decode step's fixed buffers for one batch bucket (what a captured graph reads and writes)."""
+
+    def __init__(self, rows: int, length: int, max_new: int, device):
+        long = dict(dtype=torch.long, device=device)
+        self.tokens = torch.zeros(rows, **long)  # the token fed at this step
+        self.pos = torch.zeros(rows, **long)  # its position id
+        self.slot = torch.zeros(1, **long)  # its cache slot (the same for every row: left padding)
+        self.step = torch.zeros(1, **long)  # index of the token being sampled among the new ones
+        self.valid = torch.zeros(rows, length, dtype=torch.bool, device=device)  # keys a row may attend to
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.out = torch.zeros(rows, max_new, **long)
+        self.keys = torch.zeros(rows, **long)  # keyed sampling: one 32-bit key per row
+
+    def snapshot(self):
+        return [t.clone() for t in (self.tokens, self.pos, self.slot, self.step, self.valid, self.done, self.out)]
+
+    def restore(self, saved) -> None:
+        for t, s in zip((self.tokens, self.pos, self.slot, self.step, self.valid, self.done, self.out), saved):
+            t.copy_(s)
+
+
+class GenerationEngine:
+    """Batched generation for one model; see the module docstring. One engine per cell and rank.
+
+    use_graphs: replay the decode step from CUDA graphs (default: on CUDA). length_bucket: graphs are
+    captured for key lengths in multiples of it (the cache's length too). check_every: decode steps
+    between the host's checks for all rows done (8 with graphs). attention: the decode step's
+    attention, "sdpa" or "matmul". compile_glue: compile the elementwise work of the CUDA decode step
+    into fused kernels (1.15x faster decode on an H200, benchmarks/RESULTS.md; off by default until its
+    bf16 agreement with HF is re-measured on a GPU with the precision-cast emulation added since).
+    """
+
+    def __init__(self, model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: Optional[bool] = None,
+                 length_bucket: int = 64, check_every: Optional[int] = None, log=None, attention: str = "sdpa",
+                 compile_glue: bool = False):
+        self.model = model
+        self.lm, self.decoder = causal_lm_parts(model)
+        self.pad = int(pad_token_id)
+        self.eos = sorted({int(e) for e in eos_token_ids})
+        device = self.decoder.embed_tokens.weight.device
+        self.device = device
+        self.use_graphs = device.type == "cuda" if use_graphs is None else bool(use_graphs)
+        if self.use_graphs and device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        # Fixed shapes (power-of-two batches, key lengths in multiples of length_bucket): what capture
+        # needs; also settable without graphs, so CPU tests run the captured step's exact shapes.
+        self.fixed_shapes = self.use_graphs
+        self.length_bucket = int(length_bucket)
+        # Decode attention: "sdpa" (torch's fused kernel, fp32 softmax) or "matmul" (two grouped matmuls,
+        # scores rounded to the model dtype as HF's eager attention does).
+        if attention not in ("sdpa", "matmul"):
+            raise ValueError(f"attention={attention!r}: 'sdpa' or 'matmul'")
+        self.attention = attention
+        self.check_every = check_every or (8 if self.use_graphs else 1)
+        self.log = log or (lambda msg: None)
+        attn = self.decoder.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.kv_heads = attn.k_proj.out_features // attn.head_dim
+        self.groups = attn.num_key_value_groups
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        # The elementwise work between the matmuls (norms, residual adds, rotary, SiLU x up): HF's own math,
+        # as plain functions; in the decode step on CUDA compiled into a few fused kernels (compile_glue).
+        self._glue = _Glue(self.decoder, rope, compiled=False)
+        self._glue_decode = _Glue(self.decoder, rope, compiled=compile_glue and device.type == "cuda")
+        self._eos_t = torch.tensor(self.eos or [-1], device=device)
+        self.dtype = self.decoder.embed_tokens.weight.dtype
+        self._k = self._v = None
+        self.rows = self.length = 0
+        self._states: dict = {}
+        self._graphs: dict = {}
+        self._pool = None
+        self._signature = None
+        self._vocab_hash = None
+
+    # -- memory --------------------------------------------------------------------------------
+    def reserve(self, rows: int, length: int) -> int:
+        """Allocate the KV cache for `rows` x `length` tokens (rounded up to the length bucket); returns its bytes.
+
+        Grows only: an existing larger cache is kept. Growing drops the captured graphs.
+        """
+        length = -(-length // self.length_bucket) * self.length_bucket
+        if self._k is not None and rows <= self.rows and length <= self.length:
+            return self.cache_bytes
+        rows, length = max(rows, self.rows), max(length, self.length)
+        self._k = self._v = None
+        self._drop_graphs()
+        shape = (rows, self.kv_heads, length, self.head_dim)
+        n = len(self.decoder.layers)
+        # Zeros, not empty: masked keys beyond the written slots are still read (x 0), so never NaN.
+        self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
+        self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
+        self.rows, self.length = rows, length
+        self.log(f"generation engine: KV cache {rows} rows x {length} tokens = {self.cache_bytes / 2**30:.2f} GiB")
+        return self.cache_bytes
+
+    @property
+    def cache_bytes(self) -> int:
+        return 0 if self._k is None else 2 * sum(t.numel() * t.element_size() for t in self._k)
+
+    def release(self) -> None:
+        """Free the cache and the graphs (a later generate() allocates them again)."""
+        self._k = self._v = None
+        self.rows = self.length = 0
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._states.clear()
+        self._pool = None
+        self._signature = None
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 keys: Optional[Sequence[int]] = None) -> list[list[int]]:
+        """One completion per prompt (token ids, up to and including the first EOS), in input order."""
+        if sampling.keyed and (keys is None or len(keys) != len(prompts)):
+            raise ValueError("keyed sampling needs one key per prompt")
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt")
+        was_training = self.model.training
+        self.model.eval()  # no dropout in any adapter while sampling
+        try:
+            rows = self._bucket_rows(len(prompts))
+            width = max(len(p) for p in prompts)
+            self.reserve(rows, width + max_new_tokens)
+            self._refresh_weights()
+            tokens = self._run(prompts, rows, width, max_new_tokens, sampling, keys)
+        finally:
+            self.model.train(was_training)
+        return [self._cut(row) for row in tokens[:len(prompts)]]
+
+    def _cut(self, row: list) -> list:
+        for i, token in enumerate(row):
+            if token in self.eos:
+                return row[:i + 1]
+        return row
+
+    def _bucket_rows(self, n: int) -> int:
+        if not self.fixed_shapes:
+            return n
+        rows = 1 << (n - 1).bit_length()  # graphs are captured for power-of-two batches
+        return max(n, min(rows, max(self.rows, n)))
+
+    def _run(self, prompts, rows, width, max_new, sampling, keys) -> list:
+        st = self._state(rows, max_new)
+        ids = torch.full((rows, width), self.pad, dtype=torch.long)
+        mask = torch.zeros(rows, width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.as_tensor(list(p))
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        st.done.zero_()
+        st.done[len(prompts):] = True  # bucket filler rows
+        st.keys.zero_()
+        if keys is not None:
+            st.keys[:len(prompts)] = torch.tensor([int(k) for k in keys], dtype=torch.long)
+        logits = self._prefill(ids, mask, st)
+        st.step.zero_()
+        self._choose(logits, st, sampling)  # the first new token, from the prefill's last position
+        done_at = max_new
+        for t in range(1, max_new):
+            if t % self.check_every == 0 and bool(st.done.all()):
+                done_at = t
+                break
+            kv_len = self._kv_len(width + t)
+            if self.use_graphs:
+                self._graph(rows, kv_len, sampling, max_new).replay()
+            else:
+                self._decode_step(st, kv_len, sampling)
+        return st.out[:, :done_at].tolist()
+
+    def _kv_len(self, used: int) -> int:
+        if not self.fixed_shapes:
+            return used  # exactly the keys written so far, as HF's dynamic cache
+        return min(-(-used // self.length_bucket) * self.length_bucket, self.length)
+
+    def _state(self, rows: int, max_new: int) -> _State:
+        st = self._states.get(rows)
+        if st is None or st.out.shape[1] < max_new:
+            if st is not None:  # graphs write into the old buffers
+                self._graphs = {k: g for k, g in self._graphs.items() if k[0] != rows}
+            st = self._states[rows] = _State(rows, self.length, max_new, self.device)
+        return st
+
+    # -- the model, layer by layer ------------------------------------------------------------
+    def _prefill(self, ids, mask, st: _State) -> torch.Tensor:
+        rows, width = ids.shape
+        pos = mask.cumsum(-1) - 1
+        pos.masked_fill_(mask == 0, 0)  # as HF generate (pads' positions are never attended to)
+        st.valid.zero_()
+        st.valid[:, :width] = mask.bool()
+        st.pos.copy_(pos[:, -1] + 1)
+        st.slot.fill_(width)
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        attend = causal[None] & mask.bool()[:, None, :]
+        attend |= torch.eye(width, dtype=torch.bool, device=self.device)[None]  # pads see themselves only
+        x = self.decoder.embed_tokens(ids)
+        cos, sin = self.decoder.rotary_emb(x, pos)
+        def write(i, k, v):
+            self._k[i][:rows, :, :width].copy_(k)
+            self._v[i][:rows, :, :width].copy_(v)
+            return _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)
+
+        return self.lm.lm_head(self._layers(x, cos, sin, attend[:, None], write))[:, -1].float()
+
+    def _decode_step(self, st: _State, kv_len: int, sampling: Sampling) -> None:
+        rows = st.tokens.shape[0]
+        st.valid.index_fill_(1, st.slot, True)
+        x = self.decoder.embed_tokens(st.tokens[:, None])
+        cos, sin = self.decoder.rotary_emb(x, st.pos[:, None])
+        mask = st.valid[:, None, None, :kv_len]
+
+        def write(i, k, v):
+            kc, vc = self._k[i][:rows], self._v[i][:rows]
+            kc.index_copy_(2, st.slot, k)
+            vc.index_copy_(2, st.slot, v)
+            return kc[:, :, :kv_len], vc[:, :, :kv_len]
+
+        logits = self.lm.lm_head(self._layers(x, cos, sin, mask, write, decode=True))[:, -1].float()
+        st.pos.add_(1)
+        st.slot.add_(1)
+        st.step.add_(1)
+        self._choose(logits, st, sampling)
+
+    def _layers(self, x, cos, sin, mask, write, decode: bool = False):
+        """Every decoder layer, then the final norm, at the last position only (for its logits)."""
+        glue = self._glue_decode if decode else self._glue
+        delta = None
+        for i, layer in enumerate(self.decoder.layers):
+            ln1, ln2, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
+            if delta is None:
+                h = glue.norm(ln1, x)
+            else:
+                x, h = glue.add_norm(ln1, x, delta)  # the previous layer's residual add, fused with this norm
+            o = self._attention(layer.self_attn, h, cos, sin, mask, i, write, decode, glue)
+            x, h = glue.add_norm(ln2, x, o)
+            delta = glue.mlp(mlp, h)
+        return glue.add_norm(self.decoder.norm, x[:, -1:], delta[:, -1:])[1]
+
+    def _attention(self, attn, h, cos, sin, mask, i, write, decode, glue):
+        rows, length = h.shape[:2]
+        shape = (rows, length, -1, self.head_dim)
+        q = attn.q_proj(h).view(shape).transpose(1, 2)
+        k = attn.k_proj(h).view(shape).transpose(1, 2)
+        v = attn.v_proj(h).view(shape).transpose(1, 2)
+        q, k = glue.rope(q, k, cos, sin)
+        keys, values = write(i, k, v)
+        if decode:  # one query per head: the G heads sharing a kv head are its G "queries" (no repeat_kv)
+            q = q.reshape(rows, self.kv_heads, self.groups, self.head_dim)
+        if decode and self.attention == "matmul":
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * attn.scaling
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype)
+            out = torch.matmul(probs, values)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+        out = out.reshape(rows, self.kv_heads * self.groups, length, self.head_dim).transpose(1, 2)
+        return attn.o_proj(out.reshape(rows, length, -1))
+
+    # -- sampling -------------------------------------------------------------------------------
+    def _choose(self, logits: torch.Tensor, st: _State, sampling: Sampling) -> None:
+        """Pick each row's token at st.step, pad for finished rows, record it, update the EOS flags."""
+        nxt = self._pick(logits, st, sampling)
+        nxt = torch.where(st.done, self.pad, nxt)
+        st.out.index_copy_(1, st.step, nxt[:, None])
+        st.done |= torch.isin(nxt, self._eos_t)
+        st.tokens.copy_(nxt)
+
+    def _pick(self, logits: torch.Tensor, st: _State, s: Sampling) -> torch.Tensor:
+        if s.greedy:
+            return logits.argmax(-1)
+        scores = logits / s.temperature
+        if s.keyed:  # exactly KeyedGumbelSampler's scores (tinyablate/sampling.py), then their argmax
+            if s.top_p < 1:
+                scores = _top_p_filter(scores, s.top_p)
+            if self._vocab_hash is None or self._vocab_hash.numel() != scores.shape[1]:
+                probe = KeyedGumbelSampler([0], s.temperature)
+                probe._prepare(scores.shape[1], scores.device)
+                self._vocab_hash = probe._vocab_hash
+            noisy = _noisy_scores(scores.is_cuda)(scores, st.keys, self._vocab_hash, mix32(st.step))
+            return noisy.argmax(-1)
+        if s.top_k:
+            kth = scores.topk(min(s.top_k, scores.shape[1]), dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if s.top_p < 1:
+            scores = _top_p_filter(scores, s.top_p)
+        probs = scores.softmax(-1)
+        # An exact categorical draw without a host sync: argmax of p / Exp(1) (the exponential race).
+        return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
+    # -- CUDA graphs and fresh weights ------------------------------------------------------------
+    def _graph(self, rows: int, kv_len: int, sampling: Sampling, max_new: int):
+        key = (rows, kv_len, sampling)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph
+        st = self._states[rows]
+        saved = st.snapshot()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (allocator, cuBLAS workspaces, compiled sampler)
+            for _ in range(2):
+                self._decode_step(st, kv_len, sampling)
+                st.restore(saved)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._decode_step(st, kv_len, sampling)
+        st.restore(saved)  # capture records kernels without running them; keep the state exact anyway
+        self._graphs[key] = graph
+        return graph
+
+    def _refresh_weights(self) -> None:
+        """Re-merge adapters' fused weights for the current v; recapture if any weight tensor moved."""
+        signature = []
+        for module in self.model.modules():
+            if isinstance(module, SVDAdapterLinear):
+                fused = module.enabled and module._pristine is None and module.forward_mode == "fused"
+                if fused:
+                    module._merged_weight()  # in place into the cached buffer when v changed
+                w_eff = module._w_eff
+                signature.append((module.enabled, module._pristine is None, module.forward_mode,
+                                  w_eff.data_ptr() if fused and w_eff is not None else 0))
+            else:
+                for flag in ("merged", "disable_adapters", "active_adapters"):  # PEFT LoRA layers
+                    if hasattr(type(module), flag) or flag in vars(module):
+                        value = getattr(module, flag, None)
+                        signature.append(tuple(value) if isinstance(value, list) else value)
+            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+                signature.append(t.data_ptr())
+        signature = tuple(signature)
+        if signature != self._signature:
+            if self._graphs:
+                self.log("generation engine: weights changed place or state, recapturing the decode graphs")
+            self._graphs.clear()
+            self._signature = signature
+
+
+def _rms_norm(x, weight, eps: float):
+    """HF's Qwen2RMSNorm / LlamaRMSNorm, op for op."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _add_rms_norm(x, delta, weight, eps: float):
+    x = x + delta
+    return x, _rms_norm(x, weight, eps)
+
+
+def _silu_mul(gate, up):
+    return F.silu(gate) * up
+
+
+class _Glue:
+    """Norms, residual adds, rotary embedding and the MLP's SiLU x up of one model, as functions.
+
+    With HF's RMSNorm and SiLU MLPs they are the functions above (compiled when `compiled`); any other
+    module falls back to calling the module itself.
+    """
+
+    def __init__(self, decoder, rope, compiled: bool):
+        layer = decoder.layers[0]
+        norms = [decoder.norm] + [m for lay in decoder.layers
+                                  for m in (lay.input_layernorm, lay.post_attention_layernorm)]
+        self.fused = (all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms)
+                      and getattr(layer.mlp.config, "hidden_act", None) == "silu"
+                      and all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")))
+        # emulate_precision_casts: round where HF's eager code rounds (to bf16 before x weight, the residual sum),
+        # so the fused kernels compute HF's numbers; without it 25% of bf16 norm outputs differ by an ulp.
+        if compiled and self.fused:
+            import torch._inductor.config as inductor
+
+            compiled = hasattr(inductor, "emulate_precision_casts")
+        options = {"emulate_precision_casts": True}
+        wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False, options=options)) if compiled and self.fused \
+            else (lambda f: f)
+        self._rms, self._add_rms, self._silu_mul, self._rope = map(wrap, (_rms_norm, _add_rms_norm, _silu_mul, rope))
+
+    def norm(self, module, x):
+        return self._rms(x, module.weight, module.variance_epsilon) if self.fused else module(x)
+
+    def add_norm(self, module, x, delta):
+        if self.fused:
+            return self._add_rms(x, delta, module.weight, module.variance_epsilon)
+        x = x + delta
+        return x, module(x)
+
+    def rope(self, q, k, cos, sin):
+        return self._rope(q, k, cos, sin)
+
+    def mlp(self, mlp, h):
+        if self.fused:
+            return mlp.down_proj(self._silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+        return mlp(h)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(rows, kv heads, length, dim) -> (rows, kv heads x groups, length, dim), as HF's repeat_kv."""
+    if groups == 1:
+        return x
+    rows, heads, length, dim = x.shape
+    return x[:, :, None].expand(rows, heads, groups, length, dim).reshape(rows, heads * groups, length, dim)
+
+
+_ATTR = "_tinyablate_engine"
+
+
+def engine_for(model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: bool, log=None) -> GenerationEngine:
+    """The engine of `model`, kept on the model object, so a cell (rank) allocates its cache and captures once."""
+    engine = model.__dict__.get(_ATTR)
+    if engine is None or engine.use_graphs != use_graphs:
+        engine = GenerationEngine(model, pad_token_id, eos_token_ids, use_graphs=use_graphs, log=log)
+        model.__dict__[_ATTR] = engine  # not a submodule: no state dict entry
+    engine.pad, engine.eos = int(pad_token_id), sorted({int(e) for e in eos_token_ids})
+    engine._eos_t = torch.tensor(engine.eos or [-1], device=engine.device)
+    return engine

@@ -1,0 +1,71 @@
+"""GRPO rollouts from tinyablate's generation engine (tinyablate/engine), behind TRL's generation seam.
+
+TRL's GRPOTrainer calls `_generate_single_turn(prompt_ids, ...)` for a rank's completions and expects
+each one as token ids up to and including the first EOS; with `algo.rollout_engine` other than "hf" the
+project's trainer (train/grpo.py) answers it here, so TRL still computes rewards, advantages and loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+
+from ..engine import Sampling, engine_for
+from ..engine.core import kv_cache_bytes
+
+# Memory kept free for training beside the rollout KV cache, as a share of the GPU's memory.
+TRAINING_HEADROOM = 0.25
+
+
+def _engine(trainer):
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    return engine_for(model, trainer._tokenizer.pad_token_id, trainer.eos_token_ids,
+                      use_graphs=trainer.rollout_engine == "graph", log=_log)
+
+
+def _log(message: str) -> None:
+    logging.getLogger("tinyablate").info(message)
+
+
+def engine_rollouts(trainer, prompt_ids: Sequence[Sequence[int]], keys: Optional[Sequence[int]]) -> list:
+    """The rank's completions (token ids, cut after the first EOS), sampled as TRL's settings say."""
+    if keys is not None and len(keys) != len(prompt_ids):
+        raise RuntimeError(f"keyed sampling: {len(keys)} keys for {len(prompt_ids)} prompts")
+    if trainer.min_p or trainer.repetition_penalty != 1.0:
+        raise ValueError("the generation engine applies temperature, top_p and top_k only: use algo.rollout_engine=hf")
+    sampling = Sampling(temperature=trainer.temperature, top_p=trainer.top_p or 1.0, top_k=trainer.top_k or 0,
+                        keyed=keys is not None)
+    return _engine(trainer).generate(prompt_ids, trainer.max_completion_length, sampling, keys)
+
+
+def reserve_rollout_cache(trainer, tokenizer, rows: list, algo, world_size: int) -> None:
+    """Allocate the rollout KV cache before training, or fail naming the settings to lower."""
+    longest = max(len(_prompt_ids(tokenizer, row["prompt"])) for row in rows)
+    batch = algo.prompts_per_step * algo.num_generations // max(world_size, 1)
+    length = longest + algo.max_completion_length
+    engine = _engine(trainer)
+    need = kv_cache_bytes(engine.lm.config, batch, length, engine.dtype)
+    if engine.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(engine.device)
+        check_cache_fits(need, free + engine.cache_bytes, total, batch, length, world_size)
+    engine.reserve(batch, length)
+
+
+def check_cache_fits(need: int, free: int, total: int, batch: int, length: int, world_size: int) -> None:
+    keep = TRAINING_HEADROOM * total
+    if need <= free - keep:
+        return
+    gib = 2**30
+    raise ValueError(
+        f"the rollout KV cache for {batch} completions per GPU (algo.prompts_per_step x algo.num_generations / "
+        f"gpus={world_size}) of up to {length} tokens (longest prompt + algo.max_completion_length) needs "
+        f"{need / gib:.1f} GiB, but only {free / gib:.1f} GiB are free and {keep / gib:.1f} GiB are kept for "
+        f"training: lower algo.prompts_per_step, algo.num_generations or algo.max_completion_length, use more "
+        f"gpus, or set algo.rollout_engine=hf")
+
+
+def _prompt_ids(tokenizer, messages) -> list:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
