@@ -141,3 +141,26 @@ def test_cost_module_imports_no_torch():
     import sys
     code = "import sys, tinyablate.cost; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dp_bench_writes_the_measurements_the_model_derives_from(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks.dp_bench import throughput_entries
+
+    report = {"device": "NVIDIA H200", "date": "2026-12-02", "argv": ["--device", "cuda"], "rows": [
+        {"world_size": 1, "sampler": "torch", "rollout_s": 5.0, "train_s": 6.0},
+        {"world_size": 2, "sampler": "torch", "rollout_s": 4.9, "train_s": 3.2},
+        {"world_size": 1, "sampler": "keyed", "rollout_s": 9.0, "train_s": 9.0}]}
+    args = SimpleNamespace(shape="qwen2.5-7b", layers=28, prompts=64, generations=4, prompt_len=128, new_tokens=256)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(cost.load_table().data))
+    kind = cost.device_kind(report["device"])
+    for name, m in throughput_entries(report, args).items():
+        cost.record_measurement(path, kind, name, m)
+    assert kind == "h200" and cost.device_kind("NVIDIA H100 80GB HBM3") == "h100"
+    dev = cost.load_table(path).device("h200")
+    shape = SHAPES["qwen2.5-7b"]
+    rollout, train = cost.grpo_step(shape, dev, 256, 128, 256)
+    assert rollout == pytest.approx(5.0) and train == pytest.approx(6.0)
+    assert dev.dp_efficiency == pytest.approx(6.0 / 6.4)

@@ -121,6 +121,12 @@ def record_measurement(path: Path, kind: str, name: str, measurement: dict) -> N
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
+def device_kind(device_name: str) -> str:
+    """The table's key for a device name: "NVIDIA H200" -> "h200", "NVIDIA H100 80GB HBM3" -> "h100"."""
+    words = device_name.lower().replace("nvidia", "").split()
+    return words[0] if words else "unknown"
+
+
 def derive(kind: str, m: dict) -> DeviceThroughput:
     """Coefficients from measurements: training FLOP/s from a timed training pass; decode seconds per layer
     from a timed rollout minus its prefill (at the training rate, forward only: 2 of 4 FLOPs per token)."""
