@@ -106,6 +106,8 @@ def plan_lines(cells: list, device: str, states: Optional[dict] = None) -> list:
     est = estimates(unique, device)
     states = states or {c.cell_id: c.folder.state() for c in unique}
     lines = [_cell_line(c, e, states[c.cell_id]) for c, e in zip(unique, est)]
+    if all(e.source == "cpu" for e in est):
+        return lines + [f"GPU-hours: none (all {len(unique)} cells run on the CPU, gpus=0)"]
     lines += axis_lines(cells, unique, est)
     lines += total_lines(unique, est, states, device)
     return lines
