@@ -160,6 +160,8 @@ def total_lines(unique: list, est: list, states: dict, device: str) -> list:
 def todo_line(todo: list, device: str) -> str:
     """The submission's estimate for the cells about to run."""
     est = estimates(todo, device)
+    if all(e.source == "cpu" for e in est):
+        return f"the {len(todo)} cells to run are CPU cells (gpus=0): no GPU-hours"
     return (f"estimated {_hours(sum(e.gpu_hours for e in est))} GPU-hours on {device} for the {len(todo)} cells to run "
             f"({', '.join(f'{n} {src}' for src, n in Counter(e.source for e in est).most_common())})")
 
