@@ -15,6 +15,7 @@ from typing import Optional
 from tinyablate.cell_folder import ResultError, sweep_cell_folders
 from tinyablate.config import spec_from_dict
 from tinyablate.config.identity import NOT_IDENTITY, ignored_fields
+from tinyablate.config.model import SHAPES
 from tinyablate.cost import calibrate, estimate_cell, load_table
 
 
@@ -94,9 +95,11 @@ def completed_cells(cells: list) -> list:
                     or result.metrics is None or result.metrics.resumed_from_step is not None):
                 continue
             try:
-                out.append((spec_from_dict(result.config), result.timing.gpu_hours))
+                spec = spec_from_dict(result.config)
             except (TypeError, ValueError):  # a result of an older schema: not comparable
                 continue
+            if spec.model.name in SHAPES:  # (a model since removed from the registry cannot be priced)
+                out.append((spec, result.timing.gpu_hours))
     return out
 
 
