@@ -78,7 +78,7 @@ class TinyablateLauncher(Launcher):
             if not options.wait:
                 self._print_submitted(jobs)
                 return self._returns(cells)
-        rows = [cell_row(c.folder.path, c.cell_id, notes.get(c.cell_id, "")) for c in cells]
+        rows = [cell_row(c.folder.path, c.cell_id, notes.get(c.cell_id, "")) for c in plan.distinct(cells)[0]]
         print(format_table(rows))
         self._run_analysis(cells)
         if any(r["state"] == "failed" for r in rows):
