@@ -92,6 +92,12 @@ def test_dry_run_estimates_are_measured_or_calibrated_once_cells_completed(tmp_p
     assert "(model x " in steps.stdout and "calibrated on 1 completed cell)" in steps.stdout
 
 
+def test_an_unknown_cost_device_names_the_known_ones(tmp_path):
+    proc = launch(["-m", "model=tiny-qwen2", "gpus=1", "cost_device=a100", "dry_run=true"], tmp_path)
+    assert proc.returncode != 0
+    assert "cost_device='a100' has no throughput measurements; known: h100, h200" in proc.stderr
+
+
 def test_interpolated_overrides_are_resolved_like_hydra_does(tmp_path):
     proc = launch(["-m", "sweeps=embedded", "seed=${algo.save_steps}", "dry_run=true"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:]
@@ -139,6 +145,7 @@ def test_local_sweep_runs_skips_and_retries(tmp_path):
     results = _results(runs)
     assert len(results) == 2 and all(r["status"] == "completed" for r in results.values())
     assert "2 cells: 2 completed" in proc.stdout
+    assert "2 override sets -> 2 distinct cells" in proc.stdout and "2 cells to run are CPU cells" in proc.stdout
     # the analysis ran by itself at the end of the sweep
     page = runs / "local" / "analysis" / "index.html"
     assert f"analysis page: {page}" in proc.stdout and page.exists()

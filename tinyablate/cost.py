@@ -19,6 +19,7 @@ evaluation, each from the model's shape (`tinyablate.config.model.SHAPES`) and t
   modelled (not measured).
 - gpus = N: training / (N x the measured data-parallel efficiency); rollout decode steps unchanged
   (latency-bound); evaluation batches / N. GPU-hours = N x wall / 3600.
+`algo.micro_batch_size` is not modelled: the training rate is the one measured (micro-batches of 8).
 Completion lengths are the configured maxima (HF generate stops a batch early only when every row has
 ended), so an estimate is an upper bound until completed cells calibrate it (`calibrate`).
 
