@@ -43,8 +43,8 @@ def banner(spec: CellSpec, cell_id: str, folder: Path, world_size: int, params: 
              "tokens" if algo.name == "grpo" else f"{algo.prompts_per_step} examples")
     where = f"{spec.gpus} GPU{'s' * (spec.gpus > 1)}" if spec.gpus else "CPU"
     wandb = "disabled" if spec.logger.mode == "disabled" else f"{spec.logger.mode} (project {spec.logger.project})"
-    rows = [("cell", cell_id), ("model", f"{spec.model.name} on {where}" + (f" ({world_size} ranks)" if world_size > 1 else "")),
-            ("adapter", adapter),
+    ranks = f" ({world_size} ranks)" if world_size > 1 else ""
+    rows = [("cell", cell_id), ("model", f"{spec.model.name} on {where}{ranks}"), ("adapter", adapter),
             ("algo", f"{algo.name}, {algo.max_steps if spec.train else 0} steps of {batch}, lr {algo.learning_rate:g}"),
             ("task", f"{t.name}, scorer {t.scorer}, seed {spec.seed}"),
             ("output", str(Path(folder).resolve())), ("W&B", wandb)]
@@ -82,8 +82,8 @@ def duration(seconds: float) -> str:
 def end_lines(result: dict, result_path: Path, page: Optional[Path], page_note: str = "") -> str:
     """The end of a cell: accuracy against the base, and the absolute paths of what it wrote."""
     metrics = result["metrics"]
-    base = metrics["base_accuracy"]
-    lines = [f"cell {result['cell_id']}: accuracy {metrics['accuracy']:.3f} (base {'n/a' if base is None else f'{base:.3f}'}, "
+    base = "n/a" if metrics["base_accuracy"] is None else f"{metrics['base_accuracy']:.3f}"
+    lines = [f"cell {result['cell_id']}: accuracy {metrics['accuracy']:.3f} (base {base}, "
              f"n={metrics['n_eval']}, {result['adapter']['trainable_params']:,} trainable parameters)",
              f"result:        {Path(result_path).resolve()}"]
     lines.append(f"analysis page: {Path(page).resolve()}" if page is not None else f"analysis page: {page_note}")

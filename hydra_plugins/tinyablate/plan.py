@@ -134,7 +134,8 @@ def axis_lines(cells: list, unique: list, est: list) -> list:
             value = "n/a" if axis in ignored_fields(c.spec) else _overrides(c.overrides).get(axis)
             hours, n = totals.get(value, (0.0, 0))
             totals[value] = (hours + e.gpu_hours, n + 1)
-        lines.append(f"GPU-hours by {axis}: " + ", ".join(f"{v} {_hours(h)} ({n} cells)" for v, (h, n) in totals.items()))
+        by_value = ", ".join(f"{v} {_hours(h)} ({n} cells)" for v, (h, n) in totals.items())
+        lines.append(f"GPU-hours by {axis}: {by_value}")
     return lines
 
 
@@ -152,8 +153,8 @@ def total_lines(unique: list, est: list, states: dict, device: str) -> list:
     lines = [f"GPU-hours on {device}: {_hours(total)} for {len(unique)} distinct cells ({how}); "
              f"{_hours(sum(todo))} for the {len(todo)} not completed"]
     if base:
-        lines.append(f"    + {_hours(sum(base.values()))} GPU-hours of base evaluation (cached: once per model, task and "
-                     f"eval setting, {len(base)} here)")
+        lines.append(f"    + {_hours(sum(base.values()))} GPU-hours of base evaluation (cached: once per model, task "
+                     f"and eval setting, {len(base)} here)")
     if sources.get("model") or sources.get("calibrated"):
         lines.append("    model figures are upper bounds: completions at their maximum length, HF generate's "
                      "measured decode latency (tinyablate/cost.py; table tinyablate/throughput.json)")
