@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from hydra_plugins.tinyablate.conf import register, spec_from_hydra
 from tinyablate.cell_folder import RESULT_FILE, CellFolder
+from tinyablate.console import end_lines
 from tinyablate.distributed import ranks_from_env
 
 register()
@@ -37,12 +38,19 @@ def main(cfg: DictConfig) -> None:
     result = run_cell(spec)  # validates before any weight loads; spawns the ranks of a gpus=N cell
     if not ranks_from_env().is_main:
         return
-    metrics = result["metrics"]
-    base = metrics["base_accuracy"]
-    print(f"\ncell {result['cell_id']}: accuracy {metrics['accuracy']:.3f}"
-          f" (base {'n/a' if base is None else f'{base:.3f}'}, n={metrics['n_eval']}, "
-          f"{result['adapter']['trainable_params']:,} trainable parameters)")
-    print(f"result: {CellFolder.of(spec).file(RESULT_FILE)}")
+    page, note = _analysis_page(spec)
+    print("\n" + end_lines(result, CellFolder.of(spec).file(RESULT_FILE), page, note))
+
+
+def _analysis_page(spec):
+    """The analysis page of the cell's sweep folder (every cell completed there so far), or why none."""
+    from analysis.report import analyze
+
+    sweep_dir = CellFolder.of(spec).path.parent
+    try:
+        return analyze([sweep_dir], sweep_dir / "analysis", wandb_mode=None), ""
+    except ValueError as err:
+        return None, f"not written ({err})"
 
 
 def _default_sweep(argv: list) -> list:

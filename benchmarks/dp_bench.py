@@ -4,6 +4,7 @@ Run (N GPUs, Qwen2.5-7B shape, 8 layers): python benchmarks/dp_bench.py --device
 Run (CPU, gloo, small shape, ~1 min):      python benchmarks/dp_bench.py --device cpu --shape small --layers 2
 Run (1 GPU, rollouts by HF generate vs the graph engine):
     python benchmarks/dp_bench.py --device cuda --layers 28 --world-sizes 1 --engines hf,graph
+Refresh the cost model's table (tinyablate/throughput.json) from a GPU run: add --throughput tinyablate/throughput.json
 
 Random weights in the real model's shapes (no Hub), TinyLoRA r=2 u=13 tie=1 on every linear layer,
 bf16 base on GPU. One step is what a GRPO step computes, without TRL's bookkeeping: each rank samples
@@ -12,7 +13,9 @@ its share of the step's prompts x generations (`--engines`: HF generate and/or t
 forward + backward over those sequences in micro-batches with an advantage-weighted log-likelihood
 loss, DDP all-reduces v's gradient, and AdamW steps. For each world size it prints the step time,
 rollout tokens/s (all ranks), training time, and speed-up / scaling efficiency against 1 rank; with
-`--samplers torch,keyed` also keyed sampling's rollout throughput relative to torch's.
+`--samplers torch,keyed` also keyed sampling's rollout throughput relative to torch's. With `--throughput
+FILE` the 1-rank torch-sampler rollout and training times (and the 2-rank training time) replace the
+`decode`, `train` and `data_parallel` measurements of this device kind in the cost model's table.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.adapter_bench import SHAPES, TARGETS, build_base  # noqa: E402
-from tinyablate import distributed  # noqa: E402
+from tinyablate import cost, distributed  # noqa: E402
 
 
 def parse(argv=None):
@@ -49,6 +52,7 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=Path)
+    p.add_argument("--throughput", type=Path, help="the cost model's table to update (tinyablate/throughput.json)")
     return p.parse_args(argv)
 
 
@@ -178,7 +182,40 @@ def main(argv=None) -> dict:
     print_table(report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
+    if args.throughput and args.device == "cuda":
+        kind = cost.device_kind(report["device"])
+        for name, m in throughput_entries(report, args).items():
+            cost.record_measurement(args.throughput, kind, name, m)
+        print(f"updated {', '.join(throughput_entries(report, args))} of {kind} in {args.throughput}")
     return report
+
+
+def throughput_entries(report: dict, args) -> dict:
+    """The cost model's measurements (tinyablate/cost.py `derive`) from this run's torch-sampler rows: HF
+    generate's rollouts ("decode"), the graph engine's ("decode_engine"), training, data parallelism."""
+    torch_rows = [r for r in report["rows"] if r["sampler"] == "torch"]
+    rows = {r["world_size"]: r for r in torch_rows if r.get("engine", "hf") == "hf"}
+    graph = {r["world_size"]: r for r in torch_rows if r.get("engine") == "graph"}
+    if 1 not in rows:
+        return {}
+    common = {"device": report["device"], "date": report["date"], "model": args.shape, "layers": args.layers,
+              "command": "python benchmarks/dp_bench.py " + " ".join(report["argv"])}
+    seqs = args.prompts * args.generations
+    out = {
+        "decode": {**common, "batch": seqs, "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens,
+                   "seconds": rows[1]["rollout_s"], "source": "dp_bench.py: 1 GPU, torch sampler, rollout (HF generate)"},
+        "train": {**common, "sequences": seqs, "tokens_per_sequence": args.prompt_len + args.new_tokens,
+                  "seconds": rows[1]["train_s"], "source": "dp_bench.py: 1 GPU, torch sampler, training"},
+    }
+    if 1 in graph:
+        out["decode_engine"] = {**out["decode"], "seconds": graph[1]["rollout_s"],
+                                "source": "dp_bench.py: 1 GPU, torch sampler, rollout (tinyablate's graph engine)"}
+    many = [w for w in rows if w > 1]
+    if many:
+        n = max(many)
+        out["data_parallel"] = {**common, "gpus": n, "train_s_1": rows[1]["train_s"], "train_s_n": rows[n]["train_s"],
+                                "source": f"dp_bench.py: training on 1 vs {n} GPUs, torch sampler"}
+    return out
 
 
 def print_table(report: dict) -> None:

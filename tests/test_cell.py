@@ -171,6 +171,25 @@ def test_llama_family_cell(tmp_path):
     assert result["status"] == "completed" and result["model"]["family"] == "llama"
 
 
+def test_console_banner_one_line_per_step_and_no_known_warnings(tmp_path, capsys):
+    import warnings
+
+    spec = tiny_spec(tmp_path, max_steps=2)
+    spec.logger = LoggerConfig(mode="disabled")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cell(spec)
+    out = capsys.readouterr().out
+    folder = CellFolder.of(spec).path.resolve()
+    assert f"output   {folder}" in out and f"cell     {cell_id(spec)}" in out and "W&B      disabled" in out
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["1/2", "2/2"]
+    assert all("reward " in line and " s/step  ETA " in line for line in steps)
+    assert "{'loss'" not in out and "'reward'" not in out  # the raw dict is in metrics.jsonl only
+    future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert not any("checkpointing" in m for m in future), future
+
+
 @pytest.mark.parametrize("kind", ["lora_xs", "lora", "none"])
 def test_other_adapters_complete(tmp_path, kind):
     spec = tiny_spec(tmp_path, kind=kind, max_steps=2)

@@ -44,6 +44,60 @@ def test_default_multirun_is_the_embedded_sweep(tmp_path):
     assert "dry run: 6 valid cells" in proc.stdout and "-u256-tall-" in proc.stdout
 
 
+def test_dry_run_counts_duplicates_once_and_says_why(tmp_path):
+    # (the embedded preset adds algo=grpo,sft) lora_xs ignores u (3 sets -> 1 cell); at tie=all tiled and
+    # structured are one cell (2 -> 1)
+    proc = launch(["-m", "model=tiny-qwen2", "adapter=lora_xs,tinylora", "adapter.u=1,2,3", "adapter.tie=all",
+                   "adapter.sharing=tiled,structured", "gpus=1", "dry_run=true", f"output_dir={tmp_path}/runs"],
+                  tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "24 override sets -> 8 distinct cells (16 duplicates, each run once):" in out
+    assert "adapter.u (adapter=lora_xs ignores it)" in out
+    assert "adapter.sharing (tie=all: one vector for every module, so tiled = structured)" in out
+    lines = [line for line in out.splitlines() if line.startswith("pending ")]
+    assert len(lines) == 8 and len({line.split()[1] for line in lines}) == 8
+    assert all(" gpu_h=" in line and line.endswith("(model)") for line in lines)
+    by_u = next(line for line in out.splitlines() if line.startswith("GPU-hours by adapter.u: "))
+    assert "n/a " in by_u and ", 3 " in by_u  # lora_xs's cells count under n/a for u
+    assert "GPU-hours on h200: " in out and "for 8 distinct cells (8 model)" in out
+    assert "dry run: 8 valid cells, nothing submitted (24 override sets)" in out
+
+
+def test_dry_run_estimates_are_measured_or_calibrated_once_cells_completed(tmp_path):
+    from tinyablate.cell_folder import (AdapterRecord, AlgoRecord, CellFolder, Metrics, ModelRecord, Result, TaskRecord,
+                                        Timing)
+    from tinyablate.config import cell_id, spec_to_dict
+
+    from test_conf import compose_spec
+
+    runs = tmp_path / "runs"
+    common = ["model=tiny-qwen2", "gpus=1", "sweep=s", f"output_dir={runs}"]
+    done = compose_spec(["sweeps=embedded", "algo=grpo_cpu", "adapter.u=1", *common])  # what -m composes
+    cid = cell_id(done)
+    CellFolder.of(done, cid).write_result(Result(
+        cell_id=cid, status="completed", sweep="s", config=spec_to_dict(done),
+        model=ModelRecord(name="tiny-qwen2", family="qwen2", size="0.16M", n_params=156_224, model_id="random:0"),
+        adapter=AdapterRecord(trainable_params=56, kind="tinylora", r=2, u=1), algo=AlgoRecord(name="grpo"),
+        task=TaskRecord(name="arithmetic"), metrics=Metrics(accuracy=0.5, n_eval=8, train_steps=done.algo.max_steps),
+        timing=Timing(wall_s=1800.0, n_gpus=1, world_size=1, gpu_hours=0.5), provenance={}))
+    common = ["-m", *common, "dry_run=true"]
+    proc = launch([*common, "adapter.u=1,2", "algo=grpo_cpu"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if " gpu_h=" in line}
+    assert lines["completed"].endswith("gpu_h=0.5 (measured, mean of 1 completed cell)")
+    assert lines["pending"].endswith("gpu_h=0.5 (measured, mean of 1 completed cell)")  # same kind: same cost
+    assert "0.5 for the 1 not completed" in proc.stdout
+    steps = launch([*common, "adapter.u=2", "algo=grpo_cpu", "algo.max_steps=200"], tmp_path)  # another kind: the ratio calibrates
+    assert "(model x " in steps.stdout and "calibrated on 1 completed cell)" in steps.stdout
+
+
+def test_an_unknown_cost_device_names_the_known_ones(tmp_path):
+    proc = launch(["-m", "model=tiny-qwen2", "gpus=1", "cost_device=a100", "dry_run=true"], tmp_path)
+    assert proc.returncode != 0
+    assert "cost_device='a100' has no throughput measurements; known: h100, h200" in proc.stderr
+
+
 def test_interpolated_overrides_are_resolved_like_hydra_does(tmp_path):
     proc = launch(["-m", "sweeps=embedded", "seed=${algo.save_steps}", "dry_run=true"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:]
@@ -91,6 +145,7 @@ def test_local_sweep_runs_skips_and_retries(tmp_path):
     results = _results(runs)
     assert len(results) == 2 and all(r["status"] == "completed" for r in results.values())
     assert "2 cells: 2 completed" in proc.stdout
+    assert "2 override sets -> 2 distinct cells" in proc.stdout and "2 cells to run are CPU cells" in proc.stdout
     # the analysis ran by itself at the end of the sweep
     page = runs / "local" / "analysis" / "index.html"
     assert f"analysis page: {page}" in proc.stdout and page.exists()

@@ -25,7 +25,7 @@ import psutil
 import torch
 from transformers import set_seed
 
-from . import distributed
+from . import console, distributed
 from .adapters import Adapter, apply_adapter
 from .cell_folder import (ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR, EVAL_SAMPLES_FILE, AdapterRecord,
                           AlgoRecord, CellFolder, ErrorRecord, Metrics, ModelRecord, Result, ResultError, TaskRecord,
@@ -62,6 +62,7 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
     tasks, spawned ranks) this process is one data-parallel rank; a `gpus: N > 1` cell started without
     them spawns its N ranks here. Every rank returns rank 0's result.
     """
+    console.quiet_known_warnings()
     started_as = distributed.ranks_from_env()
     validate_spec(spec, started_as.world_size if started_as.distributed else None)
     folder = CellFolder(cell_dir) if cell_dir is not None else CellFolder.of(spec)
@@ -85,6 +86,7 @@ def _run_ranks(spec: CellSpec, folder: CellFolder, ranks: Ranks) -> Result:
     if ranks.is_main:
         folder.write_spec(spec)
         folder.mark_running(ranks.world_size)
+        print(console.banner(spec, cid, folder.path, ranks.world_size, _expected_params(spec)), flush=True)
     start = time.time()
     try:
         result = _run(spec, cid, folder, start, ranks)
@@ -96,6 +98,16 @@ def _run_ranks(spec: CellSpec, folder: CellFolder, ranks: Ranks) -> Result:
         if ranks.is_main:
             folder.clear_running()
     return distributed.broadcast_from_main(result)
+
+
+def _expected_params(spec: CellSpec) -> Optional[int]:
+    """The trainable parameters the banner announces (counted on the model's shape, without weights)."""
+    from .shapes import adapter_size
+
+    try:
+        return adapter_size(spec.model.name, spec.adapter)[0]
+    except ValueError:  # the adapter does not fit the model: building it says why
+        return None
 
 
 def _previous_result(folder: CellFolder, cid: str) -> Optional[Result]:

@@ -7,38 +7,12 @@ run on exactly the code path that a real cell uses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 from torch import nn
 
 from .adapters.targets import expected_trainable_params, resolve_targets
-
-
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-
-# From each model's config.json on the Hugging Face Hub.
-SHAPES = {
-    "qwen2.5-0.5b": Shape(24, 896, 4864, 14, 2, 64),
-    "qwen2.5-1.5b": Shape(28, 1536, 8960, 12, 2, 128),
-    "qwen2.5-3b": Shape(36, 2048, 11008, 16, 2, 128),
-    "qwen2.5-7b": Shape(28, 3584, 18944, 28, 4, 128),
-    "llama3.2-1b": Shape(16, 2048, 8192, 32, 8, 64),
-    "llama3.2-3b": Shape(28, 3072, 8192, 24, 8, 128),
-    "llama3.1-8b": Shape(32, 4096, 14336, 32, 8, 128),
-    "smollm2-135m": Shape(30, 576, 1536, 9, 3, 64),
-    # tinyablate.models.build_tiny_model's defaults
-    "tiny-qwen2": Shape(2, 64, 128, 4, 2, 16),
-    "tiny-llama": Shape(2, 64, 128, 4, 2, 16),
-}
+from .config.model import SHAPES, Shape  # the table is torch-free (cost models and dry runs read it)
 
 
 class _Layer(nn.Module):

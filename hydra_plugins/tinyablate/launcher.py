@@ -15,11 +15,12 @@ from typing import Any, Optional, Sequence
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 
-from tinyablate.cell_folder import CellFolder, ResultError, sweep_cell_folders
+from tinyablate.cell_folder import CellFolder
 from tinyablate.config import CellSpec, cell_id, cell_spec, validate_spec
 from tinyablate.shapes import adapter_size
 from tinyablate.status import cell_row, format_table, live_job
 
+from . import plan
 from .compose import compose_cells
 from .submit import submit_cells
 
@@ -59,20 +60,25 @@ class TinyablateLauncher(Launcher):
                 print(f"INVALID {' '.join(c.overrides)}\n    {c.error}")
             print(f"{len(bad)} of {len(cells)} cells are invalid; nothing was submitted.")
             raise SystemExit(2)
+        print("\n".join(plan.count_lines(cells)))
         if options.status:
-            print(format_table([cell_row(c.folder.path, c.cell_id) for c in cells]))
+            print(format_table([cell_row(c.folder.path, c.cell_id) for c in plan.distinct(cells)[0]]))
             return self._returns(cells)
         if options.dry_run:
-            self._print_plan(cells, options)
+            print("\n".join(plan.plan_lines(cells, options.cost_device)))
+            n_distinct = len(plan.distinct(cells)[0])
+            print(f"dry run: {n_distinct} valid cells, nothing submitted"
+                  + (f" ({len(cells)} override sets)" if n_distinct != len(cells) else ""))
             return self._returns(cells)
         todo, notes = self._select(cells, options.retry_failed)
         if todo:
+            print(plan.todo_line(todo, options.cost_device))
             self._check_backend()
             jobs = submit_cells(self.backend, self.settings, todo, options.wait)
             if not options.wait:
                 self._print_submitted(jobs)
                 return self._returns(cells)
-        rows = [cell_row(c.folder.path, c.cell_id, notes.get(c.cell_id, "")) for c in cells]
+        rows = [cell_row(c.folder.path, c.cell_id, notes.get(c.cell_id, "")) for c in plan.distinct(cells)[0]]
         print(format_table(rows))
         self._run_analysis(cells)
         if any(r["state"] == "failed" for r in rows):
@@ -123,20 +129,6 @@ class TinyablateLauncher(Launcher):
                   "run on a SLURM login node, or use hydra/launcher=local. Nothing was submitted.")
             raise SystemExit(2)
 
-    def _print_plan(self, cells: list, options) -> None:
-        estimates = _gpu_hour_estimates(cells)
-        for c in cells:
-            s, a = c.spec, c.spec.adapter
-            est = estimates.get((s.model.name, s.algo.name, s.algo.max_steps))
-            print(f"{c.folder.state():<9} {c.cell_id}  model={s.model.name} task={s.task.name} "
-                  f"algo={s.algo.name} kind={a.kind} r={a.r} u={a.u} tie={a.tie} sharing={a.sharing} "
-                  f"precision={a.precision} seed={s.seed} params={c.params:,} bytes={c.bytes:,} "
-                  f"gpu_h={'?' if est is None else f'{est:.2f}'}")
-        total = [estimates.get((c.spec.model.name, c.spec.algo.name, c.spec.algo.max_steps)) for c in cells]
-        known = [t for t in total if t is not None]
-        print(f"dry run: {len(cells)} valid cells, nothing submitted"
-              + (f"; {sum(known):.1f} GPU-hours estimated for {len(known)} cells" if known else ""))
-
     def _print_submitted(self, jobs) -> None:
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
         print(f"submitted {len(jobs)} cells as job(s) {', '.join(ids)}; "
@@ -166,19 +158,3 @@ class TinyablateLauncher(Launcher):
             out.append(ret)
         return out
 
-
-def _gpu_hour_estimates(cells: list) -> dict:
-    """Mean GPU-hours of completed cells with the same model, algorithm and step count."""
-    seen: dict = {}
-    for sweep_dir in sorted({c.folder.path.parent for c in cells}):
-        for folder in sweep_cell_folders(sweep_dir, depth=1):
-            try:
-                result = folder.read_result()
-            except ResultError:
-                continue
-            if result is None or not result.completed or not result.config or result.timing.gpu_hours is None:
-                continue
-            cfg = result.config
-            key = (cfg["model"]["name"], cfg["algo"]["name"], cfg["algo"]["max_steps"])
-            seen.setdefault(key, []).append(result.timing.gpu_hours)
-    return {k: sum(v) / len(v) for k, v in seen.items()}

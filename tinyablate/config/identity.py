@@ -49,15 +49,26 @@ def identity_dict(spec: CellSpec) -> dict:
     for (group, name), default in OMIT_AT_DEFAULT.items():
         if out.get(group, {}).get(name, default) == default:
             out[group].pop(name, None)
-    ignored = IGNORED_BY_KIND[spec.adapter.kind]
-    out["adapter"] = {"kind": "none"} if ignored is None else {
-        k: v for k, v in out["adapter"].items() if k not in ignored}
+    ignored = ignored_fields(spec)
+    out["adapter"] = {k: v for k, v in out["adapter"].items() if f"adapter.{k}" not in ignored}
     if "tie" in out["adapter"]:
         tie = spec.adapter.tie_value()
         out["adapter"]["tie"] = "all" if tie is None else tie  # 7 and "7" are one cell
-        if tie in (None, 1):
-            out["adapter"].pop("sharing", None)  # one vector per module or for all: tiled = structured
     return out
+
+
+def ignored_fields(spec: CellSpec) -> dict:
+    """The adapter fields ("adapter.<name>") that cannot change this cell's result, each with why: fields its
+    kind ignores, and `sharing` when one vector serves one module or all of them (tiled = structured)."""
+    a = spec.adapter
+    ignored = IGNORED_BY_KIND[a.kind]
+    names = [f.name for f in fields(a) if f.name != "kind"] if ignored is None else sorted(ignored)
+    why = {f"adapter.{n}": f"adapter={a.kind} ignores it" for n in names}
+    if "sharing" not in (ignored or names) and a.tie_value() in (None, 1):
+        tie = "all" if a.tie_value() is None else 1
+        shared = "one vector for every module" if tie == "all" else "one vector per module"
+        why["adapter.sharing"] = f"tie={tie}: {shared}, so tiled = structured"
+    return why
 
 
 def _strip(value: Any, path: str) -> Any:

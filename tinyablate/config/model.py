@@ -108,3 +108,31 @@ def load_kind(cfg: ModelConfig, info: ModelInfo) -> str:
     if info.source == "gguf" and cfg.hub_id is None:
         return "gguf"
     return "hub"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder's sizes (from its config.json): what dry runs count parameters on and cost models read."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+# From each model's config.json on the Hugging Face Hub (tiny-*: tinyablate.models.build_tiny_model's defaults).
+SHAPES = {
+    "qwen2.5-0.5b": Shape(24, 896, 4864, 14, 2, 64, 151936),
+    "qwen2.5-1.5b": Shape(28, 1536, 8960, 12, 2, 128, 151936),
+    "qwen2.5-3b": Shape(36, 2048, 11008, 16, 2, 128, 151936),
+    "qwen2.5-7b": Shape(28, 3584, 18944, 28, 4, 128, 152064),
+    "llama3.2-1b": Shape(16, 2048, 8192, 32, 8, 64, 128256),
+    "llama3.2-3b": Shape(28, 3072, 8192, 24, 8, 128, 128256),
+    "llama3.1-8b": Shape(32, 4096, 14336, 32, 8, 128, 128256),
+    "smollm2-135m": Shape(30, 576, 1536, 9, 3, 64, 49152),
+    "tiny-qwen2": Shape(2, 64, 128, 4, 2, 16, 640),
+    "tiny-llama": Shape(2, 64, 128, 4, 2, 16, 640),
+}

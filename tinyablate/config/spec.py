@@ -118,8 +118,9 @@ def spec_to_dict(spec: CellSpec) -> dict:
 class RootConfig(CellSpec):
     """A composed config: one cell's spec plus what to do with the sweep it belongs to."""
 
-    # Validate every cell and print one line per cell (axes, trainable parameters, bytes, estimated
-    # GPU-hours); submit nothing. Invalid cells are listed with reasons and the exit code is 2.
+    # Validate every cell and print each distinct cell once (axes, trainable parameters, bytes, estimated
+    # GPU-hours: tinyablate/cost.py), totals per swept axis and for the sweep; submit nothing. Invalid cells
+    # are listed with reasons and the exit code is 2.
     dry_run: bool = False
     # Block until every submitted cell ends and print the status table (SLURM only can return at once).
     wait: bool = True
@@ -127,6 +128,9 @@ class RootConfig(CellSpec):
     retry_failed: bool = False
     # Print every cell's state (pending, running, completed, failed with its log) and submit nothing.
     status: bool = False
+    # Device kind of the GPU-hour estimates (dry run, submission): a kind in tinyablate/throughput.json
+    # ("h200", "h100"), the measurements tinyablate/cost.py's model reads.
+    cost_device: str = "h200"
 
 
 _CELL_FIELDS = tuple(f.name for f in fields(CellSpec))

@@ -1,7 +1,7 @@
 """Training: GRPO and SFT through TRL on the adapter already applied to the model."""
 
 from .common import (FirstStepTimer, MetricLoggerCallback, RankSyncCheck, ignore_frozen_in_ddp,
-                     last_complete_checkpoint)
+                     last_complete_checkpoint, use_console)
 from .grpo import build_grpo_trainer
 from .sft import build_sft_trainer
 
@@ -11,9 +11,10 @@ def build_trainer(model, tokenizer, task, spec, output_dir, device, callbacks=()
     if world_size > 1:
         ignore_frozen_in_ddp(model)
         callbacks = [*callbacks, RankSyncCheck(model)]
-    if spec.algo.name == "grpo":
-        return build_grpo_trainer(model, tokenizer, task, spec, output_dir, device, callbacks, world_size)
-    return build_sft_trainer(model, tokenizer, task, spec, output_dir, device, callbacks, world_size)
+    build = build_grpo_trainer if spec.algo.name == "grpo" else build_sft_trainer
+    trainer = build(model, tokenizer, task, spec, output_dir, device, callbacks, world_size)
+    use_console(trainer)
+    return trainer
 
 
 __all__ = ["FirstStepTimer", "MetricLoggerCallback", "build_trainer", "last_complete_checkpoint"]

@@ -11,12 +11,17 @@ from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .. import distributed
 from ..adapters import load_trainable_state, trainable_state
+from ..console import duration, step_line
 from ..logging import MetricLogger, rewrite_trainer_logs
 
+# transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns).
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                 else "gradient_checkpointing")
 ADAPTER_STATE = "adapter_state.safetensors"
 TRAINER_STATE = "trainer_state.json"  # written last by Trainer._save_checkpoint: marks a complete checkpoint
 
@@ -60,6 +65,35 @@ class MetricLoggerCallback(TrainerCallback):
         if logs and state.is_world_process_zero:
             metrics = rewrite_trainer_logs(logs) if self.rewrite else dict(logs)
             self.logger.log(metrics, step=state.global_step)
+
+
+class ConsoleCallback(TrainerCallback):
+    """One compact line per logging step (`console.step_line`: step, reward or loss, s/step, ETA) in place of
+    the trainer's progress bar and raw metrics dict; the main process only. Speed counts this run's steps
+    (a resumed cell's earlier steps are not in it)."""
+
+    def __init__(self) -> None:
+        self.t0, self.step0 = None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0, self.step0 = time.time(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        if "train_runtime" in logs:
+            print(f"trained to step {state.global_step} in {duration(logs['train_runtime'])}", flush=True)
+            return
+        done = state.global_step - self.step0
+        rate = (time.time() - self.t0) / done if done > 0 and self.t0 is not None else None
+        print(step_line(state.global_step, state.max_steps, logs, rate), flush=True)
+
+
+def use_console(trainer) -> None:
+    """Replace the trainer's tqdm bar and dict printer by ConsoleCallback."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ConsoleCallback())
 
 
 def last_complete_checkpoint(checkpoint_dir: Path, world_size: int = 1) -> Optional[Path]:
@@ -138,7 +172,7 @@ def trainer_kwargs(algo, seed: int, output_dir: Path, device: torch.device, worl
         optim="adamw_torch",
         per_device_train_batch_size=algo.micro_batch_size,
         gradient_accumulation_steps=algo.gradient_accumulation_steps(world_size),
-        gradient_checkpointing=algo.gradient_checkpointing,
+        **{CHECKPOINTING: algo.gradient_checkpointing},
         save_strategy="steps",
         save_steps=algo.save_steps,
         save_total_limit=2,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets import Dataset
+from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 from trl import SFTConfig, SFTTrainer
 
 from .common import AdapterCheckpointMixin, one_device_per_process, trainer_kwargs
@@ -25,10 +26,16 @@ def build_sft_trainer(model, tokenizer, task, spec, output_dir: Path, device, ca
     )
     one_device_per_process(args)
     dataset = Dataset.from_list(task.sft_rows(task.train_problems()))
-    return TinyablateSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-    )
+    bars = is_progress_bar_enabled()
+    disable_progress_bar()  # SFTTrainer's four dataset passes (tokenize, labels, truncate, drop) take < 1 s
+    try:
+        return TinyablateSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+        )
+    finally:
+        if bars:
+            enable_progress_bar()
