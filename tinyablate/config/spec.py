@@ -57,7 +57,8 @@ def spec_problems(spec: CellSpec, world_size: Optional[int] = None) -> list:
     (default: one per GPU, or 1 on CPU)."""
     c = Checks()
     gpus_ok = c.integer("gpus", spec.gpus, minimum=0, note=" (0 = CPU; N > 1 runs N data-parallel ranks on one node)")
-    c.integer("seed", spec.seed)
+    if c.integer("seed", spec.seed, minimum=0, note=" below 2**32 (numpy's seed range)") and spec.seed >= 2**32:
+        c.fail("seed", spec.seed, "an integer >= 0 below 2**32 (numpy's seed range)")
     c.boolean("train", spec.train)
     c.string("output_dir", spec.output_dir)
     if not isinstance(spec.sweep, str) or not spec.sweep or "/" in spec.sweep:
