@@ -9,7 +9,7 @@ is one cell folder taken from empty to completed; an attempt's point is
   train_step    at the end of optimizer step `arg`, before its checkpoint
   train_save    right after checkpoint `arg` is complete
   ckpt_write    inside the `arg`-th torch.save of the attempt (a checkpoint half written)
-  eval          after the `arg`-th batch of generation (base or final evaluation)
+  eval          after the `arg`-th generated batch of the attempt (base or final evaluation)
   export        after the PEFT export, before the native one
   result_write  with result.json's temp file written and synced, before the rename
   none          no kill: the attempt runs to its end
@@ -75,8 +75,16 @@ def arm(point: str, arg) -> None:
             spec, built, cell_dir, [*callbacks, KillAt(point, int(arg))])
     elif point == "ckpt_write":
         nth_call_dies(torch, "save", int(arg), before=True)
-    elif point == "eval":
-        nth_call_dies(eval_module, "generate", int(arg), before=False)
+    elif point == "eval":  # the progress bar advances once per generated batch
+        bar, n, done = eval_module.tqdm, int(arg), [0]
+
+        class KillingBar(bar):
+            def update(self, k=1):
+                done[0] += 1
+                if done[0] == n:
+                    die()
+                return super().update(k)
+        eval_module.tqdm = KillingBar
     elif point == "export":
         Adapter.save_native = lambda self, out_dir: die()
     elif point == "result_write":
