@@ -126,18 +126,27 @@ def loss_steps(cell_dir: Path) -> list:
 
 
 def test_one_cell_launched_twice_at_once_runs_once(tmp_path):
-    args = [*TINY, f"output_dir={tmp_path / 'runs'}", "sweep=twice"]
+    args = [*TINY, "algo.max_steps=30", f"output_dir={tmp_path / 'runs'}", "sweep=twice"]
     first, second = start(args, tmp_path, "a.log"), start(args, tmp_path, "b.log")
     codes = sorted([first.wait(timeout=600), second.wait(timeout=600)])
     logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
-    assert codes == [0, 2], logs[-4000:]  # one ran it; the other was refused at once, with one line
-    assert "is already being run by process" in logs and "Traceback" not in logs
+    # one trained it; the other was refused by the lock (exit 2, one line) or, come later, found it completed
+    assert codes in ([0, 2], [0, 0]) and logs.count("train_runtime") == 1 and "Traceback" not in logs, logs[-4000:]
     [cell] = [p.parent for p in (tmp_path / "runs" / "twice").glob("*/result.json")]
-    assert CellFolder(cell).read_result().completed and loss_steps(cell) == [1, 2, 3, 4]
+    assert CellFolder(cell).read_result().completed and loss_steps(cell) == list(range(1, 31))
+
+    # a launch while a live process holds the cell (here: this test) is refused at once, without a traceback
+    busy = CellFolder(tmp_path / "runs" / "busy" / cell.name)
+    with busy.locked():
+        busy.mark_running(1)
+        second = start([*args[:-1], "sweep=busy"], tmp_path, "c.log")
+        code, log = second.wait(timeout=300), (tmp_path / "c.log").read_text()
+    assert code == 2 and f"is already being run by process {os.getpid()}" in log and "Traceback" not in log, log
+    assert not busy.has_result() and busy.state() == "interrupted"  # the refused launch wrote nothing
 
 
 def test_one_sweep_launched_twice_at_once_runs_each_cell_once(tmp_path):
-    args = ["-m", *TINY, f"output_dir={tmp_path / 'runs'}", "sweep=twice", "adapter.u=1,2",
+    args = ["-m", *TINY, "algo.max_steps=30", f"output_dir={tmp_path / 'runs'}", "sweep=twice", "adapter.u=1,2",
             "hydra.launcher.max_parallel=2", "hydra.launcher.poll_s=0.5"]
     first, second = start(args, tmp_path, "a.log"), start(args, tmp_path, "b.log")
     first.wait(timeout=600), second.wait(timeout=600)
@@ -146,19 +155,17 @@ def test_one_sweep_launched_twice_at_once_runs_each_cell_once(tmp_path):
     assert len(cells) == 2, logs[-4000:]
     for cell in cells:  # each cell completed by one process: every step logged once
         assert CellFolder(cell).read_result().completed, logs[-4000:]
-        assert loss_steps(cell) == [1, 2, 3, 4], logs[-4000:]
-    refused = sum(p.read_text().count("is already being run by process")
-                  for p in (tmp_path / "runs" / "twice" / ".submitit").rglob("*_log.err"))
-    started = logs.count("started ")
-    assert started - refused == 2, logs[-4000:]  # whatever was started twice was refused by the lock
+        assert loss_steps(cell) == list(range(1, 31)), logs[-4000:]
+    trained = sum(p.read_text().count("train_runtime") for p in (tmp_path / "runs" / "twice" / ".submitit").rglob("*_log.*"))
+    assert trained == 2, logs[-4000:]  # a cell started by both launchers was trained by one (the lock refused the other)
 
 
-def test_kill_then_status_says_interrupted_and_a_rerun_resumes(tmp_path):
+def test_kill_then_status_says_interrupted(tmp_path):
     runs = tmp_path / "runs"
-    args = [*TINY, "algo.max_steps=40", f"output_dir={runs}", "sweep=killed"]
+    args = [*TINY, "algo.max_steps=400", f"output_dir={runs}", "sweep=killed"]  # ~25 s: it is killed long before
     proc = start(args, tmp_path, "a.log")
     deadline = time.time() + 300
-    while time.time() < deadline and not list(runs.glob("killed/*/checkpoints/checkpoint-2/trainer_state.json")):
+    while time.time() < deadline and not list(runs.glob("killed/*/checkpoints/checkpoint-*/trainer_state.json")):
         assert proc.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
         time.sleep(0.2)
     [cell] = [p.parent for p in runs.glob("killed/*/spec.json")]
@@ -170,7 +177,4 @@ def test_kill_then_status_says_interrupted_and_a_rerun_resumes(tmp_path):
     status = subprocess.run([sys.executable, "-m", "tinyablate.status", str(runs / "killed")], env=ENV,
                             capture_output=True, text=True)
     assert status.stdout.split()[5] == "interrupted", status.stdout
-    launcher = subprocess.run([sys.executable, str(REPO / "launch.py"), "-m", *args, "status=true"], cwd=tmp_path,
-                              env=ENV, capture_output=True, text=True)
-    assert "1 cells: 1 interrupted" in launcher.stdout, launcher.stdout + launcher.stderr
-    assert CellFolder(cell).state() == "interrupted"
+    assert CellFolder(cell).state() == "interrupted" and "1 cells: 1 interrupted" in status.stdout
