@@ -317,6 +317,7 @@ class CellBusy(RuntimeError):
 
 
 _HELD: dict = {}  # lock file path -> the descriptor holding it, for the locks this process holds
+_STARTED = time.time()
 
 
 @dataclass(frozen=True)
@@ -406,7 +407,7 @@ class CellFolder:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.time() < deadline:
+                if time.time() < deadline or self._own_requeue():
                     time.sleep(0.1)
                     continue
                 os.close(fd)
@@ -418,6 +419,11 @@ class CellFolder:
         finally:
             del _HELD[key]
             os.close(fd)  # releases the lock
+
+    def _own_requeue(self, patience_s: float = 120.0) -> bool:
+        """True while the holder is this SLURM job's previous run (a requeue), ending: wait for it."""
+        job = os.environ.get("SLURM_JOB_ID")
+        return bool(job) and self.read_running().get("slurm_job_id") == job and time.time() - _STARTED < patience_s
 
     def holder(self) -> Optional[str]:
         """Who runs this cell now ("process <pid> on <host>"), None when no live process holds its lock."""

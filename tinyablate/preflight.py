@@ -60,11 +60,18 @@ def data_problems(cfg: TaskConfig, train: bool) -> list:
     key = json.dumps(asdict(cfg), sort_keys=True, default=str)
     if cfg.name == "gsm8k" and cfg.data_dir is None:
         return []  # from the Hub, when the cell runs (no network here to check it)
-    return list(_data_problems(key, train))
+    return list(_data_problems(key, train, _stamp(cfg.data_dir)))
+
+
+def _stamp(data_dir: Optional[str]) -> tuple:
+    """The data files' sizes and times: a file changed since it was checked is checked again."""
+    if data_dir is None or not Path(data_dir).expanduser().is_dir():
+        return ()
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(data_dir).expanduser().iterdir()))
 
 
 @lru_cache(maxsize=64)  # a grid shares a few task configs: each is read once
-def _data_problems(key: str, train: bool) -> tuple:
+def _data_problems(key: str, train: bool, stamp: tuple) -> tuple:
     from .tasks import load_task  # here: datasets' import costs the launcher ~1 s otherwise
 
     try:
