@@ -74,6 +74,14 @@ def test_slurm_without_sbatch_says_what_to_change(tmp_path):
     assert not list((tmp_path / "runs").rglob("launch.json"))
 
 
+def fail_when_run(sweep_dir: Path, dry_run: subprocess.CompletedProcess) -> None:
+    """Make the cell of a one-cell dry run fail once it runs: a file where its checkpoints folder goes
+    (every setting is valid, so nothing before the run can refuse it)."""
+    (cell_id,) = [line.split()[1] for line in dry_run.stdout.splitlines() if line.startswith("pending ")]
+    (sweep_dir / cell_id).mkdir(parents=True)
+    (sweep_dir / cell_id / "checkpoints").write_text("not a folder")
+
+
 def _results(runs: Path) -> dict:
     out = {}
     for path in runs.rglob("result.json"):
@@ -83,7 +91,6 @@ def _results(runs: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a cell fails for want of CUDA here")
 def test_local_sweep_runs_skips_and_retries(tmp_path):
     runs = tmp_path / "runs"
     common = ["-m", *TINY, f"output_dir={runs}", "sweep=local", "hydra.launcher.max_parallel=2"]
@@ -102,19 +109,19 @@ def test_local_sweep_runs_skips_and_retries(tmp_path):
     assert again.returncode == 0 and "0 to run, 2 completed cells skipped" in again.stdout
 
     # one failing cell beside a good one: the sweep goes on, ends non-zero, shows the log
-    # (model.device=cuda on a machine without CUDA: valid settings that fail once the cell runs)
-    bad = launch([*common, "adapter.u=3", "model.device=cpu,cuda"], tmp_path)
+    fail_when_run(runs / "local", launch([*common, "adapter.u=6", "dry_run=true"], tmp_path))
+    bad = launch([*common, "adapter.u=3,6"], tmp_path)
     assert bad.returncode == 1, bad.stdout[-3000:]
-    states = {r["config"]["model"]["device"]: r["status"] for r in _results(runs).values() if r["config"]["adapter"]["u"] == 3}
-    assert states == {"cpu": "completed", "cuda": "failed"}
+    states = {r["config"]["adapter"]["u"]: r["status"] for r in _results(runs).values() if r["config"]["adapter"]["u"] > 2}
+    assert states == {3: "completed", 6: "failed"}
     assert "failed" in bad.stdout and "log:" in bad.stdout and "error:" in bad.stdout
 
-    skipped = launch([*common, "adapter.u=3", "model.device=cuda"], tmp_path)
+    skipped = launch([*common, "adapter.u=6"], tmp_path)
     assert "1 failed cells skipped (retry_failed=true re-runs them)" in skipped.stdout
-    retried = launch([*common, "adapter.u=3", "model.device=cuda", "retry_failed=true"], tmp_path)
+    retried = launch([*common, "adapter.u=6", "retry_failed=true"], tmp_path)
     assert "1 to run" in retried.stdout and retried.returncode == 1
 
     status = launch([*common, "adapter.u=1,2,4", "status=true"], tmp_path)
     assert status.returncode == 0 and "3 cells: 2 completed, 1 pending" in status.stdout
-    failed = launch([*common, "adapter.u=3", "model.device=cuda", "status=true"], tmp_path)
+    failed = launch([*common, "adapter.u=6", "status=true"], tmp_path)
     assert failed.returncode == 1 and "1 cells: 1 failed" in failed.stdout  # as python -m tinyablate.status says

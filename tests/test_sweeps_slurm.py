@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import require_cluster, requires_slurm, sacct_states, wait_sacct
-from test_sweeps import TINY, launch
+from test_sweeps import TINY, fail_when_run, launch
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 
@@ -69,14 +69,14 @@ def test_rerun_skips_completed_cells(array_sweep):
 def test_failing_cell_is_failed_in_slurm_while_others_complete(tmp_path):
     require_cluster()
     runs = tmp_path / "runs"
-    # model.device=cuda on the CPU-only node: valid settings that fail once the cell runs
-    proc = launch(["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=slurmfail", "adapter.u=5",
-                   "model.device=cpu,cuda"], tmp_path, timeout=600)
+    args = ["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=slurmfail"]
+    fail_when_run(runs / "slurmfail", launch([*args, "adapter.u=6", "dry_run=true"], tmp_path))
+    proc = launch([*args, "adapter.u=5,6"], tmp_path, timeout=600)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    by_device = {r["config"]["model"]["device"]: (cid, r) for cid, r in results(runs).items()}
-    assert by_device["cpu"][1]["status"] == "completed" and by_device["cuda"][1]["status"] == "failed"
+    by_u = {r["config"]["adapter"]["u"]: (cid, r) for cid, r in results(runs).items()}
+    assert by_u[5][1]["status"] == "completed" and by_u[6][1]["status"] == "failed"
     records = launch_records(runs)
-    good, bad = records[by_device["cpu"][0]]["job_id"], records[by_device["cuda"][0]]["job_id"]
+    good, bad = records[by_u[5][0]]["job_id"], records[by_u[6][0]]["job_id"]
     states = wait_sacct(good.split("_")[0], ids=[good, bad])
     assert states[good] == "COMPLETED" and states[bad] == "FAILED"
     assert "log:" in proc.stdout
