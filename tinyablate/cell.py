@@ -71,6 +71,7 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
     with _cell_lock(folder, started_as):  # one process runs a cell at a time (CellBusy otherwise)
         if spec.gpus > 1 and not started_as.distributed:
             distributed.require_gpus(spec.gpus)
+            os.environ[_LOCK_HELD_ENV] = str(folder.path)  # the spawned ranks inherit it: this process holds the lock
             distributed.spawn_ranks(spec.gpus, run_cell, spec, folder.path)
             return folder.read_result().to_dict()
         with distributed.process_group(spec.gpus) as ranks:
@@ -82,7 +83,6 @@ def _cell_lock(folder: CellFolder, started_as: Ranks):
     the ranks it spawns) or rank 0 of ranks started by torchrun/SLURM tasks."""
     if started_as.distributed and (not started_as.is_main or os.environ.get(_LOCK_HELD_ENV) == str(folder.path)):
         return contextlib.nullcontext()
-    os.environ[_LOCK_HELD_ENV] = str(folder.path)  # spawned ranks inherit it: their parent holds the lock
     return folder.locked()
 
 
