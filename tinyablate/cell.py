@@ -68,9 +68,11 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
     started_as = distributed.ranks_from_env()
     preflight(spec, started_as.world_size if started_as.distributed else None)  # no weights loaded yet
     folder = CellFolder(cell_dir) if cell_dir is not None else CellFolder.of(spec)
+    spawns = spec.gpus > 1 and not started_as.distributed
+    if spawns:
+        distributed.require_gpus(spec.gpus)  # before the lock: a cell this machine cannot run leaves no folder
     with _cell_lock(folder, started_as):  # one process runs a cell at a time (CellBusy otherwise)
-        if spec.gpus > 1 and not started_as.distributed:
-            distributed.require_gpus(spec.gpus)
+        if spawns:
             os.environ[_LOCK_HELD_ENV] = str(folder.path)  # the spawned ranks inherit it: this process holds the lock
             distributed.spawn_ranks(spec.gpus, run_cell, spec, folder.path)
             return folder.read_result().to_dict()
