@@ -5,8 +5,11 @@
 
 `run_cell` is the one way into a cell: launch.py, the launchers' jobs, spawned ranks and tests all
 call it. It runs the same in a notebook, a test, a local subprocess or a SLURM job: it imports no
-launcher. A cell started again resumes training from its last complete checkpoint. Whatever happens,
-the cell ends with a result.json (status completed or failed) unless the process itself is killed.
+launcher. Before anything loads it runs `preflight` (tinyablate/preflight.py: every check that needs no
+weights, the same call a sweep's launcher makes) and takes the cell's lock (one process per cell;
+CellBusy if another live one holds it). A cell started again resumes training from its last complete
+checkpoint. Whatever happens, the cell ends with a result.json (status completed or failed) unless the
+process itself is killed; a completed one evaluated problems and trained the steps asked for.
 A `gpus: N > 1` cell runs as N ranks (distributed.py): started as one plain process, run_cell spawns
 them on this machine; under torchrun or a SLURM task it is one of them. Every rank builds, trains
 (DDP) and evaluates its share; rank 0 alone writes the result, metrics, W&B run and exported adapter.
@@ -59,7 +62,7 @@ class Built:
 
 
 def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
-    """Run one cell (validated here, once) and return its result, as written to <cell_dir>/result.json.
+    """Run one cell (checked here, once, by preflight) and return its result, as written to <cell_dir>/result.json.
 
     `cell_dir` defaults to <output_dir>/<sweep>/<cell_id>. Under RANK/WORLD_SIZE (torchrun, submitit
     tasks, spawned ranks) this process is one data-parallel rank; a `gpus: N > 1` cell started without
