@@ -413,6 +413,9 @@ class CellFolder:
                 os.close(fd)
                 raise CellBusy(f"cell {self.path} is already being run by {self.holder() or 'another process'}; "
                                "this launch leaves it alone (see its state with python -m tinyablate.status)")
+        os.ftruncate(fd, 0)  # who holds it, for the message of a refused launch and for status
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "slurm_job_id": os.environ.get("SLURM_JOB_ID")}).encode())
         _HELD[key] = fd
         try:
             yield
@@ -423,7 +426,9 @@ class CellFolder:
     def _own_requeue(self, patience_s: float = 120.0) -> bool:
         """True while the holder is this SLURM job's previous run (a requeue), ending: wait for it."""
         job = os.environ.get("SLURM_JOB_ID")
-        return bool(job) and self.read_running().get("slurm_job_id") == job and time.time() - _STARTED < patience_s
+        holder = read_json(self.path / LOCK_FILE)
+        return bool(job) and isinstance(holder, dict) and holder.get("slurm_job_id") == job \
+            and time.time() - _STARTED < patience_s
 
     def holder(self) -> Optional[str]:
         """Who runs this cell now ("process <pid> on <host>"), None when no live process holds its lock."""
@@ -438,7 +443,8 @@ class CellFolder:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: two readers never block each other
             return None  # free: nobody runs the cell (os.close releases the probe)
         except BlockingIOError:
-            running = self.read_running()
+            running = read_json(path)  # what the holder wrote in the lock file
+            running = running if isinstance(running, dict) else {}
             who = f"process {running.get('pid', '?')} on {running.get('host', '?')}"
             job = running.get("slurm_job_id")
             return who + (f" (SLURM job {job})" if job else "")
