@@ -22,7 +22,8 @@ import hydra
 from omegaconf import DictConfig
 
 from hydra_plugins.tinyablate.conf import register, spec_from_hydra
-from tinyablate.cell_folder import RESULT_FILE, CellFolder
+from tinyablate.cell_folder import RESULT_FILE, CellBusy, CellFolder
+from tinyablate.config import ConfigError
 from tinyablate.console import end_lines
 from tinyablate.distributed import ranks_from_env
 
@@ -35,7 +36,11 @@ def main(cfg: DictConfig) -> None:
     from tinyablate.cell import run_cell
 
     spec = spec_from_hydra(cfg)
-    result = run_cell(spec)  # validates before any weight loads; spawns the ranks of a gpus=N cell
+    try:
+        result = run_cell(spec)  # validates before any weight loads; spawns the ranks of a gpus=N cell
+    except Exception as err:  # one clear message, no traceback (it is in result.json), non-zero exit
+        print(_failure_message(err, spec), file=sys.stderr)
+        raise SystemExit(2 if isinstance(err, (ConfigError, CellBusy)) else 1) from None
     if not ranks_from_env().is_main:
         return
     page, note = _analysis_page(spec)
@@ -53,8 +58,21 @@ def _analysis_page(spec):
         return None, f"not written ({err})"
 
 
+def _failure_message(err: Exception, spec) -> str:
+    """What a failed single cell prints: the problems of an invalid cell, else the error and its record."""
+    if isinstance(err, ConfigError):
+        return "invalid cell, nothing was run:\n  " + "\n  ".join(err.problems)
+    if isinstance(err, CellBusy):
+        return str(err)
+    where = CellFolder.of(spec).file(RESULT_FILE)
+    return f"cell failed: {type(err).__name__}: {err}\n(the traceback is in {where}, under error.traceback)"
+
+
 def _default_sweep(argv: list) -> list:
     """`python launch.py -m` with no sweep named runs the embedded sweep."""
+    if any(a.lstrip("+") in ("sweeps=null", "sweeps=None", "sweeps=") for a in argv):
+        raise SystemExit("sweeps=null is invalid: expected a preset of sweeps/ (e.g. sweeps=embedded); "
+                         "leave sweeps= out to run the embedded sweep with -m")
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if multirun and not any(a.startswith(("sweeps=", "+sweeps=")) for a in argv):
         return argv + ["sweeps=embedded"]

@@ -120,7 +120,9 @@ def _read_cell(cell: CellFolder, out: Sweeps) -> None:
     if result is None:
         spec = cell.read_spec() or {}
         state = cell.state()
-        reason = "running.json present (cell in progress)" if state == "running" else "spec.json only (not started)"
+        reason = {"running": "a live process holds the cell (in progress)",
+                  "interrupted": "started, then killed without a result (a re-run resumes it)"}.get(
+                      state, "spec.json only (not started)")
         out.skipped.append(Skipped(state, sweep_guess, str(spec.get("cell_id", cell.name)), cell.path, reason))
         return
     sweep, wall = str(result.sweep or sweep_guess), result.timing.wall_s if result.timing else None

@@ -192,7 +192,7 @@ def summary_markdown(sweeps: Sweeps, settings: list, plots: list, gap: list, mat
     out = ["# tinyablate analysis", "",
            f"Sources: {', '.join(f'`{d}`' for d in sweeps.dirs)} — generated {time.strftime('%Y-%m-%d %H:%M')}", "",
            "Cells: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in
-                                 ("completed", "failed", "running", "pending", "unreadable")), "",
+                                 ("completed", "failed", "running", "interrupted", "pending", "unreadable")), "",
            "## Accuracy per setting (seeds aggregated: mean ± half-width of the 95% t-interval)", "",
            _md_table(*setting_table(settings)), "",
            "Per-cell numbers: `summary.csv`; per-setting numbers with interval bounds: `summary_groups.csv`.", ""]
@@ -258,7 +258,7 @@ def render_html(sweeps: Sweeps, settings: list, plots: list, gap: list, matched:
              f"{e(time.strftime('%Y-%m-%d %H:%M'))}. Files: <a href='summary.csv'>summary.csv</a> (per cell), "
              "<a href='summary_groups.csv'>summary_groups.csv</a> (per setting), <a href='summary.md'>summary.md</a>.</p>",
              "<p class='counts'>" + "".join(f"<span><b>{counts.get(k, 0)}</b> {k}</span>" for k in
-                                            ("completed", "failed", "running", "pending", "unreadable")) + "</p>"]
+                                            ("completed", "failed", "running", "interrupted", "pending", "unreadable")) + "</p>"]
     n_skipped = len(sweeps.skipped)
     if n_skipped:
         parts.append(f"<p class='note'>{n_skipped} cell folder(s) have no usable result and are left out of every "

@@ -68,9 +68,10 @@ def test_an_invalid_result_is_never_written(tmp_path):
 def test_state_running_failed_unreadable_and_a_retry(tmp_path):
     folder = CellFolder(tmp_path / "c")
     folder.path.mkdir()
-    folder.mark_running(1)
-    assert folder.state() == "running" and folder.read_running()["world_size"] == 1
-    folder.clear_running()
+    with folder.locked():
+        folder.mark_running(1)
+        assert folder.state() == "running" and folder.read_running()["world_size"] == 1
+        folder.clear_running()
     folder.write_result(Result(cell_id="c", status="failed", error=ErrorRecord(type="E", message="boom"),
                                timing=Timing(wall_s=1.0)))
     assert folder.state() == "failed" and folder.read_result().error.message == "boom"
@@ -91,3 +92,78 @@ def test_spec_and_launch_records_and_finding_cells(tmp_path):
     assert folder.read_spec()["cell_id"] == cell_id(spec) and folder.read_launch()["job_id"] == "123_4"
     (tmp_path / "sw" / ".submitit").mkdir()
     assert sweep_cell_folders(tmp_path) == [folder] == sweep_cell_folders(tmp_path / "sw")
+
+
+# -- issue 13: liveness, one process per cell, no fake success, file modes, temp files -------------------
+HOLD = """
+import sys, time
+from tinyablate.cell_folder import CellFolder
+folder = CellFolder(sys.argv[1])
+with folder.locked():
+    folder.mark_running(1)
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def _holder_process(path):
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_killed_holder_reads_interrupted_and_a_live_one_running(tmp_path):
+    """running.json alone says nothing: a dead process's cell is interrupted, not running forever."""
+    import signal
+    from tinyablate.cell_folder import CellBusy
+    from tinyablate.status import cell_row, live_job
+    folder = CellFolder(tmp_path / "c")
+    proc = _holder_process(folder.path)
+    try:
+        assert folder.state() == "running" and f"process {proc.pid}" in folder.holder()
+        assert live_job(folder.path) and cell_row(folder.path)["state"] == "running"
+        with pytest.raises(CellBusy, match=f"process {proc.pid}"):  # a second runner is refused
+            with folder.locked(wait_s=0.2):
+                pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert folder.read_running()["pid"] == proc.pid  # left behind by the kill
+    assert folder.state() == "interrupted" and folder.holder() is None and live_job(folder.path) is None
+    with folder.locked():  # the kernel released it with the process
+        assert folder.state() == "running"
+
+
+def test_every_cell_file_gets_one_mode_and_a_rerun_removes_temp_files(tmp_path):
+    import os
+    import stat
+    folder = CellFolder(tmp_path / "c")
+    folder.write_result(completed("c"))
+    folder.write_spec(CellSpec())
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what open() gives a file under this umask (TRL, W&B and the logger use it)
+    want = stat.S_IMODE(plain.stat().st_mode)
+    assert {stat.S_IMODE((folder.path / n).stat().st_mode) for n in ("result.json", "spec.json")} == {want}
+    (folder.path / ".result.json.abc123.tmp").write_text("{")
+    assert [p.name for p in folder.remove_temp_files()] == [".result.json.abc123.tmp"]
+    assert not list(folder.path.glob(".*.tmp")) and os.path.exists(folder.path / "result.json")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(n_eval=0), "n_eval=0"),
+    (dict(steps=0), "after 0 training steps, but algo.max_steps=4"),
+])
+def test_a_result_that_evaluated_nothing_or_trained_short_is_not_completed(tmp_path, change, match):
+    result = completed()
+    result.config = {"train": True, "algo": {"max_steps": 4}}
+    if "n_eval" in change:
+        result.metrics.n_eval = change["n_eval"]
+    else:
+        result.algo.steps = change["steps"]
+    with pytest.raises(ResultError, match=match):
+        CellFolder(tmp_path).write_result(result)
+    result.config["train"] = False  # evaluating the initial adapter trains nothing, as asked
+    if "steps" in change:
+        CellFolder(tmp_path).write_result(result)

@@ -128,6 +128,14 @@ def test_slurm_without_sbatch_says_what_to_change(tmp_path):
     assert not list((tmp_path / "runs").rglob("launch.json"))
 
 
+def fail_when_run(sweep_dir: Path, dry_run: subprocess.CompletedProcess) -> None:
+    """Make the cell of a one-cell dry run fail once it runs: a file where its checkpoints folder goes
+    (every setting is valid, so nothing before the run can refuse it)."""
+    (cell_id,) = [line.split()[1] for line in dry_run.stdout.splitlines() if line.startswith("pending ")]
+    (sweep_dir / cell_id).mkdir(parents=True)
+    (sweep_dir / cell_id / "checkpoints").write_text("not a folder")
+
+
 def _results(runs: Path) -> dict:
     out = {}
     for path in runs.rglob("result.json"):
@@ -156,17 +164,19 @@ def test_local_sweep_runs_skips_and_retries(tmp_path):
     assert again.returncode == 0 and "0 to run, 2 completed cells skipped" in again.stdout
 
     # one failing cell beside a good one: the sweep goes on, ends non-zero, shows the log
-    bad = launch([*common, "adapter.u=3", "task=arithmetic,gsm8k", f"task.data_dir={tmp_path}/missing"], tmp_path)
+    fail_when_run(runs / "local", launch([*common, "adapter.u=6", "dry_run=true"], tmp_path))
+    bad = launch([*common, "adapter.u=3,6"], tmp_path)
     assert bad.returncode == 1, bad.stdout[-3000:]
-    states = {r["config"]["task"]["name"]: r["status"] for r in _results(runs).values() if r["config"]["adapter"]["u"] == 3}
-    assert states == {"arithmetic": "completed", "gsm8k": "failed"}
-    assert "failed" in bad.stdout and "log:" in bad.stdout and "task.data_dir" in bad.stdout
+    states = {r["config"]["adapter"]["u"]: r["status"] for r in _results(runs).values() if r["config"]["adapter"]["u"] > 2}
+    assert states == {3: "completed", 6: "failed"}
+    assert "failed" in bad.stdout and "log:" in bad.stdout and "error:" in bad.stdout
 
-    skipped = launch([*common, "adapter.u=3", "task=gsm8k", f"task.data_dir={tmp_path}/missing"], tmp_path)
+    skipped = launch([*common, "adapter.u=6"], tmp_path)
     assert "1 failed cells skipped (retry_failed=true re-runs them)" in skipped.stdout
-    retried = launch([*common, "adapter.u=3", "task=gsm8k", f"task.data_dir={tmp_path}/missing",
-                      "retry_failed=true"], tmp_path)
+    retried = launch([*common, "adapter.u=6", "retry_failed=true"], tmp_path)
     assert "1 to run" in retried.stdout and retried.returncode == 1
 
     status = launch([*common, "adapter.u=1,2,4", "status=true"], tmp_path)
     assert status.returncode == 0 and "3 cells: 2 completed, 1 pending" in status.stdout
+    failed = launch([*common, "adapter.u=6", "status=true"], tmp_path)
+    assert failed.returncode == 1 and "1 cells: 1 failed" in failed.stdout  # as python -m tinyablate.status says

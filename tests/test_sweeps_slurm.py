@@ -8,14 +8,16 @@ from its checkpoint with the same number of steps.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from slurm_cluster import require_cluster, requires_slurm, sacct_states, wait_sacct
-from test_sweeps import TINY, launch
+from test_sweeps import TINY, fail_when_run, launch
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 
@@ -67,13 +69,14 @@ def test_rerun_skips_completed_cells(array_sweep):
 def test_failing_cell_is_failed_in_slurm_while_others_complete(tmp_path):
     require_cluster()
     runs = tmp_path / "runs"
-    proc = launch(["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=slurmfail", "adapter.u=5",
-                   "task=arithmetic,gsm8k", f"task.data_dir={tmp_path}/missing"], tmp_path, timeout=600)
+    args = ["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=slurmfail"]
+    fail_when_run(runs / "slurmfail", launch([*args, "adapter.u=6", "dry_run=true"], tmp_path))
+    proc = launch([*args, "adapter.u=5,6"], tmp_path, timeout=600)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    by_task = {r["config"]["task"]["name"]: (cid, r) for cid, r in results(runs).items()}
-    assert by_task["arithmetic"][1]["status"] == "completed" and by_task["gsm8k"][1]["status"] == "failed"
+    by_u = {r["config"]["adapter"]["u"]: (cid, r) for cid, r in results(runs).items()}
+    assert by_u[5][1]["status"] == "completed" and by_u[6][1]["status"] == "failed"
     records = launch_records(runs)
-    good, bad = records[by_task["arithmetic"][0]]["job_id"], records[by_task["gsm8k"][0]]["job_id"]
+    good, bad = records[by_u[5][0]]["job_id"], records[by_u[6][0]]["job_id"]
     states = wait_sacct(good.split("_")[0], ids=[good, bad])
     assert states[good] == "COMPLETED" and states[bad] == "FAILED"
     assert "log:" in proc.stdout
@@ -120,3 +123,64 @@ def wait_sacct_history(job_id: str, timeout_s: float = 60) -> str:
         if history.endswith("COMPLETED") or time.time() > deadline:
             return history
         time.sleep(1)
+
+
+def _submit_one(tmp_path: Path, sweep: str, extra: list, env: dict = None) -> tuple:
+    runs = tmp_path / "runs"
+    proc = launch(["-m", *TINY, *SLURM, f"output_dir={runs}", f"sweep={sweep}", "adapter.u=9", "algo.max_steps=400",
+                   "wait=false", *extra], tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0 and "submitted 1 cells" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    (cell_id, record), = launch_records(runs / sweep).items()
+    return runs / sweep / cell_id, record["job_id"], proc
+
+
+def _wait_running(cell_dir: Path, job_id: str) -> int:
+    """The pid of the job's cell process once it holds the cell (training has begun)."""
+    from tinyablate.cell_folder import CellFolder
+
+    deadline = time.time() + 240
+    while not list(cell_dir.glob("checkpoints/checkpoint-*/trainer_state.json")):
+        assert time.time() < deadline, sacct_states(job_id)
+        time.sleep(0.3)
+    assert CellFolder(cell_dir).state() == "running"
+    return CellFolder(cell_dir).read_running()["pid"]
+
+
+def test_scancel_then_status_says_interrupted(tmp_path):
+    """A cancelled job's cell is not shown running forever: status asks whether its holder lives."""
+    from tinyablate.cell_folder import CellFolder
+
+    require_cluster()
+    cell_dir, job_id, _ = _submit_one(tmp_path, "cancel", [])
+    _wait_running(cell_dir, job_id)
+    subprocess.run(["scancel", job_id], check=True)
+    wait_sacct(job_id.split("_")[0], ids=[job_id], expect={"CANCELLED"}, timeout_s=120)
+    deadline = time.time() + 60  # the kernel drops the lock as the job's processes end
+    while CellFolder(cell_dir).holder() is not None and time.time() < deadline:
+        time.sleep(0.5)
+    status = subprocess.run([sys.executable, "-m", "tinyablate.status", str(cell_dir.parent)],
+                            capture_output=True, text=True)
+    assert "1 cells: 1 interrupted" in status.stdout, status.stdout + status.stderr
+
+
+def test_api_key_file_keeps_the_key_out_of_the_job_environment(tmp_path):
+    """With logger.api_key_file the launcher leaves WANDB_API_KEY out of what sbatch stores with the
+    job (StateSaveLocation) and out of the job's processes; without it, SLURM keeps the key."""
+    require_cluster()
+    secret = "wandb-key-" + os.urandom(16).hex()
+    key_file = tmp_path / "wandb_key"
+    key_file.write_text(secret + "\n")
+    key_file.chmod(0o600)
+    state_dir = Path("/var/lib/slurm/slurmctld")
+
+    def key_kept(cell_dir, job_id) -> tuple:
+        pid = _wait_running(cell_dir, job_id)
+        in_state = subprocess.run(["grep", "-rl", secret, str(state_dir)], capture_output=True, text=True).stdout
+        in_job = secret.encode() in Path(f"/proc/{pid}/environ").read_bytes()
+        subprocess.run(["scancel", job_id], check=True)
+        return bool(in_state.strip()), in_job
+
+    safe = _submit_one(tmp_path, "keyfile", [f"logger.api_key_file={key_file}"], env={"WANDB_API_KEY": secret})
+    assert key_kept(*safe[:2]) == (False, False)
+    exported = _submit_one(tmp_path, "keyenv", [], env={"WANDB_API_KEY": secret})
+    assert key_kept(*exported[:2]) == (True, True)  # the README's plain export: SLURM keeps it (the test can fail)

@@ -5,8 +5,11 @@
 
 `run_cell` is the one way into a cell: launch.py, the launchers' jobs, spawned ranks and tests all
 call it. It runs the same in a notebook, a test, a local subprocess or a SLURM job: it imports no
-launcher. A cell started again resumes training from its last complete checkpoint. Whatever happens,
-the cell ends with a result.json (status completed or failed) unless the process itself is killed.
+launcher. Before anything loads it runs `preflight` (tinyablate/preflight.py: every check that needs no
+weights, the same call a sweep's launcher makes) and takes the cell's lock (one process per cell;
+CellBusy if another live one holds it). A cell started again resumes training from its last complete
+checkpoint. Whatever happens, the cell ends with a result.json (status completed or failed) unless the
+process itself is killed; a completed one evaluated problems and trained the steps asked for.
 A `gpus: N > 1` cell runs as N ranks (distributed.py): started as one plain process, run_cell spawns
 them on this machine; under torchrun or a SLURM task it is one of them. Every rank builds, trains
 (DDP) and evaluates its share; rank 0 alone writes the result, metrics, W&B run and exported adapter.
@@ -14,7 +17,9 @@ them on this machine; under torchrun or a SLURM task it is one of them. Every ra
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -30,10 +35,11 @@ from .adapters import Adapter, apply_adapter
 from .cell_folder import (ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR, EVAL_SAMPLES_FILE, AdapterRecord,
                           AlgoRecord, CellFolder, ErrorRecord, Metrics, ModelRecord, Result, ResultError, TaskRecord,
                           Timing)
-from .config import CellSpec, ModelInfo, cell_id, spec_to_dict, validate_spec
+from .config import CellSpec, ModelInfo, cell_id, spec_to_dict
 from .distributed import Ranks
 from .eval import base_cache_key, base_cache_path, evaluate, read_base_cache, write_base_cache
-from .logging import MetricLogger, NullLogger, wandb_run_id
+from .logging import MetricLogger, NullLogger, truncate_metrics, wandb_run_id
+from .preflight import preflight
 from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
 from .provenance import collect_provenance
 from .tasks import Task, load_task
@@ -56,7 +62,7 @@ class Built:
 
 
 def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
-    """Run one cell (validated here, once) and return its result, as written to <cell_dir>/result.json.
+    """Run one cell (checked here, once, by preflight) and return its result, as written to <cell_dir>/result.json.
 
     `cell_dir` defaults to <output_dir>/<sweep>/<cell_id>. Under RANK/WORLD_SIZE (torchrun, submitit
     tasks, spawned ranks) this process is one data-parallel rank; a `gpus: N > 1` cell started without
@@ -64,14 +70,29 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
     """
     console.quiet_known_warnings()
     started_as = distributed.ranks_from_env()
-    validate_spec(spec, started_as.world_size if started_as.distributed else None)
+    preflight(spec, started_as.world_size if started_as.distributed else None)  # no weights loaded yet
     folder = CellFolder(cell_dir) if cell_dir is not None else CellFolder.of(spec)
-    if spec.gpus > 1 and not started_as.distributed:
-        distributed.require_gpus(spec.gpus)
-        distributed.spawn_ranks(spec.gpus, run_cell, spec, folder.path)
-        return folder.read_result().to_dict()
-    with distributed.process_group(spec.gpus) as ranks:
-        return _run_ranks(spec, folder, ranks).to_dict()
+    spawns = spec.gpus > 1 and not started_as.distributed
+    if spawns:
+        distributed.require_gpus(spec.gpus)  # before the lock: a cell this machine cannot run leaves no folder
+    with _cell_lock(folder, started_as):  # one process runs a cell at a time (CellBusy otherwise)
+        if spawns:
+            os.environ[_LOCK_HELD_ENV] = str(folder.path)  # the spawned ranks inherit it: this process holds the lock
+            distributed.spawn_ranks(spec.gpus, run_cell, spec, folder.path)
+            return folder.read_result().to_dict()
+        with distributed.process_group(spec.gpus) as ranks:
+            return _run_ranks(spec, folder, ranks).to_dict()
+
+
+def _cell_lock(folder: CellFolder, started_as: Ranks):
+    """The cell's lock, taken by the process that owns the cell: a plain process (which holds it for
+    the ranks it spawns) or rank 0 of ranks started by torchrun/SLURM tasks."""
+    if started_as.distributed and (not started_as.is_main or os.environ.get(_LOCK_HELD_ENV) == str(folder.path)):
+        return contextlib.nullcontext()
+    return folder.locked()
+
+
+_LOCK_HELD_ENV = "TINYABLATE_CELL_LOCK_HELD"
 
 
 def _run_ranks(spec: CellSpec, folder: CellFolder, ranks: Ranks) -> Result:
@@ -79,6 +100,7 @@ def _run_ranks(spec: CellSpec, folder: CellFolder, ranks: Ranks) -> Result:
     previous = None
     if ranks.is_main:
         folder.path.mkdir(parents=True, exist_ok=True)
+        folder.remove_temp_files()  # what a killed write left (we hold the lock: nobody else writes)
         previous = _previous_result(folder, cid)
     previous = distributed.broadcast_from_main(previous)
     if previous is not None:
@@ -131,6 +153,8 @@ def _run(spec: CellSpec, cid: str, folder: CellFolder, start: float, ranks: Rank
     config = {**spec_to_dict(spec), "cell_id": cid, "trainable_params": built.adapter.trainable_params,
               "trainable_bytes": built.adapter.trainable_bytes, "model_family": built.info.family,
               "model_size": built.info.size, "world_size": ranks.world_size}
+    if ranks.is_main:  # metrics.jsonl keeps the steps up to the checkpoint it resumes from: each step once
+        truncate_metrics(folder.path, resume_step(folder.file(CHECKPOINTS_DIR), ranks.world_size))
     logger = MetricLogger(folder.path, spec.logger, run_id=wandb_run_id(cid), group=spec.sweep,
                           job_type=spec.algo.name, name=cid, config=config) if ranks.is_main else NullLogger()
     with logger:
@@ -250,9 +274,15 @@ def train(spec: CellSpec, built: Built, cell_dir: Path, callbacks) -> dict:
     trainer = build_trainer(built.model, built.tokenizer, built.task, spec, checkpoints, built.device, callbacks, world)
     last = last_complete_checkpoint(checkpoints, world)
     trainer.train(resume_from_checkpoint=str(last) if last else None)
-    resumed = int(last.name.split("-")[1]) if last else None
+    resumed = resume_step(checkpoints, world, last)
     return {"steps": trainer.state.global_step, "train_s": time.time() - t0, "resumed_from_step": resumed,
             "reward": reward_summary(trainer.state.log_history), "first_step_time": times.get("first_step")}
+
+
+def resume_step(checkpoints: Path, world_size: int, last: Optional[Path] = None) -> Optional[int]:
+    """The step of the last complete checkpoint (None: training starts from scratch)."""
+    last = last or last_complete_checkpoint(checkpoints, world_size)
+    return int(last.name.split("-")[1]) if last else None
 
 
 def reward_summary(log_history: list) -> Optional[dict]:

@@ -1,13 +1,16 @@
 """The cell folder: every file in it, the result record (typed and versioned), its state, the launch record.
 
     folder = CellFolder.of(spec)                  # <output_dir>/<sweep>/<cell_id>/
-    folder.state()                                # pending | running | completed | failed
+    folder.state()                                # pending | running | interrupted | completed | failed
     result = folder.read_result()                 # a Result, None before the first attempt ends
+    with folder.locked():                         # one process runs a cell at a time (CellBusy otherwise)
+        ...
 
 A cell folder holds:
 
     spec.json            {"cell_id", "config"}: the cell's spec (written at submission and when it starts)
     launch.json          the launcher's record: backend, job_id, stdout, stderr, submitted, argv
+    cell.lock            the lock of the process that runs the cell (see `CellFolder.locked`)
     running.json         while a process runs it: pid, host, started, slurm_job_id, world_size
     result.json          the `Result` below: written once per attempt, atomically (temp file + rename)
     result.<status>-<unix time>.json   an earlier attempt's result, moved aside when the cell is retried
@@ -19,10 +22,22 @@ A cell folder holds:
 
 The cell (cell.py), status.py, the launcher and analysis/ use this module for every one of these
 paths and for reading and writing records; nothing else names them. Nothing downstream parses stdout.
+Every file written here gets the mode the process's umask gives a new file (0644 under umask 022),
+like the files that TRL, W&B and the logger create beside them.
+
+One process at a time: `locked()` takes an exclusive `flock` on cell.lock, non-blocking, before the
+cell touches anything else, and holds it while the cell runs. The kernel releases it when the process
+dies however it dies (kill -9, scancel, OOM), so a lock never outlives its holder, and the state of a
+cell is computed from it: running.json left behind by a holder that is gone reads `interrupted`.
+On NFS, Linux clients (2.6.12+) carry flock as an NFS byte-range lock that the server arbitrates
+between hosts; this needs a mount with locking on (not `nolock` or `local_lock=flock|all`). A holder
+whose whole node died keeps the lock until the server's lease expires (NFSv4: about 90 s).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -35,8 +50,9 @@ from typing import Any, Optional
 from .config import CellSpec, cell_id, spec_to_dict
 
 SCHEMA_VERSION = 1  # of result.json; readers refuse other versions (bump it when a field changes meaning)
-STATES = ("pending", "running", "completed", "failed")
+STATES = ("pending", "running", "interrupted", "completed", "failed")
 SPEC_FILE, LAUNCH_FILE, RUNNING_FILE, RESULT_FILE = "spec.json", "launch.json", "running.json", "result.json"
+LOCK_FILE = "cell.lock"
 METRICS_FILE, SUMMARY_FILE, EVAL_SAMPLES_FILE = "metrics.jsonl", "summary.json", "eval_samples.jsonl"
 ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR = "adapter", "adapter_native", "checkpoints"
 CELL_MARKERS = (RESULT_FILE, SPEC_FILE, RUNNING_FILE)  # a folder holding one of these is a cell folder
@@ -47,8 +63,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as JSON to `path` through a temp file and a rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a cell's files all get one mode
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, default=str)
             f.flush()
@@ -57,6 +74,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+TMP_SUFFIX = ".tmp"  # write_json_atomic's temp files: .<name>.<random>.tmp (a kill can leave one)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux /proc; else set and restore it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: Path) -> Any:
@@ -245,6 +278,8 @@ class Result(_Record):
         missing = [name for name in needed if getattr(result, name) is None]
         if missing:
             raise ResultError(f"{where}: a {result.status} result lacks {', '.join(missing)}")
+        if result.completed:
+            _check_completed(result, where)
         return result
 
     def to_dict(self) -> dict:
@@ -257,11 +292,34 @@ class Result(_Record):
         return self.status == "completed"
 
 
+def _check_completed(result: Result, where: str) -> None:
+    """A completed result evaluated at least one problem and trained the steps its config asked for."""
+    n_eval = result.metrics.n_eval
+    if n_eval is not None and n_eval < 1:
+        raise ResultError(f"{where}: completed with n_eval={n_eval}: a cell must evaluate at least one problem "
+                          "(check task.eval_limit and the task's test data)")
+    config = result.config or {}
+    asked = (config.get("algo") or {}).get("max_steps")
+    trains = config.get("train", True) and result.adapter.trainable_params > 0
+    done = result.algo.steps
+    if trains and isinstance(asked, int) and done is not None and done != asked:
+        raise ResultError(f"{where}: completed after {done} training steps, but algo.max_steps={asked} were asked "
+                          "for (is the training data empty or too small?)")
+
+
 _RECORDS = {c.__name__: c for c in (ModelRecord, AdapterRecord, AlgoRecord, TaskRecord, Metrics, Timing,
                                     ErrorRecord, Result)}
 
 
 # -- the folder -----------------------------------------------------------------------------------
+class CellBusy(RuntimeError):
+    """Another live process runs this cell (it holds the cell's lock)."""
+
+
+_HELD: dict = {}  # lock file path -> the descriptor holding it, for the locks this process holds
+_STARTED = time.time()
+
+
 @dataclass(frozen=True)
 class CellFolder:
     """One cell's folder; see the module docstring for what it holds."""
@@ -315,14 +373,90 @@ class CellFolder:
         os.replace(self.path / RESULT_FILE, self.path / f"result.{status}-{int(time.time())}.json")
 
     def state(self) -> str:
-        """pending | running | completed | failed (an unusable result.json counts as failed)."""
+        """pending | running | interrupted | completed | failed (an unusable result.json counts as failed).
+
+        running: a live process holds the cell's lock. interrupted: one started it (running.json) and is
+        gone without a result (killed, cancelled, node lost); running it again resumes it.
+        """
         try:
             result = self.read_result()
         except ResultError:
             return "failed"
         if result is not None:
             return result.status
-        return "running" if (self.path / RUNNING_FILE).exists() else "pending"
+        if self.holder() is not None:
+            return "running"
+        return "interrupted" if (self.path / RUNNING_FILE).exists() else "pending"
+
+    # -- the lock: one process runs a cell at a time -----------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, wait_s: float = 2.0):
+        """Hold this cell's lock for the block; CellBusy when another live process holds it.
+
+        Re-entrant within a process. `wait_s` rides over a status reader's momentary probe.
+        """
+        key = str(self.path / LOCK_FILE)
+        if key in _HELD:
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        deadline = time.time() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() < deadline or self._own_requeue():
+                    time.sleep(0.1)
+                    continue
+                os.close(fd)
+                raise CellBusy(f"cell {self.path} is already being run by {self.holder() or 'another process'}; "
+                               "this launch leaves it alone (see its state with python -m tinyablate.status)")
+        os.ftruncate(fd, 0)  # who holds it, for the message of a refused launch and for status
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "slurm_job_id": os.environ.get("SLURM_JOB_ID")}).encode())
+        _HELD[key] = fd
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            os.close(fd)  # releases the lock
+
+    def _own_requeue(self, patience_s: float = 120.0) -> bool:
+        """True while the holder is this SLURM job's previous run (a requeue), ending: wait for it."""
+        job = os.environ.get("SLURM_JOB_ID")
+        holder = read_json(self.path / LOCK_FILE)
+        return bool(job) and isinstance(holder, dict) and holder.get("slurm_job_id") == job \
+            and time.time() - _STARTED < patience_s
+
+    def holder(self) -> Optional[str]:
+        """Who runs this cell now ("process <pid> on <host>"), None when no live process holds its lock."""
+        path = self.path / LOCK_FILE
+        if str(path) in _HELD:
+            return f"this process ({os.getpid()} on {socket.gethostname()})"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: two readers never block each other
+            return None  # free: nobody runs the cell (os.close releases the probe)
+        except BlockingIOError:
+            running = read_json(path)  # what the holder wrote in the lock file
+            running = running if isinstance(running, dict) else {}
+            who = f"process {running.get('pid', '?')} on {running.get('host', '?')}"
+            job = running.get("slurm_job_id")
+            return who + (f" (SLURM job {job})" if job else "")
+        finally:
+            os.close(fd)
+
+    def remove_temp_files(self) -> list:
+        """Delete temp files that a killed write left (call it holding the lock); returns their paths."""
+        stale = [p for p in self.path.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
 
     # -- spec, running, launch records -----------------------------------------------------------
     def write_spec(self, spec: CellSpec) -> None:

@@ -205,7 +205,7 @@ class MetricLogger:
             mode=self.cfg.mode, dir=str(self.wandb_dir),
             # A process may run several cells: each logger owns its run, never wandb.run.
             reinit="create_new",
-            settings=wandb.Settings(console="off", silent=True, disable_code=True),
+            settings=wandb.Settings(console="off", silent=True, disable_code=True, **_api_key(self.cfg)),
         )
         for metric, summary in SUMMARY_METRICS.items():
             run.define_metric(metric, summary=summary)
@@ -311,6 +311,26 @@ def read_metrics(cell_dir: Union[str, Path]) -> List[Dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def _api_key(cfg: LoggerConfig) -> Dict[str, str]:
+    """{"api_key": the key in logger.api_key_file} (read by this process, never put in its environment)."""
+    if cfg.api_key_file is None:
+        return {}
+    return {"api_key": Path(cfg.api_key_file).expanduser().read_text().strip()}
+
+
+def truncate_metrics(cell_dir: Union[str, Path], through_step: Optional[int]) -> None:
+    """Before a cell starts again: keep the rows of steps 1..`through_step` (what its checkpoint
+    holds; None keeps none), so the steps it re-runs, and its step-0 base evaluation, appear once."""
+    path = Path(cell_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    keep = [row for row in read_metrics(cell_dir) if isinstance(row.get("step"), int)
+            and through_step is not None and 1 <= row["step"] <= through_step]
+    tmp = path.with_name(f".{path.name}.truncate.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _read_json_dict(path: Path) -> Dict[str, Any]:

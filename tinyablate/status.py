@@ -2,7 +2,9 @@
 
     python -m tinyablate.status runs/embedded          # every cell folder under a sweep folder
 
-States: pending (not started, or queued), running, completed, failed (with the log to read).
+States: pending (not started, or queued), running (a live process holds the cell's lock), interrupted
+(started, then killed or cancelled without a result: a re-run resumes it), completed, failed (with the
+log to read). Exit code 1 when a cell failed (the launcher's `status=true` too).
 The launcher prints the same table at the end of a sweep and for `status=true`.
 """
 
@@ -50,6 +52,9 @@ def live_job(cell_dir: Path) -> Optional[str]:
     this host. Used so that re-running a sweep never starts a second copy of a live cell.
     """
     folder = CellFolder(cell_dir)
+    holder = folder.holder()  # the cell's lock: held exactly while a live process runs it, on any host
+    if holder:
+        return f"{holder} running"
     launch = folder.read_launch()
     if launch.get("backend") == "slurm" and shutil.which("squeue"):
         try:

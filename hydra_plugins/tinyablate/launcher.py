@@ -16,8 +16,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 
 from tinyablate.cell_folder import CellFolder
-from tinyablate.config import CellSpec, cell_id, cell_spec, validate_spec
-from tinyablate.shapes import adapter_size
+from tinyablate.config import CellSpec, Checks, cell_id, cell_spec
+from tinyablate.preflight import preflight
 from tinyablate.status import cell_row, format_table, live_job
 
 from . import plan
@@ -50,6 +50,7 @@ class TinyablateLauncher(Launcher):
     # -- the one entry point Hydra calls --------------------------------------------------------
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         t0 = time.time()
+        self._check_settings(len(job_overrides))
         roots = compose_cells(self.hydra_context.config_loader, self.config, job_overrides)
         cells = [self._check(list(o), r) for o, r in zip(job_overrides, roots)]
         options = roots[0]
@@ -62,7 +63,10 @@ class TinyablateLauncher(Launcher):
             raise SystemExit(2)
         print("\n".join(plan.count_lines(cells)))
         if options.status:
-            print(format_table([cell_row(c.folder.path, c.cell_id) for c in plan.distinct(cells)[0]]))
+            rows = [cell_row(c.folder.path, c.cell_id) for c in plan.distinct(cells)[0]]
+            print(format_table(rows))
+            if any(r["state"] == "failed" for r in rows):
+                raise SystemExit(1)  # as python -m tinyablate.status does
             return self._returns(cells)
         if options.dry_run:
             print("\n".join(plan.plan_lines(cells, options.cost_device)))
@@ -91,8 +95,8 @@ class TinyablateLauncher(Launcher):
         try:
             if isinstance(root, Exception):
                 raise root
-            spec = validate_spec(cell_spec(root))
-            cell.params, cell.bytes = adapter_size(spec.model.name, spec.adapter)
+            spec = cell_spec(root)
+            cell.params, cell.bytes = preflight(spec)  # the checks a single cell makes before loading
         except Exception as err:  # every invalid cell is reported, not just the first
             cell.error = f"{type(err).__name__}: " + "\n    ".join(str(err).splitlines())  # one problem a line
             return cell
@@ -122,6 +126,23 @@ class TinyablateLauncher(Launcher):
               + (f", {counts[1]} failed cells skipped (retry_failed=true re-runs them)" if counts[1] else "")
               + (f", {counts[2]} cells already queued or running left alone" if counts[2] else ""))
         return todo, notes
+
+    def _check_settings(self, n_cells: int) -> None:
+        """The launcher's own settings, and a sweep that has cells at all."""
+        c = Checks("hydra.launcher")
+        for name in ("max_parallel", "array_parallelism", "timeout_min", "cpus_per_task", "mem_gb"):
+            if name in self.settings:
+                c.integer(name, self.settings[name], minimum=1)
+        for name in ("max_requeues", "signal_delay_s"):
+            if name in self.settings:
+                c.integer(name, self.settings[name], minimum=0)
+        if "poll_s" in self.settings:
+            c.number("poll_s", self.settings["poll_s"], above=0)
+        if n_cells == 0:
+            c.rule("the sweep has 0 cells (an axis with no values, e.g. range(1,1)?): nothing to run")
+        if c.problems:
+            print("\n".join(c.problems) + "\nnothing was submitted.")
+            raise SystemExit(2)
 
     def _check_backend(self) -> None:
         if self.backend == "slurm" and shutil.which("sbatch") is None:

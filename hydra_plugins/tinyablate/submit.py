@@ -6,6 +6,7 @@ the torch.distributed variables from submitit's job environment and runs the cel
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -51,7 +52,8 @@ def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
     for gpus in sorted({c.spec.gpus for c in cells}):
         group = [c for c in cells if c.spec.gpus == gpus]
         executor = _slurm_executor(settings, folder, gpus, group[0].spec.sweep)
-        group_jobs = executor.map_array(CellJob(), [asdict(c.spec) for c in group], [str(c.folder.path) for c in group])
+        with _key_kept_from_job(group):
+            group_jobs = executor.map_array(CellJob(), [asdict(c.spec) for c in group], [str(c.folder.path) for c in group])
         for cell, job in zip(group, group_jobs):
             write_launch_record(cell, job, backend)
         print(f"submitted {len(group)} cells ({gpus} GPU(s) each) as SLURM array {group_jobs[0].job_id.split('_')[0]}")
@@ -59,6 +61,27 @@ def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
     if wait:
         _wait(jobs, settings.get("poll_s", 10.0))
     return jobs
+
+
+@contextlib.contextmanager
+def _key_kept_from_job(cells: list):
+    """sbatch stores the submitting environment with the job (--export=ALL): with logger.api_key_file
+    the cells read the key themselves, so WANDB_API_KEY is left out of what sbatch sees."""
+    key = os.environ.get("WANDB_API_KEY")
+    if key is None:
+        yield
+        return
+    if not all(c.spec.logger.api_key_file for c in cells):
+        if any(c.spec.logger.mode == "online" for c in cells):
+            print("note: WANDB_API_KEY goes into the SLURM jobs' environment, which SLURM stores with each job; "
+                  "logger.api_key_file=<file> keeps it out (README, W&B and secrets)")
+        yield
+        return
+    del os.environ["WANDB_API_KEY"]
+    try:
+        yield
+    finally:
+        os.environ["WANDB_API_KEY"] = key
 
 
 def ranks_per_cell(gpus: int) -> int:
@@ -93,7 +116,7 @@ def _run_local(settings: dict, cells: list, folder: Path) -> list:
         raise SystemExit(f"{len(too_big)} cells ask for more GPUs than this machine shows ({len(free_gpus)}), "
                          f"e.g. {too_big[0]}: set gpus=0 for CPU, or run them with hydra/launcher=slurm")
     queue, running, jobs = list(cells), [], []
-    limit = max(1, int(settings.get("max_parallel", 1)))
+    limit = int(settings["max_parallel"])  # >= 1: the launcher checked it
     while queue or running:
         while queue and len(running) < limit and queue[0].spec.gpus <= len(free_gpus):
             cell = queue.pop(0)

@@ -24,6 +24,11 @@ class LoggerConfig(Section):
     tags: List[str] = field(default_factory=list)
     # Folder that receives W&B's `wandb/` folder; None puts it in the cell directory.
     dir: Optional[str] = None
+    # A file holding the W&B API key (make it readable by you only), read by the cell itself when
+    # W&B starts. Safer than exporting WANDB_API_KEY for SLURM: sbatch stores the submitting
+    # environment with the job, and the launcher leaves WANDB_API_KEY out of it when this is set
+    # (README, "W&B and secrets"). None: WANDB_API_KEY or `wandb login`.
+    api_key_file: Optional[str] = None
 
     section = "logger"
 
@@ -34,6 +39,7 @@ class LoggerConfig(Section):
         if not isinstance(self.tags, (list, tuple)) or not all(_is_tag(t) for t in self.tags):
             c.fail("tags", self.tags, f"a list of non-empty strings of at most {TAG_MAX_LEN} chars")
         c.string("dir", self.dir, optional=True, note=" (None: the cell directory)")
+        c.string("api_key_file", self.api_key_file, optional=True, note=" (a file holding the W&B API key)")
 
 
 def _is_tag(tag: object) -> bool:

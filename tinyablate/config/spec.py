@@ -57,7 +57,8 @@ def spec_problems(spec: CellSpec, world_size: Optional[int] = None) -> list:
     (default: one per GPU, or 1 on CPU)."""
     c = Checks()
     gpus_ok = c.integer("gpus", spec.gpus, minimum=0, note=" (0 = CPU; N > 1 runs N data-parallel ranks on one node)")
-    c.integer("seed", spec.seed)
+    if c.integer("seed", spec.seed, minimum=0, note=" below 2**32 (numpy's seed range)") and spec.seed >= 2**32:
+        c.fail("seed", spec.seed, "an integer >= 0 below 2**32 (numpy's seed range)")
     c.boolean("train", spec.train)
     c.string("output_dir", spec.output_dir)
     if not isinstance(spec.sweep, str) or not spec.sweep or "/" in spec.sweep:
@@ -79,10 +80,10 @@ def _cross_section_problems(spec: CellSpec, gpus_ok: bool) -> list:
         c.rule(f"model.device={spec.model.device!r} with gpus={spec.gpus}: each rank uses its own GPU, "
                "so set model.device=auto (or cuda)")
     on_cpu = spec.model.device == "cpu" or (spec.gpus == 0 and not str(spec.model.device).startswith("cuda"))
-    for field, engine in (("algo.rollout_engine", spec.algo.rollout_engine), ("eval.engine", spec.eval.engine)):
+    for name, engine in (("algo.rollout_engine", spec.algo.rollout_engine), ("eval.engine", spec.eval.engine)):
         if engine == "graph" and on_cpu:
-            c.rule(f"{field}=graph needs a CUDA GPU (its decode step is replayed from CUDA graphs) but this cell "
-                   f"runs on the CPU (gpus={spec.gpus}, model.device={spec.model.device}): use {field}=eager (the "
+            c.rule(f"{name}=graph needs a CUDA GPU (its decode step is replayed from CUDA graphs) but this cell "
+                   f"runs on the CPU (gpus={spec.gpus}, model.device={spec.model.device}): use {name}=eager (the "
                    f"same engine without graphs), hf or auto")
     if spec.algo.name == "grpo" and is_number(spec.algo.beta) and spec.algo.beta > 0:
         c.rule(f"algo.beta={spec.algo.beta} is not supported: a KL penalty needs a reference model, which TRL would "

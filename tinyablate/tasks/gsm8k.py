@@ -83,9 +83,15 @@ def _read_jsonl(path: Path) -> list[dict]:
         for line_number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-                raise ValueError(f"{path}:{line_number}: expected a JSON object with 'question' and 'answer'")
+            try:
+                row = json.loads(line)
+            except ValueError as err:  # JSONDecodeError counts lines within `line`: name the file's line
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({getattr(err, 'msg', err)}, "
+                                 f"column {getattr(err, 'colno', '?')})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
+                    or not isinstance(row.get("answer"), str):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object with 'question' and 'answer' strings")
+            parse_row(row, f"{path}:{line_number}")  # every line checked here, so its error names it
             rows.append(row)
     return rows
 

@@ -1,0 +1,181 @@
+"""Fault injection (`-m faults`): kill -9 a short cell at random points of training, evaluation, export
+and result writing, re-run it after each kill, and check that nothing is lost, run twice or faked;
+two launches of one cell and of one sweep at once; kill, then status.
+
+The kills run through tests/fault_driver.py (forked attempts of the tiny random model, SFT, 6 steps).
+The counts of the last run are printed (pytest -s) and written to <tmp>/fault_counts.json.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tinyablate.cell_folder import CellFolder
+from tinyablate.config import AdapterConfig, AlgoConfig, CellSpec, EvalConfig, LoggerConfig, ModelConfig, TaskConfig
+from tinyablate.logging import read_metrics
+
+pytestmark = pytest.mark.faults
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+LIVES = 3  # cell folders taken from empty to completed through ~10 kills each
+ENV = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
+       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def fault_spec(root: Path) -> CellSpec:
+    """The fastest real cell: tiny random Qwen2, TinyLoRA, SFT, a checkpoint every step."""
+    return CellSpec(
+        model=ModelConfig(name="tiny-qwen2", cache_dir=str(root / "cache")),
+        adapter=AdapterConfig(kind="tinylora", r=2, u=3, tie=2),
+        task=TaskConfig(name="arithmetic", max_value=9, train_size=24, eval_size=8, scorer="flexible"),
+        algo=AlgoConfig(name="sft", max_steps=STEPS, learning_rate=1e-2, prompts_per_step=4, micro_batch_size=2,
+                        max_length=96, save_steps=1),
+        eval=EvalConfig(batch_size=4, max_new_tokens=8),  # 2 generation batches per evaluation
+        logger=LoggerConfig(mode="disabled"), output_dir=str(root / "runs"), sweep="faults",
+    )
+
+
+def kill_plan(rng: random.Random) -> list:
+    """One lifetime's kills, in the order a cell meets them: a random moment early on, training (a step's
+    end, a checkpoint half written, a checkpoint just complete), then evaluation, export and result
+    writing in a random order (each re-run repeats them: training is done)."""
+    s1, s2 = rng.choice([2, 3]), rng.choice([4, 5])
+    moment = lambda: ["random", round(rng.uniform(0.05, 0.6), 2)]  # noqa: E731 (a whole cell takes ~1.5 s)
+    train = [moment(), [rng.choice(["train_step", "train_save"]), s1], moment(),
+             ["ckpt_write", rng.choice([1, 2])], [rng.choice(["train_step", "train_save"]), s2]]
+    after = [["eval", 1], ["eval", 2], ["export", None], ["result_write", None]]
+    rng.shuffle(after)
+    return train + after
+
+
+def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_run(tmp_path):
+    rng = random.Random(int(os.environ.get("TINYABLATE_FAULT_SEED", "13")))
+    lifetimes = [{"spec": asdict(fault_spec(tmp_path / "reference")), "attempts": []}]
+    lifetimes += [{"spec": asdict(fault_spec(tmp_path / f"life{i}")), "attempts": kill_plan(rng)} for i in range(LIVES)]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"lifetimes": lifetimes}))
+    t0 = time.time()
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "fault_driver.py"), str(plan)], env=ENV,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{\"")]
+    assert records[-1] == {"done": True}, out.stderr[-4000:]
+    attempts = records[:-1]
+    (tmp_path / "attempts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in attempts))
+
+    kills = [a for a in attempts if a["outcome"] == "killed"]
+    for before, a in zip([None] + attempts, attempts):
+        if a["point"] not in ("random", "none") and before["state"] != "completed":  # (a random kill can come late)
+            assert a["outcome"] == "killed", a  # every planned kill landed where it was planned
+        if a["outcome"] == "killed":  # a kill leaves no result (never a fake or torn one) and reads interrupted
+            started = a["state"] == "interrupted" or (a["state"] == "pending" and not a["checkpoints"])  # (killed
+            assert a["result"] is None and started and a["holder"] is None, a  # before it wrote running.json)
+        if a["point"] == "result_write":
+            assert a["tmp_files"], a  # the kill did leave a temp file behind ...
+        if a["point"] == "none":  # ... which the re-run removed; each lifetime ends completed, once
+            assert a["outcome"] == "exit 0" and a["state"] == a["result"] == "completed" and not a["tmp_files"], a
+    assert len(kills) >= 20
+
+    reference = CellFolder.of(fault_spec(tmp_path / "reference"))
+    v_ref = load_file(str(reference.file("adapter_native") / "vectors.safetensors"))
+    for i in range(LIVES):
+        folder = CellFolder.of(fault_spec(tmp_path / f"life{i}"))
+        result = folder.read_result()
+        assert result.completed and result.metrics.train_steps == STEPS and result.metrics.n_eval == 8
+        assert sorted(p.name for p in folder.path.glob("result*.json")) == ["result.json"]  # exactly one
+        v = load_file(str(folder.file("adapter_native") / "vectors.safetensors"))
+        assert v.keys() == v_ref.keys() and all((v[k] == v_ref[k]).all() for k in v), f"lifetime {i}: v differs"
+        assert result.metrics.accuracy == reference.read_result().metrics.accuracy
+        losses = [r["step"] for r in read_metrics(folder.path) if "train/loss" in r]
+        assert losses == list(range(1, STEPS + 1)), losses  # each step once, after every resume
+        assert not list(folder.path.glob(".*.tmp"))
+
+    where = collections.Counter(a["point"] for a in kills)
+    counts = {"kills": len(kills), "where": dict(where), "attempts": len(attempts),
+              "outcomes": dict(collections.Counter(a["outcome"] for a in attempts)),
+              "random_kills_landed_with_checkpoints": [a["checkpoints"] for a in kills if a["point"] == "random"],
+              "seconds": round(time.time() - t0, 1)}
+    (tmp_path / "fault_counts.json").write_text(json.dumps(counts, indent=1))
+    print("fault counts:", json.dumps(counts))
+
+
+# -- two launches at once, and status after a kill -----------------------------------------------
+TINY = ["model=tiny-qwen2", "task.max_value=9", "task.train_size=24", "task.eval_size=8", "algo=sft",
+        "algo.max_steps=4", "algo.prompts_per_step=4", "algo.micro_batch_size=2", "algo.max_length=96",
+        "algo.save_steps=1", "eval.max_new_tokens=8", "eval.batch_size=8", "logger=disabled"]
+
+
+def start(args: list, tmp_path: Path, log: str) -> subprocess.Popen:
+    env = {**ENV, "TINYABLATE_CACHE": str(tmp_path / "cache")}
+    return subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=tmp_path, env=env,
+                            stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT, text=True)
+
+
+def loss_steps(cell_dir: Path) -> list:
+    return [r["step"] for r in read_metrics(cell_dir) if "train/loss" in r]
+
+
+def test_one_cell_launched_twice_at_once_runs_once(tmp_path):
+    args = [*TINY, "algo.max_steps=30", f"output_dir={tmp_path / 'runs'}", "sweep=twice"]
+    first, second = start(args, tmp_path, "a.log"), start(args, tmp_path, "b.log")
+    codes = sorted([first.wait(timeout=600), second.wait(timeout=600)])
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    # one trained it; the other was refused by the lock (exit 2, one line) or, come later, found it completed
+    assert codes in ([0, 2], [0, 0]) and logs.count("train_runtime") == 1 and "Traceback" not in logs, logs[-4000:]
+    [cell] = [p.parent for p in (tmp_path / "runs" / "twice").glob("*/result.json")]
+    assert CellFolder(cell).read_result().completed and loss_steps(cell) == list(range(1, 31))
+
+    # a launch while a live process holds the cell (here: this test) is refused at once, without a traceback
+    busy = CellFolder(tmp_path / "runs" / "busy" / cell.name)
+    with busy.locked():
+        busy.mark_running(1)
+        second = start([*args[:-1], "sweep=busy"], tmp_path, "c.log")
+        code, log = second.wait(timeout=300), (tmp_path / "c.log").read_text()
+    assert code == 2 and f"is already being run by process {os.getpid()}" in log and "Traceback" not in log, log
+    assert not busy.has_result() and busy.state() == "interrupted"  # the refused launch wrote nothing
+
+
+def test_one_sweep_launched_twice_at_once_runs_each_cell_once(tmp_path):
+    args = ["-m", *TINY, "algo.max_steps=30", f"output_dir={tmp_path / 'runs'}", "sweep=twice", "adapter.u=1,2",
+            "hydra.launcher.max_parallel=2", "hydra.launcher.poll_s=0.5"]
+    first, second = start(args, tmp_path, "a.log"), start(args, tmp_path, "b.log")
+    first.wait(timeout=600), second.wait(timeout=600)
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    cells = sorted(p.parent for p in (tmp_path / "runs" / "twice").glob("*/spec.json"))
+    assert len(cells) == 2, logs[-4000:]
+    for cell in cells:  # each cell completed by one process: every step logged once
+        assert CellFolder(cell).read_result().completed, logs[-4000:]
+        assert loss_steps(cell) == list(range(1, 31)), logs[-4000:]
+    trained = sum(p.read_text().count("train_runtime") for p in (tmp_path / "runs" / "twice" / ".submitit").rglob("*_log.*"))
+    assert trained == 2, logs[-4000:]  # a cell started by both launchers was trained by one (the lock refused the other)
+
+
+def test_kill_then_status_says_interrupted(tmp_path):
+    runs = tmp_path / "runs"
+    args = [*TINY, "algo.max_steps=400", f"output_dir={runs}", "sweep=killed"]  # ~25 s: it is killed long before
+    proc = start(args, tmp_path, "a.log")
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(runs.glob("killed/*/checkpoints/checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+        time.sleep(0.2)
+    [cell] = [p.parent for p in runs.glob("killed/*/spec.json")]
+    status = subprocess.run([sys.executable, "-m", "tinyablate.status", str(runs / "killed")], env=ENV,
+                            capture_output=True, text=True)
+    assert status.returncode == 0 and status.stdout.split()[5] == "running", status.stdout
+    proc.kill()
+    proc.wait()
+    status = subprocess.run([sys.executable, "-m", "tinyablate.status", str(runs / "killed")], env=ENV,
+                            capture_output=True, text=True)
+    assert status.stdout.split()[5] == "interrupted", status.stdout
+    assert CellFolder(cell).state() == "interrupted" and "1 cells: 1 interrupted" in status.stdout

@@ -1,0 +1,108 @@
+"""Everything about a cell that can be checked without its weights, in the one call that a single
+cell (run_cell, before anything loads) and a sweep's launcher (every cell, before anything is
+submitted or a dry run says "valid") share:
+
+    params, nbytes = preflight(spec)      # ConfigError listing every problem, else the adapter's size
+
+- the settings themselves (config.spec_problems: types, ranges, rules across sections);
+- the adapter against the model's shapes on the meta device (shapes.py): r above a matrix's smaller
+  side, unknown target_modules, layers beyond the model's;
+- the files the cell will read: model.path exists; task.data_dir holds non-empty train/test files
+  whose every line parses (the message names the file and line), and enough problems to train on
+  and evaluate;
+- logger.mode=online has a W&B key to use (WANDB_API_KEY, logger.api_key_file, or a wandb login).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+from .config import CellSpec, ConfigError, spec_problems
+from .config.checks import raise_problems
+from .config.logger import LoggerConfig
+from .config.model import ModelConfig
+from .config.task import TaskConfig
+from .shapes import adapter_size
+
+
+def preflight(spec: CellSpec, world_size: Optional[int] = None) -> tuple:
+    """Check one cell without loading weights; returns (trainable parameters, trainable bytes)."""
+    problems, size = spec_problems(spec, world_size), (None, None)
+    sound = lambda *sections: not any(p.startswith(tuple(f"{s}." for s in sections)) for p in problems)  # noqa: E731
+    if sound("model", "adapter"):  # each check below needs its sections' settings well-typed
+        try:
+            size = adapter_size(spec.model.name, spec.adapter)
+        except ValueError as err:
+            problems += str(err).splitlines()
+    if sound("model"):
+        problems += model_file_problems(spec.model)
+    if sound("task", "train"):
+        problems += data_problems(spec.task, spec.train)
+    if sound("logger"):
+        problems += logger_problems(spec.logger)
+    raise_problems(problems)
+    return size
+
+
+def model_file_problems(cfg: ModelConfig) -> list:
+    if cfg.path is not None and not Path(cfg.path).expanduser().exists():
+        return [f"model.path={cfg.path!r} is invalid: expected an existing folder (or GGUF file); nothing is there"]
+    return []
+
+
+def data_problems(cfg: TaskConfig, train: bool) -> list:
+    """The task's data: readable, every line valid, and problems to train on and evaluate."""
+    key = json.dumps(asdict(cfg), sort_keys=True, default=str)
+    if cfg.name == "gsm8k" and cfg.data_dir is None:
+        return []  # from the Hub, when the cell runs (no network here to check it)
+    return list(_data_problems(key, train, _stamp(cfg.data_dir)))
+
+
+def _stamp(data_dir: Optional[str]) -> tuple:
+    """The data files' sizes and times: a file changed since it was checked is checked again."""
+    if data_dir is None or not Path(data_dir).expanduser().is_dir():
+        return ()
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(data_dir).expanduser().iterdir()))
+
+
+@lru_cache(maxsize=64)  # a grid shares a few task configs: each is read once
+def _data_problems(key: str, train: bool, stamp: tuple) -> tuple:
+    from .tasks import load_task  # here: datasets' import costs the launcher ~1 s otherwise
+
+    try:
+        task = load_task(TaskConfig(**json.loads(key)))
+    except (OSError, ValueError) as err:  # missing folder or file, a bad line (the message names it)
+        return (f"task data: {err}",)
+    problems = []
+    if train and not task.train_problems():
+        problems.append(f"task data: no training problems (task.name={task.cfg.name!r}, task.data_dir="
+                        f"{task.cfg.data_dir!r}): give a non-empty train file, or train=false")
+    if not task.eval_problems():
+        problems.append(f"task data: no evaluation problems (task.name={task.cfg.name!r}, task.data_dir="
+                        f"{task.cfg.data_dir!r}, task.eval_limit={task.cfg.eval_limit!r}): give a non-empty test file")
+    return tuple(problems)
+
+
+def logger_problems(cfg: LoggerConfig) -> list:
+    """logger.mode=online needs a key now, not after the model has loaded."""
+    if cfg.api_key_file is not None:
+        path = Path(cfg.api_key_file).expanduser()
+        if not path.is_file() or not os.access(path, os.R_OK) or not path.read_text().strip():
+            return [f"logger.api_key_file={cfg.api_key_file!r} is invalid: expected a readable file holding the "
+                    "W&B API key (one line)"]
+    if cfg.mode != "online" or cfg.api_key_file is not None or os.environ.get("WANDB_API_KEY"):
+        return []
+    netrc = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace"):
+        return []
+    return ["logger.mode='online' has no W&B API key: set logger.api_key_file=/path/to/a/file/holding/the/key "
+            "(readable by you only; on SLURM this keeps the key out of the job's environment), or export "
+            "WANDB_API_KEY, or use logger=offline and `wandb sync` the runs later"]
+
+
+__all__ = ["preflight", "ConfigError", "data_problems", "logger_problems", "model_file_problems"]
