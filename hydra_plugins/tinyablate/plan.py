@@ -156,8 +156,9 @@ def total_lines(unique: list, est: list, states: dict, device: str) -> list:
         lines.append(f"    + {_hours(sum(base.values()))} GPU-hours of base evaluation (cached: once per model, task "
                      f"and eval setting, {len(base)} here)")
     if sources.get("model") or sources.get("calibrated"):
-        lines.append("    model figures are upper bounds: completions at their maximum length, HF generate's "
-                     "measured decode latency (tinyablate/cost.py; table tinyablate/throughput.json)")
+        lines.append("    model figures are upper bounds: completions at their maximum length, decode steps at the "
+                     "measured latency of the generator the engine settings pick (tinyablate/cost.py; table "
+                     "tinyablate/throughput.json)")
     return lines
 
 
