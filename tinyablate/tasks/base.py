@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from ..config.task import TaskConfig
-from .scoring import Score, score
+from .scoring import Score, reward_fn, score
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,8 @@ class Problem:
 
 class Task(ABC):
     """Base class of tasks: subclasses implement `train_problems` and `eval_problems`."""
+
+    multiple_choice = False  # True: evaluated by per-choice log-likelihood (tasks/choice.py)
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -46,6 +48,10 @@ class Task(ABC):
     def score(self, completion: str, problem: Problem) -> Score:
         """Score a completion's text against the problem's gold answer."""
         return score(completion, problem.answer)
+
+    def reward_fn(self):
+        """The TRL reward function: the task's scorer (`task.scorer`) on each completion."""
+        return reward_fn(self.cfg.scorer)
 
     def prompt_rows(self, problems: list[Problem]) -> list[dict]:
         """Rows for GRPO datasets: a conversational `prompt`, the `answer` the reward reads, the `id`."""
