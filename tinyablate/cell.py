@@ -32,9 +32,9 @@ from transformers import set_seed
 
 from . import console, distributed
 from .adapters import Adapter, apply_adapter
-from .cell_folder import (ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR, EVAL_SAMPLES_FILE, AdapterRecord,
+from .cell_folder import (ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR, AdapterRecord,
                           AlgoRecord, CellFolder, ErrorRecord, Metrics, ModelRecord, Result, ResultError, TaskMetrics,
-                          TaskRecord, Timing)
+                          TaskRecord, Timing, eval_samples_file)
 from .choice_eval import evaluate_choices
 from .config import CellSpec, ModelInfo, cell_id, eval_task_configs, spec_to_dict
 from .distributed import Ranks
@@ -265,7 +265,7 @@ def evaluate_final(spec: CellSpec, built: Built, cell_dir: Path, base: dict, tra
         return {k: v for k, v in base.items() if k not in ("cached", "eval_s")}
     metrics, records = evaluate_task(spec, built, task, desc=f"eval trained {task.cfg.name}")
     if built.ranks.is_main:
-        name = EVAL_SAMPLES_FILE if task is built.task else EVAL_SAMPLES_FILE.replace(".jsonl", f".{task.cfg.name}.jsonl")
+        name = eval_samples_file(None if task is built.task else task.cfg.name)
         with open(cell_dir / name, "w") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")

@@ -66,6 +66,11 @@ ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR = "adapter", "adapter_native", 
 CELL_MARKERS = (RESULT_FILE, SPEC_FILE, RUNNING_FILE)  # a folder holding one of these is a cell folder
 
 
+def eval_samples_file(task: Optional[str] = None) -> str:
+    """eval_samples.jsonl (the training task), or eval_samples.<task>.jsonl (another of eval.tasks)."""
+    return EVAL_SAMPLES_FILE if task is None else f"eval_samples.{task}.jsonl"
+
+
 # -- JSON on disk ---------------------------------------------------------------------------------
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as JSON to `path` through a temp file and a rename: readers never see half a file."""
