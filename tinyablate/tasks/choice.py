@@ -154,7 +154,8 @@ class ChoiceTask(Task):
         return [{"prompt": self.context(p), "answer": p.answer, "id": p.id} for p in problems]
 
     def sft_rows(self, problems: list) -> list:
-        """SFT rows: the context and the gold continuation, the text whose likelihood is evaluated."""
+        """SFT rows: the context and the gold continuation, the text whose likelihood is evaluated (TRL's
+        SFTTrainer appends the EOS token to the completion, so the model also learns to stop there)."""
         return [{"prompt": self.context(p), "completion": p.solution} for p in problems]
 
 
