@@ -27,7 +27,7 @@ def mmlu(**changes):
 
 
 def hellaswag(data_dir=HELLASWAG_DIR, **changes):
-    return load_task(default_task_config("hellaswag", data_dir=str(data_dir), **changes))
+    return load_task(default_task_config("hellaswag", data_dir=None if data_dir is None else str(data_dir), **changes))
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -269,3 +269,47 @@ def test_a_model_that_prefers_gold_scores_one(tiny):
 
     result = evaluate_choices(Oracle(), tokenizer, task, problems, EvalConfig(batch_size=3))
     assert result.acc == 1.0 and result.acc_norm == 1.0
+
+
+# --- the Hub path (datasets.load_dataset replaced: nothing is downloaded) ---------------------------
+def fake_hub(monkeypatch, tables: dict, calls: list):
+    import datasets
+
+    def load_dataset(repo, config=None, **kwargs):
+        calls.append((repo, config))
+        if repo not in tables:
+            raise ConnectionError("offline")
+        return tables[repo](config)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+def test_mmlu_from_the_hub_takes_each_subject_config(monkeypatch):
+    def subject(config):
+        row = {"question": f"{config}?", "subject": config, "choices": ["w", "x", "y", "z"], "answer": 1}
+        return {"test": [row] * 3, "validation": [row] * 2, "dev": [row] * 5}
+
+    calls = []
+    fake_hub(monkeypatch, {"cais/mmlu": subject}, calls)
+    task = load_task(default_task_config("mmlu_cs", num_fewshot=2))
+    assert [c[1] for c in calls] == list(MMLU_CS_SUBJECTS)
+    assert len(task.eval_problems()) == 12 and len(task.train_problems()) == 8
+    problem = task.eval_problems()[0]
+    assert problem.gold == 1 and task.context(problem).count("Answer: B") == 2
+
+
+def test_hellaswag_from_the_hub_reads_string_labels(monkeypatch):
+    row = {"activity_label": "x", "ctx_a": "A.", "ctx_b": "b", "endings": ["1", "2", "3", "4"], "label": "3"}
+    calls = []
+    fake_hub(monkeypatch, {"Rowan/hellaswag": lambda config: {"train": [row], "validation": [row] * 2}}, calls)
+    task = hellaswag(data_dir=None)
+    assert calls == [("Rowan/hellaswag", "default")]
+    assert [p.gold for p in task.eval_problems()] == [3, 3] and len(task.train_problems()) == 1
+
+
+def test_hub_out_of_reach_says_how_to_provide_the_data(monkeypatch):
+    fake_hub(monkeypatch, {}, [])
+    with pytest.raises(RuntimeError, match="Could not load MMLU from the Hub.*set task.data_dir"):
+        load_task(default_task_config("mmlu_cs"))
+    with pytest.raises(RuntimeError, match="Could not load HellaSwag from the Hub.*hellaswag_val.jsonl"):
+        load_task(default_task_config("hellaswag"))
