@@ -80,6 +80,21 @@ def test_quantized_base_on_cpu_and_its_error(quantization, bound):
     assert ((logits - reference).norm() / reference.norm()) < 2 * bound
 
 
+def test_nf4_trains_after_an_evaluation_pass():
+    """A cell evaluates (eval mode, no grad) before it trains: bitsandbytes' CPU repacking of 4-bit weights
+    for inference would make the training forward fail afterwards; quantize_base turns it off."""
+    model, tokenizer = tiny("nf4")
+    ids = tokenizer("What is 2 + 3?", return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.train()
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits
+    logits.sum().backward()
+    assert embeds.grad is not None and torch.allclose(logits, before, atol=1e-5)
+
+
 def test_base_bytes_count_packed_weights_and_statistics():
     dense, _ = tiny()
     model, _ = tiny("nf4")

@@ -15,9 +15,10 @@ base's own output (tinyablate/adapters/layers.py), so ΔW is never merged into q
 
 What runs where (bitsandbytes 0.50.2, the version tested): on CPU both nf4 and int8 layers run forward
 and backward in fp32, bf16 and fp16 (tests/test_quantization.py), once the CPU-only inference repacking
-of 4-bit weights is turned off (it breaks training after an evaluation, see `_quantized`); on CUDA
-likewise. Other devices (mps, ...) and other bitsandbytes versions are refused
-before loading, with what to install or set.
+of 4-bit weights is turned off (it breaks training after an evaluation, see `_quantized`). On CUDA,
+tests/test_quantization_gpu.py and benchmarks/qlora_bench.py check the same (gpu marker; not yet run on
+a GPU as of 2026-12-02). Other devices (mps, ...) and other bitsandbytes versions are refused before
+loading, with what to install or set.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ import contextlib
 import importlib.metadata
 from typing import Any
 
+import torch
+from torch import nn
+
 from .config.model import QUANTIZATIONS
+
 SUPPORTED_DEVICES = ("cpu", "cuda")
 BNB_TESTED = ((0, 50), (0, 51))  # [low, high): the bitsandbytes versions this module is tested with
 INSTALL_HINT = "pip install 'tinyablate[quant]'  (bitsandbytes>=0.50,<0.51)"
@@ -65,10 +70,8 @@ def check_supported(quantization: str, device: Any) -> None:
 
 def quantize_base(model, quantization: str) -> int:
     """Replace every nn.Linear except lm_head by its bitsandbytes counterpart, quantized on the
-    module's device; returns how many were replaced."""
-    import torch
-    from torch import nn
-
+    module's device; returns how many were replaced. bitsandbytes is imported only here (an optional
+    dependency: `pip install 'tinyablate[quant]'`)."""
     if quantization == "none":
         return 0
     check_supported(quantization, next(model.parameters()).device)
