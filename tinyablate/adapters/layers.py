@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import merge_into
 from ..quantization import compute_dtype, is_quantized_linear
+from .kernels import merge_into
 
 
 class _FusedLowRankLinear(torch.autograd.Function):

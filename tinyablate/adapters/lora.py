@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..config.adapter import AdapterConfig
+from ..quantization import peft_flags
 from .svd_adapter import PRECISION_DTYPES
 from .targets import Target
-from ..quantization import peft_flags
 
 
 def build_lora(model: nn.Module, cfg: AdapterConfig, targets: list[Target]):

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from ..config.adapter import AdapterConfig
+from ..quantization import dense_weight
 from .layers import SVDAdapterLinear, projection
 from .svd import TIE_GAP, Factors, SVDCache
 from .targets import Target
-from ..quantization import dense_weight
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
