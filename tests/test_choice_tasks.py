@@ -313,3 +313,15 @@ def test_hub_out_of_reach_says_how_to_provide_the_data(monkeypatch):
         load_task(default_task_config("mmlu_cs"))
     with pytest.raises(RuntimeError, match="Could not load HellaSwag from the Hub.*hellaswag_val.jsonl"):
         load_task(default_task_config("hellaswag"))
+
+
+@needs_mmlu
+def test_without_a_fewshot_split_examples_come_from_the_problems_own_split(tmp_path):
+    folder = write_mmlu(tmp_path, (MMLU_DIR / "machine_learning_test.csv").read_text(encoding="utf-8"))
+    for subject in MMLU_CS_SUBJECTS:  # a val split, no dev split
+        (folder / f"{subject}_val.csv").write_text(f"val1 {subject}?,w,x,y,z,C\nval2 {subject}?,w,x,y,z,A\n")
+    task = load_task(default_task_config("mmlu_cs", data_dir=str(folder), num_fewshot=1))
+    train_shot = task.fewshot_examples(task.train_problems()[0])[0]
+    eval_shot = task.fewshot_examples(task.eval_problems()[0])[0]
+    assert train_shot.id.startswith("mmlu_cs-val-") and train_shot.question.startswith("val2")
+    assert eval_shot.id.startswith("mmlu_cs-test-")  # a test question never enters a training prompt

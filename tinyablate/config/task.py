@@ -79,7 +79,7 @@ class TaskConfig(Section):
     eval_size: int = 200
     # Multiple-choice tasks: solved examples put before each question (the harness's few-shot
     # setting), drawn with `seed` from the dev split (mmlu_cs) or train split (hellaswag); where that
-    # split is absent, from the evaluation split without the question itself (as the harness does).
+    # split is absent, from the question's own split without the question itself (as the harness does).
     num_fewshot: int = 0
 
     section = "task"

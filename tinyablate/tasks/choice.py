@@ -120,12 +120,16 @@ class ChoiceTask(Task):
         return [TARGET_DELIMITER + choice for choice in problem.choices]
 
     def fewshot_examples(self, problem: ChoiceProblem) -> list:
-        """`num_fewshot` examples of the problem's group, drawn with a per-problem seed (so every
-        cell and every rank sees the same ones); never the problem itself."""
+        """`num_fewshot` examples of the problem's group from the few-shot split (dev or train), drawn
+        with a per-problem seed (so every cell and every rank sees the same ones); without a few-shot
+        split, from the problem's own split (training or evaluation); never the problem itself."""
         k = self.cfg.num_fewshot
         if k == 0:
             return []
-        pool = self._fewshot_pool if self._fewshot_pool is not None else self._eval
+        pool = self._fewshot_pool
+        if pool is None:  # no few-shot split: the problem's own split (test questions never enter training prompts)
+            train_ids = {p.id for p in self._train or []}
+            pool = self._train if problem.id in train_ids else self._eval
         candidates = [p for p in pool if p.group == problem.group and p.id != problem.id]
         if len(candidates) < k:
             raise ValueError(f"task.num_fewshot={k} is invalid for {self.cfg.name}: group {problem.group!r} "
