@@ -10,7 +10,7 @@ Reads only `<sweep>/<cell>/result.json`. Writes into the output folder:
   summary_groups.csv   one row per setting, seeds aggregated: mean accuracy and 95% t-interval
   summary.md           readable tables, GPU-hours per sweep and per axis value, skipped cells and why
   <panel>__<task>-<scorer>.png   the plots (one set per task and scorer; see plots.py)
-  transfer.csv, transfer__<model>-<algo>.png, task_curves__<model>.png   when cells were evaluated on
+  transfer.csv, transfer__<model>-<algo>-<adapter>.png, task_curves__<model>.png   when cells were evaluated on
                        other tasks (eval.tasks): the transfer matrix and per-task curves (transfer.py)
   index.html           the page to open: plots, tables, notes (PNGs referenced relatively)
 With `wandb_mode`, each sweep also gets a W&B summary run (wandb_summary.log_wandb_summary).
@@ -90,7 +90,8 @@ def transfer_report(rows: list, out_dir: Path) -> Optional[dict]:
 
 
 TRANSFER_NOTE = ("Change of accuracy against the base model, in points, on each evaluation task (columns) for the "
-                 "cells trained on each task (rows), all adapters and budgets together; [95% interval] is a "
+                 "cells trained on each task (rows), one matrix per model, algorithm and adapter (lora+nf4 is QLoRA), "
+                 "all budgets and seeds together; [95% interval] is a "
                  "t-interval over the cells, or for a single cell the binomial interval of its change; n = cells. "
                  "Per cell: transfer.csv.")
 
@@ -100,7 +101,7 @@ def transfer_markdown(transfer: Optional[dict]) -> str:
         return ""
     out = ["## Transfer: training task x evaluation task", "", TRANSFER_NOTE, ""]
     for m in transfer["matrices"]:
-        out += [f"### {m['model']}, {m['algo']}", "", _md_table(*matrix_table(m)), ""]
+        out += [f"### {m['model']}, {m['algo']}, {m['adapter']}", "", _md_table(*matrix_table(m)), ""]
         if m["file"]:
             out += [f"`{m['file']}`", ""]
     out += [f"- Accuracy on each evaluation task vs trainable parameters, {model}: `{f}`"
@@ -114,7 +115,7 @@ def transfer_html(transfer: Optional[dict]) -> str:
     e = html.escape
     parts = ["<h2>Transfer: training task × evaluation task</h2>", f"<p class='small'>{e(TRANSFER_NOTE)}</p>"]
     for m in transfer["matrices"]:
-        parts.append(f"<h3>{e(m['model'])}, {e(m['algo'])}</h3>" + _html_table(*matrix_table(m)))
+        parts.append(f"<h3>{e(m['model'])}, {e(m['algo'])}, {e(m['adapter'])}</h3>" + _html_table(*matrix_table(m)))
         if m["file"]:
             parts.append(f"<figure><img src='{e(m['file'])}' alt='transfer matrix'></figure>")
     for model, f in transfer["curves"].items():

@@ -4,8 +4,8 @@ Each completed cell carries `metrics.tasks` (result schema 2): per evaluation ta
 base model's and the change. From those rows:
 
 - `transfer_rows`: one row per (cell, evaluation task), written to transfer.csv;
-- `transfer_matrix`: per (model, algo), training task x evaluation task: the mean change against the
-  base over the cells trained on that task (every adapter and budget), with a 95% interval: a
+- `transfer_matrix`: per (model, algo, adapter), training task x evaluation task: the mean change
+  against the base over the cells trained on that task (every budget and seed), with a 95% interval: a
   t-interval over the cells when there are several, else the normal interval of one cell's change
   with base and trained accuracies taken as independent binomials (wider than the paired one);
 - `plot_transfer` / `plot_task_curves`: the matrix as a heat map, and accuracy on each evaluation
@@ -59,21 +59,27 @@ def delta_interval(cells: list) -> tuple:
     return c["delta"], c["delta"] - half, c["delta"] + half, f"one cell, binomial (n={n})"
 
 
+def adapter_label(kind: str, quantization: str) -> str:
+    """An adapter as the transfer matrices name it: its kind, and the quantized base if any (lora+nf4 = QLoRA)."""
+    return kind if quantization in (None, "none") else f"{kind}+{quantization}"
+
+
 def transfer_matrix(rows: list) -> list:
-    """One dict per (model, algo): {"model", "algo", "train_tasks", "eval_tasks", "entries":
-    {(train, eval): {"mean", "low", "high", "how", "n_cells", "base"}}}."""
+    """One dict per (model, algo, adapter): {"model", "algo", "adapter", "train_tasks", "eval_tasks",
+    "entries": {(train, eval): {"mean", "low", "high", "how", "n_cells", "base"}}}."""
     groups = defaultdict(lambda: defaultdict(list))
     for t in transfer_rows(rows):
-        groups[(t["model"], t["algo"])][(t["train_task"], t["eval_task"])].append(t)
+        key = (t["model"], t["algo"], adapter_label(t["kind"], t["quantization"]))
+        groups[key][(t["train_task"], t["eval_task"])].append(t)
     out = []
-    for (model, algo), entries in sorted(groups.items()):
+    for (model, algo, adapter), entries in sorted(groups.items()):
         matrix = {}
         for key, cells in entries.items():
             mean, lo, hi, how = delta_interval(cells)
             bases = [c["base_accuracy"] for c in cells if c["base_accuracy"] is not None]
             matrix[key] = {"mean": mean, "low": lo, "high": hi, "how": how, "n_cells": len(cells),
                            "base": sum(bases) / len(bases) if bases else None}
-        out.append({"model": model, "algo": algo, "entries": matrix,
+        out.append({"model": model, "algo": algo, "adapter": adapter, "entries": matrix,
                     "train_tasks": sorted({k[0] for k in matrix}), "eval_tasks": sorted({k[1] for k in matrix})})
     return out
 
@@ -99,7 +105,7 @@ def _fmt_entry(e: dict) -> str:
 
 
 def plot_transfer(m: dict, out_dir: Path) -> Optional[str]:
-    """The matrix of one (model, algo) as a heat map of the change in points; the PNG's name."""
+    """The matrix of one (model, algo, adapter) as a heat map of the change in points; the PNG's name."""
     if not m["train_tasks"] or not m["eval_tasks"]:
         return None
     fig, axes = _new_figure(1.9 * len(m["eval_tasks"]) + 3.0, 1.2 * len(m["train_tasks"]) + 1.8)
@@ -120,9 +126,9 @@ def plot_transfer(m: dict, out_dir: Path) -> Optional[str]:
     ax.set_yticks(range(len(m["train_tasks"])), m["train_tasks"])
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("trained on")
-    ax.set_title(f"Change against the base (points), {m['model']}, {m['algo']}")
+    ax.set_title(f"Change against the base (points), {m['model']}, {m['algo']}, {m['adapter']}")
     fig.colorbar(image, ax=ax, label="accuracy change (points)")
-    return _save(fig, out_dir, f"transfer__{slug(m['model'])}-{slug(m['algo'])}.png")
+    return _save(fig, out_dir, f"transfer__{slug(m['model'])}-{slug(m['algo'])}-{slug(m['adapter'])}.png")
 
 
 def plot_task_curves(rows: list, model: str, out_dir: Path) -> Optional[str]:

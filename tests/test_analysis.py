@@ -356,8 +356,15 @@ def test_transfer_matrix_with_intervals_and_per_task_curves(tmp_path):
     write_cell(d, with_tasks(one, {"mmlu_cs": (0.45, 0.40, 412), "gsm8k": (0.45, 0.5, 100)}))
     v1 = make_result(task="arithmetic", seed=0, accuracy=0.7, params=1)  # schema 1: its own task alone
     write_cell(d, v1)
+    qlora = with_tasks(make_result(task="gsm8k", scorer="strict", kind="lora", params=20_185_088, accuracy=0.6),
+                       {"gsm8k": (0.6, 0.5, 100), "mmlu_cs": (0.3, 0.4, 412)})
+    qlora["config"]["model"]["quantization"] = qlora["model"]["quantization"] = "nf4"
+    write_cell(d, qlora)
     sweeps = load_sweeps([d])
-    [m] = transfer_matrix(sweeps.rows)
+    by_adapter = {m["adapter"]: m for m in transfer_matrix(sweeps.rows)}
+    assert sorted(by_adapter) == ["lora+nf4", "tinylora"]  # one matrix per adapter: QLoRA apart
+    assert by_adapter["lora+nf4"]["entries"][("gsm8k", "mmlu_cs")]["mean"] == pytest.approx(-0.1)
+    m = by_adapter["tinylora"]
     assert m["train_tasks"] == ["arithmetic", "gsm8k", "mmlu_cs"]
     entry = m["entries"][("gsm8k", "mmlu_cs")]
     mean = sum(deltas_mmlu) / 3
@@ -374,16 +381,16 @@ def test_transfer_matrix_with_intervals_and_per_task_curves(tmp_path):
     analyze([d], out)
     with open(out / "transfer.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 2 + 2 + 1 and {r["eval_task"] for r in rows} == {"gsm8k", "mmlu_cs", "arithmetic"}
-    for name in ("transfer__qwen2.5-0.5b-grpo.png", "task_curves__qwen2.5-0.5b.png"):
+    assert len(rows) == 3 * 2 + 2 + 1 + 2 and {r["eval_task"] for r in rows} == {"gsm8k", "mmlu_cs", "arithmetic"}
+    for name in ("transfer__qwen2.5-0.5b-grpo-tinylora.png", "task_curves__qwen2.5-0.5b.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     summary = (out / "summary.md").read_text()
     assert "## Transfer: training task x evaluation task" in summary and f"{100 * mean:+.1f}" in summary
-    assert "transfer__qwen2.5-0.5b-grpo.png" in (out / "index.html").read_text()
+    assert "transfer__qwen2.5-0.5b-grpo-tinylora.png" in (out / "index.html").read_text()
     log_wandb_summary(sweeps.rows, "main", "offline", tmp_path / "wb")  # the W&B summary run gets the table
     [run_dir] = find_offline_runs(tmp_path / "wb")
     transfer = read_run(run_dir).summary["transfer"]
-    assert transfer["_type"] == "table-file" and transfer["nrows"] == 9
+    assert transfer["_type"] == "table-file" and transfer["nrows"] == 11
 
 
 def test_no_transfer_section_without_cross_task_cells(tmp_path):
