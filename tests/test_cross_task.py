@@ -158,3 +158,19 @@ def test_eval_tasks_compose_from_the_command_line():
         cfg = compose(config_name="config", overrides=["task=mmlu_cs", "eval.tasks=[mmlu_cs,hellaswag]",
                                                        "+eval.task_settings.mmlu_cs.data_dir=/data/mmlu"])
     assert spec_from_hydra(cfg).task.data_dir == "/data/mmlu"
+
+
+def test_preflight_checks_every_evaluation_tasks_data_before_anything_loads(tmp_path):
+    """What a sweep's launcher runs on every cell before it submits any: bad data is named by file and line."""
+    from tinyablate.config import ConfigError
+    from tinyablate.preflight import preflight
+
+    (tmp_path / "hs").mkdir()
+    bad = tmp_path / "hs" / "hellaswag_val.jsonl"
+    bad.write_text('{"ctx_a": "a", "ctx_b": "b", "endings": ["x", "y"], "label": 2}\n')
+    with pytest.raises(ConfigError, match=f"eval.tasks hellaswag: task data: {bad}:1: label 2 is out of range"):
+        preflight(spec_for(tmp_path, tasks=["hellaswag"], settings={"hellaswag": {"data_dir": str(tmp_path / "hs")}}))
+    bad.write_text((HELLASWAG_DIR / "hellaswag_val.jsonl").read_text())  # valid, but no train file to train on
+    with pytest.raises(ConfigError, match="cannot train here.*has no hellaswag_train.jsonl"):
+        preflight(spec_for(tmp_path, task=default_task_config("hellaswag", data_dir=str(tmp_path / "hs"))))
+    preflight(spec_for(tmp_path, tasks=["mmlu_cs"]))  # from the Hub: checked when the cell runs, not here
