@@ -4,8 +4,11 @@ A `Task` turns a `TaskConfig` into train/eval `Problem`s. Trainers and evaluator
 interface, so adding a task means subclassing `Task` and implementing the two problem lists.
 """
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 from ..config.task import TaskConfig
 from .scoring import Score, reward_fn, score
@@ -63,3 +66,17 @@ class Task(ABC):
             {"prompt": self.messages(p), "completion": [{"role": "assistant", "content": p.solution}]}
             for p in problems
         ]
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple]:
+    """(line number, parsed value) of every non-blank line of a jsonl file; a line that is not JSON raises
+    a ValueError naming the file and line."""
+    with Path(path).open(encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except ValueError as err:  # JSONDecodeError counts lines within `line`: name the file's line
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({getattr(err, 'msg', err)}, "
+                                 f"column {getattr(err, 'colno', '?')})") from None

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .base import Task
 from ..config.task import TaskConfig
+from .base import Task
 from .scoring import completion_text
 
 TARGET_DELIMITER = " "  # between a context and its continuation (the harness's target_delimiter)

@@ -10,12 +10,12 @@ few-shot examples; the test split has no labels and is not used.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from .choice import ChoiceProblem, ChoiceTask, data_error, local_data_dir
 from ..config.task import TaskConfig
+from .base import jsonl_rows
+from .choice import ChoiceProblem, ChoiceTask, data_error, local_data_dir
 
 FILES = {"train": "hellaswag_train.jsonl", "val": "hellaswag_val.jsonl"}
 HUB_SPLITS = {"train": "train", "val": "validation"}
@@ -77,16 +77,8 @@ def _load(cfg: TaskConfig) -> dict:
 def read_jsonl(path: Path, split: str) -> list:
     """The problems of one HellaSwag jsonl file; a bad line raises an error naming the file and line."""
     problems = []
-    with path.open(encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise data_error(path, line_number, f"not valid JSON ({err})") from err
-            problems.append(parse_row(row, len(problems), split,
-                                      lambda message, n=line_number: data_error(path, n, message)))
+    for line_number, row in jsonl_rows(path):
+        problems.append(parse_row(row, len(problems), split, lambda message, n=line_number: data_error(path, n, message)))
     return problems
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .choice import ChoiceProblem, ChoiceTask, data_error, local_data_dir
 from ..config.task import TaskConfig
+from .choice import ChoiceProblem, ChoiceTask, data_error, local_data_dir
 
 MMLU_CS_SUBJECTS = ("college_computer_science", "high_school_computer_science", "computer_security",
                     "machine_learning")
