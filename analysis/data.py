@@ -25,9 +25,10 @@ CSV_COLUMNS = [
     "cell_id", "sweep", "task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie",
     "sharing", "precision", "seed", "trainable_params", "trainable_bytes", "bits_per_param", "accuracy",
     "accuracy_strict", "accuracy_flexible", "base_accuracy", "n_eval", "train_steps", "gpu_hours", "wall_s",
+    "quantization", "base_bytes",
 ]
 # Axes whose values get a GPU-hours line in summary.md.
-AXES = ["task", "model", "family", "algo", "kind", "r", "u", "tie", "sharing", "precision", "seed"]
+AXES = ["task", "model", "family", "algo", "kind", "r", "u", "tie", "sharing", "precision", "quantization", "seed"]
 
 
 @dataclass
@@ -165,6 +166,10 @@ def result_row(result: Result, sweep: str) -> dict:
         "train_steps": metrics.train_steps,
         "gpu_hours": _num(gpu_hours) or 0.0, "wall_s": _num(wall_s) or 0.0,
         "lr": algo.learning_rate,
+        "quantization": model.quantization or (config.get("model") or {}).get("quantization") or "none",
+        "base_bytes": model.base_bytes,  # the frozen base as stored (schema 2)
+        # per evaluation task, as plain dicts (analysis/transfer.py); not a CSV column
+        "tasks": {name: m.to_dict() for name, m in result.task_metrics().items()},
     }
     row["config_key"] = config_key(config, row)
     return row
@@ -219,7 +224,7 @@ def mean_ci(values: list, level: float = 0.95) -> tuple:
 
 # Fields a setting (seeds aggregated) keeps from its cells.
 GROUP_FIELDS = ["task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie", "sharing",
-                "precision", "lr", "trainable_params", "trainable_bytes", "bits_per_param"]
+                "precision", "quantization", "lr", "trainable_params", "trainable_bytes", "bits_per_param"]
 
 
 def aggregate(rows: list) -> list:

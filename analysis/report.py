@@ -10,6 +10,8 @@ Reads only `<sweep>/<cell>/result.json`. Writes into the output folder:
   summary_groups.csv   one row per setting, seeds aggregated: mean accuracy and 95% t-interval
   summary.md           readable tables, GPU-hours per sweep and per axis value, skipped cells and why
   <panel>__<task>-<scorer>.png   the plots (one set per task and scorer; see plots.py)
+  transfer.csv, transfer__<model>-<algo>-<adapter>.png, task_curves__<model>.png   when cells were evaluated on
+                       other tasks (eval.tasks): the transfer matrix and per-task curves (transfer.py)
   index.html           the page to open: plots, tables, notes (PNGs referenced relatively)
 With `wandb_mode`, each sweep also gets a W&B summary run (wandb_summary.log_wandb_summary).
 """
@@ -25,11 +27,13 @@ from typing import Optional
 
 from .data import AXES, CSV_COLUMNS, Sweeps, aggregate, load_sweeps, matched_families, rl_sft_gap, task_groups
 from .plots import PAPER_TASK, make_plots
+from .transfer import (TRANSFER_COLUMNS, has_cross_task, matrix_table, plot_task_curves, plot_transfer,
+                       transfer_matrix, transfer_rows)
 from .wandb_source import results_from_wandb
 from .wandb_summary import log_wandb_summary
 
 GROUP_COLUMNS = ["task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie", "sharing",
-                 "precision", "lr", "trainable_params", "trainable_bytes", "bits_per_param", "n_seeds", "seeds",
+                 "precision", "quantization", "lr", "trainable_params", "trainable_bytes", "bits_per_param", "n_seeds", "seeds",
                  "accuracy_mean", "ci_low", "ci_high", "base_accuracy", "gpu_hours", "wall_s", "sweeps"]
 
 
@@ -58,6 +62,7 @@ def analyze(sweep_dirs: list, out_dir: Path, *, reference: bool = True, wandb_mo
         plots += make_plots(rows, mine, out_dir, task, scorer, reference)
     gap = rl_sft_gap(settings)
     matched = matched_families(settings)
+    transfer = transfer_report(sweeps.rows, out_dir)
     wandb_notes = []
     if wandb_mode:
         for sweep in sorted({r["sweep"] for r in sweeps.rows}):
@@ -65,10 +70,59 @@ def analyze(sweep_dirs: list, out_dir: Path, *, reference: bool = True, wandb_mo
             wandb_notes.append(f"W&B summary run for sweep {sweep!r} ({wandb_mode}): "
                                f"{path.parent if path else 'disabled'}")
     (out_dir / "summary.md").write_text(summary_markdown(sweeps, settings, plots, gap, matched, reference,
-                                                         wandb_notes))
+                                                         wandb_notes) + transfer_markdown(transfer))
     page = out_dir / "index.html"
-    page.write_text(render_html(sweeps, settings, plots, gap, matched, reference, wandb_notes))
+    page.write_text(render_html(sweeps, settings, plots, gap, matched, reference, wandb_notes)
+                    .replace("</body></html>", transfer_html(transfer) + "</body></html>"))
     return page
+
+
+def transfer_report(rows: list, out_dir: Path) -> Optional[dict]:
+    """transfer.csv, the matrices and per-task curves, when some cell was evaluated on another task."""
+    if not has_cross_task(rows):
+        return None
+    write_csv(out_dir / "transfer.csv", transfer_rows(rows), TRANSFER_COLUMNS)
+    matrices = transfer_matrix(rows)
+    for m in matrices:
+        m["file"] = plot_transfer(m, out_dir)
+    curves = {model: plot_task_curves(rows, model, out_dir) for model in sorted({r["model"] for r in rows})}
+    return {"matrices": matrices, "curves": curves}
+
+
+TRANSFER_NOTE = ("Change of accuracy against the base model, in points, on each evaluation task (columns) for the "
+                 "cells trained on each task (rows), one matrix per model, algorithm and adapter (lora+nf4 is QLoRA), "
+                 "all budgets and seeds together; [95% interval] is a "
+                 "t-interval over the cells, or for a single cell the binomial interval of its change; n = cells. "
+                 "Per cell: transfer.csv.")
+
+
+def transfer_markdown(transfer: Optional[dict]) -> str:
+    if transfer is None:
+        return ""
+    out = ["## Transfer: training task x evaluation task", "", TRANSFER_NOTE, ""]
+    for m in transfer["matrices"]:
+        out += [f"### {m['model']}, {m['algo']}, {m['adapter']}", "", _md_table(*matrix_table(m)), ""]
+        if m["file"]:
+            out += [f"`{m['file']}`", ""]
+    out += [f"- Accuracy on each evaluation task vs trainable parameters, {model}: `{f}`"
+            for model, f in transfer["curves"].items() if f] + [""]
+    return "\n".join(out)
+
+
+def transfer_html(transfer: Optional[dict]) -> str:
+    if transfer is None:
+        return ""
+    e = html.escape
+    parts = ["<h2>Transfer: training task × evaluation task</h2>", f"<p class='small'>{e(TRANSFER_NOTE)}</p>"]
+    for m in transfer["matrices"]:
+        parts.append(f"<h3>{e(m['model'])}, {e(m['algo'])}, {e(m['adapter'])}</h3>" + _html_table(*matrix_table(m)))
+        if m["file"]:
+            parts.append(f"<figure><img src='{e(m['file'])}' alt='transfer matrix'></figure>")
+    for model, f in transfer["curves"].items():
+        if f:
+            parts.append(f"<figure><h3>Accuracy on each evaluation task vs trainable parameters, {e(model)}</h3>"
+                         f"<img src='{e(f)}' alt='per-task curves'></figure>")
+    return "\n".join(parts)
 
 
 # -- CSV -----------------------------------------------------------------------------------------

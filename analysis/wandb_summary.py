@@ -15,6 +15,7 @@ from typing import Optional
 from tinyablate.wandb_files import wait_for_exit_record
 
 from .data import CSV_COLUMNS, aggregate
+from .transfer import TRANSFER_COLUMNS, has_cross_task, transfer_rows
 
 PROJECT = "tinyablate"
 JOB_TYPE = "analysis"
@@ -27,7 +28,7 @@ def table_columns() -> list:
 
 
 # Columns whose values mix types across adapter kinds (tie: 2 or "all"): logged as strings.
-_STRING_COLUMNS = {"tie", "size", "sharing", "precision", "seed"}
+_STRING_COLUMNS = {"tie", "size", "sharing", "precision", "seed", "quantization"}
 
 
 def _cell(column: str, value):
@@ -45,7 +46,8 @@ def log_wandb_summary(rows: list, sweep: str, mode: str, out_dir: Path, *, proje
     "family · algo" and log10_params), and per task/scorer `<task>/acc_vs_params` (a line series of
     mean accuracy vs log10 trainable parameters, one line per family · model · algo) plus
     `<task>/scatter/<family>-<algo>` (accuracy of every cell vs log10 parameters). Summary values:
-    n_cells, gpu_hours, and the best mean accuracy per line under `best/<task>/<line>`.
+    n_cells, gpu_hours, and the best mean accuracy per line under `best/<task>/<line>`. When cells were
+    evaluated on other tasks (eval.tasks), `transfer`: a table of every (cell, evaluation task).
     """
     import wandb  # only when a summary run is asked for: importing it costs ~0.5 s
 
@@ -107,6 +109,9 @@ def log_wandb_summary(rows: list, sweep: str, mode: str, out_dir: Path, *, proje
                                            r["model"], r["seed"], r["cell_id"]] for r in cells_])
                 log[f"{prefix}/scatter/{family}-{algo}"] = wandb.plot.scatter(
                     table, "log10_params", "accuracy", title=f"{prefix}: {family} · {algo} accuracy per cell")
+        if has_cross_task(rows):  # cells evaluated on other tasks (eval.tasks): one row per cell and task
+            log["transfer"] = wandb.Table(columns=TRANSFER_COLUMNS,
+                                          data=[[_cell(c, t[c]) for c in TRANSFER_COLUMNS] for t in transfer_rows(rows)])
         run.log(log)
         run.summary.update(summary)
     except BaseException:

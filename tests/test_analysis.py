@@ -330,3 +330,72 @@ def test_results_read_back_from_wandb_runs_match_the_local_rows(tmp_path):
         for key in ("cell_id", "model", "family", "algo", "kind", "r", "u", "tie", "sharing", "precision", "seed",
                     "trainable_params", "trainable_bytes", "accuracy", "accuracy_strict", "base_accuracy", "gpu_hours"):
             assert a[key] == b[key], key
+
+
+# --- transfer across tasks (result schema 2: metrics.tasks) ----------------------------------------
+def with_tasks(result: dict, tasks: dict) -> dict:
+    """A schema-2 result: `tasks` maps evaluation task -> (accuracy, base accuracy, n_eval)."""
+    out = json.loads(json.dumps(result))
+    out["schema_version"] = 2
+    out["metrics"]["tasks"] = {
+        name: {"scorer": "acc", "accuracy": acc, "base_accuracy": base, "delta": acc - base, "n_eval": n,
+               "trained_on": name == result["task"]["name"], "base_cached": True, "final": {}, "base": {}}
+        for name, (acc, base, n) in tasks.items()}
+    return out
+
+
+def test_transfer_matrix_with_intervals_and_per_task_curves(tmp_path):
+    from analysis.transfer import delta_interval, transfer_matrix
+
+    d = tmp_path / "slim"
+    deltas_mmlu = [0.02, -0.01, 0.05]
+    for seed, dm in enumerate(deltas_mmlu):  # three seeds trained on gsm8k: a t-interval over cells
+        base = make_result(task="gsm8k", scorer="strict", seed=seed, accuracy=0.6, params=13)
+        write_cell(d, with_tasks(base, {"gsm8k": (0.6, 0.5, 100), "mmlu_cs": (0.40 + dm, 0.40, 412)}))
+    one = make_result(task="mmlu_cs", scorer="acc", seed=0, accuracy=0.45, params=196)
+    write_cell(d, with_tasks(one, {"mmlu_cs": (0.45, 0.40, 412), "gsm8k": (0.45, 0.5, 100)}))
+    v1 = make_result(task="arithmetic", seed=0, accuracy=0.7, params=1)  # schema 1: its own task alone
+    write_cell(d, v1)
+    qlora = with_tasks(make_result(task="gsm8k", scorer="strict", kind="lora", params=20_185_088, accuracy=0.6),
+                       {"gsm8k": (0.6, 0.5, 100), "mmlu_cs": (0.3, 0.4, 412)})
+    qlora["config"]["model"]["quantization"] = qlora["model"]["quantization"] = "nf4"
+    write_cell(d, qlora)
+    sweeps = load_sweeps([d])
+    by_adapter = {m["adapter"]: m for m in transfer_matrix(sweeps.rows)}
+    assert sorted(by_adapter) == ["lora+nf4", "tinylora"]  # one matrix per adapter: QLoRA apart
+    assert by_adapter["lora+nf4"]["entries"][("gsm8k", "mmlu_cs")]["mean"] == pytest.approx(-0.1)
+    m = by_adapter["tinylora"]
+    assert m["train_tasks"] == ["arithmetic", "gsm8k", "mmlu_cs"]
+    entry = m["entries"][("gsm8k", "mmlu_cs")]
+    mean = sum(deltas_mmlu) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in deltas_mmlu) / 2)
+    assert entry["mean"] == pytest.approx(mean)
+    assert entry["high"] - entry["mean"] == pytest.approx(T_975_DF2 * sd / math.sqrt(3))
+    single = m["entries"][("mmlu_cs", "gsm8k")]  # one cell: independent-binomial interval
+    half = 1.96 * math.sqrt(0.45 * 0.55 / 100 + 0.5 * 0.5 / 100)
+    assert single["mean"] == pytest.approx(-0.05) and single["low"] == pytest.approx(-0.05 - half)
+    assert m["entries"][("arithmetic", "arithmetic")]["mean"] == pytest.approx(0.7 - 0.3)
+    assert delta_interval([{"delta": None}])[0] is None
+
+    out = tmp_path / "report"
+    analyze([d], out)
+    with open(out / "transfer.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 2 + 2 + 1 + 2 and {r["eval_task"] for r in rows} == {"gsm8k", "mmlu_cs", "arithmetic"}
+    for name in ("transfer__qwen2.5-0.5b-grpo-tinylora.png", "task_curves__qwen2.5-0.5b.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    summary = (out / "summary.md").read_text()
+    assert "## Transfer: training task x evaluation task" in summary and f"{100 * mean:+.1f}" in summary
+    assert "transfer__qwen2.5-0.5b-grpo-tinylora.png" in (out / "index.html").read_text()
+    log_wandb_summary(sweeps.rows, "main", "offline", tmp_path / "wb")  # the W&B summary run gets the table
+    [run_dir] = find_offline_runs(tmp_path / "wb")
+    transfer = read_run(run_dir).summary["transfer"]
+    assert transfer["_type"] == "table-file" and transfer["nrows"] == 11
+
+
+def test_no_transfer_section_without_cross_task_cells(tmp_path):
+    d = tmp_path / "plain"
+    write_cell(d, make_result(seed=0))
+    analyze([d], tmp_path / "report")
+    assert not (tmp_path / "report" / "transfer.csv").exists()
+    assert "Transfer" not in (tmp_path / "report" / "summary.md").read_text()

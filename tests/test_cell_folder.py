@@ -35,6 +35,15 @@ def test_a_result_round_trips_through_its_folder(tmp_path):
     assert back == completed() and back.to_dict() == raw and folder.state() == "completed"
 
 
+def test_a_version_1_result_reads_as_its_training_task_alone():
+    raw = {**completed().to_dict(), "schema_version": 1}
+    raw["metrics"]["base_accuracy"] = 0.25
+    result = Result.parse(raw)
+    [(name, m)] = result.task_metrics().items()
+    assert name == result.task.name and m.accuracy == result.metrics.accuracy and m.trained_on
+    assert m.delta == pytest.approx(result.metrics.accuracy - result.metrics.base_accuracy)
+
+
 def test_fields_written_by_another_version_are_kept(tmp_path):
     raw = {**completed().to_dict(), "note": "from the future"}
     raw["metrics"]["pass_at_k"] = 0.9
@@ -48,7 +57,8 @@ def test_fields_written_by_another_version_are_kept(tmp_path):
     (lambda r: r["adapter"].update(trainable_params=True), "adapter.trainable_params=True is not an int"),
     (lambda r: r.pop("metrics"), "a completed result lacks metrics"),
     (lambda r: r.update(status="done"), "unknown status 'done'"),
-    (lambda r: r.update(schema_version=2), "schema_version 2 (expected 1)"),
+    (lambda r: r.update(schema_version=3), "has schema_version 3 (expected one of"),
+    (lambda r: r["metrics"].update(tasks={"mmlu_cs": {"scorer": "acc"}}), "metrics.tasks.mmlu_cs.accuracy is missing"),
     (lambda r: r.pop("cell_id"), "no status/cell_id"),
 ])
 def test_a_result_that_does_not_fit_the_schema_says_where(change, message):

@@ -24,7 +24,7 @@ def compose_spec(overrides) -> CellSpec:
 
 def test_every_group_has_options():
     groups = {g for g, _ in OPTIONS}
-    assert groups == {"model", "adapter", "algo", "task", "eval", "logger", "split"}
+    assert groups == {"model", "adapter", "algo", "task", "eval", "logger", "split", "slimming"}
 
 
 def test_default_config_is_the_embedded_cell():
@@ -38,6 +38,12 @@ def test_default_config_is_the_embedded_cell():
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_validates(group, option):
     spec = compose_spec([f"{group}={option}"])
+    if group == "slimming":  # an adapter of sweeps/slimming.yaml: kind, r/u and quantization together
+        kind, size = option.split("_")
+        assert spec.adapter.kind == ("tinylora" if kind == "tinylora" else "lora")
+        assert spec.model.quantization == ("nf4" if kind == "qlora" else "none")
+        assert (spec.adapter.u if kind == "tinylora" else spec.adapter.r) == int(size[1:])
+        return
     if group == "split":
         from tinyablate.shapes import adapter_size
 
@@ -62,3 +68,12 @@ def test_bad_override_names_the_field():
     with pytest.raises(Exception) as err:
         compose_spec(["adapter.r=two"])
     assert "r" in str(err.value)
+
+
+def test_conf_yaml_of_each_task_is_its_default_config():
+    """`task=<name>` composes what the library builds for <name> when it only has the name (eval.tasks)."""
+    from tinyablate.config.task import TASK_DEFAULTS, default_task_config
+
+    for name in TASK_DEFAULTS:
+        if name != "arithmetic":  # conf/task/arithmetic.yaml is the embedded setting, not the class default
+            assert compose_spec([f"task={name}"]).task == default_task_config(name), name

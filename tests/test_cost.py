@@ -185,3 +185,31 @@ def test_the_engine_setting_picks_the_decode_rate_and_the_eval_batch():
     table = cost.load_table()
     assert table.device("h200").engine_decode_s_per_layer < table.device("h200").decode_s_per_layer
     assert table.device("h100").engine_decode_s_per_layer is None
+
+
+def test_multiple_choice_evaluation_is_one_forward_per_row():
+    """mmlu_cs: one row per question (the letters share it); hellaswag: four rows (its endings)."""
+    from tinyablate.config.task import default_task_config
+
+    s = SHAPES["tiny-qwen2"]
+    for name, rows in (("mmlu_cs", 412), ("hellaswag", 4 * 10042)):
+        task = default_task_config(name)
+        c = replace(spec(), task=task, train=False)
+        forward = cost._forward_flops_per_seq(s, cost.prompt_tokens(task)) / 1e12
+        assert cost.estimate_cell(c, DEV).parts["eval"] == pytest.approx(rows * forward), name
+    few = default_task_config("mmlu_cs", num_fewshot=5)
+    assert cost.prompt_tokens(few) == 6 * cost.PROMPT_TOKENS["mmlu_cs"]
+
+
+def test_every_task_of_eval_tasks_adds_its_evaluation_and_its_kind():
+    from tinyablate.config.task import default_task_config
+
+    alone = spec()
+    more = replace(alone, eval=replace(alone.eval, tasks=["mmlu_cs"]))
+    extra = cost.eval_seconds(more, SHAPES["tiny-qwen2"], DEV, task=default_task_config("mmlu_cs"))
+    assert extra > 0
+    assert cost.estimate_cell(more, DEV).parts["eval"] == pytest.approx(cost.estimate_cell(alone, DEV).parts["eval"] + extra)
+    assert cost.estimate_cell(more, DEV).base_eval_s > cost.estimate_cell(alone, DEV).base_eval_s
+    assert cost.cost_kind(more) != cost.cost_kind(alone)
+    nf4 = replace(alone, model=replace(alone.model, quantization="nf4"))
+    assert cost.cost_kind(nf4) != cost.cost_kind(alone)  # priced alike, measured apart

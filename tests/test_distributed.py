@@ -33,10 +33,10 @@ def _text_reward(kind):
 def _recorded_rank(spec: dict, cell_dir: str, out: str, text_reward: bool = False) -> None:
     """run_cell, keeping each step's trainable tensors of this rank in <out>/rank<r>/."""
     import tinyablate.cell as cell
-    import tinyablate.train.grpo as grpo
+    from tinyablate.tasks.base import Task
 
-    if text_reward:
-        grpo.reward_fn = _text_reward
+    if text_reward:  # GRPO takes its reward from the task (Task.reward_fn)
+        Task.reward_fn = lambda self: _text_reward(self.cfg.scorer)
     from safetensors.torch import save_file
     from transformers import TrainerCallback
 

@@ -212,9 +212,11 @@ def test_keyed_grpo_cell_trains_the_same_v_with_the_engine(tmp_path, monkeypatch
     from safetensors.torch import load_file
 
     import tinyablate.train.grpo as grpo
+    from tinyablate.tasks.base import Task
 
-    # The task's reward is always 0 for a random tiny model; digits in the text are earned unevenly.
-    monkeypatch.setattr(grpo, "reward_fn", lambda kind: lambda completions, **kw: [
+    # The task's reward is always 0 for a random tiny model; digits in the text are earned unevenly
+    # (GRPO takes its reward from the task: Task.reward_fn).
+    monkeypatch.setattr(Task, "reward_fn", lambda self: lambda completions, **kw: [
         float(sum(ch.isdigit() for ch in str(c))) for c in completions])
     calls = []
     real = grpo.engine_rollouts

@@ -180,3 +180,17 @@ def test_local_sweep_runs_skips_and_retries(tmp_path):
     assert status.returncode == 0 and "3 cells: 2 completed, 1 pending" in status.stdout
     failed = launch([*common, "adapter.u=6", "status=true"], tmp_path)
     assert failed.returncode == 1 and "1 cells: 1 failed" in failed.stdout  # as python -m tinyablate.status says
+
+
+def test_slimming_preset_lists_lora_qlora_and_tinylora_on_three_tasks(tmp_path):
+    proc = launch(["-m", "sweeps=slimming", "dry_run=true", f"output_dir={tmp_path}/runs"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("pending ")]
+    assert len(lines) == 27 and "dry run: 27 valid cells" in proc.stdout
+    assert all("eval_tasks=gsm8k,mmlu_cs,hellaswag" in line and "gpu_h=" in line for line in lines)
+    for task in ("gsm8k", "mmlu_cs", "hellaswag"):
+        mine = [line for line in lines if f" task={task} " in line]
+        assert len(mine) == 9 and sum("quantization=nf4" in line for line in mine) == 3
+        params = sorted(int(line.split(" params=")[1].split()[0].replace(",", "")) for line in mine)
+        assert params[:3] == [1, 13, 196]  # TinyLoRA, tie=all: u parameters
+        assert params[3:] == sorted([8 * 2523136, 16 * 2523136, 64 * 2523136] * 2)  # LoRA = QLoRA: r (d+k) per module

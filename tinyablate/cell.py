@@ -22,7 +22,7 @@ import json
 import os
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -32,16 +32,18 @@ from transformers import set_seed
 
 from . import console, distributed
 from .adapters import Adapter, apply_adapter
-from .cell_folder import (ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR, EVAL_SAMPLES_FILE, AdapterRecord,
-                          AlgoRecord, CellFolder, ErrorRecord, Metrics, ModelRecord, Result, ResultError, TaskRecord,
-                          Timing)
-from .config import CellSpec, ModelInfo, cell_id, spec_to_dict
+from .cell_folder import (ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR, AdapterRecord,
+                          AlgoRecord, CellFolder, ErrorRecord, Metrics, ModelRecord, Result, ResultError, TaskMetrics,
+                          TaskRecord, Timing, eval_samples_file)
+from .choice_eval import evaluate_choices
+from .config import CellSpec, ModelInfo, cell_id, eval_task_configs, spec_to_dict
 from .distributed import Ranks
 from .eval import base_cache_key, base_cache_path, evaluate, read_base_cache, write_base_cache
 from .logging import MetricLogger, NullLogger, truncate_metrics, wandb_run_id
 from .preflight import preflight
 from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
 from .provenance import collect_provenance
+from .quantization import base_bytes
 from .tasks import Task, load_task
 from .train import FirstStepTimer, MetricLoggerCallback, build_trainer, last_complete_checkpoint
 
@@ -59,6 +61,7 @@ class Built:
     device: torch.device
     load_s: float = 0.0  # reading the weights (excluded from the per-cell overhead)
     ranks: Ranks = Ranks()
+    eval_tasks: dict = field(default_factory=dict)  # name -> Task: the training task first, then eval.tasks
 
 
 def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
@@ -159,26 +162,34 @@ def _run(spec: CellSpec, cid: str, folder: CellFolder, start: float, ranks: Rank
                           job_type=spec.algo.name, name=cid, config=config) if ranks.is_main else NullLogger()
     with logger:
         t0 = time.time()
-        base = base_accuracy(spec, built)
+        bases = {name: base_accuracy(spec, built, task) for name, task in built.eval_tasks.items()}
+        base = bases[spec.task.name]
         logger.log({f"eval/base_{k}": v for k, v in base.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
         train_info = train(spec, built, folder.path, [MetricLoggerCallback(logger)])
         t1 = time.time()
-        final = evaluate_final(spec, built, folder.path, base, trained=train_info["steps"] > 0)
+        finals = {name: evaluate_final(spec, built, folder.path, bases[name], trained=train_info["steps"] > 0,
+                                       task=task) for name, task in built.eval_tasks.items()}
+        final = finals[spec.task.name]
         t2 = time.time()
         if not ranks.is_main:
             return None
         export(built, folder.path)
         timing = {"wall_s": time.time() - start, "train_s": train_info["train_s"],
-                  "eval_s": (t2 - t1) + base.get("eval_s", 0.0), "setup_s": t0 - start,
+                  "eval_s": (t2 - t1) + sum(b.get("eval_s", 0.0) for b in bases.values()), "setup_s": t0 - start,
                   "model_load_s": built.load_s, **_overhead(train_info, built, base)}
-        result = make_result(spec, cid, built, base, final, train_info, timing)
-        summary = {"eval/accuracy": final["accuracy"], "eval/accuracy_flexible": final["accuracy_flexible"],
-                   "eval/accuracy_strict": final["accuracy_strict"], "eval/n_eval": final["n_eval"],
+        result = make_result(spec, cid, built, base, final, train_info, timing, task_metrics(built, bases, finals))
+        step = train_info["steps"] + 1
+        logger.table("eval/tasks", TASK_TABLE_COLUMNS, task_table_rows(result.metrics.tasks), step=step)
+        summary = {"eval/accuracy": final["accuracy"], "eval/accuracy_flexible": final.get("accuracy_flexible"),
+                   "eval/accuracy_strict": final.get("accuracy_strict"), "eval/n_eval": final["n_eval"],
                    "eval/base_accuracy": base["accuracy"], "trainable_params": built.adapter.trainable_params,
                    "trainable_bytes": built.adapter.trainable_bytes, "train_steps": train_info["steps"],
-                   "gpu_hours": result.timing.gpu_hours, "wall_s": result.timing.wall_s}
-        logger.log(summary, step=train_info["steps"] + 1)
+                   "gpu_hours": result.timing.gpu_hours, "wall_s": result.timing.wall_s,
+                   **{f"eval/{name}/{k}": getattr(m, k) for name, m in result.metrics.tasks.items()
+                      for k in ("accuracy", "base_accuracy", "delta")}}
+        summary = {k: v for k, v in summary.items() if v is not None}
+        logger.log(summary, step=step)
         logger.summary(summary)
     folder.write_result(result)  # after the logger closed: nothing after this can turn it into a failure
     return result
@@ -190,7 +201,11 @@ def build(spec: CellSpec, ranks: Ranks = Ranks()) -> Built:
 
     Every rank builds the same thing; that the model and adapter agree across ranks is checked.
     """
-    task = load_task(spec.task)  # data errors surface before the model loads
+    task = load_task(spec.task)  # data errors surface before the model loads (the evaluation tasks' too)
+    eval_tasks = {name: task if name == spec.task.name else load_task(cfg)
+                  for name, cfg in eval_task_configs(spec).items()}
+    if spec.train and spec.adapter.kind != "none":
+        task.train_problems()  # a task without a training split says so before the model loads
     t0 = time.time()
     model, tokenizer, info = load_model_and_tokenizer(_model_config(spec, ranks))
     load_s = time.time() - t0
@@ -202,7 +217,7 @@ def build(spec: CellSpec, ranks: Ranks = Ranks()) -> Built:
     if ranks.distributed:  # DDP syncs only the trainable tensors: everything else must already agree
         distributed.require_same_on_all_ranks(distributed.tensors_fingerprint(adapter.model),
                                               "the model and adapter built (sampled weights and SVD factors)")
-    return Built(adapter.model, tokenizer, info, adapter, task, model_id, device, load_s, ranks)
+    return Built(adapter.model, tokenizer, info, adapter, task, model_id, device, load_s, ranks, eval_tasks)
 
 
 def _model_config(spec: CellSpec, ranks: Ranks = Ranks()):
@@ -221,37 +236,50 @@ def _model_config(spec: CellSpec, ranks: Ranks = Ranks()):
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def base_accuracy(spec: CellSpec, built: Built) -> dict:
-    """The base model's accuracy (adapter disabled), from the on-disk cache when possible."""
+def base_accuracy(spec: CellSpec, built: Built, task: Optional[Task] = None) -> dict:
+    """The base model's accuracy on `task` (default: the training task), adapter disabled, from the
+    on-disk cache when possible."""
+    task = task or built.task
     if not spec.eval.base:
-        return {"accuracy": None, "accuracy_flexible": None, "n_eval": 0, "cached": False}
+        return {"accuracy": None, "n_eval": 0, "cached": False}
     dtype = str(next(built.model.parameters()).dtype)
-    path = base_cache_path(resolve_cache_dir(spec.model), base_cache_key(built.model_id, spec.task, spec.eval, dtype))
+    path = base_cache_path(resolve_cache_dir(spec.model), base_cache_key(built.model_id, task.cfg, spec.eval, dtype))
     cached = read_base_cache(path) if spec.eval.cache_base and built.ranks.is_main else None
     cached = distributed.broadcast_from_main(cached)  # every rank takes the same branch
     if cached is not None:
         return {**cached, "cached": True, "eval_s": 0.0}
     t0 = time.time()
     with built.adapter.disabled():
-        result = evaluate(built.model, built.tokenizer, built.task, built.task.eval_problems(), spec.eval,
-                          desc="eval base")
-    metrics = _scored(result.metrics(), spec.task.scorer)
+        metrics, _ = evaluate_task(spec, built, task, desc=f"eval base {task.cfg.name}")
     if spec.eval.cache_base and built.ranks.is_main:
         write_base_cache(path, metrics)
     return {**metrics, "cached": False, "eval_s": time.time() - t0}
 
 
-def evaluate_final(spec: CellSpec, built: Built, cell_dir: Path, base: dict, trained: bool) -> dict:
-    """Accuracy of the adapted model; per-problem records go to eval_samples.jsonl."""
+def evaluate_final(spec: CellSpec, built: Built, cell_dir: Path, base: dict, trained: bool,
+                   task: Optional[Task] = None) -> dict:
+    """Accuracy of the adapted model on `task` (default: the training task); per-problem records go to
+    eval_samples.jsonl (the training task) or eval_samples.<task>.jsonl."""
+    task = task or built.task
     if not trained and base.get("accuracy") is not None and built.adapter.trainable_params == 0:
-        return {k: base[k] for k in ("accuracy", "accuracy_strict", "accuracy_flexible", "n_eval")}
-    result = evaluate(built.model, built.tokenizer, built.task, built.task.eval_problems(), spec.eval,
-                      desc="eval trained")
+        return {k: v for k, v in base.items() if k not in ("cached", "eval_s")}
+    metrics, records = evaluate_task(spec, built, task, desc=f"eval trained {task.cfg.name}")
     if built.ranks.is_main:
-        with open(cell_dir / EVAL_SAMPLES_FILE, "w") as f:
-            for record in result.records:
+        name = eval_samples_file(None if task is built.task else task.cfg.name)
+        with open(cell_dir / name, "w") as f:
+            for record in records:
                 f.write(json.dumps(record) + "\n")
-    return _scored(result.metrics(), spec.task.scorer)
+    return metrics
+
+
+def evaluate_task(spec: CellSpec, built: Built, task: Task, desc: str) -> tuple:
+    """(metrics, records) of the model as it is now on `task`'s evaluation problems: greedy pass@1 for
+    generation tasks, per-choice log-likelihood for multiple-choice ones; `accuracy` is the task's scorer."""
+    if task.multiple_choice:
+        result = evaluate_choices(built.model, built.tokenizer, task, task.eval_problems(), spec.eval, desc=desc)
+        return result.metrics(task.cfg.scorer), result.records
+    result = evaluate(built.model, built.tokenizer, task, task.eval_problems(), spec.eval, desc=desc)
+    return _scored(result.metrics(), task.cfg.scorer), result.records
 
 
 def _scored(metrics: dict, scorer: str) -> dict:
@@ -259,6 +287,29 @@ def _scored(metrics: dict, scorer: str) -> dict:
     strict = metrics["accuracy"]
     return {**metrics, "accuracy_strict": strict,
             "accuracy": strict if scorer == "strict" else metrics["accuracy_flexible"]}
+
+
+TASK_TABLE_COLUMNS = ["task", "scorer", "accuracy", "base_accuracy", "delta", "n_eval"]
+
+
+def task_metrics(built: Built, bases: dict, finals: dict) -> dict:
+    """result.json's metrics.tasks: per evaluation task, `accuracy` (its scorer), the base's, the change,
+    and every measure of both (strict/flexible or acc/acc_norm/chance)."""
+    out = {}
+    for name, task in built.eval_tasks.items():
+        final, base = finals[name], bases[name]
+        accuracy, base_accuracy = final["accuracy"], base.get("accuracy")
+        out[name] = TaskMetrics(
+            accuracy=accuracy, scorer=task.cfg.scorer, base_accuracy=base_accuracy,
+            delta=None if base_accuracy is None else accuracy - base_accuracy, n_eval=final["n_eval"],
+            trained_on=task is built.task, base_cached=base.get("cached"), final=final,
+            base={k: v for k, v in base.items() if k not in ("cached", "eval_s")})
+    return out
+
+
+def task_table_rows(tasks: dict) -> list:
+    """One row per evaluation task, TASK_TABLE_COLUMNS (the W&B table of a cell)."""
+    return [[name, m.scorer, m.accuracy, m.base_accuracy, m.delta, m.n_eval] for name, m in tasks.items()]
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -306,7 +357,7 @@ def export(built: Built, cell_dir: Path) -> None:
 
 
 def make_result(spec: CellSpec, cid: str, built: Built, base: dict, final: dict, train_info: dict,
-                timing: dict) -> Result:
+                timing: dict, tasks: Optional[dict] = None) -> Result:
     """The completed result of a cell (the schema is documented in cell_folder.py)."""
     info, adapter = built.info, built.adapter
     n_gpus = built.ranks.world_size if getattr(built.device, "type", "cpu") == "cuda" else 0
@@ -314,19 +365,20 @@ def make_result(spec: CellSpec, cid: str, built: Built, base: dict, final: dict,
     return Result(
         cell_id=cid, status="completed", sweep=spec.sweep, config=spec_to_dict(spec),
         model=ModelRecord(name=info.name, family=info.family, size=info.size, n_params=info.n_params,
-                          model_id=built.model_id),
+                          model_id=built.model_id, quantization=spec.model.quantization,
+                          base_bytes=base_bytes(built.model)),
         adapter=AdapterRecord(**{k: summary.get(k) for k in (
             "kind", "r", "u", "tie", "sharing", "precision", "trainable_params", "trainable_bytes", "n_modules",
             "n_groups", "svd_method", "svd_max_sin_bound", "svd_min_rel_gap", "svd_ties")}),
         algo=AlgoRecord(name=spec.algo.name, learning_rate=spec.algo.learning_rate, steps=train_info["steps"]),
         task=TaskRecord(name=spec.task.name, scorer=spec.task.scorer),
         metrics=Metrics(
-            accuracy=final["accuracy"], accuracy_strict=final["accuracy_strict"],
-            accuracy_flexible=final["accuracy_flexible"], n_eval=final["n_eval"],
+            accuracy=final["accuracy"], accuracy_strict=final.get("accuracy_strict"),
+            accuracy_flexible=final.get("accuracy_flexible"), n_eval=final["n_eval"],
             base_accuracy=base.get("accuracy"), base_accuracy_strict=base.get("accuracy_strict"),
             base_accuracy_flexible=base.get("accuracy_flexible"), base_cached=base.get("cached"),
             reward=train_info["reward"], train_steps=train_info["steps"],
-            resumed_from_step=train_info["resumed_from_step"]),
+            resumed_from_step=train_info["resumed_from_step"], tasks=tasks),
         timing=Timing(**timing, n_gpus=n_gpus, world_size=built.ranks.world_size,
                       gpu_hours=timing["wall_s"] / 3600 * n_gpus),
         provenance=collect_provenance(),

@@ -15,7 +15,8 @@ A cell folder holds:
     result.json          the `Result` below: written once per attempt, atomically (temp file + rename)
     result.<status>-<unix time>.json   an earlier attempt's result, moved aside when the cell is retried
     metrics.jsonl, summary.json        the metrics sink (tinyablate/logging.py)
-    eval_samples.jsonl   one record per evaluation problem of the final evaluation
+    eval_samples.jsonl   one record per evaluation problem of the final evaluation (the training task)
+    eval_samples.<task>.jsonl   the same for each other task of eval.tasks
     adapter/             the trained adapter in PEFT's LoRA format; adapter_native/ TinyLoRA/LoRA-XS's own
     checkpoints/         adapter-only training checkpoints (a restarted cell resumes from the last)
     wandb/               the W&B run (unless logger.dir puts it elsewhere)
@@ -49,13 +50,25 @@ from typing import Any, Optional
 
 from .config import CellSpec, cell_id, spec_to_dict
 
-SCHEMA_VERSION = 1  # of result.json; readers refuse other versions (bump it when a field changes meaning)
+SCHEMA_VERSION = 2  # of result.json, written; bump it when a field changes meaning
+READABLE_SCHEMAS = (1, 2)  # what readers accept (Result.parse refuses others)
+# Versions:
+# 1  the training task's metrics only.
+# 2  (2026-12-02) metrics.tasks: per evaluation task (the training task first, then eval.tasks) a
+#    TaskMetrics; `accuracy` of a multiple-choice task is acc or acc_norm (task.scorer), its
+#    accuracy_strict/flexible are None; model.quantization and model.base_bytes. A version-1 result
+#    reads as its training task alone (`Result.task_metrics`).
 STATES = ("pending", "running", "interrupted", "completed", "failed")
 SPEC_FILE, LAUNCH_FILE, RUNNING_FILE, RESULT_FILE = "spec.json", "launch.json", "running.json", "result.json"
 LOCK_FILE = "cell.lock"
 METRICS_FILE, SUMMARY_FILE, EVAL_SAMPLES_FILE = "metrics.jsonl", "summary.json", "eval_samples.jsonl"
 ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR = "adapter", "adapter_native", "checkpoints"
 CELL_MARKERS = (RESULT_FILE, SPEC_FILE, RUNNING_FILE)  # a folder holding one of these is a cell folder
+
+
+def eval_samples_file(task: Optional[str] = None) -> str:
+    """eval_samples.jsonl (the training task), or eval_samples.<task>.jsonl (another of eval.tasks)."""
+    return EVAL_SAMPLES_FILE if task is None else f"eval_samples.{task}.jsonl"
 
 
 # -- JSON on disk ---------------------------------------------------------------------------------
@@ -137,6 +150,8 @@ class _Record:
 
 
 def _dump(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _dump(v) for k, v in value.items()}
     return value.to_dict() if isinstance(value, _Record) else value
 
 
@@ -168,6 +183,8 @@ class ModelRecord(_Record):
     size: Optional[str] = None  # e.g. "7B"
     n_params: Optional[int] = None  # the base model's parameters (registry value)
     model_id: Optional[str] = None  # what names the weights, e.g. "hub:Qwen/Qwen2.5-7B-Instruct@<sha>"
+    quantization: Optional[str] = None  # none | nf4 | int8 (model.quantization)
+    base_bytes: Optional[int] = None  # the frozen base as stored (packed weights + quantization statistics)
 
 
 @dataclass
@@ -198,8 +215,23 @@ class AlgoRecord(_Record):
 
 @dataclass
 class TaskRecord(_Record):
-    name: str  # arithmetic | gsm8k
-    scorer: Optional[str] = None  # strict | flexible: which one `metrics.accuracy` is
+    name: str  # arithmetic | gsm8k | mmlu_cs | hellaswag
+    scorer: Optional[str] = None  # strict | flexible | acc | acc_norm: which one `metrics.accuracy` is
+
+
+@dataclass
+class TaskMetrics(_Record):
+    """One evaluation task of a cell (metrics.tasks, schema 2)."""
+
+    accuracy: float  # the trained adapter under this task's scorer
+    scorer: Optional[str] = None  # strict | flexible (generation) or acc | acc_norm (multiple choice)
+    base_accuracy: Optional[float] = None  # the base model's (None: eval.base=false)
+    delta: Optional[float] = None  # accuracy - base_accuracy
+    n_eval: Optional[int] = None
+    trained_on: Optional[bool] = None  # this is the cell's training task
+    base_cached: Optional[bool] = None
+    final: Optional[dict] = None  # every measure: accuracy_strict/flexible, or acc/acc_norm/chance
+    base: Optional[dict] = None  # the same for the base model
 
 
 @dataclass
@@ -215,6 +247,14 @@ class Metrics(_Record):
     reward: Optional[dict] = None  # GRPO: first, last, mean_last10, max; SFT: first_loss, last_loss
     train_steps: Optional[int] = None
     resumed_from_step: Optional[int] = None  # the checkpoint this attempt resumed from (None: from scratch)
+    tasks: Optional[dict] = None  # schema 2: evaluation task name -> TaskMetrics (the training task first)
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str):
+        record = super().from_dict(raw, where)
+        if record.tasks is not None:
+            record.tasks = {name: TaskMetrics.from_dict(m, f"{where}.tasks.{name}") for name, m in record.tasks.items()}
+        return record
 
 
 @dataclass
@@ -244,8 +284,8 @@ class ErrorRecord(_Record):
 
 @dataclass
 class Result(_Record):
-    """result.json, schema version 1. A completed result has model, adapter, algo, task and metrics;
-    a failed one has error instead. Every result has cell_id, status, sweep, config, timing, provenance."""
+    """result.json (SCHEMA_VERSION; READABLE_SCHEMAS are read). A completed result has model, adapter, algo,
+    task and metrics; a failed one has error instead. Every result has cell_id, status, sweep, config, timing, provenance."""
 
     omit_none = True
 
@@ -269,8 +309,8 @@ class Result(_Record):
         if not isinstance(raw, dict) or "status" not in raw or "cell_id" not in raw:
             raise ResultError(f"{where} has no status/cell_id: not a tinyablate result")
         version = raw.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
-            raise ResultError(f"{where} has schema_version {version!r} (expected {SCHEMA_VERSION})")
+        if version not in READABLE_SCHEMAS:
+            raise ResultError(f"{where} has schema_version {version!r} (expected one of {list(READABLE_SCHEMAS)})")
         result = cls.from_dict(raw, where)
         if result.status not in ("completed", "failed"):
             raise ResultError(f"{where} has unknown status {result.status!r}")
@@ -291,6 +331,15 @@ class Result(_Record):
     def completed(self) -> bool:
         return self.status == "completed"
 
+    def task_metrics(self) -> dict:
+        """metrics.tasks of a completed result of any readable version (version 1: the training task alone)."""
+        if self.metrics.tasks:
+            return self.metrics.tasks
+        m, task = self.metrics, self.task
+        delta = None if m.base_accuracy is None else m.accuracy - m.base_accuracy
+        return {task.name: TaskMetrics(accuracy=m.accuracy, scorer=task.scorer, base_accuracy=m.base_accuracy,
+                                       delta=delta, n_eval=m.n_eval, trained_on=True, base_cached=m.base_cached,
+                                       final={}, base={})}
 
 def _check_completed(result: Result, where: str) -> None:
     """A completed result evaluated at least one problem and trained the steps its config asked for."""
@@ -307,8 +356,8 @@ def _check_completed(result: Result, where: str) -> None:
                           "for (is the training data empty or too small?)")
 
 
-_RECORDS = {c.__name__: c for c in (ModelRecord, AdapterRecord, AlgoRecord, TaskRecord, Metrics, Timing,
-                                    ErrorRecord, Result)}
+_RECORDS = {c.__name__: c for c in (ModelRecord, AdapterRecord, AlgoRecord, TaskRecord, TaskMetrics, Metrics,
+                                    Timing, ErrorRecord, Result)}
 
 
 # -- the folder -----------------------------------------------------------------------------------

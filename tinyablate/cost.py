@@ -17,6 +17,10 @@ evaluation, each from the model's shape (`tinyablate.config.model.SHAPES`) and t
   engine ("auto", "graph") where the table has its measurement (`decode_engine`), else HF generate's.
 - Evaluation = ceil(problems / (batch x ranks)) batches of `max_new_tokens` decode steps (+ pass@k
   samples), batch = eval.engine_batch_size through the engine, eval.batch_size through HF; the base evaluation is cached, so it is counted once per sweep (`base_eval_s`), not per cell.
+  A multiple-choice task (mmlu_cs, hellaswag) is forward FLOPs over its rows (no decoding); every task of
+  `eval.tasks` adds its evaluation.
+- A quantized base (model.quantization) is priced as the unquantized one: its step time is not measured here
+  (benchmarks/qlora_bench.py measures it); calibration by completed cells corrects it.
 - Setup = a process's start-up overhead + the frozen basis (SVD) per adapted module; weight loading is not
   modelled (not measured).
 - gpus = N: training / (N x the measured data-parallel efficiency); rollout decode steps unchanged
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .config import CellSpec
+from .config import CellSpec, TaskConfig, eval_task_configs
 from .config.model import SHAPES, Shape
 
 THROUGHPUT_FILE = Path(__file__).with_name("throughput.json")
@@ -47,10 +51,17 @@ DEFAULT_DEVICE = "h200"
 
 # Padded prompt and SFT-answer lengths (tokens) per task: the 95th percentile over the first 1,000 training
 # problems with the chat template, SmolLM2-135M's tokenizer (batches pad to their longest row), 2026-12-02.
-PROMPT_TOKENS = {"gsm8k": 148, "arithmetic": 58}
-ANSWER_TOKENS = {"gsm8k": 190, "arithmetic": 35}
-# Size of each task's test split when task.eval_limit is None (GSM8K's official test split).
-TEST_SPLIT = {"gsm8k": 1319}
+# mmlu_cs: the 0-shot plain-text prompt with its answer letter, 95th percentile over the 412 test questions
+# (median 97, longest 474), same tokenizer and date; a few-shot prompt counts (1 + task.num_fewshot) times
+# that. hellaswag: no copy here to measure; gsm8k's length stands in (the fallback below).
+PROMPT_TOKENS = {"gsm8k": 148, "arithmetic": 58, "mmlu_cs": 225}
+ANSWER_TOKENS = {"gsm8k": 190, "arithmetic": 35, "mmlu_cs": 2}
+# Size of each task's test split when task.eval_limit is None (GSM8K's official test split; MMLU's four
+# computer-science subjects; HellaSwag's validation split, which is what it evaluates).
+TEST_SPLIT = {"gsm8k": 1319, "mmlu_cs": 412, "hellaswag": 10042}
+# Forward rows per multiple-choice problem (tinyablate/choice_eval.py): MMLU's one-token letters share one
+# row; HellaSwag's four endings are four rows.
+CHOICE_ROWS = {"mmlu_cs": 1, "hellaswag": 4}
 
 
 @dataclass
@@ -195,7 +206,7 @@ def _train_flops_per_seq(s: Shape, tokens: int) -> float:
 def estimate_cell(spec: CellSpec, dev: DeviceThroughput) -> CellCost:
     """The modelled cost of one cell on device kind `dev` (a CPU cell, gpus=0, costs no GPU-hours)."""
     s, algo, ranks = SHAPES[spec.model.name], spec.algo, max(spec.gpus, 1)
-    prompt = PROMPT_TOKENS.get(spec.task.name, PROMPT_TOKENS["gsm8k"])
+    prompt = prompt_tokens(spec.task)
     if algo.name == "grpo":
         rollout, train = grpo_step(s, dev, algo.sequences_per_step, prompt, algo.max_completion_length, ranks,
                                    algo.num_iterations, algo.rollout_engine)
@@ -203,10 +214,12 @@ def estimate_cell(spec: CellSpec, dev: DeviceThroughput) -> CellCost:
         length = min(algo.max_length, prompt + ANSWER_TOKENS.get(spec.task.name, ANSWER_TOKENS["gsm8k"]))
         rollout, train = 0.0, training_seconds(s, dev, algo.sequences_per_step, length, ranks)
     steps = algo.max_steps if spec.train else 0
+    tasks = eval_task_configs(spec).values()  # the training task and every other of eval.tasks
     parts = {"setup": dev.cell_overhead_s + _modules(spec, s) * dev.svd_s_per_module,
-             "rollout": steps * rollout, "train": steps * train, "eval": eval_seconds(spec, s, dev)}
+             "rollout": steps * rollout, "train": steps * train,
+             "eval": sum(eval_seconds(spec, s, dev, task=t) for t in tasks)}
     wall = sum(parts.values())
-    base = eval_seconds(spec, s, dev, sampled=False) if spec.eval.base else 0.0
+    base = sum(eval_seconds(spec, s, dev, sampled=False, task=t) for t in tasks) if spec.eval.base else 0.0
     return CellCost(gpu_hours=spec.gpus * wall / 3600, wall_s=wall, parts=parts, base_eval_s=base)
 
 
@@ -230,16 +243,26 @@ def training_seconds(s: Shape, dev: DeviceThroughput, seqs: int, tokens: int, ra
     return seqs * _train_flops_per_seq(s, tokens) / rate
 
 
-def eval_seconds(spec: CellSpec, s: Shape, dev: DeviceThroughput, sampled: bool = True) -> float:
-    """Greedy pass@1 over the test problems (+ pass@k samples), split over the cell's ranks."""
-    problems = spec.task.eval_limit or (spec.task.eval_size if spec.task.name == "arithmetic"
-                                        else TEST_SPLIT.get(spec.task.name, 0))
+def prompt_tokens(task: TaskConfig) -> int:
+    """A task's padded prompt length (PROMPT_TOKENS; gsm8k's where unmeasured; few-shot prompts scaled)."""
+    return PROMPT_TOKENS.get(task.name, PROMPT_TOKENS["gsm8k"]) * (1 + task.num_fewshot)
+
+
+def eval_seconds(spec: CellSpec, s: Shape, dev: DeviceThroughput, sampled: bool = True,
+                 task: Optional[TaskConfig] = None) -> float:
+    """Greedy pass@1 over `task`'s test problems (default: the training task's; + pass@k samples), split
+    over the cell's ranks; a multiple-choice task is one forward per row (no decoding)."""
+    task = task or spec.task
+    problems = task.eval_limit or (task.eval_size if task.name == "arithmetic" else TEST_SPLIT.get(task.name, 0))
+    ranks = max(spec.gpus, 1)
+    if task.is_multiple_choice:
+        rows = math.ceil(problems * CHOICE_ROWS[task.name] / ranks)
+        return rows * _forward_flops_per_seq(s, prompt_tokens(task)) / dev.train_flops_per_s
     rows = problems * (1 + (spec.eval.pass_k if sampled else 0))
     rate = decode_rate(dev, spec.eval.engine)
     batch = spec.eval.engine_batch_size if rate != dev.decode_s_per_layer else spec.eval.batch_size
     batches = math.ceil(math.ceil(rows / max(spec.gpus, 1)) / batch)
-    prompt = PROMPT_TOKENS.get(spec.task.name, PROMPT_TOKENS["gsm8k"])
-    prefill = math.ceil(rows / max(spec.gpus, 1)) * _forward_flops_per_seq(s, prompt) / dev.train_flops_per_s
+    prefill = math.ceil(rows / max(spec.gpus, 1)) * _forward_flops_per_seq(s, prompt_tokens(task)) / dev.train_flops_per_s
     return prefill + batches * spec.eval.max_new_tokens * s.layers * rate
 
 
@@ -256,9 +279,10 @@ def _modules(spec: CellSpec, s: Shape) -> int:
 def cost_kind(spec: CellSpec) -> tuple:
     """Cells of one kind cost the same: everything the model reads (the adapter's size does not count)."""
     a, e, t = spec.algo, spec.eval, spec.task
-    return (spec.model.name, spec.gpus, spec.train, t.name, t.eval_limit, t.eval_size, a.name, a.max_steps,
-            a.prompts_per_step, a.num_generations, a.max_completion_length, a.max_length, a.num_iterations,
-            a.rollout_engine, e.batch_size, e.max_new_tokens, e.pass_k, e.base, e.engine, e.engine_batch_size)
+    return (spec.model.name, spec.model.quantization, spec.gpus, spec.train, t.name, t.eval_limit, t.eval_size,
+            t.num_fewshot, a.name, a.max_steps, a.prompts_per_step, a.num_generations, a.max_completion_length,
+            a.max_length, a.num_iterations, a.rollout_engine, e.batch_size, e.max_new_tokens, e.pass_k, e.base,
+            e.engine, e.engine_batch_size, tuple(e.tasks), json.dumps(e.task_settings, sort_keys=True, default=str))
 
 
 def calibrate(specs: list, completed: Iterable, dev: DeviceThroughput) -> list:

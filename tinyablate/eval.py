@@ -140,9 +140,13 @@ def _solved_at_k(model, tokenizer, task, problems, prompts, cfg: EvalConfig) -> 
 
 # -- base accuracy cache ---------------------------------------------------------------------
 def base_cache_key(model_id: str, task_cfg, eval_cfg: EvalConfig, dtype: str) -> str:
+    """One task's base accuracy: the task's settings (not its training size) and how it is evaluated
+    (not which other tasks are). Settings added later are left out at their default (same keys)."""
     task = {k: v for k, v in asdict(task_cfg).items() if k not in ("train_size",)}
+    if task.get("num_fewshot") == 0:
+        del task["num_fewshot"]
     speed_only = ("batch_size", "base", "cache_base", "engine", "engine_batch_size")
-    settings = {k: v for k, v in asdict(eval_cfg).items() if k not in speed_only}
+    settings = {k: v for k, v in asdict(eval_cfg).items() if k not in speed_only + ("tasks", "task_settings")}
     blob = json.dumps([model_id, task, settings, dtype], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

@@ -234,6 +234,20 @@ class MetricLogger:
             self.run.log(row, step=step)
             self._row_pending = True
 
+    def table(self, key: str, columns: List[str], rows: List[list], step: int) -> None:
+        """Log a table at `step`: a W&B Table, and `{key: {"columns", "data"}}` in metrics.jsonl.
+        Call it before `summary` (which closes the step in W&B)."""
+        self._check_open()
+        data = redact(json_safe([list(row) for row in rows]))
+        self._file.write(json.dumps({"step": int(step), "time": time.time(),
+                                     key: {"columns": list(columns), "data": data}}) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=list(columns), data=data)}, step=int(step))
+            self._row_pending = True
+
     def summary(self, values: Mapping) -> None:
         """Set W&B summary values and merge them into summary.json (kept across resumes).
 
@@ -284,6 +298,9 @@ class NullLogger:
     """What ranks other than 0 log to: nothing (rank 0's MetricLogger is the cell's one sink)."""
 
     def log(self, metrics: Mapping, step: int) -> None:
+        pass
+
+    def table(self, key: str, columns: List[str], rows: List[list], step: int) -> None:
         pass
 
     def summary(self, values: Mapping) -> None:

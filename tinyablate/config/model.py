@@ -13,6 +13,7 @@ from typing import Optional
 from .checks import Checks, Section
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "nf4", "int8")  # tinyablate/quantization.py
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 SOURCES = ("hub", "gguf", "random")
 FAMILIES = ("qwen2", "llama")
@@ -74,6 +75,10 @@ class ModelConfig(Section):
     cache_dir: Optional[str] = None
     # Seed of the random initialisation of source="random" models (tiny-*); unused by the others.
     init_seed: int = 0
+    # The frozen base's weights (tinyablate/quantization.py, bitsandbytes): "none" (the dtype above),
+    # "nf4" (QLoRA: 4-bit NormalFloat, double quantization, compute in the dtype above) or "int8"
+    # (LLM.int8()). Every linear layer but lm_head is quantized; adapter=lora on nf4 is QLoRA.
+    quantization: str = "none"
 
     section = "model"
 
@@ -81,6 +86,7 @@ class ModelConfig(Section):
         known = c.choice("name", self.name, tuple(MODELS))
         c.choice("dtype", self.dtype, DTYPES)
         c.choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        c.choice("quantization", self.quantization, QUANTIZATIONS)
         if not isinstance(self.device, str) or not DEVICE_RE.fullmatch(self.device):
             c.fail("device", self.device, "'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
         for name in ("path", "hub_id", "revision", "cache_dir"):

@@ -19,7 +19,7 @@ from .checks import Checks, is_number, raise_problems
 from .eval import EvalConfig
 from .logger import LoggerConfig
 from .model import ModelConfig
-from .task import TaskConfig
+from .task import TaskConfig, default_task_config
 
 
 @dataclass
@@ -70,7 +70,44 @@ def spec_problems(spec: CellSpec, world_size: Optional[int] = None) -> list:
             problems += section.problems(world_size=world_size or (max(spec.gpus, 1) if gpus_ok else 1))
         else:
             problems += section.problems()
-    return problems + _cross_section_problems(spec, gpus_ok)
+    return problems + _cross_section_problems(spec, gpus_ok) + _eval_task_problems(spec)
+
+
+def eval_task_configs(spec: CellSpec) -> dict:
+    """{task name: TaskConfig} of the tasks a cell is evaluated on: the training task (always, first;
+    its accuracy is the cell's `accuracy`) and those `eval.tasks` lists.
+
+    The training task keeps its own config (an `eval.task_settings` entry for it must agree with it);
+    another listed task takes its defaults (conf/task/<name>.yaml, `default_task_config`) updated by
+    `eval.task_settings[name]`. ConfigError if a name or setting is unknown.
+    """
+    out = {spec.task.name: spec.task}
+    for name in spec.eval.tasks:
+        if name != spec.task.name:
+            out[name] = default_task_config(name, **dict(spec.eval.task_settings.get(name) or {}))
+    return out
+
+
+def _eval_task_problems(spec: CellSpec) -> list:
+    """The evaluation tasks' own problems, each prefixed by where its settings come from."""
+    if spec.eval.problems():  # eval.tasks itself is wrong: said there
+        return []
+    c = Checks()
+    for key, value in dict(spec.eval.task_settings.get(spec.task.name) or {}).items():
+        if getattr(spec.task, key, value) != value:  # unknown keys: default_task_config names them below
+            c.rule(f"eval.task_settings.{spec.task.name}.{key}={value!r} differs from task.{key}="
+                   f"{getattr(spec.task, key)!r}: the training task is evaluated with its task.* settings; set "
+                   f"task.{key}={value!r} too, or drop eval.task_settings.{spec.task.name}.{key}")
+    for name in spec.eval.tasks:
+        if name == spec.task.name:
+            continue
+        try:
+            task_cfg = default_task_config(name, **dict(spec.eval.task_settings.get(name) or {}))
+        except ValueError as err:
+            c.problems += [f"eval.task_settings.{name}: {p}" for p in str(err).splitlines()]
+            continue
+        c.problems += [f"evaluation task {name!r} (eval.task_settings.{name}): {p}" for p in task_cfg.problems()]
+    return c.problems
 
 
 def _cross_section_problems(spec: CellSpec, gpus_ok: bool) -> list:

@@ -4,13 +4,18 @@
     from tinyablate.tasks import load_task, reward_fn
     task = load_task(TaskConfig(name="gsm8k", data_dir="/path/to/gsm8k"))
     rows = task.prompt_rows(task.train_problems())   # {"prompt", "answer", "id"} for GRPO
-    rewards = reward_fn("strict")                    # TRL reward function reading `answer`
+    rewards = task.reward_fn()                       # TRL reward function: the task's own scorer
+    mc = load_task(TaskConfig(name="mmlu_cs", scorer="acc", data_dir="/path/to/mmlu_csvs"))
+    mc.context(p), mc.continuations(p)               # multiple choice: scored by log-likelihood
 """
 
 from ..config.task import TaskConfig
 from .arithmetic import ArithmeticTask
 from .base import Problem, Task
+from .choice import ChoiceProblem, ChoiceScore, ChoiceTask, choice_in_text, score_choice
 from .gsm8k import GSM8KTask
+from .hellaswag import HellaSwagTask
+from .mmlu import MMLUTask
 from .scoring import (
     Score,
     completion_text,
@@ -21,7 +26,7 @@ from .scoring import (
     score,
 )
 
-_TASK_CLASSES = {"arithmetic": ArithmeticTask, "gsm8k": GSM8KTask}
+_TASK_CLASSES = {"arithmetic": ArithmeticTask, "gsm8k": GSM8KTask, "mmlu_cs": MMLUTask, "hellaswag": HellaSwagTask}
 
 
 def load_task(cfg: TaskConfig) -> Task:
@@ -32,6 +37,13 @@ def load_task(cfg: TaskConfig) -> Task:
 
 __all__ = [
     "ArithmeticTask",
+    "ChoiceProblem",
+    "ChoiceScore",
+    "ChoiceTask",
+    "HellaSwagTask",
+    "MMLUTask",
+    "choice_in_text",
+    "score_choice",
     "GSM8KTask",
     "Problem",
     "Score",

@@ -4,11 +4,14 @@ A `Task` turns a `TaskConfig` into train/eval `Problem`s. Trainers and evaluator
 interface, so adding a task means subclassing `Task` and implementing the two problem lists.
 """
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 from ..config.task import TaskConfig
-from .scoring import Score, score
+from .scoring import Score, reward_fn, score
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,8 @@ class Problem:
 
 class Task(ABC):
     """Base class of tasks: subclasses implement `train_problems` and `eval_problems`."""
+
+    multiple_choice = False  # True: evaluated by per-choice log-likelihood (tasks/choice.py)
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -47,6 +52,10 @@ class Task(ABC):
         """Score a completion's text against the problem's gold answer."""
         return score(completion, problem.answer)
 
+    def reward_fn(self):
+        """The TRL reward function: the task's scorer (`task.scorer`) on each completion."""
+        return reward_fn(self.cfg.scorer)
+
     def prompt_rows(self, problems: list[Problem]) -> list[dict]:
         """Rows for GRPO datasets: a conversational `prompt`, the `answer` the reward reads, the `id`."""
         return [{"prompt": self.messages(p), "answer": p.answer, "id": p.id} for p in problems]
@@ -57,3 +66,17 @@ class Task(ABC):
             {"prompt": self.messages(p), "completion": [{"role": "assistant", "content": p.solution}]}
             for p in problems
         ]
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple]:
+    """(line number, parsed value) of every non-blank line of a jsonl file; a line that is not JSON raises
+    a ValueError naming the file and line."""
+    with Path(path).open(encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except ValueError as err:  # JSONDecodeError counts lines within `line`: name the file's line
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({getattr(err, 'msg', err)}, "
+                                 f"column {getattr(err, 'colno', '?')})") from None

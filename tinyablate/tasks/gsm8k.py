@@ -5,14 +5,13 @@ A `Problem` keeps the normalized gold ("18") and, as reference solution, the rat
 calculator notes, ending in `\\boxed{18}` instead of the `#### 18` line.
 """
 
-import json
 import re
 from pathlib import Path
 
 import datasets
 
 from ..config.task import TaskConfig
-from .base import Problem, Task
+from .base import Problem, Task, jsonl_rows
 from .scoring import normalize_number
 
 SPLITS = ("train", "test")
@@ -79,20 +78,12 @@ def _read_local(data_dir: Path, cfg: TaskConfig) -> dict[str, list[dict]]:
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:  # JSONDecodeError counts lines within `line`: name the file's line
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({getattr(err, 'msg', err)}, "
-                                 f"column {getattr(err, 'colno', '?')})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
-                    or not isinstance(row.get("answer"), str):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object with 'question' and 'answer' strings")
-            parse_row(row, f"{path}:{line_number}")  # every line checked here, so its error names it
-            rows.append(row)
+    for line_number, row in jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
+                or not isinstance(row.get("answer"), str):
+            raise ValueError(f"{path}:{line_number}: expected a JSON object with 'question' and 'answer' strings")
+        parse_row(row, f"{path}:{line_number}")  # every line checked here, so its error names it
+        rows.append(row)
     return rows
 
 

@@ -10,7 +10,6 @@ from trl import GRPOConfig, GRPOTrainer
 
 from .. import distributed
 from ..engine import resolve_engine
-from ..tasks.scoring import reward_fn
 from .common import AdapterCheckpointMixin, one_device_per_process, trainer_kwargs
 from .rollouts import engine_rollouts, reserve_rollout_cache
 from ..sampling import keyed_generation, rollout_keys
@@ -43,7 +42,7 @@ def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, c
     dataset = Dataset.from_list([{**row, ROW: i} for i, row in enumerate(rows)])
     trainer = TinyablateGRPOTrainer(
         model=model,
-        reward_funcs=[reward_fn(spec.task.scorer)],
+        reward_funcs=[task.reward_fn()],  # the task's own scorer (the one evaluation uses)
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,

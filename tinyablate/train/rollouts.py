@@ -67,5 +67,9 @@ def check_cache_fits(need: int, free: int, total: int, batch: int, length: int, 
 
 
 def _prompt_ids(tokenizer, messages) -> list:
+    """A GRPO row's prompt as tokens: chat messages through the template, plain text (multiple-choice
+    tasks, tasks/choice.py) as it is, as TRL tokenizes each."""
+    if isinstance(messages, str):
+        return list(tokenizer(messages)["input_ids"])
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
