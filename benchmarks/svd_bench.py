@@ -19,14 +19,13 @@ case that broke the randomized SVD), `decay` (a power law, like most trained wei
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.adapter_bench import timed  # noqa: E402
 from tinyablate.adapters import svd as S  # noqa: E402
 from tinyablate.config import SVDConfig  # noqa: E402
 
@@ -86,23 +85,6 @@ def sin_angle(A, B) -> float:
     return float(torch.linalg.matrix_norm(B - A @ (A.T @ B), ord=2))
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, iters):
-    fn()  # warm-up (handles, workspaces)
-    sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +99,7 @@ def main(argv=None):
     timing = {}
     for name, (d, k) in shapes.items():
         w = test_matrix("iid", d, k, args.device)[0]
-        timing[name] = {r: timed(lambda f=f: f(w, RANK), args.device, args.iters) for r, f in rts.items()}
+        timing[name] = {r: 1000 * timed(lambda f=f: f(w, RANK), args.device, 1, args.iters) for r, f in rts.items()}
         print(f"time {name} {d}x{k}: " + ", ".join(f"{r} {t:.1f} ms" for r, t in timing[name].items()), flush=True)
     counts = {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1}  # per layer, 7 modules
     per_module = {r: sum(counts[n] * timing[n][r] for n in counts) / 7 for r in rts}
