@@ -166,13 +166,15 @@ def _decode_per_layer(d: dict, train_flops: float) -> float:
     return (d["seconds"] - prefill) / d["new_tokens"] / shape.layers
 
 
+def engine_priced(dev: DeviceThroughput, engine: str) -> bool:
+    """Whether a GPU cell's engine setting is priced at the graph engine's rate: "auto" and "graph" are the
+    graph engine on CUDA, where this kind has its measurement; "hf" (and "eager", not measured) is HF's."""
+    return engine in ("auto", "graph") and dev.engine_decode_s_per_layer is not None
+
+
 def decode_rate(dev: DeviceThroughput, engine: str) -> float:
-    """Seconds per layer per decode step of the generator an engine setting picks on a GPU cell: the graph
-    engine's ("auto" and "graph" on CUDA) where this kind has a measurement, HF generate's otherwise
-    ("hf"; "eager" is not measured and priced as HF)."""
-    if engine in ("auto", "graph") and dev.engine_decode_s_per_layer is not None:
-        return dev.engine_decode_s_per_layer
-    return dev.decode_s_per_layer
+    """Seconds per layer per decode step of the generator an engine setting picks on a GPU cell."""
+    return dev.engine_decode_s_per_layer if engine_priced(dev, engine) else dev.decode_s_per_layer
 
 
 def _shape(measurement: dict) -> Shape:
@@ -260,7 +262,7 @@ def eval_seconds(spec: CellSpec, s: Shape, dev: DeviceThroughput, sampled: bool 
         return rows * _forward_flops_per_seq(s, prompt_tokens(task)) / dev.train_flops_per_s
     rows = problems * (1 + (spec.eval.pass_k if sampled else 0))
     rate = decode_rate(dev, spec.eval.engine)
-    batch = spec.eval.engine_batch_size if rate != dev.decode_s_per_layer else spec.eval.batch_size
+    batch = spec.eval.engine_batch_size if engine_priced(dev, spec.eval.engine) else spec.eval.batch_size
     batches = math.ceil(math.ceil(rows / max(spec.gpus, 1)) / batch)
     prefill = math.ceil(rows / max(spec.gpus, 1)) * _forward_flops_per_seq(s, prompt_tokens(task)) / dev.train_flops_per_s
     return prefill + batches * spec.eval.max_new_tokens * s.layers * rate
