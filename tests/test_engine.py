@@ -225,8 +225,7 @@ def test_keyed_grpo_cell_trains_the_same_v_with_the_engine(tmp_path, monkeypatch
     from tinyablate.cell_folder import ADAPTER_NATIVE_DIR, CellFolder
     from tinyablate.config import LoggerConfig
 
-    sys_path_tests()
-    from test_cell import tiny_spec
+    from test_cell import tiny_spec  # tests/ is on sys.path, as test_distributed.py relies on
 
     vectors = {}
     for engine in ("hf", "eager"):
@@ -241,15 +240,6 @@ def test_keyed_grpo_cell_trains_the_same_v_with_the_engine(tmp_path, monkeypatch
     assert vectors["hf_reward"] == vectors["eager_reward"]
     for name, v in vectors["hf"].items():
         assert v.abs().max() > 0 and torch.equal(v, vectors["eager"][name]), name
-
-
-def sys_path_tests():
-    import sys
-    from pathlib import Path
-
-    here = str(Path(__file__).parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
 
 
 def test_paper_setting_kv_cache_fits_one_80gb_gpu_and_too_much_names_the_settings():
