@@ -243,3 +243,13 @@ def test_embedded_smollm2_every_module_against_float64_references():
             worst = max(worst, err)
     assert big == 150  # the modules the retired default sent to its randomized SVD (34 of them inexact)
     print(f"worst sin angle {worst:.2e} over {len(weights)} modules x r in (1, 2, 4); ties {ties}")
+
+
+def test_batched_fingerprints_equal_one_by_one():
+    weights = [torch.randn(96, 64), torch.randn(7, 5).to(torch.bfloat16), torch.randn(3000, 4), torch.zeros(2, 2)]
+    batch = svd_module.Fingerprints()
+    for w in weights:
+        batch.add(w)
+    assert batch.digests() == [svd_module.weight_fingerprint(w) for w in weights]
+    assert len(set(batch.digests())) == len(weights)
+    assert svd_module.Fingerprints().digests() == []

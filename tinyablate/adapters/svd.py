@@ -182,13 +182,49 @@ def _fix_signs(U: torch.Tensor, Vh: torch.Tensor):
     return U * signs[None, :], Vh * signs[:, None]
 
 
-def weight_fingerprint(weight: torch.Tensor, n_samples: int = 2048) -> str:
-    """A cheap content hash: shape, dtype and a fixed strided sample of the weight's values."""
+def _fingerprint_sample(weight: torch.Tensor, n_samples: int) -> torch.Tensor:
     flat = weight.detach().reshape(-1)
     step = max(1, flat.numel() // n_samples)
-    sample = flat[::step][:n_samples].float().cpu().numpy().tobytes()
-    head = f"{tuple(weight.shape)}|{weight.dtype}".encode()
-    return hashlib.sha256(head + sample).hexdigest()[:24]
+    return flat[::step][:n_samples].float()
+
+
+def _fingerprint_digest(shape, dtype, sample) -> str:
+    head = f"{tuple(shape)}|{dtype}".encode()
+    return hashlib.sha256(head + sample.tobytes()).hexdigest()[:24]
+
+
+def weight_fingerprint(weight: torch.Tensor, n_samples: int = 2048) -> str:
+    """A cheap content hash: shape, dtype and a fixed strided sample of the weight's values."""
+    sample = _fingerprint_sample(weight, n_samples).cpu().numpy()
+    return _fingerprint_digest(weight.shape, weight.dtype, sample)
+
+
+class Fingerprints:
+    """weight_fingerprint of many weights with one device-to-host copy (one wait for the GPU, not one each).
+
+    `add` takes each weight's sample on its device (the weight itself need not be kept: a dequantized
+    weight can be dropped at once); `digests()` copies all samples to the host together.
+    """
+
+    def __init__(self, n_samples: int = 2048):
+        self.n_samples = n_samples
+        self._heads: list = []
+        self._samples: list = []
+
+    def add(self, weight: torch.Tensor) -> None:
+        self._heads.append((tuple(weight.shape), weight.dtype))
+        self._samples.append(_fingerprint_sample(weight, self.n_samples))
+
+    def digests(self) -> list[str]:
+        if not self._samples:
+            return []
+        sizes = [s.numel() for s in self._samples]
+        host = torch.cat([s.to(self._samples[0].device) for s in self._samples]).cpu().numpy()
+        out, at = [], 0
+        for (shape, dtype), size in zip(self._heads, sizes):
+            out.append(_fingerprint_digest(shape, dtype, host[at:at + size]))
+            at += size
+        return out
 
 
 class SVDCache:
@@ -203,38 +239,57 @@ class SVDCache:
         self.hits = 0
         self.misses = 0
 
-    def factors(self, model_id: str, module_name: str, weight: torch.Tensor, r: int) -> Factors:
-        """Top-r factors of `weight`, from the cache when present; computed and stored otherwise."""
-        rank = min(max(r, self.cfg.cache_rank), min(weight.shape))
-        path = self._path(model_id, module_name, weight)
-        cached = self._load(path, weight.device) if path is not None else None
-        if cached is not None and cached.rank >= r:
-            self.hits += 1
-            return cached.top(r)
+    def factors(self, model_id: str, module_name: str, weight: torch.Tensor, r: int,
+                fingerprint: Optional[str] = None) -> Factors:
+        """Top-r factors of `weight`, from the cache when present; computed and stored otherwise.
+
+        Cached factors come back on the CPU (move what you use); computed ones on the weight's device.
+        `fingerprint`: the weight's, when the caller has it already (see `Fingerprints`).
+        """
+        cached = self.cached(model_id, module_name, weight_fingerprint(weight) if fingerprint is None else fingerprint, r)
+        return cached if cached is not None else self.compute(model_id, module_name, weight, r, fingerprint)
+
+    def cached(self, model_id: str, module_name: str, fingerprint: str, r: int) -> Factors | None:
+        """The cached top-r factors (on the CPU), or None (a miss, not counted: `compute` counts it)."""
+        path = self._path(model_id, module_name, fingerprint)
+        cached = self._load(path) if path is not None else None
+        if cached is None or cached.rank < r:
+            return None
+        self.hits += 1
+        return cached.top(r)
+
+    def compute(self, model_id: str, module_name: str, weight: torch.Tensor, r: int,
+                fingerprint: Optional[str] = None) -> Factors:
+        """Decompose `weight` at cache_rank (on its device), store the factors, return the top r."""
         self.misses += 1
+        rank = min(max(r, self.cfg.cache_rank), min(weight.shape))
         f = truncated_svd(weight, rank, self.cfg)
+        path = self._path(model_id, module_name, weight_fingerprint(weight) if fingerprint is None else fingerprint)
         if path is not None:
             self._store(path, f, model_id, module_name)
         return f.top(r)
 
-    def _path(self, model_id: str, module_name: str, weight: torch.Tensor) -> Path | None:
+    def _path(self, model_id: str, module_name: str, fingerprint) -> Path | None:
+        """The cache file of a module; `fingerprint`: its weight's (a str) or the weight itself."""
         if self.root is None:
             return None
-        key = json.dumps([model_id, module_name, weight_fingerprint(weight), self.cfg.method, ALGORITHM_VERSION])
+        if not isinstance(fingerprint, str):
+            fingerprint = weight_fingerprint(fingerprint)
+        key = json.dumps([model_id, module_name, fingerprint, self.cfg.method, ALGORITHM_VERSION])
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         return self.root / digest[:2] / f"{digest}.safetensors"
 
     @staticmethod
-    def _load(path: Path, device) -> Factors | None:
+    def _load(path: Path) -> Factors | None:
         if not path.exists():
             return None
         try:
-            t = load_file(str(path))  # on the CPU: the certificates stay there, the factors move
+            t = load_file(str(path))  # on the CPU: the caller moves the top-r factors it uses
         except Exception:  # a torn or foreign file: recompute and overwrite
             return None
         if not {"U", "S", "Vh", "rel_gaps", "err"} <= t.keys():
             return None
-        return Factors(t["U"].to(device), t["S"].to(device), t["Vh"].to(device), t["rel_gaps"], t["err"])
+        return Factors(t["U"], t["S"], t["Vh"], t["rel_gaps"], t["err"])
 
     @staticmethod
     def _store(path: Path, f: Factors, model_id: str, module_name: str) -> None:

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..config.adapter import AdapterConfig
-from ..quantization import dense_weight
+from ..quantization import compute_dtype, dense_weight
 from .layers import SVDAdapterLinear, projection
-from .svd import TIE_GAP, Factors, SVDCache
+from .svd import TIE_GAP, Factors, Fingerprints, SVDCache
 from .targets import Target
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,16 +37,23 @@ def build_svd_adapter(model: nn.Module, cfg: AdapterConfig, targets: list[Target
     layers: dict[str, SVDAdapterLinear] = {}
     bases: dict[str, Factors] = {}
     start = time.perf_counter()
-    for t in targets:
+    fingerprints = Fingerprints()
+    for t in targets:  # a quantized base: its dequantized weight (what the model computes with)
+        fingerprints.add(dense_weight(model.get_submodule(t.name)))
+    for t, fingerprint in zip(targets, fingerprints.digests()):
         base = model.get_submodule(t.name)
-        weight = dense_weight(base)  # a quantized base: its dequantized weight (what the model computes with)
-        f = bases[t.name] = cache.factors(model_id, t.name, weight, cfg.r)
-        A = f.U * f.S[None, :]  # U Σ  (d × r)
+        f = cache.cached(model_id, t.name, fingerprint, cfg.r)
+        if f is None:
+            f = cache.compute(model_id, t.name, dense_weight(base), cfg.r, fingerprint)
+        bases[t.name] = f
+        device, dtype = base.weight.device, compute_dtype(base)
+        A = (f.U * f.S[None, :]).to(dtype).to(device)  # U Σ (d × r), rounded where the factors are
+        B = f.Vh.to(dtype).to(device)
         P = None
         if cfg.kind == "tinylora":
             P = projection(cfg.projection_seed, t.index, cfg.u, cfg.r).reshape(cfg.u, cfg.r * cfg.r)
-            P = P.to(device=weight.device, dtype=root.vectors[0].dtype)
-        layer = SVDAdapterLinear(base, A, f.Vh, P, root.vectors, t.group, cfg.forward)
+            P = P.to(dtype=root.vectors[0].dtype).to(device)
+        layer = SVDAdapterLinear(base, A, B, P, root.vectors, t.group, cfg.forward)
         _replace(model, t.name, layer)
         layers[t.name] = layer
     if first.is_cuda:
