@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.adapter_bench import SHAPES, TARGETS, build_base, sync  # noqa: E402
 from tinyablate.engine import GenerationEngine, Sampling  # noqa: E402
 
+# The engine's settings side by side: the defaults, and each lever on its own.
+ENGINE_VARIANTS = {"engine": {}, "engine_nopack": {"pack": False}, "engine_glue": {"compile_glue": True},
+                   "engine_nocompile": {"compile_glue": False}}
 HBM_BYTES_PER_S = 4.8e12  # H200
 BF16_FLOPS = 790e12  # H200 dense bf16, measured on this device (KINDS.md)
 
@@ -49,7 +52,7 @@ def parse(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", default="256,512", help="comma list")
     p.add_argument("--paths", default="hf,engine,hf_static",
-                   help="comma list of hf, hf_static, engine, engine_nocompile (its glue ops uncompiled)")
+                   help="comma list of hf, hf_static and engine variants: " + ", ".join(ENGINE_VARIANTS))
     p.add_argument("--adapters", default="none,tinylora", help="comma list of none,tinylora")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--agreement-rows", type=int, default=64)
@@ -196,9 +199,10 @@ def main(argv=None) -> dict:
                     p.normal_(0, 1e-3)
         engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print, attention=args.attention)
         engines = {"engine": engine}
-        if "engine_nocompile" in args.paths:
-            engines["engine_nocompile"] = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print,
-                                                           attention=args.attention, compile_glue=False)
+        for path in args.paths:
+            if path in ENGINE_VARIANTS and path != "engine":
+                engines[path] = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print,
+                                                 attention=args.attention, **ENGINE_VARIANTS[path])
         report["rows"] += throughput_rows(model, label, args, ids, news, engines)
         for other in list(engines.values())[1:]:
             other.release()

@@ -99,7 +99,8 @@ def test_sampled_token_frequencies_match_softmax_at_temperature(top_k, tmp_path)
     assert freq[expected == 0].sum() == 0
 
 
-def test_next_rollout_uses_the_v_the_optimizer_just_changed(tmp_path):
+@pytest.mark.parametrize("pack", [True, False])
+def test_next_rollout_uses_the_v_the_optimizer_just_changed(tmp_path, pack):
     """The engine reads the fused weights re-merged for the new v (fails if it kept the old ones)."""
     from tinyablate.adapters import apply_adapter
     from tinyablate.config import AdapterConfig, SVDConfig
@@ -107,7 +108,7 @@ def test_next_rollout_uses_the_v_the_optimizer_just_changed(tmp_path):
     model, tok = _load("tiny-qwen2", tmp_path)
     adapter = apply_adapter(model, AdapterConfig(kind="tinylora", r=2, u=4, tie=1, svd=SVDConfig(cache_dir="")), "t")
     prompts = _prompts(tok)
-    engine = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False)
+    engine = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False, pack=pack)
     before = engine.generate(prompts, 24)
     assert before == _hf(adapter.model, tok, prompts, 24, [-1])
     params = adapter.trainable_parameters()
@@ -123,10 +124,17 @@ def test_next_rollout_uses_the_v_the_optimizer_just_changed(tmp_path):
     assert after == _hf(adapter.model, tok, prompts, 24, [-1]) and after != before
     assert layer._w_eff is w_eff and "sentinel" in engine._graphs  # re-merged in place: graphs stay valid
     torch.testing.assert_close(layer._w_eff, layer.weight + layer.delta_weight(), atol=1e-5, rtol=0)
-    layer.drop_cache()  # the merged weight will be a new tensor: graphs must be captured again
-    engine.generate(prompts, 2)
-    assert "sentinel" not in engine._graphs
-    engine._graphs["sentinel"] = object()
+    if pack:  # the merged weight lives in the engine's packed q/k/v rows
+        packed = engine._packs[0][0].weight
+        assert w_eff.data_ptr() == packed.data_ptr()
+        layer.drop_cache()  # the layer lets go of the rows; the engine hands them back and merges there again
+        assert engine.generate(prompts, 24) == after and "sentinel" in engine._graphs
+        assert layer._w_eff.data_ptr() == packed.data_ptr()
+    else:
+        layer.drop_cache()  # the merged weight will be a new tensor: graphs must be captured again
+        engine.generate(prompts, 2)
+        assert "sentinel" not in engine._graphs
+        engine._graphs["sentinel"] = object()
     adapter.merge()  # ΔW folded into the weights, fused path off: again a different computation
     merged = engine.generate(prompts, 24)
     assert "sentinel" not in engine._graphs and merged == after
@@ -278,3 +286,33 @@ def test_compiled_glue_rounds_where_hf_rounds_in_bf16():
     summed, normed = glue.add_norm(norm, x, delta)
     with torch.no_grad():
         assert torch.equal(summed, x + delta) and torch.equal(normed, norm(x + delta))
+
+
+def test_packed_projections_follow_edited_weights_and_skip_what_cannot_be_packed(tmp_path):
+    """q/k/v and gate/up run packed; a frozen weight edited in place is re-copied (fails if the stale copy
+    were read); a PEFT LoRA model's layers are not packed and still give HF's tokens."""
+    from tinyablate.adapters import apply_adapter
+    from tinyablate.config import AdapterConfig
+
+    model, tok = _load("tiny-llama", tmp_path)
+    prompts = _prompts(tok)
+    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False)
+    assert engine.generate(prompts, 32) == _hf(model, tok, prompts, 32, [-1])
+    assert all(qkv is not None and gate_up is not None for qkv, gate_up in engine._packs)
+    before = engine.generate(prompts, 32)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(-3.0)
+        model.model.layers[1].mlp.up_proj.weight.mul_(2.0)
+    after = engine.generate(prompts, 32)
+    assert after == _hf(model, tok, prompts, 32, [-1]) and after != before
+    unpacked = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, pack=False)
+    assert unpacked.generate(prompts, 32) == after and unpacked._packs[0] == (None, None)
+
+    lora = apply_adapter(model, AdapterConfig(kind="lora", r=4, lora_alpha=8.0), "t").model
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    engine = GenerationEngine(lora, tok.pad_token_id, [-1], use_graphs=False)
+    assert engine.generate(prompts, 32) == _hf(lora, tok, prompts, 32, [-1])
+    assert all(pair == (None, None) for pair in engine._packs)

@@ -149,6 +149,20 @@ class SVDAdapterLinear(nn.Linear):
             self._w_eff_version = version
         return self._w_eff
 
+    def keep_merged_weight_in(self, storage: torch.Tensor) -> torch.Tensor:
+        """Keep the merged weight W + A M B in `storage` (a d × k tensor of W's dtype that the caller owns,
+        e.g. rows of the generation engine's packed q/k/v weight) from now on; returns it, merged for v.
+
+        Merges later rewrite `storage` in place; a dropped cache (drop_cache) lets go of it.
+        """
+        if storage.shape != self.weight.shape or storage.dtype != self.weight.dtype:
+            raise ValueError(f"merged-weight storage {tuple(storage.shape)} {storage.dtype} does not fit "
+                             f"{tuple(self.weight.shape)} {self.weight.dtype}")
+        if self._w_eff is None or self._w_eff.data_ptr() != storage.data_ptr():
+            self._w_eff = storage
+            self._w_eff_version = None  # merge into the new storage
+        return self._merged_weight()
+
     def drop_cache(self) -> None:
         self._w_eff = None
         self._w_eff_version = None

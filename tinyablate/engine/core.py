@@ -14,8 +14,10 @@ LoRA) is in the computation; only the cache and the attention over it are the en
   reads and writes fixed buffers, so on CUDA it is captured once per (batch bucket, key-length
   bucket, sampling) and replayed; the host only checks every `check_every` steps whether all rows
   are done (early exit).
+- packed projections (engine/packing.py): q/k/v run as one matmul and gate/up as one, over stacked
+  weights that hold each layer's effective weight (a fused adapter merges straight into its rows).
 - weights: before a generation the adapters' fused weights are re-merged for the current v (in
-  place, the same storage) and a signature of every weight tensor the step reads (addresses and
+  place, the same storage), the packed weights refreshed, and a signature of every weight tensor the step reads (addresses and
   adapter states) is compared with the one the graphs were captured with; any change (a dropped
   merged cache, adapters disabled or merged, a device move) drops the graphs, which are captured
   again. A replay therefore never reads a stale or freed weight.
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from ..adapters.layers import SVDAdapterLinear
 from ..sampling import KeyedGumbelSampler, _noisy_scores, _top_p_filter, mix32
+from .packing import pack_group
 
 ARCHITECTURES = ("qwen2", "llama")
 
@@ -112,11 +115,13 @@ class GenerationEngine:
     attention, "sdpa" or "matmul". compile_glue: compile the elementwise work of the CUDA decode step
     into fused kernels (1.15x faster decode on an H200, benchmarks/RESULTS.md; off by default until its
     bf16 agreement with HF is re-measured on a GPU with the precision-cast emulation added since).
+    pack: run q/k/v and gate/up as one matmul each over packed weights (engine/packing.py); layers
+    that cannot be packed (PEFT LoRA, a quantized base, an unmerged adapter) are called one by one.
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: Optional[bool] = None,
                  length_bucket: int = 64, check_every: Optional[int] = None, log=None, attention: str = "sdpa",
-                 compile_glue: bool = False):
+                 compile_glue: bool = False, pack: bool = True):
         self.model = model
         self.lm, self.decoder = causal_lm_parts(model)
         self.pad = int(pad_token_id)
@@ -155,6 +160,8 @@ class GenerationEngine:
         self._pool = None
         self._signature = None
         self._vocab_hash = None
+        self.pack = bool(pack)
+        self._packs: list = [(None, None)] * len(self.decoder.layers)  # per layer: (q/k/v, gate/up) or None
 
     # -- memory --------------------------------------------------------------------------------
     def reserve(self, rows: int, length: int) -> int:
@@ -186,6 +193,7 @@ class GenerationEngine:
         self._k = self._v = None
         self.rows = self.length = 0
         self._drop_graphs()
+        self._packs = [(None, None)] * len(self.decoder.layers)
 
     def _drop_graphs(self) -> None:
         self._graphs.clear()
@@ -210,7 +218,7 @@ class GenerationEngine:
             rows = self._bucket_rows(len(prompts))
             width = max(len(p) for p in prompts)
             self.reserve(rows, width + max_new_tokens)
-            self._refresh_weights()
+            self.refresh_weights()
             tokens = self._run(prompts, rows, width, max_new_tokens, sampling, keys)
         finally:
             self.model.train(was_training)
@@ -319,17 +327,17 @@ class GenerationEngine:
                 h = glue.norm(ln1, x)
             else:
                 x, h = glue.add_norm(ln1, x, delta)  # the previous layer's residual add, fused with this norm
-            o = self._attention(layer.self_attn, h, cos, sin, mask, i, write, decode, glue)
+            qkv, gate_up = self._packs[i]
+            o = self._attention(layer.self_attn, h, cos, sin, mask, i, write, decode, glue, qkv)
             x, h = glue.add_norm(ln2, x, o)
-            delta = glue.mlp(mlp, h)
+            delta = glue.mlp(mlp, h, gate_up)
         return glue.add_norm(self.decoder.norm, x[:, -1:], delta[:, -1:])[1]
 
-    def _attention(self, attn, h, cos, sin, mask, i, write, decode, glue):
+    def _attention(self, attn, h, cos, sin, mask, i, write, decode, glue, qkv=None):
         rows, length = h.shape[:2]
         shape = (rows, length, -1, self.head_dim)
-        q = attn.q_proj(h).view(shape).transpose(1, 2)
-        k = attn.k_proj(h).view(shape).transpose(1, 2)
-        v = attn.v_proj(h).view(shape).transpose(1, 2)
+        q, k, v = qkv(h) if qkv is not None else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         q, k = glue.rope(q, k, cos, sin)
         keys, values = write(i, k, v)
         if decode:  # one query per head: the G heads sharing a kv head are its G "queries" (no repeat_kv)
@@ -398,9 +406,12 @@ class GenerationEngine:
         self._graphs[key] = graph
         return graph
 
-    def _refresh_weights(self) -> None:
-        """Re-merge adapters' fused weights for the current v; recapture if any weight tensor moved."""
-        signature = []
+    def refresh_weights(self) -> None:
+        """Re-merge adapters' fused weights for the current v and refresh the packed weights; drop the
+        captured graphs if any weight tensor the decode step reads moved or changed state."""
+        if self.pack:
+            self._refresh_packs()
+        signature = [tuple(p.signature() if p is not None else None for p in pair) for pair in self._packs]
         for module in self.model.modules():
             if isinstance(module, SVDAdapterLinear):
                 fused = module.enabled and module._pristine is None and module.forward_mode == "fused"
@@ -422,6 +433,16 @@ class GenerationEngine:
                 self.log("generation engine: weights changed place or state, recapturing the decode graphs")
             self._graphs.clear()
             self._signature = signature
+
+    def _refresh_packs(self) -> None:
+        """Each layer's packed q/k/v and gate/up weights (None where the layers cannot be packed), refreshed."""
+        packs = []
+        for layer, (qkv, gate_up) in zip(self.decoder.layers, self._packs):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = pack_group([attn.q_proj, attn.k_proj, attn.v_proj], qkv)
+            gate_up = pack_group([mlp.gate_proj, mlp.up_proj], gate_up) if self._glue.fused else None
+            packs.append((qkv, gate_up))
+        self._packs = packs
 
 
 def _rms_norm(x, weight, eps: float):
@@ -478,9 +499,10 @@ class _Glue:
     def rope(self, q, k, cos, sin):
         return self._rope(q, k, cos, sin)
 
-    def mlp(self, mlp, h):
+    def mlp(self, mlp, h, gate_up=None):
         if self.fused:
-            return mlp.down_proj(self._silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            gate, up = gate_up(h) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
+            return mlp.down_proj(self._silu_mul(gate, up))
         return mlp(h)
 
 

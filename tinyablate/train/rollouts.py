@@ -46,6 +46,7 @@ def reserve_rollout_cache(trainer, tokenizer, rows: list, algo, world_size: int)
     batch = algo.prompts_per_step * algo.num_generations // max(world_size, 1)
     length = longest + algo.max_completion_length
     engine = _engine(trainer)
+    engine.refresh_weights()  # the packed weights first (engine/packing.py), so the free memory counts them
     need = kv_cache_bytes(engine.lm.config, batch, length, engine.dtype)
     if engine.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(engine.device)

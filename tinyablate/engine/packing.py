@@ -1,0 +1,87 @@
+"""Packed projections: linear layers that read the same input (q/k/v, gate/up) as one matmul.
+
+A decode step at a few hundred rows spends most of its time in matmuls, and small ones run far from
+the GPU's peak (Qwen2.5-7B's k_proj and v_proj have 512 output features each). Stacking the weights of
+the layers that read one input by rows turns three matmuls into one, and two into one for the MLP.
+
+Each member's *effective* weight is what the stack holds:
+- a fused TinyLoRA / LoRA-XS layer (SVDAdapterLinear, fused, enabled, not merged, not quantized) keeps
+  its merged weight W + A M B in its rows of the stack (`keep_merged_weight_in`): the merge after an
+  optimizer step writes there in place, and the layer's own forward reads the same rows, so the
+  stack costs no memory and can never be stale;
+- a plain frozen nn.Linear is copied into its rows, again whenever its weight is replaced or edited
+  in place (its tensor version changes);
+- anything else (a PEFT LoRA layer, a quantized base, an adapter in unmerged mode or disabled) is not
+  packed: `pack_group` returns None and the engine calls the layers one by one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.layers import SVDAdapterLinear
+
+
+def _packable(module) -> bool:
+    if type(module) is nn.Linear:
+        return not module.weight.requires_grad
+    return (isinstance(module, SVDAdapterLinear) and module._quantized_base is None and module.enabled
+            and module._pristine is None and module.forward_mode == "fused")
+
+
+class PackedLinear:
+    """y = x [W_1; W_2; ...]ᵀ + [b_1; b_2; ...], split back into each member's output."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.modules = list(modules)
+        first = self.modules[0].weight
+        self.sizes = [m.out_features for m in self.modules]
+        self.weight = torch.empty(sum(self.sizes), first.shape[1], dtype=first.dtype, device=first.device)
+        has_bias = any(m.bias is not None for m in self.modules)
+        self.bias = torch.zeros(sum(self.sizes), dtype=first.dtype, device=first.device) if has_bias else None
+        self._copied: list = [None] * len(self.modules)  # (data_ptr, version) of what each row block holds
+        self._bias_copied: list = [None] * len(self.modules)
+
+    def refresh(self) -> None:
+        """Make every row block hold its member's current effective weight (and bias)."""
+        start = 0
+        with torch.no_grad():
+            for i, (module, size) in enumerate(zip(self.modules, self.sizes)):
+                rows = self.weight[start:start + size]
+                if isinstance(module, SVDAdapterLinear):
+                    module.keep_merged_weight_in(rows)
+                else:
+                    self._copied[i] = _copy_if_changed(rows, module.weight, self._copied[i])
+                if self.bias is not None and module.bias is not None:
+                    self._bias_copied[i] = _copy_if_changed(self.bias[start:start + size], module.bias,
+                                                            self._bias_copied[i])
+                start += size
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+    def signature(self) -> tuple:
+        return (self.weight.data_ptr(), 0 if self.bias is None else self.bias.data_ptr())
+
+
+def _copy_if_changed(dst: torch.Tensor, src: torch.Tensor, copied) -> tuple:
+    key = (src.data_ptr(), src._version)
+    if key != copied:
+        dst.copy_(src)
+    return key
+
+
+def pack_group(modules: Sequence[nn.Module], current: Optional[PackedLinear]) -> Optional[PackedLinear]:
+    """A refreshed PackedLinear over `modules` (reusing `current` when it packs the same ones), or None."""
+    if not all(_packable(m) for m in modules):
+        return None
+    shapes = {(m.weight.shape[1], m.weight.dtype, m.weight.device) for m in modules}
+    if len(shapes) != 1:
+        return None
+    pack = current if current is not None and current.modules == list(modules) else PackedLinear(modules)
+    pack.refresh()
+    return pack
