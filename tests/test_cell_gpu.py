@@ -14,10 +14,17 @@ from tinyablate.config import AdapterConfig, AlgoConfig, CellSpec, EvalConfig, L
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("algo,kind", [("grpo", "tinylora"), ("sft", "tinylora"), ("grpo", "lora_xs"), ("sft", "lora")])
-def test_cell_on_gpu(tmp_path, algo, kind):
+@pytest.mark.parametrize("algo,kind,quantization", [("grpo", "tinylora", "none"), ("sft", "tinylora", "none"),
+                                                    ("grpo", "lora_xs", "none"), ("sft", "lora", "none"),
+                                                    ("grpo", "lora", "nf4"), ("sft", "lora", "nf4")])
+def test_cell_on_gpu(tmp_path, algo, kind, quantization):
+    """A cell through run_cell on CUDA (GRPO rollouts and evaluation through the generation engine, the
+    default there); adapter=lora on an nf4 base is QLoRA."""
+    if quantization != "none":
+        pytest.importorskip("bitsandbytes")
     spec = CellSpec(
-        model=ModelConfig(name="tiny-qwen2", device="cuda", dtype="auto", cache_dir=str(tmp_path / "cache")),
+        model=ModelConfig(name="tiny-qwen2", device="cuda", dtype="auto", cache_dir=str(tmp_path / "cache"),
+                          quantization=quantization),
         adapter=AdapterConfig(kind=kind, r=2, u=4, tie=2),
         task=TaskConfig(name="arithmetic", max_value=9, train_size=40, eval_size=16, scorer="flexible"),
         algo=AlgoConfig(name=algo, max_steps=3, learning_rate=1e-2, prompts_per_step=4, num_generations=4,
@@ -30,6 +37,8 @@ def test_cell_on_gpu(tmp_path, algo, kind):
     assert result["status"] == "completed" and result["metrics"]["train_steps"] == 3
     assert result["timing"]["n_gpus"] == 1 and result["timing"]["gpu_hours"] > 0
     assert result["provenance"]["devices"]
+    if quantization != "none":
+        assert result["model"]["quantization"] == quantization and result["model"]["base_bytes"] > 0
 
 
 def _sft_spec(tmp_path, name: str, gpus: int) -> CellSpec:

@@ -42,14 +42,15 @@ def hf(model, ps, new, eos, **kwargs):
     return [r[:next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("compile_glue", [False, True])
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_graph_engine_matches_hf_generate_in_fp32(family, compile_glue):
+def test_graph_engine_matches_hf_generate_in_fp32(family, compile_glue, pack):
     model, ps = tiny(family), prompts()
     eos = [hf(model, ps, 64, [-1])[1][30]]
     ref = hf(model, ps, 64, eos)
     assert 1 < len({len(r) for r in ref})
-    engine = GenerationEngine(model, 0, eos, use_graphs=True, length_bucket=32, compile_glue=compile_glue)
+    engine = GenerationEngine(model, 0, eos, use_graphs=True, length_bucket=32, compile_glue=compile_glue, pack=pack)
     ours = engine.generate(ps, 64)
     firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ours, ref)]
     assert ours == ref, f"first divergences per row: {firsts}"
