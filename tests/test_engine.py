@@ -145,6 +145,10 @@ def test_engine_setting_resolves_per_device():
     assert resolve_engine("eager", "cpu") == "eager"
     with pytest.raises(ValueError, match="'graph' needs a CUDA device"):
         resolve_engine("graph", "cpu")
+    # LLM.int8's outlier split cannot be captured (tests/test_quantization_gpu.py): auto = HF generate there
+    assert resolve_engine("auto", "cuda", "int8") == "hf" and resolve_engine("auto", "cuda", "nf4") == "graph"
+    with pytest.raises(ValueError, match="cannot capture a model.quantization=int8 base"):
+        resolve_engine("graph", "cuda", "int8")
 
 
 def test_unsupported_sampling_and_architecture_are_refused(tmp_path):
@@ -194,6 +198,10 @@ def test_engine_settings_are_validated_with_the_cell_and_left_out_of_its_id():
     with pytest.raises(ValueError, match=r"eval.engine=graph needs a CUDA GPU"):
         validate_spec(CellSpec(gpus=0, eval=EvalConfig(engine="graph")))
     validate_spec(CellSpec(gpus=1, algo=AlgoConfig(rollout_engine="graph"), eval=EvalConfig(engine="graph")))
+    from tinyablate.config import ModelConfig
+    with pytest.raises(ValueError, match=r"eval.engine=graph cannot run on model.quantization=int8.*eval.engine=auto"):
+        validate_spec(CellSpec(gpus=1, model=ModelConfig(quantization="int8"), eval=EvalConfig(engine="graph")))
+    validate_spec(CellSpec(gpus=1, model=ModelConfig(quantization="nf4"), eval=EvalConfig(engine="graph")))
     base = CellSpec()
     other = replace(base, algo=AlgoConfig(rollout_engine="hf"), eval=EvalConfig(engine="eager"))
     assert cell_id(other) == cell_id(base)

@@ -23,6 +23,7 @@ from . import distributed
 from .cell_folder import read_json, write_json_atomic
 from .config import EvalConfig
 from .engine import Sampling, engine_for, resolve_engine
+from .quantization import base_quantization
 
 
 @dataclass
@@ -51,7 +52,7 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, do_sample=Fa
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Optional[str]] = [None] * len(prompts)
     device = next(model.parameters()).device
-    engine = resolve_engine(cfg.engine, device.type)
+    engine = resolve_engine(cfg.engine, device.type, base_quantization(model))
     if engine != "hf":
         return _engine_generate(model, tokenizer, prompts, order, cfg, do_sample, engine == "graph", progress)
     for start in range(0, len(order), cfg.batch_size):

@@ -16,8 +16,9 @@ base's own output (tinyablate/adapters/layers.py), so ΔW is never merged into q
 What runs where (bitsandbytes 0.50.2, the version tested): on CPU both nf4 and int8 layers run forward
 and backward in fp32, bf16 and fp16 (tests/test_quantization.py), once the CPU-only inference repacking
 of 4-bit weights is turned off (it breaks training after an evaluation, see `_quantized`). On CUDA,
-tests/test_quantization_gpu.py and benchmarks/qlora_bench.py check the same (gpu marker; not yet run on
-a GPU as of 2026-12-02). Other devices (mps, ...) and other bitsandbytes versions are refused before
+tests/test_quantization_gpu.py and benchmarks/qlora_bench.py check the same (gpu marker; run on an H200,
+2026-12-02). The generation engine's CUDA graphs capture nf4 layers but not int8 ones
+(tinyablate/engine/settings.py). Other devices (mps, ...) and other bitsandbytes versions are refused before
 loading, with what to install or set.
 """
 
@@ -122,6 +123,10 @@ def _quantized(linear, quantization: str):
     if has_bias:
         layer.bias = linear.bias
     layer = layer.to(device)  # quantizes the weight where it lives
+    if quantization == "int8" and layer.weight.dtype != torch.int8:
+        # bitsandbytes quantizes Int8Params only when they move off the CPU: a weight already on the GPU
+        # stayed in 16 bits (seen on an H200 with 0.50.2, 2026-12-02), so quantize it where it is.
+        layer.weight._quantize(device)
     layer.tinyablate_dtype = dtype  # the compute dtype: what the unquantized layer computed in
     return layer
 
@@ -130,6 +135,12 @@ def is_quantized_linear(module) -> bool:
     """Whether `module` is a bitsandbytes 4-bit or 8-bit linear layer."""
     name = type(module).__name__
     return name in ("Linear4bit", "Linear8bitLt") and type(module).__module__.startswith("bitsandbytes")
+
+
+def base_quantization(model) -> str:
+    """model.quantization of a built model ("none" unless quantize_base ran), through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "tinyablate_quantization", "none")
 
 
 def compute_dtype(module):

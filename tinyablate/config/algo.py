@@ -17,6 +17,9 @@ GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo")
 ROLLOUT_SAMPLERS = ("torch", "keyed")
 # Generators of GRPO rollouts and evaluation (tinyablate/engine): see AlgoConfig.rollout_engine.
 ENGINES = ("auto", "graph", "eager", "hf")
+# Quantized bases whose layers cannot be captured in a CUDA graph (LLM.int8's outlier split has a
+# data-dependent shape): "auto" picks HF generate for them, "graph" is refused (tinyablate/engine/settings.py).
+NOT_CAPTURABLE = ("int8",)
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 REWARD_SCALINGS = ("group", "batch", "none")
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from .adapter import AdapterConfig, adapter_from_dict
-from .algo import AlgoConfig
+from .algo import NOT_CAPTURABLE, AlgoConfig
 from .checks import Checks, is_number, raise_problems
 from .eval import EvalConfig
 from .logger import LoggerConfig
@@ -122,6 +122,10 @@ def _cross_section_problems(spec: CellSpec, gpus_ok: bool) -> list:
             c.rule(f"{name}=graph needs a CUDA GPU (its decode step is replayed from CUDA graphs) but this cell "
                    f"runs on the CPU (gpus={spec.gpus}, model.device={spec.model.device}): use {name}=eager (the "
                    f"same engine without graphs), hf or auto")
+        if engine == "graph" and spec.model.quantization in NOT_CAPTURABLE:
+            c.rule(f"{name}=graph cannot run on model.quantization={spec.model.quantization}: LLM.int8()'s "
+                   f"outlier split has a data-dependent shape, which a CUDA graph cannot capture; use {name}=auto "
+                   f"(HF generate on such a base), eager or hf")
     if spec.algo.name == "grpo" and is_number(spec.algo.beta) and spec.algo.beta > 0:
         c.rule(f"algo.beta={spec.algo.beta} is not supported: a KL penalty needs a reference model, which TRL would "
                "load from the Hub by name; use algo.beta=0 (as the TinyLoRA paper does)")

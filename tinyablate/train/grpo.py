@@ -10,6 +10,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from .. import distributed
 from ..engine import resolve_engine
+from ..quantization import base_quantization
 from .common import AdapterCheckpointMixin, one_device_per_process, trainer_kwargs
 from .rollouts import engine_rollouts, reserve_rollout_cache
 from ..sampling import keyed_generation, rollout_keys
@@ -49,7 +50,7 @@ def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, c
         callbacks=list(callbacks),
     )
     trainer.keyed_seed = spec.seed if algo.rollout_sampler == "keyed" else None
-    trainer.rollout_engine = resolve_engine(algo.rollout_engine, torch.device(device).type)
+    trainer.rollout_engine = resolve_engine(algo.rollout_engine, torch.device(device).type, base_quantization(model))
     if trainer.rollout_engine != "hf":
         reserve_rollout_cache(trainer, tokenizer, rows, algo, world_size)
     return trainer
