@@ -36,8 +36,8 @@ from benchmarks.adapter_bench import SHAPES, TARGETS, build_base, sync  # noqa: 
 from tinyablate.engine import GenerationEngine, Sampling  # noqa: E402
 
 # The engine's settings side by side: the defaults, and each lever on its own.
-ENGINE_VARIANTS = {"engine": {}, "engine_nopack": {"pack": False}, "engine_glue": {"compile_glue": True},
-                   "engine_nocompile": {"compile_glue": False}}
+ENGINE_VARIANTS = {"engine": {}, "engine_nopack": {"pack": False}, "engine_nocompile": {"compile_glue": False},
+                   "engine_eager": {"compile_glue": False, "pack": False}}
 HBM_BYTES_PER_S = 4.8e12  # H200
 BF16_FLOPS = 790e12  # H200 dense bf16, measured on this device (KINDS.md)
 

@@ -81,7 +81,8 @@ def test_keyed_samples_match_the_keyed_hf_path(top_p, tmp_path):
 
 
 @pytest.mark.parametrize("top_k", [0, 5])
-def test_sampled_token_frequencies_match_softmax_at_temperature(top_k, tmp_path):
+@pytest.mark.parametrize("compile_glue", [False, True])
+def test_sampled_token_frequencies_match_softmax_at_temperature(top_k, compile_glue, tmp_path):
     model, tok = _load("tiny-llama", tmp_path)
     prompt = _prompts(tok, ["Hi"])[0]
     n, temperature = 6000, 0.5
@@ -91,7 +92,8 @@ def test_sampled_token_frequencies_match_softmax_at_temperature(top_k, tmp_path)
         logits[logits < logits.topk(top_k).values[-1]] = float("-inf")
     expected = logits.softmax(-1)
     torch.manual_seed(0)
-    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False)
+    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, compile_glue=compile_glue)
+    assert (engine._race is not None) == compile_glue  # the compiled exponential race (engine/fused.py)
     first = [c[0] for c in engine.generate([prompt] * n, 1, Sampling(temperature=temperature, top_k=top_k))]
     freq = torch.bincount(torch.tensor(first), minlength=len(expected)).float() / n
     assert expected.max() < 0.9  # a spread distribution, so the check has teeth
@@ -125,7 +127,7 @@ def test_next_rollout_uses_the_v_the_optimizer_just_changed(tmp_path, pack):
     assert layer._w_eff is w_eff and "sentinel" in engine._graphs  # re-merged in place: graphs stay valid
     torch.testing.assert_close(layer._w_eff, layer.weight + layer.delta_weight(), atol=1e-5, rtol=0)
     if pack:  # the merged weight lives in the engine's packed q/k/v rows
-        packed = engine._packs[0][0].weight
+        packed = engine._packs[0].qkv.weight
         assert w_eff.data_ptr() == packed.data_ptr()
         layer.drop_cache()  # the layer lets go of the rows; the engine hands them back and merges there again
         assert engine.generate(prompts, 24) == after and "sentinel" in engine._graphs
@@ -306,7 +308,7 @@ def test_packed_projections_follow_edited_weights_and_skip_what_cannot_be_packed
     prompts = _prompts(tok)
     engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False)
     assert engine.generate(prompts, 32) == _hf(model, tok, prompts, 32, [-1])
-    assert all(qkv is not None and gate_up is not None for qkv, gate_up in engine._packs)
+    assert engine._all_packed
     before = engine.generate(prompts, 32)
     with torch.no_grad():
         model.model.layers[0].self_attn.k_proj.weight.mul_(-3.0)
@@ -314,7 +316,7 @@ def test_packed_projections_follow_edited_weights_and_skip_what_cannot_be_packed
     after = engine.generate(prompts, 32)
     assert after == _hf(model, tok, prompts, 32, [-1]) and after != before
     unpacked = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, pack=False)
-    assert unpacked.generate(prompts, 32) == after and unpacked._packs[0] == (None, None)
+    assert unpacked.generate(prompts, 32) == after and not any(unpacked._packs[0])
 
     lora = apply_adapter(model, AdapterConfig(kind="lora", r=4, lora_alpha=8.0), "t").model
     with torch.no_grad():
@@ -323,4 +325,27 @@ def test_packed_projections_follow_edited_weights_and_skip_what_cannot_be_packed
                 p.normal_(0, 0.5)
     engine = GenerationEngine(lora, tok.pad_token_id, [-1], use_graphs=False)
     assert engine.generate(prompts, 32) == _hf(lora, tok, prompts, 32, [-1])
-    assert all(pair == (None, None) for pair in engine._packs)
+    assert not any(p for packs in engine._packs for p in packs)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_compiled_decode_layers_give_hf_generates_tokens(name, tmp_path):
+    """With every projection packed, compile_glue runs each decoder layer of the decode step as two
+    compiled functions (engine/fused.py); they write the same KV cache and give HF's greedy tokens in fp32."""
+    from tinyablate.adapters import apply_adapter
+    from tinyablate.config import AdapterConfig, SVDConfig
+
+    model, tok = _load(name, tmp_path)
+    adapter = apply_adapter(model, AdapterConfig(kind="tinylora", r=2, u=4, tie=1, svd=SVDConfig(cache_dir="")), "t")
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.normal_(0, 0.5)
+    prompts = _prompts(tok)
+    ref = _hf(adapter.model, tok, prompts, 40, [-1])
+    fused = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False, compile_glue=True)
+    plain = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False)
+    assert fused._fused is not None
+    assert fused.generate(prompts, 40) == ref and fused._all_packed
+    assert plain.generate(prompts, 40) == ref
+    for a, b in zip(fused._k + fused._v, plain._k + plain._v):  # the compiled cache writes land in place
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

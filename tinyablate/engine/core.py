@@ -29,16 +29,29 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..adapters.layers import SVDAdapterLinear
 from ..sampling import KeyedGumbelSampler, _noisy_scores, _top_p_filter, mix32
-from .packing import pack_group
+from . import fused
+from .packing import PackedLinear, pack_group
 
 ARCHITECTURES = ("qwen2", "llama")
+
+
+class LayerPacks(NamedTuple):
+    """A decoder layer's packed projections (engine/packing.py); None where its layers cannot be packed."""
+
+    qkv: Optional[PackedLinear]
+    o: Optional[PackedLinear]
+    gate_up: Optional[PackedLinear]
+    down: Optional[PackedLinear]
+
+
+_NO_PACKS = LayerPacks(None, None, None, None)
 
 
 @dataclass(frozen=True)
@@ -112,22 +125,25 @@ class GenerationEngine:
     use_graphs: replay the decode step from CUDA graphs (default: on CUDA). length_bucket: graphs are
     captured for key lengths in multiples of it (the cache's length too). check_every: decode steps
     between the host's checks for all rows done (8 with graphs). attention: the decode step's
-    attention, "sdpa" or "matmul". compile_glue: compile the elementwise work of the CUDA decode step
-    into fused kernels (1.15x faster decode on an H200, benchmarks/RESULTS.md; off by default until its
-    bf16 agreement with HF is re-measured on a GPU with the precision-cast emulation added since).
+    attention, "sdpa" or "matmul". compile_glue (default: on CUDA): with every projection packed, compile
+    each decoder layer of the decode step into two functions around the attention and the sampling
+    draw into one kernel (engine/fused.py); otherwise compile the norms, rotary and SiLU x up one by one
+    (CUDA only). Its bf16 tokens equal the uncompiled step's share of HF's (tests/test_engine_gpu.py);
+    the speed-up is in benchmarks/RESULTS.md.
     pack: run q/k/v and gate/up as one matmul each over packed weights (engine/packing.py); layers
     that cannot be packed (PEFT LoRA, a quantized base, an unmerged adapter) are called one by one.
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: Optional[bool] = None,
                  length_bucket: int = 64, check_every: Optional[int] = None, log=None, attention: str = "sdpa",
-                 compile_glue: bool = False, pack: bool = True):
+                 compile_glue: Optional[bool] = None, pack: bool = True):
         self.model = model
         self.lm, self.decoder = causal_lm_parts(model)
         self.pad = int(pad_token_id)
         self.eos = sorted({int(e) for e in eos_token_ids})
         device = self.decoder.embed_tokens.weight.device
         self.device = device
+        compile_glue = device.type == "cuda" if compile_glue is None else bool(compile_glue)
         self.use_graphs = device.type == "cuda" if use_graphs is None else bool(use_graphs)
         if self.use_graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -161,7 +177,13 @@ class GenerationEngine:
         self._signature = None
         self._vocab_hash = None
         self.pack = bool(pack)
-        self._packs: list = [(None, None)] * len(self.decoder.layers)  # per layer: (q/k/v, gate/up) or None
+        self._packs: list = [_NO_PACKS] * len(self.decoder.layers)
+        # The decode step's layers as compiled functions (engine/fused.py), used while every projection is packed
+        self._fused = None
+        if compile_glue and self.pack and self._glue.fused and fused.available():
+            self._fused = (fused.compiled(fused.pre_attention), fused.compiled(fused.post_attention),
+                           fused.compiled(fused.final_norm))
+        self._race = fused.compiled(fused.exponential_race) if self._fused is not None else None
 
     # -- memory --------------------------------------------------------------------------------
     def reserve(self, rows: int, length: int) -> int:
@@ -193,7 +215,7 @@ class GenerationEngine:
         self._k = self._v = None
         self.rows = self.length = 0
         self._drop_graphs()
-        self._packs = [(None, None)] * len(self.decoder.layers)
+        self._packs = [_NO_PACKS] * len(self.decoder.layers)
 
     def _drop_graphs(self) -> None:
         self._graphs.clear()
@@ -311,7 +333,11 @@ class GenerationEngine:
             vc.index_copy_(2, st.slot, v)
             return kc[:, :, :kv_len], vc[:, :, :kv_len]
 
-        logits = self.lm.lm_head(self._layers(x, cos, sin, mask, write, decode=True))[:, -1].float()
+        if self._fused is not None and self._all_packed:
+            h = self._fused_layers(x, cos, sin, mask, st.slot, kv_len, rows)
+        else:
+            h = self._layers(x, cos, sin, mask, write, decode=True)
+        logits = self.lm.lm_head(h)[:, -1].float()
         st.pos.add_(1)
         st.slot.add_(1)
         st.step.add_(1)
@@ -327,11 +353,36 @@ class GenerationEngine:
                 h = glue.norm(ln1, x)
             else:
                 x, h = glue.add_norm(ln1, x, delta)  # the previous layer's residual add, fused with this norm
-            qkv, gate_up = self._packs[i]
-            o = self._attention(layer.self_attn, h, cos, sin, mask, i, write, decode, glue, qkv)
+            packs = self._packs[i]
+            o = self._attention(layer.self_attn, h, cos, sin, mask, i, write, decode, glue, packs.qkv)
             x, h = glue.add_norm(ln2, x, o)
-            delta = glue.mlp(mlp, h, gate_up)
+            delta = glue.mlp(mlp, h, packs.gate_up)
         return glue.add_norm(self.decoder.norm, x[:, -1:], delta[:, -1:])[1]
+
+    def _attend(self, q, keys, values, mask, scaling: float):
+        """Decode attention: q (rows, kv heads, groups, dim) over the cache's keys (rows, kv heads, length, dim)."""
+        if self.attention == "matmul":
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype)
+            return torch.matmul(probs, values)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+
+    def _fused_layers(self, x, cos, sin, mask, slot, kv_len: int, rows: int):
+        """The decode step's layers through the compiled functions of engine/fused.py (all projections packed)."""
+        pre, post, final = self._fused
+        attn0 = self.decoder.layers[0].self_attn
+        heads = attn0.q_proj.out_features // self.head_dim
+        delta = None
+        for i, layer in enumerate(self.decoder.layers):
+            p, ln1, ln2 = self._packs[i], layer.input_layernorm, layer.post_attention_layernorm
+            kc, vc = self._k[i][:rows], self._v[i][:rows]
+            x, q = pre(x, delta, ln1.weight, ln1.variance_epsilon, p.qkv.weight, p.qkv.bias, cos, sin, kc, vc, slot,
+                       heads, self.kv_heads, self.head_dim)
+            out = self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask, layer.self_attn.scaling)
+            x, delta = post(x, out, p.o.weight, p.o.bias, ln2.weight, ln2.variance_epsilon, p.gate_up.weight,
+                            p.gate_up.bias, p.down.weight, p.down.bias)
+        norm = self.decoder.norm
+        return final(x, delta, norm.weight, norm.variance_epsilon)
 
     def _attention(self, attn, h, cos, sin, mask, i, write, decode, glue, qkv=None):
         rows, length = h.shape[:2]
@@ -342,10 +393,8 @@ class GenerationEngine:
         keys, values = write(i, k, v)
         if decode:  # one query per head: the G heads sharing a kv head are its G "queries" (no repeat_kv)
             q = q.reshape(rows, self.kv_heads, self.groups, self.head_dim)
-        if decode and self.attention == "matmul":
-            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * attn.scaling
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype)
-            out = torch.matmul(probs, values)
+        if decode:
+            out = self._attend(q, keys, values, mask, attn.scaling)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
         out = out.reshape(rows, self.kv_heads * self.groups, length, self.head_dim).transpose(1, 2)
@@ -363,6 +412,8 @@ class GenerationEngine:
     def _pick(self, logits: torch.Tensor, st: _State, s: Sampling) -> torch.Tensor:
         if s.greedy:
             return logits.argmax(-1)
+        if self._race is not None and not (s.keyed or s.top_k or s.top_p < 1):  # compiled: one fused kernel
+            return self._race(logits, torch.empty_like(logits).exponential_(), s.temperature)
         scores = logits / s.temperature
         if s.keyed:  # exactly KeyedGumbelSampler's scores (tinyablate/sampling.py), then their argmax
             if s.top_p < 1:
@@ -378,9 +429,9 @@ class GenerationEngine:
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if s.top_p < 1:
             scores = _top_p_filter(scores, s.top_p)
-        probs = scores.softmax(-1)
-        # An exact categorical draw without a host sync: argmax of p / Exp(1) (the exponential race).
-        return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+        # An exact categorical draw without a host sync: argmax of p / Exp(1) (the exponential race; the noise
+        # is drawn outside compiled code, so a graph's replays draw new noise).
+        return (scores.softmax(-1) / torch.empty_like(scores).exponential_()).argmax(-1)
 
     # -- CUDA graphs and fresh weights ------------------------------------------------------------
     def _graph(self, rows: int, kv_len: int, sampling: Sampling, max_new: int):
@@ -411,7 +462,7 @@ class GenerationEngine:
         captured graphs if any weight tensor the decode step reads moved or changed state."""
         if self.pack:
             self._refresh_packs()
-        signature = [tuple(p.signature() if p is not None else None for p in pair) for pair in self._packs]
+        signature = [tuple(p.signature() if p is not None else None for p in packs) for packs in self._packs]
         for module in self.model.modules():
             if isinstance(module, SVDAdapterLinear):
                 fused = module.enabled and module._pristine is None and module.forward_mode == "fused"
@@ -435,14 +486,21 @@ class GenerationEngine:
             self._signature = signature
 
     def _refresh_packs(self) -> None:
-        """Each layer's packed q/k/v and gate/up weights (None where the layers cannot be packed), refreshed."""
+        """Each layer's packed weights (None where the layers cannot be packed), refreshed."""
         packs = []
-        for layer, (qkv, gate_up) in zip(self.decoder.layers, self._packs):
+        for layer, old in zip(self.decoder.layers, self._packs):
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = pack_group([attn.q_proj, attn.k_proj, attn.v_proj], qkv)
-            gate_up = pack_group([mlp.gate_proj, mlp.up_proj], gate_up) if self._glue.fused else None
-            packs.append((qkv, gate_up))
+            mlp_ok = self._glue.fused
+            packs.append(LayerPacks(
+                qkv=pack_group([attn.q_proj, attn.k_proj, attn.v_proj], old.qkv),
+                o=pack_group([attn.o_proj], old.o),
+                gate_up=pack_group([mlp.gate_proj, mlp.up_proj], old.gate_up) if mlp_ok else None,
+                down=pack_group([mlp.down_proj], old.down) if mlp_ok else None))
         self._packs = packs
+
+    @property
+    def _all_packed(self) -> bool:
+        return all(p is not None for packs in self._packs for p in packs)
 
 
 def _rms_norm(x, weight, eps: float):

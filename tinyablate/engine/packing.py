@@ -34,12 +34,19 @@ def _packable(module) -> bool:
 
 
 class PackedLinear:
-    """y = x [W_1; W_2; ...]ᵀ + [b_1; b_2; ...], split back into each member's output."""
+    """y = x [W_1; W_2; ...]ᵀ + [b_1; b_2; ...], split back into each member's output.
+
+    A single plain layer is not copied: its own weight and bias are used as they are.
+    """
 
     def __init__(self, modules: Sequence[nn.Module]):
         self.modules = list(modules)
         first = self.modules[0].weight
         self.sizes = [m.out_features for m in self.modules]
+        self.alias = len(self.modules) == 1 and not isinstance(self.modules[0], SVDAdapterLinear)
+        if self.alias:
+            self.weight, self.bias = first, self.modules[0].bias
+            return
         self.weight = torch.empty(sum(self.sizes), first.shape[1], dtype=first.dtype, device=first.device)
         has_bias = any(m.bias is not None for m in self.modules)
         self.bias = torch.zeros(sum(self.sizes), dtype=first.dtype, device=first.device) if has_bias else None
@@ -48,6 +55,9 @@ class PackedLinear:
 
     def refresh(self) -> None:
         """Make every row block hold its member's current effective weight (and bias)."""
+        if self.alias:  # the layer's own tensors (a replaced weight is picked up here)
+            self.weight, self.bias = self.modules[0].weight, self.modules[0].bias
+            return
         start = 0
         with torch.no_grad():
             for i, (module, size) in enumerate(zip(self.modules, self.sizes)):

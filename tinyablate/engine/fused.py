@@ -1,0 +1,90 @@
+"""The decode step's decoder layers as two compiled functions each, around the attention.
+
+With every projection of every layer packed (engine/packing.py) and HF's RMSNorm and SiLU MLP, a
+decoder layer at one new token is
+
+    pre:   x += delta; h = rms_norm(x); q, k, v = h [Wq; Wk; Wv]ᵀ + b; rotary(q, k); k, v -> cache slot
+    attention over the cache (SDPA)
+    post:  x += o_proj(attention); h = rms_norm(x); gate, up = h [Wg; Wu]ᵀ; delta = down_proj(silu(gate) up)
+
+`pre` and `post` are plain tensor functions of the layer's weights (passed in, so all layers share one
+compiled graph per batch bucket) that torch.compile turns into a few fused kernels around cuBLAS's
+matmuls. A CUDA-graph replay pays a few microseconds for every kernel it launches, and the uncompiled
+step launches ~1,100 of them for a 28-layer model (profile in benchmarks/RESULTS.md); this cuts that to a
+few hundred. Inductor's `emulate_precision_casts` rounds where HF's eager code rounds (bf16 norm output
+before the weight, the residual sum), so the fused kernels compute HF's numbers
+(tests/test_engine.py, tests/test_engine_gpu.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _rms_norm(x, weight, eps: float):
+    """HF's Qwen2RMSNorm / LlamaRMSNorm, op for op."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def pre_attention(x, delta, norm_w, eps: float, qkv_w, qkv_b, cos, sin, k_cache, v_cache, slot,
+                  heads: int, kv_heads: int, head_dim: int):
+    """Residual add and norm, packed q/k/v, rotary, the new key/value into the cache at `slot`.
+
+    x, delta: (rows, 1, hidden) (delta None at the first layer); cos, sin: (rows, 1, head_dim);
+    k_cache, v_cache: (rows, kv heads, length, head_dim). Returns x and q as (rows, kv heads, groups, head_dim).
+    """
+    if delta is not None:
+        x = x + delta
+    h = _rms_norm(x, norm_w, eps)
+    rows = x.shape[0]
+    q, k, v = F.linear(h, qkv_w, qkv_b).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q = q.view(rows, 1, heads, head_dim).transpose(1, 2)
+    k = k.view(rows, 1, kv_heads, head_dim).transpose(1, 2)
+    v = v.view(rows, 1, kv_heads, head_dim).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = (q * cos) + (_rotate_half(q) * sin)  # HF's apply_rotary_pos_emb
+    k = (k * cos) + (_rotate_half(k) * sin)
+    k_cache.index_copy_(2, slot, k)
+    v_cache.index_copy_(2, slot, v)
+    return x, q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
+
+
+def post_attention(x, attn, o_w, o_b, norm_w, eps: float, gate_up_w, gate_up_b, down_w, down_b):
+    """o_proj and the residual add, norm, packed gate/up, SiLU x up, down_proj: returns (x, delta).
+
+    attn: (rows, kv heads, groups, head_dim), the attention output of the query heads in order.
+    """
+    rows = x.shape[0]
+    x = x + F.linear(attn.reshape(rows, 1, -1), o_w, o_b)
+    h = _rms_norm(x, norm_w, eps)
+    gate, up = F.linear(h, gate_up_w, gate_up_b).chunk(2, dim=-1)
+    return x, F.linear(F.silu(gate) * up, down_w, down_b)
+
+
+def final_norm(x, delta, norm_w, eps: float):
+    return _rms_norm(x + delta, norm_w, eps)
+
+
+def exponential_race(logits, noise, temperature: float):
+    """argmax of softmax(logits / T) / noise, noise ~ Exp(1): an exact categorical draw (one fused kernel)."""
+    return ((logits / temperature).softmax(-1) / noise).argmax(-1)
+
+
+def compiled(fn):
+    """`fn` compiled for fixed shapes into fused kernels (no CUDA graphs of its own: the engine captures)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
+
+
+def available() -> bool:
+    import torch._inductor.config as inductor
+
+    return hasattr(inductor, "emulate_precision_casts")
