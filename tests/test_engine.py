@@ -68,8 +68,9 @@ def test_greedy_tokens_match_hf_generate_on_smollm2():
 
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_keyed_samples_match_the_keyed_hf_path(top_p, tmp_path):
+    """Also with each prompt repeated, as GRPO's generations are (their prefill is computed once)."""
     model, tok = _load("tiny-qwen2", tmp_path)
-    prompts = _prompts(tok)
+    prompts = [p for p in _prompts(tok) for _ in range(3)]
     keys = [sequence_key(3, 1, row, 0) for row in range(len(prompts))]
     sampler = KeyedGumbelSampler(keys, 0.7, top_p)
     ref = _hf(model, tok, prompts, 48, [-1], logits_processor=LogitsProcessorList([sampler]))
@@ -349,3 +350,19 @@ def test_compiled_decode_layers_give_hf_generates_tokens(name, tmp_path):
     assert plain.generate(prompts, 40) == ref
     for a, b in zip(fused._k + fused._v, plain._k + plain._v):  # the compiled cache writes land in place
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_repeated_prompts_are_prefilled_once_and_spread_to_their_rows(tmp_path, monkeypatch):
+    from tinyablate.engine import core
+
+    model, tok = _load("tiny-llama", tmp_path)
+    distinct = _prompts(tok)
+    prompts = [distinct[i] for i in (0, 1, 0, 2, 1, 0, 3, 3)]
+    assert core._dedupe(torch.tensor([[1, 2], [3, 4], [1, 2], [1, 2], [5, 6]])) == ([0, 1, 4], [0, 1, 0, 0, 2])
+    seen = []
+    forward = core.GenerationEngine._forward_prompts
+    monkeypatch.setattr(core.GenerationEngine, "_forward_prompts",
+                        lambda self, ids, *a: seen.append(ids.shape[0]) or forward(self, ids, *a))
+    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False)
+    assert engine.generate(prompts, 24) == _hf(model, tok, prompts, 24, [-1])
+    assert seen == [4]  # 4 distinct prompts of 8 rows

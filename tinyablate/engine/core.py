@@ -7,7 +7,8 @@ LoRA) is in the computation; only the cache and the attention over it are the en
 - KV cache: one (batch, kv heads, length, head dim) tensor per layer for keys and one for values,
   allocated for the largest (batch, prompt + new tokens) asked so far and reused (`reserve`).
 - prefill: the whole left-padded prompt batch in one forward; pad tokens attend only to themselves
-  (so nothing is NaN) and no real token attends to a pad.
+  (so nothing is NaN) and no real token attends to a pad. Identical prompts (GRPO's generations of
+  one prompt) are computed once and their cache rows and logits copied to the duplicates.
 - decode step: embed the last tokens, every layer (the new key/value written at slot P + t), the
   logits of that position, sampling (greedy, temperature + top-k + top-p, or the keyed Gumbel sampler
   of tinyablate/sampling.py), finished rows forced to pad, per-row EOS flags, counters advanced. All of it
@@ -265,13 +266,14 @@ class GenerationEngine:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.as_tensor(list(p))
             mask[i, width - len(p):] = 1
+        unique, source = _dedupe(ids)
         ids, mask = ids.to(self.device), mask.to(self.device)
         st.done.zero_()
         st.done[len(prompts):] = True  # bucket filler rows
         st.keys.zero_()
         if keys is not None:
             st.keys[:len(prompts)] = torch.tensor([int(k) for k in keys], dtype=torch.long)
-        logits = self._prefill(ids, mask, st)
+        logits = self._prefill(ids, mask, st, unique, source)
         st.step.zero_()
         self._choose(logits, st, sampling)  # the first new token, from the prefill's last position
         done_at = max_new
@@ -300,14 +302,30 @@ class GenerationEngine:
         return st
 
     # -- the model, layer by layer ------------------------------------------------------------
-    def _prefill(self, ids, mask, st: _State) -> torch.Tensor:
-        rows, width = ids.shape
+    def _prefill(self, ids, mask, st: _State, unique: list, source: list) -> torch.Tensor:
+        """The prompts' forward: cache rows and last-position logits of every row.
+
+        `unique`: one row index per distinct prompt; `source[r]`: the position in `unique` of row r's prompt.
+        """
         pos = mask.cumsum(-1) - 1
         pos.masked_fill_(mask == 0, 0)  # as HF generate (pads' positions are never attended to)
         st.valid.zero_()
-        st.valid[:, :width] = mask.bool()
+        st.valid[:, :ids.shape[1]] = mask.bool()
         st.pos.copy_(pos[:, -1] + 1)
-        st.slot.fill_(width)
+        st.slot.fill_(ids.shape[1])
+        if len(unique) == ids.shape[0]:
+            return self._forward_prompts(ids, mask, pos)
+        pick = torch.tensor(unique, device=self.device)
+        logits = self._forward_prompts(ids[pick], mask[pick], pos[pick])
+        back = torch.tensor(source, device=self.device)
+        width = ids.shape[1]
+        for cache in self._k + self._v:  # rows 0..len(unique)-1 hold the distinct prompts; spread them out
+            cache[:len(source), :, :width] = cache[:len(unique), :, :width].index_select(0, back)
+        return logits.index_select(0, back)
+
+    def _forward_prompts(self, ids, mask, pos) -> torch.Tensor:
+        """Prefill of distinct prompts into cache rows 0..len(ids)-1; the logits of each one's last position."""
+        rows, width = ids.shape
         causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
         attend = causal[None] & mask.bool()[:, None, :]
         attend |= torch.eye(width, dtype=torch.bool, device=self.device)[None]  # pads see themselves only
@@ -562,6 +580,16 @@ class _Glue:
             gate, up = gate_up(h) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
             return mlp.down_proj(self._silu_mul(gate, up))
         return mlp(h)
+
+
+def _dedupe(ids: torch.Tensor) -> tuple[list, list]:
+    """(the first row index of each distinct row of `ids`, each row's position among those)."""
+    first: dict = {}
+    source = [first.setdefault(tuple(row), len(first)) for row in ids.tolist()]
+    unique = [0] * len(first)
+    for r, u in reversed(list(enumerate(source))):
+        unique[u] = r
+    return unique, source
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
