@@ -253,3 +253,32 @@ def test_batched_fingerprints_equal_one_by_one():
     assert batch.digests() == [svd_module.weight_fingerprint(w) for w in weights]
     assert len(set(batch.digests())) == len(weights)
     assert svd_module.Fingerprints().digests() == []
+
+
+def test_a_warm_build_reads_one_file_for_all_modules_and_never_a_stale_one(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tinyablate.adapters import apply_adapter
+
+    def model():
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+
+    cfg = AdapterConfig(kind="tinylora", r=2, u=4, tie=1, svd=SVDConfig(cache_dir=str(tmp_path), cache_rank=4))
+    cold = apply_adapter(model(), cfg, "m")
+    assert (cold.stats["svd_cache_hits"], cold.stats["svd_cache_misses"]) == (0, 14)
+    warm = apply_adapter(model(), cfg, "m")
+    assert (warm.stats["svd_cache_hits"], warm.stats["svd_cache_misses"]) == (14, 0)
+    for name, layer in cold.layers.items():  # the bundle gives the factors the modules' own files gave
+        assert torch.equal(layer.A, warm.layers[name].A) and torch.equal(layer.B, warm.layers[name].B)
+    edited = model()
+    with torch.no_grad():
+        edited.model.layers[1].mlp.up_proj.weight.mul_(2.0)
+    again = apply_adapter(edited, cfg, "m")  # another weight: no bundle; 13 module files and one new SVD
+    assert (again.stats["svd_cache_hits"], again.stats["svd_cache_misses"]) == (13, 1)
+    layer = again.layers["model.layers.1.mlp.up_proj"]
+    torch.testing.assert_close(layer.A, 2 * cold.layers["model.layers.1.mlp.up_proj"].A)
+    higher = apply_adapter(model(), AdapterConfig(kind="tinylora", r=6, u=4, tie=1,
+                                                  svd=SVDConfig(cache_dir=str(tmp_path), cache_rank=4)), "m")
+    assert higher.stats["svd_cache_misses"] == 14  # stored at rank 4: r=6 is computed, not sliced

@@ -17,7 +17,9 @@ construction up to rounding), with σ_{j+1} from the same decomposition. Where t
 (`Factors.is_tie`), the adapter logs it and the cell's result records it.
 
 Factors are stored at `cache_rank` and sliced for any smaller r, so every cell of a rank sweep shares
-one decomposition per module. Signs are fixed (largest-magnitude entry of each left singular vector
+one decomposition per module; once every module of a model is known, all their factors are also
+written into one file keyed by every module's name and weight fingerprint, so a warm start reads one
+file (`cached_all`), not one per module. Signs are fixed (largest-magnitude entry of each left singular vector
 positive) so factors are reproducible across devices and runs, which is what lets a saved v be
 reloaded onto a recomputed SVD. The cache key holds the method and `ALGORITHM_VERSION`, so factors
 from another algorithm (e.g. the randomized SVD used before 2026-12-02) are never reused.
@@ -227,6 +229,19 @@ class Fingerprints:
         return out
 
 
+FIELDS = ("U", "S", "Vh", "rel_gaps", "err")
+
+
+def _tensors(f: Factors, prefix: str = "") -> dict:
+    return {prefix + name: getattr(f, name).contiguous().cpu() for name in FIELDS}
+
+
+def _factors(tensors: dict, prefix: str = "") -> Factors | None:
+    if not all(prefix + name in tensors for name in FIELDS):
+        return None  # e.g. a file of the layout before certificates
+    return Factors(*(tensors[prefix + name] for name in FIELDS))
+
+
 class SVDCache:
     """Disk cache of SVD factors keyed by (model identity, module name, weight fingerprint, method)."""
 
@@ -238,6 +253,7 @@ class SVDCache:
             self.root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         self.hits = 0
         self.misses = 0
+        self.bundle_hits = 0
 
     def factors(self, model_id: str, module_name: str, weight: torch.Tensor, r: int,
                 fingerprint: Optional[str] = None) -> Factors:
@@ -246,60 +262,89 @@ class SVDCache:
         Cached factors come back on the CPU (move what you use); computed ones on the weight's device.
         `fingerprint`: the weight's, when the caller has it already (see `Fingerprints`).
         """
-        cached = self.cached(model_id, module_name, weight_fingerprint(weight) if fingerprint is None else fingerprint, r)
-        return cached if cached is not None else self.compute(model_id, module_name, weight, r, fingerprint)
+        fingerprint = weight_fingerprint(weight) if fingerprint is None else fingerprint
+        cached = self.cached(model_id, module_name, fingerprint, r)
+        return (cached if cached is not None else self.compute(model_id, module_name, weight, r, fingerprint)).top(r)
 
     def cached(self, model_id: str, module_name: str, fingerprint: str, r: int) -> Factors | None:
-        """The cached top-r factors (on the CPU), or None (a miss, not counted: `compute` counts it)."""
+        """The cached factors at their stored rank >= r (on the CPU), or None (a miss, counted by `compute`)."""
         path = self._path(model_id, module_name, fingerprint)
         cached = self._load(path) if path is not None else None
         if cached is None or cached.rank < r:
             return None
         self.hits += 1
-        return cached.top(r)
+        return cached
 
     def compute(self, model_id: str, module_name: str, weight: torch.Tensor, r: int,
                 fingerprint: Optional[str] = None) -> Factors:
-        """Decompose `weight` at cache_rank (on its device), store the factors, return the top r."""
+        """Decompose `weight` at max(r, cache_rank) (on its device) and store the factors."""
         self.misses += 1
         rank = min(max(r, self.cfg.cache_rank), min(weight.shape))
         f = truncated_svd(weight, rank, self.cfg)
         path = self._path(model_id, module_name, weight_fingerprint(weight) if fingerprint is None else fingerprint)
         if path is not None:
-            self._store(path, f, model_id, module_name)
-        return f.top(r)
+            self._store(path, _tensors(f), {"model_id": model_id, "module": module_name})
+        return f
+
+    def cached_all(self, model_id: str, names: list, fingerprints: list, r: int) -> list | None:
+        """Every module's factors (stored rank, CPU) from the one file `store_all` wrote for exactly these
+        modules and weights, or None. One read instead of one per module: what makes a warm start fast."""
+        path = self._bundle_path(model_id, names, fingerprints)
+        tensors = self._read(path) if path is not None else None
+        if tensors is None:
+            return None
+        out = [_factors(tensors, f"{i}.") for i in range(len(names))]
+        if any(f is None or f.rank < r for f in out):
+            return None
+        self.hits += len(out)
+        self.bundle_hits += 1
+        return out
+
+    def store_all(self, model_id: str, names: list, fingerprints: list, factors: list) -> None:
+        """Write every module's factors into one file keyed by all their names and fingerprints."""
+        path = self._bundle_path(model_id, names, fingerprints)
+        if path is None:
+            return
+        tensors = {}
+        for i, f in enumerate(factors):
+            tensors.update(_tensors(f, f"{i}."))
+        self._store(path, tensors, {"model_id": model_id, "modules": str(len(names))})
 
     def _path(self, model_id: str, module_name: str, fingerprint) -> Path | None:
         """The cache file of a module; `fingerprint`: its weight's (a str) or the weight itself."""
-        if self.root is None:
-            return None
         if not isinstance(fingerprint, str):
             fingerprint = weight_fingerprint(fingerprint)
-        key = json.dumps([model_id, module_name, fingerprint, self.cfg.method, ALGORITHM_VERSION])
-        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return self._file([model_id, module_name, fingerprint, self.cfg.method, ALGORITHM_VERSION])
+
+    def _bundle_path(self, model_id: str, names: list, fingerprints: list) -> Path | None:
+        return self._file([model_id, "all", list(zip(names, fingerprints)), self.cfg.method, ALGORITHM_VERSION])
+
+    def _file(self, key: list) -> Path | None:
+        if self.root is None:
+            return None
+        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
         return self.root / digest[:2] / f"{digest}.safetensors"
 
     @staticmethod
-    def _load(path: Path) -> Factors | None:
+    def _read(path: Path) -> dict | None:
         if not path.exists():
             return None
         try:
-            t = load_file(str(path))  # on the CPU: the caller moves the top-r factors it uses
+            return load_file(str(path))  # on the CPU: the caller moves the top-r factors it uses
         except Exception:  # a torn or foreign file: recompute and overwrite
             return None
-        if not {"U", "S", "Vh", "rel_gaps", "err"} <= t.keys():
-            return None
-        return Factors(t["U"], t["S"], t["Vh"], t["rel_gaps"], t["err"])
+
+    def _load(self, path: Path) -> Factors | None:
+        tensors = self._read(path)
+        return None if tensors is None else _factors(tensors)
 
     @staticmethod
-    def _store(path: Path, f: Factors, model_id: str, module_name: str) -> None:
+    def _store(path: Path, tensors: dict, metadata: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"U": f.U.contiguous().cpu(), "S": f.S.contiguous().cpu(), "Vh": f.Vh.contiguous().cpu(),
-                   "rel_gaps": f.rel_gaps.contiguous().cpu(), "err": f.err.contiguous().cpu()}
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"model_id": model_id, "module": module_name})
+            save_file(tensors, tmp, metadata=metadata)
             os.replace(tmp, path)  # atomic: concurrent cells never see a torn file
         finally:
             if os.path.exists(tmp):

@@ -40,12 +40,16 @@ def build_svd_adapter(model: nn.Module, cfg: AdapterConfig, targets: list[Target
     fingerprints = Fingerprints()
     for t in targets:  # a quantized base: its dequantized weight (what the model computes with)
         fingerprints.add(dense_weight(model.get_submodule(t.name)))
-    for t, fingerprint in zip(targets, fingerprints.digests()):
+    names, digests = [t.name for t in targets], fingerprints.digests()
+    stored = cache.cached_all(model_id, names, digests, cfg.r)  # one file for all modules: the warm path
+    if stored is None:
+        stored = [cache.cached(model_id, t.name, fp, cfg.r)
+                  or cache.compute(model_id, t.name, dense_weight(model.get_submodule(t.name)), cfg.r, fp)
+                  for t, fp in zip(targets, digests)]
+        cache.store_all(model_id, names, digests, stored)
+    for t, full in zip(targets, stored):
         base = model.get_submodule(t.name)
-        f = cache.cached(model_id, t.name, fingerprint, cfg.r)
-        if f is None:
-            f = cache.compute(model_id, t.name, dense_weight(base), cfg.r, fingerprint)
-        bases[t.name] = f
+        f = bases[t.name] = full.top(cfg.r)
         device, dtype = base.weight.device, compute_dtype(base)
         A = (f.U * f.S[None, :]).to(dtype).to(device)  # U Σ (d × r), rounded where the factors are
         B = f.Vh.to(dtype).to(device)
