@@ -37,7 +37,8 @@ from tinyablate.engine import GenerationEngine, Sampling  # noqa: E402
 
 # The engine's settings side by side: the defaults, and each lever on its own.
 ENGINE_VARIANTS = {"engine": {}, "engine_nopack": {"pack": False}, "engine_nocompile": {"compile_glue": False},
-                   "engine_eager": {"compile_glue": False, "pack": False}}
+                   "engine_sdpa": {"attention": "sdpa"},
+                   "engine_eager": {"compile_glue": False, "pack": False, "attention": "sdpa"}}
 HBM_BYTES_PER_S = 4.8e12  # H200
 BF16_FLOPS = 790e12  # H200 dense bf16, measured on this device (KINDS.md)
 
@@ -61,7 +62,8 @@ def parse(argv=None):
     p.add_argument("--eval-new", type=int, default=512)
     p.add_argument("--eval-batch-hf", type=int, default=32)
     p.add_argument("--eval-batch-engine", type=int, default=256)
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "matmul"], help="the engine's decode attention")
+    p.add_argument("--attention", default=None, choices=["triton", "sdpa", "matmul"],
+                   help="the engine's decode attention (default: the engine's, triton on CUDA)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of eager decode steps and exit")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
@@ -201,8 +203,8 @@ def main(argv=None) -> dict:
         engines = {"engine": engine}
         for path in args.paths:
             if path in ENGINE_VARIANTS and path != "engine":
-                engines[path] = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print,
-                                                 attention=args.attention, **ENGINE_VARIANTS[path])
+                settings = {"attention": args.attention, **ENGINE_VARIANTS[path]}
+                engines[path] = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print, **settings)
         report["rows"] += throughput_rows(model, label, args, ids, news, engines)
         for other in list(engines.values())[1:]:
             other.release()
@@ -236,27 +238,27 @@ def main(argv=None) -> dict:
 
 
 def profile_decode(model, ids, args):
-    """8 decode steps at a 256-token context, run eagerly (the kernels the graphs replay), under torch.profiler."""
+    """The default engine's generation (prefill, then decode steps replayed from CUDA graphs) under
+    torch.profiler: wall time of the prefill alone and per decode step, and the top CUDA kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], use_graphs=False, attention=args.attention)
-    engine.fixed_shapes = True
-    engine.reserve(ids.shape[0], 384)
-    sampling = Sampling(temperature=1.0)
-    engine.generate(ids.tolist(), 64, sampling)  # fills the cache to slot 191
-    st = engine._states[ids.shape[0]]
-    st.step.zero_()  # the output column: the steps below write columns 0..9 again
-    with torch.no_grad():
-        for _ in range(2):
-            engine._decode_step(st, 256, sampling)
+    engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], attention=args.attention)
+    sampling, new = Sampling(temperature=1.0), 128
+    prompts = ids.tolist()
+    engine.generate(prompts, new, sampling)  # compiles and captures
+    for n in (1, new):
         sync(args.device)
         t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(8):
-                engine._decode_step(st, 256, sampling)
-            sync(args.device)
-    print(f"8 eager decode steps: {1e3 * (time.perf_counter() - t0) / 8:.2f} ms/step (with profiler)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+        engine.generate(prompts, n, sampling)
+        sync(args.device)
+        print(f"generate {n} new tokens: {1e3 * (time.perf_counter() - t0):.1f} ms", flush=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate(prompts, new, sampling)
+        sync(args.device)
+    events = prof.key_averages()
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"CUDA kernel time of one generation of {new} tokens: {total:.1f} ms")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
     return {}
 
 

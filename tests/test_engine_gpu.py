@@ -42,15 +42,17 @@ def hf(model, ps, new, eos, **kwargs):
     return [r[:next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
 
 
+@pytest.mark.parametrize("attention", ["triton", "sdpa"])
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("compile_glue", [False, True])
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_graph_engine_matches_hf_generate_in_fp32(family, compile_glue, pack):
+def test_graph_engine_matches_hf_generate_in_fp32(family, compile_glue, pack, attention):
     model, ps = tiny(family), prompts()
     eos = [hf(model, ps, 64, [-1])[1][30]]
     ref = hf(model, ps, 64, eos)
     assert 1 < len({len(r) for r in ref})
-    engine = GenerationEngine(model, 0, eos, use_graphs=True, length_bucket=32, compile_glue=compile_glue, pack=pack)
+    engine = GenerationEngine(model, 0, eos, use_graphs=True, length_bucket=32, compile_glue=compile_glue, pack=pack,
+                              attention=attention)
     ours = engine.generate(ps, 64)
     firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ours, ref)]
     assert ours == ref, f"first divergences per row: {firsts}"
@@ -100,3 +102,31 @@ def test_bf16_graph_replay_equals_the_same_step_run_eagerly(family, compile_glue
               f"first divergence: "
               f"mean {sum(shares) / len(shares):.3f}, rows fully identical {sum(s == 1 for s in shares)}/{len(shares)}")
     assert sum(shares) / len(shares) > 0.5
+
+
+@pytest.mark.parametrize("dtype, splits", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 1),
+                                           (torch.bfloat16, 4)])
+def test_triton_decode_attention_against_a_float64_reference(dtype, splits):
+    """Ragged left padding, keys past the current slot present but not valid, a cache wider than the rows."""
+    from tinyablate.engine.attention import decode_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, kv_heads, groups, dim, length = 37, 4, 7, 128, 320
+    q = torch.randn(rows, kv_heads, groups, dim, device="cuda", generator=gen).to(dtype)
+    cache_k = torch.randn(rows + 3, kv_heads, length + 64, dim, device="cuda", generator=gen).to(dtype)
+    cache_v = torch.randn(rows + 3, kv_heads, length + 64, dim, device="cuda", generator=gen).to(dtype)
+    keys, values = cache_k[:rows, :, :length], cache_v[:rows, :, :length]
+    start = torch.randint(0, 250, (rows,), device="cuda", generator=gen)
+    slot = torch.tensor([260], device="cuda")
+    out = torch.full_like(q, float("nan"))
+    out.copy_(decode_attention(q, keys, values, start, slot, 0.088, splits))
+    pos = torch.arange(length, device="cuda")
+    valid = (pos[None] >= start[:, None]) & (pos[None] <= slot)
+    scores = torch.einsum("bhgd,bhnd->bhgn", q.double(), keys.double()) * 0.088
+    ref = torch.einsum("bhgn,bhnd->bhgd", scores.masked_fill(~valid[:, None, None], float("-inf")).softmax(-1),
+                       values.double())
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, None, None], scale=0.088)
+    sdpa_err = ((sdpa.double() - ref).norm() / ref.norm()).item()
+    assert torch.isfinite(out).all()
+    assert err < (1e-5 if dtype == torch.float32 else 2 * sdpa_err + 1e-3), (err, sdpa_err)

@@ -38,6 +38,9 @@ import torch.nn.functional as F
 from ..adapters.layers import SVDAdapterLinear
 from ..sampling import KeyedGumbelSampler, _noisy_scores, _top_p_filter, mix32
 from . import fused
+from .attention import available as attention_kernel_available
+from .attention import decode_attention
+from .attention import splits_for as decode_attention_splits
 from .packing import PackedLinear, pack_group
 
 ARCHITECTURES = ("qwen2", "llama")
@@ -53,6 +56,14 @@ class LayerPacks(NamedTuple):
 
 
 _NO_PACKS = LayerPacks(None, None, None, None)
+
+
+class DecodeMask(NamedTuple):
+    """Which cached keys a row attends to at a decode step, in the forms the attention kernels take."""
+
+    valid: torch.Tensor  # (rows, 1, 1, keys) bool
+    start: torch.Tensor  # (rows,): first valid key (after the left padding)
+    slot: torch.Tensor  # (1,): the slot written at this step, the last valid key
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,7 @@ class _State:
         self.slot = torch.zeros(1, **long)  # its cache slot (the same for every row: left padding)
         self.step = torch.zeros(1, **long)  # index of the token being sampled among the new ones
         self.valid = torch.zeros(rows, length, dtype=torch.bool, device=device)  # keys a row may attend to
+        self.start = torch.zeros(rows, **long)  # its first valid key (after the left padding): valid = [start, slot]
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.out = torch.zeros(rows, max_new, **long)
         self.keys = torch.zeros(rows, **long)  # keyed sampling: one 32-bit key per row
@@ -126,7 +138,7 @@ class GenerationEngine:
     use_graphs: replay the decode step from CUDA graphs (default: on CUDA). length_bucket: graphs are
     captured for key lengths in multiples of it (the cache's length too). check_every: decode steps
     between the host's checks for all rows done (8 with graphs). attention: the decode step's
-    attention, "sdpa" or "matmul". compile_glue (default: on CUDA): with every projection packed, compile
+    attention, "triton" (default on CUDA), "sdpa" (default elsewhere) or "matmul". compile_glue (default: on CUDA): with every projection packed, compile
     each decoder layer of the decode step into two functions around the attention and the sampling
     draw into one kernel (engine/fused.py); otherwise compile the norms, rotary and SiLU x up one by one
     (CUDA only). Its bf16 tokens equal the uncompiled step's share of HF's (tests/test_engine_gpu.py);
@@ -136,7 +148,7 @@ class GenerationEngine:
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: Optional[bool] = None,
-                 length_bucket: int = 64, check_every: Optional[int] = None, log=None, attention: str = "sdpa",
+                 length_bucket: int = 64, check_every: Optional[int] = None, log=None, attention: Optional[str] = None,
                  compile_glue: Optional[bool] = None, pack: bool = True):
         self.model = model
         self.lm, self.decoder = causal_lm_parts(model)
@@ -152,11 +164,17 @@ class GenerationEngine:
         # needs; also settable without graphs, so CPU tests run the captured step's exact shapes.
         self.fixed_shapes = self.use_graphs
         self.length_bucket = int(length_bucket)
-        # Decode attention: "sdpa" (torch's fused kernel, fp32 softmax) or "matmul" (two grouped matmuls,
-        # scores rounded to the model dtype as HF's eager attention does).
-        if attention not in ("sdpa", "matmul"):
-            raise ValueError(f"attention={attention!r}: 'sdpa' or 'matmul'")
+        # Decode attention: "triton" (engine/attention.py, flash decoding; CUDA), "sdpa" (torch's fused kernel,
+        # fp32 softmax) or "matmul" (two grouped matmuls, scores rounded to the model dtype as HF's eager
+        # attention does). Default: triton where it runs, else sdpa.
+        if attention is None:
+            attention = "triton" if attention_kernel_available(device) else "sdpa"
+        if attention not in ("triton", "sdpa", "matmul"):
+            raise ValueError(f"attention={attention!r}: 'triton', 'sdpa' or 'matmul'")
+        if attention == "triton" and not attention_kernel_available(device):
+            raise ValueError("attention='triton' needs Triton and a CUDA device")
         self.attention = attention
+        self._splits: dict = {}
         self.check_every = check_every or (8 if self.use_graphs else 1)
         self.log = log or (lambda msg: None)
         attn = self.decoder.layers[0].self_attn
@@ -311,6 +329,7 @@ class GenerationEngine:
         pos.masked_fill_(mask == 0, 0)  # as HF generate (pads' positions are never attended to)
         st.valid.zero_()
         st.valid[:, :ids.shape[1]] = mask.bool()
+        st.start.copy_((mask == 0).sum(-1))
         st.pos.copy_(pos[:, -1] + 1)
         st.slot.fill_(ids.shape[1])
         if len(unique) == ids.shape[0]:
@@ -343,7 +362,7 @@ class GenerationEngine:
         st.valid.index_fill_(1, st.slot, True)
         x = self.decoder.embed_tokens(st.tokens[:, None])
         cos, sin = self.decoder.rotary_emb(x, st.pos[:, None])
-        mask = st.valid[:, None, None, :kv_len]
+        mask = DecodeMask(st.valid[:, None, None, :kv_len], st.start, st.slot)
 
         def write(i, k, v):
             kc, vc = self._k[i][:rows], self._v[i][:rows]
@@ -377,13 +396,18 @@ class GenerationEngine:
             delta = glue.mlp(mlp, h, packs.gate_up)
         return glue.add_norm(self.decoder.norm, x[:, -1:], delta[:, -1:])[1]
 
-    def _attend(self, q, keys, values, mask, scaling: float):
+    def _attend(self, q, keys, values, mask: "DecodeMask", scaling: float):
         """Decode attention: q (rows, kv heads, groups, dim) over the cache's keys (rows, kv heads, length, dim)."""
+        if self.attention == "triton":
+            splits = self._splits.get(keys.shape[:3])
+            if splits is None:
+                splits = self._splits[keys.shape[:3]] = decode_attention_splits(*keys.shape[:3], keys.device)
+            return decode_attention(q, keys, values, mask.start, mask.slot, scaling, splits)
         if self.attention == "matmul":
             scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype)
+            probs = scores.masked_fill(~mask.valid, float("-inf")).softmax(-1).to(values.dtype)
             return torch.matmul(probs, values)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.valid, scale=scaling)
 
     def _fused_layers(self, x, cos, sin, mask, slot, kv_len: int, rows: int):
         """The decode step's layers through the compiled functions of engine/fused.py (all projections packed)."""

@@ -1,0 +1,139 @@
+"""Decode attention over the engine's KV cache: one Triton kernel (flash decoding), CUDA only.
+
+At one new token per row, attention reads every cached key and value once: memory-bound work that the
+SDPA kernels torch picks for a (rows, kv heads, groups, dim) query with a boolean mask ran at about a
+fifth of the H200's bandwidth (70 µs a layer at 256 rows x 256 keys, benchmarks/RESULTS.md). Here each
+program takes one (row, kv head) and one slice of the key positions: the `groups` query heads that
+share the kv head are the rows of one small matrix product against each block of keys, with an online
+softmax in float32; a second kernel merges the slices (split-K) when there are several.
+
+A row's valid keys are the contiguous positions [start[row], slot]: left padding before `start`, the
+slots not yet written after `slot` (the current one, read on the device, so a captured CUDA graph
+replays it). This is the engine's mask exactly (left-padded prompts, every later slot
+written for every row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the engine uses SDPA there
+    triton = None
+
+BLOCK_N = 64
+
+
+def available(device) -> bool:
+    return triton is not None and torch.device(device).type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partial(q_ptr, k_ptr, v_ptr, start_ptr, slot_ptr, out_ptr, m_ptr, l_ptr,
+                 sq_b, sq_h, sq_g, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_s, so_g, sm_b, sm_h, sm_s,
+                 scale, CHUNK: tl.constexpr, KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, DIRECT: tl.constexpr):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // KV_HEADS
+        h = bh % KV_HEADS
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + g[:, None] * sq_g + d[None, :], mask=g[:, None] < GROUPS, other=0.0)
+        start = tl.load(start_ptr + b)
+        stop = tl.load(slot_ptr) + 1
+        hi = tl.minimum((split + 1) * CHUNK, stop)
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        for i in range(0, CHUNK // BLOCK_N):  # blocks past `stop` or before `start` load nothing (masked)
+            n = split * CHUNK + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            keep = (n >= start) & (n < hi)
+            k = tl.load(k_ptr + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=keep[:, None], other=0.0)
+            v = tl.load(v_ptr + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=keep[:, None], other=0.0)
+            if FP32:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(keep[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid key: no NaN
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, 1)
+            if FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        if DIRECT:  # one slice: the result itself
+            out = acc / l[:, None]
+            tl.store(out_ptr + b * so_b + h * so_h + g[:, None] * so_g + d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=g[:, None] < GROUPS)
+        else:
+            base = b * so_b + h * so_h + split * so_s
+            tl.store(out_ptr + base + g[:, None] * so_g + d[None, :], acc, mask=g[:, None] < GROUPS)
+            tl.store(m_ptr + b * sm_b + h * sm_h + split * sm_s + g, m, mask=g < GROUPS)
+            tl.store(l_ptr + b * sm_b + h * sm_h + split * sm_s + g, l, mask=g < GROUPS)
+
+    @triton.jit
+    def _merge(part_ptr, m_ptr, l_ptr, out_ptr, sp_b, sp_h, sp_s, sp_g, sm_b, sm_h, sm_s, so_b, so_h, so_g,
+               KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+               D: tl.constexpr):
+        bhg = tl.program_id(0)
+        g = bhg % GROUPS
+        b = bhg // (GROUPS * KV_HEADS)
+        h = (bhg // GROUPS) % KV_HEADS
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, D)
+        ms = tl.load(m_ptr + b * sm_b + h * sm_h + s * sm_s + g, mask=s < SPLITS, other=float("-inf"))
+        ls = tl.load(l_ptr + b * sm_b + h * sm_h + s * sm_s + g, mask=s < SPLITS, other=0.0)
+        big = tl.max(ms, 0)
+        w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - big))
+        parts = tl.load(part_ptr + b * sp_b + h * sp_h + s[:, None] * sp_s + g * sp_g + d[None, :],
+                        mask=s[:, None] < SPLITS, other=0.0)
+        out = tl.sum(parts * w[:, None], 0) / tl.sum(ls * w, 0)
+        tl.store(out_ptr + b * so_b + h * so_h + g * so_g + d, out.to(out_ptr.dtype.element_ty))
+
+
+def splits_for(rows: int, kv_heads: int, length: int, device) -> int:
+    """Key slices per (row, kv head): enough programs for ~4 waves of the GPU, at least BLOCK_N keys each."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 4
+    want = -(-4 * sms // max(rows * kv_heads, 1))
+    return max(1, min(want, -(-length // BLOCK_N)))
+
+
+def decode_attention(q, keys, values, start, slot, scale: float, splits: int = 1):
+    """softmax(q kᵀ · scale) v over each row's keys [start[row], slot].
+
+    q: (rows, kv heads, groups, dim); keys, values: (rows, kv heads, length, dim) with unit stride in dim;
+    start: (rows,) int; slot: (1,) int (both on the device). Returns (rows, kv heads, groups, dim).
+    """
+    rows, kv_heads, groups, dim = q.shape
+    length = keys.shape[2]
+    out = torch.empty_like(q)
+    block_g = max(16, triton.next_power_of_2(groups))
+    chunk = -(-length // splits)
+    chunk = -(-chunk // BLOCK_N) * BLOCK_N
+    fp32 = q.dtype == torch.float32
+    common = dict(KV_HEADS=kv_heads, GROUPS=groups, BLOCK_G=block_g, D=dim, BLOCK_N=BLOCK_N, FP32=fp32,
+                  num_warps=4, num_stages=2)
+    if splits == 1:
+        _partial[(rows * kv_heads, 1)](
+            q, keys, values, start, slot, out, out, out, *q.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
+            out.stride(0), out.stride(1), 0, out.stride(2), 0, 0, 0, scale, CHUNK=chunk, DIRECT=True, **common)
+        return out
+    part = torch.empty(rows, kv_heads, splits, groups, dim, dtype=torch.float32, device=q.device)
+    m = torch.empty(rows, kv_heads, splits, groups, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    _partial[(rows * kv_heads, splits)](
+        q, keys, values, start, slot, part, m, l, *q.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
+        *part.stride()[:4], *m.stride()[:3], scale, CHUNK=chunk, DIRECT=False, **common)
+    _merge[(rows * kv_heads * groups,)](
+        part, m, l, out, *part.stride()[:4], *m.stride()[:3], *out.stride()[:3], KV_HEADS=kv_heads, GROUPS=groups,
+        SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), D=dim, num_warps=4)
+    return out
