@@ -50,13 +50,17 @@ def measure(base: str, args) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device,
                         generator=torch.Generator(args.device).manual_seed(0))
 
+    losses = []
+
     def step():
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
 
     out["step_s"] = timed(step, args.device, args.warmup, args.iters)
+    out["loss_first"], out["loss_last"] = float(losses[0]), float(losses[-1])  # it trains: the same batch again
     if args.device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
     del model, adapter, opt, params
@@ -95,10 +99,11 @@ def main(argv=None) -> dict:
 def print_table(report: dict) -> None:
     print(f"{report['device']}, torch {report['torch']}, {report['shape']} x {report['layers']} layers, LoRA r={report['r']}, "
           f"batch {report['batch']} x {report['seq']} tokens, median of {report['iters']} steps")
-    print(f"{'base':<6} {'base GiB':>9} {'built GiB':>10} {'peak GiB':>9} {'step s':>8} {'trainable':>12}")
+    print(f"{'base':<6} {'base GiB':>9} {'built GiB':>10} {'peak GiB':>9} {'step s':>8} {'trainable':>12} {'loss':>15}")
     for r in report["rows"]:
         print(f"{r['base']:<6} {r['base_bytes'] / GIB:>9.2f} {r.get('built_gib', float('nan')):>10.2f} "
-              f"{r.get('peak_gib', float('nan')):>9.2f} {r['step_s']:>8.3f} {r['trainable_params']:>12,}")
+              f"{r.get('peak_gib', float('nan')):>9.2f} {r['step_s']:>8.3f} {r['trainable_params']:>12,} "
+              f"{r['loss_first']:>7.3f}->{r['loss_last']:.3f}")
     by = {r["base"]: r for r in report["rows"]}
     for base in by:
         if base != "none" and "none" in by:
