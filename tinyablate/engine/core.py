@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..adapters.layers import SVDAdapterLinear
 from ..sampling import KeyedGumbelSampler, _noisy_scores, _top_p_filter, mix32
 from . import fused
+from .fused import rms_norm as _rms_norm
 from .attention import available as attention_kernel_available
 from .attention import decode_attention
 from .attention import splits_for as decode_attention_splits
@@ -543,14 +544,6 @@ class GenerationEngine:
     @property
     def _all_packed(self) -> bool:
         return all(p is not None for packs in self._packs for p in packs)
-
-
-def _rms_norm(x, weight, eps: float):
-    """HF's Qwen2RMSNorm / LlamaRMSNorm, op for op."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
 
 
 def _add_rms_norm(x, delta, weight, eps: float):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _rms_norm(x, weight, eps: float):
+def rms_norm(x, weight, eps: float):
     """HF's Qwen2RMSNorm / LlamaRMSNorm, op for op."""
     dtype = x.dtype
     h = x.to(torch.float32)
@@ -44,7 +44,7 @@ def pre_attention(x, delta, norm_w, eps: float, qkv_w, qkv_b, cos, sin, k_cache,
     """
     if delta is not None:
         x = x + delta
-    h = _rms_norm(x, norm_w, eps)
+    h = rms_norm(x, norm_w, eps)
     rows = x.shape[0]
     q, k, v = F.linear(h, qkv_w, qkv_b).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
     q = q.view(rows, 1, heads, head_dim).transpose(1, 2)
@@ -65,13 +65,13 @@ def post_attention(x, attn, o_w, o_b, norm_w, eps: float, gate_up_w, gate_up_b, 
     """
     rows = x.shape[0]
     x = x + F.linear(attn.reshape(rows, 1, -1), o_w, o_b)
-    h = _rms_norm(x, norm_w, eps)
+    h = rms_norm(x, norm_w, eps)
     gate, up = F.linear(h, gate_up_w, gate_up_b).chunk(2, dim=-1)
     return x, F.linear(F.silu(gate) * up, down_w, down_b)
 
 
 def final_norm(x, delta, norm_w, eps: float):
-    return _rms_norm(x + delta, norm_w, eps)
+    return rms_norm(x + delta, norm_w, eps)
 
 
 def exponential_race(logits, noise, temperature: float):
