@@ -18,8 +18,9 @@ LoRA) is in the computation; only the cache and the attention over it are the en
 - packed projections (engine/packing.py): q/k/v run as one matmul and gate/up as one, over stacked
   weights that hold each layer's effective weight (a fused adapter merges straight into its rows).
 - weights: before a generation the adapters' fused weights are re-merged for the current v (in
-  place, the same storage), the packed weights refreshed, and a signature of every weight tensor the step reads (addresses and
-  adapter states) is compared with the one the graphs were captured with; any change (a dropped
+  place, the same storage), the packed weights refreshed, and a signature of every weight tensor the
+  step reads (addresses and adapter states) is compared with the one the graphs were captured with;
+  any change (a dropped
   merged cache, adapters disabled or merged, a device move) drops the graphs, which are captured
   again. A replay therefore never reads a stale or freed weight.
 
@@ -139,11 +140,12 @@ class GenerationEngine:
     use_graphs: replay the decode step from CUDA graphs (default: on CUDA). length_bucket: graphs are
     captured for key lengths in multiples of it (the cache's length too). check_every: decode steps
     between the host's checks for all rows done (8 with graphs). attention: the decode step's
-    attention, "triton" (default on CUDA), "sdpa" (default elsewhere) or "matmul". compile_glue (default: on CUDA): with every projection packed, compile
-    each decoder layer of the decode step into two functions around the attention and the sampling
-    draw into one kernel (engine/fused.py); otherwise compile the norms, rotary and SiLU x up one by one
-    (CUDA only). Its bf16 tokens equal the uncompiled step's share of HF's (tests/test_engine_gpu.py);
-    the speed-up is in benchmarks/RESULTS.md.
+    attention, "triton" (engine/attention.py; the default on CUDA), "sdpa" (the default elsewhere) or
+    "matmul". compile_glue (default: on CUDA): with every projection packed, compile each decoder layer
+    of the decode step into two functions around the attention and the sampling draw into one kernel
+    (engine/fused.py); otherwise compile the norms, rotary and SiLU x up one by one (CUDA only). Its bf16
+    tokens agree with HF's as the uncompiled step's do (tests/test_engine_gpu.py); speed-ups are in
+    benchmarks/RESULTS.md.
     pack: run q/k/v and gate/up as one matmul each over packed weights (engine/packing.py); layers
     that cannot be packed (PEFT LoRA, a quantized base, an unmerged adapter) are called one by one.
     """
@@ -372,7 +374,7 @@ class GenerationEngine:
             return kc[:, :, :kv_len], vc[:, :, :kv_len]
 
         if self._fused is not None and self._all_packed:
-            h = self._fused_layers(x, cos, sin, mask, st.slot, kv_len, rows)
+            h = self._fused_layers(x, cos, sin, mask, kv_len, rows)
         else:
             h = self._layers(x, cos, sin, mask, write, decode=True)
         logits = self.lm.lm_head(h)[:, -1].float()
@@ -397,7 +399,7 @@ class GenerationEngine:
             delta = glue.mlp(mlp, h, packs.gate_up)
         return glue.add_norm(self.decoder.norm, x[:, -1:], delta[:, -1:])[1]
 
-    def _attend(self, q, keys, values, mask: "DecodeMask", scaling: float):
+    def _attend(self, q, keys, values, mask: DecodeMask, scaling: float):
         """Decode attention: q (rows, kv heads, groups, dim) over the cache's keys (rows, kv heads, length, dim)."""
         if self.attention == "triton":
             splits = self._splits.get(keys.shape[:3])
@@ -410,7 +412,7 @@ class GenerationEngine:
             return torch.matmul(probs, values)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.valid, scale=scaling)
 
-    def _fused_layers(self, x, cos, sin, mask, slot, kv_len: int, rows: int):
+    def _fused_layers(self, x, cos, sin, mask: DecodeMask, kv_len: int, rows: int):
         """The decode step's layers through the compiled functions of engine/fused.py (all projections packed)."""
         pre, post, final = self._fused
         attn0 = self.decoder.layers[0].self_attn
@@ -419,8 +421,8 @@ class GenerationEngine:
         for i, layer in enumerate(self.decoder.layers):
             p, ln1, ln2 = self._packs[i], layer.input_layernorm, layer.post_attention_layernorm
             kc, vc = self._k[i][:rows], self._v[i][:rows]
-            x, q = pre(x, delta, ln1.weight, ln1.variance_epsilon, p.qkv.weight, p.qkv.bias, cos, sin, kc, vc, slot,
-                       heads, self.kv_heads, self.head_dim)
+            x, q = pre(x, delta, ln1.weight, ln1.variance_epsilon, p.qkv.weight, p.qkv.bias, cos, sin, kc, vc,
+                       mask.slot, heads, self.kv_heads, self.head_dim)
             out = self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask, layer.self_attn.scaling)
             x, delta = post(x, out, p.o.weight, p.o.bias, ln2.weight, ln2.variance_epsilon, p.gate_up.weight,
                             p.gate_up.bias, p.down.weight, p.down.bias)
@@ -436,7 +438,6 @@ class GenerationEngine:
         keys, values = write(i, k, v)
         if decode:  # one query per head: the G heads sharing a kv head are its G "queries" (no repeat_kv)
             q = q.reshape(rows, self.kv_heads, self.groups, self.head_dim)
-        if decode:
             out = self._attend(q, keys, values, mask, attn.scaling)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
