@@ -189,7 +189,7 @@ def test_cache_key_holds_what_decides_the_basis(tmp_path, monkeypatch):
     assert again.misses == 1
     # a file in the old layout (no certificate) under the current key is recomputed, not trusted
     monkeypatch.undo()
-    path = exact._path("m", "x", W)
+    path = exact._path("m", "x", svd_module.weight_fingerprint(W))
     from safetensors.torch import save_file
     save_file({"U": torch.zeros(48, 8), "S": torch.zeros(8), "Vh": torch.zeros(8, 32)}, str(path))
     fresh = SVDCache(SVDConfig(cache_dir=str(tmp_path)))

@@ -253,7 +253,6 @@ class SVDCache:
             self.root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         self.hits = 0
         self.misses = 0
-        self.bundle_hits = 0
 
     def factors(self, model_id: str, module_name: str, weight: torch.Tensor, r: int,
                 fingerprint: Optional[str] = None) -> Factors:
@@ -281,7 +280,8 @@ class SVDCache:
         self.misses += 1
         rank = min(max(r, self.cfg.cache_rank), min(weight.shape))
         f = truncated_svd(weight, rank, self.cfg)
-        path = self._path(model_id, module_name, weight_fingerprint(weight) if fingerprint is None else fingerprint)
+        fingerprint = weight_fingerprint(weight) if fingerprint is None else fingerprint
+        path = self._path(model_id, module_name, fingerprint)
         if path is not None:
             self._store(path, _tensors(f), {"model_id": model_id, "module": module_name})
         return f
@@ -297,7 +297,6 @@ class SVDCache:
         if any(f is None or f.rank < r for f in out):
             return None
         self.hits += len(out)
-        self.bundle_hits += 1
         return out
 
     def store_all(self, model_id: str, names: list, fingerprints: list, factors: list) -> None:
@@ -310,10 +309,8 @@ class SVDCache:
             tensors.update(_tensors(f, f"{i}."))
         self._store(path, tensors, {"model_id": model_id, "modules": str(len(names))})
 
-    def _path(self, model_id: str, module_name: str, fingerprint) -> Path | None:
-        """The cache file of a module; `fingerprint`: its weight's (a str) or the weight itself."""
-        if not isinstance(fingerprint, str):
-            fingerprint = weight_fingerprint(fingerprint)
+    def _path(self, model_id: str, module_name: str, fingerprint: str) -> Path | None:
+        """The cache file of a module whose weight has `fingerprint` (weight_fingerprint)."""
         return self._file([model_id, module_name, fingerprint, self.cfg.method, ALGORITHM_VERSION])
 
     def _bundle_path(self, model_id: str, names: list, fingerprints: list) -> Path | None:
