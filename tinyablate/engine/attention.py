@@ -102,7 +102,7 @@ if triton is not None:
 
 def splits_for(rows: int, kv_heads: int, length: int, device) -> int:
     """Key slices per (row, kv head): enough programs for ~4 waves of the GPU, at least BLOCK_N keys each."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 4
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = -(-4 * sms // max(rows * kv_heads, 1))
     return max(1, min(want, -(-length // BLOCK_N)))
 

@@ -184,7 +184,7 @@ class GenerationEngine:
         self.head_dim = attn.head_dim
         self.kv_heads = attn.k_proj.out_features // attn.head_dim
         self.groups = attn.num_key_value_groups
-        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        rope = self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         # The elementwise work between the matmuls (norms, residual adds, rotary, SiLU x up): HF's own math,
         # as plain functions; in the decode step on CUDA compiled into a few fused kernels (compile_glue).
         self._glue = _Glue(self.decoder, rope, compiled=False)
@@ -415,14 +415,12 @@ class GenerationEngine:
     def _fused_layers(self, x, cos, sin, mask: DecodeMask, kv_len: int, rows: int):
         """The decode step's layers through the compiled functions of engine/fused.py (all projections packed)."""
         pre, post, final = self._fused
-        attn0 = self.decoder.layers[0].self_attn
-        heads = attn0.q_proj.out_features // self.head_dim
         delta = None
         for i, layer in enumerate(self.decoder.layers):
             p, ln1, ln2 = self._packs[i], layer.input_layernorm, layer.post_attention_layernorm
             kc, vc = self._k[i][:rows], self._v[i][:rows]
-            x, q = pre(x, delta, ln1.weight, ln1.variance_epsilon, p.qkv.weight, p.qkv.bias, cos, sin, kc, vc,
-                       mask.slot, heads, self.kv_heads, self.head_dim)
+            x, q = pre(x, delta, ln1.weight, ln1.variance_epsilon, p.qkv.weight, p.qkv.bias, self._rope, cos, sin, kc, vc,
+                       mask.slot, self.kv_heads * self.groups, self.kv_heads, self.head_dim)
             out = self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask, layer.self_attn.scaling)
             x, delta = post(x, out, p.o.weight, p.o.bias, ln2.weight, ln2.variance_epsilon, p.gate_up.weight,
                             p.gate_up.bias, p.down.weight, p.down.bias)

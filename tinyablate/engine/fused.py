@@ -30,17 +30,13 @@ def rms_norm(x, weight, eps: float):
     return weight * h.to(dtype)
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def pre_attention(x, delta, norm_w, eps: float, qkv_w, qkv_b, cos, sin, k_cache, v_cache, slot,
+def pre_attention(x, delta, norm_w, eps: float, qkv_w, qkv_b, rope, cos, sin, k_cache, v_cache, slot,
                   heads: int, kv_heads: int, head_dim: int):
     """Residual add and norm, packed q/k/v, rotary, the new key/value into the cache at `slot`.
 
-    x, delta: (rows, 1, hidden) (delta None at the first layer); cos, sin: (rows, 1, head_dim);
-    k_cache, v_cache: (rows, kv heads, length, head_dim). Returns x and q as (rows, kv heads, groups, head_dim).
+    x, delta: (rows, 1, hidden) (delta None at the first layer); rope: the model's own
+    apply_rotary_pos_emb; cos, sin: (rows, 1, head_dim); k_cache, v_cache: (rows, kv heads, length,
+    head_dim). Returns x and q as (rows, kv heads, groups, head_dim).
     """
     if delta is not None:
         x = x + delta
@@ -50,9 +46,7 @@ def pre_attention(x, delta, norm_w, eps: float, qkv_w, qkv_b, cos, sin, k_cache,
     q = q.view(rows, 1, heads, head_dim).transpose(1, 2)
     k = k.view(rows, 1, kv_heads, head_dim).transpose(1, 2)
     v = v.view(rows, 1, kv_heads, head_dim).transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = (q * cos) + (_rotate_half(q) * sin)  # HF's apply_rotary_pos_emb
-    k = (k * cos) + (_rotate_half(k) * sin)
+    q, k = rope(q, k, cos, sin)
     k_cache.index_copy_(2, slot, k)
     v_cache.index_copy_(2, slot, v)
     return x, q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
