@@ -104,10 +104,14 @@ def test_bf16_graph_replay_equals_the_same_step_run_eagerly(family, compile_glue
     assert sum(shares) / len(shares) > 0.5
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("dtype, splits", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 1),
                                            (torch.bfloat16, 4)])
-def test_triton_decode_attention_against_a_float64_reference(dtype, splits):
-    """Ragged left padding, keys past the current slot present but not valid, a cache wider than the rows."""
+def test_triton_decode_attention_against_a_float64_reference(dtype, splits, shared):
+    """Ragged left padding, keys past the current slot present but not valid, a cache wider than the rows.
+
+    shared: rows in threes share a prompt: the kernel must read the prompt keys (before prompt_end) from
+    the group's first row; the other rows' prompt slots hold different numbers, so reading them fails."""
     from tinyablate.engine.attention import decode_attention
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -118,8 +122,18 @@ def test_triton_decode_attention_against_a_float64_reference(dtype, splits):
     keys, values = cache_k[:rows, :, :length], cache_v[:rows, :, :length]
     start = torch.randint(0, 250, (rows,), device="cuda", generator=gen)
     slot = torch.tensor([260], device="cuda")
+    shared_args, ref_keys, ref_values = (), keys, values
+    if shared:
+        src, prompt_end = torch.arange(rows, device="cuda") // 3 * 3, 200
+        start = start[src]  # one prompt, one left padding
+        shared_args = (src, torch.tensor([prompt_end], device="cuda"))
+        ref_keys, ref_values = keys.clone(), values.clone()
+        ref_keys[:, :, :prompt_end] = keys[src, :, :prompt_end]
+        ref_values[:, :, :prompt_end] = values[src, :, :prompt_end]
+        assert not torch.equal(ref_keys, keys)
     out = torch.full_like(q, float("nan"))
-    out.copy_(decode_attention(q, keys, values, start, slot, 0.088, splits))
+    out.copy_(decode_attention(q, keys, values, start, slot, 0.088, splits, *shared_args))
+    keys, values = ref_keys, ref_values
     pos = torch.arange(length, device="cuda")
     valid = (pos[None] >= start[:, None]) & (pos[None] <= slot)
     scores = torch.einsum("bhgd,bhnd->bhgn", q.double(), keys.double()) * 0.088

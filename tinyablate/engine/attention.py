@@ -11,6 +11,11 @@ A row's valid keys are the contiguous positions [start[row], slot]: left padding
 slots not yet written after `slot` (the current one, read on the device, so a captured CUDA graph
 replays it). This is the engine's mask exactly (left-padded prompts, every later slot
 written for every row).
+
+Shared prompts: GRPO samples several completions of one prompt, whose prompt keys and values are
+identical. With `src` (per row, the cache row that holds its prompt) and `prompt_end` (the prompt
+region's end), keys before `prompt_end` are read from row `src[row]`: the rows of one prompt then read
+the same prompt memory, which neighbouring programs find in L2, instead of one copy each from HBM.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ def available(device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _partial(q_ptr, k_ptr, v_ptr, start_ptr, slot_ptr, out_ptr, m_ptr, l_ptr,
+    def _partial(q_ptr, k_ptr, v_ptr, start_ptr, slot_ptr, src_ptr, pend_ptr, out_ptr, m_ptr, l_ptr,
                  sq_b, sq_h, sq_g, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_s, so_g, sm_b, sm_h, sm_s,
                  scale, CHUNK: tl.constexpr, KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
-                 D: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, DIRECT: tl.constexpr):
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, DIRECT: tl.constexpr,
+                 SHARED: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // KV_HEADS
@@ -47,14 +53,21 @@ if triton is not None:
         start = tl.load(start_ptr + b)
         stop = tl.load(slot_ptr) + 1
         hi = tl.minimum((split + 1) * CHUNK, stop)
+        if SHARED:
+            src = tl.load(src_ptr + b)
+            pend = tl.load(pend_ptr)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
         for i in range(0, CHUNK // BLOCK_N):  # blocks past `stop` or before `start` load nothing (masked)
             n = split * CHUNK + i * BLOCK_N + tl.arange(0, BLOCK_N)
             keep = (n >= start) & (n < hi)
-            k = tl.load(k_ptr + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=keep[:, None], other=0.0)
-            v = tl.load(v_ptr + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=keep[:, None], other=0.0)
+            if SHARED:  # prompt keys from the row that holds this row's prompt
+                row = tl.where(n < pend, src, b)[:, None]
+            else:
+                row = b
+            k = tl.load(k_ptr + row * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=keep[:, None], other=0.0)
+            v = tl.load(v_ptr + row * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=keep[:, None], other=0.0)
             if FP32:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -107,12 +120,16 @@ def splits_for(rows: int, kv_heads: int, length: int, device) -> int:
     return max(1, min(want, -(-length // BLOCK_N)))
 
 
-def decode_attention(q, keys, values, start, slot, scale: float, splits: int = 1):
+def decode_attention(q, keys, values, start, slot, scale: float, splits: int = 1, src=None, prompt_end=None):
     """softmax(q kᵀ · scale) v over each row's keys [start[row], slot].
 
     q: (rows, kv heads, groups, dim); keys, values: (rows, kv heads, length, dim) with unit stride in dim;
     start: (rows,) int; slot: (1,) int (both on the device). Returns (rows, kv heads, groups, dim).
+    src: (rows,) int, prompt_end: (1,) int (on the device, both or neither): keys before prompt_end are
+    read from row src[row] (whose prompt is identical), see the module docstring.
     """
+    if (src is None) != (prompt_end is None):
+        raise ValueError("decode_attention: pass src and prompt_end together")
     rows, kv_heads, groups, dim = q.shape
     length = keys.shape[2]
     out = torch.empty_like(q)
@@ -120,18 +137,21 @@ def decode_attention(q, keys, values, start, slot, scale: float, splits: int = 1
     chunk = -(-length // splits)
     chunk = -(-chunk // BLOCK_N) * BLOCK_N
     fp32 = q.dtype == torch.float32
+    shared = src is not None
+    if not shared:
+        src, prompt_end = start, slot  # not read
     common = dict(KV_HEADS=kv_heads, GROUPS=groups, BLOCK_G=block_g, D=dim, BLOCK_N=BLOCK_N, FP32=fp32,
-                  num_warps=4, num_stages=2)
+                  SHARED=shared, num_warps=4, num_stages=2)
     if splits == 1:
         _partial[(rows * kv_heads, 1)](
-            q, keys, values, start, slot, out, out, out, *q.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
+            q, keys, values, start, slot, src, prompt_end, out, out, out, *q.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
             out.stride(0), out.stride(1), 0, out.stride(2), 0, 0, 0, scale, CHUNK=chunk, DIRECT=True, **common)
         return out
     part = torch.empty(rows, kv_heads, splits, groups, dim, dtype=torch.float32, device=q.device)
     m = torch.empty(rows, kv_heads, splits, groups, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     _partial[(rows * kv_heads, splits)](
-        q, keys, values, start, slot, part, m, l, *q.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
+        q, keys, values, start, slot, src, prompt_end, part, m, l, *q.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
         *part.stride()[:4], *m.stride()[:3], scale, CHUNK=chunk, DIRECT=False, **common)
     _merge[(rows * kv_heads * groups,)](
         part, m, l, out, *part.stride()[:4], *m.stride()[:3], *out.stride()[:3], KV_HEADS=kv_heads, GROUPS=groups,
