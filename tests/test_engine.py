@@ -366,3 +366,26 @@ def test_repeated_prompts_are_prefilled_once_and_spread_to_their_rows(tmp_path, 
     engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False)
     assert engine.generate(prompts, 24) == _hf(model, tok, prompts, 24, [-1])
     assert seen == [4]  # 4 distinct prompts of 8 rows
+
+
+def test_compiled_glue_of_decode_prefill_and_training_keep_separate_recompile_budgets():
+    """Dynamo allows a code object 8 compiled versions; the decode step (fixed shapes, fullgraph), the prefill
+    and training (dynamic shapes) each compile rms_norm on their own copy of its code (fused.own_code), so
+    many decode shapes plus prefill and training calls never hit that limit (it failed so before)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tinyablate.engine.core import _Glue
+    from tinyablate.engine.fused import rms_norm
+    from tinyablate.train.glue import _compiled
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    norm = llama.model.norm
+    decode, prefill = _Glue(llama.model, None, compiled=True), _Glue(llama.model, None, compiled=True, dynamic=True)
+    for rows, width in ((2, 7), (3, 9), (1, 5), (1, 1)):
+        x = torch.randn(rows, width, 32)
+        torch.testing.assert_close(prefill.norm(norm, x), norm(x))
+        torch.testing.assert_close(_compiled(rms_norm)(x, norm.weight, norm.variance_epsilon), norm(x))
+    for rows in (1, 2, 3, 4, 5, 6, 7):  # fullgraph: past the budget this would raise
+        x = torch.randn(rows, 1, 32)
+        torch.testing.assert_close(decode.norm(norm, x), norm(x))

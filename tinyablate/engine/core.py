@@ -66,6 +66,8 @@ class DecodeMask(NamedTuple):
     valid: torch.Tensor  # (rows, 1, 1, keys) bool
     start: torch.Tensor  # (rows,): first valid key (after the left padding)
     slot: torch.Tensor  # (1,): the slot written at this step, the last valid key
+    src: torch.Tensor  # (rows,): the cache row holding this row's prompt (an identical prompt's first row)
+    prompt_end: torch.Tensor  # (1,): the prompt region's end (the left-padded prompts' width)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class _State:
         self.step = torch.zeros(1, **long)  # index of the token being sampled among the new ones
         self.valid = torch.zeros(rows, length, dtype=torch.bool, device=device)  # keys a row may attend to
         self.start = torch.zeros(rows, **long)  # its first valid key (after the left padding): valid = [start, slot]
+        self.src = torch.arange(rows, **long)  # the cache row whose prompt keys it reads (identical prompts share)
+        self.prompt_end = torch.zeros(1, **long)  # the prompt region's end
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.out = torch.zeros(rows, max_new, **long)
         self.keys = torch.zeros(rows, **long)  # keyed sampling: one 32-bit key per row
@@ -143,16 +147,19 @@ class GenerationEngine:
     attention, "triton" (engine/attention.py; the default on CUDA), "sdpa" (the default elsewhere) or
     "matmul". compile_glue (default: on CUDA): with every projection packed, compile each decoder layer
     of the decode step into two functions around the attention and the sampling draw into one kernel
-    (engine/fused.py); otherwise compile the norms, rotary and SiLU x up one by one (CUDA only). Its bf16
+    (engine/fused.py); otherwise compile the norms, rotary and SiLU x up one by one (CUDA only); the
+    prefill's norms, rotary and SiLU x up are compiled too (dynamic shapes: any batch and width). Its bf16
     tokens agree with HF's as the uncompiled step's do (tests/test_engine_gpu.py); speed-ups are in
     benchmarks/RESULTS.md.
     pack: run q/k/v and gate/up as one matmul each over packed weights (engine/packing.py); layers
     that cannot be packed (PEFT LoRA, a quantized base, an unmerged adapter) are called one by one.
+    share_prompts: the Triton attention reads the prompt keys of rows with identical prompts from one
+    cache row (engine/attention.py), so the copies are not each read from HBM.
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: Optional[bool] = None,
                  length_bucket: int = 64, check_every: Optional[int] = None, log=None, attention: Optional[str] = None,
-                 compile_glue: Optional[bool] = None, pack: bool = True):
+                 compile_glue: Optional[bool] = None, pack: bool = True, share_prompts: bool = True):
         self.model = model
         self.lm, self.decoder = causal_lm_parts(model)
         self.pad = int(pad_token_id)
@@ -177,6 +184,7 @@ class GenerationEngine:
         if attention == "triton" and not attention_kernel_available(device):
             raise ValueError("attention='triton' needs Triton and a CUDA device")
         self.attention = attention
+        self.share_prompts = bool(share_prompts)
         self._splits: dict = {}
         self.check_every = check_every or (8 if self.use_graphs else 1)
         self.log = log or (lambda msg: None)
@@ -187,7 +195,8 @@ class GenerationEngine:
         rope = self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         # The elementwise work between the matmuls (norms, residual adds, rotary, SiLU x up): HF's own math,
         # as plain functions; in the decode step on CUDA compiled into a few fused kernels (compile_glue).
-        self._glue = _Glue(self.decoder, rope, compiled=False)
+        # The prefill's (any rows x width: dynamic shapes) and the decode step's (fixed shapes).
+        self._glue = _Glue(self.decoder, rope, compiled=compile_glue and device.type == "cuda", dynamic=True)
         self._glue_decode = _Glue(self.decoder, rope, compiled=compile_glue and device.type == "cuda")
         self._eos_t = torch.tensor(self.eos or [-1], device=device)
         self.dtype = self.decoder.embed_tokens.weight.dtype
@@ -203,9 +212,10 @@ class GenerationEngine:
         # The decode step's layers as compiled functions (engine/fused.py), used while every projection is packed
         self._fused = None
         if compile_glue and self.pack and self._glue.fused and fused.available():
-            self._fused = (fused.compiled(fused.pre_attention), fused.compiled(fused.post_attention),
-                           fused.compiled(fused.final_norm))
-        self._race = fused.compiled(fused.exponential_race) if self._fused is not None else None
+            tag = f"engine{id(self)}"
+            self._fused = (fused.compiled(fused.pre_attention, tag), fused.compiled(fused.post_attention, tag),
+                           fused.compiled(fused.final_norm, tag))
+        self._race = fused.compiled(fused.exponential_race, f"engine{id(self)}") if self._fused is not None else None
 
     # -- memory --------------------------------------------------------------------------------
     def reserve(self, rows: int, length: int) -> int:
@@ -269,6 +279,8 @@ class GenerationEngine:
         return [self._cut(row) for row in tokens[:len(prompts)]]
 
     def _cut(self, row: list) -> list:
+        if not self.eos:
+            return row
         for i, token in enumerate(row):
             if token in self.eos:
                 return row[:i + 1]
@@ -335,6 +347,8 @@ class GenerationEngine:
         st.start.copy_((mask == 0).sum(-1))
         st.pos.copy_(pos[:, -1] + 1)
         st.slot.fill_(ids.shape[1])
+        st.prompt_end.fill_(ids.shape[1])
+        st.src.copy_(torch.tensor([unique[s] for s in source]))
         if len(unique) == ids.shape[0]:
             return self._forward_prompts(ids, mask, pos)
         pick = torch.tensor(unique, device=self.device)
@@ -358,14 +372,14 @@ class GenerationEngine:
             self._v[i][:rows, :, :width].copy_(v)
             return _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)
 
-        return self.lm.lm_head(self._layers(x, cos, sin, attend[:, None], write))[:, -1].float()
+        return self.lm.lm_head(self._layers(x, cos, sin, attend[:, None], write))[:, -1]  # model dtype, as decode
 
     def _decode_step(self, st: _State, kv_len: int, sampling: Sampling) -> None:
         rows = st.tokens.shape[0]
         st.valid.index_fill_(1, st.slot, True)
         x = self.decoder.embed_tokens(st.tokens[:, None])
         cos, sin = self.decoder.rotary_emb(x, st.pos[:, None])
-        mask = DecodeMask(st.valid[:, None, None, :kv_len], st.start, st.slot)
+        mask = DecodeMask(st.valid[:, None, None, :kv_len], st.start, st.slot, st.src, st.prompt_end)
 
         def write(i, k, v):
             kc, vc = self._k[i][:rows], self._v[i][:rows]
@@ -377,7 +391,7 @@ class GenerationEngine:
             h = self._fused_layers(x, cos, sin, mask, kv_len, rows)
         else:
             h = self._layers(x, cos, sin, mask, write, decode=True)
-        logits = self.lm.lm_head(h)[:, -1].float()
+        logits = self.lm.lm_head(h)[:, -1]  # the model's dtype: _pick casts where it needs float32
         st.pos.add_(1)
         st.slot.add_(1)
         st.step.add_(1)
@@ -405,7 +419,8 @@ class GenerationEngine:
             splits = self._splits.get(keys.shape[:3])
             if splits is None:
                 splits = self._splits[keys.shape[:3]] = decode_attention_splits(*keys.shape[:3], keys.device)
-            return decode_attention(q, keys, values, mask.start, mask.slot, scaling, splits)
+            shared = (mask.src, mask.prompt_end) if self.share_prompts else (None, None)
+            return decode_attention(q, keys, values, mask.start, mask.slot, scaling, splits, *shared)
         if self.attention == "matmul":
             scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling
             probs = scores.masked_fill(~mask.valid, float("-inf")).softmax(-1).to(values.dtype)
@@ -452,11 +467,12 @@ class GenerationEngine:
         st.tokens.copy_(nxt)
 
     def _pick(self, logits: torch.Tensor, st: _State, s: Sampling) -> torch.Tensor:
-        if s.greedy:
+        if s.greedy:  # float32 holds every bf16/fp16 value exactly: the same argmax without the cast
             return logits.argmax(-1)
         if self._race is not None and not (s.keyed or s.top_k or s.top_p < 1):  # compiled: one fused kernel
-            return self._race(logits, torch.empty_like(logits).exponential_(), s.temperature)
-        scores = logits / s.temperature
+            noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_()
+            return self._race(logits, noise, s.temperature)
+        scores = logits.float() / s.temperature
         if s.keyed:  # exactly KeyedGumbelSampler's scores (tinyablate/sampling.py), then their argmax
             if s.top_p < 1:
                 scores = _top_p_filter(scores, s.top_p)
@@ -561,7 +577,7 @@ class _Glue:
     module falls back to calling the module itself.
     """
 
-    def __init__(self, decoder, rope, compiled: bool):
+    def __init__(self, decoder, rope, compiled: bool, dynamic: bool = False):
         layer = decoder.layers[0]
         norms = [decoder.norm] + [m for lay in decoder.layers
                                   for m in (lay.input_layernorm, lay.post_attention_layernorm)]
@@ -574,9 +590,13 @@ class _Glue:
             import torch._inductor.config as inductor
 
             compiled = hasattr(inductor, "emulate_precision_casts")
+        # Each engine's functions get their own code objects (fused.own_code): their own recompile budgets. The
+        # decode step's must compile whole (fullgraph); the prefill's may fall back to eager past that budget.
         options = {"emulate_precision_casts": True}
-        wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False, options=options)) if compiled and self.fused \
-            else (lambda f: f)
+        tag = f"{'prefill' if dynamic else 'decode'}{id(self)}"
+        wrap = (lambda f: f if f is None else torch.compile(fused.own_code(f, tag), fullgraph=not dynamic,
+                                                           dynamic=dynamic, options=options)) \
+            if compiled and self.fused else (lambda f: f)
         self._rms, self._add_rms, self._silu_mul, self._rope = map(wrap, (_rms_norm, _add_rms_norm, _silu_mul, rope))
 
     def norm(self, module, x):

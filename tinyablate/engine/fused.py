@@ -69,13 +69,32 @@ def final_norm(x, delta, norm_w, eps: float):
 
 
 def exponential_race(logits, noise, temperature: float):
-    """argmax of softmax(logits / T) / noise, noise ~ Exp(1): an exact categorical draw (one fused kernel)."""
-    return ((logits / temperature).softmax(-1) / noise).argmax(-1)
+    """argmax of softmax(logits / T) / noise, noise ~ Exp(1): an exact categorical draw (one fused kernel).
+
+    Computed as argmax(logits / T - log noise) (log is monotone and log softmax = logits / T - a per-row
+    constant, i.e. the Gumbel-max form): one pass over the logits (any float dtype, read as float32), no
+    softmax normalisation.
+    """
+    return (logits.float() / temperature - noise.log()).argmax(-1)
 
 
-def compiled(fn):
-    """`fn` compiled for fixed shapes into fused kernels (no CUDA graphs of its own: the engine captures)."""
-    return torch.compile(fn, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
+def compiled(fn, tag: str):
+    """`fn` compiled for fixed shapes into fused kernels (no CUDA graphs of its own: the engine captures), on
+    its own code object for `tag` (one engine: see own_code)."""
+    return torch.compile(own_code(fn, tag), fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
+
+
+def own_code(fn, tag: str):
+    """`fn` with a copy of its code object, so torch.compile keeps its compiled versions apart.
+
+    Dynamo keeps a function's compiled graphs on its code object and allows each code object a few of them
+    (torch._dynamo.config.recompile_limit, 8): the decode step (fixed shapes), the prefill and training
+    (dynamic shapes) and every engine of a process would otherwise share, and exhaust, one budget.
+    """
+    import types
+
+    code = fn.__code__.replace(co_name=f"{fn.__name__}__{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def available() -> bool:
