@@ -46,6 +46,7 @@ from .provenance import collect_provenance
 from .quantization import base_bytes
 from .tasks import Task, load_task
 from .train import FirstStepTimer, MetricLoggerCallback, build_trainer, last_complete_checkpoint
+from .train.glue import compiled_glue, resolve_train_glue
 
 
 @dataclass
@@ -324,7 +325,9 @@ def train(spec: CellSpec, built: Built, cell_dir: Path, callbacks) -> dict:
     world = built.ranks.world_size
     trainer = build_trainer(built.model, built.tokenizer, built.task, spec, checkpoints, built.device, callbacks, world)
     last = last_complete_checkpoint(checkpoints, world)
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    glue = resolve_train_glue(spec.algo.train_glue, built.device.type) == "compiled"
+    with compiled_glue(built.model, enabled=glue):
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
     resumed = resume_step(checkpoints, world, last)
     return {"steps": trainer.state.global_step, "train_s": time.time() - t0, "resumed_from_step": resumed,
             "reward": reward_summary(trainer.state.log_history), "first_step_time": times.get("first_step")}

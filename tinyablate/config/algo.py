@@ -20,6 +20,8 @@ ENGINES = ("auto", "graph", "eager", "hf")
 # Quantized bases whose layers cannot be captured in a CUDA graph (LLM.int8's outlier split has a
 # data-dependent shape): "auto" picks HF generate for them, "graph" is refused (tinyablate/engine/settings.py).
 NOT_CAPTURABLE = ("int8",)
+# Training's RMSNorms and SiLU x up as compiled kernels (tinyablate/train/glue.py): see AlgoConfig.train_glue.
+TRAIN_GLUES = ("auto", "compiled", "eager")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 REWARD_SCALINGS = ("group", "batch", "none")
 
@@ -62,6 +64,11 @@ class AlgoConfig(Section):
     # "graph" (static KV cache, decode step replayed from CUDA graphs; CUDA only), "eager" (the same
     # engine without graphs, any device) or "hf" (TRL's HF generate). Speed only: not in cell_id.
     rollout_engine: str = "auto"
+    # Training's elementwise glue (tinyablate/train/glue.py): "compiled" (every RMSNorm, SiLU x up and
+    # rotary embedding fused by torch.compile, forward and backward; HF's forward arithmetic), "eager"
+    # (HF's modules as they are) or "auto" (compiled on CUDA, eager on CPU). Speed only: not in cell_id.
+    # Default eager until a whole GRPO TinyLoRA cell on CUDA has passed with it (see benchmarks/RESULTS.md).
+    train_glue: str = "eager"
     # GRPO KL coefficient. Paper: no KL penalty (beta = 0), so no reference model is kept.
     beta: float = 0.0
     # GRPO loss normalisation (TRL's names). "grpo": per-sequence mean, the original GRPO; TRL's
@@ -84,6 +91,7 @@ class AlgoConfig(Section):
         c.choice("name", self.name, ALGOS)
         c.choice("rollout_sampler", self.rollout_sampler, ROLLOUT_SAMPLERS)
         c.choice("rollout_engine", self.rollout_engine, ENGINES)
+        c.choice("train_glue", self.train_glue, TRAIN_GLUES)
         c.choice("loss_type", self.loss_type, GRPO_LOSSES)
         c.choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         c.choice("scale_rewards", self.scale_rewards, REWARD_SCALINGS)

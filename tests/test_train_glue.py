@@ -1,0 +1,110 @@
+"""Training's compiled glue (tinyablate/train/glue.py): HF's numbers, v's gradient, the setting."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from tinyablate.adapters import apply_adapter
+from tinyablate.config import AdapterConfig, SVDConfig
+from tinyablate.train.glue import compiled_glue, resolve_train_glue
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                  reason="needs a CUDA GPU")])]
+
+
+def _tiny(family: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    cls, cfg = (Qwen2ForCausalLM, Qwen2Config) if family == "qwen2" else (LlamaForCausalLM, LlamaConfig)
+    model = cls(cfg(**common)).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)  # norms that are not all ones, so the weight's rounding shows
+    return model
+
+
+def _loss_and_grad(model, adapter, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), adapter.trainable_parameters()[0].grad.clone()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_compiled_glue_gives_the_eager_loss_and_v_gradient(family, device):
+    model = _tiny(family).to(device)
+    adapter = apply_adapter(model, AdapterConfig(kind="tinylora", r=2, u=4, tie=1, svd=SVDConfig(cache_dir="")), "t")
+    with torch.no_grad():
+        adapter.trainable_parameters()[0].normal_(0, 0.1)
+    model.train()
+    ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(1)).to(device)
+    rope = sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
+    eager = _loss_and_grad(model, adapter, ids)
+    with compiled_glue(model) as patched:
+        assert patched == 2 * 2 + 1 + 2  # two norms a layer, the final norm, one MLP a layer
+        assert "forward" in vars(model.model.norm)
+        home = sys.modules[type(model.model.layers[0].self_attn).__module__]
+        assert home.apply_rotary_pos_emb is not rope  # the compiled rotary embedding
+        compiled = _loss_and_grad(model, adapter, ids)
+        longer = torch.randint(0, 128, (2, 57), device=device)
+        model(input_ids=longer, labels=longer).loss.backward()  # another length: dynamic shapes, no failure
+    assert "forward" not in vars(model.model.norm)  # HF's own forwards again
+    assert sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb is rope
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-5, atol=1e-9)
+    assert eager[1].abs().max() > 0  # the gradient reaches v: the comparison has something to compare
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_glue_forward_equals_hf_in_bf16(device):
+    model = _tiny("qwen2", torch.bfloat16).to(device)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        with compiled_glue(model):
+            compiled = model(input_ids=ids).logits
+    assert torch.equal(compiled, eager)
+
+
+def test_compiled_glue_leaves_other_architectures_alone():
+    model = _tiny("qwen2")
+    model.config.model_type = "gemma"  # another RMSNorm formula: not rms_norm's
+    with compiled_glue(model) as patched:
+        assert patched == 0
+
+
+def test_train_glue_setting_resolves_per_device_and_is_validated_outside_the_cell_id():
+    from dataclasses import replace
+
+    from tinyablate.config import AlgoConfig, CellSpec, cell_id, validate_spec
+
+    assert resolve_train_glue("auto", "cuda") == "compiled" and resolve_train_glue("auto", "cpu") == "eager"
+    assert resolve_train_glue("eager", "cuda") == "eager" and resolve_train_glue("compiled", "cpu") == "compiled"
+    with pytest.raises(ValueError, match=r"algo.train_glue='fused' is invalid"):
+        validate_spec(CellSpec(algo=AlgoConfig(train_glue="fused")))
+    base = CellSpec()
+    assert cell_id(replace(base, algo=AlgoConfig(train_glue="compiled"))) == cell_id(base)
+
+
+def test_a_function_whose_compile_fails_warns_once_and_runs_eager(monkeypatch):
+    from tinyablate.engine.fused import rms_norm
+    from tinyablate.train import glue
+
+    def broken(*args):
+        raise RuntimeError("inductor could not compile this")
+
+    monkeypatch.setitem(glue._COMPILED, rms_norm, broken)
+    model = _tiny("qwen2")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        with pytest.warns(UserWarning, match="compiling rms_norm failed.*runs eager"), compiled_glue(model):
+            fallback = model(input_ids=ids).logits
+    assert torch.equal(fallback, eager) and glue._COMPILED[rms_norm] is rms_norm

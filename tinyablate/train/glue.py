@@ -1,0 +1,137 @@
+"""Training's elementwise glue as compiled kernels: every RMSNorm, every MLP's SiLU x up and the rotary
+embedding, forward and backward.
+
+A TinyLoRA step's forward and backward are the frozen model's matmuls plus the elementwise work between
+them. Eager, HF's RMSNorm is seven kernels that each read and write the activations in float32 (and the
+backward as many again), SiLU x up three over the MLP's widest tensors and the rotary embedding
+six over the queries and keys; at a micro-batch of 8 x 384
+tokens of Qwen2.5-7B that is a large share of the step (benchmarks/RESULTS.md, "GRPO step"). Compiled by
+torch.compile (dynamic shapes: one compile for every sequence length), each becomes one fused kernel
+forward and one or two backward, with the same arithmetic: inductor's `emulate_precision_casts` rounds
+where HF's code rounds, so the forward equals HF's bit for bit in bf16 (tests/test_train_glue.py).
+
+`algo.train_glue` chooses it: "eager" (the default), "compiled", or "auto" (compiled on CUDA, eager on
+CPU). A function whose compile fails warns once and runs eager from then on. The model
+is changed only inside `compiled_glue(model)`; leaving it restores HF's own forwards. Qwen2 and Llama
+models only (their RMSNorm is `engine/fused.py`'s rms_norm); others stay eager.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from ..config.algo import TRAIN_GLUES
+from ..engine.core import ARCHITECTURES
+from ..engine.fused import own_code, rms_norm
+
+__all__ = ["TRAIN_GLUES", "compiled_glue", "resolve_train_glue"]
+
+_COMPILED: dict = {}
+
+
+def resolve_train_glue(value: str, device_type: str) -> str:
+    """"compiled" or "eager" for a setting of algo.train_glue on a device type."""
+    if value not in TRAIN_GLUES:
+        raise ValueError(f"algo.train_glue={value!r}: one of {list(TRAIN_GLUES)}")
+    if value == "auto":
+        return "compiled" if device_type == "cuda" else "eager"
+    return value
+
+
+def _silu_mul(gate, up):
+    return F.silu(gate) * up
+
+
+def _compiled(fn):
+    """`fn` compiled once per process, on its own code object (engine/fused.py own_code: the engine's
+    compiled glue keeps its recompile budget); past that budget a call falls back to eager (no fullgraph)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(own_code(fn, "train"), dynamic=True, options={"emulate_precision_casts": True})
+    return _COMPILED[fn]
+
+
+def _run(fn, *args):
+    """fn(*args) through its compiled version; if compiling it fails, warn once and stay eager for fn."""
+    compiled = _compiled(fn)
+    if compiled is fn:
+        return fn(*args)
+    try:
+        return compiled(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a compiler failure costs speed, never the cell
+        warnings.warn(f"tinyablate.train.glue: compiling {fn.__name__} failed ({type(err).__name__}: {err}); "
+                      "it runs eager from now on", stacklevel=2)
+        _COMPILED[fn] = fn
+        return fn(*args)
+
+
+def _norm_forward(self, x):
+    return _run(rms_norm, x, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(_run(_silu_mul, self.gate_proj(x), self.up_proj(x)))
+
+
+def _rotary(rope):
+    """The model's apply_rotary_pos_emb, run through _run."""
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if args or kwargs:  # unsqueeze_dim given: HF's own function as it is
+            return rope(q, k, cos, sin, *args, **kwargs)
+        return _run(rope, q, k, cos, sin)
+    apply_rotary_pos_emb._tinyablate_original = rope
+    return apply_rotary_pos_emb
+
+
+def _glue_modules(model) -> list:
+    """(module, compiled forward) for each HF RMSNorm and SiLU MLP of the model's decoder."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(lm.config, "model_type", None) not in ARCHITECTURES:
+        return []  # other RMSNorm formulas (e.g. Gemma's 1 + weight) are not rms_norm's
+    found = []
+    for module in lm.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
+            found.append((module, _norm_forward))
+        elif (name.endswith("MLP") and getattr(getattr(module, "config", None), "hidden_act", None) == "silu"
+              and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj"))):
+            found.append((module, _mlp_forward))
+    return found
+
+
+def _rotary_homes(model) -> list:
+    """The modeling modules (modeling_qwen2, modeling_llama) whose attention layers the model holds: each
+    looks up its `apply_rotary_pos_emb` there at every call."""
+    if not _glue_modules(model):
+        return []
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    homes = {sys.modules[type(m).__module__] for m in lm.modules() if type(m).__name__.endswith("Attention")}
+    return [h for h in homes if callable(getattr(h, "apply_rotary_pos_emb", None))]
+
+
+@contextmanager
+def compiled_glue(model, enabled: bool = True):
+    """Inside: the model's RMSNorms, SiLU MLPs and rotary embedding run compiled (see the module docstring);
+    yields how many modules were patched. The rotary function is swapped in its modeling module, so other
+    models of that architecture in the process use it too while inside."""
+    patched = _glue_modules(model) if enabled else []
+    homes = _rotary_homes(model) if enabled else []
+    originals = [h.apply_rotary_pos_emb for h in homes]
+    for module, forward in patched:
+        module.forward = types.MethodType(forward, module)
+    for home, rope in zip(homes, originals):
+        home.apply_rotary_pos_emb = _rotary(rope)
+    try:
+        yield len(patched)
+    finally:
+        for module, _ in patched:
+            module.__dict__.pop("forward", None)
+        for home, rope in zip(homes, originals):
+            home.apply_rotary_pos_emb = rope
