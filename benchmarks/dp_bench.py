@@ -2,8 +2,9 @@
 
 Run (N GPUs, Qwen2.5-7B shape, 8 layers): python benchmarks/dp_bench.py --device cuda --world-sizes 1,2
 Run (CPU, gloo, small shape, ~1 min):      python benchmarks/dp_bench.py --device cpu --shape small --layers 2
-Run (1 GPU, rollouts by HF generate vs the graph engine):
-    python benchmarks/dp_bench.py --device cuda --layers 28 --world-sizes 1 --engines hf,graph
+Run (1 GPU, rollouts by HF generate vs the graph engine, training's glue eager vs compiled):
+    python benchmarks/dp_bench.py --device cuda --layers 28 --world-sizes 1 --engines hf,graph \\
+        --train-glue eager,compiled
 Refresh the cost model's table (tinyablate/throughput.json) from a GPU run: add --throughput tinyablate/throughput.json
 
 Random weights in the real model's shapes (no Hub), TinyLoRA r=2 u=13 tie=1 on every linear layer,
@@ -11,7 +12,8 @@ bf16 base on GPU. One step is what a GRPO step computes, without TRL's bookkeepi
 its share of the step's prompts x generations (`--engines`: HF generate and/or tinyablate's engine,
 "graph" on CUDA, "eager" on CPU; `--samplers torch` or `keyed`), then runs
 forward + backward over those sequences in micro-batches with an advantage-weighted log-likelihood
-loss, DDP all-reduces v's gradient, and AdamW steps. For each world size it prints the step time,
+loss over the completion's logits (`--train-glue`: HF's modules as they are, or with the RMSNorms and
+SiLU x up compiled as a cell does on CUDA), DDP all-reduces v's gradient, and AdamW steps. For each world size it prints the step time,
 rollout tokens/s (all ranks), training time, and speed-up / scaling efficiency against 1 rank; with
 `--samplers torch,keyed` also keyed sampling's rollout throughput relative to torch's. With `--throughput
 FILE` the 1-rank torch-sampler rollout and training times (and the 2-rank training time) replace the
@@ -21,6 +23,7 @@ FILE` the 1-rank torch-sampler rollout and training times (and the 2-rank traini
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -44,6 +47,10 @@ def parse(argv=None):
     p.add_argument("--world-sizes", default="1,2")
     p.add_argument("--samplers", default="torch", help="comma list of torch,keyed")
     p.add_argument("--engines", default="hf", help="comma list of hf,graph,eager (rollout generator)")
+    p.add_argument("--train-glue", default="eager",
+                   help="comma list of eager,compiled (training's RMSNorm and SiLU x up: tinyablate/train/glue.py)")
+    p.add_argument("--runs", help="comma list of engine:glue pairs to run instead of every --engines x --train-glue "
+                                  "pair, e.g. hf:eager,graph:eager,graph:compiled")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (global)")
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=128)
@@ -72,9 +79,10 @@ def build(args, device):
     return adapter.model, SHAPES[args.shape]["vocab_size"]
 
 
-def rank_main(args, world: int, sampler: str, out: str, engine: str = "hf") -> None:
+def rank_main(args, world: int, sampler: str, out: str, engine: str = "hf", glue: str = "eager") -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tinyablate.train.common import ignore_frozen_in_ddp
+    from tinyablate.train.glue import compiled_glue
     from tinyablate.sampling import sequence_key
 
     with distributed.process_group(world if args.device == "cuda" else 0) as ranks:
@@ -104,8 +112,9 @@ def rank_main(args, world: int, sampler: str, out: str, engine: str = "hf") -> N
                 batch, adv = seqs[start:start + args.micro_batch], advantages[start:start + args.micro_batch]
                 last = i == len(chunks) - 1
                 context = ddp.no_sync() if world > 1 and not last else nullcontext()
-                with context:
-                    logits = ddp(input_ids=batch).logits[:, args.prompt_len - 1:-1].float()
+                with context, compiled_glue(model, enabled=glue == "compiled"):
+                    # the completion's logits only, as TRL's GRPO loss (logits_to_keep)
+                    logits = ddp(input_ids=batch, logits_to_keep=args.new_tokens + 1).logits[:, :-1].float()
                     logp = logits.log_softmax(-1).gather(-1, batch[:, args.prompt_len:, None]).squeeze(-1)
                     loss = -(adv[:, None] * logp).mean() / len(chunks)
                     loss.backward()
@@ -123,7 +132,8 @@ def rank_main(args, world: int, sampler: str, out: str, engine: str = "hf") -> N
             train = [max(t[i][2] for t in all_times) for i in range(len(times))]
             tokens = sum(t[0][3] for t in all_times)
             Path(out).write_text(json.dumps({
-                "world_size": world, "sampler": sampler, "engine": engine, "step_s": statistics.median(step),
+                "world_size": world, "sampler": sampler, "engine": engine, "glue": glue,
+                "step_s": statistics.median(step),
                 "rollout_s": statistics.median(rollout), "train_s": statistics.median(train),
                 "rollout_tokens_per_s": tokens / statistics.median(rollout)}))
 
@@ -168,15 +178,15 @@ def main(argv=None) -> dict:
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         args.svd_cache = str(Path(tmp) / "svd")
-        for engine in engines:
-            for sampler in samplers:
-                for world in worlds:
-                    if visible is not None and world > visible:
-                        skipped.append(f"{world} ranks ({visible} GPU(s) visible)")
-                        continue
-                    out = Path(tmp) / f"{engine}-{sampler}-{world}.json"
-                    distributed.spawn_ranks(world, rank_main, args, world, sampler, str(out), engine)
-                    rows.append(json.loads(out.read_text()))
+        pairs = [tuple(r.split(":")) for r in args.runs.split(",")] if args.runs else \
+            list(itertools.product(engines, args.train_glue.split(",")))
+        for (engine, glue), sampler, world in itertools.product(pairs, samplers, worlds):
+            if visible is not None and world > visible:
+                skipped.append(f"{world} ranks ({visible} GPU(s) visible)")
+                continue
+            out = Path(tmp) / f"{engine}-{glue}-{sampler}-{world}.json"
+            distributed.spawn_ranks(world, rank_main, args, world, sampler, str(out), engine, glue)
+            rows.append(json.loads(out.read_text()))
     report = {"device": _device_name(args.device), "date": time.strftime("%Y-%m-%d"),
               "argv": sys.argv[1:] if argv is None else argv, "rows": rows, "skipped": sorted(set(skipped))}
     print_table(report)
@@ -194,6 +204,8 @@ def throughput_entries(report: dict, args) -> dict:
     """The cost model's measurements (tinyablate/cost.py `derive`) from this run's torch-sampler rows: HF
     generate's rollouts ("decode"), the graph engine's ("decode_engine"), training, data parallelism."""
     torch_rows = [r for r in report["rows"] if r["sampler"] == "torch"]
+    glues = {r.get("glue", "eager") for r in torch_rows}  # the cell's default on CUDA is compiled glue
+    torch_rows = [r for r in torch_rows if r.get("glue", "eager") == ("compiled" if "compiled" in glues else "eager")]
     rows = {r["world_size"]: r for r in torch_rows if r.get("engine", "hf") == "hf"}
     graph = {r["world_size"]: r for r in torch_rows if r.get("engine") == "graph"}
     if 1 not in rows:
@@ -220,27 +232,28 @@ def throughput_entries(report: dict, args) -> dict:
 
 def print_table(report: dict) -> None:
     rows = report["rows"]
-    print(f"device: {report['device']}")
-    print(f"{'engine':<8}{'sampler':<8}{'ranks':>6}{'step s':>10}{'rollout s':>11}{'train s':>10}{'rollout tok/s':>15}"
-          f"{'speed-up':>10}{'efficiency':>12}")
-    for r in rows:
-        base = next((b for b in rows if b["sampler"] == r["sampler"] and b["world_size"] == 1
-                     and b.get("engine", "hf") == r.get("engine", "hf")), None)
-        speedup = base["step_s"] / r["step_s"] if base else float("nan")
-        print(f"{r.get('engine', 'hf'):<8}{r['sampler']:<8}{r['world_size']:>6}{r['step_s']:>10.3f}"
-              f"{r['rollout_s']:>11.3f}{r['train_s']:>10.3f}"
-              f"{r['rollout_tokens_per_s']:>15.0f}{speedup:>10.2f}{speedup / r['world_size']:>12.2f}")
-    key = lambda r: (r.get("engine", "hf"), r["sampler"], r["world_size"])  # noqa: E731
+    key = lambda r: (r.get("engine", "hf"), r.get("glue", "eager"), r["sampler"], r["world_size"])  # noqa: E731
     by = {key(r): r for r in rows}
+    print(f"device: {report['device']}")
+    print(f"{'engine':<8}{'glue':<10}{'sampler':<8}{'ranks':>6}{'step s':>10}{'rollout s':>11}{'train s':>10}"
+          f"{'rollout tok/s':>15}{'speed-up':>10}{'efficiency':>12}")
     for r in rows:
-        torch_row = by.get((r.get("engine", "hf"), "torch", r["world_size"]))
-        if r["sampler"] == "keyed" and torch_row:
+        engine, glue, sampler, world = key(r)
+        base = by.get((engine, glue, sampler, 1))
+        speedup = base["step_s"] / r["step_s"] if base else float("nan")
+        print(f"{engine:<8}{glue:<10}{sampler:<8}{world:>6}{r['step_s']:>10.3f}{r['rollout_s']:>11.3f}"
+              f"{r['train_s']:>10.3f}{r['rollout_tokens_per_s']:>15.0f}{speedup:>10.2f}{speedup / world:>12.2f}")
+    for r in rows:
+        engine, glue, sampler, world = key(r)
+        torch_row = by.get((engine, glue, "torch", world))
+        if sampler == "keyed" and torch_row:
             ratio = r["rollout_tokens_per_s"] / torch_row["rollout_tokens_per_s"]
-            print(f"{r.get('engine', 'hf')}: keyed / torch rollout tokens/s at {r['world_size']} rank(s): {ratio:.3f}")
-        hf_row = by.get(("hf", r["sampler"], r["world_size"]))
-        if r.get("engine", "hf") != "hf" and hf_row:
-            print(f"{r['engine']} vs hf, {r['sampler']} sampler, {r['world_size']} rank(s): step "
-                  f"{hf_row['step_s'] / r['step_s']:.2f}x faster, rollout {hf_row['rollout_s'] / r['rollout_s']:.2f}x")
+            print(f"{engine}: keyed / torch rollout tokens/s at {world} rank(s): {ratio:.3f}")
+        before = by.get(("hf", "eager", sampler, world))  # HF generate rollouts, HF's eager modules in training
+        if (engine, glue) != ("hf", "eager") and before:
+            print(f"{engine} rollouts + {glue} glue vs hf + eager, {sampler} sampler, {world} rank(s): step "
+                  f"{before['step_s'] / r['step_s']:.2f}x faster, rollout {before['rollout_s'] / r['rollout_s']:.2f}x, "
+                  f"training {before['train_s'] / r['train_s']:.2f}x")
     for s in report["skipped"]:
         print(f"not run: {s}")
 
