@@ -211,11 +211,12 @@ class GenerationEngine:
         self._packs: list = [_NO_PACKS] * len(self.decoder.layers)
         # The decode step's layers as compiled functions (engine/fused.py), used while every projection is packed
         self._fused = None
+        self._race = None
         if compile_glue and self.pack and self._glue.fused and fused.available():
             tag = f"engine{id(self)}"
             self._fused = (fused.compiled(fused.pre_attention, tag), fused.compiled(fused.post_attention, tag),
                            fused.compiled(fused.final_norm, tag))
-        self._race = fused.compiled(fused.exponential_race, f"engine{id(self)}") if self._fused is not None else None
+            self._race = fused.compiled(fused.exponential_race, tag)
 
     # -- memory --------------------------------------------------------------------------------
     def reserve(self, rows: int, length: int) -> int:
@@ -566,10 +567,6 @@ def _add_rms_norm(x, delta, weight, eps: float):
     return x, _rms_norm(x, weight, eps)
 
 
-def _silu_mul(gate, up):
-    return F.silu(gate) * up
-
-
 class _Glue:
     """Norms, residual adds, rotary embedding and the MLP's SiLU x up of one model, as functions.
 
@@ -581,23 +578,14 @@ class _Glue:
         layer = decoder.layers[0]
         norms = [decoder.norm] + [m for lay in decoder.layers
                                   for m in (lay.input_layernorm, lay.post_attention_layernorm)]
-        self.fused = (all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms)
-                      and getattr(layer.mlp.config, "hidden_act", None) == "silu"
-                      and all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")))
-        # emulate_precision_casts: round where HF's eager code rounds (to bf16 before x weight, the residual sum),
-        # so the fused kernels compute HF's numbers; without it 25% of bf16 norm outputs differ by an ulp.
-        if compiled and self.fused:
-            import torch._inductor.config as inductor
-
-            compiled = hasattr(inductor, "emulate_precision_casts")
-        # Each engine's functions get their own code objects (fused.own_code): their own recompile budgets. The
-        # decode step's must compile whole (fullgraph); the prefill's may fall back to eager past that budget.
-        options = {"emulate_precision_casts": True}
+        self.fused = all(fused.is_hf_rms_norm(n) for n in norms) and fused.is_silu_mlp(layer.mlp)
+        # Compiled only where inductor can round where HF's eager code rounds (emulate_precision_casts: without
+        # it 25% of bf16 norm outputs differ by an ulp), each engine's functions on their own code objects.
         tag = f"{'prefill' if dynamic else 'decode'}{id(self)}"
-        wrap = (lambda f: f if f is None else torch.compile(fused.own_code(f, tag), fullgraph=not dynamic,
-                                                           dynamic=dynamic, options=options)) \
-            if compiled and self.fused else (lambda f: f)
-        self._rms, self._add_rms, self._silu_mul, self._rope = map(wrap, (_rms_norm, _add_rms_norm, _silu_mul, rope))
+        wrap = (lambda f: f if f is None else fused.compiled(f, tag, dynamic)) \
+            if compiled and self.fused and fused.available() else (lambda f: f)
+        self._rms, self._add_rms, self._silu_mul, self._rope = map(wrap, (_rms_norm, _add_rms_norm, fused.silu_mul,
+                                                                          rope))
 
     def norm(self, module, x):
         return self._rms(x, module.weight, module.variance_epsilon) if self.fused else module(x)

@@ -4,7 +4,7 @@ With every projection of every layer packed (engine/packing.py) and HF's RMSNorm
 decoder layer at one new token is
 
     pre:   x += delta; h = rms_norm(x); q, k, v = h [Wq; Wk; Wv]ᵀ + b; rotary(q, k); k, v -> cache slot
-    attention over the cache (SDPA)
+    attention over the cache (engine/attention.py, or SDPA)
     post:  x += o_proj(attention); h = rms_norm(x); gate, up = h [Wg; Wu]ᵀ; delta = down_proj(silu(gate) up)
 
 `pre` and `post` are plain tensor functions of the layer's weights (passed in, so all layers share one
@@ -28,6 +28,23 @@ def rms_norm(x, weight, eps: float):
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
+
+
+def silu_mul(gate, up):
+    """The SiLU MLP's activation: silu(gate) x up."""
+    return F.silu(gate) * up
+
+
+def is_hf_rms_norm(module) -> bool:
+    """An HF RMSNorm that computes rms_norm above (Qwen2RMSNorm, LlamaRMSNorm: `weight`, `variance_epsilon`)."""
+    return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+            and hasattr(module, "weight"))
+
+
+def is_silu_mlp(module) -> bool:
+    """An HF gated MLP that computes down_proj(silu_mul(gate_proj(x), up_proj(x)))."""
+    return (getattr(getattr(module, "config", None), "hidden_act", None) == "silu"
+            and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")))
 
 
 def pre_attention(x, delta, norm_w, eps: float, qkv_w, qkv_b, rope, cos, sin, k_cache, v_cache, slot,
@@ -61,7 +78,7 @@ def post_attention(x, attn, o_w, o_b, norm_w, eps: float, gate_up_w, gate_up_b, 
     x = x + F.linear(attn.reshape(rows, 1, -1), o_w, o_b)
     h = rms_norm(x, norm_w, eps)
     gate, up = F.linear(h, gate_up_w, gate_up_b).chunk(2, dim=-1)
-    return x, F.linear(F.silu(gate) * up, down_w, down_b)
+    return x, F.linear(silu_mul(gate, up), down_w, down_b)
 
 
 def final_norm(x, delta, norm_w, eps: float):
@@ -78,10 +95,13 @@ def exponential_race(logits, noise, temperature: float):
     return (logits.float() / temperature - noise.log()).argmax(-1)
 
 
-def compiled(fn, tag: str):
-    """`fn` compiled for fixed shapes into fused kernels (no CUDA graphs of its own: the engine captures), on
-    its own code object for `tag` (one engine: see own_code)."""
-    return torch.compile(own_code(fn, tag), fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
+def compiled(fn, tag: str, dynamic: bool = False):
+    """`fn` compiled into fused kernels (no CUDA graphs of its own: the engine captures), on its own code
+    object for `tag` (see own_code). Fixed shapes compile whole (fullgraph: the decode step); dynamic
+    shapes (the prefill, training) may fall back to eager past the recompile budget.
+    `emulate_precision_casts` rounds where HF's eager code rounds, so the kernels compute HF's numbers."""
+    return torch.compile(own_code(fn, tag), fullgraph=not dynamic, dynamic=dynamic,
+                         options={"emulate_precision_casts": True})
 
 
 def own_code(fn, tag: str):

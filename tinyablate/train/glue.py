@@ -24,11 +24,10 @@ import warnings
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from ..config.algo import TRAIN_GLUES
 from ..engine.core import ARCHITECTURES
-from ..engine.fused import own_code, rms_norm
+from ..engine.fused import compiled, is_hf_rms_norm, is_silu_mlp, rms_norm, silu_mul
 
 __all__ = ["TRAIN_GLUES", "compiled_glue", "resolve_train_glue"]
 
@@ -44,15 +43,11 @@ def resolve_train_glue(value: str, device_type: str) -> str:
     return value
 
 
-def _silu_mul(gate, up):
-    return F.silu(gate) * up
-
-
 def _compiled(fn):
-    """`fn` compiled once per process, on its own code object (engine/fused.py own_code: the engine's
-    compiled glue keeps its recompile budget); past that budget a call falls back to eager (no fullgraph)."""
+    """`fn` compiled once per process for dynamic shapes, on its own code object (engine/fused.py
+    `compiled`: the engine's compiled glue keeps its recompile budget)."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(own_code(fn, "train"), dynamic=True, options={"emulate_precision_casts": True})
+        _COMPILED[fn] = compiled(fn, "train", dynamic=True)
     return _COMPILED[fn]
 
 
@@ -77,7 +72,7 @@ def _norm_forward(self, x):
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(_run(_silu_mul, self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(_run(silu_mul, self.gate_proj(x), self.up_proj(x)))
 
 
 def _rotary(rope):
@@ -86,32 +81,25 @@ def _rotary(rope):
         if args or kwargs:  # unsqueeze_dim given: HF's own function as it is
             return rope(q, k, cos, sin, *args, **kwargs)
         return _run(rope, q, k, cos, sin)
-    apply_rotary_pos_emb._tinyablate_original = rope
     return apply_rotary_pos_emb
 
 
-def _glue_modules(model) -> list:
-    """(module, compiled forward) for each HF RMSNorm and SiLU MLP of the model's decoder."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+def _glue_modules(lm) -> list:
+    """(module, compiled forward) for each HF RMSNorm and SiLU MLP of a Qwen2/Llama causal LM."""
     if getattr(lm.config, "model_type", None) not in ARCHITECTURES:
         return []  # other RMSNorm formulas (e.g. Gemma's 1 + weight) are not rms_norm's
     found = []
     for module in lm.modules():
-        name = type(module).__name__
-        if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
+        if is_hf_rms_norm(module):
             found.append((module, _norm_forward))
-        elif (name.endswith("MLP") and getattr(getattr(module, "config", None), "hidden_act", None) == "silu"
-              and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj"))):
+        elif is_silu_mlp(module):
             found.append((module, _mlp_forward))
     return found
 
 
-def _rotary_homes(model) -> list:
+def _rotary_homes(lm) -> list:
     """The modeling modules (modeling_qwen2, modeling_llama) whose attention layers the model holds: each
     looks up its `apply_rotary_pos_emb` there at every call."""
-    if not _glue_modules(model):
-        return []
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     homes = {sys.modules[type(m).__module__] for m in lm.modules() if type(m).__name__.endswith("Attention")}
     return [h for h in homes if callable(getattr(h, "apply_rotary_pos_emb", None))]
 
@@ -121,8 +109,9 @@ def compiled_glue(model, enabled: bool = True):
     """Inside: the model's RMSNorms, SiLU MLPs and rotary embedding run compiled (see the module docstring);
     yields how many modules were patched. The rotary function is swapped in its modeling module, so other
     models of that architecture in the process use it too while inside."""
-    patched = _glue_modules(model) if enabled else []
-    homes = _rotary_homes(model) if enabled else []
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    patched = _glue_modules(lm) if enabled else []
+    homes = _rotary_homes(lm) if patched else []
     originals = [h.apply_rotary_pos_emb for h in homes]
     for module, forward in patched:
         module.forward = types.MethodType(forward, module)
