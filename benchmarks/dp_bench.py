@@ -60,7 +60,14 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=Path)
     p.add_argument("--throughput", type=Path, help="the cost model's table to update (tinyablate/throughput.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    engines, glues = args.engines.split(","), args.train_glue.split(",")
+    args.pairs = [tuple(r.split(":")) for r in args.runs.split(",")] if args.runs else \
+        list(itertools.product(engines, glues))
+    for pair in args.pairs:
+        if len(pair) != 2 or pair[0] not in ("hf", "graph", "eager") or pair[1] not in ("eager", "compiled"):
+            p.error(f"run {':'.join(pair)!r}: engine:glue with engine hf|graph|eager and glue eager|compiled")
+    return args
 
 
 def build(args, device):
@@ -173,14 +180,11 @@ def main(argv=None) -> dict:
     args = parse(argv)
     worlds = [int(w) for w in args.world_sizes.split(",")]
     samplers = args.samplers.split(",")
-    engines = args.engines.split(",")
     visible = torch.cuda.device_count() if args.device == "cuda" else None
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         args.svd_cache = str(Path(tmp) / "svd")
-        pairs = [tuple(r.split(":")) for r in args.runs.split(",")] if args.runs else \
-            list(itertools.product(engines, args.train_glue.split(",")))
-        for (engine, glue), sampler, world in itertools.product(pairs, samplers, worlds):
+        for (engine, glue), sampler, world in itertools.product(args.pairs, samplers, worlds):
             if visible is not None and world > visible:
                 skipped.append(f"{world} ranks ({visible} GPU(s) visible)")
                 continue
