@@ -83,6 +83,22 @@ def test_graphs_never_replay_stale_weights():
     assert engine.generate(ps, 32) == after
 
 
+def test_graphs_are_captured_again_after_every_graph_was_dropped():
+    """A weight tensor replaced drops every graph; so does a longer generation at the same batch (new state
+    buffers). Capturing again must not reuse the dropped graphs' memory pool (the allocator keeps it until
+    its memory is freed, and capturing into it fails an internal assert)."""
+    model, ps = tiny("qwen2"), prompts()
+    engine = GenerationEngine(model, 0, [-1], use_graphs=True, length_bucket=32)
+    assert engine.generate(ps, 16) == hf(model, ps, 16, [-1])
+    captures = engine.captures
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight * 1.5, requires_grad=False)
+    assert engine.generate(ps, 16) == hf(model, ps, 16, [-1]) and engine.captures > captures
+    captures = engine.captures
+    assert engine.generate(ps, 16) == hf(model, ps, 16, [-1]) and engine.captures == captures  # replayed
+    assert engine.generate(ps, 40) == hf(model, ps, 40, [-1])  # more new tokens: new state, graphs dropped
+
+
 @pytest.mark.parametrize("compile_glue", [False, True])
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_bf16_graph_replay_equals_the_same_step_run_eagerly(family, compile_glue, capsys):

@@ -204,6 +204,7 @@ class GenerationEngine:
         self.rows = self.length = 0
         self._states: dict = {}
         self._graphs: dict = {}
+        self.captures = 0  # decode graphs captured so far (each costs a warm-up and a capture)
         self._pool = None
         self._signature = None
         self._vocab_hash = None
@@ -507,13 +508,17 @@ class GenerationEngine:
                 self._decode_step(st, kv_len, sampling)
                 st.restore(saved)
         torch.cuda.current_stream().wait_stream(stream)
-        if self._pool is None:
+        if self._pool is None or not self._graphs:
+            # The graphs share one memory pool. Once every graph that used it is gone, the allocator keeps the
+            # pool (use count 0) until it can free its memory, and capturing into it again fails an internal
+            # assert: a new pool whenever no graph is alive.
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             self._decode_step(st, kv_len, sampling)
         st.restore(saved)  # capture records kernels without running them; keep the state exact anyway
         self._graphs[key] = graph
+        self.captures += 1
         return graph
 
     def refresh_weights(self) -> None:
