@@ -62,6 +62,20 @@ def test_graph_engine_matches_hf_generate_in_fp32(family, compile_glue, pack, at
     assert engine.generate(ps, 64, Sampling(temperature=0.8, keyed=True), keys=keys) == [r for r in ref]
 
 
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_repeated_prompts_match_hf_generate(share_prompts):
+    """GRPO's case: identical prompts (here not adjacent, ragged) are prefilled once; with shared prompt keys
+    each row reads its prompt from the one cache row that holds it, and its own new keys from its row."""
+    model, distinct = tiny("qwen2"), prompts(4, seed=2)
+    ps = [distinct[i] for i in (0, 1, 0, 2, 3, 1, 0, 2, 3, 3)]
+    engine = GenerationEngine(model, 0, [-1], use_graphs=True, length_bucket=32, share_prompts=share_prompts)
+    assert engine.generate(ps, 40) == hf(model, ps, 40, [-1])
+    keys = [sequence_key(0, 0, i, 0) for i in range(len(ps))]
+    ref = hf(model, ps, 40, [-1], logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 0.8)]))
+    ours = engine.generate(ps, 40, Sampling(temperature=0.8, keyed=True), keys=keys)
+    assert ours == ref and ours[0] != ours[2]  # copies of one prompt sample apart
+
+
 def test_graphs_never_replay_stale_weights():
     from tinyablate.adapters import apply_adapter
     from tinyablate.config import AdapterConfig, SVDConfig
@@ -97,6 +111,36 @@ def test_graphs_are_captured_again_after_every_graph_was_dropped():
     captures = engine.captures
     assert engine.generate(ps, 16) == hf(model, ps, 16, [-1]) and engine.captures == captures  # replayed
     assert engine.generate(ps, 40) == hf(model, ps, 40, [-1])  # more new tokens: new state, graphs dropped
+
+
+def test_compiled_gumbel_race_draws_afresh_at_every_graph_replay():
+    """The engine's compiled sampler draws its uniforms inside the kernel: captured in a CUDA graph, each
+    replay must draw new ones (not the noise of the capture), and the draws follow softmax(logits / T)."""
+    from tinyablate.engine import fused
+
+    torch.manual_seed(0)
+    rows, temperature = 4096, 0.7
+    logits = (torch.randn(16, device="cuda") * 2).to(torch.bfloat16).expand(rows, 16).contiguous()
+    race = fused.compiled(fused.gumbel_race, "test_replay")
+    out = torch.zeros(rows, dtype=torch.long, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            out.copy_(race(logits, temperature))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(race(logits, temperature))
+    draws = []
+    for _ in range(4):
+        graph.replay()
+        draws.append(out.clone())
+    assert all(not torch.equal(draws[0], d) for d in draws[1:])
+    freq = torch.bincount(torch.cat(draws), minlength=16).float() / (4 * rows)
+    expected = (logits[0].float() / temperature).softmax(-1)
+    assert expected.max() < 0.9
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
 
 
 @pytest.mark.parametrize("compile_glue", [False, True])

@@ -67,8 +67,7 @@ class AlgoConfig(Section):
     # Training's elementwise glue (tinyablate/train/glue.py): "compiled" (every RMSNorm, SiLU x up and
     # rotary embedding fused by torch.compile, forward and backward; HF's forward arithmetic), "eager"
     # (HF's modules as they are) or "auto" (compiled on CUDA, eager on CPU). Speed only: not in cell_id.
-    # Default eager until a whole GRPO TinyLoRA cell on CUDA has passed with it (see benchmarks/RESULTS.md).
-    train_glue: str = "eager"
+    train_glue: str = "auto"
     # GRPO KL coefficient. Paper: no KL penalty (beta = 0), so no reference model is kept.
     beta: float = 0.0
     # GRPO loss normalisation (TRL's names). "grpo": per-sequence mean, the original GRPO; TRL's

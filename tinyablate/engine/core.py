@@ -217,7 +217,7 @@ class GenerationEngine:
             tag = f"engine{id(self)}"
             self._fused = (fused.compiled(fused.pre_attention, tag), fused.compiled(fused.post_attention, tag),
                            fused.compiled(fused.final_norm, tag))
-            self._race = fused.compiled(fused.exponential_race, tag)
+            self._race = fused.compiled(fused.gumbel_race, tag)
 
     # -- memory --------------------------------------------------------------------------------
     def reserve(self, rows: int, length: int) -> int:
@@ -313,7 +313,8 @@ class GenerationEngine:
         self._choose(logits, st, sampling)  # the first new token, from the prefill's last position
         done_at = max_new
         for t in range(1, max_new):
-            if t % self.check_every == 0 and bool(st.done.all()):
+            # Early exit: a host sync every check_every steps (none without an EOS token: no row can finish)
+            if self.eos and t % self.check_every == 0 and bool(st.done.all()):
                 done_at = t
                 break
             kv_len = self._kv_len(width + t)
@@ -350,15 +351,17 @@ class GenerationEngine:
         st.pos.copy_(pos[:, -1] + 1)
         st.slot.fill_(ids.shape[1])
         st.prompt_end.fill_(ids.shape[1])
-        st.src.copy_(torch.tensor([unique[s] for s in source]))
+        # Without the spread below, distinct prompt u stays in cache row u; with it, in its first row unique[u]
+        st.src.copy_(torch.tensor(source if self._reads_shared_prompts else [unique[s] for s in source]))
         if len(unique) == ids.shape[0]:
             return self._forward_prompts(ids, mask, pos)
         pick = torch.tensor(unique, device=self.device)
         logits = self._forward_prompts(ids[pick], mask[pick], pos[pick])
         back = torch.tensor(source, device=self.device)
         width = ids.shape[1]
-        for cache in self._k + self._v:  # rows 0..len(unique)-1 hold the distinct prompts; spread them out
-            cache[:len(source), :, :width] = cache[:len(unique), :, :width].index_select(0, back)
+        if not self._reads_shared_prompts:  # else the decode attention reads each row's prompt from row src
+            for cache in self._k + self._v:  # rows 0..len(unique)-1 hold the distinct prompts; spread them out
+                cache[:len(source), :, :width] = cache[:len(unique), :, :width].index_select(0, back)
         return logits.index_select(0, back)
 
     def _forward_prompts(self, ids, mask, pos) -> torch.Tensor:
@@ -472,8 +475,7 @@ class GenerationEngine:
         if s.greedy:  # float32 holds every bf16/fp16 value exactly: the same argmax without the cast
             return logits.argmax(-1)
         if self._race is not None and not (s.keyed or s.top_k or s.top_p < 1):  # compiled: one fused kernel
-            noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_()
-            return self._race(logits, noise, s.temperature)
+            return self._race(logits, s.temperature)
         scores = logits.float() / s.temperature
         if s.keyed:  # exactly KeyedGumbelSampler's scores (tinyablate/sampling.py), then their argmax
             if s.top_p < 1:
@@ -489,8 +491,8 @@ class GenerationEngine:
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if s.top_p < 1:
             scores = _top_p_filter(scores, s.top_p)
-        # An exact categorical draw without a host sync: argmax of p / Exp(1) (the exponential race; the noise
-        # is drawn outside compiled code, so a graph's replays draw new noise).
+        # An exact categorical draw without a host sync: argmax of p / Exp(1) (the exponential race; exponential_
+        # draws from torch's generator, which a CUDA graph replay advances, so replays draw new noise).
         return (scores.softmax(-1) / torch.empty_like(scores).exponential_()).argmax(-1)
 
     # -- CUDA graphs and fresh weights ------------------------------------------------------------
@@ -540,8 +542,8 @@ class GenerationEngine:
                     if hasattr(type(module), flag) or flag in vars(module):
                         value = getattr(module, flag, None)
                         signature.append(tuple(value) if isinstance(value, list) else value)
-            for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-                signature.append(t.data_ptr())
+            for tensors in (module._parameters, module._buffers):  # recurse=False, without the generators' cost
+                signature.extend(t.data_ptr() for t in tensors.values() if t is not None)
         signature = tuple(signature)
         if signature != self._signature:
             if self._graphs:
@@ -561,6 +563,11 @@ class GenerationEngine:
                 gate_up=pack_group([mlp.gate_proj, mlp.up_proj], old.gate_up) if mlp_ok else None,
                 down=pack_group([mlp.down_proj], old.down) if mlp_ok else None))
         self._packs = packs
+
+    @property
+    def _reads_shared_prompts(self) -> bool:
+        """The decode attention reads the prompt keys of identical prompts from one cache row (st.src)."""
+        return self.attention == "triton" and self.share_prompts
 
     @property
     def _all_packed(self) -> bool:

@@ -52,24 +52,23 @@ class PackedLinear:
         self.bias = torch.zeros(sum(self.sizes), dtype=first.dtype, device=first.device) if has_bias else None
         self._copied: list = [None] * len(self.modules)  # (data_ptr, version) of what each row block holds
         self._bias_copied: list = [None] * len(self.modules)
+        bounds = [sum(self.sizes[:i]) for i in range(len(self.sizes) + 1)]
+        self._rows = [self.weight[a:b] for a, b in zip(bounds, bounds[1:])]  # each member's block, as views
+        self._bias_rows = [None if self.bias is None else self.bias[a:b] for a, b in zip(bounds, bounds[1:])]
 
     def refresh(self) -> None:
         """Make every row block hold its member's current effective weight (and bias)."""
         if self.alias:  # the layer's own tensors (a replaced weight is picked up here)
             self.weight, self.bias = self.modules[0].weight, self.modules[0].bias
             return
-        start = 0
         with torch.no_grad():
-            for i, (module, size) in enumerate(zip(self.modules, self.sizes)):
-                rows = self.weight[start:start + size]
+            for i, module in enumerate(self.modules):
                 if isinstance(module, SVDAdapterLinear):
-                    module.keep_merged_weight_in(rows)
+                    module.keep_merged_weight_in(self._rows[i])
                 else:
-                    self._copied[i] = _copy_if_changed(rows, module.weight, self._copied[i])
+                    self._copied[i] = _copy_if_changed(self._rows[i], module.weight, self._copied[i])
                 if self.bias is not None and module.bias is not None:
-                    self._bias_copied[i] = _copy_if_changed(self.bias[start:start + size], module.bias,
-                                                            self._bias_copied[i])
-                start += size
+                    self._bias_copied[i] = _copy_if_changed(self._bias_rows[i], module.bias, self._bias_copied[i])
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))

@@ -10,8 +10,8 @@ torch.compile (dynamic shapes: one compile for every sequence length), each beco
 forward and one or two backward, with the same arithmetic: inductor's `emulate_precision_casts` rounds
 where HF's code rounds, so the forward equals HF's bit for bit in bf16 (tests/test_train_glue.py).
 
-`algo.train_glue` chooses it: "eager" (the default), "compiled", or "auto" (compiled on CUDA, eager on
-CPU). A function whose compile fails warns once and runs eager from then on. The model
+`algo.train_glue` chooses it: "auto" (the default: compiled on CUDA, eager on CPU), "compiled" or
+"eager". A function whose compile fails warns once and runs eager from then on. The model
 is changed only inside `compiled_glue(model)`; leaving it restores HF's own forwards. Qwen2 and Llama
 models only (their RMSNorm is `engine/fused.py`'s rms_norm); others stay eager.
 """
