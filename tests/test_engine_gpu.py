@@ -113,32 +113,31 @@ def test_graphs_are_captured_again_after_every_graph_was_dropped():
     assert engine.generate(ps, 40) == hf(model, ps, 40, [-1])  # more new tokens: new state, graphs dropped
 
 
-def test_compiled_gumbel_race_draws_afresh_at_every_graph_replay():
-    """The engine's compiled sampler draws its uniforms inside the kernel: captured in a CUDA graph, each
-    replay must draw new ones (not the noise of the capture), and the draws follow softmax(logits / T)."""
-    from tinyablate.engine import fused
-
+def test_the_sampling_draw_captured_in_a_graph_draws_afresh_at_every_replay():
+    """The engine's compiled sampling draw (exponential noise, then the fused race), captured in a CUDA graph:
+    each replay must draw new noise, not the capture's, and the draws follow softmax(logits / T)."""
+    engine = GenerationEngine(tiny("qwen2"), 0, [-1], use_graphs=True)
+    assert engine._race is not None
     torch.manual_seed(0)
-    rows, temperature = 4096, 0.7
+    rows, sampling = 4096, Sampling(temperature=0.7)
     logits = (torch.randn(16, device="cuda") * 2).to(torch.bfloat16).expand(rows, 16).contiguous()
-    race = fused.compiled(fused.gumbel_race, "test_replay")
     out = torch.zeros(rows, dtype=torch.long, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            out.copy_(race(logits, temperature))
+            out.copy_(engine._pick(logits, None, sampling))
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out.copy_(race(logits, temperature))
+        out.copy_(engine._pick(logits, None, sampling))
     draws = []
     for _ in range(4):
         graph.replay()
         draws.append(out.clone())
     assert all(not torch.equal(draws[0], d) for d in draws[1:])
     freq = torch.bincount(torch.cat(draws), minlength=16).float() / (4 * rows)
-    expected = (logits[0].float() / temperature).softmax(-1)
+    expected = (logits[0].float() / sampling.temperature).softmax(-1)
     assert expected.max() < 0.9
     torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
 

@@ -217,7 +217,7 @@ class GenerationEngine:
             tag = f"engine{id(self)}"
             self._fused = (fused.compiled(fused.pre_attention, tag), fused.compiled(fused.post_attention, tag),
                            fused.compiled(fused.final_norm, tag))
-            self._race = fused.compiled(fused.gumbel_race, tag)
+            self._race = fused.compiled(fused.exponential_race, tag)
 
     # -- memory --------------------------------------------------------------------------------
     def reserve(self, rows: int, length: int) -> int:
@@ -475,7 +475,11 @@ class GenerationEngine:
         if s.greedy:  # float32 holds every bf16/fp16 value exactly: the same argmax without the cast
             return logits.argmax(-1)
         if self._race is not None and not (s.keyed or s.top_k or s.top_p < 1):  # compiled: one fused kernel
-            return self._race(logits, s.temperature)
+            # The noise is drawn outside compiled code by exponential_ (torch's generator, which a CUDA graph
+            # replay advances). Drawn inside the kernel instead (torch.rand compiled), the sampling kernel took
+            # 258 instead of 104 + 86 µs a step: benchmarks/RESULTS.md, session 4.
+            noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_()
+            return self._race(logits, noise, s.temperature)
         scores = logits.float() / s.temperature
         if s.keyed:  # exactly KeyedGumbelSampler's scores (tinyablate/sampling.py), then their argmax
             if s.top_p < 1:

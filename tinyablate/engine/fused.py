@@ -85,17 +85,14 @@ def final_norm(x, delta, norm_w, eps: float):
     return rms_norm(x + delta, norm_w, eps)
 
 
-def gumbel_race(logits, temperature: float):
-    """A categorical draw from softmax(logits / T) per row: argmax(logits / T + Gumbel noise), one fused kernel.
+def exponential_race(logits, noise, temperature: float):
+    """argmax of softmax(logits / T) / noise, noise ~ Exp(1): an exact categorical draw (one fused kernel).
 
-    The Gumbel-max form of the exponential race (argmax of p / E, E ~ Exp(1)): with E = -log U, U ~ U[0, 1),
-    log p / E = logits / T - log(-log U) - a per-row constant. Compiled, the uniform draws are made inside
-    the kernel (inductor's Philox, seeded per call from torch's CUDA generator, which a CUDA graph replay
-    advances), so the noise is never written to memory and every replay draws afresh
-    (tests/test_engine_gpu.py). U = 0 gives a score of -inf (never picked), as E = inf would.
+    Computed as argmax(logits / T - log noise) (log is monotone and log softmax = logits / T - a per-row
+    constant, i.e. the Gumbel-max form): one pass over the logits (any float dtype, read as float32), no
+    softmax normalisation.
     """
-    u = torch.rand(logits.shape, dtype=torch.float32, device=logits.device)
-    return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
+    return (logits.float() / temperature - noise.log()).argmax(-1)
 
 
 def compiled(fn, tag: str, dynamic: bool = False):
