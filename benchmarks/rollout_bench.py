@@ -1,6 +1,9 @@
 """Rollout throughput: HF generate (dynamic cache; static cache compiled) vs tinyablate's graph engine.
 
 Run (H200, ~5 min):  python benchmarks/rollout_bench.py --out rollout.json
+Greedy evaluation of 1,319 problems, one side per call (HF's side alone takes minutes):
+                     python benchmarks/rollout_bench.py --paths '' --adapters tinylora --agreement-rows 0 \\
+                         --eval-problems 1319 --eval-batch-hf 256 --eval-paths hf --out eval_hf.json
 Run (CPU smoke):     python benchmarks/rollout_bench.py --device cpu --shape small --layers 2 --prompts 4 \\
                          --prompt-len 16 --new-tokens 16 --paths hf,engine --eval-problems 8 --agreement-rows 4
 
@@ -62,11 +65,20 @@ def parse(argv=None):
     p.add_argument("--eval-new", type=int, default=512)
     p.add_argument("--eval-batch-hf", type=int, default=32)
     p.add_argument("--eval-batch-engine", type=int, default=256)
+    p.add_argument("--eval-paths", default="engine,hf",
+                   help="comma list of engine,hf: the evaluation's sides to time (one at a time fits a short call)")
     p.add_argument("--attention", default=None, choices=["triton", "sdpa", "matmul"],
                    help="the engine's decode attention (default: the engine's, triton on CUDA)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of eager decode steps and exit")
     p.add_argument("--out", type=Path)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.paths = [path for path in args.paths.split(",") if path]  # "" times no throughput row
+    unknown = set(args.paths) - {"hf", "hf_static", *ENGINE_VARIANTS}
+    if unknown:
+        p.error(f"--paths {sorted(unknown)}: each one of hf, hf_static, " + ", ".join(ENGINE_VARIANTS))
+    if not set(args.eval_paths.split(",")) <= {"engine", "hf"}:
+        p.error(f"--eval-paths {args.eval_paths!r}: a comma list of engine,hf")
+    return args
 
 
 def roofline_ms(cfg, rows: int, prompt_len: int, new: int) -> float:
@@ -145,33 +157,34 @@ def eval_rows(model, engine, args, vocab) -> dict:
     prompts = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
 
-    def hf():
-        for s in range(0, len(order), args.eval_batch_hf):
-            batch = [prompts[i] for i in order[s:s + args.eval_batch_hf]]
-            width = max(map(len, batch))
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=args.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
-            hf_generate(model, ids, args.eval_new, greedy=True, attention_mask=mask)
+    def hf(batch):
+        width = max(map(len, batch))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=args.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
+        hf_generate(model, ids, args.eval_new, greedy=True, attention_mask=mask)
 
-    def ours():
-        for s in range(0, len(order), args.eval_batch_engine):
-            engine.generate([prompts[i] for i in order[s:s + args.eval_batch_engine]], args.eval_new)
-
+    sides = {"engine": (lambda batch: engine.generate(batch, args.eval_new), args.eval_batch_engine),
+             "hf": (hf, args.eval_batch_hf)}
     out = {}
-    for name, fn in (("engine", ours), ("hf", hf)):
+    for name in args.eval_paths.split(","):
+        generate, size = sides[name]
+        batches = [[prompts[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
         sync(args.device)
         t0 = time.perf_counter()
-        fn()
-        sync(args.device)
+        for k, batch in enumerate(batches):
+            generate(batch)
+            sync(args.device)  # progress, so a run cut short still says how far this side got
+            print(f"eval {name}: batch {k + 1}/{len(batches)} done at {time.perf_counter() - t0:.1f} s", flush=True)
         out[f"{name}_s"] = time.perf_counter() - t0
-        print(f"eval {name}: {out[f'{name}_s']:.1f} s for {len(prompts)} problems x {args.eval_new} tokens", flush=True)
-    out["speedup"] = out["hf_s"] / out["engine_s"]
+        print(f"eval {name}: {out[f'{name}_s']:.1f} s for {len(prompts)} problems x {args.eval_new} tokens "
+              f"(batches of {size})", flush=True)
+    if "hf_s" in out and "engine_s" in out:
+        out["speedup"] = out["hf_s"] / out["engine_s"]
     return out
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    args.paths = args.paths.split(",")
     news = [int(n) for n in args.new_tokens.split(",")]
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = build_base(SimpleNamespace(shape=args.shape, layers=args.layers, device=args.device, dtype=dtype))
@@ -226,15 +239,20 @@ def main(argv=None) -> dict:
             engine.release()
             if args.eval_problems:
                 eval_engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print)
+                save(args, report)  # what is measured so far, should the evaluation be cut short
                 report["eval"] = eval_rows(model, eval_engine, args, vocab)
                 eval_engine.release()
         del engine
         if args.device == "cuda":
             torch.cuda.empty_cache()
     print_table(report)
+    save(args, report)
+    return report
+
+
+def save(args, report) -> None:
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
-    return report
 
 
 def profile_decode(model, ids, args):
