@@ -69,13 +69,17 @@ def parse(argv=None):
                    help="comma list of engine,hf: the evaluation's sides to time (one at a time fits a short call)")
     p.add_argument("--attention", default=None, choices=["triton", "sdpa", "matmul"],
                    help="the engine's decode attention (default: the engine's, triton on CUDA)")
-    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of eager decode steps and exit")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one generation of the engine (--new-tokens' first value; with TinyLoRA if --adapters names it): kernels and gaps per decode "
+                        "step; then exit")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     args.paths = [path for path in args.paths.split(",") if path]  # "" times no throughput row
     unknown = set(args.paths) - {"hf", "hf_static", *ENGINE_VARIANTS}
     if unknown:
         p.error(f"--paths {sorted(unknown)}: each one of hf, hf_static, " + ", ".join(ENGINE_VARIANTS))
+    if args.profile and args.device != "cuda":
+        p.error("--profile reads CUDA kernels: it needs --device cuda")
     if not set(args.eval_paths.split(",")) <= {"engine", "hf"}:
         p.error(f"--eval-paths {args.eval_paths!r}: a comma list of engine,hf")
     return args
@@ -203,15 +207,7 @@ def main(argv=None) -> dict:
               "torch": torch.__version__, "rows": []}
     for label in args.adapters.split(","):
         if label == "tinylora":
-            from tinyablate.adapters import apply_adapter
-            from tinyablate.config import AdapterConfig, SVDConfig
-
-            cfg = AdapterConfig(kind="tinylora", r=2, u=13, tie=1, target_modules=list(TARGETS),
-                                svd=SVDConfig(cache_dir=""))
-            adapter = apply_adapter(model, cfg, f"random:{args.shape}:{args.layers}")
-            with torch.no_grad():
-                for p in adapter.trainable_parameters():
-                    p.normal_(0, 1e-3)
+            apply_tinylora(model, args)
         engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print, attention=args.attention)
         engines = {"engine": engine}
         for path in args.paths:
@@ -255,15 +251,36 @@ def save(args, report) -> None:
         args.out.write_text(json.dumps(report, indent=2))
 
 
+def apply_tinylora(model, args) -> None:
+    """This project's fused TinyLoRA on every projection (r=2, u=13, tie=1), v perturbed so it changes the model."""
+    from tinyablate.adapters import apply_adapter
+    from tinyablate.config import AdapterConfig, SVDConfig
+
+    cfg = AdapterConfig(kind="tinylora", r=2, u=13, tie=1, target_modules=list(TARGETS), svd=SVDConfig(cache_dir=""))
+    adapter = apply_adapter(model, cfg, f"random:{args.shape}:{args.layers}")
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.normal_(0, 1e-3)
+
+
 def profile_decode(model, ids, args):
-    """The default engine's generation (prefill, then decode steps replayed from CUDA graphs) under
-    torch.profiler: wall time of the prefill alone and per decode step, and the top CUDA kernels."""
+    """The default engine's generation of --new-tokens (its first value) under torch.profiler: refresh_weights'
+    host time, wall time of a 1-token and a whole generation, GPU busy / idle time, and per decode step (the
+    second half of the generation: decode only) the kernels, their count and the gaps between them."""
     from torch.profiler import ProfilerActivity, profile
 
+    if "tinylora" in args.adapters.split(","):
+        apply_tinylora(model, args)
     engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], attention=args.attention)
-    sampling, new = Sampling(temperature=1.0), 128
+    sampling, new = Sampling(temperature=1.0), int(args.new_tokens.split(",")[0])
     prompts = ids.tolist()
     engine.generate(prompts, new, sampling)  # compiles and captures
+    for _ in range(2):
+        sync(args.device)
+        t0 = time.perf_counter()
+        engine.refresh_weights()
+        sync(args.device)
+        print(f"refresh_weights: {1e3 * (time.perf_counter() - t0):.2f} ms", flush=True)
     for n in (1, new):
         sync(args.device)
         t0 = time.perf_counter()
@@ -273,11 +290,40 @@ def profile_decode(model, ids, args):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.generate(prompts, new, sampling)
         sync(args.device)
-    events = prof.key_averages()
-    total = sum(e.self_device_time_total for e in events) / 1e3
-    print(f"CUDA kernel time of one generation of {new} tokens: {total:.1f} ms")
-    print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+    kernel_report([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA], new)
     return {}
+
+
+def kernel_report(events, new: int) -> None:
+    """GPU busy / idle time of one generation's kernels (profiler events), and per decode step (its second
+    half) the kernels by name and the gaps between them."""
+    import collections
+
+    kernels = sorted(events, key=lambda e: e.time_range.start)
+    begin, end = kernels[0].time_range.start, max(e.time_range.end for e in kernels)
+    busy, run_start, run_end, gaps = 0.0, begin, kernels[0].time_range.end, []
+    for e in kernels[1:]:  # merge overlapping kernels; a gap is time with no kernel running
+        if e.time_range.start > run_end:
+            busy += run_end - run_start
+            gaps.append((e.time_range.start, e.time_range.start - run_end))
+            run_start = e.time_range.start
+        run_end = max(run_end, e.time_range.end)
+    busy += run_end - run_start
+    print(f"one generation of {new} tokens: {len(kernels)} kernels over {(end - begin) / 1e3:.1f} ms, "
+          f"GPU busy {busy / 1e3:.1f} ms, idle {(end - begin - busy) / 1e3:.1f} ms")
+    middle, steps = (begin + end) / 2, new / 2  # the second half: decode steps only
+    decode_gaps = [g for t, g in gaps if t > middle]
+    print(f"decode (second half, ~{steps:.0f} steps): {sum(decode_gaps) / steps:.0f} µs of gaps a step, "
+          f"largest {max(decode_gaps, default=0):.0f} µs")
+    per_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        if e.time_range.start > middle:
+            per_name[e.name][0] += 1
+            per_name[e.name][1] += e.time_range.elapsed_us()
+    total = sum(us for _, us in per_name.values())
+    print(f"kernels a decode step: {sum(n for n, _ in per_name.values()) / steps:.0f}, {total / steps:.0f} µs")
+    for name, (n, us) in sorted(per_name.items(), key=lambda kv: -kv[1][1])[:24]:
+        print(f"  {us / steps:8.1f} µs/step {n / steps:6.1f}/step {us / n:7.1f} µs each  {name[:90]}")
 
 
 def print_table(report):

@@ -120,13 +120,16 @@ def splits_for(rows: int, kv_heads: int, length: int, device) -> int:
     return max(1, min(want, -(-length // BLOCK_N)))
 
 
-def decode_attention(q, keys, values, start, slot, scale: float, splits: int = 1, src=None, prompt_end=None):
+def decode_attention(q, keys, values, start, slot, scale: float, splits: int = 1, src=None, prompt_end=None,
+                     block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int = 2):
     """softmax(q kᵀ · scale) v over each row's keys [start[row], slot].
 
     q: (rows, kv heads, groups, dim); keys, values: (rows, kv heads, length, dim) with unit stride in dim;
     start: (rows,) int; slot: (1,) int (both on the device). Returns (rows, kv heads, groups, dim).
     src: (rows,) int, prompt_end: (1,) int (on the device, both or neither): keys before prompt_end are
     read from row src[row] (whose prompt is identical), see the module docstring.
+    block_n, num_warps, num_stages: the kernel's keys per block and launch settings (the defaults were the
+    fastest in benchmarks/decode_kernels_bench.py's sweep on an H200).
     """
     if (src is None) != (prompt_end is None):
         raise ValueError("decode_attention: pass src and prompt_end together")
@@ -135,13 +138,13 @@ def decode_attention(q, keys, values, start, slot, scale: float, splits: int = 1
     out = torch.empty_like(q)
     block_g = max(16, triton.next_power_of_2(groups))
     chunk = -(-length // splits)
-    chunk = -(-chunk // BLOCK_N) * BLOCK_N
+    chunk = -(-chunk // block_n) * block_n
     fp32 = q.dtype == torch.float32
     shared = src is not None
     if not shared:
         src, prompt_end = start, slot  # not read
-    common = dict(KV_HEADS=kv_heads, GROUPS=groups, BLOCK_G=block_g, D=dim, BLOCK_N=BLOCK_N, FP32=fp32,
-                  SHARED=shared, num_warps=4, num_stages=2)
+    common = dict(KV_HEADS=kv_heads, GROUPS=groups, BLOCK_G=block_g, D=dim, BLOCK_N=block_n, FP32=fp32,
+                  SHARED=shared, num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         _partial[(rows * kv_heads, 1)](
             q, keys, values, start, slot, src, prompt_end, out, out, out, *q.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
