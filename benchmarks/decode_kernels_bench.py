@@ -1,8 +1,8 @@
 """A decode step's kernels one by one at the Qwen2.5-7B shape: the Triton decode attention's settings, and
 the matmuls as F.linear vs the transposed product. Each timed as a CUDA graph of back-to-back calls.
 
-Run (H200, ~3 min):  python benchmarks/decode_kernels_bench.py
-Run (fewer):         python benchmarks/decode_kernels_bench.py --parts attention --rows 256
+Run (H200, ~4 min):  python benchmarks/decode_kernels_bench.py
+Run (fewer):         python benchmarks/decode_kernels_bench.py --parts attention,sampling --rows 256
 
 Attention: rows x 4 kv heads x 7 query heads per kv head x 128 dims, bf16; GRPO's case (every prompt
 repeated 4 times, its keys read from one row: engine/attention.py's shared prompts), left-padding-free.
@@ -10,6 +10,10 @@ For each (rows, prompt, keys used) it sweeps one row or one group of 4 rows a pr
 keys per block x warps x pipeline stages x key slices, checks each result against the default settings'
 and prints the default, the fastest grouped and the fastest overall, with the bytes a row reads from its own
 and its prompt's rows ("logical") and the bytes of distinct keys and values ("unique") per µs.
+Sampling (`--parts sampling`): the engine's draw from softmax(logits / T) over Qwen2.5-7B's 152,064 logits
+(bf16) at --rows rows, as it is (Exp(1) noise by `exponential_`, then engine/fused.py's compiled race, one
+program a row) against candidates compiled the same way: the uniforms drawn inside the kernel; the
+vocabulary split into 32 slices reduced in two stages (more programs); both.
 Matmuls (`--parts gemm`): q/k/v, o_proj, gate/up, down_proj and lm_head at --rows rows; the weights (up to
 1.1 GB) may stay partly in L2 across the back-to-back calls, so these are upper bounds of a decode step's.
 """
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tinyablate.engine import fused  # noqa: E402
 from tinyablate.engine.attention import decode_attention  # noqa: E402
 
 # Qwen2.5-7B: (out features, in features) of each packed decode matmul
@@ -35,7 +40,7 @@ KV_HEADS, GROUPS, DIM, GENERATIONS = 4, 7, 128, 4
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", default="attention,gemm", help="comma list of attention,gemm")
+    p.add_argument("--parts", default="attention,sampling,gemm", help="comma list of attention,sampling,gemm")
     p.add_argument("--rows", default="256", help="comma list of decode batch sizes")
     p.add_argument("--contexts", default="128:256,128:384,200:400",
                    help="comma list of prompt:keys-used pairs for the attention")
@@ -105,6 +110,51 @@ def attention(rows: int, prompt: int, used: int) -> None:
               f"block {block_n} warps {warps} stages {stages} slices {splits}  max |diff| {err:.1e}", flush=True)
 
 
+VOCAB, SLICES = 152064, 32
+
+
+def split_argmax(scores):
+    """argmax(-1) of (rows, V) scores in two stages over SLICES slices of the vocabulary (the first maximum,
+    as argmax)."""
+    rows, vocab = scores.shape
+    best, where = scores.view(rows, SLICES, vocab // SLICES).max(-1)
+    slice_ = best.argmax(-1, keepdim=True)
+    return where.gather(-1, slice_).squeeze(-1) + slice_.squeeze(-1) * (vocab // SLICES)
+
+
+def race_split(logits, noise, temperature: float):
+    return split_argmax(logits.float() / temperature - noise.log())
+
+
+def gumbel_rand(logits, temperature: float):
+    u = torch.rand(logits.shape, dtype=torch.float32, device=logits.device)
+    return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+def gumbel_rand_split(logits, temperature: float):
+    u = torch.rand(logits.shape, dtype=torch.float32, device=logits.device)
+    return split_argmax(logits.float() / temperature - torch.log(-torch.log(u)))
+
+
+def sampling(rows: int) -> None:
+    logits = torch.randn(rows, VOCAB, device="cuda").to(torch.bfloat16)
+    race, split = fused.compiled(fused.exponential_race, "bench"), fused.compiled(race_split, "bench")
+    rand, rand_split = fused.compiled(gumbel_rand, "bench"), fused.compiled(gumbel_rand_split, "bench")
+    noise = torch.empty(rows, VOCAB, device="cuda").exponential_()
+    assert torch.equal(race(logits, noise, 1.0), split(logits, noise, 1.0))  # same draw from the same noise
+    candidates = {
+        "as it is: exponential_ noise, then the race": lambda: race(logits, torch.empty_like(noise).exponential_(), 1.0),
+        "the noise alone (exponential_)": lambda: torch.empty_like(noise).exponential_(),
+        "the race alone (noise given)": lambda: race(logits, noise, 1.0),
+        "exponential_ noise, race in 32 slices": lambda: split(logits, torch.empty_like(noise).exponential_(), 1.0),
+        "uniforms in the kernel": lambda: rand(logits, 1.0),
+        "uniforms in the kernel, 32 slices": lambda: rand_split(logits, 1.0),
+    }
+    print(f"sampling, {rows} rows x {VOCAB} logits (bf16):", flush=True)
+    for name, call in candidates.items():
+        print(f"  {graph_time_us(call):7.1f} µs  {name}", flush=True)
+
+
 def gemm(rows: int) -> None:
     for name, (n, k) in GEMMS.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -128,6 +178,8 @@ def main(argv=None) -> None:
             for pair in args.contexts.split(","):
                 prompt, used = (int(x) for x in pair.split(":"))
                 attention(rows, prompt, used)
+        if "sampling" in parts:
+            sampling(rows)
         if "gemm" in parts:
             gemm(rows)
 
