@@ -68,21 +68,7 @@ if triton is not None:
                 row = b
             k = tl.load(k_ptr + row * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=keep[:, None], other=0.0)
             v = tl.load(v_ptr + row * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=keep[:, None], other=0.0)
-            if FP32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(keep[None, :], s * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid key: no NaN
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            l = l * alpha + tl.sum(p, 1)
-            if FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            m, l, acc = _attend_block(q, k, v, keep[None, :], scale, m, l, acc, FP32)
         if DIRECT:  # one slice: the result itself
             out = acc / l[:, None]
             tl.store(out_ptr + b * so_b + h * so_h + g[:, None] * so_g + d[None, :], out.to(out_ptr.dtype.element_ty),
@@ -114,10 +100,16 @@ if triton is not None:
 
 
     @triton.jit
-    def _online_update(s, v, m, l, acc, FP32: tl.constexpr):
-        """One block of scores s (queries x keys, -inf where masked) into the running max m, sum l and acc."""
+    def _attend_block(q, k, v, valid, scale, m, l, acc, FP32: tl.constexpr):
+        """One block of keys k and values v into the online softmax (running max m, sum l, acc) of queries q;
+        valid: (queries, keys), False where a query may not see a key."""
+        if FP32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid, s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid key: no NaN
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
         l = l * alpha + tl.sum(p, 1)
@@ -164,12 +156,7 @@ if triton is not None:
                             other=0.0)
                 v = tl.load(v_ptr + src * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=load[:, None],
                             other=0.0)
-                if FP32:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = tl.where(valid, s * scale, float("-inf"))
-                m, l, acc = _online_update(s, v, m, l, acc, FP32)
+                m, l, acc = _attend_block(q, k, v, valid, scale, m, l, acc, FP32)
             else:  # each row's own keys (and the prompt's, in a block that straddles its end)
                 for j in tl.static_range(ROWS):
                     row = tl.where(n < pend, src, b0 + j)
@@ -178,12 +165,7 @@ if triton is not None:
                                 mask=load[:, None], other=0.0)
                     v = tl.load(v_ptr + row[:, None] * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :],
                                 mask=load[:, None], other=0.0)
-                    if FP32:
-                        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                    else:
-                        s = tl.dot(q, tl.trans(k))
-                    s = tl.where(valid & (r == j)[:, None], s * scale, float("-inf"))
-                    m, l, acc = _online_update(s, v, m, l, acc, FP32)
+                    m, l, acc = _attend_block(q, k, v, valid & (r == j)[:, None], scale, m, l, acc, FP32)
         g = mq % GROUPS
         if DIRECT:
             out = acc / l[:, None]
