@@ -176,6 +176,8 @@ def eval_rows(model, engine, args, vocab) -> dict:
         batches = [[prompts[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
         sync(args.device)
         t0 = time.perf_counter()
+        if name == "engine":  # as tinyablate/eval.py: the cache for the whole evaluation first
+            engine.reserve(min(size, len(prompts)), max(lengths) + args.eval_new)
         for k, batch in enumerate(batches):
             generate(batch)
             sync(args.device)  # progress, so a run cut short still says how far this side got

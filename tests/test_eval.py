@@ -49,3 +49,27 @@ def test_base_cache_key_ignores_speed_settings_only():
     assert key != base_cache_key("m", replace(task, instruction="x"), EvalConfig(), "torch.float32")
     assert key != base_cache_key("m", task, EvalConfig(max_new_tokens=5), "torch.float32")
     assert key != base_cache_key("other", task, EvalConfig(), "torch.float32")
+
+
+def test_engine_evaluation_reserves_its_cache_once(monkeypatch):
+    """Batches run shortest first; the engine's KV cache is sized for the longest before the first batch,
+    so it never grows (a growth drops the captured decode graphs) and the outputs are HF generate's."""
+    from tinyablate.engine import GenerationEngine
+
+    model, tok, task = _setup()
+    prompts = prompts_for(tok, task, task.eval_problems())
+    prompts[-1] += " and then some more words to make this one the longest prompt"
+    sizes = []
+    real = GenerationEngine.generate
+
+    def recording(self, *args, **kwargs):
+        sizes.append((self.rows, self.length))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationEngine, "generate", recording)
+    cfg = EvalConfig(batch_size=4, max_new_tokens=6, engine="eager", engine_batch_size=4)
+    ours = generate(model, tok, prompts, cfg)
+    assert len(sizes) == 3 and len(set(sizes)) == 1  # 10 prompts in batches of 4: one size throughout
+    longest = max(len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"])
+    assert sizes[0][0] == 4 and sizes[0][1] >= longest + 6
+    assert ours == generate(model, tok, prompts, replace(cfg, engine="hf"))

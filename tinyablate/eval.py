@@ -77,11 +77,14 @@ def _engine_generate(model, tokenizer, prompts, order, cfg: EvalConfig, do_sampl
     eos = [tokenizer.eos_token_id] if eos is None else (eos if isinstance(eos, list) else [eos])
     engine = engine_for(model, tokenizer.pad_token_id, eos, use_graphs=use_graphs)
     sampling = Sampling(temperature=cfg.temperature) if do_sample else Sampling()
+    tokens = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    # The cache for the whole evaluation at once: batches come shortest first, and a cache grown batch by
+    # batch would drop and recapture the decode graphs at every growth.
+    engine.reserve(min(cfg.engine_batch_size, len(prompts)), max(map(len, tokens)) + cfg.max_new_tokens)
     out: list = [None] * len(prompts)
     for start in range(0, len(order), cfg.engine_batch_size):
         idx = order[start:start + cfg.engine_batch_size]
-        ids = tokenizer([prompts[i] for i in idx], add_special_tokens=False)["input_ids"]
-        completions = engine.generate(ids, cfg.max_new_tokens, sampling)
+        completions = engine.generate([tokens[i] for i in idx], cfg.max_new_tokens, sampling)
         for i, text in zip(idx, tokenizer.batch_decode(completions, skip_special_tokens=True)):
             out[i] = text
         if progress is not None:
