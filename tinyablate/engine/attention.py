@@ -150,8 +150,8 @@ if triton is not None:
             first = split * CHUNK + i * BLOCK_N
             n = first + tl.arange(0, BLOCK_N)
             valid = real[:, None] & (n[None, :] >= start[:, None]) & (n[None, :] < hi)
+            load = n < hi
             if first + BLOCK_N <= pend:  # prompt keys only: one read for every query of the group
-                load = n < hi
                 k = tl.load(k_ptr + src * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=load[:, None],
                             other=0.0)
                 v = tl.load(v_ptr + src * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=load[:, None],
@@ -160,7 +160,6 @@ if triton is not None:
             else:  # each row's own keys (and the prompt's, in a block that straddles its end)
                 for j in tl.static_range(ROWS):
                     row = tl.where(n < pend, src, b0 + j)
-                    load = n < hi
                     k = tl.load(k_ptr + row[:, None] * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :],
                                 mask=load[:, None], other=0.0)
                     v = tl.load(v_ptr + row[:, None] * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :],

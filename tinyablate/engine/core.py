@@ -67,7 +67,7 @@ class DecodeMask(NamedTuple):
     valid: torch.Tensor  # (rows, 1, 1, keys) bool
     start: torch.Tensor  # (rows,): first valid key (after the left padding)
     slot: torch.Tensor  # (1,): the slot written at this step, the last valid key
-    src: torch.Tensor  # (rows,): the cache row holding this row's prompt (an identical prompt's first row)
+    src: torch.Tensor  # (rows,): the cache row holding this row's prompt keys (shared by identical prompts)
     prompt_end: torch.Tensor  # (1,): the prompt region's end (the left-padded prompts' width)
 
 
