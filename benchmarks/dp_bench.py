@@ -39,6 +39,9 @@ from benchmarks.adapter_bench import SHAPES, TARGETS, build_base  # noqa: E402
 from tinyablate import cost, distributed  # noqa: E402
 
 
+ENGINES = ("hf", "graph", "graph_grouped", "eager")
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
@@ -46,7 +49,8 @@ def parse(argv=None):
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--world-sizes", default="1,2")
     p.add_argument("--samplers", default="torch", help="comma list of torch,keyed")
-    p.add_argument("--engines", default="hf", help="comma list of hf,graph,eager (rollout generator)")
+    p.add_argument("--engines", default="hf", help="comma list of " + ",".join(ENGINES) + " (rollout generator; "
+                   "graph_grouped: the graph engine with GenerationEngine(prompt_groups=True))")
     p.add_argument("--train-glue", default="eager",
                    help="comma list of eager,compiled (training's RMSNorm and SiLU x up: tinyablate/train/glue.py)")
     p.add_argument("--runs", help="comma list of engine:glue pairs to run instead of every --engines x --train-glue "
@@ -65,8 +69,8 @@ def parse(argv=None):
     args.pairs = [tuple(r.split(":")) for r in args.runs.split(",")] if args.runs else \
         list(itertools.product(engines, glues))
     for pair in args.pairs:
-        if len(pair) != 2 or pair[0] not in ("hf", "graph", "eager") or pair[1] not in ("eager", "compiled"):
-            p.error(f"run {':'.join(pair)!r}: engine:glue with engine hf|graph|eager and glue eager|compiled")
+        if len(pair) != 2 or pair[0] not in ENGINES or pair[1] not in ("eager", "compiled"):
+            p.error(f"run {':'.join(pair)!r}: engine:glue with engine {'|'.join(ENGINES)} and glue eager|compiled")
     return args
 
 
@@ -153,7 +157,8 @@ def _rollout_fn(model, engine: str, sampler: str, args):
     from tinyablate.sampling import KeyedGumbelSampler
 
     if engine != "hf":
-        gen = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], use_graphs=engine == "graph")
+        gen = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], use_graphs=engine != "eager",
+                               prompt_groups=engine == "graph_grouped")
 
     def rollout(ids, keys):
         if engine != "hf":
