@@ -160,16 +160,12 @@ class GenerationEngine:
     one size (GRPO's generations), one attention program takes a whole group, so a block of prompt keys is
     read once per group (engine/attention.py `rows_per_prompt`). Off by default until measured faster
     (benchmarks/rollout_bench.py's engine_grouped, decode_kernels_bench.py).
-    draw: how the compiled sampling step (temperature only, not keyed) draws its noise: "exponential"
-    (exponential_ writes an Exp(1) tensor, one fused kernel races the logits against it: fused.exponential_race)
-    or "in_kernel" (the compiled kernel draws uniforms itself, argmax over vocabulary slices:
-    fused.gumbel_race). Both draw exactly from softmax(logits / T).
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: Optional[bool] = None,
                  length_bucket: int = 64, check_every: Optional[int] = None, log=None, attention: Optional[str] = None,
                  compile_glue: Optional[bool] = None, pack: bool = True, share_prompts: bool = True,
-                 prompt_groups: bool = False, draw: str = "exponential"):
+                 prompt_groups: bool = False):
         self.model = model
         self.lm, self.decoder = causal_lm_parts(model)
         self.pad = int(pad_token_id)
@@ -196,9 +192,6 @@ class GenerationEngine:
         self.attention = attention
         self.share_prompts = bool(share_prompts)
         self.prompt_groups = bool(prompt_groups)
-        if draw not in ("exponential", "in_kernel"):
-            raise ValueError(f"draw={draw!r}: 'exponential' or 'in_kernel'")
-        self.draw = draw
         self._rows_per_prompt = 1  # of the batch being generated (the attention's grouping; part of a graph's key)
         self._splits: dict = {}
         self.check_every = check_every or (8 if self.use_graphs else 1)
@@ -232,7 +225,7 @@ class GenerationEngine:
             tag = f"engine{id(self)}"
             self._fused = (fused.compiled(fused.pre_attention, tag), fused.compiled(fused.post_attention, tag),
                            fused.compiled(fused.final_norm, tag))
-            self._race = fused.compiled(fused.exponential_race if draw == "exponential" else fused.gumbel_race, tag)
+            self._race = fused.compiled(fused.exponential_race, tag)
 
     # -- memory --------------------------------------------------------------------------------
     def reserve(self, rows: int, length: int) -> int:
@@ -496,10 +489,9 @@ class GenerationEngine:
         if s.greedy:  # float32 holds every bf16/fp16 value exactly: the same argmax without the cast
             return logits.argmax(-1)
         if self._race is not None and not (s.keyed or s.top_k or s.top_p < 1):  # compiled: one fused kernel
-            # Noise from torch's generator (a CUDA graph replay advances it), drawn by exponential_ outside the
-            # compiled kernel, or by the kernel itself (draw="in_kernel").
-            if self.draw == "in_kernel":
-                return self._race(logits, s.temperature)
+            # The noise is drawn outside compiled code by exponential_ (torch's generator, which a CUDA graph
+            # replay advances). Drawn inside the kernel instead (torch.rand compiled), the sampling kernel took
+            # 258 instead of 104 + 86 µs a step: benchmarks/RESULTS.md, session 4.
             noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_()
             return self._race(logits, noise, s.temperature)
         scores = logits.float() / s.temperature

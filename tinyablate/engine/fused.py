@@ -95,27 +95,6 @@ def exponential_race(logits, noise, temperature: float):
     return (logits.float() / temperature - noise.log()).argmax(-1)
 
 
-RACE_SLICES = 32
-
-
-def gumbel_race(logits, temperature: float):
-    """The same exact categorical draw as exponential_race, its noise drawn inside the kernel.
-
-    argmax(logits / T + Gumbel), the Gumbel noise -log(-log u) from uniforms u that the compiled kernel draws
-    (torch's generator; a CUDA graph replay advances it), so no noise tensor is written and read back. The
-    argmax runs in two stages over RACE_SLICES slices of the vocabulary (when they divide it), so the first
-    stage has rows x slices programs: with one program per row, drawing in the kernel was slower than
-    exponential_ plus the race (benchmarks/RESULTS.md, session 4).
-    """
-    scores = logits.float() / temperature - torch.log(-torch.log(torch.rand_like(logits, dtype=torch.float32)))
-    rows, vocab = scores.shape
-    if vocab % RACE_SLICES:
-        return scores.argmax(-1)
-    best, where = scores.view(rows, RACE_SLICES, vocab // RACE_SLICES).max(-1)
-    slice_ = best.argmax(-1, keepdim=True)  # the first slice holding the maximum, then its first position
-    return where.gather(-1, slice_).squeeze(-1) + slice_.squeeze(-1) * (vocab // RACE_SLICES)
-
-
 def compiled(fn, tag: str, dynamic: bool = False):
     """`fn` compiled into fused kernels (no CUDA graphs of its own: the engine captures), on its own code
     object for `tag` (see own_code). Fixed shapes compile whole (fullgraph: the decode step); dynamic
