@@ -158,8 +158,9 @@ class GenerationEngine:
     cache row (engine/attention.py), so the copies are not each read from HBM.
     prompt_groups: with share_prompts, when the rows come in consecutive groups of one prompt each, all of
     one size (GRPO's generations), one attention program takes a whole group, so a block of prompt keys is
-    read once per group (engine/attention.py `rows_per_prompt`). Off by default until measured faster
-    (benchmarks/rollout_bench.py's engine_grouped, decode_kernels_bench.py).
+    read once per group (engine/attention.py `rows_per_prompt`). Off by default: measured slower at GRPO's
+    shape (H200, 64 prompts x 4, 128 + 256 tokens: 25,466 against 28,059 tok/s; benchmarks/RESULTS.md,
+    session 5; rollout_bench.py's engine_grouped, dp_bench.py's graph_grouped).
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: Optional[bool] = None,
