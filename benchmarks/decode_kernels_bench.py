@@ -1,15 +1,19 @@
 """A decode step's kernels one by one at the Qwen2.5-7B shape: the Triton decode attention's settings, and
 the matmuls as F.linear vs the transposed product. Each timed as a CUDA graph of back-to-back calls.
 
-Run (H200, ~4 min):  python benchmarks/decode_kernels_bench.py
-Run (fewer):         python benchmarks/decode_kernels_bench.py --parts attention,sampling --rows 256
+Run (H200, a few min):  python benchmarks/decode_kernels_bench.py
+Run (fewer):            python benchmarks/decode_kernels_bench.py --parts attention,sampling --rows 256
+Run (every attention setting; over 4 min a context on an H200):
+                        python benchmarks/decode_kernels_bench.py --parts attention --attention-sweep full
 
 Attention: rows x 4 kv heads x 7 query heads per kv head x 128 dims, bf16; GRPO's case (every prompt
 repeated 4 times, its keys read from one row: engine/attention.py's shared prompts), left-padding-free.
 For each (rows, prompt, keys used) it sweeps one row or one group of 4 rows a program (rows_per_prompt) x
-keys per block x warps x pipeline stages x key slices, checks each result against the default settings'
-and prints the default, the fastest grouped and the fastest overall, with the bytes a row reads from its own
-and its prompt's rows ("logical") and the bytes of distinct keys and values ("unique") per µs.
+key slices at the default launch settings (`--attention-sweep slices`), or also x keys per block x warps x
+pipeline stages (`full`: each setting compiles a kernel, so it takes minutes), checks each result against the
+default settings' and prints the default, the fastest grouped and the fastest overall, with the bytes a row
+reads from its own and its prompt's rows ("logical") and the bytes of distinct keys and values ("unique") per
+µs.
 Sampling (`--parts sampling`): the engine's draw from softmax(logits / T) over Qwen2.5-7B's 152,064 logits
 (bf16) at --rows rows, as it is (Exp(1) noise by `exponential_`, then engine/fused.py's compiled race, one
 program a row) against candidates compiled the same way: the uniforms drawn inside the kernel; the
@@ -44,6 +48,9 @@ def parse(argv=None):
     p.add_argument("--rows", default="256", help="comma list of decode batch sizes")
     p.add_argument("--contexts", default="128:256,128:384,200:400",
                    help="comma list of prompt:keys-used pairs for the attention")
+    p.add_argument("--attention-sweep", default="slices", choices=["slices", "full"],
+                   help="slices: grouping x key slices at the default launch settings; full: also keys per "
+                        "block x warps x stages")
     return p.parse_args(argv)
 
 
@@ -70,7 +77,7 @@ def graph_time_us(fn, calls: int = 20, replays: int = 5) -> float:
     return 1e3 * t0.elapsed_time(t1) / (replays * calls)
 
 
-def attention(rows: int, prompt: int, used: int) -> None:
+def attention(rows: int, prompt: int, used: int, full: bool) -> None:
     kv_len = -(-used // 64) * 64  # the engine's key-length bucket
     k = torch.randn(rows, KV_HEADS, kv_len, DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -91,7 +98,9 @@ def attention(rows: int, prompt: int, used: int) -> None:
     print(f"attention, {rows} rows, {prompt}-token prompts x {GENERATIONS}, {used} keys used: "
           f"logical {logical / 1e6:.0f} MB, unique {unique / 1e6:.0f} MB", flush=True)
     results = []
-    sweep = itertools.product((1, GENERATIONS), (32, 64, 128), (2, 4, 8), (1, 2, 3), (1, 2, 4))
+    launch = itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3)) if full else [(64, 4, 2)]
+    sweep = [(per, *settings, splits)
+             for per, settings, splits in itertools.product((1, GENERATIONS), launch, (1, 2, 4))]
     for per, block_n, warps, stages, splits in sweep:
         if -(-kv_len // splits) < block_n or (per == 1 and splits == 4):
             continue
@@ -177,7 +186,7 @@ def main(argv=None) -> None:
         if "attention" in parts:
             for pair in args.contexts.split(","):
                 prompt, used = (int(x) for x in pair.split(":"))
-                attention(rows, prompt, used)
+                attention(rows, prompt, used, args.attention_sweep == "full")
         if "sampling" in parts:
             sampling(rows)
         if "gemm" in parts:
