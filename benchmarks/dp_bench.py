@@ -244,13 +244,14 @@ def print_table(report: dict) -> None:
     key = lambda r: (r.get("engine", "hf"), r.get("glue", "eager"), r["sampler"], r["world_size"])  # noqa: E731
     by = {key(r): r for r in rows}
     print(f"device: {report['device']}")
-    print(f"{'engine':<8}{'glue':<10}{'sampler':<8}{'ranks':>6}{'step s':>10}{'rollout s':>11}{'train s':>10}"
+    wide = max(map(len, ENGINES)) + 2  # the engine column fits every engine's name
+    print(f"{'engine':<{wide}}{'glue':<10}{'sampler':<8}{'ranks':>6}{'step s':>10}{'rollout s':>11}{'train s':>10}"
           f"{'rollout tok/s':>15}{'speed-up':>10}{'efficiency':>12}")
     for r in rows:
         engine, glue, sampler, world = key(r)
         base = by.get((engine, glue, sampler, 1))
         speedup = base["step_s"] / r["step_s"] if base else float("nan")
-        print(f"{engine:<8}{glue:<10}{sampler:<8}{world:>6}{r['step_s']:>10.3f}{r['rollout_s']:>11.3f}"
+        print(f"{engine:<{wide}}{glue:<10}{sampler:<8}{world:>6}{r['step_s']:>10.3f}{r['rollout_s']:>11.3f}"
               f"{r['train_s']:>10.3f}{r['rollout_tokens_per_s']:>15.0f}{speedup:>10.2f}{speedup / world:>12.2f}")
     for r in rows:
         engine, glue, sampler, world = key(r)
