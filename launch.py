@@ -17,6 +17,7 @@ tinyablate/config/ (RootConfig); launchers: hydra_plugins/tinyablate (hydra/laun
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -79,6 +80,22 @@ def _default_sweep(argv: list) -> list:
     return argv
 
 
+def _check_output_dir(argv: list) -> None:
+    """Hydra writes <output_dir>/.hydra before any of our code runs: an unwritable output_dir is named here,
+    in one line, instead of Hydra's traceback."""
+    from omegaconf import OmegaConf
+
+    from tinyablate.preflight import output_dir_problems
+
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("output_dir=")]
+    output_dir = given[-1] if given else OmegaConf.load(Path(__file__).parent / "conf" / "config.yaml").output_dir
+    problems = output_dir_problems(output_dir)
+    if problems:
+        print("invalid launch, nothing was run:\n  " + "\n  ".join(problems), file=sys.stderr)
+        raise SystemExit(2)
+
+
 if __name__ == "__main__":
     sys.argv = _default_sweep(sys.argv)
+    _check_output_dir(sys.argv[1:])
     main()

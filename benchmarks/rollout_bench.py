@@ -17,7 +17,8 @@ of the roofline, where a decode step's roofline time is
     bytes = weights without the input embedding + KV cache at the mean context (prompt + new/2),
     FLOPs = 2 x (parameters without the input embedding) x rows.
 
-Also: greedy agreement in bf16 of the engine with HF generate (per row, the share of new tokens identical
+Also: GRPO's training-rollout mismatch (|log p_engine - log p_train| of the sampled tokens, the training side a
+full-sequence forward), greedy agreement in bf16 of the engine with HF generate (per row, the share of new tokens identical
 up to the first divergence), the keyed sampler's throughput in the engine, and a greedy evaluation
 (--eval-problems prompts of ragged lengths, --eval-new tokens, EOS off) at HF's eval batch vs the engine's.
 """
@@ -62,6 +63,9 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--agreement-rows", type=int, default=64)
     p.add_argument("--agreement-new", type=int, default=64)
+    p.add_argument("--mismatch-rows", type=int, default=64,
+                   help="rows whose sampled tokens' engine log-probs are compared to a training forward's (0: off)")
+    p.add_argument("--mismatch-new", type=int, default=128)
     p.add_argument("--eval-problems", type=int, default=256)
     p.add_argument("--eval-new", type=int, default=512)
     p.add_argument("--eval-batch-hf", type=int, default=32)
@@ -155,6 +159,22 @@ def agreement(model, engine, ids, new) -> dict:
     return {"mean_share": statistics.mean(shares), "rows_identical": sum(s == 1 for s in shares), "rows": len(shares)}
 
 
+def mismatch(model, engine, ids, new, temperature: float = 1.0) -> dict:
+    """GRPO's training-rollout mismatch: |log p_engine - log p_train| over the sampled tokens, where log p_train
+    comes from one full-sequence forward of the model (as training scores the completions), logits / T."""
+    completions, logps = engine.generate(ids.tolist(), new, Sampling(temperature=temperature), logprobs=True)
+    full = torch.cat([ids, torch.tensor(completions, device=ids.device)], dim=1)
+    diffs = []
+    with torch.no_grad():
+        for start in range(0, full.shape[0], 8):  # the training micro-batch
+            logits = model(full[start:start + 8]).logits[:, ids.shape[1] - 1:-1].float() / temperature
+            train = logits.log_softmax(-1).gather(-1, full[start:start + 8, ids.shape[1]:, None])[..., 0]
+            diffs.append((train - torch.tensor(logps[start:start + 8], device=train.device)).abs().flatten())
+    d = torch.cat(diffs)
+    return {"rows": full.shape[0], "new_tokens": new, "temperature": temperature, "mean": d.mean().item(),
+            "max": d.max().item(), "p99": d.quantile(0.99).item()}
+
+
 def eval_rows(model, engine, args, vocab) -> dict:
     """Greedy evaluation of ragged prompts: HF generate in eval.py's batches vs the engine's batches."""
     gen = torch.Generator().manual_seed(1)
@@ -230,6 +250,11 @@ def main(argv=None) -> dict:
                 print(f"engine keyed sampler at {news[0]}: {report['keyed_tok_s']:.0f} tok/s", flush=True)
             except Exception as err:  # noqa: BLE001
                 print(f"engine keyed sampler failed: {type(err).__name__}: {err}", flush=True)
+            n = min(args.mismatch_rows, ids.shape[0])
+            if n:
+                report["mismatch"] = mismatch(model, engine, ids[:n], args.mismatch_new)
+                print(f"training-rollout mismatch ({n} rows x {args.mismatch_new} tokens, T=1): {report['mismatch']}",
+                      flush=True)
             n = min(args.agreement_rows, ids.shape[0])
             if n:
                 report["agreement"] = agreement(model, engine, prompts[:n].to(args.device), args.agreement_new)

@@ -58,6 +58,7 @@ def test_a_multi_gpu_cell_without_the_gpus_says_so(tmp_path, monkeypatch):
     import torch
 
     from tinyablate.cell import run_cell
+    from tinyablate.config import ConfigError
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 
@@ -65,8 +66,8 @@ def test_a_multi_gpu_cell_without_the_gpus_says_so(tmp_path, monkeypatch):
         pytest.skip("this machine has the GPUs")
     spec = _spec(tmp_path)
     spec.gpus = 2
-    with pytest.raises(RuntimeError, match="needs 2 GPU.*set gpus=0 for CPU"):
-        run_cell(spec)
+    with pytest.raises(ConfigError, match=r"gpus=2 is invalid here: this machine shows \d CUDA GPU.*set gpus=0 for the CPU"):
+        run_cell(spec)  # refused by preflight, before the cell's folder or any weight
     assert not (tmp_path / "runs").exists()
 
 

@@ -141,11 +141,11 @@ def test_the_sampling_draw_captured_in_a_graph_draws_afresh_at_every_replay():
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            out.copy_(engine._pick(logits, None, sampling))
+            out.copy_(engine._pick(logits, None, sampling)[0])
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out.copy_(engine._pick(logits, None, sampling))
+        out.copy_(engine._pick(logits, None, sampling)[0])
     draws = []
     for _ in range(4):
         graph.replay()

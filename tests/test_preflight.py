@@ -79,6 +79,11 @@ def test_data_files_exist_parse_are_non_empty_and_errors_name_file_and_line(tmp_
         preflight(spec(task=TaskConfig(name="gsm8k", data_dir=str(empty))))
     assert [p.split(" (")[0] for p in err.value.problems] == ["task data: no training problems",
                                                               "task data: no evaluation problems"]
+    with pytest.raises(ConfigError) as err:  # a train_size asked of an empty file: both splits named
+        preflight(spec(task=TaskConfig(name="gsm8k", data_dir=str(empty), train_size=40)))
+    assert len(err.value.problems) == 2, err.value.problems
+    assert "task.train_size=40 is invalid" in err.value.problems[0]
+    assert err.value.problems[1].startswith("task data: no evaluation problems") and "test file" in err.value.problems[1]
     bad_answer = tmp_path / "b"
     gsm8k_dir(bad_answer)
     (bad_answer / "gsm8k" / "test.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps({"question": "q", "answer": "7"}) + "\n")
@@ -119,3 +124,15 @@ def test_launcher_edge_cases_say_what_to_change(tmp_path):
     assert out.returncode == 2 and "the sweep has 0 cells" in out.stdout and "Traceback" not in out.stderr
     out = launch(["-m", "hydra.launcher.max_parallel=0", "dry_run=true", f"output_dir={tmp_path}"], tmp_path)
     assert out.returncode == 2 and "hydra.launcher.max_parallel=0 is invalid: expected an integer >= 1" in out.stdout
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_unwritable_output_dir_is_one_line_naming_it(tmp_path, where):
+    (tmp_path / "a-file").write_text("")
+    output_dir = tmp_path / "a-file" / "runs" if where == "file" else Path("/proc/tinyablate/runs")
+    for args in ([f"output_dir={output_dir}"], ["-m", f"output_dir={output_dir}", "dry_run=true"]):
+        out = launch(args, tmp_path)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr and f"output_dir='{output_dir}' is invalid" in out.stderr, out.stderr
+    with pytest.raises(ConfigError, match="output_dir="):
+        preflight(spec(output_dir=str(output_dir)))

@@ -30,7 +30,9 @@ def launch(args, tmp_path, env=None, timeout=600) -> subprocess.CompletedProcess
 
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_every_sweep_preset_composes_and_validates(sweep, tmp_path):
-    proc = launch(["-m", f"sweeps={sweep}", "dry_run=true", f"output_dir={tmp_path}/runs"], tmp_path)
+    # planned for the cluster they are written for (a local dry run refuses GPU cells on a machine without GPUs)
+    proc = launch(["-m", f"sweeps={sweep}", "hydra/launcher=slurm", "dry_run=true", f"output_dir={tmp_path}/runs"],
+                  tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("pending ")]
     assert lines and f"dry run: {len(lines)} valid cells, nothing submitted" in proc.stdout
@@ -48,7 +50,8 @@ def test_dry_run_counts_duplicates_once_and_says_why(tmp_path):
     # (the embedded preset adds algo=grpo,sft) lora_xs ignores u (3 sets -> 1 cell); at tie=all tiled and
     # structured are one cell (2 -> 1)
     proc = launch(["-m", "model=tiny-qwen2", "adapter=lora_xs,tinylora", "adapter.u=1,2,3", "adapter.tie=all",
-                   "adapter.sharing=tiled,structured", "gpus=1", "dry_run=true", f"output_dir={tmp_path}/runs"],
+                   "adapter.sharing=tiled,structured", "gpus=1", "hydra/launcher=slurm", "dry_run=true",
+                   f"output_dir={tmp_path}/runs"],
                   tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -81,7 +84,7 @@ def test_dry_run_estimates_are_measured_or_calibrated_once_cells_completed(tmp_p
         adapter=AdapterRecord(trainable_params=56, kind="tinylora", r=2, u=1), algo=AlgoRecord(name="grpo"),
         task=TaskRecord(name="arithmetic"), metrics=Metrics(accuracy=0.5, n_eval=8, train_steps=done.algo.max_steps),
         timing=Timing(wall_s=1800.0, n_gpus=1, world_size=1, gpu_hours=0.5), provenance={}))
-    common = ["-m", *common, "dry_run=true"]
+    common = ["-m", *common, "hydra/launcher=slurm", "dry_run=true"]
     proc = launch([*common, "adapter.u=1,2", "algo=grpo_cpu"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if " gpu_h=" in line}
@@ -92,8 +95,16 @@ def test_dry_run_estimates_are_measured_or_calibrated_once_cells_completed(tmp_p
     assert "(model x " in steps.stdout and "calibrated on 1 completed cell)" in steps.stdout
 
 
+def test_gpu_cells_in_a_local_dry_run_without_gpus_are_refused_once_per_problem(tmp_path):
+    proc = launch(["-m", "sweeps=paper_gsm8k", "dry_run=true", f"output_dir={tmp_path}/runs"], tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert proc.stdout.count("INVALID ") == 3 and "and 4317 more cells with this problem" in proc.stdout
+    assert "gpus=1 is invalid here" in proc.stdout and "4320 of 4320 cells are invalid" in proc.stdout
+
+
 def test_an_unknown_cost_device_names_the_known_ones(tmp_path):
-    proc = launch(["-m", "model=tiny-qwen2", "gpus=1", "cost_device=a100", "dry_run=true"], tmp_path)
+    proc = launch(["-m", "model=tiny-qwen2", "gpus=1", "cost_device=a100", "hydra/launcher=slurm", "dry_run=true"],
+                  tmp_path)
     assert proc.returncode != 0
     assert "cost_device='a100' has no throughput measurements; known: h100, h200" in proc.stderr
 
@@ -108,7 +119,8 @@ def test_invalid_cells_are_all_listed_and_nothing_runs(tmp_path):
     # the embedded grid (6 cells) x 3 ranks, of which r=0 and r=999 (> 576 = min(d, k)) are invalid
     proc = launch(["-m", "sweeps=embedded", "adapter.r=0,2,999", "dry_run=true"], tmp_path)
     assert proc.returncode == 2
-    assert proc.stdout.count("INVALID") == 12
+    # every problem is listed, each with its first 3 cells and the count of the others
+    assert proc.stdout.count("INVALID") == 6 and proc.stdout.count("... and 3 more cells with this problem") == 2
     assert "adapter.r=0 is invalid" in proc.stdout and "adapter.r=999 is invalid" in proc.stdout
     assert "12 of 18 cells are invalid; nothing was submitted." in proc.stdout
 
@@ -154,6 +166,10 @@ def test_local_sweep_runs_skips_and_retries(tmp_path):
     assert len(results) == 2 and all(r["status"] == "completed" for r in results.values())
     assert "2 cells: 2 completed" in proc.stdout
     assert "2 override sets -> 2 distinct cells" in proc.stdout and "2 cells to run are CPU cells" in proc.stdout
+    # two CPU cells at once share the cores: torch threads = cores / max_parallel (at least 1)
+    cores = len(os.sched_getaffinity(0))
+    assert f"{max(1, cores // 2)} torch CPU thread(s) per cell" in proc.stdout
+    assert {r["provenance"]["devices"]["torch_threads"] for r in results.values()} == {max(1, cores // 2)}
     # the analysis ran by itself at the end of the sweep
     page = runs / "local" / "analysis" / "index.html"
     assert f"analysis page: {page}" in proc.stdout and page.exists()
@@ -183,7 +199,8 @@ def test_local_sweep_runs_skips_and_retries(tmp_path):
 
 
 def test_slimming_preset_lists_lora_qlora_and_tinylora_on_three_tasks(tmp_path):
-    proc = launch(["-m", "sweeps=slimming", "dry_run=true", f"output_dir={tmp_path}/runs"], tmp_path)
+    proc = launch(["-m", "sweeps=slimming", "hydra/launcher=slurm", "dry_run=true", f"output_dir={tmp_path}/runs"],
+                  tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("pending ")]
     assert len(lines) == 27 and "dry run: 27 valid cells" in proc.stdout

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 import traceback
@@ -39,7 +40,7 @@ from .choice_eval import evaluate_choices
 from .config import CellSpec, ModelInfo, cell_id, eval_task_configs, spec_to_dict
 from .distributed import Ranks
 from .eval import base_cache_key, base_cache_path, evaluate, read_base_cache, write_base_cache
-from .logging import MetricLogger, NullLogger, truncate_metrics, wandb_run_id
+from .logging import MetricLogger, NullLogger, logged_step_zero, truncate_metrics, wandb_run_id
 from .preflight import preflight
 from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
 from .provenance import collect_provenance
@@ -165,8 +166,9 @@ def _run(spec: CellSpec, cid: str, folder: CellFolder, start: float, ranks: Rank
         t0 = time.time()
         bases = {name: base_accuracy(spec, built, task) for name, task in built.eval_tasks.items()}
         base = bases[spec.task.name]
-        logger.log({f"eval/base_{k}": v for k, v in base.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+        if not logged_step_zero(folder.path):  # a resumed cell logged it in its first attempt: steps stay ascending
+            logger.log({f"eval/base_{k}": v for k, v in base.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
         train_info = train(spec, built, folder.path, [MetricLoggerCallback(logger)])
         t1 = time.time()
         finals = {name: evaluate_final(spec, built, folder.path, bases[name], trained=train_info["steps"] > 0,
@@ -317,7 +319,8 @@ def task_table_rows(tasks: dict) -> list:
 def train(spec: CellSpec, built: Built, cell_dir: Path, callbacks) -> dict:
     """Train with TRL, resuming from the last complete checkpoint; returns steps and reward summary."""
     if not spec.train or built.adapter.trainable_params == 0:
-        return {"steps": 0, "train_s": 0.0, "resumed_from_step": None, "reward": None, "first_step_time": None}
+        return {"steps": 0, "train_s": 0.0, "resumed_from_step": None, "reward": None, "first_step_time": None,
+                "nonfinite_skipped_steps": None}
     t0 = time.time()
     checkpoints = cell_dir / CHECKPOINTS_DIR
     times: dict = {}
@@ -328,9 +331,11 @@ def train(spec: CellSpec, built: Built, cell_dir: Path, callbacks) -> dict:
     glue = resolve_train_glue(spec.algo.train_glue, built.device.type) == "compiled"
     with compiled_glue(built.model, enabled=glue):
         trainer.train(resume_from_checkpoint=str(last) if last else None)
-    resumed = resume_step(checkpoints, world, last)
+    resumed = resume_step(checkpoints, world, last) if last else None  # None: this attempt started from scratch
+    skipped = trainer.guard.skipped if spec.algo.nonfinite == "skip" else None
     return {"steps": trainer.state.global_step, "train_s": time.time() - t0, "resumed_from_step": resumed,
-            "reward": reward_summary(trainer.state.log_history), "first_step_time": times.get("first_step")}
+            "reward": reward_summary(trainer.state.log_history), "first_step_time": times.get("first_step"),
+            "nonfinite_skipped_steps": skipped}
 
 
 def resume_step(checkpoints: Path, world_size: int, last: Optional[Path] = None) -> Optional[int]:
@@ -340,12 +345,18 @@ def resume_step(checkpoints: Path, world_size: int, last: Optional[Path] = None)
 
 
 def reward_summary(log_history: list) -> Optional[dict]:
-    rewards = [entry["reward"] for entry in log_history if "reward" in entry]
+    """GRPO: first, last, mean of the last 10 and max reward; SFT: first and last loss. Finite values only: the
+    steps that algo.nonfinite=skip dropped are counted in result.json's metrics.nonfinite_skipped_steps."""
+    rewards = [entry["reward"] for entry in log_history if _finite(entry.get("reward"))]
     if not rewards:
-        losses = [entry["loss"] for entry in log_history if "loss" in entry]
+        losses = [entry["loss"] for entry in log_history if _finite(entry.get("loss"))]
         return {"first_loss": losses[0], "last_loss": losses[-1]} if losses else None
     tail = rewards[-10:]
     return {"first": rewards[0], "last": rewards[-1], "mean_last10": sum(tail) / len(tail), "max": max(rewards)}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 # -- outputs -----------------------------------------------------------------------------------
@@ -381,7 +392,8 @@ def make_result(spec: CellSpec, cid: str, built: Built, base: dict, final: dict,
             base_accuracy=base.get("accuracy"), base_accuracy_strict=base.get("accuracy_strict"),
             base_accuracy_flexible=base.get("accuracy_flexible"), base_cached=base.get("cached"),
             reward=train_info["reward"], train_steps=train_info["steps"],
-            resumed_from_step=train_info["resumed_from_step"], tasks=tasks),
+            resumed_from_step=train_info["resumed_from_step"],
+            nonfinite_skipped_steps=train_info.get("nonfinite_skipped_steps"), tasks=tasks),
         timing=Timing(**timing, n_gpus=n_gpus, world_size=built.ranks.world_size,
                       gpu_hours=timing["wall_s"] / 3600 * n_gpus),
         provenance=collect_provenance(),

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import socket
 import tempfile
@@ -247,6 +248,7 @@ class Metrics(_Record):
     reward: Optional[dict] = None  # GRPO: first, last, mean_last10, max; SFT: first_loss, last_loss
     train_steps: Optional[int] = None
     resumed_from_step: Optional[int] = None  # the checkpoint this attempt resumed from (None: from scratch)
+    nonfinite_skipped_steps: Optional[int] = None  # algo.nonfinite=skip: steps this attempt dropped (None: fail)
     tasks: Optional[dict] = None  # schema 2: evaluation task name -> TaskMetrics (the training task first)
 
     @classmethod
@@ -342,7 +344,11 @@ class Result(_Record):
                                        final={}, base={})}
 
 def _check_completed(result: Result, where: str) -> None:
-    """A completed result evaluated at least one problem and trained the steps its config asked for."""
+    """A completed result evaluated at least one problem, trained the steps its config asked for, and holds
+    finite numbers only (a NaN accuracy or reward means training broke: tinyablate/train/guard.py)."""
+    bad = _nonfinite_paths(result.metrics.to_dict(), "metrics")
+    if bad:
+        raise ResultError(f"{where}: completed with non-finite values ({', '.join(bad)}): such a cell failed")
     n_eval = result.metrics.n_eval
     if n_eval is not None and n_eval < 1:
         raise ResultError(f"{where}: completed with n_eval={n_eval}: a cell must evaluate at least one problem "
@@ -354,6 +360,17 @@ def _check_completed(result: Result, where: str) -> None:
     if trains and isinstance(asked, int) and done is not None and done != asked:
         raise ResultError(f"{where}: completed after {done} training steps, but algo.max_steps={asked} were asked "
                           "for (is the training data empty or too small?)")
+
+
+def _nonfinite_paths(value: Any, path: str) -> list:
+    """The dotted paths of the NaN / inf numbers inside `value`."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _nonfinite_paths(v, f"{path}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _nonfinite_paths(v, f"{path}[{i}]")]
+    return []
 
 
 _RECORDS = {c.__name__: c for c in (ModelRecord, AdapterRecord, AlgoRecord, TaskRecord, TaskMetrics, Metrics,

@@ -13,6 +13,7 @@ transformers/TRL Trainer (whose own `report_to` stays "none"). Settings: `Logger
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -63,7 +64,7 @@ def json_safe(value: Any) -> Any:
 
     Tensor / numpy scalars become Python numbers (via `.item()`), arrays and tensors become
     lists, mappings and dataclasses become dicts with string keys, tuples and sets become lists,
-    anything else becomes `str(value)`. NaN and inf stay floats (written as NaN / Infinity).
+    anything else becomes `str(value)`. NaN and inf stay floats (metrics.jsonl writes them as strings: jsonl_line).
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -78,6 +79,36 @@ def json_safe(value: Any) -> Any:
     if callable(getattr(value, "tolist", None)):
         return json_safe(value.tolist())
     return str(value)
+
+
+# metrics.jsonl is strict JSON: a non-finite number is written as one of these strings and read back as the
+# float (`read_metrics`); W&B receives the float itself.
+NONFINITE_STRINGS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def jsonl_line(row: Any) -> str:
+    """One strict-JSON line of `row` (NaN, inf and -inf as the strings of NONFINITE_STRINGS)."""
+    return json.dumps(_encode_nonfinite(row), allow_nan=False) + "\n"
+
+
+def _encode_nonfinite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _encode_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_encode_nonfinite(v) for v in value]
+    return value
+
+
+def _decode_nonfinite(value: Any) -> Any:
+    if isinstance(value, str) and value in NONFINITE_STRINGS:
+        return NONFINITE_STRINGS[value]
+    if isinstance(value, dict):
+        return {k: _decode_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_nonfinite(v) for v in value]
+    return value
 
 
 def redact(obj: Any) -> Any:
@@ -228,7 +259,7 @@ class MetricLogger:
         if clash:
             raise ValueError(f"metric names {clash} are reserved by MetricLogger.log")
         step = int(step)
-        self._file.write(json.dumps({"step": step, "time": time.time(), **row}) + "\n")
+        self._file.write(jsonl_line({"step": step, "time": time.time(), **row}))
         self._file.flush()
         if self.run is not None:
             self.run.log(row, step=step)
@@ -239,8 +270,8 @@ class MetricLogger:
         Call it before `summary` (which closes the step in W&B)."""
         self._check_open()
         data = redact(json_safe([list(row) for row in rows]))
-        self._file.write(json.dumps({"step": int(step), "time": time.time(),
-                                     key: {"columns": list(columns), "data": data}}) + "\n")
+        self._file.write(jsonl_line({"step": int(step), "time": time.time(),
+                                     key: {"columns": list(columns), "data": data}}))
         self._file.flush()
         if self.run is not None:
             import wandb
@@ -317,14 +348,15 @@ class NullLogger:
 
 
 def read_metrics(cell_dir: Union[str, Path]) -> List[Dict[str, Any]]:
-    """Every line of `<cell_dir>/metrics.jsonl` (a torn last line from a crash is skipped)."""
+    """Every line of `<cell_dir>/metrics.jsonl` (a torn last line from a crash is skipped), non-finite values
+    as floats again (see NONFINITE_STRINGS); older files with bare NaN / Infinity tokens read the same."""
     path = Path(cell_dir) / METRICS_FILE
     if not path.exists():
         return []
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(json.loads(line))
+            rows.append(_decode_nonfinite(json.loads(line)))
         except json.JSONDecodeError:
             continue
     return rows
@@ -338,16 +370,22 @@ def _api_key(cfg: LoggerConfig) -> Dict[str, str]:
 
 
 def truncate_metrics(cell_dir: Union[str, Path], through_step: Optional[int]) -> None:
-    """Before a cell starts again: keep the rows of steps 1..`through_step` (what its checkpoint
-    holds; None keeps none), so the steps it re-runs, and its step-0 base evaluation, appear once."""
+    """Before a cell starts again: keep the rows of steps 0..`through_step` (the base evaluation and what its
+    checkpoint holds; None keeps none: training starts over), so the steps it re-runs appear once and the
+    steps of metrics.jsonl ascend across resumes."""
     path = Path(cell_dir) / METRICS_FILE
     if not path.exists():
         return
     keep = [row for row in read_metrics(cell_dir) if isinstance(row.get("step"), int)
-            and through_step is not None and 1 <= row["step"] <= through_step]
+            and through_step is not None and 0 <= row["step"] <= through_step]
     tmp = path.with_name(f".{path.name}.truncate.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in keep), encoding="utf-8")
+    tmp.write_text("".join(jsonl_line(row) for row in keep), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def logged_step_zero(cell_dir: Union[str, Path]) -> bool:
+    """metrics.jsonl already holds a step-0 row (the base evaluation of an earlier attempt)."""
+    return any(row.get("step") == 0 for row in read_metrics(cell_dir))
 
 
 def _read_json_dict(path: Path) -> Dict[str, Any]:

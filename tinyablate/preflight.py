@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -31,8 +32,10 @@ from .config.task import TaskConfig
 from .shapes import adapter_size
 
 
-def preflight(spec: CellSpec, world_size: Optional[int] = None) -> tuple:
-    """Check one cell without loading weights; returns (trainable parameters, trainable bytes)."""
+def preflight(spec: CellSpec, world_size: Optional[int] = None, here: bool = True) -> tuple:
+    """Check one cell without loading weights; returns (trainable parameters, trainable bytes). `here`: the
+    cell runs on this machine (a single cell, the local launcher, a job on its node), so its GPUs are checked
+    too; a SLURM launcher passes False (its node is checked when the job starts there)."""
     problems, size = spec_problems(spec, world_size), (None, None)
     sound = lambda *sections: not any(p.startswith(tuple(f"{s}." for s in sections)) for p in problems)  # noqa: E731
     if sound("model", "adapter"):  # each check below needs its sections' settings well-typed
@@ -50,8 +53,44 @@ def preflight(spec: CellSpec, world_size: Optional[int] = None) -> tuple:
                 problems += [f"eval.tasks {name}: {p}" for p in data_problems(cfg, train=False)]
     if sound("logger"):
         problems += logger_problems(spec.logger)
+    if here and isinstance(spec.gpus, int) and sound("model"):
+        problems += device_problems(spec)
+    problems += output_dir_problems(spec.output_dir)
     raise_problems(problems)
     return size
+
+
+def output_dir_problems(output_dir) -> list:
+    """output_dir can be written: a probe file is made and removed in it, or in the nearest folder above it that
+    exists (nothing is created)."""
+    path = Path(str(output_dir)).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return [f"output_dir={str(output_dir)!r} is invalid: it cannot be written here ({type(err).__name__}: "
+                f"{err.strerror or err}); choose a folder you can write (output_dir=/path/you/own)"]
+    return []
+
+
+def device_problems(spec: CellSpec) -> list:
+    """The GPUs a cell asks for (gpus, model.device) against what this machine shows."""
+    import torch  # here: the rest of preflight reads no tensors
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec.gpus > visible:
+        return [f"gpus={spec.gpus} is invalid here: this machine shows {visible} CUDA GPU(s); set gpus=0 for the "
+                "CPU, or run where the GPUs are (hydra/launcher=slurm requests them)"]
+    device = str(spec.model.device)
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= visible:
+            return [f"model.device={device!r} is invalid here: this machine shows {visible} CUDA GPU(s); use "
+                    "model.device=auto (the device follows gpus) or cpu"]
+    return []
 
 
 def model_file_problems(cfg: ModelConfig) -> list:
@@ -79,18 +118,30 @@ def _stamp(data_dir: Optional[str]) -> tuple:
 def _data_problems(key: str, train: bool, stamp: tuple) -> tuple:
     from .tasks import load_task  # here: datasets' import costs the launcher ~1 s otherwise
 
+    cfg = TaskConfig(**json.loads(key))
     try:
-        task = load_task(TaskConfig(**json.loads(key)))
-        train_problems = task.train_problems() if train else None  # a task without a training split says so
+        task = load_task(cfg)
     except (OSError, ValueError) as err:  # missing folder or file, a bad line (the message names it)
-        return (f"task data: {err}",)
+        if cfg.train_size is None:
+            return (f"task data: {err}",)
+        # a train_size the training split cannot give: the evaluation split is still checked, and named
+        return (f"task data: {err}",) + _data_problems(json.dumps({**json.loads(key), "train_size": None},
+                                                                   sort_keys=True), False, stamp)
     problems = []
-    if train and not train_problems:
-        problems.append(f"task data: no training problems (task.name={task.cfg.name!r}, task.data_dir="
-                        f"{task.cfg.data_dir!r}): give a non-empty train file, or train=false")
-    if not task.eval_problems():
-        problems.append(f"task data: no evaluation problems (task.name={task.cfg.name!r}, task.data_dir="
-                        f"{task.cfg.data_dir!r}, task.eval_limit={task.cfg.eval_limit!r}): give a non-empty test file")
+    where = f"task.name={task.cfg.name!r}, task.data_dir={task.cfg.data_dir!r}"
+    if train:  # the training and the evaluation split are each checked, each named
+        try:
+            if not task.train_problems():  # a task without a training split says so
+                problems.append(f"task data: no training problems ({where}): give a non-empty train file, or "
+                                "train=false")
+        except (OSError, ValueError) as err:
+            problems.append(f"task data (training split): {err}")
+    try:
+        if not task.eval_problems():
+            problems.append(f"task data: no evaluation problems ({where}, task.eval_limit={task.cfg.eval_limit!r}): "
+                            "give a non-empty test file")
+    except (OSError, ValueError) as err:
+        problems.append(f"task data (evaluation split): {err}")
     return tuple(problems)
 
 
@@ -111,4 +162,5 @@ def logger_problems(cfg: LoggerConfig) -> list:
             "WANDB_API_KEY, or use logger=offline and `wandb sync` the runs later"]
 
 
-__all__ = ["preflight", "ConfigError", "data_problems", "logger_problems", "model_file_problems"]
+__all__ = ["preflight", "ConfigError", "data_problems", "device_problems", "logger_problems", "model_file_problems",
+           "output_dir_problems"]

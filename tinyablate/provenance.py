@@ -99,6 +99,7 @@ def device_info() -> Dict[str, Any]:
     info: Dict[str, Any] = {"cpu_count": os.cpu_count(), "cpu_usable": _usable_cpus()}
     torch = sys.modules.get("torch")
     info["torch_loaded"] = torch is not None
+    info["torch_threads"] = torch.get_num_threads() if torch is not None else None  # a CPU cell's thread pool
     info.update(_torch_cuda_info(torch) if torch is not None else _no_torch_cuda_info())
     if not info["gpu_names"]:
         info["gpu_names"] = _proc_gpu_names()

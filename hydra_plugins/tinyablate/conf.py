@@ -29,6 +29,9 @@ class LocalConf:
     backend: str = "local"
     # Cells running at once.
     max_parallel: int = 1
+    # Cells sharing one GPU at once (small models leave most of a GPU idle): each GPU is handed to up to this
+    # many running cells of gpus=1 (a gpus=N>1 cell takes N different GPUs). Raise max_parallel with it.
+    cells_per_gpu: int = 1
     # Wall-clock limit of one cell, in minutes.
     timeout_min: int = 24 * 60
     # Seconds between progress checks while waiting.
@@ -72,9 +75,17 @@ def root_from_hydra(cfg) -> RootConfig:
     return root
 
 
-def spec_from_hydra(cfg) -> CellSpec:
-    """The CellSpec of a composed config (not validated: run_cell and the launcher validate)."""
-    return cell_spec(root_from_hydra(cfg))
+def spec_from_hydra(cfg, auto_gpus: Optional[int] = None) -> CellSpec:
+    """The CellSpec of a composed config (not validated: run_cell and the launcher validate). `gpus: null`
+    (auto) becomes `auto_gpus`, by default `local_auto_gpus()`."""
+    return cell_spec(root_from_hydra(cfg), local_auto_gpus() if auto_gpus is None else auto_gpus)
+
+
+def local_auto_gpus() -> int:
+    """What gpus=auto means on this machine: 1 where a CUDA GPU is visible, else 0 (CPU)."""
+    import torch  # the launch glue only (the library's config never imports torch)
+
+    return 1 if torch.cuda.is_available() and torch.cuda.device_count() > 0 else 0
 
 
 def register() -> None:

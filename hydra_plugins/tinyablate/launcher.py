@@ -22,7 +22,8 @@ from tinyablate.status import cell_row, format_table, live_job
 
 from . import plan
 from .compose import compose_cells
-from .submit import submit_cells
+from .conf import local_auto_gpus
+from .submit import slurm_auto_gpus, submit_cells
 
 
 @dataclass
@@ -34,6 +35,20 @@ class Cell:
     error: Optional[str] = None
     params: Optional[int] = None
     bytes: Optional[int] = None
+
+
+def invalid_lines(bad: list, shown: int = 3) -> list:
+    """Each invalid cell with its problems; a problem shared by many cells (a whole grid without GPUs) is shown
+    with its first `shown` cells and a count."""
+    by_error: dict = {}
+    for c in bad:
+        by_error.setdefault(c.error, []).append(c)
+    lines = []
+    for error, group in by_error.items():
+        lines += [f"INVALID {' '.join(c.overrides)}\n    {error}" for c in group[:shown]]
+        if len(group) > shown:
+            lines.append(f"... and {len(group) - shown} more cells with this problem")
+    return lines
 
 
 class TinyablateLauncher(Launcher):
@@ -52,13 +67,13 @@ class TinyablateLauncher(Launcher):
         t0 = time.time()
         self._check_settings(len(job_overrides))
         roots = compose_cells(self.hydra_context.config_loader, self.config, job_overrides)
-        cells = [self._check(list(o), r) for o, r in zip(job_overrides, roots)]
+        auto_gpus = self._auto_gpus(roots)
+        cells = [self._check(list(o), r, auto_gpus) for o, r in zip(job_overrides, roots)]
         options = roots[0]
         print(f"composed and validated {len(cells)} cells in {time.time() - t0:.1f} s")
         bad = [c for c in cells if c.error]
         if bad:
-            for c in bad:
-                print(f"INVALID {' '.join(c.overrides)}\n    {c.error}")
+            print("\n".join(invalid_lines(bad)))
             print(f"{len(bad)} of {len(cells)} cells are invalid; nothing was submitted.")
             raise SystemExit(2)
         print("\n".join(plan.count_lines(cells)))
@@ -70,6 +85,8 @@ class TinyablateLauncher(Launcher):
             return self._returns(cells)
         if options.dry_run:
             print("\n".join(plan.plan_lines(cells, options.cost_device)))
+            if self.backend == "slurm":
+                print("SLURM: each cell's GPUs (gpus, model.device) are checked on its node when the job starts")
             n_distinct = len(plan.distinct(cells)[0])
             print(f"dry run: {n_distinct} valid cells, nothing submitted"
                   + (f" ({len(cells)} override sets)" if n_distinct != len(cells) else ""))
@@ -90,13 +107,26 @@ class TinyablateLauncher(Launcher):
         return self._returns(cells)
 
     # -- steps ----------------------------------------------------------------------------------------
-    def _check(self, overrides: list, root) -> Cell:
+    def _auto_gpus(self, roots: list) -> int:
+        """What gpus=auto (null, the default) means for these cells: 1 where they will run has a GPU, else 0."""
+        if not any(not isinstance(r, Exception) and r.gpus is None for r in roots):
+            return 0
+        if self.backend == "slurm":
+            n = slurm_auto_gpus(self.settings.get("partition"))
+            where = f"SLURM partition {self.settings.get('partition') or '(default)'}"
+        else:
+            n, where = local_auto_gpus(), "this machine"
+        print(f"gpus=auto: {n} GPU per cell ({where} {'has' if n else 'shows no'} GPUs; gpus=N to choose)")
+        return n
+
+    def _check(self, overrides: list, root, auto_gpus: int = 0) -> Cell:
         cell = Cell(overrides)
         try:
             if isinstance(root, Exception):
                 raise root
-            spec = cell_spec(root)
-            cell.params, cell.bytes = preflight(spec)  # the checks a single cell makes before loading
+            spec = cell_spec(root, auto_gpus)
+            # the checks a single cell makes before loading (a SLURM cell's GPUs are checked on its node)
+            cell.params, cell.bytes = preflight(spec, here=self.backend != "slurm")
         except Exception as err:  # every invalid cell is reported, not just the first
             cell.error = f"{type(err).__name__}: " + "\n    ".join(str(err).splitlines())  # one problem a line
             return cell
@@ -130,7 +160,7 @@ class TinyablateLauncher(Launcher):
     def _check_settings(self, n_cells: int) -> None:
         """The launcher's own settings, and a sweep that has cells at all."""
         c = Checks("hydra.launcher")
-        for name in ("max_parallel", "array_parallelism", "timeout_min", "cpus_per_task", "mem_gb"):
+        for name in ("max_parallel", "array_parallelism", "timeout_min", "cpus_per_task", "mem_gb", "cells_per_gpu"):
             if name in self.settings:
                 c.integer(name, self.settings[name], minimum=1)
         for name in ("max_requeues", "signal_delay_s"):

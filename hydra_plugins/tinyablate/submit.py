@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import submitit
 import torch
@@ -21,11 +22,19 @@ from tinyablate.config import spec_from_dict
 
 class CellJob(submitit.helpers.Checkpointable):
     """What a job runs: one cell. On preemption or time-out submitit calls `checkpoint`, which
-    requeues the same call; run_cell then resumes from the cell's last training checkpoint."""
+    requeues the same call; run_cell then resumes from the cell's last training checkpoint.
+    `cpu_threads`: torch's thread pool for a CPU cell that shares this machine with others (None: torch's own)."""
+
+    def __init__(self, cpu_threads: Optional[int] = None) -> None:
+        self.cpu_threads = cpu_threads
 
     def __call__(self, spec: dict, cell_dir: str) -> dict:
         # Imported here, in the job: the launching process never loads torch/TRL for the cells it submits.
         from tinyablate.cell import run_cell
+
+        if self.cpu_threads is not None:
+            os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)  # for whatever the cell starts, too
+            torch.set_num_threads(self.cpu_threads)
 
         if submitit.JobEnvironment().num_tasks > 1:  # one task per rank: MASTER_ADDR/PORT, RANK, WORLD_SIZE, ...
             # Every task sees the node's GPUs; rank r takes cuda:LOCAL_RANK (distributed.process_group).
@@ -108,22 +117,26 @@ def _slurm_executor(settings: dict, folder: Path, gpus: int, sweep: str, tasks: 
 
 
 def _run_local(settings: dict, cells: list, folder: Path) -> list:
-    """At most `max_parallel` cells at once; each gets its own GPUs (CUDA_VISIBLE_DEVICES) if it asks."""
+    """At most `max_parallel` cells at once; each gets its own GPUs (CUDA_VISIBLE_DEVICES) if it asks, a GPU
+    going to up to `cells_per_gpu` cells at once."""
     executor = submitit.LocalExecutor(folder=folder)
-    free_gpus = _local_gpus() if any(c.spec.gpus for c in cells) else []
-    too_big = [c.cell_id for c in cells if c.spec.gpus > len(free_gpus)]
+    gpu_ids = _local_gpus() if any(c.spec.gpus for c in cells) else []
+    too_big = [c.cell_id for c in cells if c.spec.gpus > len(gpu_ids)]
     if too_big:
-        raise SystemExit(f"{len(too_big)} cells ask for more GPUs than this machine shows ({len(free_gpus)}), "
+        raise SystemExit(f"{len(too_big)} cells ask for more GPUs than this machine shows ({len(gpu_ids)}), "
                          f"e.g. {too_big[0]}: set gpus=0 for CPU, or run them with hydra/launcher=slurm")
+    free_gpus = gpu_ids * int(settings.get("cells_per_gpu", 1))  # one slot per cell a GPU may hold
     queue, running, jobs = list(cells), [], []
     limit = int(settings["max_parallel"])  # >= 1: the launcher checked it
+    threads = cpu_threads_per_cell(_cores(), limit, len(cells))
+    if threads is not None:
+        print(f"{threads} torch CPU thread(s) per cell ({_cores()} cores, up to {limit} cells at once)")
     while queue or running:
-        while queue and len(running) < limit and queue[0].spec.gpus <= len(free_gpus):
+        while queue and len(running) < limit and (gpus := _take_gpus(free_gpus, queue[0].spec.gpus)) is not None:
             cell = queue.pop(0)
-            gpus = [free_gpus.pop(0) for _ in range(cell.spec.gpus)]
             executor.update_parameters(timeout_min=settings["timeout_min"], gpus_per_node=len(gpus),
                                        visible_gpus=gpus, tasks_per_node=ranks_per_cell(len(gpus)))
-            job = executor.submit(CellJob(), asdict(cell.spec), str(cell.folder.path))
+            job = executor.submit(CellJob(threads), asdict(cell.spec), str(cell.folder.path))
             write_launch_record(cell, job, "local")
             print(f"started {cell.cell_id}{f' on GPU {gpus}' if gpus else ''} (log: {job.paths.stderr})")
             running.append((job, gpus))
@@ -133,6 +146,42 @@ def _run_local(settings: dict, cells: list, folder: Path) -> list:
             free_gpus += gpus
         running = [r for r in running if not r[0].done()]
     return jobs
+
+
+def _take_gpus(free: list, n: int) -> Optional[list]:
+    """`n` different GPU ids taken from the free slots (a GPU appears once per cell it may still hold), or None."""
+    distinct = list(dict.fromkeys(free))
+    if len(distinct) < n:
+        return None
+    for gpu in distinct[:n]:
+        free.remove(gpu)
+    return distinct[:n]
+
+
+def cpu_threads_per_cell(cores: int, max_parallel: int, cells: int) -> Optional[int]:
+    """Torch's CPU threads for each cell of a local sweep: the cores split between the cells that run at once
+    (at least 1), so max_parallel > 1 never oversubscribes the CPU; None when one cell runs at a time (torch
+    keeps its default: every core) or OMP_NUM_THREADS already says."""
+    at_once = min(max_parallel, cells)
+    if at_once <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, cores // at_once)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def slurm_auto_gpus(partition: Optional[str]) -> int:
+    """What gpus=auto means on SLURM: 1 when the partition's nodes offer a GPU (a `gpu` GRES in `sinfo`), else 0."""
+    import subprocess
+
+    cmd = ["sinfo", "-h", "-o", "%G"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0  # no sinfo: submitting will say so (the launcher checks for sbatch)
+    return 1 if any("gpu" in line for line in out.split()) else 0
 
 
 def _local_gpus() -> list:

@@ -24,6 +24,10 @@ NOT_CAPTURABLE = ("int8",)
 TRAIN_GLUES = ("auto", "compiled", "eager")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 REWARD_SCALINGS = ("group", "batch", "none")
+# Corrections of GRPO's rollout-training mismatch (tinyablate/train/grpo.py): see AlgoConfig.rollout_correction.
+ROLLOUT_CORRECTIONS = ("none", "truncated_is")
+# What a non-finite loss, gradient or trainable tensor does (tinyablate/train/guard.py): see AlgoConfig.nonfinite.
+NONFINITE_MODES = ("fail", "skip")
 
 
 @dataclass
@@ -68,6 +72,15 @@ class AlgoConfig(Section):
     # rotary embedding fused by torch.compile, forward and backward; HF's forward arithmetic), "eager"
     # (HF's modules as they are) or "auto" (compiled on CUDA, eager on CPU). Speed only: not in cell_id.
     train_glue: str = "auto"
+    # GRPO: how training treats the difference between the rollout generator's sampling distribution and the
+    # training forward's (other kernels, batch shapes, bf16 rounding). The difference itself is logged every step
+    # with the engine's rollouts (train/rollout_logp_diff_mean and _max: |log p_rollout - log p_train| over the
+    # completion tokens). "none": plain on-policy GRPO. "truncated_is": each completion token's advantage is
+    # weighted by min(p_train / p_rollout, algo.rollout_is_cap) (truncated importance sampling, as RL trainers
+    # that sample with a separate engine do; TRL 1.16 offers it only for vLLM rollouts); it costs one extra
+    # forward over the step's completions, and needs the engine's rollouts (algo.rollout_engine not hf).
+    rollout_correction: str = "none"
+    rollout_is_cap: float = 2.0
     # GRPO KL coefficient. Paper: no KL penalty (beta = 0), so no reference model is kept.
     beta: float = 0.0
     # GRPO loss normalisation (TRL's names). "grpo": per-sequence mean, the original GRPO; TRL's
@@ -82,6 +95,11 @@ class AlgoConfig(Section):
     save_steps: int = 25
     logging_steps: int = 1
     gradient_checkpointing: bool = False
+    # A non-finite (NaN or inf) loss or gradient at an optimizer step (tinyablate/train/guard.py): "fail" stops the
+    # cell (status failed, the step and the quantity named, the checkpoints on disk all finite); "skip" drops that
+    # step's update and goes on (result.json counts the skipped steps). A trainable tensor that becomes non-finite
+    # fails the cell either way.
+    nonfinite: str = "fail"
 
     section = "algo"
 
@@ -94,6 +112,9 @@ class AlgoConfig(Section):
         c.choice("loss_type", self.loss_type, GRPO_LOSSES)
         c.choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         c.choice("scale_rewards", self.scale_rewards, REWARD_SCALINGS)
+        c.choice("nonfinite", self.nonfinite, NONFINITE_MODES)
+        c.choice("rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+        c.number("rollout_is_cap", self.rollout_is_cap, minimum=1)
         for name in ("max_steps", "prompts_per_step", "micro_batch_size", "max_completion_length",
                      "max_length", "save_steps", "logging_steps", "num_iterations"):
             c.integer(name, getattr(self, name), minimum=1)

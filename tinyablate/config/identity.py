@@ -30,7 +30,8 @@ NOT_IDENTITY = {
 # Settings added after cell ids were first published: left out of the id at their default, so the
 # cells that existed before keep their ids (and are found completed) while other values get new ones.
 OMIT_AT_DEFAULT = {("algo", "rollout_sampler"): "torch", ("model", "quantization"): "none", ("task", "num_fewshot"): 0,
-                   ("eval", "tasks"): [], ("eval", "task_settings"): {}}
+                   ("eval", "tasks"): [], ("eval", "task_settings"): {}, ("algo", "nonfinite"): "fail",
+                   ("algo", "rollout_correction"): "none", ("algo", "rollout_is_cap"): 2.0}
 
 # Adapter fields a kind ignores: two cells differing only there are the same cell.
 IGNORED_BY_KIND = {

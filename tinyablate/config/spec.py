@@ -126,6 +126,12 @@ def _cross_section_problems(spec: CellSpec, gpus_ok: bool) -> list:
             c.rule(f"{name}=graph cannot run on model.quantization={spec.model.quantization}: LLM.int8()'s "
                    f"outlier split has a data-dependent shape, which a CUDA graph cannot capture; use {name}=auto "
                    f"(HF generate on such a base), eager or hf")
+    hf_rollouts = spec.algo.rollout_engine == "hf" or (spec.algo.rollout_engine == "auto" and on_cpu)
+    if spec.algo.name == "grpo" and spec.algo.rollout_correction != "none" and hf_rollouts:
+        c.rule(f"algo.rollout_correction={spec.algo.rollout_correction} needs the generation engine's sampling "
+               f"log-probabilities, but this cell's rollouts come from HF generate (algo.rollout_engine="
+               f"{spec.algo.rollout_engine}{', on the CPU' if on_cpu else ''}): set algo.rollout_engine=eager "
+               "(or graph on a GPU), or algo.rollout_correction=none")
     if spec.algo.name == "grpo" and is_number(spec.algo.beta) and spec.algo.beta > 0:
         c.rule(f"algo.beta={spec.algo.beta} is not supported: a KL penalty needs a reference model, which TRL would "
                "load from the Hub by name; use algo.beta=0 (as the TinyLoRA paper does)")
@@ -173,11 +179,18 @@ class RootConfig(CellSpec):
     # Device kind of the GPU-hour estimates (dry run, submission): a kind in tinyablate/throughput.json
     # ("h200", "h100"), the measurements tinyablate/cost.py's model reads.
     cost_device: str = "h200"
+    # GPUs per cell, as CellSpec.gpus; null (the default of launch.py) is "auto": 1 GPU per cell where the cells
+    # will run has a GPU, else 0 (CPU). Where: this machine (`python launch.py`, the local launcher), or the
+    # SLURM partition's GPUs (hydra/launcher=slurm: `sinfo`'s GRES). gpus=0 forces the CPU.
+    gpus: Optional[int] = None
 
 
 _CELL_FIELDS = tuple(f.name for f in fields(CellSpec))
 
 
-def cell_spec(root: CellSpec) -> CellSpec:
-    """The CellSpec part of a RootConfig (launch options dropped)."""
-    return CellSpec(**{name: getattr(root, name) for name in _CELL_FIELDS})
+def cell_spec(root: CellSpec, auto_gpus: int = 0) -> CellSpec:
+    """The CellSpec part of a RootConfig (launch options dropped); `gpus: null` (auto) becomes `auto_gpus`."""
+    values = {name: getattr(root, name) for name in _CELL_FIELDS}
+    if values["gpus"] is None:
+        values["gpus"] = auto_gpus
+    return CellSpec(**values)

@@ -129,13 +129,19 @@ class _State:
         self.prompt_end = torch.zeros(1, **long)  # the prompt region's end
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.out = torch.zeros(rows, max_new, **long)
+        # log p of each sampled token under softmax(logits / temperature) (the distribution GRPO's training
+        # scores; top-p/top-k filtering aside); 0 for greedy decoding and after a row's EOS
+        self.logp = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
         self.keys = torch.zeros(rows, **long)  # keyed sampling: one 32-bit key per row
 
+    def _written(self):
+        return (self.tokens, self.pos, self.slot, self.step, self.valid, self.done, self.out, self.logp)
+
     def snapshot(self):
-        return [t.clone() for t in (self.tokens, self.pos, self.slot, self.step, self.valid, self.done, self.out)]
+        return [t.clone() for t in self._written()]
 
     def restore(self, saved) -> None:
-        for t, s in zip((self.tokens, self.pos, self.slot, self.step, self.valid, self.done, self.out), saved):
+        for t, s in zip(self._written(), saved):
             t.copy_(s)
 
 
@@ -201,7 +207,7 @@ class GenerationEngine:
         self.head_dim = attn.head_dim
         self.kv_heads = attn.k_proj.out_features // attn.head_dim
         self.groups = attn.num_key_value_groups
-        rope = self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        rope = self._rope = fused.plain_function(sys.modules[type(attn).__module__].apply_rotary_pos_emb)
         # The elementwise work between the matmuls (norms, residual adds, rotary, SiLU x up): HF's own math,
         # as plain functions; in the decode step on CUDA compiled into a few fused kernels (compile_glue).
         # The prefill's (any rows x width: dynamic shapes) and the decode step's (fixed shapes).
@@ -269,8 +275,10 @@ class GenerationEngine:
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 keys: Optional[Sequence[int]] = None) -> list[list[int]]:
-        """One completion per prompt (token ids, up to and including the first EOS), in input order."""
+                 keys: Optional[Sequence[int]] = None, logprobs: bool = False):
+        """One completion per prompt (token ids, up to and including the first EOS), in input order; with
+        `logprobs`, also each token's log-probability under softmax(logits / temperature) as sampled (GRPO's
+        training-rollout mismatch, train/rollouts.py): (completions, logprobs)."""
         if sampling.keyed and (keys is None or len(keys) != len(prompts)):
             raise ValueError("keyed sampling needs one key per prompt")
         if not prompts:
@@ -284,10 +292,13 @@ class GenerationEngine:
             width = max(len(p) for p in prompts)
             self.reserve(rows, width + max_new_tokens)
             self.refresh_weights()
-            tokens = self._run(prompts, rows, width, max_new_tokens, sampling, keys)
+            tokens, logps = self._run(prompts, rows, width, max_new_tokens, sampling, keys, logprobs)
         finally:
             self.model.train(was_training)
-        return [self._cut(row) for row in tokens[:len(prompts)]]
+        completions = [self._cut(row) for row in tokens[:len(prompts)]]
+        if not logprobs:
+            return completions
+        return completions, [lp[:len(c)] for c, lp in zip(completions, logps)]
 
     def _cut(self, row: list) -> list:
         if not self.eos:
@@ -303,7 +314,7 @@ class GenerationEngine:
         rows = 1 << (n - 1).bit_length()  # graphs are captured for power-of-two batches
         return max(n, min(rows, max(self.rows, n)))
 
-    def _run(self, prompts, rows, width, max_new, sampling, keys) -> list:
+    def _run(self, prompts, rows, width, max_new, sampling, keys, logprobs: bool = False) -> tuple:
         st = self._state(rows, max_new)
         ids = torch.full((rows, width), self.pad, dtype=torch.long)
         mask = torch.zeros(rows, width, dtype=torch.long)
@@ -333,7 +344,7 @@ class GenerationEngine:
                 self._graph(rows, kv_len, sampling, max_new).replay()
             else:
                 self._decode_step(st, kv_len, sampling)
-        return st.out[:, :done_at].tolist()
+        return st.out[:, :done_at].tolist(), (st.logp[:, :done_at].tolist() if logprobs else None)
 
     def _kv_len(self, used: int) -> int:
         if not self.fixed_shapes:
@@ -480,15 +491,18 @@ class GenerationEngine:
     # -- sampling -------------------------------------------------------------------------------
     def _choose(self, logits: torch.Tensor, st: _State, sampling: Sampling) -> None:
         """Pick each row's token at st.step, pad for finished rows, record it, update the EOS flags."""
-        nxt = self._pick(logits, st, sampling)
+        nxt, logp = self._pick(logits, st, sampling)
         nxt = torch.where(st.done, self.pad, nxt)
         st.out.index_copy_(1, st.step, nxt[:, None])
+        if logp is not None:
+            st.logp.index_copy_(1, st.step, torch.where(st.done, 0.0, logp)[:, None])
         st.done |= torch.isin(nxt, self._eos_t)
         st.tokens.copy_(nxt)
 
-    def _pick(self, logits: torch.Tensor, st: _State, s: Sampling) -> torch.Tensor:
+    def _pick(self, logits: torch.Tensor, st: _State, s: Sampling) -> tuple:
+        """(the next token of each row, its log-probability under softmax(logits / T); None when greedy)."""
         if s.greedy:  # float32 holds every bf16/fp16 value exactly: the same argmax without the cast
-            return logits.argmax(-1)
+            return logits.argmax(-1), None
         if self._race is not None and not (s.keyed or s.top_k or s.top_p < 1):  # compiled: one fused kernel
             # The noise is drawn outside compiled code by exponential_ (torch's generator, which a CUDA graph
             # replay advances). Drawn inside the kernel instead (torch.rand compiled), the sampling kernel took
@@ -496,6 +510,11 @@ class GenerationEngine:
             noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_()
             return self._race(logits, noise, s.temperature)
         scores = logits.float() / s.temperature
+        token = self._draw(scores, st, s)
+        return token, fused.token_logprob(scores, token)
+
+    def _draw(self, scores: torch.Tensor, st: _State, s: Sampling) -> torch.Tensor:
+        """The sampled token of each row from the temperature-scaled scores (eager: keyed, top-k or top-p)."""
         if s.keyed:  # exactly KeyedGumbelSampler's scores (tinyablate/sampling.py), then their argmax
             if s.top_p < 1:
                 scores = _top_p_filter(scores, s.top_p)

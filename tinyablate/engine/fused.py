@@ -85,14 +85,34 @@ def final_norm(x, delta, norm_w, eps: float):
     return rms_norm(x + delta, norm_w, eps)
 
 
+def plain_function(fn):
+    """The plain function behind HF's modeling functions: with the `kernels` package installed (a dependency of
+    transformers >= 5.2x) `modeling_qwen2.apply_rotary_pos_emb` is a `kernels` Func module that dispatches to
+    a Hub kernel when one is active and else calls the function it wraps; compiled code takes that function."""
+    if isinstance(fn, torch.nn.Module):
+        forward = type(fn).forward
+        cells = dict(zip(forward.__code__.co_freevars, forward.__closure__ or ()))
+        if "func" in cells and callable(cells["func"].cell_contents):
+            return cells["func"].cell_contents
+    return fn
+
+
 def exponential_race(logits, noise, temperature: float):
-    """argmax of softmax(logits / T) / noise, noise ~ Exp(1): an exact categorical draw (one fused kernel).
+    """argmax of softmax(logits / T) / noise, noise ~ Exp(1): an exact categorical draw (one fused kernel),
+    and the drawn token's log-probability under softmax(logits / T).
 
     Computed as argmax(logits / T - log noise) (log is monotone and log softmax = logits / T - a per-row
-    constant, i.e. the Gumbel-max form): one pass over the logits (any float dtype, read as float32), no
-    softmax normalisation.
+    constant, i.e. the Gumbel-max form): the logits (any float dtype, read as float32) are read once for the
+    draw and once for the log-sum-exp.
     """
-    return (logits.float() / temperature - noise.log()).argmax(-1)
+    scores = logits.float() / temperature
+    token = (scores - noise.log()).argmax(-1)
+    return token, token_logprob(scores, token)
+
+
+def token_logprob(scores, token):
+    """log softmax(scores)[row, token[row]] in float32, without materialising the log-softmax."""
+    return scores.gather(-1, token[:, None])[:, 0] - scores.logsumexp(-1)
 
 
 def compiled(fn, tag: str, dynamic: bool = False):

@@ -3,18 +3,23 @@
 from .common import (FirstStepTimer, MetricLoggerCallback, RankSyncCheck, ignore_frozen_in_ddp,
                      last_complete_checkpoint, use_console)
 from .grpo import build_grpo_trainer
+from .guard import NonFiniteGuard, NonFiniteTraining
 from .sft import build_sft_trainer
 
 
 def build_trainer(model, tokenizer, task, spec, output_dir, device, callbacks=(), world_size: int = 1):
-    """The TRL trainer for `spec.algo.name` (grpo or sft); `world_size` ranks share each step's batch."""
+    """The TRL trainer for `spec.algo.name` (grpo or sft); `world_size` ranks share each step's batch.
+    Its `guard` (train/guard.py) checks every step for a non-finite loss, gradient or trainable tensor."""
+    guard = NonFiniteGuard(model, spec.algo.nonfinite)
+    callbacks = [guard, *callbacks]  # first: its on_log count reaches the metrics callback
     if world_size > 1:
         ignore_frozen_in_ddp(model)
         callbacks = [*callbacks, RankSyncCheck(model)]
     build = build_grpo_trainer if spec.algo.name == "grpo" else build_sft_trainer
     trainer = build(model, tokenizer, task, spec, output_dir, device, callbacks, world_size)
+    trainer.guard = guard
     use_console(trainer)
     return trainer
 
 
-__all__ = ["FirstStepTimer", "MetricLoggerCallback", "build_trainer", "last_complete_checkpoint"]
+__all__ = ["FirstStepTimer", "MetricLoggerCallback", "NonFiniteTraining", "build_trainer", "last_complete_checkpoint"]

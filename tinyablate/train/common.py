@@ -178,6 +178,7 @@ def trainer_kwargs(algo, seed: int, output_dir: Path, device: torch.device, worl
         save_total_limit=2,
         logging_steps=algo.logging_steps,
         report_to="none",  # W&B goes through tinyablate.logging's one sink
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (the guard, train/guard.py, stops or skips it)
         seed=seed,
         data_seed=seed,
         bf16=False,  # the base already has its dtype; v keeps its own precision (no autocast)

@@ -27,7 +27,7 @@ import torch
 
 from ..config.algo import TRAIN_GLUES
 from ..engine.core import ARCHITECTURES
-from ..engine.fused import compiled, is_hf_rms_norm, is_silu_mlp, rms_norm, silu_mul
+from ..engine.fused import compiled, is_hf_rms_norm, is_silu_mlp, plain_function, rms_norm, silu_mul
 
 __all__ = ["TRAIN_GLUES", "compiled_glue", "resolve_train_glue"]
 
@@ -77,6 +77,8 @@ def _mlp_forward(self, x):
 
 def _rotary(rope):
     """The model's apply_rotary_pos_emb, run through _run."""
+    rope = plain_function(rope)
+
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if args or kwargs:  # unsqueeze_dim given: HF's own function as it is
             return rope(q, k, cos, sin, *args, **kwargs)

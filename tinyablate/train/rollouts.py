@@ -29,15 +29,16 @@ def _log(message: str) -> None:
     logging.getLogger("tinyablate").info(message)
 
 
-def engine_rollouts(trainer, prompt_ids: Sequence[Sequence[int]], keys: Optional[Sequence[int]]) -> list:
-    """The rank's completions (token ids, cut after the first EOS), sampled as TRL's settings say."""
+def engine_rollouts(trainer, prompt_ids: Sequence[Sequence[int]], keys: Optional[Sequence[int]]) -> tuple:
+    """The rank's completions (token ids, cut after the first EOS), sampled as TRL's settings say, and each
+    token's sampling log-probability (TRL keeps them as `sampling_per_token_logps`: train/grpo.py's mismatch)."""
     if keys is not None and len(keys) != len(prompt_ids):
         raise RuntimeError(f"keyed sampling: {len(keys)} keys for {len(prompt_ids)} prompts")
     if trainer.min_p or trainer.repetition_penalty != 1.0:
         raise ValueError("the generation engine applies temperature, top_p and top_k only: use algo.rollout_engine=hf")
     sampling = Sampling(temperature=trainer.temperature, top_p=trainer.top_p or 1.0, top_k=trainer.top_k or 0,
                         keyed=keys is not None)
-    return _engine(trainer).generate(prompt_ids, trainer.max_completion_length, sampling, keys)
+    return _engine(trainer).generate(prompt_ids, trainer.max_completion_length, sampling, keys, logprobs=True)
 
 
 def reserve_rollout_cache(trainer, tokenizer, rows: list, algo, world_size: int) -> None:

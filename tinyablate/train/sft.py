@@ -9,10 +9,11 @@ from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is
 from trl import SFTConfig, SFTTrainer
 
 from .common import AdapterCheckpointMixin, one_device_per_process, trainer_kwargs
+from .guard import GuardedStepMixin
 
 
-class TinyablateSFTTrainer(AdapterCheckpointMixin, SFTTrainer):
-    """SFTTrainer with adapter-only checkpoints."""
+class TinyablateSFTTrainer(GuardedStepMixin, AdapterCheckpointMixin, SFTTrainer):
+    """SFTTrainer with adapter-only checkpoints and the non-finite guard."""
 
 
 def build_sft_trainer(model, tokenizer, task, spec, output_dir: Path, device, callbacks=(), world_size: int = 1):

@@ -1,0 +1,228 @@
+"""Where a cell's training first goes non-finite, and what its numbers look like on the way there.
+
+    python benchmarks/numerics_probe.py --out /tmp/probe/bf16 -- adapter.tie=all algo=grpo_cpu adapter.u=256 \
+        algo.max_steps=30 gpus=1 logger=disabled
+    python benchmarks/numerics_probe.py --out /tmp/probe/fp32head --fp32-lm-head -- ...   # TRL's fp32 LM head
+
+Builds the cell as run_cell does (cell.build: the same model, adapter, task and device), trains it through the
+same `cell.train` with a probe callback, and evaluates the training task greedily. Nothing is written to the
+sweep's folders: the checkpoints go under --out. Writes <out>/probe.jsonl, one record per optimizer step:
+
+- the trainer's loss and gradient norm (before clipping) and GRPO's reward / entropy as logged;
+- max |v| over the trainable tensors after the step;
+- per decoder layer (and the final norm) the largest |activation| of the step's forwards and the largest
+  |gradient| reaching its output in the backwards, and which of them held a non-finite value;
+- the smallest completion-token log-probability and the largest entropy under the training forward (GRPO);
+- with the engine's rollouts, |log p_rollout - log p_train| over completion tokens (mean, max), as the cell logs.
+
+and <out>/summary.json (base and final accuracy, the first step with a non-finite value and where). One line
+per step is printed. `--fp32-lm-head` sets TRL's GRPOConfig.cast_lm_head_to_fp32 (an experiment, not a setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="folder for probe.jsonl, summary.json and checkpoints")
+    p.add_argument("--fp32-lm-head", action="store_true", help="TRL's cast_lm_head_to_fp32=True (GRPO)")
+    p.add_argument("--no-eval", action="store_true", help="skip the base and final evaluations")
+    p.add_argument("overrides", nargs="*", help="the cell's Hydra overrides, as for launch.py")
+    args = p.parse_args(argv)
+
+    from tinyablate import cell
+    from tinyablate.console import quiet_known_warnings
+
+    quiet_known_warnings()
+    spec = compose(args.overrides)
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.out / "checkpoints", ignore_errors=True)  # a fresh run, never a resume
+    if args.fp32_lm_head:
+        _fp32_lm_head()
+    built = cell.build(spec)
+    print(f"probe: {spec.model.name} {next(built.model.parameters()).dtype} on {built.device}, "
+          f"{built.adapter.trainable_params} trainable, overrides {' '.join(args.overrides)}", flush=True)
+    base = None if args.no_eval else cell.base_accuracy(spec, built)["accuracy"]
+    probe = Probe(built.model, args.out / "probe.jsonl")
+    t0 = time.time()
+    error = None
+    try:
+        info = cell.train(spec, built, args.out, [probe])
+        steps = info["steps"]
+    except Exception as err:  # the guard (or anything else) stopped training: record it and the step it stopped in
+        error, steps = f"{type(err).__name__}: {err}", probe.step
+        probe.record_stopped_step(error)
+    train_s = time.time() - t0
+    final = None
+    if not args.no_eval and error is None:
+        final = cell.evaluate_task(spec, built, built.task, desc="eval probe")[0]["accuracy"]
+    summary = {"overrides": args.overrides, "fp32_lm_head": args.fp32_lm_head, "device": str(built.device),
+               "dtype": str(next(built.model.parameters()).dtype), "steps": steps, "train_s": train_s,
+               "base_accuracy": base, "accuracy": final, "error": error, "first_nonfinite": probe.first_nonfinite}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print("probe summary: " + json.dumps(summary), flush=True)
+    return 0
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from hydra_plugins.tinyablate.conf import register, spec_from_hydra
+    from tinyablate.config import validate_spec
+
+    register()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return validate_spec(spec_from_hydra(cfg))
+
+
+def _fp32_lm_head() -> None:
+    import functools
+
+    from tinyablate.train import grpo
+
+    grpo.GRPOConfig = functools.partial(grpo.GRPOConfig, cast_lm_head_to_fp32=True)
+
+
+class Probe(TrainerCallback):
+    """Forward/backward hooks on every decoder layer and the final norm; one JSON record per optimizer step."""
+
+    def __init__(self, model, path: Path) -> None:
+        self.model, self.path = model, path
+        self.step, self.first_nonfinite = 0, None
+        self._file = open(path, "w")
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.modules = {f"layer{i}": layer for i, layer in enumerate(lm.model.layers)}
+        self.modules["norm"] = lm.model.norm
+        self._stats = {}
+        self._logps = []
+        self._pending = None
+        for name, module in self.modules.items():
+            module.register_forward_hook(self._forward_hook(name))
+        _wrap_logps(self._logps)
+
+    def _forward_hook(self, name):
+        def hook(module, inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if not torch.is_tensor(out) or not torch.is_grad_enabled():
+                return  # rollouts and evaluation: only the training forward is probed
+            self._record(name, "fwd", out.detach())
+            if out.requires_grad:
+                out.register_hook(lambda g: self._record(name, "bwd", g.detach()))
+        return hook
+
+    def _record(self, name, phase, x):
+        amax = x.abs().float().nan_to_num(nan=float("inf")).amax()
+        bad = (~torch.isfinite(x)).any()
+        key = (name, phase)
+        if key in self._stats:
+            old_amax, old_bad = self._stats[key]
+            self._stats[key] = (torch.maximum(old_amax, amax), old_bad | bad)
+        else:
+            self._stats[key] = (amax, bad)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """The trainer logs a step after on_step_end: its record is written here, with the logged values."""
+        if logs and "train_runtime" not in logs and self._pending is not None:
+            self._write(self._pending, logs)
+            self._pending = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._pending is not None:
+            self._write(self._pending, {})
+            self._pending = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._pending is not None:
+            self._write(self._pending, {})
+        self.step = state.global_step
+        record = {"step": state.global_step}
+        vmax = max((p.detach().abs().float().nan_to_num(nan=float("inf")).max().item()
+                    for p in self.model.parameters() if p.requires_grad), default=0.0)
+        record["v_absmax"] = vmax
+        fwd = {n: self._stats[(n, "fwd")][0].item() for n in self.modules if (n, "fwd") in self._stats}
+        bwd = {n: self._stats[(n, "bwd")][0].item() for n in self.modules if (n, "bwd") in self._stats}
+        bad = [f"{n}:{ph}" for (n, ph), (_, b) in self._stats.items() if b.item()]
+        record.update(act_absmax=max(fwd.values(), default=None), grad_absmax=max(bwd.values(), default=None),
+                      act_by_module=fwd, grad_by_module=bwd, nonfinite=bad)
+        if self._logps:
+            record["train_logp_min"] = min(x[0] for x in self._logps)
+            record["train_entropy_max"] = max(x[1] for x in self._logps)
+        self._pending = record
+        self._stats.clear()
+        self._logps.clear()
+
+    def record_stopped_step(self, error: str) -> None:
+        """The step training stopped in (the guard raises before on_step_end): what its hooks saw."""
+        if self._pending is not None:
+            self._write(self._pending, {})
+        bad = [f"{n}:{ph}" for (n, ph), (_, b) in self._stats.items() if b.item()]
+        record = {"step": self.step + 1, "stopped": error, "nonfinite": bad, "v_absmax": None,
+                  "act_by_module": {n: a.item() for (n, ph), (a, _) in self._stats.items() if ph == "fwd"},
+                  "grad_by_module": {n: a.item() for (n, ph), (a, _) in self._stats.items() if ph == "bwd"}}
+        if self._logps:
+            record["train_logp_min"] = min(x[0] for x in self._logps)
+        if self.first_nonfinite is None:
+            self.first_nonfinite = {"step": self.step + 1, "where": bad, "error": error}
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+        print("probe stopped " + json.dumps({k: record[k] for k in ("step", "nonfinite")}), flush=True)
+
+    def _write(self, record: dict, logs: dict) -> None:
+        for key in ("loss", "grad_norm", "reward", "entropy", "frac_reward_zero_std", "completions/mean_length",
+                    "train/rollout_logp_diff_mean", "train/rollout_logp_diff_max", "rollout_logp_diff_mean",
+                    "rollout_logp_diff_max", "nonfinite_skipped_steps"):
+            if key in logs:
+                record[key] = logs[key]
+        bad, vmax = record["nonfinite"], record["v_absmax"]
+        vmax = vmax if vmax is not None else 0.0
+        nonfinite_now = bad or not math.isfinite(vmax) or any(
+            isinstance(record.get(k), float) and not math.isfinite(record[k]) for k in ("loss", "grad_norm"))
+        if nonfinite_now and self.first_nonfinite is None:
+            self.first_nonfinite = {"step": record["step"], "where": bad, "loss": record.get("loss"),
+                                    "grad_norm": record.get("grad_norm"), "v_absmax": vmax}
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+        short = {k: record.get(k) for k in ("step", "loss", "grad_norm", "reward", "v_absmax", "act_absmax",
+                                            "grad_absmax", "train_logp_min", "rollout_logp_diff_max")}
+        print("probe " + json.dumps(short) + (f" NONFINITE {bad}" if bad else ""), flush=True)
+
+
+def _wrap_logps(sink: list) -> None:
+    """Record (min log p, max entropy) of completion tokens from GRPO's training forwards."""
+    from tinyablate.train.grpo import TinyablateGRPOTrainer
+
+    original = TinyablateGRPOTrainer._get_per_token_logps_and_entropies
+    if getattr(original, "_probed", False):
+        return
+
+    def wrapped(self, *args, **kwargs):
+        logps, entropies, aux = original(self, *args, **kwargs)
+        if torch.is_grad_enabled():
+            valid = logps.detach() != 0  # completion tokens only (padding positions are 0)
+            lp = logps.detach()[valid]
+            ent = entropies.detach()[valid] if entropies is not None else None
+            sink.append((lp.min().item() if lp.numel() else 0.0,
+                         ent.max().item() if ent is not None and ent.numel() else 0.0))
+        return logps, entropies, aux
+
+    wrapped._probed = True
+    TinyablateGRPOTrainer._get_per_token_logps_and_entropies = wrapped
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
