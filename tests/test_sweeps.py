@@ -37,6 +37,7 @@ def test_every_sweep_preset_composes_and_validates(sweep, tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("pending ")]
     assert lines and f"dry run: {len(lines)} valid cells, nothing submitted" in proc.stdout
     assert all("params=" in line and "bytes=" in line for line in lines)
+    assert "SLURM: each cell's GPUs (gpus, model.device) are checked on its node when the job starts" in proc.stdout
     assert not list((tmp_path / "runs").rglob("spec.json"))  # a dry run creates no cell
 
 
