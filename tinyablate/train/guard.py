@@ -74,6 +74,8 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped += 1
 
     def on_step_end(self, args, state, control, **kwargs):
+        if not self.params or bool(torch.stack([torch.isfinite(p.detach()).all() for _, p in self.params]).all()):
+            return  # one host sync a step, whatever the number of trainable tensors
         bad = [name for name, p in self.params if not bool(torch.isfinite(p.detach()).all())]
         if bad:
             raise NonFiniteTraining(f"step {state.global_step}: the trainable tensor {_names(bad)} became non-finite "
