@@ -53,7 +53,8 @@ def main(argv=None) -> int:
         batch = [prompts[a]] * args.samples + [prompts[b]] * args.samples
         completions, logps = engine.generate(batch, args.new_tokens, Sampling(temperature=args.temperature),
                                              logprobs=True)
-        rows = row_mismatch(model, tok.pad_token_id, batch, completions, logps, args.temperature, args.device)
+        diffs = token_mismatch(model, tok.pad_token_id, batch, completions, logps, args.temperature, args.device)
+        rows = [d.max().item() if d.numel() else 0.0 for d in diffs]
         worst.append(max(rows))
         if worst[-1] > 2:
             print(f"iteration {it}: prompts {a} ({len(prompts[a])} tokens), {b} ({len(prompts[b])} tokens): largest "
@@ -65,20 +66,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def row_mismatch(model, pad: int, batch, completions, logps, temperature: float, device) -> list:
-    """Per row, the largest |log p_engine - log p_train| over its completion tokens."""
-    width, length = max(len(p) for p in batch), max(len(c) for c in completions)
-    ids = torch.full((len(batch), width + length), pad)
+def token_mismatch(model, pad: int, prompts, completions, logps, temperature: float, device,
+                   micro_batch: int = 8) -> list:
+    """Per row, |log p_engine - log p_train| of each completion token (a CPU tensor), log p_train from full-sequence
+    forwards of `micro_batch` rows (prompts left-padded, completions right-padded, as TRL's training batch)."""
+    width, length = max(len(p) for p in prompts), max(len(c) for c in completions)
+    ids = torch.full((len(prompts), width + length), pad)
     mask = torch.zeros_like(ids)
-    for i, (prompt, completion) in enumerate(zip(batch, completions)):
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         ids[i, width - len(prompt):width] = torch.tensor(prompt)
         ids[i, width:width + len(completion)] = torch.tensor(completion, dtype=torch.long)
         mask[i, width - len(prompt):width + len(completion)] = 1
+    train = []
     with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, width - 1:-1]
-    train = (logits.float() / temperature).log_softmax(-1).gather(-1, ids[:, width:, None].to(device))[..., 0].cpu()
-    return [(train[i, :len(c)] - torch.tensor(lp)).abs().max().item() if c else 0.0
-            for i, (c, lp) in enumerate(zip(completions, logps))]
+        for start in range(0, len(prompts), micro_batch):
+            rows = slice(start, start + micro_batch)
+            logits = model(input_ids=ids[rows].to(device), attention_mask=mask[rows].to(device)).logits[:, width - 1:-1]
+            scaled = (logits.float() / temperature).log_softmax(-1)
+            train.append(scaled.gather(-1, ids[rows, width:, None].to(device))[..., 0].cpu())
+    train = torch.cat(train)
+    return [(train[i, :len(c)] - torch.tensor(lp)).abs() for i, (c, lp) in enumerate(zip(completions, logps))]
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.adapter_bench import SHAPES, TARGETS, build_base, sync  # noqa: E402
+from benchmarks.mismatch_check import token_mismatch  # noqa: E402
 from tinyablate.engine import GenerationEngine, Sampling  # noqa: E402
 
 # The engine's settings side by side: the defaults, and each lever on its own.
@@ -161,17 +162,11 @@ def agreement(model, engine, ids, new) -> dict:
 
 def mismatch(model, engine, ids, new, temperature: float = 1.0) -> dict:
     """GRPO's training-rollout mismatch: |log p_engine - log p_train| over the sampled tokens, where log p_train
-    comes from one full-sequence forward of the model (as training scores the completions), logits / T."""
-    completions, logps = engine.generate(ids.tolist(), new, Sampling(temperature=temperature), logprobs=True)
-    full = torch.cat([ids, torch.tensor(completions, device=ids.device)], dim=1)
-    diffs = []
-    with torch.no_grad():
-        for start in range(0, full.shape[0], 8):  # the training micro-batch
-            logits = model(full[start:start + 8]).logits[:, ids.shape[1] - 1:-1].float() / temperature
-            train = logits.log_softmax(-1).gather(-1, full[start:start + 8, ids.shape[1]:, None])[..., 0]
-            diffs.append((train - torch.tensor(logps[start:start + 8], device=train.device)).abs().flatten())
-    d = torch.cat(diffs)
-    return {"rows": full.shape[0], "new_tokens": new, "temperature": temperature, "mean": d.mean().item(),
+    comes from full-sequence forwards of the model in training's micro-batches of 8 (mismatch_check.py)."""
+    prompts = ids.tolist()
+    completions, logps = engine.generate(prompts, new, Sampling(temperature=temperature), logprobs=True)
+    d = torch.cat(token_mismatch(model, 0, prompts, completions, logps, temperature, ids.device))
+    return {"rows": len(prompts), "new_tokens": new, "temperature": temperature, "mean": d.mean().item(),
             "max": d.max().item(), "p99": d.quantile(0.99).item()}
 
 

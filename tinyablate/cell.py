@@ -40,7 +40,7 @@ from .choice_eval import evaluate_choices
 from .config import CellSpec, ModelInfo, cell_id, eval_task_configs, spec_to_dict
 from .distributed import Ranks
 from .eval import base_cache_key, base_cache_path, evaluate, read_base_cache, write_base_cache
-from .logging import MetricLogger, NullLogger, logged_step_zero, truncate_metrics, wandb_run_id
+from .logging import MetricLogger, NullLogger, truncate_metrics, wandb_run_id
 from .preflight import preflight
 from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
 from .provenance import collect_provenance
@@ -77,9 +77,7 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
     started_as = distributed.ranks_from_env()
     preflight(spec, started_as.world_size if started_as.distributed else None)  # no weights loaded yet
     folder = CellFolder(cell_dir) if cell_dir is not None else CellFolder.of(spec)
-    spawns = spec.gpus > 1 and not started_as.distributed
-    if spawns:
-        distributed.require_gpus(spec.gpus)  # before the lock: a cell this machine cannot run leaves no folder
+    spawns = spec.gpus > 1 and not started_as.distributed  # (preflight checked this machine's GPUs: no folder yet)
     with _cell_lock(folder, started_as):  # one process runs a cell at a time (CellBusy otherwise)
         if spawns:
             os.environ[_LOCK_HELD_ENV] = str(folder.path)  # the spawned ranks inherit it: this process holds the lock
@@ -158,15 +156,16 @@ def _run(spec: CellSpec, cid: str, folder: CellFolder, start: float, ranks: Rank
     config = {**spec_to_dict(spec), "cell_id": cid, "trainable_params": built.adapter.trainable_params,
               "trainable_bytes": built.adapter.trainable_bytes, "model_family": built.info.family,
               "model_size": built.info.size, "world_size": ranks.world_size}
-    if ranks.is_main:  # metrics.jsonl keeps the steps up to the checkpoint it resumes from: each step once
-        truncate_metrics(folder.path, resume_step(folder.file(CHECKPOINTS_DIR), ranks.world_size))
+    kept = []  # metrics.jsonl keeps the steps up to the checkpoint it resumes from: each step once
+    if ranks.is_main:
+        kept = truncate_metrics(folder.path, resume_step(folder.file(CHECKPOINTS_DIR), ranks.world_size))
     logger = MetricLogger(folder.path, spec.logger, run_id=wandb_run_id(cid), group=spec.sweep,
                           job_type=spec.algo.name, name=cid, config=config) if ranks.is_main else NullLogger()
     with logger:
         t0 = time.time()
         bases = {name: base_accuracy(spec, built, task) for name, task in built.eval_tasks.items()}
         base = bases[spec.task.name]
-        if not logged_step_zero(folder.path):  # a resumed cell logged it in its first attempt: steps stay ascending
+        if not any(row["step"] == 0 for row in kept):  # a resumed cell logged it in its first attempt: steps ascend
             logger.log({f"eval/base_{k}": v for k, v in base.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
         train_info = train(spec, built, folder.path, [MetricLoggerCallback(logger)])

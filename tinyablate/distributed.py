@@ -126,9 +126,14 @@ def _share_cpu_threads(ranks: Ranks) -> None:
     torch.set_num_threads(max(1, cores // local_world))
 
 
+def visible_gpus() -> int:
+    """The CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def require_gpus(n: int) -> None:
     """Raise, saying what to change, unless this process sees at least `n` CUDA devices."""
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = visible_gpus()
     if visible < n:
         raise RuntimeError(f"this cell needs {n} GPU(s) but this process sees {visible}: run it where {n} GPUs are "
                            "visible (hydra/launcher=slurm requests them), or set gpus=0 for CPU")

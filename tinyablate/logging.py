@@ -88,27 +88,26 @@ NONFINITE_STRINGS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity":
 
 def jsonl_line(row: Any) -> str:
     """One strict-JSON line of `row` (NaN, inf and -inf as the strings of NONFINITE_STRINGS)."""
-    return json.dumps(_encode_nonfinite(row), allow_nan=False) + "\n"
+    return json.dumps(_map_leaves(row, _encode_nonfinite), allow_nan=False) + "\n"
 
 
 def _encode_nonfinite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: _encode_nonfinite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_encode_nonfinite(v) for v in value]
     return value
 
 
 def _decode_nonfinite(value: Any) -> Any:
-    if isinstance(value, str) and value in NONFINITE_STRINGS:
-        return NONFINITE_STRINGS[value]
+    return NONFINITE_STRINGS[value] if isinstance(value, str) and value in NONFINITE_STRINGS else value
+
+
+def _map_leaves(value: Any, fn) -> Any:
+    """`value` with `fn` applied to every leaf inside its dicts and lists."""
     if isinstance(value, dict):
-        return {k: _decode_nonfinite(v) for k, v in value.items()}
+        return {k: _map_leaves(v, fn) for k, v in value.items()}
     if isinstance(value, list):
-        return [_decode_nonfinite(v) for v in value]
-    return value
+        return [_map_leaves(v, fn) for v in value]
+    return fn(value)
 
 
 def redact(obj: Any) -> Any:
@@ -356,7 +355,7 @@ def read_metrics(cell_dir: Union[str, Path]) -> List[Dict[str, Any]]:
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(_decode_nonfinite(json.loads(line)))
+            rows.append(_map_leaves(json.loads(line), _decode_nonfinite))
         except json.JSONDecodeError:
             continue
     return rows
@@ -369,23 +368,19 @@ def _api_key(cfg: LoggerConfig) -> Dict[str, str]:
     return {"api_key": Path(cfg.api_key_file).expanduser().read_text().strip()}
 
 
-def truncate_metrics(cell_dir: Union[str, Path], through_step: Optional[int]) -> None:
+def truncate_metrics(cell_dir: Union[str, Path], through_step: Optional[int]) -> List[Dict[str, Any]]:
     """Before a cell starts again: keep the rows of steps 0..`through_step` (the base evaluation and what its
     checkpoint holds; None keeps none: training starts over), so the steps it re-runs appear once and the
-    steps of metrics.jsonl ascend across resumes."""
+    steps of metrics.jsonl ascend across resumes. Returns the rows kept."""
     path = Path(cell_dir) / METRICS_FILE
     if not path.exists():
-        return
+        return []
     keep = [row for row in read_metrics(cell_dir) if isinstance(row.get("step"), int)
             and through_step is not None and 0 <= row["step"] <= through_step]
     tmp = path.with_name(f".{path.name}.truncate.tmp")
     tmp.write_text("".join(jsonl_line(row) for row in keep), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def logged_step_zero(cell_dir: Union[str, Path]) -> bool:
-    """metrics.jsonl already holds a step-0 row (the base evaluation of an earlier attempt)."""
-    return any(row.get("step") == 0 for row in read_metrics(cell_dir))
+    return keep
 
 
 def _read_json_dict(path: Path) -> Dict[str, Any]:

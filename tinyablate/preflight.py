@@ -78,9 +78,9 @@ def output_dir_problems(output_dir) -> list:
 
 def device_problems(spec: CellSpec) -> list:
     """The GPUs a cell asks for (gpus, model.device) against what this machine shows."""
-    import torch  # here: the rest of preflight reads no tensors
+    from .distributed import visible_gpus  # here: the rest of preflight needs no torch.distributed
 
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = visible_gpus()
     if spec.gpus > visible:
         return [f"gpus={spec.gpus} is invalid here: this machine shows {visible} CUDA GPU(s); set gpus=0 for the "
                 "CPU, or run where the GPUs are (hydra/launcher=slurm requests them)"]

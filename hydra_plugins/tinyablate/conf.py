@@ -83,9 +83,9 @@ def spec_from_hydra(cfg, auto_gpus: Optional[int] = None) -> CellSpec:
 
 def local_auto_gpus() -> int:
     """What gpus=auto means on this machine: 1 where a CUDA GPU is visible, else 0 (CPU)."""
-    import torch  # the launch glue only (the library's config never imports torch)
+    from tinyablate.distributed import visible_gpus  # imports torch: only when auto is asked about
 
-    return 1 if torch.cuda.is_available() and torch.cuda.device_count() > 0 else 0
+    return 1 if visible_gpus() > 0 else 0
 
 
 def register() -> None:

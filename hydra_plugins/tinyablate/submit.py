@@ -128,9 +128,10 @@ def _run_local(settings: dict, cells: list, folder: Path) -> list:
     free_gpus = gpu_ids * int(settings.get("cells_per_gpu", 1))  # one slot per cell a GPU may hold
     queue, running, jobs = list(cells), [], []
     limit = int(settings["max_parallel"])  # >= 1: the launcher checked it
-    threads = cpu_threads_per_cell(_cores(), limit, len(cells))
+    cores = _cores()
+    threads = cpu_threads_per_cell(cores, limit, len(cells))
     if threads is not None:
-        print(f"{threads} torch CPU thread(s) per cell ({_cores()} cores, up to {limit} cells at once)")
+        print(f"{threads} torch CPU thread(s) per cell ({cores} cores, up to {limit} cells at once)")
     while queue or running:
         while queue and len(running) < limit and (gpus := _take_gpus(free_gpus, queue[0].spec.gpus)) is not None:
             cell = queue.pop(0)
