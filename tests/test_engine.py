@@ -389,3 +389,27 @@ def test_compiled_glue_of_decode_prefill_and_training_keep_separate_recompile_bu
     for rows in (1, 2, 3, 4, 5, 6, 7):  # fullgraph: past the budget this would raise
         x = torch.randn(rows, 1, 32)
         torch.testing.assert_close(decode.norm(norm, x), norm(x))
+
+
+def test_engine_for_keeps_the_eos_tensor_the_graphs_read_and_drops_graphs_when_the_tokens_change(tmp_path):
+    """engine_for runs before every rollout batch; a captured graph reads the EOS ids from the engine's tensor,
+    so the same tokens must keep that very tensor (a new one frees the memory the graphs read: rows stopped on
+    whatever a training step later wrote there), and other tokens must drop the graphs."""
+    from tinyablate.engine import engine_for
+
+    model, tok = _load("tiny-qwen2", tmp_path)
+    engine = engine_for(model, 0, [5, 3], use_graphs=False)
+    eos_tensor = engine._eos_t
+    engine._graphs["sentinel"] = object()  # stands for a captured graph (CPU: none are captured)
+    assert engine_for(model, 0, [3, 5, 5], use_graphs=False) is engine
+    assert engine._eos_t is eos_tensor and "sentinel" in engine._graphs
+    engine_for(model, 0, [7], use_graphs=False)
+    assert engine.eos == [7] and engine._eos_t.tolist() == [7] and not engine._graphs
+    engine._graphs["sentinel"] = object()
+    engine_for(model, 1, [7], use_graphs=False)  # the pad id is baked into a graph too
+    assert engine.pad == 1 and not engine._graphs
+    ps = _prompts(tok)[:3]
+    first = engine.generate(ps, 6)
+    stop = first[0][2]
+    engine_for(model, 1, [stop], use_graphs=False)
+    assert engine.generate(ps, 6)[0] == first[0][:3]  # the new EOS ends the row

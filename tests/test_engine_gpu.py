@@ -222,3 +222,21 @@ def test_triton_decode_attention_against_a_float64_reference(dtype, splits, shar
     sdpa_err = ((sdpa.double() - ref).norm() / ref.norm()).item()
     assert torch.isfinite(out).all()
     assert err < (1e-5 if dtype == torch.float32 else 2 * sdpa_err + 1e-3), (err, sdpa_err)
+
+
+def test_graphs_keep_reading_the_eos_ids_after_engine_for_is_called_again():
+    """Training calls engine_for before every rollout batch. It used to replace the engine's EOS tensor, whose
+    memory the captured graphs go on reading: once freed and reused (here by small tensors holding the tokens
+    the rows generate; in a cell by the training step), rows stopped on tokens that are no EOS."""
+    from tinyablate.engine import engine_for
+
+    model, ps = tiny("qwen2"), prompts()
+    engine = engine_for(model, 0, [1], use_graphs=True)
+    first = engine.generate(ps, 16)
+    assert first == hf(model, ps, 16, [1])
+    for _ in range(3):
+        engine_for(model, 0, [1], use_graphs=True)
+        # the freed 8-byte block comes back to small allocations: fill them with every token the rows generated
+        keep = [torch.full((1,), t, dtype=torch.long, device="cuda") for row in first for t in row]
+        assert engine.generate(ps, 16) == first
+        del keep

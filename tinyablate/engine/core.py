@@ -175,8 +175,7 @@ class GenerationEngine:
                  prompt_groups: bool = False):
         self.model = model
         self.lm, self.decoder = causal_lm_parts(model)
-        self.pad = int(pad_token_id)
-        self.eos = sorted({int(e) for e in eos_token_ids})
+        self.pad, self.eos, self._eos_t = None, None, None
         device = self.decoder.embed_tokens.weight.device
         self.device = device
         compile_glue = device.type == "cuda" if compile_glue is None else bool(compile_glue)
@@ -213,12 +212,12 @@ class GenerationEngine:
         # The prefill's (any rows x width: dynamic shapes) and the decode step's (fixed shapes).
         self._glue = _Glue(self.decoder, rope, compiled=compile_glue and device.type == "cuda", dynamic=True)
         self._glue_decode = _Glue(self.decoder, rope, compiled=compile_glue and device.type == "cuda")
-        self._eos_t = torch.tensor(self.eos or [-1], device=device)
         self.dtype = self.decoder.embed_tokens.weight.dtype
         self._k = self._v = None
         self.rows = self.length = 0
         self._states: dict = {}
         self._graphs: dict = {}
+        self.set_special_tokens(pad_token_id, eos_token_ids)
         self.captures = 0  # decode graphs captured so far (each costs a warm-up and a capture)
         self._pool = None
         self._signature = None
@@ -233,6 +232,24 @@ class GenerationEngine:
             self._fused = (fused.compiled(fused.pre_attention, tag), fused.compiled(fused.post_attention, tag),
                            fused.compiled(fused.final_norm, tag))
             self._race = fused.compiled(fused.exponential_race, tag)
+
+    def set_special_tokens(self, pad_token_id: int, eos_token_ids: Sequence[int]) -> None:
+        """The token finished rows are filled with and the tokens that finish a row.
+
+        A captured decode graph bakes the pad id in and reads the EOS ids from `_eos_t`'s memory, so a change
+        drops the graphs, and an unchanged call keeps the very same tensor: replacing it would free the memory
+        the graphs read, and a later allocation (a training step's activations) would then decide which rows
+        stop (rows ended mid-answer on a token they never sampled, logged as 20-56 nats of training-rollout
+        mismatch: benchmarks/RESULTS.md, "GPU numerics").
+        """
+        pad, eos = int(pad_token_id), sorted({int(e) for e in eos_token_ids})
+        if pad == self.pad and eos == self.eos:
+            return
+        self.pad, self.eos = pad, eos
+        self._eos_t = torch.tensor(eos or [-1], device=self.device)
+        if self._graphs:
+            self.log("generation engine: pad or EOS tokens changed, recapturing the decode graphs")
+            self._graphs.clear()
 
     # -- memory --------------------------------------------------------------------------------
     def reserve(self, rows: int, length: int) -> int:
@@ -698,6 +715,5 @@ def engine_for(model, pad_token_id: int, eos_token_ids: Sequence[int], use_graph
     if engine is None or engine.use_graphs != use_graphs:
         engine = GenerationEngine(model, pad_token_id, eos_token_ids, use_graphs=use_graphs, log=log)
         model.__dict__[_ATTR] = engine  # not a submodule: no state dict entry
-    engine.pad, engine.eos = int(pad_token_id), sorted({int(e) for e in eos_token_ids})
-    engine._eos_t = torch.tensor(engine.eos or [-1], device=engine.device)
+    engine.set_special_tokens(pad_token_id, eos_token_ids)
     return engine
