@@ -29,8 +29,8 @@ def test_local_executor_runs_a_cell_as_two_tasks(tmp_path):
     spec = _spec(tmp_path)
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
     executor.update_parameters(timeout_min=10, tasks_per_node=2)
-    job = executor.submit(CellJob(), asdict(spec), str(tmp_path / "cell"))
-    results = job.results()  # one per task
+    job = executor.submit(CellJob(), [asdict(spec)], [str(tmp_path / "cell")])
+    results = [r[0] for r in job.results()]  # one per task (each a list: the job's cells)
     assert [r["world_size"] for r in results] == [2, 2], job.stderr()
     assert results[0] == results[1] and results[0]["status"] == "completed"
     assert result_on_disk(tmp_path / "cell")["timing"]["world_size"] == 2
@@ -44,12 +44,12 @@ def test_slurm_runs_a_cell_as_two_tasks_of_one_job(tmp_path):
     settings = {"max_requeues": 1, "partition": PARTITION, "cpus_per_task": 1, "mem_gb": 4, "timeout_min": 10,
                 "array_parallelism": 4, "signal_delay_s": 60}
     executor = _slurm_executor(settings, tmp_path / "submitit", gpus=0, sweep="dist", tasks=2)
-    job = executor.submit(CellJob(), asdict(spec), str(tmp_path / "cell"))
+    job = executor.submit(CellJob(), [asdict(spec)], [str(tmp_path / "cell")])
     script = Path(job.paths.submission_file).read_text()
     assert "--ntasks-per-node=2" in script and "--kill-on-bad-exit=1" in script
     wait_done(job, timeout_s=300)
     wait_sacct(job.job_id, timeout_s=60, expect={"COMPLETED"})
-    assert [r["world_size"] for r in job.results()] == [2, 2]
+    assert [r[0]["world_size"] for r in job.results()] == [2, 2]
     result = result_on_disk(tmp_path / "cell")
     assert result["status"] == "completed" and result["timing"]["world_size"] == 2
 

@@ -94,7 +94,7 @@ def test_sampled_token_frequencies_match_softmax_at_temperature(top_k, compile_g
     expected = logits.softmax(-1)
     torch.manual_seed(0)
     engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, compile_glue=compile_glue)
-    assert (engine._race is not None) == compile_glue  # the compiled exponential race (engine/fused.py)
+    assert engine._fuse == compile_glue  # the compiled exponential race (engine/fused.py)
     first = [c[0] for c in engine.generate([prompt] * n, 1, Sampling(temperature=temperature, top_k=top_k))]
     freq = torch.bincount(torch.tensor(first), minlength=len(expected)).float() / n
     assert expected.max() < 0.9  # a spread distribution, so the check has teeth
@@ -345,7 +345,7 @@ def test_compiled_decode_layers_give_hf_generates_tokens(name, tmp_path):
     ref = _hf(adapter.model, tok, prompts, 40, [-1])
     fused = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False, compile_glue=True)
     plain = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False)
-    assert fused._fused is not None
+    assert fused._fuse
     assert fused.generate(prompts, 40) == ref and fused._all_packed
     assert plain.generate(prompts, 40) == ref
     for a, b in zip(fused._k + fused._v, plain._k + plain._v):  # the compiled cache writes land in place

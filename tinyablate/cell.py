@@ -18,6 +18,7 @@ them on this machine; under torchrun or a SLURM task it is one of them. Every ra
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import psutil
 import torch
@@ -34,7 +35,7 @@ from transformers import set_seed
 from . import console, distributed
 from .adapters import Adapter, apply_adapter
 from .cell_folder import (ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR, AdapterRecord,
-                          AlgoRecord, CellFolder, ErrorRecord, Metrics, ModelRecord, Result, ResultError, TaskMetrics,
+                          AlgoRecord, CellBusy, CellFolder, ErrorRecord, Metrics, ModelRecord, Result, ResultError, TaskMetrics,
                           TaskRecord, Timing, eval_samples_file)
 from .choice_eval import evaluate_choices
 from .config import CellSpec, ModelInfo, cell_id, eval_task_configs, spec_to_dict
@@ -66,12 +67,13 @@ class Built:
     eval_tasks: dict = field(default_factory=dict)  # name -> Task: the training task first, then eval.tasks
 
 
-def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
+def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None, started: Optional[float] = None) -> dict:
     """Run one cell (checked here, once, by preflight) and return its result, as written to <cell_dir>/result.json.
 
     `cell_dir` defaults to <output_dir>/<sweep>/<cell_id>. Under RANK/WORLD_SIZE (torchrun, submitit
     tasks, spawned ranks) this process is one data-parallel rank; a `gpus: N > 1` cell started without
-    them spawns its N ranks here. Every rank returns rank 0's result.
+    them spawns its N ranks here. Every rank returns rank 0's result. `started`: when the cell began (its
+    timing's start_to_first_step_s counts from it; default: the process's start).
     """
     console.quiet_known_warnings()
     started_as = distributed.ranks_from_env()
@@ -84,7 +86,38 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None) -> dict:
             distributed.spawn_ranks(spec.gpus, run_cell, spec, folder.path)
             return folder.read_result().to_dict()
         with distributed.process_group(spec.gpus) as ranks:
-            return _run_ranks(spec, folder, ranks).to_dict()
+            return _run_ranks(spec, folder, ranks, started).to_dict()
+
+
+def run_cells(specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]]) -> list:
+    """Cells one after another in this process (a bundle: hydra.launcher.cells_per_job), each through run_cell
+    with its own folder, lock, result and metrics; returns one summary per cell (cell_id, status, accuracy,
+    error). The process stays warm: imports, compiled kernels (engine/fused.py `compiled` keeps them per model
+    and batch shape) and the base-accuracy cache serve every cell after the first. A cell that fails (its
+    result says why) or that another process holds does not stop the cells after it; memory is released
+    between cells. A bundle run again (a requeue) returns its completed cells' results and resumes the others.
+    """
+    summaries = []
+    for i, (spec, cell_dir) in enumerate(zip(specs, cell_dirs)):
+        try:  # the first cell's start is the process's (imports included), a later one's its own
+            result = run_cell(spec, cell_dir, started=time.time() if i else None)
+            summaries.append({"cell_id": result["cell_id"], "status": result["status"],
+                              "accuracy": result["metrics"]["accuracy"], "world_size": result["timing"]["world_size"],
+                              "error": None})
+        except Exception as err:  # noqa: BLE001 - the cell's own result.json records its failure
+            summaries.append({"cell_id": cell_id(spec), "status": "busy" if isinstance(err, CellBusy) else "failed",
+                              "accuracy": None, "world_size": None, "error": f"{type(err).__name__}: {err}"})
+        finally:
+            _release_memory()
+    return summaries
+
+
+def _release_memory() -> None:
+    """What a finished cell held (model, engine, CUDA graphs, optimizer) back to the device before the next one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # each cell's timing.gpu_peak_gib is its own
 
 
 def _cell_lock(folder: CellFolder, started_as: Ranks):
@@ -98,7 +131,7 @@ def _cell_lock(folder: CellFolder, started_as: Ranks):
 _LOCK_HELD_ENV = "TINYABLATE_CELL_LOCK_HELD"
 
 
-def _run_ranks(spec: CellSpec, folder: CellFolder, ranks: Ranks) -> Result:
+def _run_ranks(spec: CellSpec, folder: CellFolder, ranks: Ranks, started: Optional[float] = None) -> Result:
     cid = cell_id(spec)
     previous = None
     if ranks.is_main:
@@ -114,7 +147,7 @@ def _run_ranks(spec: CellSpec, folder: CellFolder, ranks: Ranks) -> Result:
         print(console.banner(spec, cid, folder.path, ranks.world_size, _expected_params(spec)), flush=True)
     start = time.time()
     try:
-        result = _run(spec, cid, folder, start, ranks)
+        result = _run(spec, cid, folder, start, ranks, started)
     except Exception as err:  # a failed cell still leaves its record (a kill or requeue signal does not)
         if not folder.has_result():  # the first rank to fail says why (the others follow it)
             folder.write_result(_failure(spec, cid, start, err, ranks))
@@ -150,7 +183,8 @@ def _previous_result(folder: CellFolder, cid: str) -> Optional[Result]:
     return None
 
 
-def _run(spec: CellSpec, cid: str, folder: CellFolder, start: float, ranks: Ranks) -> Optional[Result]:
+def _run(spec: CellSpec, cid: str, folder: CellFolder, start: float, ranks: Ranks,
+         started: Optional[float] = None) -> Optional[Result]:
     """Build → base eval → train → eval → export; the result (rank 0; None on other ranks)."""
     built = build(spec, ranks)
     config = {**spec_to_dict(spec), "cell_id": cid, "trainable_params": built.adapter.trainable_params,
@@ -179,7 +213,8 @@ def _run(spec: CellSpec, cid: str, folder: CellFolder, start: float, ranks: Rank
         export(built, folder.path)
         timing = {"wall_s": time.time() - start, "train_s": train_info["train_s"],
                   "eval_s": (t2 - t1) + sum(b.get("eval_s", 0.0) for b in bases.values()), "setup_s": t0 - start,
-                  "model_load_s": built.load_s, **_overhead(train_info, built, base)}
+                  "model_load_s": built.load_s, **_overhead(train_info, built, base, started),
+                  **_gpu_peak(built.device)}
         result = make_result(spec, cid, built, base, final, train_info, timing, task_metrics(built, bases, finals))
         step = train_info["steps"] + 1
         logger.table("eval/tasks", TASK_TABLE_COLUMNS, task_table_rows(result.metrics.tasks), step=step)
@@ -399,14 +434,22 @@ def make_result(spec: CellSpec, cid: str, built: Built, base: dict, final: dict,
     )
 
 
-def _overhead(train_info: dict, built: Built, base: dict) -> dict:
-    """Process start to the first training step, and that minus weight loading and base evaluation."""
+def _overhead(train_info: dict, built: Built, base: dict, started: Optional[float] = None) -> dict:
+    """The cell's start (its process's, or `started` in a bundle) to the first training step, and that minus
+    weight loading and base evaluation."""
     first = train_info.get("first_step_time")
     if first is None:
         return {}
-    since_start = first - psutil.Process().create_time()
+    since_start = first - (started if started is not None else psutil.Process().create_time())
     return {"start_to_first_step_s": since_start,
             "overhead_to_first_step_s": since_start - built.load_s - base.get("eval_s", 0.0)}
+
+
+def _gpu_peak(device) -> dict:
+    """The most GPU memory the cell's process reserved (torch's allocator; the cost model packs cells by it)."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return {}
+    return {"gpu_peak_gib": torch.cuda.max_memory_reserved(device) / 2**30}
 
 
 def _failure(spec: CellSpec, cid: str, start: float, err: BaseException, ranks: Ranks) -> Result:

@@ -268,11 +268,12 @@ class Timing(_Record):
     eval_s: Optional[float] = None  # base (unless cached) + final evaluation
     setup_s: Optional[float] = None  # start to the end of building (weights, adapter, task)
     model_load_s: Optional[float] = None  # reading the weights (excluded from the per-cell overhead)
-    start_to_first_step_s: Optional[float] = None  # process start to the first training step
+    start_to_first_step_s: Optional[float] = None  # the cell's start (its process's; in a bundle its own) to step 1
     overhead_to_first_step_s: Optional[float] = None  # the same minus weight loading and base evaluation
     n_gpus: Optional[int] = None  # GPUs used (0 on CPU)
     world_size: Optional[int] = None  # data-parallel ranks
     gpu_hours: Optional[float] = None  # wall_s / 3600 x n_gpus
+    gpu_peak_gib: Optional[float] = None  # the most GPU memory torch reserved for the cell (GPU cells)
 
 
 @dataclass

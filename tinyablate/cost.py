@@ -277,6 +277,43 @@ def _modules(spec: CellSpec, s: Shape) -> int:
     return layers * len(a.target_modules)
 
 
+# -- memory ------------------------------------------------------------------------------------
+CUDA_CONTEXT_BYTES = 600 * 2**20  # a process's CUDA context and kernels (outside torch's allocator), assumed
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto: bfloat16 on a GPU
+
+
+def cell_memory_bytes(spec: CellSpec) -> int:
+    """GPU memory one rank of a cell needs, modelled: the frozen weights twice (the model's and the generation
+    engine's packed and merged copies), the KV cache for the larger of a rollout batch and an evaluation batch,
+    a training micro-batch's activations (a few hidden-size tensors per layer and token) and its logits
+    (model dtype + float32 log-softmax and gradient), and the CUDA context. benchmarks/pack_bench.py measures it
+    against each cell's timing.gpu_peak_gib (benchmarks/RESULTS.md); the launcher's cells_per_gpu=auto packs by it
+    with a margin."""
+    s, algo, ranks = SHAPES[spec.model.name], spec.algo, max(spec.gpus, 1)
+    width = DTYPE_BYTES.get(spec.model.dtype, 2)
+    weights = 2 * (_matmul_params(s) + s.vocab * s.hidden) * width
+    per_token_kv = 2 * s.layers * s.kv_heads * s.head_dim * width
+    prompt = prompt_tokens(spec.task)
+    problems = spec.task.eval_limit or (spec.task.eval_size if spec.task.name == "arithmetic"
+                                        else TEST_SPLIT.get(spec.task.name, 0))
+    eval_tokens = min(spec.eval.engine_batch_size, max(problems, 1)) * (prompt + spec.eval.max_new_tokens)
+    if algo.name == "grpo":
+        seq = prompt + algo.max_completion_length
+        rollout_tokens = math.ceil(algo.sequences_per_step / ranks) * seq
+    else:
+        seq, rollout_tokens = algo.max_length, 0
+    micro = algo.micro_batch_size * seq if spec.train else 0
+    activations = micro * s.layers * 8 * s.hidden * width + micro * s.vocab * (width + 8)
+    return int(weights + per_token_kv * max(eval_tokens, rollout_tokens) + activations + CUDA_CONTEXT_BYTES)
+
+
+def cells_per_gpu(specs: list, gpu_bytes: int, margin: float = 1.5, usable: float = 0.9) -> tuple:
+    """(how many of these cells fit on one GPU of `gpu_bytes` at once, the largest cell's modelled bytes): the
+    usable share of the GPU over the largest cell's model x margin."""
+    need = max(cell_memory_bytes(spec) for spec in specs)
+    return max(int(usable * gpu_bytes // (margin * need)), 0), need
+
+
 # -- calibration -------------------------------------------------------------------------------
 def cost_kind(spec: CellSpec) -> tuple:
     """Cells of one kind cost the same: everything the model reads (the adapter's size does not count)."""

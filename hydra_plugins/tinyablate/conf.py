@@ -27,11 +27,18 @@ class LocalConf:
 
     _target_: str = TARGET
     backend: str = "local"
-    # Cells running at once.
+    # Jobs running at once (a job: one cell, or a bundle of cells_per_job).
     max_parallel: int = 1
-    # Cells sharing one GPU at once (small models leave most of a GPU idle): each GPU is handed to up to this
-    # many running cells of gpus=1 (a gpus=N>1 cell takes N different GPUs). Raise max_parallel with it.
-    cells_per_gpu: int = 1
+    # Jobs sharing one GPU at once (small models leave most of a GPU idle): each GPU is handed to up to this
+    # many running jobs of gpus=1 cells (a gpus=N>1 cell takes N different GPUs). Raise max_parallel with it.
+    # "auto": as many as fit by the cost model's memory estimate of the largest cell (tinyablate/cost.py
+    # cell_memory_bytes) with a 1.5x margin in 90% of the GPU, at most one per CPU core; max_parallel is raised
+    # to fill every GPU. The launcher prints what it chose.
+    cells_per_gpu: Any = 1
+    # Cells one job runs one after another in one process (imports, compiled kernels and the base-accuracy
+    # cache stay warm: seconds, not tens of seconds, to a later cell's first step). Each cell keeps its own
+    # folder, lock, result and W&B run; a failed cell does not stop the next. Cells of gpus>1 run one per job.
+    cells_per_job: int = 1
     # Wall-clock limit of one cell, in minutes.
     timeout_min: int = 24 * 60
     # Seconds between progress checks while waiting.
@@ -54,8 +61,11 @@ class SlurmConf:
     mem_gb: int = 64
     # Time limit per attempt (minutes); at the limit the job is requeued and resumes from its checkpoint.
     timeout_min: int = 24 * 60
-    # Cells of one array running at once.
+    # Jobs of one array running at once.
     array_parallelism: int = 64
+    # Cells one job (array task) runs one after another on its node, in one process (as the local launcher's
+    # cells_per_job); timeout_min is then the whole bundle's, and a requeued bundle skips its completed cells.
+    cells_per_job: int = 1
     # Requeues after a time-out before the cell counts as failed (preemptions requeue without limit).
     max_requeues: int = 3
     # SLURM signals the job this many seconds before its time limit, so it can requeue itself.

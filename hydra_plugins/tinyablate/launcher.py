@@ -17,13 +17,14 @@ from hydra.plugins.launcher import Launcher
 
 from tinyablate.cell_folder import CellFolder
 from tinyablate.config import CellSpec, Checks, cell_id, cell_spec
+from tinyablate.cost import cells_per_gpu
 from tinyablate.preflight import preflight
 from tinyablate.status import cell_row, format_table, live_job
 
 from . import plan
 from .compose import compose_cells
 from .conf import local_auto_gpus
-from .submit import slurm_auto_gpus, submit_cells
+from .submit import cores, local_gpu_bytes, local_gpus, slurm_auto_gpus, submit_cells
 
 
 @dataclass
@@ -77,6 +78,7 @@ class TinyablateLauncher(Launcher):
             print(f"{len(bad)} of {len(cells)} cells are invalid; nothing was submitted.")
             raise SystemExit(2)
         print("\n".join(plan.count_lines(cells)))
+        self._pack_gpus(cells)
         if options.status:
             rows = [cell_row(c.folder.path, c.cell_id) for c in plan.distinct(cells)[0]]
             print(format_table(rows))
@@ -97,7 +99,7 @@ class TinyablateLauncher(Launcher):
             self._check_backend()
             jobs = submit_cells(self.backend, self.settings, todo, options.wait)
             if not options.wait:
-                self._print_submitted(jobs)
+                self._print_submitted(jobs, len(todo))
                 return self._returns(cells)
         rows = [cell_row(c.folder.path, c.cell_id, notes.get(c.cell_id, "")) for c in plan.distinct(cells)[0]]
         print(format_table(rows))
@@ -118,6 +120,32 @@ class TinyablateLauncher(Launcher):
             n, where = local_auto_gpus(), "this machine"
         print(f"gpus=auto: {n} GPU per cell ({where} {'has' if n else 'shows no'} GPUs; gpus=N to choose)")
         return n
+
+    def _pack_gpus(self, cells: list) -> None:
+        """Local cells of one GPU: cells_per_gpu=auto resolved by the cost model's memory estimate, and a number
+        of cells that cannot fit on one of this machine's GPUs refused (one line, exit 2)."""
+        value = self.settings.get("cells_per_gpu", 1)
+        specs = [c.spec for c in plan.distinct(cells)[0] if c.spec.gpus == 1]
+        total = local_gpu_bytes() if self.backend == "local" and specs else 0
+        if not total:
+            if value == "auto":
+                self.settings["cells_per_gpu"] = 1
+            return
+        fit, need = cells_per_gpu(specs, total)
+        gib = 2**30
+        where = f"{need / gib:.1f} GiB each by the cost model (x1.5 margin) in 90% of one GPU's {total / gib:.0f} GiB"
+        if value == "auto":
+            n = max(1, min(fit, cores(), len(specs)))
+            self.settings["cells_per_gpu"] = n
+            gpus = len(local_gpus())
+            if self.settings.get("max_parallel", 1) < n * gpus:
+                self.settings["max_parallel"] = n * gpus
+            print(f"cells_per_gpu=auto: {n} cells at once per GPU ({fit} fit, {where}; at most one per CPU core, "
+                  f"{cores()}); max_parallel={self.settings['max_parallel']}")
+        elif value > fit:
+            print(f"hydra.launcher.cells_per_gpu={value}: that many cells of up to {where} do not fit; at most "
+                  f"{fit} do (or cells_per_gpu=auto). Nothing was submitted.")
+            raise SystemExit(2)
 
     def _check(self, overrides: list, root, auto_gpus: int = 0) -> Cell:
         cell = Cell(overrides)
@@ -160,9 +188,13 @@ class TinyablateLauncher(Launcher):
     def _check_settings(self, n_cells: int) -> None:
         """The launcher's own settings, and a sweep that has cells at all."""
         c = Checks("hydra.launcher")
-        for name in ("max_parallel", "array_parallelism", "timeout_min", "cpus_per_task", "mem_gb", "cells_per_gpu"):
+        for name in ("max_parallel", "array_parallelism", "timeout_min", "cpus_per_task", "mem_gb", "cells_per_job"):
             if name in self.settings:
                 c.integer(name, self.settings[name], minimum=1)
+        if "cells_per_gpu" in self.settings and self.settings["cells_per_gpu"] != "auto":
+            value = self.settings["cells_per_gpu"]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                c.rule(f"hydra.launcher.cells_per_gpu={value!r}: a positive integer or auto")
         for name in ("max_requeues", "signal_delay_s"):
             if name in self.settings:
                 c.integer(name, self.settings[name], minimum=0)
@@ -180,9 +212,9 @@ class TinyablateLauncher(Launcher):
                   "run on a SLURM login node, or use hydra/launcher=local. Nothing was submitted.")
             raise SystemExit(2)
 
-    def _print_submitted(self, jobs) -> None:
+    def _print_submitted(self, jobs, n_cells: int) -> None:
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
-        print(f"submitted {len(jobs)} cells as job(s) {', '.join(ids)}; "
+        print(f"submitted {n_cells} cells in {len(jobs)} job(s) of array(s) {', '.join(ids)}; "
               "follow with `python launch.py -m <same arguments> status=true` or `python -m tinyablate.status <sweep dir>`")
 
     def _run_analysis(self, cells: list) -> None:

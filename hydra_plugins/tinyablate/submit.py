@@ -21,27 +21,50 @@ from tinyablate.config import spec_from_dict
 
 
 class CellJob(submitit.helpers.Checkpointable):
-    """What a job runs: one cell. On preemption or time-out submitit calls `checkpoint`, which
-    requeues the same call; run_cell then resumes from the cell's last training checkpoint.
-    `cpu_threads`: torch's thread pool for a CPU cell that shares this machine with others (None: torch's own)."""
+    """What a job runs: one cell, or a bundle of cells one after another in one process (hydra.launcher.
+    cells_per_job; tinyablate.cell.run_cells: a failed cell does not stop the next). On preemption or time-out
+    submitit calls `checkpoint`, which requeues the same call; completed cells are then skipped and the cell
+    that was interrupted resumes from its last training checkpoint.
+    `cpu_threads`: torch's thread pool for CPU cells that share this machine with others (None: torch's own)."""
 
     def __init__(self, cpu_threads: Optional[int] = None) -> None:
         self.cpu_threads = cpu_threads
 
-    def __call__(self, spec: dict, cell_dir: str) -> dict:
+    def __call__(self, specs: list, cell_dirs: list) -> list:
         # Imported here, in the job: the launching process never loads torch/TRL for the cells it submits.
-        from tinyablate.cell import run_cell
+        from tinyablate.cell import run_cell, run_cells
 
         if self.cpu_threads is not None:
             os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)  # for whatever the cell starts, too
             torch.set_num_threads(self.cpu_threads)
-
+        specs = [spec_from_dict(spec) for spec in specs]
+        if len(specs) > 1:  # a bundle: cells of at most one GPU each (bundles() never bundles multi-GPU cells)
+            return run_cells(specs, [Path(d) for d in cell_dirs])
         if submitit.JobEnvironment().num_tasks > 1:  # one task per rank: MASTER_ADDR/PORT, RANK, WORLD_SIZE, ...
             # Every task sees the node's GPUs; rank r takes cuda:LOCAL_RANK (distributed.process_group).
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        result = run_cell(spec_from_dict(spec), Path(cell_dir))
-        return {"cell_id": result["cell_id"], "status": result["status"],
-                "accuracy": result["metrics"]["accuracy"], "world_size": result["timing"]["world_size"]}
+        result = run_cell(specs[0], Path(cell_dirs[0]))  # a failure raises: the job fails (and its other ranks)
+        return [{"cell_id": result["cell_id"], "status": result["status"], "accuracy": result["metrics"]["accuracy"],
+                 "world_size": result["timing"]["world_size"], "error": None}]
+
+
+def bundles(cells: list, per_job: int) -> list:
+    """The jobs to submit: consecutive cells of one GPU count in groups of up to `per_job` (one process runs a
+    group one cell after another); a cell of gpus > 1 (several ranks) is always a job of its own."""
+    jobs, current = [], []
+    for cell in cells:
+        if cell.spec.gpus > 1:
+            jobs.append([cell])
+            continue
+        if current and (len(current) == per_job or current[0].spec.gpus != cell.spec.gpus):
+            jobs.append(current)
+            current = []
+        current.append(cell)
+    return jobs + ([current] if current else [])
+
+
+def _job_args(bundle: list) -> tuple:
+    return [asdict(c.spec) for c in bundle], [str(c.folder.path) for c in bundle]
 
 
 def write_launch_record(cell, job, backend: str) -> None:
@@ -58,18 +81,23 @@ def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
         if not wait:
             raise SystemExit("wait=false needs hydra/launcher=slurm: local cells are children of this process")
         return _run_local(settings, cells, folder)
+    per_job = int(settings.get("cells_per_job", 1))
     for gpus in sorted({c.spec.gpus for c in cells}):
-        group = [c for c in cells if c.spec.gpus == gpus]
-        executor = _slurm_executor(settings, folder, gpus, group[0].spec.sweep)
-        with _key_kept_from_job(group):
-            group_jobs = executor.map_array(CellJob(), [asdict(c.spec) for c in group], [str(c.folder.path) for c in group])
-        for cell, job in zip(group, group_jobs):
-            write_launch_record(cell, job, backend)
-        print(f"submitted {len(group)} cells ({gpus} GPU(s) each) as SLURM array {group_jobs[0].job_id.split('_')[0]}")
-        jobs += group_jobs
+        group = bundles([c for c in cells if c.spec.gpus == gpus], per_job)
+        executor = _slurm_executor(settings, folder, gpus, group[0][0].spec.sweep)
+        with _key_kept_from_job([c for bundle in group for c in bundle]):
+            specs, dirs = zip(*(_job_args(bundle) for bundle in group))
+            group_jobs = executor.map_array(CellJob(), list(specs), list(dirs))
+        for bundle, job in zip(group, group_jobs):
+            for cell in bundle:
+                write_launch_record(cell, job, backend)
+            jobs.append((job, len(bundle)))
+        n_cells = sum(map(len, group))
+        print(f"submitted {n_cells} cells ({gpus} GPU(s) each) as SLURM array {group_jobs[0].job_id.split('_')[0]}"
+              + (f" of {len(group)} jobs (up to {per_job} cells each, one after another)" if per_job > 1 else ""))
     if wait:
         _wait(jobs, settings.get("poll_s", 10.0))
-    return jobs
+    return [job for job, _ in jobs]
 
 
 @contextlib.contextmanager
@@ -117,29 +145,32 @@ def _slurm_executor(settings: dict, folder: Path, gpus: int, sweep: str, tasks: 
 
 
 def _run_local(settings: dict, cells: list, folder: Path) -> list:
-    """At most `max_parallel` cells at once; each gets its own GPUs (CUDA_VISIBLE_DEVICES) if it asks, a GPU
-    going to up to `cells_per_gpu` cells at once."""
+    """At most `max_parallel` jobs at once (a job: one cell, or a bundle of up to `cells_per_job` run one after
+    another in one process); each gets its own GPUs (CUDA_VISIBLE_DEVICES) if it asks, a GPU going to up to
+    `cells_per_gpu` jobs at once."""
     executor = submitit.LocalExecutor(folder=folder)
-    gpu_ids = _local_gpus() if any(c.spec.gpus for c in cells) else []
+    gpu_ids = local_gpus() if any(c.spec.gpus for c in cells) else []
     too_big = [c.cell_id for c in cells if c.spec.gpus > len(gpu_ids)]
     if too_big:
         raise SystemExit(f"{len(too_big)} cells ask for more GPUs than this machine shows ({len(gpu_ids)}), "
                          f"e.g. {too_big[0]}: set gpus=0 for CPU, or run them with hydra/launcher=slurm")
-    free_gpus = gpu_ids * int(settings.get("cells_per_gpu", 1))  # one slot per cell a GPU may hold
-    queue, running, jobs = list(cells), [], []
+    free_gpus = gpu_ids * int(settings.get("cells_per_gpu", 1))  # one slot per job a GPU may hold
+    queue, running, jobs = bundles(cells, int(settings.get("cells_per_job", 1))), [], []
     limit = int(settings["max_parallel"])  # >= 1: the launcher checked it
-    cores = _cores()
-    threads = cpu_threads_per_cell(cores, limit, len(cells))
+    n_cores = cores()
+    threads = cpu_threads_per_cell(n_cores, limit, len(queue))
     if threads is not None:
-        print(f"{threads} torch CPU thread(s) per cell ({cores} cores, up to {limit} cells at once)")
+        print(f"{threads} torch CPU thread(s) per cell ({n_cores} cores, up to {limit} cells at once)")
     while queue or running:
-        while queue and len(running) < limit and (gpus := _take_gpus(free_gpus, queue[0].spec.gpus)) is not None:
-            cell = queue.pop(0)
+        while queue and len(running) < limit and (gpus := _take_gpus(free_gpus, queue[0][0].spec.gpus)) is not None:
+            bundle = queue.pop(0)
             executor.update_parameters(timeout_min=settings["timeout_min"], gpus_per_node=len(gpus),
                                        visible_gpus=gpus, tasks_per_node=ranks_per_cell(len(gpus)))
-            job = executor.submit(CellJob(threads), asdict(cell.spec), str(cell.folder.path))
-            write_launch_record(cell, job, "local")
-            print(f"started {cell.cell_id}{f' on GPU {gpus}' if gpus else ''} (log: {job.paths.stderr})")
+            job = executor.submit(CellJob(threads), *_job_args(bundle))
+            for cell in bundle:
+                write_launch_record(cell, job, "local")
+            names = bundle[0].cell_id + (f" and {len(bundle) - 1} more, one after another" if len(bundle) > 1 else "")
+            print(f"started {names}{f' on GPU {gpus}' if gpus else ''} (log: {job.paths.stderr})")
             running.append((job, gpus))
             jobs.append(job)
         time.sleep(settings.get("poll_s", 2.0))
@@ -169,7 +200,7 @@ def cpu_threads_per_cell(cores: int, max_parallel: int, cells: int) -> Optional[
     return max(1, cores // at_once)
 
 
-def _cores() -> int:
+def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -185,7 +216,7 @@ def slurm_auto_gpus(partition: Optional[str]) -> int:
     return 1 if any("gpu" in line for line in out.split()) else 0
 
 
-def _local_gpus() -> list:
+def local_gpus() -> list:
     """GPU ids this process may hand out: its own CUDA_VISIBLE_DEVICES, else every GPU torch sees."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
@@ -193,16 +224,23 @@ def _local_gpus() -> list:
     return list(range(torch.cuda.device_count()))
 
 
+def local_gpu_bytes() -> int:
+    """The memory of the smallest GPU this process may hand out (0 without one)."""
+    ids = local_gpus()
+    return min((torch.cuda.get_device_properties(i).total_memory for i in ids), default=0) if ids else 0
+
+
 def _wait(jobs: list, poll_s: float) -> None:
+    """Until every job is done; `jobs`: (submitit job, cells it runs)."""
     last = None
     while True:
-        states = [j.state for j in jobs]
-        done = sum(j.done() for j in jobs)
-        summary = f"{done}/{len(jobs)} cells done; " + ", ".join(
+        states = [j.state for j, _ in jobs]
+        done = sum(n for j, n in jobs if j.done())
+        summary = f"{done}/{sum(n for _, n in jobs)} cells in finished jobs; " + ", ".join(
             f"{s.lower()}: {states.count(s)}" for s in sorted(set(states)))
         if summary != last:
             print(time.strftime("[%H:%M:%S] ") + summary, flush=True)
             last = summary
-        if done == len(jobs):
+        if all(j.done() for j, _ in jobs):
             return
         time.sleep(poll_s)

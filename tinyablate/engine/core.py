@@ -224,14 +224,10 @@ class GenerationEngine:
         self._vocab_hash = None
         self.pack = bool(pack)
         self._packs: list = [_NO_PACKS] * len(self.decoder.layers)
-        # The decode step's layers as compiled functions (engine/fused.py), used while every projection is packed
-        self._fused = None
-        self._race = None
-        if compile_glue and self.pack and self._glue.fused and fused.available():
-            tag = f"engine{id(self)}"
-            self._fused = (fused.compiled(fused.pre_attention, tag), fused.compiled(fused.post_attention, tag),
-                           fused.compiled(fused.final_norm, tag))
-            self._race = fused.compiled(fused.exponential_race, tag)
+        # The decode step's layers and sampling draw as compiled functions (engine/fused.py), used while every
+        # projection is packed; one compiled version per model shape and batch shape in a process (`_compiled`)
+        self._tag = fused.model_tag(self.lm.config, self.dtype)
+        self._fuse = bool(compile_glue and self.pack and self._glue.fused and fused.available())
 
     def set_special_tokens(self, pad_token_id: int, eos_token_ids: Sequence[int]) -> None:
         """The token finished rows are filled with and the tokens that finish a row.
@@ -431,7 +427,7 @@ class GenerationEngine:
             vc.index_copy_(2, st.slot, v)
             return kc[:, :, :kv_len], vc[:, :, :kv_len]
 
-        if self._fused is not None and self._all_packed:
+        if self._fuse and self._all_packed:
             h = self._fused_layers(x, cos, sin, mask, kv_len, rows)
         else:
             h = self._layers(x, cos, sin, mask, write, decode=True)
@@ -477,7 +473,8 @@ class GenerationEngine:
 
     def _fused_layers(self, x, cos, sin, mask: DecodeMask, kv_len: int, rows: int):
         """The decode step's layers through the compiled functions of engine/fused.py (all projections packed)."""
-        pre, post, final = self._fused
+        pre, post, final = (self._compiled(f, rows, self.length)
+                            for f in (fused.pre_attention, fused.post_attention, fused.final_norm))
         delta = None
         for i, layer in enumerate(self.decoder.layers):
             p, ln1, ln2 = self._packs[i], layer.input_layernorm, layer.post_attention_layernorm
@@ -520,12 +517,12 @@ class GenerationEngine:
         """(the next token of each row, its log-probability under softmax(logits / T); None when greedy)."""
         if s.greedy:  # float32 holds every bf16/fp16 value exactly: the same argmax without the cast
             return logits.argmax(-1), None
-        if self._race is not None and not (s.keyed or s.top_k or s.top_p < 1):  # compiled: one fused kernel
+        if self._fuse and not (s.keyed or s.top_k or s.top_p < 1):  # compiled: one fused kernel
             # The noise is drawn outside compiled code by exponential_ (torch's generator, which a CUDA graph
             # replay advances). Drawn inside the kernel instead (torch.rand compiled), the sampling kernel took
             # 258 instead of 104 + 86 µs a step: benchmarks/RESULTS.md, session 4.
             noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_()
-            return self._race(logits, noise, s.temperature)
+            return self._compiled(fused.exponential_race, logits.shape[0])(logits, noise, s.temperature)
         scores = logits.float() / s.temperature
         token = self._draw(scores, st, s)
         return token, fused.token_logprob(scores, token)
@@ -549,6 +546,10 @@ class GenerationEngine:
         # An exact categorical draw without a host sync: argmax of p / Exp(1) (the exponential race; exponential_
         # draws from torch's generator, which a CUDA graph replay advances, so replays draw new noise).
         return (scores.softmax(-1) / torch.empty_like(scores).exponential_()).argmax(-1)
+
+    def _compiled(self, fn, *batch_shape):
+        """`fn` compiled for this model's shape and `batch_shape` (static shapes: each shape its own code)."""
+        return fused.compiled(fn, "_".join(["engine", self._tag, *map(str, batch_shape)]))
 
     # -- CUDA graphs and fresh weights ------------------------------------------------------------
     def _graph(self, rows: int, kv_len: int, sampling: Sampling, max_new: int):
@@ -647,12 +648,18 @@ class _Glue:
                                   for m in (lay.input_layernorm, lay.post_attention_layernorm)]
         self.fused = all(fused.is_hf_rms_norm(n) for n in norms) and fused.is_silu_mlp(layer.mlp)
         # Compiled only where inductor can round where HF's eager code rounds (emulate_precision_casts: without
-        # it 25% of bf16 norm outputs differ by an ulp), each engine's functions on their own code objects.
-        tag = f"{'prefill' if dynamic else 'decode'}{id(self)}"
-        wrap = (lambda f: f if f is None else fused.compiled(f, tag, dynamic)) \
-            if compiled and self.fused and fused.available() else (lambda f: f)
-        self._rms, self._add_rms, self._silu_mul, self._rope = map(wrap, (_rms_norm, _add_rms_norm, fused.silu_mul,
-                                                                          rope))
+        # it 25% of bf16 norm outputs differ by an ulp). One compiled version per model shape (the prefill's, with
+        # dynamic shapes) or per model shape and rows (the decode step's, fixed shapes), shared by every engine of
+        # the process (fused.compiled).
+        tag = f"{'prefill' if dynamic else 'decode'}_{fused.model_tag(decoder.config, decoder.embed_tokens.weight.dtype)}"
+        if not (compiled and self.fused and fused.available()):
+            wrap = lambda f: f  # noqa: E731
+        elif dynamic:
+            wrap = lambda f: fused.compiled(f, tag, dynamic=True)  # noqa: E731
+        else:
+            wrap = lambda f: _per_rows(f, tag)  # noqa: E731
+        self._rms, self._add_rms, self._silu_mul, self._rope = (
+            f if f is None else wrap(f) for f in (_rms_norm, _add_rms_norm, fused.silu_mul, rope))
 
     def norm(self, module, x):
         return self._rms(x, module.weight, module.variance_epsilon) if self.fused else module(x)
@@ -671,6 +678,13 @@ class _Glue:
             gate, up = gate_up(h) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
             return mlp.down_proj(self._silu_mul(gate, up))
         return mlp(h)
+
+
+def _per_rows(fn, tag: str):
+    """`fn` compiled for fixed shapes, one version per number of rows (its first argument's first dimension)."""
+    def call(x, *args):
+        return fused.compiled(fn, f"{tag}_{x.shape[0]}")(x, *args)
+    return call
 
 
 def _dedupe(ids: torch.Tensor) -> tuple[list, list]:

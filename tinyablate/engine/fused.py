@@ -115,13 +115,30 @@ def token_logprob(scores, token):
     return scores.gather(-1, token[:, None])[:, 0] - scores.logsumexp(-1)
 
 
+_COMPILED: dict = {}
+
+
 def compiled(fn, tag: str, dynamic: bool = False):
     """`fn` compiled into fused kernels (no CUDA graphs of its own: the engine captures), on its own code
-    object for `tag` (see own_code). Fixed shapes compile whole (fullgraph: the decode step); dynamic
-    shapes (the prefill, training) may fall back to eager past the recompile budget.
-    `emulate_precision_casts` rounds where HF's eager code rounds, so the kernels compute HF's numbers."""
-    return torch.compile(own_code(fn, tag), fullgraph=not dynamic, dynamic=dynamic,
-                         options={"emulate_precision_casts": True})
+    object for `tag` (see own_code), one per (fn, tag, dynamic) in a process: engines that pass the same tag (one
+    model shape, one batch shape: `model_tag`) share the compiled code, so the cells that a process runs one
+    after another (a bundle, hydra.launcher.cells_per_job) compile it once. Fixed shapes compile whole
+    (fullgraph: the decode step); dynamic shapes (the prefill, training) may fall back to eager past the
+    recompile budget. `emulate_precision_casts` rounds where HF's eager code rounds, so the kernels compute
+    HF's numbers."""
+    key = (fn, tag, dynamic)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(own_code(fn, tag), fullgraph=not dynamic, dynamic=dynamic,
+                                       options={"emulate_precision_casts": True})
+    return _COMPILED[key]
+
+
+def model_tag(config, dtype: torch.dtype) -> str:
+    """A name for a model's shape and dtype (what compiled code depends on besides the batch shape)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dims = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            head_dim, config.intermediate_size, config.vocab_size)
+    return f"{config.model_type}_{'_'.join(map(str, dims))}_{str(dtype).removeprefix('torch.')}"
 
 
 def own_code(fn, tag: str):

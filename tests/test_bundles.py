@@ -1,0 +1,101 @@
+"""Several cells in one job (hydra.launcher.cells_per_job) and several jobs on one GPU (cells_per_gpu, auto).
+
+A bundle runs its cells one after another in one process: a failed cell does not stop the next, every cell
+keeps its own folder and result, and a later cell starts warm. cells_per_gpu=auto packs by the cost model's
+memory estimate; a number that cannot fit, or that is no positive integer, is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from test_sweeps import TINY, fail_when_run, launch
+
+
+def _results(runs) -> dict:
+    return {json.loads(p.read_text())["config"]["adapter"]["u"]: json.loads(p.read_text())
+            for p in runs.rglob("result.json")}
+
+
+def test_a_bundle_runs_its_cells_one_after_another_and_a_failure_stops_none(tmp_path):
+    runs = tmp_path / "runs"
+    args = ["-m", *TINY, f"output_dir={runs}", "sweep=bundle", "gpus=0"]
+    fail_when_run(runs / "bundle", launch([*args, "adapter.u=2", "dry_run=true"], tmp_path))
+    proc = launch([*args, "adapter.u=1,2,3", "hydra.launcher.cells_per_job=3"], tmp_path, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # one cell failed
+    assert "and 2 more, one after another" in proc.stdout
+    by_u = _results(runs)
+    assert [by_u[u]["status"] for u in (1, 2, 3)] == ["completed", "failed", "completed"]
+    records = [json.loads(p.read_text()) for p in runs.rglob("launch.json")]
+    assert len(records) == 3 and len({r["job_id"] for r in records}) == 1  # one job ran all three
+    # the third cell started in a warm process: imports done, base accuracy cached
+    first, third = (by_u[u]["timing"]["start_to_first_step_s"] for u in (1, 3))
+    assert 0 < third < first, (first, third)
+    again = launch([*args, "adapter.u=1,2,3", "hydra.launcher.cells_per_job=3"], tmp_path, timeout=300)
+    assert "0 to run, 2 completed cells skipped, 1 failed cells skipped" in again.stdout, again.stdout
+
+
+def test_bundles_group_cells_of_one_gpu_count_and_never_multi_gpu_cells():
+    from hydra_plugins.tinyablate.submit import bundles
+
+    cells = [SimpleNamespace(name=n, spec=SimpleNamespace(gpus=g))
+             for n, g in [("a", 1), ("b", 1), ("c", 1), ("d", 2), ("e", 1), ("f", 0), ("g", 0)]]
+    groups = [[c.name for c in b] for b in bundles(cells, 2)]
+    assert groups == [["a", "b"], ["d"], ["c", "e"], ["f", "g"]]
+    assert sorted([c.name for c in b] for b in bundles(cells, 1)) == [[c.name] for c in cells]
+
+
+@pytest.mark.parametrize("value", ["0", "two", "1.5", "-3"])
+def test_cells_per_gpu_that_is_no_positive_integer_or_auto_is_refused(value, tmp_path):
+    proc = launch(["-m", *TINY, f"output_dir={tmp_path}/runs", "dry_run=true", f"hydra.launcher.cells_per_gpu={value}"],
+                  tmp_path)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "cells_per_gpu" in line]
+    assert lines and "a positive integer or auto" in lines[0], proc.stdout + proc.stderr[-2000:]
+
+
+def test_cells_per_gpu_auto_packs_by_the_memory_model_and_too_many_are_refused(monkeypatch, capsys):
+    from hydra_plugins.tinyablate import launcher as launcher_module
+    from hydra_plugins.tinyablate.launcher import TinyablateLauncher
+    from tinyablate.config import CellSpec, ModelConfig
+    from tinyablate.cost import cell_memory_bytes
+
+    spec = CellSpec(model=ModelConfig(name="smollm2-135m"), gpus=1)
+    need = cell_memory_bytes(spec)
+    monkeypatch.setattr(launcher_module, "local_gpu_bytes", lambda: 20 * need)
+    monkeypatch.setattr(launcher_module, "local_gpus", lambda: [0])
+    monkeypatch.setattr(launcher_module, "cores", lambda: 64)
+    cells = [SimpleNamespace(spec=spec, cell_id=f"c{i}", error=None) for i in range(30)]
+    monkeypatch.setattr(launcher_module.plan, "distinct", lambda cs: (cs, []))
+    auto = TinyablateLauncher(backend="local", cells_per_gpu="auto", max_parallel=1)
+    auto._pack_gpus(cells)
+    assert auto.settings["cells_per_gpu"] == 12 and auto.settings["max_parallel"] == 12  # 0.9 x 20 / 1.5
+    assert "cells_per_gpu=auto: 12 cells at once per GPU" in capsys.readouterr().out
+    monkeypatch.setattr(launcher_module, "cores", lambda: 8)
+    capped = TinyablateLauncher(backend="local", cells_per_gpu="auto", max_parallel=1)
+    capped._pack_gpus(cells)
+    assert capped.settings["cells_per_gpu"] == 8  # one per CPU core
+    fits = TinyablateLauncher(backend="local", cells_per_gpu=12, max_parallel=12)
+    fits._pack_gpus(cells)
+    with pytest.raises(SystemExit) as stop:
+        TinyablateLauncher(backend="local", cells_per_gpu=13, max_parallel=13)._pack_gpus(cells)
+    assert stop.value.code == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("hydra.launcher.cells_per_gpu=13: that many cells") and "at most 12 do" in out[-1]
+
+
+def test_the_memory_model_grows_with_the_model_and_the_batch():
+    from dataclasses import replace
+
+    from tinyablate.config import AlgoConfig, CellSpec, ModelConfig
+    from tinyablate.cost import cell_memory_bytes
+
+    small = CellSpec(model=ModelConfig(name="smollm2-135m"), gpus=1)
+    assert 2**30 < cell_memory_bytes(small) < 16 * 2**30
+    big = replace(small, model=ModelConfig(name="qwen2.5-7b"))
+    assert cell_memory_bytes(big) > 2 * 15e9  # 7.6 B bf16 weights, twice (model + engine's packed copies)
+    wide = replace(small, algo=AlgoConfig(name="grpo", prompts_per_step=64, num_generations=8, micro_batch_size=64))
+    assert cell_memory_bytes(wide) > cell_memory_bytes(small)
