@@ -9,7 +9,7 @@ GRPO and SFT, 30 steps) over enough seeds that every one of the N slots runs a b
 Prints, per N: cells, wall time of the whole command, cells per hour, each cell's peak GPU memory
 (timing.gpu_peak_gib: torch's reserved memory; add ~0.5 GiB of CUDA context per process), the cost model's
 estimate per cell, start to first step of each bundle's first cell and of its later cells, and the mean
-accuracy (the packing must not change what the cells learn). Writes <out>/pack.json.
+accuracy of the completed cells (the packing must not change what the cells learn); failed cells are counted. Writes <out>/pack.json.
 """
 
 from __future__ import annotations
@@ -62,17 +62,19 @@ def run(n: int, seeds: int, out: Path, overrides: list) -> dict:
     start = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.time() - start
-    if proc.returncode != 0:
-        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
     results = [json.loads(p.read_text()) for p in out.rglob("result.json")]
+    if proc.returncode not in (0, 1) or not results:  # 1: the sweep ran and some cell failed (counted below)
+        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+    failed = [r for r in results if r["status"] != "completed"]
+    results = [r for r in results if r["status"] == "completed"]
     first, later = _starts(out, results)
     peaks = [r["timing"].get("gpu_peak_gib") for r in results if r["timing"].get("gpu_peak_gib") is not None]
-    return {"n": n, "cells": len(results), "per_job": per_job, "wall_s": wall, "cells_per_hour": 3600 * len(results) / wall,
+    return {"n": n, "cells": len(results) + len(failed), "failed": len(failed), "per_job": per_job, "wall_s": wall, "cells_per_hour": 3600 * (len(results) + len(failed)) / wall,
             "peak_gib_max": round(max(peaks), 2) if peaks else None,
             "peak_gib_median": round(statistics.median(peaks), 2) if peaks else None,
             "model_gib": _modelled_gib(results), "first_s": first, "later_s": later,
             "accuracy_mean": statistics.mean(r["metrics"]["accuracy"] for r in results),
-            "statuses": sorted({r["status"] for r in results})}
+            "failures": sorted({f"{r['cell_id']}: {r['error']['type']}" for r in failed})}
 
 
 def _starts(out: Path, results: list) -> tuple:

@@ -184,3 +184,39 @@ def test_api_key_file_keeps_the_key_out_of_the_job_environment(tmp_path):
     assert key_kept(*safe[:2]) == (False, False)
     exported = _submit_one(tmp_path, "keyenv", [], env={"WANDB_API_KEY": secret})
     assert key_kept(*exported[:2]) == (True, True)  # the README's plain export: SLURM keeps it (the test can fail)
+
+
+def test_a_requeued_bundle_keeps_its_completed_cell_and_resumes_the_next(tmp_path):
+    """hydra.launcher.cells_per_job=2: one array task runs two cells one after another. Preempted while the second
+    trains, the job is requeued: the first cell's result is kept as it was (not run again), the second resumes
+    from its checkpoint."""
+    require_cluster()
+    runs = tmp_path / "runs"
+    proc = launch(["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=bundle", "adapter.u=21,22", "algo.max_steps=40",
+                   "algo.save_steps=4", "algo.max_completion_length=48", "hydra.launcher.cells_per_job=2",
+                   "wait=false"], tmp_path, timeout=300)
+    assert proc.returncode == 0 and "submitted 2 cells in 1 job(s)" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    records = launch_records(runs)
+    (job_id,) = {r["job_id"] for r in records.values()}
+    by_u = {json.loads((runs / "bundle" / cid / "spec.json").read_text())["config"]["adapter"]["u"]: runs / "bundle" / cid
+            for cid in records}
+    first, second = by_u[21], by_u[22]
+    deadline = time.time() + 300
+    while not (second / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists():
+        assert time.time() < deadline, sacct_states(job_id)
+        time.sleep(0.2)
+    assert not (second / "result.json").exists(), "finished before it could be preempted"
+    kept = (first / "result.json").read_text()
+    assert json.loads(kept)["status"] == "completed"
+    subprocess.run(["scancel", job_id, "--signal", "SIGTERM"], check=True)
+    subprocess.run(["scancel", job_id, "--signal", "USR2"], check=True)
+    deadline = time.time() + 300
+    while not (second / "result.json").exists():
+        assert time.time() < deadline, sacct_states(job_id, duplicates=True)
+        time.sleep(1)
+    result = json.loads((second / "result.json").read_text())
+    assert result["status"] == "completed" and result["metrics"]["train_steps"] == 40
+    assert result["metrics"]["resumed_from_step"] is not None and result["metrics"]["resumed_from_step"] >= 8
+    assert (first / "result.json").read_text() == kept  # the completed cell was not run again
+    history = wait_sacct_history(job_id)
+    assert "REQUEUED" in history and history.endswith("COMPLETED"), history
