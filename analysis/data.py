@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional
 
 from scipy.stats import t as student_t
 
-from tinyablate.cell_folder import CellFolder, Result, ResultError, sweep_cell_folders
+from tinyablate.cell_folder import CellFolder, Result, ResultError, eval_samples_file, sweep_cell_folders
 from tinyablate.config import ConfigError, identity_dict, spec_from_dict
 
 # One row per completed cell, in this order, in summary.csv.
@@ -132,7 +132,9 @@ def _read_cell(cell: CellFolder, out: Sweeps) -> None:
         out.skipped.append(Skipped("failed", sweep, result.cell_id, cell.path, _short(reason, 200), wall))
         return
     try:
-        out.rows.append(result_row(result, sweep))
+        row = result_row(result, sweep)
+        row["samples_path"] = str(cell.file(eval_samples_file(None)))  # per-problem records (analysis/compare.py)
+        out.rows.append(row)
     except ValueError as err:
         out.skipped.append(Skipped("unreadable", sweep, result.cell_id, cell.path, _short(err), wall))
 

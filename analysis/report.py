@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from .compare import comparisons
 from .data import AXES, CSV_COLUMNS, Sweeps, aggregate, load_sweeps, matched_families, rl_sft_gap, task_groups
 from .plots import PAPER_TASK, make_plots
 from .transfer import (TRANSFER_COLUMNS, has_cross_task, matrix_table, plot_task_curves, plot_transfer,
@@ -63,6 +64,9 @@ def analyze(sweep_dirs: list, out_dir: Path, *, reference: bool = True, wandb_mo
     gap = rl_sft_gap(settings)
     matched = matched_families(settings)
     transfer = transfer_report(sweeps.rows, out_dir)
+    compared = comparisons(sweeps.rows)
+    if compared:
+        write_csv(out_dir / "comparisons.csv", compared, COMPARISON_COLUMNS)
     wandb_notes = []
     if wandb_mode:
         for sweep in sorted({r["sweep"] for r in sweeps.rows}):
@@ -70,11 +74,40 @@ def analyze(sweep_dirs: list, out_dir: Path, *, reference: bool = True, wandb_mo
             wandb_notes.append(f"W&B summary run for sweep {sweep!r} ({wandb_mode}): "
                                f"{path.parent if path else 'disabled'}")
     (out_dir / "summary.md").write_text(summary_markdown(sweeps, settings, plots, gap, matched, reference,
-                                                         wandb_notes) + transfer_markdown(transfer))
+                                                         wandb_notes) + comparison_markdown(compared)
+                                       + transfer_markdown(transfer))
     page = out_dir / "index.html"
     page.write_text(render_html(sweeps, settings, plots, gap, matched, reference, wandb_notes)
-                    .replace("</body></html>", transfer_html(transfer) + "</body></html>"))
+                    .replace("</body></html>", comparison_html(compared) + transfer_html(transfer) + "</body></html>"))
     return page
+
+
+COMPARISON_COLUMNS = ["task", "scorer", "model", "params", "axis", "a", "b", "n_a", "n_b", "diff", "low", "high",
+                      "resolved"]
+COMPARISON_NOTE = ("A − B in accuracy points with a 95% interval from a bootstrap over seeds and problems (paired: "
+                   "the same held-out problems); settings at one parameter count that differ in one axis "
+                   "(analysis/compare.py). Unresolved: the interval holds 0.")
+
+
+def comparison_table(compared: list) -> tuple:
+    header = ["task", "model", "params", "axis", "A − B", "difference (points)", "95% interval", "seeds", "resolved"]
+    body = [[c["task"], c["model"], f"{c['params']:,}", c["axis"], f"{c['a']} − {c['b']}", f"{c['diff']:+.1f}",
+             f"[{c['low']:+.1f}, {c['high']:+.1f}]", f"{c['n_a']} / {c['n_b']}",
+             "yes" if c["resolved"] else "unresolved"] for c in compared]
+    return header, body
+
+
+def comparison_markdown(compared: list) -> str:
+    if not compared:
+        return ""
+    return "\n".join(["## Comparisons", "", COMPARISON_NOTE, "", _md_table(*comparison_table(compared)), "", ""])
+
+
+def comparison_html(compared: list) -> str:
+    if not compared:
+        return ""
+    return (f"<h2>Comparisons</h2><p class='small'>{html.escape(COMPARISON_NOTE)}</p>"
+            + _html_table(*comparison_table(compared)))
 
 
 def transfer_report(rows: list, out_dir: Path) -> Optional[dict]:
