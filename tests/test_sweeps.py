@@ -212,3 +212,15 @@ def test_slimming_preset_lists_lora_qlora_and_tinylora_on_three_tasks(tmp_path):
         params = sorted(int(line.split(" params=")[1].split()[0].replace(",", "")) for line in mine)
         assert params[:3] == [1, 13, 196]  # TinyLoRA, tie=all: u parameters
         assert params[3:] == sorted([8 * 2523136, 16 * 2523136, 64 * 2523136] * 2)  # LoRA = QLoRA: r (d+k) per module
+
+
+def test_a_sweep_of_several_grids_is_their_union_and_the_command_line_wins(tmp_path):
+    """sweeps/evidence.yaml: hydra.sweeper.grids, each with the shared seeds; a cell in two grids runs once."""
+    base = ["-m", "sweeps=evidence", "hydra/launcher=slurm", "dry_run=true", f"output_dir={tmp_path}/runs"]
+    proc = launch(base, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # 5 seeds x (6 u x 2 + LoRA-XS x 2 + LoRA x 2 + 4 ranks + 2 sharings + 2 precisions) = 120 sets; the r=2 and
+    # the fp32 cell at u=16 are grid 1's u=16 GRPO cell: 110 distinct
+    assert "dry run: 110 valid cells, nothing submitted (120 override sets)" in proc.stdout, proc.stdout[-1500:]
+    one = launch([*base, "seed=0", "adapter.u=4"], tmp_path)
+    assert "dry run: 12 valid cells, nothing submitted (14 override sets)" in one.stdout, one.stdout[-1500:]
