@@ -99,3 +99,18 @@ def test_the_memory_model_grows_with_the_model_and_the_batch():
     assert cell_memory_bytes(big) > 2 * 15e9  # 7.6 B bf16 weights, twice (model + engine's packed copies)
     wide = replace(small, algo=AlgoConfig(name="grpo", prompts_per_step=64, num_generations=8, micro_batch_size=64))
     assert cell_memory_bytes(wide) > cell_memory_bytes(small)
+
+
+def test_the_cost_model_prices_packed_cells_by_the_measured_speedup():
+    from types import SimpleNamespace as NS
+
+    from hydra_plugins.tinyablate.plan import packed_lines
+    from tinyablate.cost import packing_speedup
+
+    assert packing_speedup(1) == 1.0 and packing_speedup(8) == 5.1 and packing_speedup(64) == 4.9
+    assert 1.0 < packing_speedup(4) < 5.1  # between measured points: linear
+    cells = [NS(spec=NS(gpus=1))] * 10 + [NS(spec=NS(gpus=2))]
+    est = [NS(gpu_hours=0.51)] * 10 + [NS(gpu_hours=1.0)]
+    assert packed_lines(cells, est, "h200", 1) == []
+    (line,) = packed_lines(cells, est, "h200", 8)
+    assert line.startswith("packed 8 cells per GPU (hydra.launcher.cells_per_gpu): about 2 GPU-hours in all (5.1x")

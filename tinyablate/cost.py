@@ -277,6 +277,25 @@ def _modules(spec: CellSpec, s: Shape) -> int:
     return layers * len(a.target_modules)
 
 
+# -- packing -----------------------------------------------------------------------------------
+# GPU throughput gained by running N one-GPU cells at once on one GPU (hydra.launcher.cells_per_gpu), as cells per
+# hour against one at a time, measured with warm bundles on the embedded model (benchmarks/pack_bench.py;
+# benchmarks/RESULTS.md, "session 7": 184, 941 and ~900 cells an hour at N = 1, 8, 16 on 16 CPU cores: the CPU, not
+# the GPU, bounds it). Linear between measured N, flat beyond the last; other device kinds use the h200's.
+PACKING_SPEEDUP = {"h200": ((1, 1.0), (8, 5.1), (16, 4.9))}
+
+
+def packing_speedup(n: int, kind: str = DEFAULT_DEVICE) -> float:
+    """How many times more cells a GPU finishes per hour running `n` at once (PACKING_SPEEDUP)."""
+    points = PACKING_SPEEDUP.get(kind, PACKING_SPEEDUP[DEFAULT_DEVICE])
+    if n <= points[0][0]:
+        return points[0][1]
+    for (n0, s0), (n1, s1) in zip(points, points[1:]):
+        if n <= n1:
+            return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
+    return points[-1][1]
+
+
 # -- memory ------------------------------------------------------------------------------------
 CUDA_CONTEXT_BYTES = 600 * 2**20  # a process's CUDA context and kernels (outside torch's allocator), assumed
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto: bfloat16 on a GPU

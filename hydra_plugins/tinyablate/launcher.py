@@ -86,7 +86,7 @@ class TinyablateLauncher(Launcher):
                 raise SystemExit(1)  # as python -m tinyablate.status does
             return self._returns(cells)
         if options.dry_run:
-            print("\n".join(plan.plan_lines(cells, options.cost_device)))
+            print("\n".join(plan.plan_lines(cells, options.cost_device, cells_per_gpu=self._packed())))
             if self.backend == "slurm":
                 print("SLURM: each cell's GPUs (gpus, model.device) are checked on its node when the job starts")
             n_distinct = len(plan.distinct(cells)[0])
@@ -95,7 +95,7 @@ class TinyablateLauncher(Launcher):
             return self._returns(cells)
         todo, notes = self._select(cells, options.retry_failed)
         if todo:
-            print(plan.todo_line(todo, options.cost_device))
+            print(plan.todo_line(todo, options.cost_device, self._packed()))
             self._check_backend()
             jobs = submit_cells(self.backend, self.settings, todo, options.wait)
             if not options.wait:
@@ -146,6 +146,11 @@ class TinyablateLauncher(Launcher):
             print(f"hydra.launcher.cells_per_gpu={value}: that many cells of up to {where} do not fit; at most "
                   f"{fit} do (or cells_per_gpu=auto). Nothing was submitted.")
             raise SystemExit(2)
+
+    def _packed(self) -> int:
+        """One-GPU cells that share a GPU at once (local launcher; resolved by _pack_gpus)."""
+        value = self.settings.get("cells_per_gpu", 1) if self.backend == "local" else 1
+        return value if isinstance(value, int) else 1
 
     def _check(self, overrides: list, root, auto_gpus: int = 0) -> Cell:
         cell = Cell(overrides)

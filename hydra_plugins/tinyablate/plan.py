@@ -16,7 +16,7 @@ from tinyablate.cell_folder import ResultError, sweep_cell_folders
 from tinyablate.config import spec_from_dict
 from tinyablate.config.identity import NOT_IDENTITY, ignored_fields
 from tinyablate.config.model import SHAPES
-from tinyablate.cost import calibrate, estimate_cell, load_table
+from tinyablate.cost import calibrate, estimate_cell, load_table, packing_speedup
 
 
 def distinct(cells: list) -> tuple:
@@ -103,7 +103,7 @@ def completed_cells(cells: list) -> list:
     return out
 
 
-def plan_lines(cells: list, device: str, states: Optional[dict] = None) -> list:
+def plan_lines(cells: list, device: str, states: Optional[dict] = None, cells_per_gpu: int = 1) -> list:
     """The dry run: each distinct cell once with its estimate, then totals per swept axis and overall."""
     unique, _ = distinct(cells)
     est = estimates(unique, device)
@@ -113,7 +113,20 @@ def plan_lines(cells: list, device: str, states: Optional[dict] = None) -> list:
         return lines + [f"GPU-hours: none (all {len(unique)} cells run on the CPU, gpus=0)"]
     lines += axis_lines(cells, unique, est)
     lines += total_lines(unique, est, states, device)
-    return lines
+    return lines + packed_lines(unique, est, device, cells_per_gpu)
+
+
+def packed_lines(cells: list, est: list, device: str, cells_per_gpu: int) -> list:
+    """With several one-GPU cells at once on a GPU: the GPU-hours the packing leaves (tinyablate/cost.py
+    packing_speedup, measured on the embedded model)."""
+    if cells_per_gpu <= 1:
+        return []
+    shared = sum(e.gpu_hours for c, e in zip(cells, est) if c.spec.gpus == 1)
+    other = sum(e.gpu_hours for c, e in zip(cells, est) if c.spec.gpus != 1)
+    speedup = packing_speedup(cells_per_gpu, device)
+    return [f"packed {cells_per_gpu} cells per GPU (hydra.launcher.cells_per_gpu): about "
+            f"{_hours(shared / speedup + other)} GPU-hours in all ({speedup:.1f}x the cells per GPU-hour, measured "
+            f"with small models; benchmarks/RESULTS.md)"]
 
 
 def _cell_line(c, e, state: str) -> str:
@@ -164,13 +177,15 @@ def total_lines(unique: list, est: list, states: dict, device: str) -> list:
     return lines
 
 
-def todo_line(todo: list, device: str) -> str:
+def todo_line(todo: list, device: str, cells_per_gpu: int = 1) -> str:
     """The submission's estimate for the cells about to run."""
     est = estimates(todo, device)
     if all(e.source == "cpu" for e in est):
         return f"the {len(todo)} cells to run are CPU cells (gpus=0): no GPU-hours"
+    packed = packed_lines(todo, est, device, cells_per_gpu)
     return (f"estimated {_hours(sum(e.gpu_hours for e in est))} GPU-hours on {device} for the {len(todo)} cells to run "
-            f"({', '.join(f'{n} {src}' for src, n in Counter(e.source for e in est).most_common())})")
+            f"({', '.join(f'{n} {src}' for src, n in Counter(e.source for e in est).most_common())})"
+            + (f"; {packed[0]}" if packed else ""))
 
 
 def _hours(h: float) -> str:
