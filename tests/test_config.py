@@ -166,3 +166,47 @@ def test_the_library_imports_no_launching_code():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             offenders += [f"{name}: {n}" for n in names if n.split(".")[0] in ("hydra", "omegaconf", "submitit")]
     assert not offenders, offenders
+
+
+def _package(module: str) -> str:
+    """The unit that owns private names: a subpackage of tinyablate (tinyablate.engine), or a top-level module of
+    it (tinyablate.cell), or a top-level package (analysis, hydra_plugins)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "tinyablate" else parts[0]
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_module_imports_or_reads_another_packages_private_names():
+    """Packages talk through public names: no `from other.package import _name`, and no `obj._attr` where
+    `_attr` is an attribute, function or class that only other packages define (e.g. the engine reading an
+    adapter layer's merged-weight cache or a sampler's internals)."""
+    modules = _modules()
+    owners: dict = {}
+    trees = {name: ast.parse(path.read_text()) for name, path in modules.items()}
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and _private(node.attr):
+                owners.setdefault(node.attr, set()).add(_package(name))
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and _private(node.name):
+                owners.setdefault(node.name, set()).add(_package(name))
+    offenders = []
+    for name, tree in trees.items():
+        mine, path = _package(name), modules[name]
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                if base in modules or base.split(".")[0] in ("tinyablate", "analysis", "hydra_plugins"):
+                    offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {a.name} from {base}"
+                                  for a in node.names if _private(a.name) and _package(base) != mine]
+            elif isinstance(node, ast.Attribute) and _private(node.attr):
+                where = owners.get(node.attr, set())
+                if where and mine not in where:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} reads .{node.attr} of {sorted(where)}")
+    assert not offenders, offenders

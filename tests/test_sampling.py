@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinyablate.sampling import KeyedGumbelSampler, _top_p_filter, mix32, rollout_keys, sequence_key
+from tinyablate.sampling import KeyedGumbelSampler, top_p_filter, mix32, rollout_keys, sequence_key
 
 
 def test_mix32_is_the_same_on_tensors_and_ints():
@@ -34,7 +34,7 @@ def test_noise_depends_on_key_and_position_only():
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
     probs = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
-    kept = torch.isfinite(_top_p_filter(probs.log(), 0.75))
+    kept = torch.isfinite(top_p_filter(probs.log(), 0.75))
     assert kept.tolist() == [[True, False, True, False]]
 
 

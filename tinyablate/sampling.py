@@ -81,10 +81,10 @@ class KeyedGumbelSampler:
         t = input_ids.shape[1] - self.start
         scores = scores.float() / self.temperature
         if self.top_p < 1.0:
-            scores = _top_p_filter(scores, self.top_p)
+            scores = top_p_filter(scores, self.top_p)
         self._prepare(scores.shape[1], scores.device)
         step = torch.tensor(mix32(t), dtype=torch.int64, device=scores.device)
-        return _noisy_scores(scores.is_cuda)(scores, self.keys, self._vocab_hash, step)
+        return noisy_scores(scores.is_cuda)(scores, self.keys, self._vocab_hash, step)
 
     def noise(self, t: int, vocab: int, device) -> torch.Tensor:
         """Gumbel(0, 1) noise of shape (rows, vocab) for generated position t."""
@@ -95,8 +95,13 @@ class KeyedGumbelSampler:
 
     def _prepare(self, vocab: int, device) -> None:
         if self._vocab_hash is None or self._vocab_hash.device != torch.device(device):
-            self._vocab_hash = mix32(torch.arange(vocab, dtype=torch.int64, device=device) * 0x9E3779B1 & _M32)
+            self._vocab_hash = vocab_hash(vocab, device)
             self.keys = self.keys.to(device)
+
+
+def vocab_hash(vocab: int, device) -> torch.Tensor:
+    """The per-token-id hash the keyed noise mixes with a row's key and the step (one int64 per token id)."""
+    return mix32(torch.arange(vocab, dtype=torch.int64, device=device) * 0x9E3779B1 & _M32)
 
 
 def _add_gumbel(scores: torch.Tensor, keys: torch.Tensor, vocab_hash: torch.Tensor, step: torch.Tensor):
@@ -110,8 +115,8 @@ def _add_gumbel(scores: torch.Tensor, keys: torch.Tensor, vocab_hash: torch.Tens
 _COMPILED = {}
 
 
-def _noisy_scores(cuda: bool):
-    """On CUDA the ~20 elementwise integer and float ops are fused into one kernel by torch.compile
+def noisy_scores(cuda: bool):
+    """The function scores + keyed Gumbel noise (scores, keys, vocab_hash, step): on CUDA the ~20 elementwise integer and float ops are fused into one kernel by torch.compile
     (eager they cost a pass over a (rows x vocab) int64 tensor each); on CPU they run eagerly."""
     if not cuda:
         return _add_gumbel
@@ -120,7 +125,8 @@ def _noisy_scores(cuda: bool):
     return _COMPILED["cuda"]
 
 
-def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`scores` with -inf outside the smallest set of top tokens whose probability reaches top_p."""
     sorted_scores, order = torch.sort(scores, descending=True)
     probs = sorted_scores.softmax(-1)
     drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p

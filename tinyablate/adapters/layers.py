@@ -20,6 +20,8 @@ weight: A and B come from the dequantized W, the layer computes the quantized ba
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,6 +96,26 @@ class SVDAdapterLinear(nn.Linear):
     def forward_mode(self, value: str) -> None:
         self._forward_mode = value
         self.drop_cache()
+
+    @property
+    def is_merged(self) -> bool:
+        """ΔW is merged into `weight` itself (merge()): the layer computes a plain linear until unmerge()."""
+        return self._pristine is not None
+
+    @property
+    def quantized(self) -> bool:
+        """The frozen base is a quantized layer (it computes its own output; nothing is merged)."""
+        return self._quantized_base is not None
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + A M B for the current v: cached, recomputed in place when v has changed (its version counter)."""
+        return self._merged_weight()
+
+    @property
+    def merged_weight_cache(self) -> Optional[torch.Tensor]:
+        """The tensor that holds the cached merged weight (None before the first merge and after drop_cache):
+        its address changes only when the cache moves (keep_merged_weight_in, drop_cache)."""
+        return self._w_eff
 
     @property
     def rank(self) -> int:

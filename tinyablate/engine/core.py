@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters.layers import SVDAdapterLinear
-from ..sampling import KeyedGumbelSampler, _noisy_scores, _top_p_filter, mix32
+from ..sampling import mix32, noisy_scores, top_p_filter, vocab_hash
 from . import fused
 from .fused import rms_norm as _rms_norm
 from .attention import available as attention_kernel_available
@@ -531,18 +531,16 @@ class GenerationEngine:
         """The sampled token of each row from the temperature-scaled scores (eager: keyed, top-k or top-p)."""
         if s.keyed:  # exactly KeyedGumbelSampler's scores (tinyablate/sampling.py), then their argmax
             if s.top_p < 1:
-                scores = _top_p_filter(scores, s.top_p)
+                scores = top_p_filter(scores, s.top_p)
             if self._vocab_hash is None or self._vocab_hash.numel() != scores.shape[1]:
-                probe = KeyedGumbelSampler([0], s.temperature)
-                probe._prepare(scores.shape[1], scores.device)
-                self._vocab_hash = probe._vocab_hash
-            noisy = _noisy_scores(scores.is_cuda)(scores, st.keys, self._vocab_hash, mix32(st.step))
+                self._vocab_hash = vocab_hash(scores.shape[1], scores.device)
+            noisy = noisy_scores(scores.is_cuda)(scores, st.keys, self._vocab_hash, mix32(st.step))
             return noisy.argmax(-1)
         if s.top_k:
             kth = scores.topk(min(s.top_k, scores.shape[1]), dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if s.top_p < 1:
-            scores = _top_p_filter(scores, s.top_p)
+            scores = top_p_filter(scores, s.top_p)
         # An exact categorical draw without a host sync: argmax of p / Exp(1) (the exponential race; exponential_
         # draws from torch's generator, which a CUDA graph replay advances, so replays draw new noise).
         return (scores.softmax(-1) / torch.empty_like(scores).exponential_()).argmax(-1)
@@ -587,11 +585,11 @@ class GenerationEngine:
         signature = [tuple(p.signature() if p is not None else None for p in packs) for packs in self._packs]
         for module in self.model.modules():
             if isinstance(module, SVDAdapterLinear):
-                fused = module.enabled and module._pristine is None and module.forward_mode == "fused"
+                fused = module.enabled and not module.is_merged and module.forward_mode == "fused"
                 if fused:
-                    module._merged_weight()  # in place into the cached buffer when v changed
-                w_eff = module._w_eff
-                signature.append((module.enabled, module._pristine is None, module.forward_mode,
+                    module.merged_weight()  # in place into the cached buffer when v changed
+                w_eff = module.merged_weight_cache
+                signature.append((module.enabled, not module.is_merged, module.forward_mode,
                                   w_eff.data_ptr() if fused and w_eff is not None else 0))
             else:
                 for flag in ("merged", "disable_adapters", "active_adapters"):  # PEFT LoRA layers

@@ -29,8 +29,8 @@ from ..adapters.layers import SVDAdapterLinear
 def _packable(module) -> bool:
     if type(module) is nn.Linear:
         return not module.weight.requires_grad
-    return (isinstance(module, SVDAdapterLinear) and module._quantized_base is None and module.enabled
-            and module._pristine is None and module.forward_mode == "fused")
+    return (isinstance(module, SVDAdapterLinear) and not module.quantized and module.enabled
+            and not module.is_merged and module.forward_mode == "fused")
 
 
 class PackedLinear:
