@@ -38,18 +38,17 @@ whose whole node died keeps the lock until the server's lease expires (NFSv4: ab
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
 import socket
-import tempfile
 import time
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from .config import CellSpec, cell_id, spec_to_dict
+from .files import TMP_SUFFIX, read_json, try_lock, umask, write_json_atomic
 
 SCHEMA_VERSION = 2  # of result.json, written; bump it when a field changes meaning
 READABLE_SCHEMAS = (1, 2)  # what readers accept (Result.parse refuses others)
@@ -72,48 +71,7 @@ def eval_samples_file(task: Optional[str] = None) -> str:
     return EVAL_SAMPLES_FILE if task is None else f"eval_samples.{task}.jsonl"
 
 
-# -- JSON on disk ---------------------------------------------------------------------------------
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write `data` as JSON to `path` through a temp file and a rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a cell's files all get one mode
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-TMP_SUFFIX = ".tmp"  # write_json_atomic's temp files: .<name>.<random>.tmp (a kill can leave one)
-
-
-def _umask() -> int:
-    """This process's umask, read without changing it (Linux /proc; else set and restore it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def read_json(path: Path) -> Any:
-    """The JSON value in `path`, or None when it is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
+# -- JSON on disk: tinyablate/files.py (atomic writes, locks) -----------------------------------
 # -- the result record ----------------------------------------------------------------------------
 class ResultError(ValueError):
     """A result that exists but cannot be used (torn, foreign, another schema, a field missing)."""
@@ -467,19 +425,21 @@ class CellFolder:
             yield
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
         deadline = time.time() + wait_s
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.time() < deadline or self._own_requeue():
-                    time.sleep(0.1)
-                    continue
+                if try_lock(fd):
+                    break
+            except BaseException:
                 os.close(fd)
-                raise CellBusy(f"cell {self.path} is already being run by {self.holder() or 'another process'}; "
-                               "this launch leaves it alone (see its state with python -m tinyablate.status)")
+                raise
+            if time.time() < deadline or self._own_requeue():
+                time.sleep(0.1)
+                continue
+            os.close(fd)
+            raise CellBusy(f"cell {self.path} is already being run by {self.holder() or 'another process'}; "
+                           "this launch leaves it alone (see its state with python -m tinyablate.status)")
         os.ftruncate(fd, 0)  # who holds it, for the message of a refused launch and for status
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "slurm_job_id": os.environ.get("SLURM_JOB_ID")}).encode())
@@ -507,9 +467,8 @@ class CellFolder:
         except FileNotFoundError:
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: two readers never block each other
-            return None  # free: nobody runs the cell (os.close releases the probe)
-        except BlockingIOError:
+            if try_lock(fd, shared=True):  # shared: two readers never block each other
+                return None  # free: nobody runs the cell (os.close releases the probe)
             running = read_json(path)  # what the holder wrote in the lock file
             running = running if isinstance(running, dict) else {}
             who = f"process {running.get('pid', '?')} on {running.get('host', '?')}"

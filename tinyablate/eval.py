@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .cell_folder import read_json, write_json_atomic
+from .files import read_json, write_json_atomic
 from .config import EvalConfig
 from .engine import Sampling, engine_for, resolve_engine
 from .quantization import base_quantization

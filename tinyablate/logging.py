@@ -22,7 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from .cell_folder import METRICS_FILE, SUMMARY_FILE, read_json, write_json_atomic
+from .cell_folder import METRICS_FILE, SUMMARY_FILE
+from .files import read_json, write_json_atomic, write_text_atomic
 from .config import LoggerConfig
 from .wandb_files import wait_for_exit_record
 
@@ -377,9 +378,7 @@ def truncate_metrics(cell_dir: Union[str, Path], through_step: Optional[int]) ->
         return []
     keep = [row for row in read_metrics(cell_dir) if isinstance(row.get("step"), int)
             and through_step is not None and 0 <= row["step"] <= through_step]
-    tmp = path.with_name(f".{path.name}.truncate.tmp")
-    tmp.write_text("".join(jsonl_line(row) for row in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(jsonl_line(row) for row in keep))
     return keep
 
 

@@ -21,7 +21,6 @@ The registry (`MODELS`) and `ModelConfig` live in tinyablate/config/model.py (no
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -31,12 +30,7 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Optional
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock (the atomic rename still holds)
-    fcntl = None
+from typing import Any, Optional
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors, trainers
@@ -46,6 +40,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           Qwen2ForCausalLM)
 
 from .config.checks import invalid
+from .files import exclusive_lock
 from .config.model import FAMILIES, MODELS, ModelConfig, ModelInfo, load_kind
 from .quantization import check_supported, quantize_base
 
@@ -296,7 +291,7 @@ def ensure_converted_smollm2(cache_dir: Path, gguf: Optional[Path] = None) -> Pa
     if _is_converted(target, stamp):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / ".smollm2-135m.lock"):
+    with exclusive_lock(target.parent / ".smollm2-135m.lock"):
         if _is_converted(target, stamp):
             return target
         tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m.tmp-", dir=target.parent))
@@ -318,20 +313,6 @@ def _is_converted(target: Path, stamp: dict[str, Any]) -> bool:
         return json.loads((target / _STAMP_FILE).read_text()) == stamp
     except (OSError, ValueError):
         return False
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive POSIX lock on `path` (no-op where fcntl is missing: the atomic rename still holds)."""
-    if fcntl is None:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _publish_dir(tmp: Path, target: Path, stamp: dict[str, Any]) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config.adapter import SVDConfig
+from ..files import atomic_write
 
 # Bump when the computed factors change for the same weight and settings: cached factors of another
 # version are never reused (they are part of the cache key).
@@ -337,12 +337,5 @@ class SVDCache:
 
     @staticmethod
     def _store(path: Path, tensors: dict, metadata: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)  # atomic: concurrent cells never see a torn file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # atomic: concurrent cells never see a torn file
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

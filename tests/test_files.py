@@ -1,0 +1,39 @@
+"""tinyablate/files.py: whole files or none, and the locks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tinyablate.files import TMP_SUFFIX, atomic_write, exclusive_lock, read_json, try_lock, umask, write_json_atomic
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "a.json"
+    write_json_atomic(path, {"v": 1})
+    assert read_json(path) == {"v": 1} and os.stat(path).st_mode & 0o777 == 0o666 & ~umask()
+
+    def fail(tmp):
+        tmp.write_text("{half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, fail)
+    assert read_json(path) == {"v": 1}
+    assert not list(tmp_path.glob(f".*{TMP_SUFFIX}"))
+
+
+def test_locks(tmp_path):
+    path = tmp_path / "lock"
+    with exclusive_lock(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert not try_lock(fd, shared=True)  # held exclusively by the block above (another open file)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert try_lock(fd, shared=True)
+    finally:
+        os.close(fd)
