@@ -8,10 +8,9 @@ Run (every attention setting; over 4 min a context on an H200):
 
 Attention: rows x 4 kv heads x 7 query heads per kv head x 128 dims, bf16; GRPO's case (every prompt
 repeated 4 times, its keys read from one row: engine/attention.py's shared prompts), left-padding-free.
-For each (rows, prompt, keys used) it sweeps one row or one group of 4 rows a program (rows_per_prompt) x
-key slices at the default launch settings (`--attention-sweep slices`), or also x keys per block x warps x
-pipeline stages (`full`: each setting compiles a kernel, so it takes minutes), checks each result against the
-default settings' and prints the default, the fastest grouped and the fastest overall, with the bytes a row
+For each (rows, prompt, keys used) it sweeps key slices at the default launch settings (`--attention-sweep
+slices`), or also keys per block x warps x pipeline stages (`full`: each setting compiles a kernel, so it takes
+minutes), checks each result against the default settings' and prints the default and the fastest, with the bytes a row
 reads from its own and its prompt's rows ("logical") and the bytes of distinct keys and values ("unique") per
 µs.
 Sampling (`--parts sampling`): the engine's draw from softmax(logits / T) over Qwen2.5-7B's 152,064 logits
@@ -87,11 +86,6 @@ def attention(rows: int, prompt: int, used: int, full: bool) -> None:
     src = torch.arange(rows, device="cuda") // GENERATIONS * GENERATIONS
     prompt_end = torch.tensor([prompt], device="cuda")
     ref = decode_attention(q, k, v, start, slot, DIM ** -0.5, 1, src, prompt_end)
-    # The engine's layout with prompt groups: group g's prompt in row g (the same numbers as in row 4g above)
-    grouped_src = torch.arange(rows, device="cuda") // GENERATIONS
-    kg, vg = k.clone(), v.clone()
-    kg[:rows // GENERATIONS, :, :prompt] = k[::GENERATIONS, :, :prompt]
-    vg[:rows // GENERATIONS, :, :prompt] = v[::GENERATIONS, :, :prompt]
     row_bytes = KV_HEADS * DIM * 2 * 2  # a key and a value of every kv head, bf16
     logical = rows * used * row_bytes
     unique = (rows // GENERATIONS * prompt + rows * (used - prompt)) * row_bytes
@@ -99,25 +93,21 @@ def attention(rows: int, prompt: int, used: int, full: bool) -> None:
           f"logical {logical / 1e6:.0f} MB, unique {unique / 1e6:.0f} MB", flush=True)
     results = []
     launch = itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3)) if full else [(64, 4, 2)]
-    sweep = [(per, *settings, splits)
-             for per, settings, splits in itertools.product((1, GENERATIONS), launch, (1, 2, 4))]
-    for per, block_n, warps, stages, splits in sweep:
-        if -(-kv_len // splits) < block_n or (per == 1 and splits == 4):
+    sweep = [(*settings, splits) for settings, splits in itertools.product(launch, (1, 2, 4))]
+    for block_n, warps, stages, splits in sweep:
+        if -(-kv_len // splits) < block_n:
             continue
-        settings = dict(block_n=block_n, num_warps=warps, num_stages=stages, rows_per_prompt=per)
-        keys, values, rows_src = (kg, vg, grouped_src) if per > 1 else (k, v, src)
-        call = lambda: decode_attention(q, keys, values, start, slot, DIM ** -0.5, splits, rows_src,  # noqa: E731
+        settings = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+        call = lambda: decode_attention(q, k, v, start, slot, DIM ** -0.5, splits, src,  # noqa: E731
                                         prompt_end, **settings)
         err = (call().float() - ref.float()).abs().max().item()
-        results.append((graph_time_us(call), per, block_n, warps, stages, splits, err))
+        results.append((graph_time_us(call), block_n, warps, stages, splits, err))
     results.sort()
-    default = next(r for r in results if r[1:6] == (1, 64, 4, 2, 1))
-    best_grouped = next(r for r in results if r[1] > 1)
-    for us, per, block_n, warps, stages, splits, err in [default, best_grouped] + results[:6]:
-        mark = {1: "default" if (block_n, warps, stages, splits) == (64, 4, 2, 1) else "per row"}.get(per, "grouped")
+    default = next(r for r in results if r[1:5] == (64, 4, 2, 1))
+    for us, block_n, warps, stages, splits, err in [default] + results[:6]:
+        mark = "default" if (block_n, warps, stages, splits) == (64, 4, 2, 1) else "setting"
         print(f"  {mark} {us:6.1f} µs  logical {logical / us / 1e6:4.2f} TB/s  unique {unique / us / 1e6:4.2f} TB/s  "
               f"block {block_n} warps {warps} stages {stages} slices {splits}  max |diff| {err:.1e}", flush=True)
-
 
 VOCAB, SLICES = 152064, 32
 

@@ -39,7 +39,7 @@ from benchmarks.adapter_bench import SHAPES, TARGETS, build_base  # noqa: E402
 from tinyablate import cost, distributed  # noqa: E402
 
 
-ENGINES = ("hf", "graph", "graph_grouped", "eager")
+ENGINES = ("hf", "graph", "eager")
 
 
 def parse(argv=None):
@@ -49,8 +49,7 @@ def parse(argv=None):
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--world-sizes", default="1,2")
     p.add_argument("--samplers", default="torch", help="comma list of torch,keyed")
-    p.add_argument("--engines", default="hf", help="comma list of " + ",".join(ENGINES) + " (rollout generator; "
-                   "graph_grouped: the graph engine with GenerationEngine(prompt_groups=True))")
+    p.add_argument("--engines", default="hf", help="comma list of " + ",".join(ENGINES) + " (rollout generator)")
     p.add_argument("--train-glue", default="eager",
                    help="comma list of eager,compiled (training's RMSNorm and SiLU x up: tinyablate/train/glue.py)")
     p.add_argument("--runs", help="comma list of engine:glue pairs to run instead of every --engines x --train-glue "
@@ -157,8 +156,7 @@ def _rollout_fn(model, engine: str, sampler: str, args):
     from tinyablate.sampling import KeyedGumbelSampler
 
     if engine != "hf":
-        gen = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], use_graphs=engine != "eager",
-                               prompt_groups=engine == "graph_grouped")
+        gen = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], use_graphs=engine != "eager")
 
     def rollout(ids, keys):
         if engine != "hf":

@@ -43,7 +43,6 @@ from tinyablate.engine import GenerationEngine, Sampling  # noqa: E402
 # The engine's settings side by side: the defaults, and each lever on its own.
 ENGINE_VARIANTS = {"engine": {}, "engine_nopack": {"pack": False}, "engine_nocompile": {"compile_glue": False},
                    "engine_sdpa": {"attention": "sdpa"}, "engine_noshare": {"share_prompts": False},
-                   "engine_grouped": {"prompt_groups": True},
                    "engine_eager": {"compile_glue": False, "pack": False, "attention": "sdpa"}}
 HBM_BYTES_PER_S = 4.8e12  # H200
 BF16_FLOPS = 790e12  # H200 dense bf16, measured on this device (KINDS.md)

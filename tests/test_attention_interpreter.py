@@ -37,13 +37,14 @@ CHECK = textwrap.dedent('''
     worst = 0.0
     # rows per prompt, key slices, prompt end (a multiple of the key block or not), current slot
     for per, splits, pend, slot in itertools.product((1, 2, 4), (1, 3), (20, 32), (40, 70)):
+        # per: consecutive rows sharing one prompt, read from one cache row
         rows = 8
         q = torch.randn(rows, 2, 3, 16)
         k, v = torch.randn(rows, 2, 80, 16), torch.randn(rows, 2, 80, 16)  # every row's slots differ
         start = torch.randint(0, 6, (rows // per,)).repeat_interleave(per)  # one left padding per prompt
         src = torch.arange(rows) // per  # group g's prompt in row g, as the engine keeps it
         out = decode_attention(q, k, v, start, torch.tensor([slot]), 0.3, splits, src, torch.tensor([pend]),
-                               block_n=16, rows_per_prompt=per)
+                               block_n=16)
         worst = max(worst, (out - reference(q, k, v, start, slot, 0.3, src, pend)).abs().max().item())
     print(worst)
     sys.exit(0 if worst < 1e-5 else 1)
@@ -51,8 +52,8 @@ CHECK = textwrap.dedent('''
 
 
 def test_decode_attention_kernels_match_a_float64_reference_in_the_interpreter():
-    """Per row and per group of rows sharing a prompt (rows_per_prompt), 1 and 3 key slices, a prompt end
-    inside a key block and on its edge; each row's own prompt slots hold other numbers."""
+    """Rows alone and in groups sharing a prompt's cache row, 1 and 3 key slices, a prompt end inside a key
+    block and on its edge; each row's own prompt slots hold other numbers."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).resolve().parents[1])
@@ -81,12 +82,10 @@ ENGINE_CHECK = textwrap.dedent('''
                              pad_token_id=0, **kwargs)
         return out[:, width:].tolist()
 
-    groups = sys.argv[1] == "True"
-    engine = GenerationEngine(model, 0, [-1], use_graphs=False, attention="sdpa", prompt_groups=groups)
+    engine = GenerationEngine(model, 0, [-1], use_graphs=False, attention="sdpa", share_prompts=sys.argv[1] == "True")
     engine.fixed_shapes = True  # the captured step's shapes: a batch bucket of 8 rows
     engine.attention = "triton"  # the Triton kernels, run by the interpreter on CPU
     greedy = engine.generate(ps, 24)
-    assert engine._rows_per_prompt == (2 if groups else 1), engine._rows_per_prompt
     assert greedy == hf(24, do_sample=False), "greedy"
     keys = [sequence_key(0, 0, i, 0) for i in range(len(ps))]
     ref = hf(24, do_sample=False, logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 0.8)]))
@@ -95,11 +94,11 @@ ENGINE_CHECK = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("prompt_groups", [True, False])
-def test_engine_with_shared_prompts_matches_hf_generate_in_the_interpreter(prompt_groups):
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_engine_with_shared_prompts_matches_hf_generate_in_the_interpreter(share_prompts):
     """The engine's Triton decode attention with repeated prompts (read from the one cache row that holds
-    each; with prompt_groups, a group of rows a program), fp32: HF generate's greedy and keyed tokens."""
+    each, or each row from its own), fp32: HF generate's greedy and keyed tokens."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", ENGINE_CHECK, str(prompt_groups)], env=env, capture_output=True, text=True, timeout=900,
+    run = subprocess.run([sys.executable, "-c", ENGINE_CHECK, str(share_prompts)], env=env, capture_output=True, text=True, timeout=900,
                          cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]

@@ -76,21 +76,6 @@ def test_repeated_prompts_match_hf_generate(share_prompts):
     assert ours == ref and ours[0] != ours[2]  # copies of one prompt sample apart
 
 
-@pytest.mark.parametrize("prompt_groups", [False, True])
-def test_consecutive_groups_of_one_prompt_match_hf_generate(prompt_groups):
-    """GRPO's layout (each prompt's generations side by side; the bucket's filler rows a group too): with
-    prompt_groups one attention program takes a group of 4 rows (engine/attention.py rows_per_prompt)."""
-    model, distinct = tiny("qwen2"), prompts(3, seed=3)
-    ps = [p for p in distinct for _ in range(4)]  # 12 rows in a bucket of 16
-    engine = GenerationEngine(model, 0, [-1], use_graphs=True, length_bucket=32, prompt_groups=prompt_groups)
-    assert engine.generate(ps, 40) == hf(model, ps, 40, [-1])
-    assert engine._rows_per_prompt == (4 if prompt_groups else 1)
-    keys = [sequence_key(0, 0, i, 0) for i in range(len(ps))]
-    ref = hf(model, ps, 40, [-1], logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 0.8)]))
-    ours = engine.generate(ps, 40, Sampling(temperature=0.8, keyed=True), keys=keys)
-    assert ours == ref and ours[0] != ours[1]
-
-
 def test_graphs_never_replay_stale_weights():
     from tinyablate.adapters import apply_adapter
     from tinyablate.config import AdapterConfig, SVDConfig
@@ -178,7 +163,7 @@ def test_bf16_graph_replay_equals_the_same_step_run_eagerly(family, compile_glue
     assert sum(shares) / len(shares) > 0.5
 
 
-@pytest.mark.parametrize("shared", [False, True, "grouped"])
+@pytest.mark.parametrize("shared", [False, True, "in_group_rows"])
 @pytest.mark.parametrize("dtype, splits", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 1),
                                            (torch.bfloat16, 4)])
 def test_triton_decode_attention_against_a_float64_reference(dtype, splits, shared):
@@ -186,12 +171,12 @@ def test_triton_decode_attention_against_a_float64_reference(dtype, splits, shar
 
     shared: rows in threes share a prompt: the kernel must read the prompt keys (before prompt_end) from
     the group's first row; the other rows' prompt slots hold different numbers, so reading them fails.
-    "grouped": the same, one program a group of three rows (rows_per_prompt=3), group g's prompt in row g
-    (as the engine keeps it), so a row's own prompt slots hold another group's prompt."""
+    "in_group_rows": the same with group g's prompt in row g (as the engine keeps it), so a row's own prompt
+    slots hold another group's prompt."""
     from tinyablate.engine.attention import decode_attention
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    grouped = shared == "grouped"
+    grouped = shared == "in_group_rows"
     rows, kv_heads, groups, dim, length = 36 if grouped else 37, 4, 7, 128, 320
     q = torch.randn(rows, kv_heads, groups, dim, device="cuda", generator=gen).to(dtype)
     cache_k = torch.randn(rows + 3, kv_heads, length + 64, dim, device="cuda", generator=gen).to(dtype)
@@ -209,8 +194,7 @@ def test_triton_decode_attention_against_a_float64_reference(dtype, splits, shar
         ref_values[:, :, :prompt_end] = values[src, :, :prompt_end]
         assert not torch.equal(ref_keys, keys)
     out = torch.full_like(q, float("nan"))
-    out.copy_(decode_attention(q, keys, values, start, slot, 0.088, splits, *shared_args,
-                               rows_per_prompt=3 if grouped else 1))
+    out.copy_(decode_attention(q, keys, values, start, slot, 0.088, splits, *shared_args))
     keys, values = ref_keys, ref_values
     pos = torch.arange(length, device="cuda")
     valid = (pos[None] >= start[:, None]) & (pos[None] <= slot)

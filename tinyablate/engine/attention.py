@@ -119,62 +119,6 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l, acc
 
-    @triton.jit
-    def _grouped(q_ptr, k_ptr, v_ptr, start_ptr, slot_ptr, src_ptr, pend_ptr, out_ptr, m_ptr, l_ptr,
-                 sq_b, sq_h, sq_g, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_s, so_g, sm_b, sm_h, sm_s,
-                 scale, CHUNK: tl.constexpr, KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr,
-                 DIRECT: tl.constexpr):
-        """One program: the ROWS rows of one prompt (rows b0..b0+ROWS-1, prompt keys in row src[b0]) x one kv
-        head x one key slice. Its ROWS x GROUPS queries are the rows of one matrix: a block of prompt keys
-        is read once for all of them; a block of each row's own keys is read for that row's queries only."""
-        gh = tl.program_id(0)
-        split = tl.program_id(1)
-        b0 = (gh // KV_HEADS) * ROWS
-        h = gh % KV_HEADS
-        mq = tl.arange(0, BLOCK_M)  # query index: row b0 + mq // GROUPS, head group mq % GROUPS
-        r = mq // GROUPS
-        real = mq < ROWS * GROUPS
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + (b0 + r)[:, None] * sq_b + h * sq_h + (mq % GROUPS)[:, None] * sq_g + d[None, :],
-                    mask=real[:, None], other=0.0)
-        start = tl.load(start_ptr + b0 + r, mask=real, other=0)  # per query: its row's first valid key
-        stop = tl.load(slot_ptr) + 1
-        hi = tl.minimum((split + 1) * CHUNK, stop)
-        src = tl.load(src_ptr + b0)
-        pend = tl.load(pend_ptr)
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for i in range(0, CHUNK // BLOCK_N):
-            first = split * CHUNK + i * BLOCK_N
-            n = first + tl.arange(0, BLOCK_N)
-            valid = real[:, None] & (n[None, :] >= start[:, None]) & (n[None, :] < hi)
-            load = n < hi
-            if first + BLOCK_N <= pend:  # prompt keys only: one read for every query of the group
-                k = tl.load(k_ptr + src * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=load[:, None],
-                            other=0.0)
-                v = tl.load(v_ptr + src * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=load[:, None],
-                            other=0.0)
-                m, l, acc = _attend_block(q, k, v, valid, scale, m, l, acc, FP32)
-            else:  # each row's own keys (and the prompt's, in a block that straddles its end)
-                for j in tl.static_range(ROWS):
-                    row = tl.where(n < pend, src, b0 + j)
-                    k = tl.load(k_ptr + row[:, None] * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :],
-                                mask=load[:, None], other=0.0)
-                    v = tl.load(v_ptr + row[:, None] * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :],
-                                mask=load[:, None], other=0.0)
-                    m, l, acc = _attend_block(q, k, v, valid & (r == j)[:, None], scale, m, l, acc, FP32)
-        g = mq % GROUPS
-        if DIRECT:
-            out = acc / l[:, None]
-            tl.store(out_ptr + (b0 + r)[:, None] * so_b + h * so_h + g[:, None] * so_g + d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=real[:, None])
-        else:
-            base = (b0 + r) * so_b + h * so_h + split * so_s
-            tl.store(out_ptr + base[:, None] + g[:, None] * so_g + d[None, :], acc, mask=real[:, None])
-            tl.store(m_ptr + (b0 + r) * sm_b + h * sm_h + split * sm_s + g, m, mask=real)
-            tl.store(l_ptr + (b0 + r) * sm_b + h * sm_h + split * sm_s + g, l, mask=real)
 
 def splits_for(rows: int, kv_heads: int, length: int, device) -> int:
     """Key slices per (row, kv head): enough programs for ~4 waves of the GPU, at least BLOCK_N keys each."""
@@ -185,26 +129,19 @@ def splits_for(rows: int, kv_heads: int, length: int, device) -> int:
 
 
 def decode_attention(q, keys, values, start, slot, scale: float, splits: int = 1, src=None, prompt_end=None,
-                     block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int = 2, rows_per_prompt: int = 1):
+                     block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int = 2):
     """softmax(q kᵀ · scale) v over each row's keys [start[row], slot].
 
     q: (rows, kv heads, groups, dim); keys, values: (rows, kv heads, length, dim) with unit stride in dim;
     start: (rows,) int; slot: (1,) int (both on the device). Returns (rows, kv heads, groups, dim).
     src: (rows,) int, prompt_end: (1,) int (on the device, both or neither): keys before prompt_end are
     read from row src[row] (whose prompt is identical), see the module docstring.
-    rows_per_prompt > 1 (with src): rows come in consecutive groups of that many with one prompt each (all
-    rows of a group have the same src and start), and one program takes a whole group, so each block of
-    prompt keys is read once per group, not once per row.
     splits: key slices per program; block_n, num_warps, num_stages: the kernel's keys per block and launch
     settings (the defaults were the fastest in benchmarks/decode_kernels_bench.py's sweep on an H200).
     """
     if (src is None) != (prompt_end is None):
         raise ValueError("decode_attention: pass src and prompt_end together")
     rows, kv_heads, groups, dim = q.shape
-    grouped = rows_per_prompt > 1
-    if grouped and (src is None or rows % rows_per_prompt):
-        raise ValueError(f"decode_attention: rows_per_prompt={rows_per_prompt} needs src and prompt_end and "
-                         f"divides the {rows} rows")
     length = keys.shape[2]
     out = torch.empty_like(q)
     chunk = -(-length // splits)
@@ -213,14 +150,9 @@ def decode_attention(q, keys, values, start, slot, scale: float, splits: int = 1
     shared = src is not None
     if not shared:
         src, prompt_end = start, slot  # not read
-    if grouped:
-        kernel, programs = _grouped, rows // rows_per_prompt * kv_heads
-        common = dict(ROWS=rows_per_prompt, BLOCK_M=max(16, triton.next_power_of_2(rows_per_prompt * groups)))
-    else:
-        kernel, programs = _partial, rows * kv_heads
-        common = dict(BLOCK_G=max(16, triton.next_power_of_2(groups)), SHARED=shared)
-    common.update(KV_HEADS=kv_heads, GROUPS=groups, D=dim, BLOCK_N=block_n, FP32=fp32, CHUNK=chunk,
-                  num_warps=num_warps, num_stages=num_stages)
+    kernel, programs = _partial, rows * kv_heads
+    common = dict(BLOCK_G=max(16, triton.next_power_of_2(groups)), SHARED=shared, KV_HEADS=kv_heads, GROUPS=groups,
+                  D=dim, BLOCK_N=block_n, FP32=fp32, CHUNK=chunk, num_warps=num_warps, num_stages=num_stages)
     strides = (*q.stride()[:3], *keys.stride()[:3], *values.stride()[:3])
     if splits == 1:
         kernel[(programs, 1)](q, keys, values, start, slot, src, prompt_end, out, out, out, *strides,

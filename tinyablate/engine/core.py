@@ -29,7 +29,6 @@ Positions follow HF generate (cumulative attention mask minus one), so greedy to
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
@@ -162,17 +161,11 @@ class GenerationEngine:
     that cannot be packed (PEFT LoRA, a quantized base, an unmerged adapter) are called one by one.
     share_prompts: the Triton attention reads the prompt keys of rows with identical prompts from one
     cache row (engine/attention.py), so the copies are not each read from HBM.
-    prompt_groups: with share_prompts, when the rows come in consecutive groups of one prompt each, all of
-    one size (GRPO's generations), one attention program takes a whole group, so a block of prompt keys is
-    read once per group (engine/attention.py `rows_per_prompt`). Off by default: measured slower at GRPO's
-    shape (H200, 64 prompts x 4, 128 + 256 tokens: 25,466 against 28,059 tok/s; benchmarks/RESULTS.md,
-    session 5; rollout_bench.py's engine_grouped, dp_bench.py's graph_grouped).
     """
 
     def __init__(self, model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: Optional[bool] = None,
                  length_bucket: int = 64, check_every: Optional[int] = None, log=None, attention: Optional[str] = None,
-                 compile_glue: Optional[bool] = None, pack: bool = True, share_prompts: bool = True,
-                 prompt_groups: bool = False):
+                 compile_glue: Optional[bool] = None, pack: bool = True, share_prompts: bool = True):
         self.model = model
         self.lm, self.decoder = causal_lm_parts(model)
         self.pad, self.eos, self._eos_t = None, None, None
@@ -197,8 +190,6 @@ class GenerationEngine:
             raise ValueError("attention='triton' needs Triton and a CUDA device")
         self.attention = attention
         self.share_prompts = bool(share_prompts)
-        self.prompt_groups = bool(prompt_groups)
-        self._rows_per_prompt = 1  # of the batch being generated (the attention's grouping; part of a graph's key)
         self._splits: dict = {}
         self.check_every = check_every or (8 if self.use_graphs else 1)
         self.log = log or (lambda msg: None)
@@ -335,8 +326,6 @@ class GenerationEngine:
             ids[i, width - len(p):] = torch.as_tensor(list(p))
             mask[i, width - len(p):] = 1
         unique, source = _dedupe(ids)
-        grouping = self.prompt_groups and self._reads_shared_prompts
-        self._rows_per_prompt = _rows_per_prompt(source) if grouping else 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         st.done.zero_()
         st.done[len(prompts):] = True  # bucket filler rows
@@ -456,15 +445,12 @@ class GenerationEngine:
     def _attend(self, q, keys, values, mask: DecodeMask, scaling: float):
         """Decode attention: q (rows, kv heads, groups, dim) over the cache's keys (rows, kv heads, length, dim)."""
         if self.attention == "triton":
-            per = self._rows_per_prompt  # rows / per programs per kv head
-            splits = self._splits.get((keys.shape[:3], per))
+            splits = self._splits.get(keys.shape[:3])
             if splits is None:
                 rows, kv_heads, length = keys.shape[:3]
-                splits = self._splits[(keys.shape[:3], per)] = decode_attention_splits(rows // per, kv_heads, length,
-                                                                                      keys.device)
+                splits = self._splits[keys.shape[:3]] = decode_attention_splits(rows, kv_heads, length, keys.device)
             shared = (mask.src, mask.prompt_end) if self.share_prompts else (None, None)
-            return decode_attention(q, keys, values, mask.start, mask.slot, scaling, splits, *shared,
-                                    rows_per_prompt=per)
+            return decode_attention(q, keys, values, mask.start, mask.slot, scaling, splits, *shared)
         if self.attention == "matmul":
             scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling
             probs = scores.masked_fill(~mask.valid, float("-inf")).softmax(-1).to(values.dtype)
@@ -551,7 +537,7 @@ class GenerationEngine:
 
     # -- CUDA graphs and fresh weights ------------------------------------------------------------
     def _graph(self, rows: int, kv_len: int, sampling: Sampling, max_new: int):
-        key = (rows, kv_len, sampling, self._rows_per_prompt)
+        key = (rows, kv_len, sampling)
         graph = self._graphs.get(key)
         if graph is not None:
             return graph
@@ -693,21 +679,6 @@ def _dedupe(ids: torch.Tensor) -> tuple[list, list]:
     for r, u in reversed(list(enumerate(source))):
         unique[u] = r
     return unique, source
-
-
-def _rows_per_prompt(source: list) -> int:
-    """The largest R > 1 such that rows fall in consecutive groups of R rows with one prompt each (R divides
-    every run of equal consecutive entries of `source`, e.g. 4 for GRPO's 4 generations a prompt and the
-    batch bucket's filler rows), else 1."""
-    runs, length = [], 1
-    for before, after in zip(source, source[1:]):
-        if after == before:
-            length += 1
-        else:
-            runs.append(length)
-            length = 1
-    runs.append(length)
-    return math.gcd(*runs) if source else 1
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
