@@ -100,16 +100,19 @@ def run_cells(specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]]) ->
     summaries = []
     for i, (spec, cell_dir) in enumerate(zip(specs, cell_dirs)):
         try:  # the first cell's start is the process's (imports included), a later one's its own
-            result = run_cell(spec, cell_dir, started=time.time() if i else None)
-            summaries.append({"cell_id": result["cell_id"], "status": result["status"],
-                              "accuracy": result["metrics"]["accuracy"], "world_size": result["timing"]["world_size"],
-                              "error": None})
+            summaries.append(cell_summary(run_cell(spec, cell_dir, started=time.time() if i else None)))
         except Exception as err:  # noqa: BLE001 - the cell's own result.json records its failure
             summaries.append({"cell_id": cell_id(spec), "status": "busy" if isinstance(err, CellBusy) else "failed",
                               "accuracy": None, "world_size": None, "error": f"{type(err).__name__}: {err}"})
         finally:
             _release_memory()
     return summaries
+
+
+def cell_summary(result: dict) -> dict:
+    """What a job reports of a cell it ran (run_cell's result): cell_id, status, accuracy, world_size, error."""
+    return {"cell_id": result["cell_id"], "status": result["status"], "accuracy": result["metrics"]["accuracy"],
+            "world_size": result["timing"]["world_size"], "error": None}
 
 
 def _release_memory() -> None:

@@ -32,7 +32,7 @@ class CellJob(submitit.helpers.Checkpointable):
 
     def __call__(self, specs: list, cell_dirs: list) -> list:
         # Imported here, in the job: the launching process never loads torch/TRL for the cells it submits.
-        from tinyablate.cell import run_cell, run_cells
+        from tinyablate.cell import cell_summary, run_cell, run_cells
 
         if self.cpu_threads is not None:
             os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)  # for whatever the cell starts, too
@@ -43,9 +43,8 @@ class CellJob(submitit.helpers.Checkpointable):
         if submitit.JobEnvironment().num_tasks > 1:  # one task per rank: MASTER_ADDR/PORT, RANK, WORLD_SIZE, ...
             # Every task sees the node's GPUs; rank r takes cuda:LOCAL_RANK (distributed.process_group).
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        result = run_cell(specs[0], Path(cell_dirs[0]))  # a failure raises: the job fails (and its other ranks)
-        return [{"cell_id": result["cell_id"], "status": result["status"], "accuracy": result["metrics"]["accuracy"],
-                 "world_size": result["timing"]["world_size"], "error": None}]
+        # a failure raises: the job fails (and its other ranks)
+        return [cell_summary(run_cell(specs[0], Path(cell_dirs[0])))]
 
 
 def bundles(cells: list, per_job: int) -> list:

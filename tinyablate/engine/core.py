@@ -218,6 +218,7 @@ class GenerationEngine:
         # The decode step's layers and sampling draw as compiled functions (engine/fused.py), used while every
         # projection is packed; one compiled version per model shape and batch shape in a process (`_compiled`)
         self._tag = fused.model_tag(self.lm.config, self.dtype)
+        self._compiled_fns: dict = {}
         self._fuse = bool(compile_glue and self.pack and self._glue.fused and fused.available())
 
     def set_special_tokens(self, pad_token_id: int, eos_token_ids: Sequence[int]) -> None:
@@ -532,8 +533,12 @@ class GenerationEngine:
         return (scores.softmax(-1) / torch.empty_like(scores).exponential_()).argmax(-1)
 
     def _compiled(self, fn, *batch_shape):
-        """`fn` compiled for this model's shape and `batch_shape` (static shapes: each shape its own code)."""
-        return fused.compiled(fn, "_".join(["engine", self._tag, *map(str, batch_shape)]))
+        """`fn` compiled for this model's shape and `batch_shape` (static shapes: each shape its own code),
+        looked up once per engine and shape (an eager decode step asks for it every step)."""
+        key = (fn, batch_shape)
+        if key not in self._compiled_fns:
+            self._compiled_fns[key] = fused.compiled(fn, "_".join(["engine", self._tag, *map(str, batch_shape)]))
+        return self._compiled_fns[key]
 
     # -- CUDA graphs and fresh weights ------------------------------------------------------------
     def _graph(self, rows: int, kv_len: int, sampling: Sampling, max_new: int):
@@ -666,8 +671,13 @@ class _Glue:
 
 def _per_rows(fn, tag: str):
     """`fn` compiled for fixed shapes, one version per number of rows (its first argument's first dimension)."""
+    by_rows: dict = {}
+
     def call(x, *args):
-        return fused.compiled(fn, f"{tag}_{x.shape[0]}")(x, *args)
+        compiled = by_rows.get(x.shape[0])
+        if compiled is None:
+            compiled = by_rows[x.shape[0]] = fused.compiled(fn, f"{tag}_{x.shape[0]}")
+        return compiled(x, *args)
     return call
 
 
