@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 import tinyablate.cell as cell_module
 import tinyablate.cell_folder as cell_folder
 import tinyablate.eval as eval_module
+import tinyablate.files as files_module
 from tinyablate.adapters.adapter import Adapter
 from tinyablate.config import spec_from_dict
 
@@ -87,10 +88,10 @@ def arm(point: str, arg) -> None:
         eval_module.tqdm = KillingBar
     elif point == "export":
         Adapter.save_native = lambda self, out_dir: die()
-    elif point == "result_write":
-        replace = cell_folder.os.replace
+    elif point == "result_write":  # every atomic write of the library goes through tinyablate.files
+        replace = files_module.os.replace
 
-        class _Os:  # cell_folder's `os`, whose replace dies on the way to result.json
+        class _Os:  # files' `os`, whose replace dies on the way to result.json
             def __getattr__(self, name):
                 return getattr(os, name)
 
@@ -99,7 +100,7 @@ def arm(point: str, arg) -> None:
                 if os.path.basename(str(dst)) == cell_folder.RESULT_FILE:
                     die()
                 return replace(src, dst)
-        cell_folder.os = _Os()
+        files_module.os = _Os()
 
 
 def attempt(spec, point: str, arg) -> dict:
