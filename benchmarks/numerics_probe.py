@@ -3,6 +3,7 @@
     python benchmarks/numerics_probe.py --out /tmp/probe/bf16 -- adapter.tie=all algo=grpo_cpu adapter.u=256 \
         algo.max_steps=30 gpus=1 logger=disabled
     python benchmarks/numerics_probe.py --out /tmp/probe/fp32head --fp32-lm-head -- ...   # TRL's fp32 LM head
+    python benchmarks/numerics_probe.py --out /tmp/probe/op --anomaly-from 20 -- ...      # which backward op NaNs
 
 Builds the cell as run_cell does (cell.build: the same model, adapter, task and device), trains it through the
 same `cell.train` with a probe callback, and evaluates the training task greedily. Nothing is written to the
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
     p.add_argument("--engine", default="",
                    help="GenerationEngine options for the rollouts, e.g. 'use_graphs=0,share_prompts=0,attention=sdpa,"
                         "compile_glue=0' (an experiment, not a setting)")
+    p.add_argument("--anomaly-from", type=int, default=0,
+                   help="turn on torch's anomaly detection from this optimizer step on: the first backward op "
+                        "that returns a NaN raises, naming itself, with the forward line that made it (slow)")
     p.add_argument("overrides", nargs="*", help="the cell's Hydra overrides, as for launch.py")
     args = p.parse_args(argv)
 
@@ -67,10 +71,11 @@ def main(argv=None) -> int:
           f"{built.adapter.trainable_params} trainable, overrides {' '.join(args.overrides)}", flush=True)
     base = None if args.no_eval else cell.base_accuracy(spec, built)["accuracy"]
     probe = Probe(built.model, args.out / "probe.jsonl")
+    callbacks = [probe] + ([AnomalyFrom(args.anomaly_from)] if args.anomaly_from else [])
     t0 = time.time()
     error = None
     try:
-        info = cell.train(spec, built, args.out, [probe])
+        info = cell.train(spec, built, args.out, callbacks)
         steps = info["steps"]
     except Exception as err:  # the guard (or anything else) stopped training: record it and the step it stopped in
         error, steps = f"{type(err).__name__}: {err}", probe.step
@@ -183,6 +188,18 @@ def _describe_spikes(threshold: float, folder: Path) -> None:
         return loss
 
     TinyablateGRPOTrainer.compute_loss = compute_loss
+
+
+class AnomalyFrom(TrainerCallback):
+    """torch.autograd's anomaly detection (NaN check on every backward op) from optimizer step `step` on."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 >= self.step and not torch.is_anomaly_enabled():
+            print(f"probe: anomaly detection on from step {state.global_step + 1}", flush=True)
+            torch.autograd.set_detect_anomaly(True, check_nan=True)
 
 
 class Probe(TrainerCallback):
