@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tinyablate import fingerprint
 from tinyablate.adapters import svd as svd_module
 from tinyablate.adapters.svd import TIE_GAP, SVDCache, truncated_svd
 from tinyablate.adapters.svd_adapter import basis_report
@@ -189,7 +190,7 @@ def test_cache_key_holds_what_decides_the_basis(tmp_path, monkeypatch):
     assert again.misses == 1
     # a file in the old layout (no certificate) under the current key is recomputed, not trusted
     monkeypatch.undo()
-    path = exact._path("m", "x", svd_module.weight_fingerprint(W))
+    path = exact._path("m", "x", fingerprint.weight_fingerprint(W))
     from safetensors.torch import save_file
     save_file({"U": torch.zeros(48, 8), "S": torch.zeros(8), "Vh": torch.zeros(8, 32)}, str(path))
     fresh = SVDCache(SVDConfig(cache_dir=str(tmp_path)))
@@ -247,12 +248,12 @@ def test_embedded_smollm2_every_module_against_float64_references():
 
 def test_batched_fingerprints_equal_one_by_one():
     weights = [torch.randn(96, 64), torch.randn(7, 5).to(torch.bfloat16), torch.randn(3000, 4), torch.zeros(2, 2)]
-    batch = svd_module.Fingerprints()
+    batch = fingerprint.Fingerprints()
     for w in weights:
         batch.add(w)
-    assert batch.digests() == [svd_module.weight_fingerprint(w) for w in weights]
+    assert batch.digests() == [fingerprint.weight_fingerprint(w) for w in weights]
     assert len(set(batch.digests())) == len(weights)
-    assert svd_module.Fingerprints().digests() == []
+    assert fingerprint.Fingerprints().digests() == []
 
 
 def test_a_warm_build_reads_one_file_for_all_modules_and_never_a_stale_one(tmp_path):

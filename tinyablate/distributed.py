@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .adapters.svd import weight_fingerprint
+from .fingerprint import weight_fingerprint
 
 # How long a collective may wait for the slowest rank, in minutes (rollouts of long completions are slow).
 TIMEOUT_ENV, DEFAULT_TIMEOUT_MIN = "TINYABLATE_DIST_TIMEOUT_MIN", 60

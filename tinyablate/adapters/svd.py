@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config.adapter import SVDConfig
 from ..files import atomic_write
+from ..fingerprint import weight_fingerprint
 
 # Bump when the computed factors change for the same weight and settings: cached factors of another
 # version are never reused (they are part of the cache key).
@@ -182,51 +183,6 @@ def _fix_signs(U: torch.Tensor, Vh: torch.Tensor):
     signs = torch.sign(U.gather(0, idx[None, :]).squeeze(0))
     signs[signs == 0] = 1
     return U * signs[None, :], Vh * signs[:, None]
-
-
-def _fingerprint_sample(weight: torch.Tensor, n_samples: int) -> torch.Tensor:
-    flat = weight.detach().reshape(-1)
-    step = max(1, flat.numel() // n_samples)
-    return flat[::step][:n_samples].float()
-
-
-def _fingerprint_digest(shape, dtype, sample) -> str:
-    head = f"{tuple(shape)}|{dtype}".encode()
-    return hashlib.sha256(head + sample.tobytes()).hexdigest()[:24]
-
-
-def weight_fingerprint(weight: torch.Tensor, n_samples: int = 2048) -> str:
-    """A cheap content hash: shape, dtype and a fixed strided sample of the weight's values."""
-    sample = _fingerprint_sample(weight, n_samples).cpu().numpy()
-    return _fingerprint_digest(weight.shape, weight.dtype, sample)
-
-
-class Fingerprints:
-    """weight_fingerprint of many weights with one device-to-host copy (one wait for the GPU, not one each).
-
-    `add` takes each weight's sample on its device (the weight itself need not be kept: a dequantized
-    weight can be dropped at once); `digests()` copies all samples to the host together.
-    """
-
-    def __init__(self, n_samples: int = 2048):
-        self.n_samples = n_samples
-        self._heads: list = []
-        self._samples: list = []
-
-    def add(self, weight: torch.Tensor) -> None:
-        self._heads.append((tuple(weight.shape), weight.dtype))
-        self._samples.append(_fingerprint_sample(weight, self.n_samples))
-
-    def digests(self) -> list[str]:
-        if not self._samples:
-            return []
-        sizes = [s.numel() for s in self._samples]
-        host = torch.cat([s.to(self._samples[0].device) for s in self._samples]).cpu().numpy()
-        out, at = [], 0
-        for (shape, dtype), size in zip(self._heads, sizes):
-            out.append(_fingerprint_digest(shape, dtype, host[at:at + size]))
-            at += size
-        return out
 
 
 FIELDS = ("U", "S", "Vh", "rel_gaps", "err")

@@ -11,7 +11,8 @@ from torch import nn
 from ..config.adapter import AdapterConfig
 from ..quantization import compute_dtype, dense_weight
 from .layers import SVDAdapterLinear, projection
-from .svd import TIE_GAP, Factors, Fingerprints, SVDCache
+from ..fingerprint import Fingerprints
+from .svd import TIE_GAP, Factors, SVDCache
 from .targets import Target
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
