@@ -57,6 +57,15 @@ def test_cells_per_gpu_that_is_no_positive_integer_or_auto_is_refused(value, tmp
     assert lines and "a positive integer or auto" in lines[0], proc.stdout + proc.stderr[-2000:]
 
 
+def test_cells_per_gpu_on_slurm_without_a_bundle_is_refused(tmp_path):
+    """On SLURM, cells_per_gpu runs cells of one job's bundle at once: without cells_per_job there is none."""
+    proc = launch(["-m", *TINY, f"output_dir={tmp_path}/runs", "dry_run=true", "gpus=0", "hydra/launcher=slurm",
+                   "hydra.launcher.cells_per_gpu=2"], tmp_path)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "cells_per_gpu" in line]
+    assert lines and "set hydra.launcher.cells_per_job too" in lines[0], proc.stdout + proc.stderr[-2000:]
+
+
 def test_cells_per_gpu_auto_packs_by_the_memory_model_and_too_many_are_refused(monkeypatch, capsys):
     from hydra_plugins.tinyablate import launcher as launcher_module
     from hydra_plugins.tinyablate.launcher import TinyablateLauncher
@@ -114,3 +123,40 @@ def test_the_cost_model_prices_packed_cells_by_the_measured_speedup():
     assert packed_lines(cells, est, "h200", 1) == []
     (line,) = packed_lines(cells, est, "h200", 8)
     assert line.startswith("packed 8 cells per GPU (hydra.launcher.cells_per_gpu): about 2 GPU-hours in all (5.1x")
+
+
+def fake_cell_worker(tasks, results, threads):
+    """A stand-in for workers.cell_worker (the same protocol, no training): a cell of seed 13 kills its worker,
+    others take 1.5 s and report when they ran."""
+    import os
+    import time
+
+    while (task := tasks.get()) is not None:
+        i, spec, _ = task
+        results.put(("started", i, os.getpid()))
+        if spec["seed"] == 13:
+            os._exit(3)
+        t0 = time.time()
+        time.sleep(1.5)
+        results.put(("done", i, {"cell_id": f"seed{spec['seed']}", "status": "completed", "span": (t0, time.time()),
+                                 "pid": os.getpid(), "threads": threads}))
+
+
+def test_a_jobs_bundle_runs_cells_at_once_and_a_dead_worker_fails_only_its_cell(tmp_path):
+    """SLURM's cells_per_gpu=N: N worker processes take a bundle's cells from one queue; a worker that dies fails
+    the cell it ran (a summary that says so) and a new worker finishes the rest."""
+    from dataclasses import asdict
+
+    from hydra_plugins.tinyablate.workers import run_at_once
+    from tinyablate.config import CellSpec
+
+    seeds = [1, 2, 13, 4, 5]
+    specs = [asdict(CellSpec(seed=s)) for s in seeds]
+    out = run_at_once(specs, [tmp_path / str(s) for s in seeds], at_once=2, threads=3, worker=fake_cell_worker)
+    assert [o["status"] for o in out] == ["completed", "completed", "failed", "completed", "completed"]
+    assert "worker process died (exit code 3)" in out[2]["error"] and out[2]["cell_id"]
+    done = [o for o in out if o["status"] == "completed"]
+    assert {o["threads"] for o in done} == {3}
+    assert len({o["pid"] for o in done}) >= 2  # more than one worker, one of them the dead one's replacement
+    spans = sorted(o["span"] for o in done)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans  # two cells ran at the same time

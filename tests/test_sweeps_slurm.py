@@ -220,3 +220,39 @@ def test_a_requeued_bundle_keeps_its_completed_cell_and_resumes_the_next(tmp_pat
     assert (first / "result.json").read_text() == kept  # the completed cell was not run again
     history = wait_sacct_history(job_id)
     assert "REQUEUED" in history and history.endswith("COMPLETED"), history
+
+
+def test_a_bundles_cells_run_at_once_in_one_job_and_a_requeue_resumes_them(tmp_path):
+    """hydra.launcher.cells_per_job=3 cells_per_gpu=2: one array task runs three cells, two at a time in two worker
+    processes. Preempted while two cells train at once, the job is requeued: every cell completes, an
+    interrupted one resumes from its checkpoint."""
+    require_cluster()
+    runs = tmp_path / "runs"
+    slurm = [a for a in SLURM if not a.startswith(("hydra.launcher.cpus_per_task", "hydra.launcher.mem_gb"))]
+    proc = launch(["-m", *TINY, *slurm, f"output_dir={runs}", "sweep=atonce", "adapter.u=21,22,23",
+                   "algo.max_steps=40", "algo.save_steps=4", "algo.max_completion_length=48",
+                   "hydra.launcher.cells_per_job=3", "hydra.launcher.cells_per_gpu=2", "hydra.launcher.cpus_per_task=2",
+                   "hydra.launcher.mem_gb=6", "wait=false"], tmp_path, timeout=300)
+    assert proc.returncode == 0 and "2 at once" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    records = launch_records(runs)
+    (job_id,) = {r["job_id"] for r in records.values()}
+    folders = [runs / "atonce" / cid for cid in records]
+    deadline = time.time() + 300
+    while len(training := [f for f in folders if (f / "checkpoints" / "checkpoint-4").exists()
+                           and not (f / "result.json").exists()]) < 2:
+        assert time.time() < deadline, sacct_states(job_id)
+        time.sleep(0.2)
+    pids = {json.loads((f / "running.json").read_text())["pid"] for f in training}
+    assert len(pids) == 2, pids  # two processes, each training a cell, at the same time
+    subprocess.run(["scancel", job_id, "--signal", "SIGTERM"], check=True)
+    subprocess.run(["scancel", job_id, "--signal", "USR2"], check=True)
+    deadline = time.time() + 400
+    while not all((f / "result.json").exists() for f in folders):
+        assert time.time() < deadline, sacct_states(job_id, duplicates=True)
+        time.sleep(1)
+    done = [json.loads((f / "result.json").read_text()) for f in folders]
+    assert all(r["status"] == "completed" and r["metrics"]["train_steps"] == 40 for r in done), done
+    resumed = [r["metrics"]["resumed_from_step"] for r in done if r["metrics"]["resumed_from_step"] is not None]
+    assert resumed and min(resumed) >= 4, resumed
+    history = wait_sacct_history(job_id)
+    assert "REQUEUED" in history and history.endswith("COMPLETED"), history

@@ -34,8 +34,8 @@ class Cell:
     cell_id: str = ""
     folder: Optional[CellFolder] = None
     error: Optional[str] = None
-    params: Optional[int] = None
-    bytes: Optional[int] = None
+    params: Optional[int] = None  # trainable parameters (preflight)
+    trainable_bytes: Optional[int] = None  # their storage in bytes, at the adapter's precision (preflight)
 
 
 def invalid_lines(bad: list, shown: int = 3) -> list:
@@ -125,6 +125,8 @@ class TinyablateLauncher(Launcher):
         """Local cells of one GPU: cells_per_gpu=auto resolved by the cost model's memory estimate, and a number
         of cells that cannot fit on one of this machine's GPUs refused (one line, exit 2)."""
         value = self.settings.get("cells_per_gpu", 1)
+        if self.backend == "slurm":  # the node's GPU is known in the job: submit.job_cells_at_once
+            return
         specs = [c.spec for c in plan.distinct(cells)[0] if c.spec.gpus == 1]
         total = local_gpu_bytes() if self.backend == "local" and specs else 0
         if not total:
@@ -148,8 +150,11 @@ class TinyablateLauncher(Launcher):
             raise SystemExit(2)
 
     def _packed(self) -> int:
-        """One-GPU cells that share a GPU at once (local launcher; resolved by _pack_gpus)."""
-        value = self.settings.get("cells_per_gpu", 1) if self.backend == "local" else 1
+        """One-GPU cells that share a GPU at once (local: resolved by _pack_gpus; SLURM: a bundle's cells at once,
+        "auto" counted as 1 here since the job's GPU is not known before it runs)."""
+        value = self.settings.get("cells_per_gpu", 1)
+        if self.backend == "slurm":
+            value = min(value, self.settings.get("cells_per_job", 1)) if isinstance(value, int) else 1
         return value if isinstance(value, int) else 1
 
     def _check(self, overrides: list, root, auto_gpus: int = 0) -> Cell:
@@ -159,7 +164,7 @@ class TinyablateLauncher(Launcher):
                 raise root
             spec = cell_spec(root, auto_gpus)
             # the checks a single cell makes before loading (a SLURM cell's GPUs are checked on its node)
-            cell.params, cell.bytes = preflight(spec, here=self.backend != "slurm")
+            cell.params, cell.trainable_bytes = preflight(spec, here=self.backend != "slurm")
         except Exception as err:  # every invalid cell is reported, not just the first
             cell.error = f"{type(err).__name__}: " + "\n    ".join(str(err).splitlines())  # one problem a line
             return cell
@@ -200,6 +205,10 @@ class TinyablateLauncher(Launcher):
             value = self.settings["cells_per_gpu"]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 c.rule(f"hydra.launcher.cells_per_gpu={value!r}: a positive integer or auto")
+        if self.backend == "slurm" and self.settings.get("cells_per_gpu", 1) != 1 \
+                and self.settings.get("cells_per_job", 1) == 1:
+            c.rule(f"hydra.launcher.cells_per_gpu={self.settings['cells_per_gpu']} on SLURM runs that many cells of a "
+                   "job's bundle at once: set hydra.launcher.cells_per_job too (e.g. 4 times as many)")
         for name in ("max_requeues", "signal_delay_s"):
             if name in self.settings:
                 c.integer(name, self.settings[name], minimum=0)

@@ -135,7 +135,7 @@ def _cell_line(c, e, state: str) -> str:
         f" eval_tasks={','.join(s.eval.tasks)}" if s.eval.tasks else "")
     return (f"{state:<9} {c.cell_id}  model={s.model.name} task={s.task.name} algo={s.algo.name} kind={a.kind} "
             f"r={a.r} u={a.u} tie={a.tie} sharing={a.sharing} precision={a.precision}{extra} seed={s.seed} gpus={s.gpus} "
-            f"params={c.params:,} bytes={c.bytes:,} gpu_h={_hours(e.gpu_hours)} ({e.label()})")
+            f"params={c.params:,} bytes={c.trainable_bytes:,} gpu_h={_hours(e.gpu_hours)} ({e.label()})")
 
 
 def axis_lines(cells: list, unique: list, est: list) -> list:

@@ -12,23 +12,28 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import submitit
 import torch
 
 from tinyablate.config import spec_from_dict
+from tinyablate.cost import cells_per_gpu
+
+from .workers import run_at_once
 
 
 class CellJob(submitit.helpers.Checkpointable):
-    """What a job runs: one cell, or a bundle of cells one after another in one process (hydra.launcher.
-    cells_per_job; tinyablate.cell.run_cells: a failed cell does not stop the next). On preemption or time-out
-    submitit calls `checkpoint`, which requeues the same call; completed cells are then skipped and the cell
-    that was interrupted resumes from its last training checkpoint.
-    `cpu_threads`: torch's thread pool for CPU cells that share this machine with others (None: torch's own)."""
+    """What a job runs: one cell, or a bundle of cells (hydra.launcher.cells_per_job; tinyablate.cell.run_cells: a
+    failed cell does not stop the next), one after another in one process or, with `at_once` > 1 (SLURM's
+    cells_per_gpu), that many at a time in worker processes on the job's GPU (workers.run_at_once). On
+    preemption or time-out submitit calls `checkpoint`, which requeues the same call; completed cells are then
+    skipped and the cells that were interrupted resume from their last training checkpoint.
+    `cpu_threads`: torch's thread pool for CPU cells that share this machine with others (None: torch's own).
+    `at_once`: a number, or "auto" (as many as fit in the job's GPU by the cost model, cost.cells_per_gpu)."""
 
-    def __init__(self, cpu_threads: Optional[int] = None) -> None:
-        self.cpu_threads = cpu_threads
+    def __init__(self, cpu_threads: Optional[int] = None, at_once: Any = 1) -> None:
+        self.cpu_threads, self.at_once = cpu_threads, at_once
 
     def __call__(self, specs: list, cell_dirs: list) -> list:
         # Imported here, in the job: the launching process never loads torch/TRL for the cells it submits.
@@ -37,14 +42,34 @@ class CellJob(submitit.helpers.Checkpointable):
         if self.cpu_threads is not None:
             os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)  # for whatever the cell starts, too
             torch.set_num_threads(self.cpu_threads)
-        specs = [spec_from_dict(spec) for spec in specs]
         if len(specs) > 1:  # a bundle: cells of at most one GPU each (bundles() never bundles multi-GPU cells)
-            return run_cells(specs, [Path(d) for d in cell_dirs])
+            at_once = job_cells_at_once(self.at_once, [spec_from_dict(s) for s in specs])
+            if at_once > 1:
+                return run_at_once(specs, cell_dirs, at_once)
+            return run_cells([spec_from_dict(s) for s in specs], [Path(d) for d in cell_dirs])
+        spec = spec_from_dict(specs[0])
         if submitit.JobEnvironment().num_tasks > 1:  # one task per rank: MASTER_ADDR/PORT, RANK, WORLD_SIZE, ...
             # Every task sees the node's GPUs; rank r takes cuda:LOCAL_RANK (distributed.process_group).
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         # a failure raises: the job fails (and its other ranks)
-        return [cell_summary(run_cell(specs[0], Path(cell_dirs[0])))]
+        return [cell_summary(run_cell(spec, Path(cell_dirs[0])))]
+
+
+def job_cells_at_once(value: Any, specs: list) -> int:
+    """How many of a job's bundle run at once: `value` ("auto" or a number) within what fits in this job's GPU
+    by the cost model's memory estimate (a number that does not fit is lowered, and says so) and its CPU cores;
+    CPU cells take `value` as it is ("auto": 1)."""
+    if all(spec.gpus == 0 for spec in specs):
+        return 1 if value == "auto" else int(value)
+    total = local_gpu_bytes()
+    fit = cells_per_gpu(specs, total)[0] if total else 1
+    n = max(1, min(fit, cores(), len(specs))) if value == "auto" else int(value)
+    if n > fit:
+        print(f"cells_per_gpu={value}: only {fit} of these cells fit in this job's GPU "
+              f"({total / 2**30:.0f} GiB) by the cost model; running {fit} at once", flush=True)
+        n = fit
+    print(f"running {min(n, len(specs))} of this job's {len(specs)} cells at once", flush=True)
+    return n
 
 
 def bundles(cells: list, per_job: int) -> list:
@@ -86,17 +111,24 @@ def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
         executor = _slurm_executor(settings, folder, gpus, group[0][0].spec.sweep)
         with _key_kept_from_job([c for bundle in group for c in bundle]):
             specs, dirs = zip(*(_job_args(bundle) for bundle in group))
-            group_jobs = executor.map_array(CellJob(), list(specs), list(dirs))
+            at_once = settings.get("cells_per_gpu", 1) if per_job > 1 else 1
+            group_jobs = executor.map_array(CellJob(at_once=at_once), list(specs), list(dirs))
         for bundle, job in zip(group, group_jobs):
             for cell in bundle:
                 write_launch_record(cell, job, backend)
             jobs.append((job, len(bundle)))
         n_cells = sum(map(len, group))
         print(f"submitted {n_cells} cells ({gpus} GPU(s) each) as SLURM array {group_jobs[0].job_id.split('_')[0]}"
-              + (f" of {len(group)} jobs (up to {per_job} cells each, one after another)" if per_job > 1 else ""))
+              + (f" of {len(group)} jobs (up to {per_job} cells each, {_order(at_once)})" if per_job > 1 else ""))
     if wait:
         _wait(jobs, settings.get("poll_s", 10.0))
     return [job for job, _ in jobs]
+
+
+def _order(at_once: Any) -> str:
+    if at_once == "auto":
+        return "as many at once as fit in the job's GPU"
+    return f"{at_once} at once" if int(at_once) > 1 else "one after another"
 
 
 @contextlib.contextmanager

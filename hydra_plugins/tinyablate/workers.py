@@ -1,0 +1,118 @@
+"""A SLURM job's bundle of cells run several at once on its GPU (or CPUs), each worker a process of its own.
+
+    summaries = run_at_once(spec_dicts, cell_dirs, at_once=4)   # inside a job (CellJob does this)
+
+hydra/launcher=slurm with `cells_per_job=K cells_per_gpu=N`: each job of the array gets a bundle of up to K
+cells and runs N of them at a time. N worker processes (spawned: CUDA does not survive a fork) take the next
+cell from one queue as they free up, so a worker stays warm (imports, compiled kernels, the base-accuracy cache)
+across its cells. Each cell keeps its own folder, lock, result and W&B run (tinyablate.cell.run_cells).
+
+Failures stay where they happen: a cell that fails writes its own failed result and its worker goes on; a worker
+process that dies (killed, out of memory) fails only the cell it was running (its summary says so, its folder is
+left to a later attempt) and a new worker takes its place. Workers ignore SLURM's pre-emption and time-out
+signals: the job's main process handles them (submitit checkpoints and requeues the job; SLURM then stops every
+process of the job), and the requeued bundle skips its completed cells and resumes the others.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+# Signals submitit's job process handles (requeue on time-out/pre-emption); workers leave them to it.
+_LEFT_TO_THE_JOB = (signal.SIGTERM, signal.SIGCONT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def run_at_once(specs: list, cell_dirs: list, at_once: int, threads: Optional[int] = None,
+                worker: Optional[Callable] = None) -> list:
+    """Cells (spec dicts, folders) `at_once` at a time in worker processes; one summary per cell, in order
+    (tinyablate.cell.cell_summary's fields). `threads`: torch CPU threads per worker (None: cores // at_once).
+    `worker`: the worker's function (tests replace it; it must be importable by name)."""
+    at_once = max(1, min(at_once, len(specs)))
+    threads = threads or max(1, _cores() // at_once)
+    ctx = multiprocessing.get_context("spawn")
+    # results: a SimpleQueue writes through at once, so what a worker put before it died is there to read
+    tasks, results = ctx.Queue(), ctx.SimpleQueue()
+    for i, (spec, cell_dir) in enumerate(zip(specs, cell_dirs)):
+        tasks.put((i, spec, str(cell_dir)))
+    for _ in range(at_once):
+        tasks.put(None)  # one stop sign per worker; a dead worker leaves its own for its replacement
+    start = lambda: _start(ctx, worker or cell_worker, tasks, results, threads)  # noqa: E731
+    running, summaries = {}, {}  # running: pid -> [process, the cell it runs]
+
+    def read_all() -> None:
+        while not results.empty():
+            kind, i, payload = results.get()
+            if kind == "started":
+                running[payload][1] = i
+            else:
+                summaries[i] = payload
+
+    for _ in range(at_once):
+        process = start()
+        running[process.pid] = [process, None]
+    try:
+        while len(summaries) < len(specs):
+            read_all()
+            dead = [pid for pid, (p, _) in running.items() if not p.is_alive() and p.exitcode != 0]
+            if dead:
+                read_all()  # what they wrote before dying
+                for pid in dead:
+                    process, current = running.pop(pid)
+                    if current is not None and current not in summaries:
+                        summaries[current] = _failed(specs[current], f"exit code {process.exitcode}")
+                    process = start()
+                    running[process.pid] = [process, None]
+            if not any(p.is_alive() for p, _ in running.values()):  # every worker took its stop sign
+                read_all()
+                for i in set(range(len(specs))) - set(summaries):  # taken by a worker that died unheard
+                    summaries[i] = _failed(specs[i], "no word from it")
+            time.sleep(0.2)
+    finally:
+        for process, _ in running.values():
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+    return [summaries[i] for i in range(len(specs))]
+
+
+def _start(ctx, target, tasks, results, threads):
+    process = ctx.Process(target=target, args=(tasks, results, threads), name="tinyablate-cell-worker")
+    process.start()
+    return process
+
+
+def _failed(spec: dict, why: str) -> dict:
+    """The summary of a cell whose worker process died while running it (its folder is left to a later attempt)."""
+    from tinyablate.config import cell_id, spec_from_dict
+
+    return {"cell_id": cell_id(spec_from_dict(spec)), "status": "failed", "accuracy": None, "world_size": None,
+            "error": f"its worker process died ({why}); the cell resumes from its folder next time"}
+
+
+def cell_worker(tasks, results, threads: int) -> None:
+    """A worker: cells from `tasks` one after another through run_cells, until a stop sign."""
+    for sig in _LEFT_TO_THE_JOB:
+        signal.signal(sig, signal.SIG_IGN)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    from tinyablate.cell import run_cells
+    from tinyablate.config import spec_from_dict
+
+    warm = False
+    while (task := tasks.get()) is not None:
+        i, spec, cell_dir = task
+        results.put(("started", i, os.getpid()))
+        (summary,) = run_cells([spec_from_dict(spec)], [Path(cell_dir)], warm=warm)
+        results.put(("done", i, summary))
+        warm = True
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
