@@ -14,7 +14,7 @@ minutes), checks each result against the default settings' and prints the defaul
 reads from its own and its prompt's rows ("logical") and the bytes of distinct keys and values ("unique") per
 µs.
 Sampling (`--parts sampling`): the engine's draw from softmax(logits / T) over Qwen2.5-7B's 152,064 logits
-(bf16) at --rows rows, as it is (Exp(1) noise by `exponential_`, then engine/fused.py's compiled race, one
+(bf16) at --rows rows, as it is (Exp(1) noise by `exponential_`, then engine/sampler.py's compiled race, one
 program a row) against candidates compiled the same way: the uniforms drawn inside the kernel; the
 vocabulary split into 32 slices reduced in two stages (more programs); both.
 Matmuls (`--parts gemm`): q/k/v, o_proj, gate/up, down_proj and lm_head at --rows rows; the weights (up to
@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tinyablate.engine import fused  # noqa: E402
+from tinyablate import kernels  # noqa: E402
+from tinyablate.engine.sampler import exponential_race  # noqa: E402
 from tinyablate.engine.attention import decode_attention  # noqa: E402
 
 # Qwen2.5-7B: (out features, in features) of each packed decode matmul
@@ -137,8 +138,8 @@ def gumbel_rand_split(logits, temperature: float):
 
 def sampling(rows: int) -> None:
     logits = torch.randn(rows, VOCAB, device="cuda").to(torch.bfloat16)
-    race, split = fused.compiled(fused.exponential_race, "bench"), fused.compiled(race_split, "bench")
-    rand, rand_split = fused.compiled(gumbel_rand, "bench"), fused.compiled(gumbel_rand_split, "bench")
+    race, split = kernels.compiled(exponential_race, "bench"), kernels.compiled(race_split, "bench")
+    rand, rand_split = kernels.compiled(gumbel_rand, "bench"), kernels.compiled(gumbel_rand_split, "bench")
     noise = torch.empty(rows, VOCAB, device="cuda").exponential_()
     assert torch.equal(race(logits, noise, 1.0)[0], split(logits, noise, 1.0))  # same draw from the same noise
     candidates = {

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     from tinyablate.config.model import ModelConfig
     from tinyablate.config.task import TaskConfig
-    from tinyablate.engine import GenerationEngine, Sampling
+    from tinyablate.engine import EngineOptions, GenerationEngine, Sampling
     from tinyablate.models import load_model_and_tokenizer
     from tinyablate.tasks import load_task
     from tinyablate.train.rollouts import _prompt_ids
@@ -54,9 +54,10 @@ def main(argv=None) -> int:
     model.eval()
     task = load_task(TaskConfig(name="arithmetic"))
     prompts = [_prompt_ids(tok, row["prompt"]) for row in task.prompt_rows(task.train_problems())]
+    options = EngineOptions(attention=args.attention, compile_glue=False if args.no_compile else None,
+                            share_prompts=not args.no_share)
     engine = GenerationEngine(model, tok.pad_token_id, [tok.eos_token_id],
-                              use_graphs=args.device == "cuda" and not args.no_graphs, attention=args.attention,
-                              compile_glue=False if args.no_compile else None, share_prompts=not args.no_share)
+                              use_graphs=args.device == "cuda" and not args.no_graphs, options=options)
     if args.warm_eval:
         engine.generate(prompts[:args.warm_eval], args.new_tokens)
     rng, worst, t0 = random.Random(0), [], time.time()

@@ -45,8 +45,8 @@ def main(argv=None) -> int:
                    help="GRPO: describe (and save under <out>/spikes) every step whose rollout-train mismatch "
                         "exceeds this many nats, with a no-grad eval-mode forward of the same batch as a third opinion")
     p.add_argument("--engine", default="",
-                   help="GenerationEngine options for the rollouts, e.g. 'use_graphs=0,share_prompts=0,attention=sdpa,"
-                        "compile_glue=0' (an experiment, not a setting)")
+                   help="engine settings for the rollouts: use_graphs and EngineOptions fields, e.g. 'use_graphs=0,"
+                        "share_prompts=0,attention=sdpa,compile_glue=0' (an experiment, not a setting)")
     p.add_argument("--anomaly-from", type=int, default=0,
                    help="turn on torch's anomaly detection from this optimizer step on: the first backward op "
                         "that returns a NaN raises, naming itself, with the forward line that made it (slow)")
@@ -114,23 +114,29 @@ def _fp32_lm_head() -> None:
 
 
 def _engine_options(text: str) -> None:
-    """Rollout engines built with these GenerationEngine keyword arguments (values: 0/1, or a string)."""
+    """Rollout engines built with these settings: `use_graphs` (GenerationEngine's argument) or any EngineOptions
+    field (values: 0/1, or a string)."""
+    import dataclasses
     import functools
 
-    from tinyablate.engine import core
+    from tinyablate.engine import EngineOptions, GenerationEngine
 
-    options = {}
+    fields = {f.name for f in dataclasses.fields(EngineOptions)}
+    arguments, options = {}, {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=")
-        options[key] = {"0": False, "1": True}.get(value, value)
-    original = core.GenerationEngine.__init__
+        if key != "use_graphs" and key not in fields:
+            raise SystemExit(f"--engine {key}=...: use_graphs or one of EngineOptions' {sorted(fields)}")
+        (options if key in fields else arguments)[key] = {"0": False, "1": True}.get(value, value)
+    original = GenerationEngine.__init__
 
     @functools.wraps(original)
     def init(self, *args, **kwargs):
-        kwargs.update(options)
+        kwargs.update(arguments)
+        kwargs["options"] = dataclasses.replace(kwargs.get("options") or EngineOptions(), **options)
         original(self, *args, **kwargs)
 
-    core.GenerationEngine.__init__ = init
+    GenerationEngine.__init__ = init
 
 
 def _describe_spikes(threshold: float, folder: Path) -> None:

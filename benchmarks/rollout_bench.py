@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,9 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.adapter_bench import SHAPES, TARGETS, build_base, sync  # noqa: E402
 from benchmarks.mismatch_check import token_mismatch  # noqa: E402
-from tinyablate.engine import GenerationEngine, Sampling  # noqa: E402
+from tinyablate.engine import EngineOptions, GenerationEngine, Sampling  # noqa: E402
 
-# The engine's settings side by side: the defaults, and each lever on its own.
+# The engine's settings (EngineOptions fields) side by side: the defaults, and each lever on its own.
 ENGINE_VARIANTS = {"engine": {}, "engine_nopack": {"pack": False}, "engine_nocompile": {"compile_glue": False},
                    "engine_sdpa": {"attention": "sdpa"}, "engine_noshare": {"share_prompts": False},
                    "engine_eager": {"compile_glue": False, "pack": False, "attention": "sdpa"}}
@@ -225,12 +226,13 @@ def main(argv=None) -> dict:
     for label in args.adapters.split(","):
         if label == "tinylora":
             apply_tinylora(model, args)
-        engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print, attention=args.attention)
+        options = EngineOptions(log=print, attention=args.attention)
+        engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], options=options)
         engines = {"engine": engine}
         for path in args.paths:
             if path in ENGINE_VARIANTS and path != "engine":
-                settings = {"attention": args.attention, **ENGINE_VARIANTS[path]}
-                engines[path] = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print, **settings)
+                variant = replace(options, **ENGINE_VARIANTS[path])
+                engines[path] = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], options=variant)
         report["rows"] += throughput_rows(model, label, args, ids, news, engines)
         for other in list(engines.values())[1:]:
             other.release()
@@ -256,7 +258,8 @@ def main(argv=None) -> dict:
                       f"{report['agreement']}", flush=True)
             engine.release()
             if args.eval_problems:
-                eval_engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], log=print)
+                eval_engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[],
+                                               options=EngineOptions(log=print))
                 save(args, report)  # what is measured so far, should the evaluation be cut short
                 report["eval"] = eval_rows(model, eval_engine, args, vocab)
                 eval_engine.release()
@@ -293,7 +296,7 @@ def profile_decode(model, ids, args):
 
     if "tinylora" in args.adapters.split(","):
         apply_tinylora(model, args)
-    engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], attention=args.attention)
+    engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[], options=EngineOptions(attention=args.attention))
     sampling, new = Sampling(temperature=1.0), int(args.new_tokens.split(",")[0])
     prompts = ids.tolist()
     engine.generate(prompts, new, sampling)  # compiles and captures

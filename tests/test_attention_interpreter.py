@@ -64,7 +64,7 @@ ENGINE_CHECK = textwrap.dedent('''
     import sys
     import torch
     from transformers import LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
-    from tinyablate.engine import GenerationEngine, Sampling
+    from tinyablate.engine import EngineOptions, GenerationEngine, Sampling
     from tinyablate.sampling import KeyedGumbelSampler, sequence_key
 
     torch.manual_seed(0)
@@ -82,9 +82,10 @@ ENGINE_CHECK = textwrap.dedent('''
                              pad_token_id=0, **kwargs)
         return out[:, width:].tolist()
 
-    engine = GenerationEngine(model, 0, [-1], use_graphs=False, attention="sdpa", share_prompts=sys.argv[1] == "True")
+    engine = GenerationEngine(model, 0, [-1], use_graphs=False,
+                              options=EngineOptions(attention="sdpa", share_prompts=sys.argv[1] == "True"))
     engine.fixed_shapes = True  # the captured step's shapes: a batch bucket of 8 rows
-    engine.attention = "triton"  # the Triton kernels, run by the interpreter on CPU
+    engine.layers.attention = "triton"  # the Triton kernels, run by the interpreter on CPU
     greedy = engine.generate(ps, 24)
     assert greedy == hf(24, do_sample=False), "greedy"
     keys = [sequence_key(0, 0, i, 0) for i in range(len(ps))]

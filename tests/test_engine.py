@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from tinyablate.engine import GenerationEngine, Sampling, resolve_engine
+from tinyablate.engine import EngineOptions, GenerationEngine, Sampling, resolve_engine
 from tinyablate.config import ModelConfig
 from tinyablate.models import load_model_and_tokenizer
 from tinyablate.sampling import KeyedGumbelSampler, sequence_key
@@ -93,8 +93,9 @@ def test_sampled_token_frequencies_match_softmax_at_temperature(top_k, compile_g
         logits[logits < logits.topk(top_k).values[-1]] = float("-inf")
     expected = logits.softmax(-1)
     torch.manual_seed(0)
-    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, compile_glue=compile_glue)
-    assert engine._fuse == compile_glue  # the compiled exponential race (engine/fused.py)
+    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False,
+                              options=EngineOptions(compile_glue=compile_glue))
+    assert engine.layers.fuse == compile_glue  # the compiled exponential race (engine/sampler.py)
     first = [c[0] for c in engine.generate([prompt] * n, 1, Sampling(temperature=temperature, top_k=top_k))]
     freq = torch.bincount(torch.tensor(first), minlength=len(expected)).float() / n
     assert expected.max() < 0.9  # a spread distribution, so the check has teeth
@@ -111,13 +112,13 @@ def test_next_rollout_uses_the_v_the_optimizer_just_changed(tmp_path, pack):
     model, tok = _load("tiny-qwen2", tmp_path)
     adapter = apply_adapter(model, AdapterConfig(kind="tinylora", r=2, u=4, tie=1, svd=SVDConfig(cache_dir="")), "t")
     prompts = _prompts(tok)
-    engine = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False, pack=pack)
+    engine = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False, options=EngineOptions(pack=pack))
     before = engine.generate(prompts, 24)
     assert before == _hf(adapter.model, tok, prompts, 24, [-1])
     params = adapter.trainable_parameters()
     layer = next(iter(adapter.layers.values()))
     w_eff = layer._w_eff
-    engine._graphs["sentinel"] = object()  # stands for captured graphs (CPU has none)
+    engine.graphs.table["sentinel"] = object()  # stands for captured graphs (CPU has none)
     opt = torch.optim.SGD(params, lr=50.0)
     ids = torch.tensor([prompts[0]])
     adapter.model.train()
@@ -125,22 +126,22 @@ def test_next_rollout_uses_the_v_the_optimizer_just_changed(tmp_path, pack):
     opt.step()
     after = engine.generate(prompts, 24)
     assert after == _hf(adapter.model, tok, prompts, 24, [-1]) and after != before
-    assert layer._w_eff is w_eff and "sentinel" in engine._graphs  # re-merged in place: graphs stay valid
+    assert layer._w_eff is w_eff and "sentinel" in engine.graphs.table  # re-merged in place: graphs stay valid
     torch.testing.assert_close(layer._w_eff, layer.weight + layer.delta_weight(), atol=1e-5, rtol=0)
     if pack:  # the merged weight lives in the engine's packed q/k/v rows
-        packed = engine._packs[0].qkv.weight
+        packed = engine.layers.packs[0].qkv.weight
         assert w_eff.data_ptr() == packed.data_ptr()
         layer.drop_cache()  # the layer lets go of the rows; the engine hands them back and merges there again
-        assert engine.generate(prompts, 24) == after and "sentinel" in engine._graphs
+        assert engine.generate(prompts, 24) == after and "sentinel" in engine.graphs.table
         assert layer._w_eff.data_ptr() == packed.data_ptr()
     else:
         layer.drop_cache()  # the merged weight will be a new tensor: graphs must be captured again
         engine.generate(prompts, 2)
-        assert "sentinel" not in engine._graphs
-        engine._graphs["sentinel"] = object()
+        assert "sentinel" not in engine.graphs.table
+        engine.graphs.table["sentinel"] = object()
     adapter.merge()  # ΔW folded into the weights, fused path off: again a different computation
     merged = engine.generate(prompts, 24)
-    assert "sentinel" not in engine._graphs and merged == after
+    assert "sentinel" not in engine.graphs.table and merged == after
 
 
 def test_engine_setting_resolves_per_device():
@@ -169,7 +170,8 @@ def test_the_fixed_shapes_graphs_capture_give_the_same_tokens(name, tmp_path):
     model, tok = _load(name, tmp_path)
     prompts = _prompts(tok)[:5]
     keys = [sequence_key(0, 0, row, 0) for row in range(len(prompts))]
-    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, length_bucket=16)
+    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False,
+                              options=EngineOptions(length_bucket=16))
     engine.fixed_shapes = True
     engine.reserve(8, 160)
     assert engine.generate(prompts, 40) == _hf(model, tok, prompts, 40, [-1])
@@ -181,7 +183,8 @@ def test_the_fixed_shapes_graphs_capture_give_the_same_tokens(name, tmp_path):
 def test_matmul_decode_attention_gives_the_same_tokens(tmp_path):
     model, tok = _load("tiny-llama", tmp_path)
     prompts = _prompts(tok)
-    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, attention="matmul")
+    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False,
+                              options=EngineOptions(attention="matmul"))
     assert engine.generate(prompts, 32) == _hf(model, tok, prompts, 32, [-1])
 
 
@@ -265,7 +268,7 @@ def test_paper_setting_kv_cache_fits_one_80gb_gpu_and_too_much_names_the_setting
     """256 completions of a GSM8K prompt (< 256 tokens) + 512 new tokens, Qwen2.5-7B, bf16."""
     from transformers import Qwen2Config
 
-    from tinyablate.engine.core import kv_cache_bytes
+    from tinyablate.engine import kv_cache_bytes
     from tinyablate.train.rollouts import check_cache_fits
 
     cfg = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
@@ -282,7 +285,7 @@ def test_paper_setting_kv_cache_fits_one_80gb_gpu_and_too_much_names_the_setting
 
 def test_compiled_glue_rounds_where_hf_rounds_in_bf16():
     """The decode step's compiled norm + residual add gives HF's eager bf16 numbers bit for bit."""
-    from tinyablate.engine.core import _Glue
+    from tinyablate.engine.fused import _Glue
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -309,15 +312,16 @@ def test_packed_projections_follow_edited_weights_and_skip_what_cannot_be_packed
     prompts = _prompts(tok)
     engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False)
     assert engine.generate(prompts, 32) == _hf(model, tok, prompts, 32, [-1])
-    assert engine._all_packed
+    assert engine.layers.all_packed
     before = engine.generate(prompts, 32)
     with torch.no_grad():
         model.model.layers[0].self_attn.k_proj.weight.mul_(-3.0)
         model.model.layers[1].mlp.up_proj.weight.mul_(2.0)
     after = engine.generate(prompts, 32)
     assert after == _hf(model, tok, prompts, 32, [-1]) and after != before
-    unpacked = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, pack=False)
-    assert unpacked.generate(prompts, 32) == after and not any(unpacked._packs[0])
+    unpacked = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False,
+                                options=EngineOptions(pack=False))
+    assert unpacked.generate(prompts, 32) == after and not any(unpacked.layers.packs[0])
 
     lora = apply_adapter(model, AdapterConfig(kind="lora", r=4, lora_alpha=8.0), "t").model
     with torch.no_grad():
@@ -326,7 +330,7 @@ def test_packed_projections_follow_edited_weights_and_skip_what_cannot_be_packed
                 p.normal_(0, 0.5)
     engine = GenerationEngine(lora, tok.pad_token_id, [-1], use_graphs=False)
     assert engine.generate(prompts, 32) == _hf(lora, tok, prompts, 32, [-1])
-    assert not any(p for packs in engine._packs for p in packs)
+    assert not any(p for packs in engine.layers.packs for p in packs)
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
@@ -343,25 +347,26 @@ def test_compiled_decode_layers_give_hf_generates_tokens(name, tmp_path):
             p.normal_(0, 0.5)
     prompts = _prompts(tok)
     ref = _hf(adapter.model, tok, prompts, 40, [-1])
-    fused = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False, compile_glue=True)
+    fused = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False,
+                             options=EngineOptions(compile_glue=True))
     plain = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False)
-    assert fused._fuse
-    assert fused.generate(prompts, 40) == ref and fused._all_packed
+    assert fused.layers.fuse
+    assert fused.generate(prompts, 40) == ref and fused.layers.all_packed
     assert plain.generate(prompts, 40) == ref
-    for a, b in zip(fused._k + fused._v, plain._k + plain._v):  # the compiled cache writes land in place
+    for a, b in zip(fused.cache.keys + fused.cache.values, plain.cache.keys + plain.cache.values):  # the compiled cache writes land in place
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_repeated_prompts_are_prefilled_once_and_spread_to_their_rows(tmp_path, monkeypatch):
-    from tinyablate.engine import core
+    from tinyablate.engine import cache, layers
 
     model, tok = _load("tiny-llama", tmp_path)
     distinct = _prompts(tok)
     prompts = [distinct[i] for i in (0, 1, 0, 2, 1, 0, 3, 3)]
-    assert core._dedupe(torch.tensor([[1, 2], [3, 4], [1, 2], [1, 2], [5, 6]])) == ([0, 1, 4], [0, 1, 0, 0, 2])
+    assert cache.dedupe(torch.tensor([[1, 2], [3, 4], [1, 2], [1, 2], [5, 6]])) == ([0, 1, 4], [0, 1, 0, 0, 2])
     seen = []
-    forward = core.GenerationEngine._forward_prompts
-    monkeypatch.setattr(core.GenerationEngine, "_forward_prompts",
+    forward = layers.DecoderLayers._forward_prompts
+    monkeypatch.setattr(layers.DecoderLayers, "_forward_prompts",
                         lambda self, ids, *a: seen.append(ids.shape[0]) or forward(self, ids, *a))
     engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False)
     assert engine.generate(prompts, 24) == _hf(model, tok, prompts, 24, [-1])
@@ -370,12 +375,12 @@ def test_repeated_prompts_are_prefilled_once_and_spread_to_their_rows(tmp_path, 
 
 def test_compiled_glue_of_decode_prefill_and_training_keep_separate_recompile_budgets():
     """Dynamo allows a code object 8 compiled versions; the decode step (fixed shapes, fullgraph), the prefill
-    and training (dynamic shapes) each compile rms_norm on their own copy of its code (fused.own_code), so
+    and training (dynamic shapes) each compile rms_norm on their own copy of its code (kernels.own_code), so
     many decode shapes plus prefill and training calls never hit that limit (it failed so before)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tinyablate.engine.core import _Glue
-    from tinyablate.engine.fused import rms_norm
+    from tinyablate.engine.fused import _Glue
+    from tinyablate.kernels import rms_norm
     from tinyablate.train.glue import _compiled
 
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -400,14 +405,14 @@ def test_engine_for_keeps_the_eos_tensor_the_graphs_read_and_drops_graphs_when_t
     model, tok = _load("tiny-qwen2", tmp_path)
     engine = engine_for(model, 0, [5, 3], use_graphs=False)
     eos_tensor = engine._eos_t
-    engine._graphs["sentinel"] = object()  # stands for a captured graph (CPU: none are captured)
+    engine.graphs.table["sentinel"] = object()  # stands for a captured graph (CPU: none are captured)
     assert engine_for(model, 0, [3, 5, 5], use_graphs=False) is engine
-    assert engine._eos_t is eos_tensor and "sentinel" in engine._graphs
+    assert engine._eos_t is eos_tensor and "sentinel" in engine.graphs.table
     engine_for(model, 0, [7], use_graphs=False)
-    assert engine.eos == [7] and engine._eos_t.tolist() == [7] and not engine._graphs
-    engine._graphs["sentinel"] = object()
+    assert engine.eos == [7] and engine._eos_t.tolist() == [7] and not engine.graphs.table
+    engine.graphs.table["sentinel"] = object()
     engine_for(model, 1, [7], use_graphs=False)  # the pad id is baked into a graph too
-    assert engine.pad == 1 and not engine._graphs
+    assert engine.pad == 1 and not engine.graphs.table
     ps = _prompts(tok)[:3]
     first = engine.generate(ps, 6)
     stop = first[0][2]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
 
-from tinyablate.engine import GenerationEngine, Sampling
+from tinyablate.engine import EngineOptions, GenerationEngine, Sampling
 from tinyablate.sampling import KeyedGumbelSampler, sequence_key
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -51,12 +51,12 @@ def test_graph_engine_matches_hf_generate_in_fp32(family, compile_glue, pack, at
     eos = [hf(model, ps, 64, [-1])[1][30]]
     ref = hf(model, ps, 64, eos)
     assert 1 < len({len(r) for r in ref})
-    engine = GenerationEngine(model, 0, eos, use_graphs=True, length_bucket=32, compile_glue=compile_glue, pack=pack,
-                              attention=attention)
+    options = EngineOptions(length_bucket=32, compile_glue=compile_glue, pack=pack, attention=attention)
+    engine = GenerationEngine(model, 0, eos, use_graphs=True, options=options)
     ours = engine.generate(ps, 64)
     firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ours, ref)]
     assert ours == ref, f"first divergences per row: {firsts}"
-    assert engine._graphs  # it did replay captured graphs
+    assert engine.graphs.table  # it did replay captured graphs
     keys = [sequence_key(0, 0, i, 0) for i in range(len(ps))]
     ref = hf(model, ps, 64, [-1], logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 0.8)]))
     assert engine.generate(ps, 64, Sampling(temperature=0.8, keyed=True), keys=keys) == [r for r in ref]
@@ -68,7 +68,8 @@ def test_repeated_prompts_match_hf_generate(share_prompts):
     each row reads its prompt from the one cache row that holds it, and its own new keys from its row."""
     model, distinct = tiny("qwen2"), prompts(4, seed=2)
     ps = [distinct[i] for i in (0, 1, 0, 2, 3, 1, 0, 2, 3, 3)]
-    engine = GenerationEngine(model, 0, [-1], use_graphs=True, length_bucket=32, share_prompts=share_prompts)
+    engine = GenerationEngine(model, 0, [-1], use_graphs=True,
+                              options=EngineOptions(length_bucket=32, share_prompts=share_prompts))
     assert engine.generate(ps, 40) == hf(model, ps, 40, [-1])
     keys = [sequence_key(0, 0, i, 0) for i in range(len(ps))]
     ref = hf(model, ps, 40, [-1], logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 0.8)]))
@@ -83,7 +84,7 @@ def test_graphs_never_replay_stale_weights():
     model = tiny("qwen2")
     adapter = apply_adapter(model, AdapterConfig(kind="tinylora", r=2, u=4, tie=1, svd=SVDConfig(cache_dir="")), "t")
     ps = prompts()
-    engine = GenerationEngine(adapter.model, 0, [-1], use_graphs=True, length_bucket=32)
+    engine = GenerationEngine(adapter.model, 0, [-1], use_graphs=True, options=EngineOptions(length_bucket=32))
     before = engine.generate(ps, 32)
     assert before == hf(adapter.model, ps, 32, [-1])
     opt = torch.optim.SGD(adapter.trainable_parameters(), lr=50.0)
@@ -102,7 +103,7 @@ def test_graphs_are_captured_again_after_every_graph_was_dropped():
     buffers). Capturing again must not reuse the dropped graphs' memory pool (the allocator keeps it until
     its memory is freed, and capturing into it fails an internal assert)."""
     model, ps = tiny("qwen2"), prompts()
-    engine = GenerationEngine(model, 0, [-1], use_graphs=True, length_bucket=32)
+    engine = GenerationEngine(model, 0, [-1], use_graphs=True, options=EngineOptions(length_bucket=32))
     assert engine.generate(ps, 16) == hf(model, ps, 16, [-1])
     captures = engine.captures
     with torch.no_grad():
@@ -117,7 +118,7 @@ def test_the_sampling_draw_captured_in_a_graph_draws_afresh_at_every_replay():
     """The engine's compiled sampling draw (exponential noise, then the fused race), captured in a CUDA graph:
     each replay must draw new noise, not the capture's, and the draws follow softmax(logits / T)."""
     engine = GenerationEngine(tiny("qwen2"), 0, [-1], use_graphs=True)
-    assert engine._fuse  # the compiled exponential race (engine/fused.py)
+    assert engine.layers.fuse  # the compiled exponential race (engine/sampler.py)
     torch.manual_seed(0)
     rows, sampling = 4096, Sampling(temperature=0.7)
     logits = (torch.randn(16, device="cuda") * 2).to(torch.bfloat16).expand(rows, 16).contiguous()
@@ -126,11 +127,11 @@ def test_the_sampling_draw_captured_in_a_graph_draws_afresh_at_every_replay():
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            out.copy_(engine._pick(logits, None, sampling)[0])
+            out.copy_(engine.sampler.next_tokens(logits, None, sampling)[0])
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out.copy_(engine._pick(logits, None, sampling)[0])
+        out.copy_(engine.sampler.next_tokens(logits, None, sampling)[0])
     draws = []
     for _ in range(4):
         graph.replay()
@@ -148,8 +149,9 @@ def test_bf16_graph_replay_equals_the_same_step_run_eagerly(family, compile_glue
     """Measured 2026-12-02 (H200): mean share 0.961 (qwen2), 0.903 (llama) uncompiled; compiled before the
     precision-cast emulation 0.455 / 0.336."""
     model, ps = tiny(family, torch.bfloat16), prompts(16, seed=1)
-    graph = GenerationEngine(model, 0, [-1], use_graphs=True, length_bucket=32, compile_glue=compile_glue)
-    eager = GenerationEngine(model, 0, [-1], use_graphs=False, length_bucket=32, compile_glue=compile_glue)
+    options = EngineOptions(length_bucket=32, compile_glue=compile_glue)
+    graph = GenerationEngine(model, 0, [-1], use_graphs=True, options=options)
+    eager = GenerationEngine(model, 0, [-1], use_graphs=False, options=options)
     eager.fixed_shapes = True
     eager.reserve(16, 128)
     ours = graph.generate(ps, 64)

@@ -56,7 +56,7 @@ def test_adapters_train_on_a_quantized_base(quantization, kind):
 def test_graph_engine_on_a_quantized_base_replays_what_it_runs_eagerly(quantization, kind, capsys):
     """The generation engine's CUDA graphs over bitsandbytes 4-bit layers give the eager engine's tokens.
     (int8 layers cannot be captured: `auto` picks HF generate there, tinyablate/engine/settings.py.)"""
-    from tinyablate.engine import GenerationEngine
+    from tinyablate.engine import EngineOptions, GenerationEngine
 
     model = bf16_model()
     quantize_base(model, quantization)
@@ -66,11 +66,11 @@ def test_graph_engine_on_a_quantized_base_replays_what_it_runs_eagerly(quantizat
             p.normal_(0, 0.05)
     gen = torch.Generator().manual_seed(3)
     ps = [torch.randint(1, 512, (int(n),), generator=gen).tolist() for n in torch.randint(3, 30, (8,), generator=gen)]
-    graph = GenerationEngine(adapter.model, 0, [-1], use_graphs=True, length_bucket=32)
-    eager = GenerationEngine(adapter.model, 0, [-1], use_graphs=False, length_bucket=32)
+    graph = GenerationEngine(adapter.model, 0, [-1], use_graphs=True, options=EngineOptions(length_bucket=32))
+    eager = GenerationEngine(adapter.model, 0, [-1], use_graphs=False, options=EngineOptions(length_bucket=32))
     eager.fixed_shapes = True
     eager.reserve(8, 96)
     ours = graph.generate(ps, 48)
-    assert graph._graphs and ours == eager.generate(ps, 48)
+    assert graph.graphs.table and ours == eager.generate(ps, 48)
     with capsys.disabled():
         print(f"\nengine on {quantization} + {kind}: graphs replay the eager tokens ({len(ps)} rows x 48)")

@@ -94,7 +94,7 @@ def test_train_glue_setting_resolves_per_device_and_is_validated_outside_the_cel
 
 
 def test_a_function_whose_compile_fails_warns_once_and_runs_eager(monkeypatch):
-    from tinyablate.engine.fused import rms_norm
+    from tinyablate.kernels import rms_norm
     from tinyablate.train import glue
 
     def broken(*args):

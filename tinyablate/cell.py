@@ -92,7 +92,7 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None, started: Optional[
 def run_cells(specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]], warm: bool = False) -> list:
     """Cells one after another in this process (a bundle: hydra.launcher.cells_per_job), each through run_cell
     with its own folder, lock, result and metrics; returns one summary per cell (cell_id, status, accuracy,
-    error). The process stays warm: imports, compiled kernels (engine/fused.py `compiled` keeps them per model
+    error). The process stays warm: imports, compiled kernels (kernels.py `compiled` keeps them per model
     and batch shape) and the base-accuracy cache serve every cell after the first. A cell that fails (its
     result says why) or that another process holds does not stop the cells after it; memory is released
     between cells. A bundle run again (a requeue) returns its completed cells' results and resumes the others.

@@ -6,10 +6,23 @@
 
 Used by GRPO rollouts (train/grpo.py, `algo.rollout_engine`) and evaluation (eval.py, `eval.engine`).
 Which engine a setting means on a device: `settings.py` (the settings are declared and checked in
-tinyablate/config); the engine itself: `core.py`.
+tinyablate/config). The engine itself, room by room:
+
+- `core.py`: GenerationEngine (generate, reserve, release, refresh_weights; the decode loop), EngineOptions
+  (experiment knobs), engine_for (one engine per model).
+- `cache.py`: the KV cache, the decode state of a batch bucket, prompt padding and deduplication.
+- `layers.py`: the decoder layers over the cache (prefill, decode step, decode attention backends).
+- `sampler.py`: Sampling (how) and the sampler (greedy, temperature / top-k / top-p, keyed).
+- `graphs.py`: CUDA-graph capture and replay of the decode step; the weight signature that drops stale graphs.
+- `packing.py`: packed q/k/v and gate/up projections; `fused.py`: what the engine compiles (the glue
+  between matmuls, whole decoder layers); `attention.py`: the Triton decode attention.
+The elementwise kernels shared with training (RMSNorm, SiLU x up, torch.compile memo): tinyablate/kernels.py.
 """
 
-from .core import GenerationEngine, Sampling, engine_for
+from .cache import kv_cache_bytes
+from .core import EngineOptions, GenerationEngine, engine_for
+from .sampler import Sampling
 from .settings import ENGINES, resolve_engine
 
-__all__ = ["ENGINES", "resolve_engine", "GenerationEngine", "Sampling", "engine_for"]
+__all__ = ["ENGINES", "resolve_engine", "EngineOptions", "GenerationEngine", "Sampling", "engine_for",
+           "kv_cache_bytes"]

@@ -1,8 +1,8 @@
 """Decode attention over the engine's KV cache: one Triton kernel (flash decoding), CUDA only.
 
 At one new token per row, attention reads every cached key and value once: memory-bound work that the
-SDPA kernels torch picks for a (rows, kv heads, groups, dim) query with a boolean mask ran at about a
-fifth of the H200's bandwidth (70 µs a layer at 256 rows x 256 keys, benchmarks/RESULTS.md). Here each
+SDPA kernels torch picks for a (rows, kv heads, groups, dim) query with a boolean mask ran far below
+the GPU's memory bandwidth (measured: benchmarks/RESULTS.md). Here each
 program takes one (row, kv head) and one slice of the key positions: the `groups` query heads that
 share the kv head are the rows of one small matrix product against each block of keys, with an online
 softmax in float32; a second kernel merges the slices (split-K) when there are several.

@@ -1,50 +1,31 @@
-"""The decode step's decoder layers as two compiled functions each, around the attention.
+"""What the engine compiles: the elementwise glue between its matmuls, and whole decoder layers.
 
-With every projection of every layer packed (engine/packing.py) and HF's RMSNorm and SiLU MLP, a
-decoder layer at one new token is
+- `_Glue`: a model's norms, residual adds, rotary embedding and SiLU x up as functions (HF's math:
+  tinyablate/kernels.py), each compiled on its own where it can be (the prefill: dynamic shapes; the decode
+  step: one version per number of rows), else HF's modules called as they are.
+- With every projection of every layer packed (engine/packing.py) and HF's RMSNorm and SiLU MLP, a
+  decoder layer at one new token is
 
     pre:   x += delta; h = rms_norm(x); q, k, v = h [Wq; Wk; Wv]ᵀ + b; rotary(q, k); k, v -> cache slot
     attention over the cache (engine/attention.py, or SDPA)
     post:  x += o_proj(attention); h = rms_norm(x); gate, up = h [Wg; Wu]ᵀ; delta = down_proj(silu(gate) up)
 
-`pre` and `post` are plain tensor functions of the layer's weights (passed in, so all layers share one
-compiled graph per batch bucket) that torch.compile turns into a few fused kernels around cuBLAS's
-matmuls. A CUDA-graph replay pays a few microseconds for every kernel it launches, and the uncompiled
-step launches ~1,100 of them for a 28-layer model (profile in benchmarks/RESULTS.md); this cuts that to a
-few hundred. Inductor's `emulate_precision_casts` rounds where HF's eager code rounds (bf16 norm output
-before the weight, the residual sum), so the fused kernels compute HF's numbers
-(tests/test_engine.py, tests/test_engine_gpu.py).
+  `pre` and `post` are plain tensor functions of the layer's weights (passed in, so all layers share one
+  compiled graph per batch bucket) that torch.compile turns into a few fused kernels around cuBLAS's
+  matmuls. A CUDA-graph replay pays a few microseconds for every kernel it launches, and the uncompiled
+  step launches dozens of them per layer; this cuts their number several-fold (profile: benchmarks/RESULTS.md).
+- `EngineCompiled`: one engine's lookup of these functions compiled for its model and batch shapes.
+
+Inductor's `emulate_precision_casts` rounds where HF's eager code rounds, so the fused kernels compute HF's
+numbers (tests/test_engine.py, tests/test_engine_gpu.py).
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-
-def rms_norm(x, weight, eps: float):
-    """HF's Qwen2RMSNorm / LlamaRMSNorm, op for op."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def silu_mul(gate, up):
-    """The SiLU MLP's activation: silu(gate) x up."""
-    return F.silu(gate) * up
-
-
-def is_hf_rms_norm(module) -> bool:
-    """An HF RMSNorm that computes rms_norm above (Qwen2RMSNorm, LlamaRMSNorm: `weight`, `variance_epsilon`)."""
-    return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
-            and hasattr(module, "weight"))
-
-
-def is_silu_mlp(module) -> bool:
-    """An HF gated MLP that computes down_proj(silu_mul(gate_proj(x), up_proj(x)))."""
-    return (getattr(getattr(module, "config", None), "hidden_act", None) == "silu"
-            and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")))
+from .. import kernels
+from ..kernels import rms_norm, silu_mul
 
 
 def pre_attention(x, delta, norm_w, eps: float, qkv_w, qkv_b, rope, cos, sin, k_cache, v_cache, slot,
@@ -85,76 +66,80 @@ def final_norm(x, delta, norm_w, eps: float):
     return rms_norm(x + delta, norm_w, eps)
 
 
-def plain_function(fn):
-    """The plain function behind HF's modeling functions: with the `kernels` package installed (a dependency of
-    transformers >= 5.2x) `modeling_qwen2.apply_rotary_pos_emb` is a `kernels` Func module that dispatches to
-    a Hub kernel when one is active and else calls the function it wraps; compiled code takes that function."""
-    if isinstance(fn, torch.nn.Module):
-        forward = type(fn).forward
-        cells = dict(zip(forward.__code__.co_freevars, forward.__closure__ or ()))
-        if "func" in cells and callable(cells["func"].cell_contents):
-            return cells["func"].cell_contents
-    return fn
+class EngineCompiled:
+    """One engine's compiled functions: `fn` compiled for the model's shape (`tag`, kernels.model_tag) and a
+    batch shape (static shapes: each shape its own code), looked up once per engine and shape (an eager decode
+    step asks for it every step); the compiled code itself is shared by the process (kernels.compiled)."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+        self._fns: dict = {}
+
+    def __call__(self, fn, *batch_shape):
+        key = (fn, batch_shape)
+        if key not in self._fns:
+            self._fns[key] = kernels.compiled(fn, "_".join(["engine", self.tag, *map(str, batch_shape)]))
+        return self._fns[key]
 
 
-def exponential_race(logits, noise, temperature: float):
-    """argmax of softmax(logits / T) / noise, noise ~ Exp(1): an exact categorical draw (one fused kernel),
-    and the drawn token's log-probability under softmax(logits / T).
+def _add_rms_norm(x, delta, weight, eps: float):
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
 
-    Computed as argmax(logits / T - log noise) (log is monotone and log softmax = logits / T - a per-row
-    constant, i.e. the Gumbel-max form): the logits (any float dtype, read as float32) are read once for the
-    draw and once for the log-sum-exp.
+
+class _Glue:
+    """Norms, residual adds, rotary embedding and the MLP's SiLU x up of one model, as functions.
+
+    With HF's RMSNorm and SiLU MLPs they are the functions above (compiled when `compiled`); any other
+    module falls back to calling the module itself.
     """
-    scores = logits.float() / temperature
-    token = (scores - noise.log()).argmax(-1)
-    return token, token_logprob(scores, token)
+
+    def __init__(self, decoder, rope, compiled: bool, dynamic: bool = False):
+        layer = decoder.layers[0]
+        norms = [decoder.norm] + [m for lay in decoder.layers
+                                  for m in (lay.input_layernorm, lay.post_attention_layernorm)]
+        self.fused = all(kernels.is_hf_rms_norm(n) for n in norms) and kernels.is_silu_mlp(layer.mlp)
+        # Compiled only where inductor can round where HF's eager code rounds (emulate_precision_casts: without
+        # it bf16 norm outputs differ from HF's by an ulp, measured: benchmarks/RESULTS.md). One compiled version
+        # per model shape (the prefill's, with dynamic shapes) or per model shape and rows (the decode step's,
+        # fixed shapes), shared by every engine of the process (kernels.compiled).
+        model = kernels.model_tag(decoder.config, decoder.embed_tokens.weight.dtype)
+        tag = f"{'prefill' if dynamic else 'decode'}_{model}"
+        if not (compiled and self.fused and kernels.available()):
+            wrap = lambda f: f  # noqa: E731
+        elif dynamic:
+            wrap = lambda f: kernels.compiled(f, tag, dynamic=True)  # noqa: E731
+        else:
+            wrap = lambda f: _per_rows(f, tag)  # noqa: E731
+        self._rms, self._add_rms, self._silu_mul, self._rope = (
+            f if f is None else wrap(f) for f in (rms_norm, _add_rms_norm, silu_mul, rope))
+
+    def norm(self, module, x):
+        return self._rms(x, module.weight, module.variance_epsilon) if self.fused else module(x)
+
+    def add_norm(self, module, x, delta):
+        if self.fused:
+            return self._add_rms(x, delta, module.weight, module.variance_epsilon)
+        x = x + delta
+        return x, module(x)
+
+    def rope(self, q, k, cos, sin):
+        return self._rope(q, k, cos, sin)
+
+    def mlp(self, mlp, h, gate_up=None):
+        if self.fused:
+            gate, up = gate_up(h) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
+            return mlp.down_proj(self._silu_mul(gate, up))
+        return mlp(h)
 
 
-def token_logprob(scores, token):
-    """log softmax(scores)[row, token[row]] in float32, without materialising the log-softmax."""
-    return scores.gather(-1, token[:, None])[:, 0] - scores.logsumexp(-1)
+def _per_rows(fn, tag: str):
+    """`fn` compiled for fixed shapes, one version per number of rows (its first argument's first dimension)."""
+    by_rows: dict = {}
 
-
-_COMPILED: dict = {}
-
-
-def compiled(fn, tag: str, dynamic: bool = False):
-    """`fn` compiled into fused kernels (no CUDA graphs of its own: the engine captures), on its own code
-    object for `tag` (see own_code), one per (fn, tag, dynamic) in a process: engines that pass the same tag (one
-    model shape, one batch shape: `model_tag`) share the compiled code, so the cells that a process runs one
-    after another (a bundle, hydra.launcher.cells_per_job) compile it once. Fixed shapes compile whole
-    (fullgraph: the decode step); dynamic shapes (the prefill, training) may fall back to eager past the
-    recompile budget. `emulate_precision_casts` rounds where HF's eager code rounds, so the kernels compute
-    HF's numbers."""
-    key = (fn, tag, dynamic)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(own_code(fn, tag), fullgraph=not dynamic, dynamic=dynamic,
-                                       options={"emulate_precision_casts": True})
-    return _COMPILED[key]
-
-
-def model_tag(config, dtype: torch.dtype) -> str:
-    """A name for a model's shape and dtype (what compiled code depends on besides the batch shape)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dims = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            head_dim, config.intermediate_size, config.vocab_size)
-    return f"{config.model_type}_{'_'.join(map(str, dims))}_{str(dtype).removeprefix('torch.')}"
-
-
-def own_code(fn, tag: str):
-    """`fn` with a copy of its code object, so torch.compile keeps its compiled versions apart.
-
-    Dynamo keeps a function's compiled graphs on its code object and allows each code object a few of them
-    (torch._dynamo.config.recompile_limit, 8): the decode step (fixed shapes), the prefill and training
-    (dynamic shapes) and every engine of a process would otherwise share, and exhaust, one budget.
-    """
-    import types
-
-    code = fn.__code__.replace(co_name=f"{fn.__name__}__{tag}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-
-
-def available() -> bool:
-    import torch._inductor.config as inductor
-
-    return hasattr(inductor, "emulate_precision_casts")
+    def call(x, *args):
+        compiled = by_rows.get(x.shape[0])
+        if compiled is None:
+            compiled = by_rows[x.shape[0]] = kernels.compiled(fn, f"{tag}_{x.shape[0]}")
+        return compiled(x, *args)
+    return call

@@ -13,11 +13,13 @@ Each member's *effective* weight is what the stack holds:
   in place (its tensor version changes);
 - anything else (a PEFT LoRA layer, a quantized base, an adapter in unmerged mode or disabled) is not
   packed: `pack_group` returns None and the engine calls the layers one by one.
+
+`pack_layers` packs every decoder layer's groups (q/k/v, o, gate/up, down) into its `LayerPacks`.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,3 +96,30 @@ def pack_group(modules: Sequence[nn.Module], current: Optional[PackedLinear]) ->
     pack = current if current is not None and current.modules == list(modules) else PackedLinear(modules)
     pack.refresh()
     return pack
+
+
+class LayerPacks(NamedTuple):
+    """A decoder layer's packed projections; None where its layers cannot be packed."""
+
+    qkv: Optional[PackedLinear]
+    o: Optional[PackedLinear]
+    gate_up: Optional[PackedLinear]
+    down: Optional[PackedLinear]
+
+
+NO_PACKS = LayerPacks(None, None, None, None)
+
+
+def pack_layers(decoder, current: list, mlp_ok: bool) -> list:
+    """Each decoder layer's packed weights (None where the layers cannot be packed), refreshed; `current`: the
+    packs so far (reused where they pack the same layers); mlp_ok: the MLP computes silu(gate) x up (else its
+    projections stay unpacked)."""
+    packs = []
+    for layer, old in zip(decoder.layers, current):
+        attn, mlp = layer.self_attn, layer.mlp
+        packs.append(LayerPacks(
+            qkv=pack_group([attn.q_proj, attn.k_proj, attn.v_proj], old.qkv),
+            o=pack_group([attn.o_proj], old.o),
+            gate_up=pack_group([mlp.gate_proj, mlp.up_proj], old.gate_up) if mlp_ok else None,
+            down=pack_group([mlp.down_proj], old.down) if mlp_ok else None))
+    return packs

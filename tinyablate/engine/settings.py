@@ -2,7 +2,7 @@
 
 - "auto": "graph" on CUDA, "hf" on CPU (the default); "hf" also on an int8 base (model.quantization=int8),
   whose LLM.int8() matmul splits out outlier columns of data-dependent size and so cannot be captured
-  in a CUDA graph (measured on an H200, 2026-12-02; nf4 bases are captured and replayed exactly).
+  in a CUDA graph (measured: benchmarks/RESULTS.md; nf4 bases are captured and replayed exactly).
 - "graph": this package's engine with its decode step captured in CUDA graphs (CUDA only).
 - "eager": the same engine run step by step without graphs (any device; what the CPU tests cover).
 - "hf": transformers' `generate` (TRL's own path for rollouts).

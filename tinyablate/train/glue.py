@@ -4,16 +4,16 @@ embedding, forward and backward.
 A TinyLoRA step's forward and backward are the frozen model's matmuls plus the elementwise work between
 them. Eager, HF's RMSNorm is seven kernels that each read and write the activations in float32 (and the
 backward as many again), SiLU x up three over the MLP's widest tensors and the rotary embedding
-six over the queries and keys; at a micro-batch of 8 x 384
-tokens of Qwen2.5-7B that is a large share of the step (benchmarks/RESULTS.md, "GRPO step"). Compiled by
-torch.compile (dynamic shapes: one compile for every sequence length), each becomes one fused kernel
+six over the queries and keys: a large share of a GRPO step (measured: benchmarks/RESULTS.md, "GRPO
+step"). Compiled by torch.compile (dynamic shapes: one compile for every sequence length), each becomes one fused kernel
 forward and one or two backward, with the same arithmetic: inductor's `emulate_precision_casts` rounds
 where HF's code rounds, so the forward equals HF's bit for bit in bf16 (tests/test_train_glue.py).
 
 `algo.train_glue` chooses it: "auto" (the default: compiled on CUDA, eager on CPU), "compiled" or
 "eager". A function whose compile fails warns once and runs eager from then on. The model
 is changed only inside `compiled_glue(model)`; leaving it restores HF's own forwards. Qwen2 and Llama
-models only (their RMSNorm is `engine/fused.py`'s rms_norm); others stay eager.
+models only (their RMSNorm is tinyablate/kernels.py's rms_norm, the kernels the generation engine compiles
+too); others stay eager.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from contextlib import contextmanager
 import torch
 
 from ..config.algo import TRAIN_GLUES
-from ..engine.core import ARCHITECTURES
-from ..engine.fused import compiled, is_hf_rms_norm, is_silu_mlp, plain_function, rms_norm, silu_mul
+from ..kernels import ARCHITECTURES, compiled, is_hf_rms_norm, is_silu_mlp, plain_function, rms_norm, silu_mul
 
 __all__ = ["TRAIN_GLUES", "compiled_glue", "resolve_train_glue"]
 
@@ -44,7 +43,7 @@ def resolve_train_glue(value: str, device_type: str) -> str:
 
 
 def _compiled(fn):
-    """`fn` compiled once per process for dynamic shapes, on its own code object (engine/fused.py
+    """`fn` compiled once per process for dynamic shapes, on its own code object (tinyablate/kernels.py
     `compiled`: the engine's compiled glue keeps its recompile budget)."""
     if fn not in _COMPILED:
         _COMPILED[fn] = compiled(fn, "train", dynamic=True)

@@ -12,8 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..engine import Sampling, engine_for
-from ..engine.core import kv_cache_bytes
+from ..engine import Sampling, engine_for, kv_cache_bytes
 
 # Memory kept free for training beside the rollout KV cache, as a share of the GPU's memory.
 TRAINING_HEADROOM = 0.25
