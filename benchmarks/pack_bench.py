@@ -43,8 +43,8 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pack.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n| cells at once | cells | wall (s) | cells / hour | peak GPU GiB per cell (max) | modelled GiB | "
-          f"start to first step: bundle's first / later cells (median s) | mean accuracy |")
+    print("\n| cells at once | cells | wall (s) | cells / hour | peak GPU GiB per cell (max) | modelled GiB | "
+          "start to first step: bundle's first / later cells (median s) | mean accuracy |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['n']} | {r['cells']} | {r['wall_s']:.0f} | {r['cells_per_hour']:.0f} | {r['peak_gib_max']} | "

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.adapter_bench import SHAPES, build_base, sync, timed  # noqa: E402
+from benchmarks.adapter_bench import SHAPES, build_base, timed  # noqa: E402
 from tinyablate.adapters import apply_adapter  # noqa: E402
 from tinyablate.config import AdapterConfig  # noqa: E402
 from tinyablate.quantization import base_bytes, quantize_base  # noqa: E402
@@ -63,7 +63,7 @@ def measure(base: str, args) -> dict:
     out["loss_first"], out["loss_last"] = float(losses[0]), float(losses[-1])  # it trains: the same batch again
     if args.device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
-    del model, adapter, opt, params
+    model = adapter = opt = params = None  # freed before the next configuration
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()

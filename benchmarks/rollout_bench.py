@@ -237,7 +237,6 @@ def main(argv=None) -> dict:
         for other in list(engines.values())[1:]:
             other.release()
         if label == "tinylora":
-            t0 = time.perf_counter()
             keyed = lambda: engine.generate(ids.tolist(), news[0], Sampling(temperature=1.0, keyed=True),  # noqa: E731
                                             keys=list(range(ids.shape[0])))
             try:
@@ -263,7 +262,7 @@ def main(argv=None) -> dict:
                 save(args, report)  # what is measured so far, should the evaluation be cut short
                 report["eval"] = eval_rows(model, eval_engine, args, vocab)
                 eval_engine.release()
-        del engine
+        engine = None  # its cache and graphs go before the next adapter's engine
         if args.device == "cuda":
             torch.cuda.empty_cache()
     print_table(report)

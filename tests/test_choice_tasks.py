@@ -1,7 +1,6 @@
 """Multiple-choice tasks (mmlu_cs, hellaswag): loading, bad input, prompts, few-shot, the one scorer,
 and the per-choice log-likelihood evaluator against one-at-a-time scoring."""
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path

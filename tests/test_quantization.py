@@ -13,7 +13,7 @@ from tinyablate.adapters import apply_adapter
 from tinyablate.config import AdapterConfig, ModelConfig
 from tinyablate.models import load_model_and_tokenizer
 from tinyablate.quantization import (QuantizationNotSupported, base_bytes, check_supported, dense_weight,
-                                     is_quantized_linear, quantize_base)
+                                     is_quantized_linear)
 
 bnb = pytest.importorskip("bitsandbytes", reason="model.quantization needs bitsandbytes (pip install 'tinyablate[quant]')")
 
