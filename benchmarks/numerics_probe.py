@@ -55,6 +55,7 @@ def main(argv=None) -> int:
 
     from tinyablate import cell
     from tinyablate.console import quiet_known_warnings
+    from tinyablate.evaluation import evaluate_task
 
     quiet_known_warnings()
     spec = compose(args.overrides)
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     train_s = time.time() - t0
     final = None
     if not args.no_eval and error is None:
-        final = cell.evaluate_task(spec, built, built.task, desc="eval probe")[0]["accuracy"]
+        final = evaluate_task(built.model, built.tokenizer, built.task, spec.eval, desc="eval probe")[0]["accuracy"]
     summary = {"overrides": args.overrides, "fp32_lm_head": args.fp32_lm_head, "device": str(built.device),
                "dtype": str(next(built.model.parameters()).dtype), "steps": steps, "train_s": train_s,
                "base_accuracy": base, "accuracy": final, "error": error, "first_nonfinite": probe.first_nonfinite}

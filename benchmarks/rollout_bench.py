@@ -171,7 +171,7 @@ def mismatch(model, engine, ids, new, temperature: float = 1.0) -> dict:
 
 
 def eval_rows(model, engine, args, vocab) -> dict:
-    """Greedy evaluation of ragged prompts: HF generate in eval.py's batches vs the engine's batches."""
+    """Greedy evaluation of ragged prompts: HF generate in evaluation's batches vs the engine's batches."""
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(80, 220, (args.eval_problems,), generator=gen).tolist()
     prompts = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]
@@ -191,7 +191,7 @@ def eval_rows(model, engine, args, vocab) -> dict:
         batches = [[prompts[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
         sync(args.device)
         t0 = time.perf_counter()
-        if name == "engine":  # as tinyablate/eval.py: the cache for the whole evaluation first
+        if name == "engine":  # as tinyablate/evaluation/generation.py: the cache for the whole evaluation first
             engine.reserve(min(size, len(prompts)), max(lengths) + args.eval_new)
         for k, batch in enumerate(batches):
             generate(batch)

@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 
 import tinyablate.cell as cell_module
 import tinyablate.cell_folder as cell_folder
-import tinyablate.eval as eval_module
+import tinyablate.evaluation.generation as generation_module
 import tinyablate.files as files_module
 from tinyablate.adapters.adapter import Adapter
 from tinyablate.config import spec_from_dict
@@ -76,8 +76,8 @@ def arm(point: str, arg) -> None:
             spec, built, cell_dir, [*callbacks, KillAt(point, int(arg))])
     elif point == "ckpt_write":
         nth_call_dies(torch, "save", int(arg), before=True)
-    elif point == "eval":  # the progress bar advances once per generated batch
-        bar, n, done = eval_module.tqdm, int(arg), [0]
+    elif point == "eval":  # generation evaluation's progress bar advances once per generated batch
+        bar, n, done = generation_module.tqdm, int(arg), [0]
 
         class KillingBar(bar):
             def update(self, k=1):
@@ -85,7 +85,7 @@ def arm(point: str, arg) -> None:
                 if done[0] == n:
                     die()
                 return super().update(k)
-        eval_module.tqdm = KillingBar
+        generation_module.tqdm = KillingBar
     elif point == "export":
         Adapter.save_native = lambda self, out_dir: die()
     elif point == "result_write":  # every atomic write of the library goes through tinyablate.files

@@ -11,7 +11,7 @@ from analysis.__main__ import main as cli_main
 from analysis.data import aggregate, load_sweeps, params_to_reach, rl_sft_gap
 from analysis.report import analyze
 from analysis.wandb_summary import log_wandb_summary
-from tinyablate.wandb_files import find_offline_runs, read_run
+from wandb_reader import find_offline_runs, read_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T_975_DF2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (table value)

@@ -17,7 +17,7 @@ from tinyablate.cell import run_cell
 from tinyablate.cell_folder import CellFolder
 from tinyablate.config import (AdapterConfig, AlgoConfig, CellSpec, ConfigError, EvalConfig, LoggerConfig, ModelConfig,
                                TaskConfig, cell_id)
-from tinyablate.wandb_files import find_offline_runs, read_run
+from wandb_reader import find_offline_runs, read_run
 
 SECRET = "wandb-secret-key-0123456789abcdef0123456789"
 REPO = Path(__file__).resolve().parents[1]

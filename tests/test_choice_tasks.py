@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyablate.choice_eval import continuation_logliks, encode_pair, evaluate_choices
-from tinyablate.eval import EvalConfig
+from tinyablate.config import EvalConfig
+from tinyablate.evaluation import continuation_logliks, encode_pair, evaluate_choices
 from tinyablate.tasks import choice_in_text, load_task
 from tinyablate.config.task import default_task_config
 from tinyablate.tasks.mmlu import MMLU_CS_SUBJECTS

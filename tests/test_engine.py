@@ -193,7 +193,7 @@ def test_engine_settings_are_validated_with_the_cell_and_left_out_of_its_id():
     from dataclasses import replace
 
     from tinyablate.config import AlgoConfig, CellSpec, EvalConfig, TaskConfig, cell_id, validate_spec
-    from tinyablate.eval import base_cache_key
+    from tinyablate.evaluation import base_cache_key
 
     with pytest.raises(ValueError, match=r"algo.rollout_engine='fast' is invalid"):
         validate_spec(CellSpec(algo=AlgoConfig(rollout_engine="fast")))
@@ -217,7 +217,7 @@ def test_engine_settings_are_validated_with_the_cell_and_left_out_of_its_id():
 
 def test_evaluation_through_the_engine_gives_hf_generates_completions():
     from tinyablate.config import EvalConfig, TaskConfig
-    from tinyablate.eval import evaluate
+    from tinyablate.evaluation import evaluate
     from tinyablate.tasks import load_task
 
     model, tok = _load("smollm2-135m")

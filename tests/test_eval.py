@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tinyablate.config import EvalConfig, ModelConfig, TaskConfig
-from tinyablate.eval import base_cache_key, evaluate, generate, prompts_for
+from tinyablate.evaluation import base_cache_key, evaluate, generate, prompts_for
 from tinyablate.models import load_model_and_tokenizer
 from tinyablate.tasks import load_task
 from tinyablate.tasks.scoring import reward_fn

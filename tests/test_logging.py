@@ -13,10 +13,10 @@ from tinyablate.logging import (
     REDACTED, LoggerConfig, MetricLogger, json_safe, read_metrics, redact, wandb_run_id,
 )
 from tinyablate.wandb_files import (
-    BLOCK_SIZE, FILE_HEADER, FIRST, FULL, LAST, MIDDLE, WandbFileError, find_offline_runs,
-    has_exit_record, iter_chunks, read_payloads, read_run, read_runs, run_file,
-    wait_for_exit_record,
+    BLOCK_SIZE, FILE_HEADER, FIRST, FULL, LAST, MIDDLE, WandbFileError, has_exit_record, iter_chunks,
+    read_payloads, wait_for_exit_record,
 )
+from wandb_reader import find_offline_runs, read_run, read_runs, run_file
 
 SECRET = "wandbsecret0123456789abcdef0123456789abcd"
 HF_SECRET = "hf_tokenvalue9876543210zyxwvu"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import time
@@ -37,10 +36,10 @@ from .adapters import Adapter, apply_adapter
 from .cell_folder import (ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR, AdapterRecord,
                           AlgoRecord, CellBusy, CellFolder, ErrorRecord, Metrics, ModelRecord, Result, ResultError, TaskMetrics,
                           TaskRecord, Timing, eval_samples_file)
-from .choice_eval import evaluate_choices
 from .config import CellSpec, ModelInfo, cell_id, eval_task_configs, spec_to_dict
 from .distributed import Ranks
-from .eval import base_cache_key, base_cache_path, evaluate, read_base_cache, write_base_cache
+from .evaluation import (base_cache_key, base_cache_path, evaluate_task, read_base_cache, write_base_cache,
+                         write_samples)
 from .logging import MetricLogger, NullLogger, truncate_metrics, wandb_run_id
 from .preflight import preflight
 from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
@@ -276,7 +275,7 @@ def _model_config(spec: CellSpec, ranks: Ranks = Ranks()):
     return replace(spec.model, device="cpu")
 
 
-# -- evaluation --------------------------------------------------------------------------------
+# -- evaluation: which, when, where records go (the evaluation itself: tinyablate/evaluation/) ---
 def base_accuracy(spec: CellSpec, built: Built, task: Optional[Task] = None) -> dict:
     """The base model's accuracy on `task` (default: the training task), adapter disabled, from the
     on-disk cache when possible."""
@@ -291,7 +290,7 @@ def base_accuracy(spec: CellSpec, built: Built, task: Optional[Task] = None) -> 
         return {**cached, "cached": True, "eval_s": 0.0}
     t0 = time.time()
     with built.adapter.disabled():
-        metrics, _ = evaluate_task(spec, built, task, desc=f"eval base {task.cfg.name}")
+        metrics, _ = evaluate_task(built.model, built.tokenizer, task, spec.eval, desc=f"eval base {task.cfg.name}")
     if spec.eval.cache_base and built.ranks.is_main:
         write_base_cache(path, metrics)
     return {**metrics, "cached": False, "eval_s": time.time() - t0}
@@ -304,30 +303,11 @@ def evaluate_final(spec: CellSpec, built: Built, cell_dir: Path, base: dict, tra
     task = task or built.task
     if not trained and base.get("accuracy") is not None and built.adapter.trainable_params == 0:
         return {k: v for k, v in base.items() if k not in ("cached", "eval_s")}
-    metrics, records = evaluate_task(spec, built, task, desc=f"eval trained {task.cfg.name}")
+    desc = f"eval trained {task.cfg.name}"
+    metrics, records = evaluate_task(built.model, built.tokenizer, task, spec.eval, desc=desc)
     if built.ranks.is_main:
-        name = eval_samples_file(None if task is built.task else task.cfg.name)
-        with open(cell_dir / name, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        write_samples(cell_dir / eval_samples_file(None if task is built.task else task.cfg.name), records)
     return metrics
-
-
-def evaluate_task(spec: CellSpec, built: Built, task: Task, desc: str) -> tuple:
-    """(metrics, records) of the model as it is now on `task`'s evaluation problems: greedy pass@1 for
-    generation tasks, per-choice log-likelihood for multiple-choice ones; `accuracy` is the task's scorer."""
-    if task.multiple_choice:
-        result = evaluate_choices(built.model, built.tokenizer, task, task.eval_problems(), spec.eval, desc=desc)
-        return result.metrics(task.cfg.scorer), result.records
-    result = evaluate(built.model, built.tokenizer, task, task.eval_problems(), spec.eval, desc=desc)
-    return _scored(result.metrics(), task.cfg.scorer), result.records
-
-
-def _scored(metrics: dict, scorer: str) -> dict:
-    """`accuracy` is the task's scorer; strict and flexible are both kept under their names."""
-    strict = metrics["accuracy"]
-    return {**metrics, "accuracy_strict": strict,
-            "accuracy": strict if scorer == "strict" else metrics["accuracy_flexible"]}
 
 
 TASK_TABLE_COLUMNS = ["task", "scorer", "accuracy", "base_accuracy", "delta", "n_eval"]

@@ -59,7 +59,7 @@ ANSWER_TOKENS = {"gsm8k": 190, "arithmetic": 35, "mmlu_cs": 2}
 # Size of each task's test split when task.eval_limit is None (GSM8K's official test split; MMLU's four
 # computer-science subjects; HellaSwag's validation split, which is what it evaluates).
 TEST_SPLIT = {"gsm8k": 1319, "mmlu_cs": 412, "hellaswag": 10042}
-# Forward rows per multiple-choice problem (tinyablate/choice_eval.py): MMLU's one-token letters share one
+# Forward rows per multiple-choice problem (tinyablate/evaluation/choice.py): MMLU's one-token letters share one
 # row; HellaSwag's four endings are four rows.
 CHOICE_ROWS = {"mmlu_cs": 1, "hellaswag": 4}
 

@@ -12,7 +12,7 @@ from typing import List, Optional
 from .checks import Checks, ConfigError, Section, raise_problems
 
 TASK_NAMES = ("arithmetic", "gsm8k", "mmlu_cs", "hellaswag")
-# Multiple-choice tasks: evaluated by per-choice log-likelihood (tinyablate/choice_eval.py).
+# Multiple-choice tasks: evaluated by per-choice log-likelihood (tinyablate/evaluation/choice.py).
 CHOICE_TASKS = ("mmlu_cs", "hellaswag")
 # What defines `accuracy` (and, for generation tasks, the GRPO reward): generation tasks read the
 # answer "strict" (\boxed{}, else ####) or "flexible" (the last number); multiple-choice tasks pick

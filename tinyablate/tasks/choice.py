@@ -1,6 +1,6 @@
 """Multiple-choice tasks: a context, a few continuations, the gold one; and their one scorer.
 
-A `ChoiceProblem`'s model answer is the choice it picks. Evaluation (tinyablate/choice_eval.py)
+A `ChoiceProblem`'s model answer is the choice it picks. Evaluation (tinyablate/evaluation/choice.py)
 picks by per-choice log-likelihood of the continuation given the context, as the standard evaluation
 harness does: `acc` takes the highest sum of log-probabilities, `acc_norm` the highest sum divided by
 the choice's length in characters. GRPO samples a completion and picks the choice that the

@@ -1,29 +1,26 @@
-"""Batched greedy pass@1 (strict and flexible) and the cached base-model accuracy.
+"""Generation evaluation: batched greedy pass@1 (strict and flexible), and sampled pass@k if asked.
 
     result = evaluate(model, tokenizer, task, task.eval_problems(), EvalConfig())   # tinyablate.config
-    result.accuracy, result.accuracy_flexible, result.n
+    result.accuracy, result.accuracy_flexible, result.n, result.records
 
-The scorer is the task's, the same one the GRPO reward uses. The base model's accuracy (the
-0-parameter point of every curve) is cached on disk per (model, task, eval settings), so every
-cell of a sweep reports it without generating again.
+The scorer is the task's, the same one the GRPO reward uses. Completions come from tinyablate's engine
+or HF `generate` (`eval.engine`), batched by prompt length. Under several ranks each scores its share
+(shards.py). `evaluation.evaluate_task` calls this for generation tasks; the base model's accuracy is
+cached by records.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
-from .files import read_json, write_json_atomic
-from .config import EvalConfig
-from .engine import Sampling, engine_for, resolve_engine
-from .quantization import base_quantization
+from ..config import EvalConfig
+from ..engine import Sampling, engine_for, resolve_engine
+from ..quantization import base_quantization
+from .shards import score_across_ranks
 
 
 @dataclass
@@ -98,11 +95,7 @@ def evaluate(model, tokenizer, task, problems, cfg: EvalConfig, desc: str = "eva
     Under several ranks each scores its share (round robin) and the records are gathered in the
     problems' order, so every rank returns the same result and each problem is scored exactly once.
     """
-    mine = distributed.shard(problems, distributed.current())  # all of them on a single rank
-    records = distributed.unshard(distributed.gather_to_all(
-        _score_problems(model, tokenizer, task, mine, cfg, desc)))
-    if [r["id"] for r in records] != [p.id for p in problems]:
-        raise RuntimeError(f"evaluation scored {len(records)} records for {len(problems)} problems")
+    records = score_across_ranks(model, problems, lambda mine: _score_problems(model, tokenizer, task, mine, cfg, desc))
     n = len(records)
     result = EvalResult(
         accuracy=sum(r["strict"] for r in records) / max(n, 1),
@@ -114,9 +107,8 @@ def evaluate(model, tokenizer, task, problems, cfg: EvalConfig, desc: str = "eva
 
 
 def _score_problems(model, tokenizer, task, problems, cfg: EvalConfig, desc: str) -> list:
-    """One record per problem: completion, extracted answers, strict/flexible scores (+ pass@k)."""
-    was_training = model.training
-    model.eval()
+    """One record per problem: completion, extracted answers, strict/flexible scores (+ pass@k).
+    The progress bar advances once per generated batch (tests/fault_driver.py kills at the n-th)."""
     prompts = prompts_for(tokenizer, task, problems)
     with tqdm(total=len(prompts), desc=desc, unit="problem", leave=False) as bar:
         completions = generate(model, tokenizer, prompts, cfg, progress=bar)
@@ -129,7 +121,6 @@ def _score_problems(model, tokenizer, task, problems, cfg: EvalConfig, desc: str
     if cfg.pass_k:
         for record, solved in zip(records, _solved_at_k(model, tokenizer, task, problems, prompts, cfg)):
             record["solved_at_k"] = solved
-    model.train(was_training)
     return records
 
 
@@ -140,29 +131,3 @@ def _solved_at_k(model, tokenizer, task, problems, prompts, cfg: EvalConfig) -> 
         for i, text in enumerate(generate(model, tokenizer, prompts, cfg, do_sample=True)):
             solved[i] = solved[i] or task.score(text, problems[i]).strict
     return solved
-
-
-# -- base accuracy cache ---------------------------------------------------------------------
-def base_cache_key(model_id: str, task_cfg, eval_cfg: EvalConfig, dtype: str) -> str:
-    """One task's base accuracy: the task's settings (not its training size) and how it is evaluated
-    (not which other tasks are). Settings added later are left out at their default (same keys)."""
-    task = {k: v for k, v in asdict(task_cfg).items() if k not in ("train_size",)}
-    if task.get("num_fewshot") == 0:
-        del task["num_fewshot"]
-    speed_only = ("batch_size", "base", "cache_base", "engine", "engine_batch_size")
-    settings = {k: v for k, v in asdict(eval_cfg).items() if k not in speed_only + ("tasks", "task_settings")}
-    blob = json.dumps([model_id, task, settings, dtype], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def base_cache_path(cache_root: Path, key: str) -> Path:
-    return cache_root / "base_accuracy" / f"{key}.json"
-
-
-def read_base_cache(path: Path) -> Optional[dict]:
-    cached = read_json(path)
-    return cached if isinstance(cached, dict) else None
-
-
-def write_base_cache(path: Path, metrics: dict) -> None:
-    write_json_atomic(path, metrics)

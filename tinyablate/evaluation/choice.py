@@ -14,7 +14,8 @@ beyond the context's (trailing spaces of the context move to the continuation fi
 pair's context and continuation but its last token; pairs with the same input share one row (MMLU's
 four letters: one forward per question). Rows are batched by length with left padding and explicit
 position ids, so a padded row scores what it would alone (tested against one-at-a-time scoring);
-logits are kept only for the continuation positions.
+logits are kept only for the continuation positions. Under several ranks each scores its share (shards.py).
+`evaluation.evaluate_task` calls this for multiple-choice tasks.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
+
+from ..tasks.choice import score_choice
+from .shards import score_across_ranks
 
 
 @dataclass
@@ -43,12 +48,7 @@ def evaluate_choices(model, tokenizer, task, problems, cfg, desc: str = "eval") 
 
     Under several ranks each scores its share and the records are gathered in the problems' order.
     """
-    from . import distributed
-
-    mine = distributed.shard(problems, distributed.current())
-    records = distributed.unshard(distributed.gather_to_all(_score_problems(model, tokenizer, task, mine, cfg, desc)))
-    if [r["id"] for r in records] != [p.id for p in problems]:
-        raise RuntimeError(f"evaluation scored {len(records)} records for {len(problems)} problems")
+    records = score_across_ranks(model, problems, lambda mine: _score_problems(model, tokenizer, task, mine, cfg, desc))
     n = max(len(records), 1)
     return ChoiceEvalResult(acc=sum(r["correct"] for r in records) / n,
                             acc_norm=sum(r["correct_norm"] for r in records) / n, n=len(records),
@@ -56,16 +56,10 @@ def evaluate_choices(model, tokenizer, task, problems, cfg, desc: str = "eval") 
 
 
 def _score_problems(model, tokenizer, task, problems, cfg, desc: str) -> list:
-    from tqdm.auto import tqdm
-
-    from .tasks.choice import score_choice
-
+    """One record per problem: gold, per-choice log-likelihoods, the picks by acc and acc_norm, correctness."""
     requests = [(task.context(p), continuation) for p in problems for continuation in task.continuations(p)]
-    was_training = model.training
-    model.eval()
     with tqdm(total=len(requests), desc=desc, unit="choice", leave=False) as bar:
         logliks = continuation_logliks(model, tokenizer, requests, cfg.batch_size, progress=bar)
-    model.train(was_training)
     records, start = [], 0
     for problem in problems:
         scores = logliks[start:start + len(problem.choices)]
