@@ -4,7 +4,7 @@ Run (N GPUs, Qwen2.5-7B shape, 8 layers): python benchmarks/dp_bench.py --device
 Run (CPU, gloo, small shape, ~1 min):      python benchmarks/dp_bench.py --device cpu --shape small --layers 2
 Run (1 GPU, rollouts by HF generate vs the graph engine, training's glue eager vs compiled):
     python benchmarks/dp_bench.py --device cuda --layers 28 --world-sizes 1 --engines hf,graph \\
-        --train-glue eager,compiled
+        --train-kernels eager,compiled
 Refresh the cost model's table (tinyablate/throughput.json) from a GPU run: add --throughput tinyablate/throughput.json
 
 Random weights in the real model's shapes (no Hub), TinyLoRA r=2 u=13 tie=1 on every linear layer,
@@ -12,7 +12,7 @@ bf16 base on GPU. One step is what a GRPO step computes, without TRL's bookkeepi
 its share of the step's prompts x generations (`--engines`: HF generate and/or tinyablate's engine,
 "graph" on CUDA, "eager" on CPU; `--samplers torch` or `keyed`), then runs
 forward + backward over those sequences in micro-batches with an advantage-weighted log-likelihood
-loss over the completion's logits (`--train-glue`: HF's modules as they are, or with the RMSNorms and
+loss over the completion's logits (`--train-kernels`, algo.train_kernels: HF's modules as they are, or with the RMSNorms and
 SiLU x up compiled as a cell does on CUDA), DDP all-reduces v's gradient, and AdamW steps. For each world size it prints the step time,
 rollout tokens/s (all ranks), training time, and speed-up / scaling efficiency against 1 rank; with
 `--samplers torch,keyed` also keyed sampling's rollout throughput relative to torch's. With `--throughput
@@ -50,9 +50,9 @@ def parse(argv=None):
     p.add_argument("--world-sizes", default="1,2")
     p.add_argument("--samplers", default="torch", help="comma list of torch,keyed")
     p.add_argument("--engines", default="hf", help="comma list of " + ",".join(ENGINES) + " (rollout generator)")
-    p.add_argument("--train-glue", default="eager",
+    p.add_argument("--train-kernels", "--train-glue", dest="train_kernels", default="eager",
                    help="comma list of eager,compiled (training's RMSNorm and SiLU x up: tinyablate/train/glue.py)")
-    p.add_argument("--runs", help="comma list of engine:glue pairs to run instead of every --engines x --train-glue "
+    p.add_argument("--runs", help="comma list of engine:glue pairs to run instead of every --engines x --train-kernels "
                                   "pair, e.g. hf:eager,graph:eager,graph:compiled")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (global)")
     p.add_argument("--generations", type=int, default=4)
@@ -64,7 +64,7 @@ def parse(argv=None):
     p.add_argument("--out", type=Path)
     p.add_argument("--throughput", type=Path, help="the cost model's table to update (tinyablate/throughput.json)")
     args = p.parse_args(argv)
-    engines, glues = args.engines.split(","), args.train_glue.split(",")
+    engines, glues = args.engines.split(","), args.train_kernels.split(",")
     args.pairs = [tuple(r.split(":")) for r in args.runs.split(",")] if args.runs else \
         list(itertools.product(engines, glues))
     for pair in args.pairs:

@@ -93,7 +93,7 @@ def test_embedded_grpo_u256_trains_in_bf16(tmp_path):
 
     from hydra_plugins.tinyablate.conf import register, spec_from_hydra
     from tinyablate.cell_folder import CellFolder
-    from tinyablate.logging import read_metrics
+    from tinyablate.metrics import read_metrics
 
     register()
     conf = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")

@@ -16,7 +16,7 @@ from tinyablate.cell import run_cell
 from tinyablate.cell_folder import CellFolder
 from tinyablate.config import ConfigError, validate_spec
 from tinyablate.engine import GenerationEngine, Sampling
-from tinyablate.logging import read_metrics
+from tinyablate.metrics import read_metrics
 from tinyablate.models import build_tiny_model
 from tinyablate.preflight import preflight
 

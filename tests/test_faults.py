@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from tinyablate.cell_folder import CellFolder
 from tinyablate.config import AdapterConfig, AlgoConfig, CellSpec, EvalConfig, LoggerConfig, ModelConfig, TaskConfig
-from tinyablate.logging import read_metrics
+from tinyablate.metrics import read_metrics
 
 pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from tinyablate.adapters.layers import SVDAdapterLinear
 from tinyablate.cell import run_cell
 from tinyablate.cell_folder import CHECKPOINTS_DIR, METRICS_FILE, CellFolder, Result, ResultError
 from tinyablate.config import ConfigError, validate_spec
-from tinyablate.logging import jsonl_line, read_metrics
+from tinyablate.metrics import jsonl_line, read_metrics
 from tinyablate.train.common import ADAPTER_STATE
 from safetensors.torch import load_file
 

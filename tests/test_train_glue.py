@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from tinyablate.adapters import apply_adapter
 from tinyablate.config import AdapterConfig, SVDConfig
-from tinyablate.train.glue import compiled_glue, resolve_train_glue
+from tinyablate.train.glue import compiled_glue, train_kernels
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                                   reason="needs a CUDA GPU")])]
@@ -80,31 +80,37 @@ def test_compiled_glue_leaves_other_architectures_alone():
         assert patched == 0
 
 
-def test_train_glue_setting_resolves_per_device_and_is_validated_outside_the_cell_id():
+def test_train_kernels_setting_resolves_per_device_and_is_validated_outside_the_cell_id():
     from dataclasses import replace
 
     from tinyablate.config import AlgoConfig, CellSpec, cell_id, validate_spec
 
-    assert resolve_train_glue("auto", "cuda") == "compiled" and resolve_train_glue("auto", "cpu") == "eager"
-    assert resolve_train_glue("eager", "cuda") == "eager" and resolve_train_glue("compiled", "cpu") == "compiled"
-    with pytest.raises(ValueError, match=r"algo.train_glue='fused' is invalid"):
-        validate_spec(CellSpec(algo=AlgoConfig(train_glue="fused")))
+    def kernels(value, device):
+        return train_kernels(AlgoConfig(train_kernels=value), device)
+
+    assert kernels("auto", "cuda") == "compiled" and kernels("auto", "cpu") == "eager"
+    assert kernels("eager", "cuda") == "eager" and kernels("compiled", "cpu") == "compiled"
+    with pytest.raises(ValueError, match=r"algo.train_kernels='fused' is invalid"):
+        validate_spec(CellSpec(algo=AlgoConfig(train_kernels="fused")))
     base = CellSpec()
-    assert cell_id(replace(base, algo=AlgoConfig(train_glue="compiled"))) == cell_id(base)
+    assert cell_id(replace(base, algo=AlgoConfig(train_kernels="compiled"))) == cell_id(base)
 
 
-def test_a_function_whose_compile_fails_warns_once_and_runs_eager(monkeypatch):
-    from tinyablate.kernels import rms_norm
-    from tinyablate.train import glue
+def test_the_old_name_train_glue_still_works_with_a_warning_and_a_conflict_is_refused():
+    from dataclasses import replace
 
-    def broken(*args):
-        raise RuntimeError("inductor could not compile this")
+    from tinyablate.config import AlgoConfig, CellSpec, cell_id, spec_from_dict, spec_to_dict, validate_spec
 
-    monkeypatch.setitem(glue._COMPILED, rms_norm, broken)
-    model = _tiny("qwen2")
-    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        eager = model(input_ids=ids).logits
-        with pytest.warns(UserWarning, match="compiling rms_norm failed.*runs eager"), compiled_glue(model):
-            fallback = model(input_ids=ids).logits
-    assert torch.equal(fallback, eager) and glue._COMPILED[rms_norm] is rms_norm
+    old = AlgoConfig(train_glue="compiled")
+    validate_spec(CellSpec(algo=old))
+    with pytest.warns(FutureWarning, match="algo.train_glue is the old name of algo.train_kernels"):
+        assert train_kernels(old, "cpu") == "compiled"
+    assert cell_id(replace(CellSpec(), algo=old)) == cell_id(CellSpec())
+    with pytest.raises(ValueError, match=r"algo.train_glue='eager' is invalid.*old name of train_kernels"):
+        validate_spec(CellSpec(algo=AlgoConfig(train_glue="eager", train_kernels="compiled")))
+    validate_spec(CellSpec(algo=AlgoConfig(train_glue="eager", train_kernels="eager")))
+    # a spec.json written before the rename (train_glue "auto", no train_kernels) reads back
+    raw = spec_to_dict(CellSpec())
+    del raw["algo"]["train_kernels"]
+    raw["algo"]["train_glue"] = "auto"
+    assert train_kernels(spec_from_dict(raw).algo, "cuda") == "compiled"

@@ -40,19 +40,19 @@ from .config import CellSpec, ModelInfo, cell_id, eval_task_configs, spec_to_dic
 from .distributed import Ranks
 from .evaluation import (base_cache_key, base_cache_path, evaluate_task, read_base_cache, write_base_cache,
                          write_samples)
-from .logging import MetricLogger, NullLogger, truncate_metrics, wandb_run_id
+from .metrics import MetricLogger, NullLogger, truncate_metrics, wandb_run_id
 from .preflight import preflight
 from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
 from .provenance import collect_provenance
 from .quantization import base_bytes
 from .tasks import Task, load_task
 from .train import FirstStepTimer, MetricLoggerCallback, build_trainer, last_complete_checkpoint
-from .train.glue import compiled_glue, resolve_train_glue
+from .train.glue import compiled_glue, train_kernels
 
 
 @dataclass
-class Built:
-    """What build() makes: everything training and evaluation need."""
+class BuiltCell:
+    """What build() makes of a cell: the adapted model, tokenizer, tasks and device that training and evaluation use."""
 
     model: torch.nn.Module  # the adapted model (adapter.model)
     tokenizer: object  # a transformers tokenizer
@@ -236,7 +236,7 @@ def _run(spec: CellSpec, cid: str, folder: CellFolder, start: float, ranks: Rank
 
 
 # -- build -------------------------------------------------------------------------------------
-def build(spec: CellSpec, ranks: Ranks = Ranks()) -> Built:
+def build(spec: CellSpec, ranks: Ranks = Ranks()) -> BuiltCell:
     """Load the model and task, and apply the adapter (validated against the model first).
 
     Every rank builds the same thing; that the model and adapter agree across ranks is checked.
@@ -257,7 +257,7 @@ def build(spec: CellSpec, ranks: Ranks = Ranks()) -> Built:
     if ranks.distributed:  # DDP syncs only the trainable tensors: everything else must already agree
         distributed.require_same_on_all_ranks(distributed.tensors_fingerprint(adapter.model),
                                               "the model and adapter built (sampled weights and SVD factors)")
-    return Built(adapter.model, tokenizer, info, adapter, task, model_id, device, load_s, ranks, eval_tasks)
+    return BuiltCell(adapter.model, tokenizer, info, adapter, task, model_id, device, load_s, ranks, eval_tasks)
 
 
 def _model_config(spec: CellSpec, ranks: Ranks = Ranks()):
@@ -276,7 +276,7 @@ def _model_config(spec: CellSpec, ranks: Ranks = Ranks()):
 
 
 # -- evaluation: which, when, where records go (the evaluation itself: tinyablate/evaluation/) ---
-def base_accuracy(spec: CellSpec, built: Built, task: Optional[Task] = None) -> dict:
+def base_accuracy(spec: CellSpec, built: BuiltCell, task: Optional[Task] = None) -> dict:
     """The base model's accuracy on `task` (default: the training task), adapter disabled, from the
     on-disk cache when possible."""
     task = task or built.task
@@ -296,7 +296,7 @@ def base_accuracy(spec: CellSpec, built: Built, task: Optional[Task] = None) -> 
     return {**metrics, "cached": False, "eval_s": time.time() - t0}
 
 
-def evaluate_final(spec: CellSpec, built: Built, cell_dir: Path, base: dict, trained: bool,
+def evaluate_final(spec: CellSpec, built: BuiltCell, cell_dir: Path, base: dict, trained: bool,
                    task: Optional[Task] = None) -> dict:
     """Accuracy of the adapted model on `task` (default: the training task); per-problem records go to
     eval_samples.jsonl (the training task) or eval_samples.<task>.jsonl."""
@@ -313,7 +313,7 @@ def evaluate_final(spec: CellSpec, built: Built, cell_dir: Path, base: dict, tra
 TASK_TABLE_COLUMNS = ["task", "scorer", "accuracy", "base_accuracy", "delta", "n_eval"]
 
 
-def task_metrics(built: Built, bases: dict, finals: dict) -> dict:
+def task_metrics(built: BuiltCell, bases: dict, finals: dict) -> dict:
     """result.json's metrics.tasks: per evaluation task, `accuracy` (its scorer), the base's, the change,
     and every measure of both (strict/flexible or acc/acc_norm/chance)."""
     out = {}
@@ -334,7 +334,7 @@ def task_table_rows(tasks: dict) -> list:
 
 
 # -- training ----------------------------------------------------------------------------------
-def train(spec: CellSpec, built: Built, cell_dir: Path, callbacks) -> dict:
+def train(spec: CellSpec, built: BuiltCell, cell_dir: Path, callbacks) -> dict:
     """Train with TRL, resuming from the last complete checkpoint; returns steps and reward summary."""
     if not spec.train or built.adapter.trainable_params == 0:
         return {"steps": 0, "train_s": 0.0, "resumed_from_step": None, "reward": None, "first_step_time": None,
@@ -346,7 +346,7 @@ def train(spec: CellSpec, built: Built, cell_dir: Path, callbacks) -> dict:
     world = built.ranks.world_size
     trainer = build_trainer(built.model, built.tokenizer, built.task, spec, checkpoints, built.device, callbacks, world)
     last = last_complete_checkpoint(checkpoints, world)
-    glue = resolve_train_glue(spec.algo.train_glue, built.device.type) == "compiled"
+    glue = train_kernels(spec.algo, built.device.type) == "compiled"
     with compiled_glue(built.model, enabled=glue):
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     resumed = resume_step(checkpoints, world, last) if last else None  # None: this attempt started from scratch
@@ -378,7 +378,7 @@ def _finite(value) -> bool:
 
 
 # -- outputs -----------------------------------------------------------------------------------
-def export(built: Built, cell_dir: Path) -> None:
+def export(built: BuiltCell, cell_dir: Path) -> None:
     """The PEFT-format adapter (anyone can load it) and, for TinyLoRA/LoRA-XS, the native one."""
     kind = built.adapter.cfg.kind
     if kind == "none":
@@ -388,7 +388,7 @@ def export(built: Built, cell_dir: Path) -> None:
         built.adapter.save_native(cell_dir / ADAPTER_NATIVE_DIR)
 
 
-def make_result(spec: CellSpec, cid: str, built: Built, base: dict, final: dict, train_info: dict,
+def make_result(spec: CellSpec, cid: str, built: BuiltCell, base: dict, final: dict, train_info: dict,
                 timing: dict, tasks: Optional[dict] = None) -> Result:
     """The completed result of a cell (the schema is documented in cell_folder.py)."""
     info, adapter = built.info, built.adapter
@@ -418,7 +418,7 @@ def make_result(spec: CellSpec, cid: str, built: Built, base: dict, final: dict,
     )
 
 
-def _overhead(train_info: dict, built: Built, base: dict, started: Optional[float] = None) -> dict:
+def _overhead(train_info: dict, built: BuiltCell, base: dict, started: Optional[float] = None) -> dict:
     """The cell's start (its process's, or `started` in a bundle) to the first training step, and that minus
     weight loading and base evaluation."""
     first = train_info.get("first_step_time")

@@ -14,7 +14,7 @@ A cell folder holds:
     running.json         while a process runs it: pid, host, started, slurm_job_id, world_size
     result.json          the `Result` below: written once per attempt, atomically (temp file + rename)
     result.<status>-<unix time>.json   an earlier attempt's result, moved aside when the cell is retried
-    metrics.jsonl, summary.json        the metrics sink (tinyablate/logging.py)
+    metrics.jsonl, summary.json        the metrics sink (tinyablate/metrics.py)
     eval_samples.jsonl   one record per evaluation problem of the final evaluation (the training task)
     eval_samples.<task>.jsonl   the same for each other task of eval.tasks
     adapter/             the trained adapter in PEFT's LoRA format; adapter_native/ TinyLoRA/LoRA-XS's own

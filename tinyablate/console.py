@@ -1,6 +1,6 @@
 """What a cell prints: a banner at the start, one compact line per logging step, the paths at the end.
 
-The full record of every step stays in metrics.jsonl (tinyablate/logging.py); the console carries what a
+The full record of every step stays in metrics.jsonl (tinyablate/metrics.py); the console carries what a
 person watching needs: which cell, where it writes, how it is doing, and how long it has left.
 `quiet_known_warnings()` silences the library deprecation warnings this project cannot act on (each listed
 with where it comes from). Standard library only: `train.common.ConsoleCallback` feeds `step_line`.

@@ -2,7 +2,7 @@
 
     wait_for_exit_record(run_file, timeout_s=30)   # True once the run's exit record is on disk
 
-`MetricLogger.finish` (logging.py) and the analysis's W&B summary run (analysis/wandb_summary.py) call it:
+`MetricLogger.finish` (metrics.py) and the analysis's W&B summary run (analysis/wandb_summary.py) call it:
 W&B's `run.finish()` can return before wandb-core has flushed the `.wandb` file (its writer is buffered and
 closed asynchronously), so a just-finished run is complete on disk only once its exit record is there.
 The record decoding here (`read_records`, from the chunks of the log) is what tests/wandb_reader.py builds

@@ -9,6 +9,7 @@ left to TRL's defaults, which change between releases. The embedded CPU settings
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .checks import Checks, Section
 
@@ -20,8 +21,8 @@ ENGINES = ("auto", "graph", "eager", "hf")
 # Quantized bases whose layers cannot be captured in a CUDA graph (LLM.int8's outlier split has a
 # data-dependent shape): "auto" picks HF generate for them, "graph" is refused (tinyablate/engine/settings.py).
 NOT_CAPTURABLE = ("int8",)
-# Training's RMSNorms and SiLU x up as compiled kernels (tinyablate/train/glue.py): see AlgoConfig.train_glue.
-TRAIN_GLUES = ("auto", "compiled", "eager")
+# Training's RMSNorms and SiLU x up as compiled kernels (tinyablate/train/glue.py): see AlgoConfig.train_kernels.
+TRAIN_KERNELS = ("auto", "compiled", "eager")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 REWARD_SCALINGS = ("group", "batch", "none")
 # Corrections of GRPO's rollout-training mismatch (tinyablate/train/grpo.py): see AlgoConfig.rollout_correction.
@@ -68,10 +69,12 @@ class AlgoConfig(Section):
     # "graph" (static KV cache, decode step replayed from CUDA graphs; CUDA only), "eager" (the same
     # engine without graphs, any device) or "hf" (TRL's HF generate). Speed only: not in cell_id.
     rollout_engine: str = "auto"
-    # Training's elementwise glue (tinyablate/train/glue.py): "compiled" (every RMSNorm, SiLU x up and
-    # rotary embedding fused by torch.compile, forward and backward; HF's forward arithmetic), "eager"
-    # (HF's modules as they are) or "auto" (compiled on CUDA, eager on CPU). Speed only: not in cell_id.
-    train_glue: str = "auto"
+    # Training's elementwise kernels between the matmuls (tinyablate/train/glue.py): "compiled" (every RMSNorm,
+    # SiLU x up and rotary embedding fused by torch.compile, forward and backward; HF's forward arithmetic),
+    # "eager" (HF's modules as they are) or "auto" (compiled on CUDA, eager on CPU). Speed only: not in cell_id.
+    train_kernels: str = "auto"
+    # The former name of train_kernels: still read (a warning says to rename it); null when not set.
+    train_glue: Optional[str] = None
     # GRPO: how training treats the difference between the rollout generator's sampling distribution and the
     # training forward's (other kernels, batch shapes, bf16 rounding). The difference itself is logged every step
     # with the engine's rollouts (train/rollout_logp_diff_mean and _max: |log p_rollout - log p_train| over the
@@ -108,7 +111,12 @@ class AlgoConfig(Section):
         c.choice("name", self.name, ALGOS)
         c.choice("rollout_sampler", self.rollout_sampler, ROLLOUT_SAMPLERS)
         c.choice("rollout_engine", self.rollout_engine, ENGINES)
-        c.choice("train_glue", self.train_glue, TRAIN_GLUES)
+        c.choice("train_kernels", self.train_kernels, TRAIN_KERNELS)
+        if self.train_glue is not None:
+            c.choice("train_glue", self.train_glue, TRAIN_KERNELS)
+            if self.train_kernels not in ("auto", self.train_glue):
+                c.fail("train_glue", self.train_glue, f"unset: it is the old name of train_kernels, set to "
+                       f"{self.train_kernels!r} too")
         c.choice("loss_type", self.loss_type, GRPO_LOSSES)
         c.choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         c.choice("scale_rewards", self.scale_rewards, REWARD_SCALINGS)

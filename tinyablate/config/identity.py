@@ -24,7 +24,7 @@ NOT_IDENTITY = {
     "model": {"device", "cache_dir", "attn_implementation"},
     "adapter": {"forward"}, "adapter.svd": {"cache_dir", "cache_rank"},
     "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing", "rollout_engine",
-             "train_glue"},
+             "train_kernels", "train_glue"},
 }
 
 # Settings added after cell ids were first published: left out of the id at their default, so the

@@ -17,7 +17,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .. import distributed
 from ..adapters import load_trainable_state, trainable_state
 from ..console import duration, step_line
-from ..logging import MetricLogger, rewrite_trainer_logs
+from ..metrics import MetricLogger, rewrite_trainer_logs
 
 # transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns).
 CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
@@ -177,7 +177,7 @@ def trainer_kwargs(algo, seed: int, output_dir: Path, device: torch.device, worl
         save_steps=algo.save_steps,
         save_total_limit=2,
         logging_steps=algo.logging_steps,
-        report_to="none",  # W&B goes through tinyablate.logging's one sink
+        report_to="none",  # W&B goes through tinyablate.metrics's one sink
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (the guard, train/guard.py, stops or skips it)
         seed=seed,
         data_seed=seed,

@@ -9,7 +9,7 @@ step"). Compiled by torch.compile (dynamic shapes: one compile for every sequenc
 forward and one or two backward, with the same arithmetic: inductor's `emulate_precision_casts` rounds
 where HF's code rounds, so the forward equals HF's bit for bit in bf16 (tests/test_train_glue.py).
 
-`algo.train_glue` chooses it: "auto" (the default: compiled on CUDA, eager on CPU), "compiled" or
+`algo.train_kernels` chooses it: "auto" (the default: compiled on CUDA, eager on CPU), "compiled" or
 "eager". A function whose compile fails warns once and runs eager from then on. The model
 is changed only inside `compiled_glue(model)`; leaving it restores HF's own forwards. Qwen2 and Llama
 models only (their RMSNorm is tinyablate/kernels.py's rms_norm, the kernels the generation engine compiles
@@ -25,18 +25,24 @@ from contextlib import contextmanager
 
 import torch
 
-from ..config.algo import TRAIN_GLUES
+from ..config.algo import TRAIN_KERNELS
 from ..kernels import ARCHITECTURES, compiled, is_hf_rms_norm, is_silu_mlp, plain_function, rms_norm, silu_mul
 
-__all__ = ["TRAIN_GLUES", "compiled_glue", "resolve_train_glue"]
+__all__ = ["compiled_glue", "train_kernels"]
 
 _COMPILED: dict = {}
 
 
-def resolve_train_glue(value: str, device_type: str) -> str:
-    """"compiled" or "eager" for a setting of algo.train_glue on a device type."""
-    if value not in TRAIN_GLUES:
-        raise ValueError(f"algo.train_glue={value!r}: one of {list(TRAIN_GLUES)}")
+def train_kernels(algo, device_type: str) -> str:
+    """"compiled" or "eager": what `algo` (an AlgoConfig) sets as algo.train_kernels (or its old name train_glue,
+    with a warning) means on a device type."""
+    value = algo.train_kernels
+    if algo.train_glue is not None:
+        warnings.warn("algo.train_glue is the old name of algo.train_kernels: rename it in your config or overrides",
+                      FutureWarning, stacklevel=2)
+        value = algo.train_glue
+    if value not in TRAIN_KERNELS:
+        raise ValueError(f"algo.train_kernels={value!r}: one of {list(TRAIN_KERNELS)}")
     if value == "auto":
         return "compiled" if device_type == "cuda" else "eager"
     return value

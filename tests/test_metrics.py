@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tinyablate.logging import (
+from tinyablate.metrics import (
     REDACTED, LoggerConfig, MetricLogger, json_safe, read_metrics, redact, wandb_run_id,
 )
 from tinyablate.wandb_files import (

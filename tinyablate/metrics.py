@@ -194,7 +194,7 @@ class MetricLogger:
         self.cfg.validate()
         if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
             raise ValueError(f"run_id={run_id!r} is invalid: expected 1-64 chars of [a-z0-9] "
-                             "(use tinyablate.logging.wandb_run_id(cell_id)).")
+                             "(use tinyablate.metrics.wandb_run_id(cell_id)).")
         self.cell_dir = Path(cell_dir)
         self.cell_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.cell_dir / METRICS_FILE
