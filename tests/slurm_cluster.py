@@ -115,6 +115,16 @@ def make_executor(folder, timeout_min: int = 5, **params):
     return ex
 
 
+def preempt(job_id: str) -> None:
+    """Preemption as SLURM does it: SIGTERM (submitit ignores it), then SIGUSR2 (submitit checkpoints and runs
+    `scontrol requeue`). A pause between them: slurmstepd delivers signals asynchronously, and on a loaded
+    machine a SIGTERM that arrives after the SIGUSR2 would kill the requeue command itself (submitit's own
+    `SlurmJob._interrupt` sends them back to back)."""
+    subprocess.run(["scancel", job_id, "--signal", "SIGTERM"], check=True, timeout=30)
+    time.sleep(2)
+    subprocess.run(["scancel", job_id, "--signal", "USR2"], check=True, timeout=30)
+
+
 def sacct_states(job_id: str, duplicates: bool = False) -> dict[str, str]:
     """{job id (array tasks as '<id>_<i>'): State} for allocations (no steps) of `job_id`.
     With duplicates=True (sacct -D) a requeued job maps to a list joined by ','

@@ -18,12 +18,12 @@ import pytest
 
 try:
     from slurm_cluster import (
-        make_executor, pickle_by_value, require_cluster, requires_slurm, sacct_states, wait_done,
+        make_executor, pickle_by_value, preempt, require_cluster, requires_slurm, sacct_states, wait_done,
         wait_sacct,
     )
 except ImportError:  # tests/ imported as a package
     from tests.slurm_cluster import (  # type: ignore[no-redef]
-        make_executor, pickle_by_value, require_cluster, requires_slurm, sacct_states, wait_done,
+        make_executor, pickle_by_value, preempt, require_cluster, requires_slurm, sacct_states, wait_done,
         wait_sacct,
     )
 
@@ -143,7 +143,7 @@ def test_requeue_checkpointable_self_signal(tmp_path):
 
 def test_requeue_checkpointable_preempted(tmp_path):
     """Preemption from outside, as slurm does it: SIGTERM then SIGUSR2 to the job step
-    (`SlurmJob._interrupt()` = `scancel --signal ...`)."""
+    (slurm_cluster.preempt: `scancel --signal ...`)."""
     ex = make_executor(tmp_path)
     marker = tmp_path / "started"
     job = ex.submit(RequeueOnce(str(marker)), "external")
@@ -151,7 +151,7 @@ def test_requeue_checkpointable_preempted(tmp_path):
     while not marker.exists():
         assert time.monotonic() < deadline, f"job never started: {sacct_states(job.job_id)}"
         time.sleep(0.2)
-    job._interrupt()  # timeout=False: SIGTERM (ignored by submitit) + SIGUSR2
+    preempt(job.job_id)  # SIGTERM (ignored by submitit), then SIGUSR2
     wait_done(job, 60)
     _check_requeued(job, job.result())
 

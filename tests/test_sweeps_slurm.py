@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import require_cluster, requires_slurm, sacct_states, wait_sacct
+from slurm_cluster import preempt, require_cluster, requires_slurm, sacct_states, wait_sacct
 from test_sweeps import TINY, fail_when_run, launch
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
@@ -102,8 +102,7 @@ def test_preempted_cell_is_requeued_and_resumes(tmp_path):
         assert (cell_dir / "result.json").exists() is False, "finished before it could be preempted"
         time.sleep(0.2)
     # preemption as SLURM does it: SIGTERM, then the signal submitit checkpoints and requeues on
-    subprocess.run(["scancel", record["job_id"], "--signal", "SIGTERM"], check=True)
-    subprocess.run(["scancel", record["job_id"], "--signal", "USR2"], check=True)
+    preempt(record["job_id"])
     deadline = time.time() + 300
     while not (cell_dir / "result.json").exists():
         assert time.time() < deadline, sacct_states(record["job_id"], duplicates=True)
@@ -208,8 +207,7 @@ def test_a_requeued_bundle_keeps_its_completed_cell_and_resumes_the_next(tmp_pat
     assert not (second / "result.json").exists(), "finished before it could be preempted"
     kept = (first / "result.json").read_text()
     assert json.loads(kept)["status"] == "completed"
-    subprocess.run(["scancel", job_id, "--signal", "SIGTERM"], check=True)
-    subprocess.run(["scancel", job_id, "--signal", "USR2"], check=True)
+    preempt(job_id)
     deadline = time.time() + 300
     while not (second / "result.json").exists():
         assert time.time() < deadline, sacct_states(job_id, duplicates=True)
@@ -244,8 +242,7 @@ def test_a_bundles_cells_run_at_once_in_one_job_and_a_requeue_resumes_them(tmp_p
         time.sleep(0.2)
     pids = {json.loads((f / "running.json").read_text())["pid"] for f in training}
     assert len(pids) == 2, pids  # two processes, each training a cell, at the same time
-    subprocess.run(["scancel", job_id, "--signal", "SIGTERM"], check=True)
-    subprocess.run(["scancel", job_id, "--signal", "USR2"], check=True)
+    preempt(job_id)
     deadline = time.time() + 400
     while not all((f / "result.json").exists() for f in folders):
         assert time.time() < deadline, sacct_states(job_id, duplicates=True)
