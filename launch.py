@@ -72,8 +72,10 @@ def _failure_message(err: Exception, spec) -> str:
 def _default_sweep(argv: list) -> list:
     """`python launch.py -m` with no sweep named runs the embedded sweep."""
     if any(a.lstrip("+") in ("sweeps=null", "sweeps=None", "sweeps=") for a in argv):
-        raise SystemExit("sweeps=null is invalid: expected a preset of sweeps/ (e.g. sweeps=embedded); "
-                         "leave sweeps= out to run the embedded sweep with -m")
+        raise SystemExit(
+            "sweeps=null is invalid: expected a preset of sweeps/ (e.g. sweeps=embedded); "
+            "leave sweeps= out to run the embedded sweep with -m"
+        )
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if multirun and not any(a.startswith(("sweeps=", "+sweeps=")) for a in argv):
         return argv + ["sweeps=embedded"]

@@ -73,12 +73,29 @@ def comparisons(rows: list, level: float = 0.95) -> list:
                 x, y = y, x
             diff, low, high = difference(_scores(x), _scores(y), level)
             resolved = low > 0 or high < 0
-            text = (f"{axis} {x[0][axis]} − {y[0][axis]} at {params:,} params ({task}, {model}): "
-                    f"{100 * diff:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]"
-                    + ("" if resolved else ", unresolved (the interval holds 0)"))
-            out.append({"axis": axis, "a": x[0][axis], "b": y[0][axis], "task": task, "scorer": scorer, "model": model,
-                        "params": params, "n_a": len(x), "n_b": len(y), "diff": 100 * diff, "low": 100 * low,
-                        "high": 100 * high, "resolved": resolved, "text": text})
+            text = (
+                f"{axis} {x[0][axis]} − {y[0][axis]} at {params:,} params ({task}, {model}): "
+                f"{100 * diff:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]"
+                + ("" if resolved else ", unresolved (the interval holds 0)")
+            )
+            out.append(
+                {
+                    "axis": axis,
+                    "a": x[0][axis],
+                    "b": y[0][axis],
+                    "task": task,
+                    "scorer": scorer,
+                    "model": model,
+                    "params": params,
+                    "n_a": len(x),
+                    "n_b": len(y),
+                    "diff": 100 * diff,
+                    "low": 100 * low,
+                    "high": 100 * high,
+                    "resolved": resolved,
+                    "text": text,
+                }
+            )
     return out
 
 

@@ -22,10 +22,34 @@ from tinyablate.config import ConfigError, identity_dict, spec_from_dict
 
 # One row per completed cell, in this order, in summary.csv.
 CSV_COLUMNS = [
-    "cell_id", "sweep", "task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie",
-    "sharing", "precision", "seed", "trainable_params", "trainable_bytes", "bits_per_param", "accuracy",
-    "accuracy_strict", "accuracy_flexible", "base_accuracy", "n_eval", "train_steps", "gpu_hours", "wall_s",
-    "quantization", "base_bytes",
+    "cell_id",
+    "sweep",
+    "task",
+    "scorer",
+    "model",
+    "family",
+    "size",
+    "algo",
+    "kind",
+    "r",
+    "u",
+    "tie",
+    "sharing",
+    "precision",
+    "seed",
+    "trainable_params",
+    "trainable_bytes",
+    "bits_per_param",
+    "accuracy",
+    "accuracy_strict",
+    "accuracy_flexible",
+    "base_accuracy",
+    "n_eval",
+    "train_steps",
+    "gpu_hours",
+    "wall_s",
+    "quantization",
+    "base_bytes",
 ]
 # Axes whose values get a GPU-hours line in summary.md.
 AXES = ["task", "model", "family", "algo", "kind", "r", "u", "tie", "sharing", "precision", "quantization", "seed"]
@@ -82,8 +106,10 @@ def load_sweeps(sweep_dirs: Iterable[Path], results: Iterable[dict] = ()) -> Swe
             raise ValueError(f"{d}: no such sweep folder")
         cells = sweep_cell_folders(d)
         if not cells:
-            raise ValueError(f"{d}: no results - it holds no cell folder (a folder with result.json, "
-                             "spec.json or running.json); pass a sweep folder such as runs/<sweep>")
+            raise ValueError(
+                f"{d}: no results - it holds no cell folder (a folder with result.json, "
+                "spec.json or running.json); pass a sweep folder such as runs/<sweep>"
+            )
         for cell in cells:
             if cell.path.resolve() in seen_cells:
                 continue
@@ -103,8 +129,15 @@ def _add_results(results: list, out: Sweeps) -> None:
         try:
             result = Result.parse(raw, f"the W&B run of cell {raw.get('cell_id')}")
         except ResultError as err:
-            out.skipped.append(Skipped("unreadable", str(raw.get("sweep") or "wandb"), str(raw.get("cell_id")),
-                                       Path("wandb"), _short(err, 200)))
+            out.skipped.append(
+                Skipped(
+                    "unreadable",
+                    str(raw.get("sweep") or "wandb"),
+                    str(raw.get("cell_id")),
+                    Path("wandb"),
+                    _short(err, 200),
+                )
+            )
             continue
         if result.cell_id not in local:
             local.add(result.cell_id)
@@ -121,9 +154,10 @@ def _read_cell(cell: CellFolder, out: Sweeps) -> None:
     if result is None:
         spec = cell.read_spec() or {}
         state = cell.state()
-        reason = {"running": "a live process holds the cell (in progress)",
-                  "interrupted": "started, then killed without a result (a re-run resumes it)"}.get(
-                      state, "spec.json only (not started)")
+        reason = {
+            "running": "a live process holds the cell (in progress)",
+            "interrupted": "started, then killed without a result (a re-run resumes it)",
+        }.get(state, "spec.json only (not started)")
         out.skipped.append(Skipped(state, sweep_guess, str(spec.get("cell_id", cell.name)), cell.path, reason))
         return
     sweep, wall = str(result.sweep or sweep_guess), result.timing.wall_s if result.timing else None
@@ -150,23 +184,32 @@ def result_row(result: Result, sweep: str) -> dict:
         raise ValueError("metrics.accuracy is not a number")
     kind = adapter.kind or "none"
     row = {
-        "cell_id": result.cell_id, "sweep": sweep,
-        "task": task.name, "scorer": task.scorer or "",
-        "model": model.name, "family": model.family or "?", "size": model.size,
-        "algo": algo.name, "kind": kind,
+        "cell_id": result.cell_id,
+        "sweep": sweep,
+        "task": task.name,
+        "scorer": task.scorer or "",
+        "model": model.name,
+        "family": model.family or "?",
+        "size": model.size,
+        "algo": algo.name,
+        "kind": kind,
         "r": adapter.r if kind != "none" else None,
         "u": adapter.u if kind == "tinylora" else None,
         "tie": adapter.tie if kind in ("tinylora", "lora_xs") else None,
         "sharing": adapter.sharing if kind in ("tinylora", "lora_xs") else None,
         "precision": adapter.precision if kind != "none" else None,
         "seed": config.get("seed", 0),
-        "trainable_params": params, "trainable_bytes": nbytes,
+        "trainable_params": params,
+        "trainable_bytes": nbytes,
         "bits_per_param": 8 * nbytes / params if params > 0 else None,
-        "accuracy": accuracy, "accuracy_strict": _num(metrics.accuracy_strict),
+        "accuracy": accuracy,
+        "accuracy_strict": _num(metrics.accuracy_strict),
         "accuracy_flexible": _num(metrics.accuracy_flexible),
-        "base_accuracy": _num(metrics.base_accuracy), "n_eval": metrics.n_eval,
+        "base_accuracy": _num(metrics.base_accuracy),
+        "n_eval": metrics.n_eval,
         "train_steps": metrics.train_steps,
-        "gpu_hours": _num(gpu_hours) or 0.0, "wall_s": _num(wall_s) or 0.0,
+        "gpu_hours": _num(gpu_hours) or 0.0,
+        "wall_s": _num(wall_s) or 0.0,
         "lr": algo.learning_rate,
         "quantization": model.quantization or (config.get("model") or {}).get("quantization") or "none",
         "base_bytes": model.base_bytes,  # the frozen base as stored (schema 2)
@@ -191,8 +234,23 @@ def config_key(config: dict, row: dict) -> str:
         except (TypeError, ValueError, ConfigError):  # a config from another version: fall back to the row's axes
             ident = None
     if ident is None:
-        ident = {k: row[k] for k in ("task", "scorer", "model", "algo", "kind", "r", "u", "tie", "sharing",
-                                     "precision", "trainable_params", "trainable_bytes")}
+        ident = {
+            k: row[k]
+            for k in (
+                "task",
+                "scorer",
+                "model",
+                "algo",
+                "kind",
+                "r",
+                "u",
+                "tie",
+                "sharing",
+                "precision",
+                "trainable_params",
+                "trainable_bytes",
+            )
+        }
         # e.g. the randomized SVD retired on 2026-12-02: another basis, never a seed of the current one
         ident["svd"] = ((config or {}).get("adapter") or {}).get("svd")
     return json.dumps(ident, sort_keys=True, default=str)
@@ -225,8 +283,25 @@ def mean_ci(values: list, level: float = 0.95) -> tuple:
 
 
 # Fields a setting (seeds aggregated) keeps from its cells.
-GROUP_FIELDS = ["task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie", "sharing",
-                "precision", "quantization", "lr", "trainable_params", "trainable_bytes", "bits_per_param"]
+GROUP_FIELDS = [
+    "task",
+    "scorer",
+    "model",
+    "family",
+    "size",
+    "algo",
+    "kind",
+    "r",
+    "u",
+    "tie",
+    "sharing",
+    "precision",
+    "quantization",
+    "lr",
+    "trainable_params",
+    "trainable_bytes",
+    "bits_per_param",
+]
 
 
 def aggregate(rows: list) -> list:
@@ -239,15 +314,37 @@ def aggregate(rows: list) -> list:
         cells.sort(key=lambda r: str(r["seed"]))
         mean, lo, hi = mean_ci([c["accuracy"] for c in cells])
         g = {f: cells[0].get(f) for f in GROUP_FIELDS}
-        g.update(config_key=key, n_seeds=len(cells), seeds=[c["seed"] for c in cells],
-                 accuracies=[c["accuracy"] for c in cells], accuracy_mean=mean, ci_low=lo, ci_high=hi,
-                 base_accuracy=_mean([c["base_accuracy"] for c in cells if c["base_accuracy"] is not None]),
-                 gpu_hours=sum(c["gpu_hours"] for c in cells), wall_s=sum(c["wall_s"] for c in cells),
-                 sweeps=sorted({c["sweep"] for c in cells}))
+        g.update(
+            config_key=key,
+            n_seeds=len(cells),
+            seeds=[c["seed"] for c in cells],
+            accuracies=[c["accuracy"] for c in cells],
+            accuracy_mean=mean,
+            ci_low=lo,
+            ci_high=hi,
+            base_accuracy=_mean([c["base_accuracy"] for c in cells if c["base_accuracy"] is not None]),
+            gpu_hours=sum(c["gpu_hours"] for c in cells),
+            wall_s=sum(c["wall_s"] for c in cells),
+            sweeps=sorted({c["sweep"] for c in cells}),
+        )
         out.append(g)
-    out.sort(key=lambda g: (g["task"], g["scorer"], g["family"], g["model"], g["algo"], g["trainable_params"],
-                            g["kind"], str(g["r"]), str(g["u"]), str(g["tie"]), str(g["sharing"]),
-                            str(g["precision"]), str(g["lr"])))
+    out.sort(
+        key=lambda g: (
+            g["task"],
+            g["scorer"],
+            g["family"],
+            g["model"],
+            g["algo"],
+            g["trainable_params"],
+            g["kind"],
+            str(g["r"]),
+            str(g["u"]),
+            str(g["tie"]),
+            str(g["sharing"]),
+            str(g["precision"]),
+            str(g["lr"]),
+        )
+    )
     return out
 
 
@@ -287,8 +384,13 @@ def base_point(settings: list, rows: list) -> Optional[dict]:
     base = [r["base_accuracy"] for r in rows if r["base_accuracy"] is not None]
     if not base:
         return None
-    return {"accuracy_mean": sum(base) / len(base), "ci_low": None, "ci_high": None, "n": len(base),
-            "source": "base_accuracy of the trained cells"}
+    return {
+        "accuracy_mean": sum(base) / len(base),
+        "ci_low": None,
+        "ci_high": None,
+        "n": len(base),
+        "source": "base_accuracy of the trained cells",
+    }
 
 
 # -- RL vs SFT -----------------------------------------------------------------------------------
@@ -331,10 +433,20 @@ def rl_sft_gap(settings: list, rl: str = "grpo", sft: str = "sft") -> list:
         sft_curve = [(s["trainable_params"], s["accuracy_mean"]) for s in sft_best]
         for s in rl_best:
             need, how = params_to_reach(sft_curve, s["accuracy_mean"])
-            out.append({"task": task, "scorer": scorer, "family": family, "model": model,
-                        "params_rl": s["trainable_params"], "accuracy": s["accuracy_mean"],
-                        "params_sft": need, "ratio": None if need is None else need / s["trainable_params"],
-                        "how": how, "sft_max_accuracy": max((a for _, a in sft_curve), default=None)})
+            out.append(
+                {
+                    "task": task,
+                    "scorer": scorer,
+                    "family": family,
+                    "model": model,
+                    "params_rl": s["trainable_params"],
+                    "accuracy": s["accuracy_mean"],
+                    "params_sft": need,
+                    "ratio": None if need is None else need / s["trainable_params"],
+                    "how": how,
+                    "sft_max_accuracy": max((a for _, a in sft_curve), default=None),
+                }
+            )
     return out
 
 
@@ -353,6 +465,13 @@ def matched_families(settings: list) -> list:
     out = []
     for (task, scorer, algo, params), points in sorted(table.items()):
         if len({p["family"] for p in points.values()}) >= 2:
-            out.append({"task": task, "scorer": scorer, "algo": algo, "params": params,
-                        "points": dict(sorted(points.items(), key=lambda kv: (kv[1]["family"], kv[0])))})
+            out.append(
+                {
+                    "task": task,
+                    "scorer": scorer,
+                    "algo": algo,
+                    "params": params,
+                    "points": dict(sorted(points.items(), key=lambda kv: (kv[1]["family"], kv[0]))),
+                }
+            )
     return out

@@ -26,8 +26,10 @@ PAPER_BASE = 88.2
 PAPER_FULL_FT = 91.7
 PAPER_LABEL = "TinyLoRA paper: Qwen2.5-7B-Instruct, GRPO"
 
-FAMILY_COLORS = {"qwen2": ["#1f5fa8", "#17a2b8", "#6f42c1", "#4c9be8"],
-                 "llama": ["#d1495b", "#f08a24", "#8c564b", "#e377c2"]}
+FAMILY_COLORS = {
+    "qwen2": ["#1f5fa8", "#17a2b8", "#6f42c1", "#4c9be8"],
+    "llama": ["#d1495b", "#f08a24", "#8c564b", "#e377c2"],
+}
 OTHER_COLORS = ["#2e8b57", "#7f7f7f", "#bcbd22", "#9edae5"]
 ALGO_STYLE = {"grpo": ("-", "o"), "sft": ("--", "s")}
 REF_COLOR = "0.35"
@@ -130,7 +132,7 @@ def _log_x(ax, positive: list, with_base: bool, unit: str) -> Optional[float]:
     right = hi * 2
     ax.set_xscale("log")
     ax.set_xlim(left, right)
-    ticks = [10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)]
+    ticks = [10.0**k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)]
     ticks = [t for t in ticks if lo / 1.5 <= t <= right]
     labels = [_fmt_count(t) for t in ticks]
     if with_base:
@@ -140,8 +142,11 @@ def _log_x(ax, positive: list, with_base: bool, unit: str) -> Optional[float]:
         ticks, labels = [base_x] + ticks, ["0\n(base)"] + labels
     ax.set_xticks(ticks, labels)
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(f"trainable {unit} (log scale; 0 = no adapter, left of the break)" if with_base
-                  else f"trainable {unit} (log scale)")
+    ax.set_xlabel(
+        f"trainable {unit} (log scale; 0 = no adapter, left of the break)"
+        if with_base
+        else f"trainable {unit} (log scale)"
+    )
     return base_x
 
 
@@ -156,15 +161,31 @@ def _draw_curve(ax, best: list, others: list, x: str, color: str, ls: str, marke
         if len(best) > 1:
             ax.fill_between(xs, lows, highs, color=color, alpha=0.15, lw=0, zorder=2)
         with_ci = [i for i, s in enumerate(best) if s["ci_low"] is not None]
-        ax.errorbar([xs[i] for i in with_ci], [means[i] for i in with_ci],
-                    yerr=[[means[i] - lows[i] for i in with_ci], [highs[i] - means[i] for i in with_ci]],
-                    fmt="none", ecolor=color, elinewidth=0.9, capsize=2.5, alpha=0.8, zorder=3)
+        ax.errorbar(
+            [xs[i] for i in with_ci],
+            [means[i] for i in with_ci],
+            yerr=[[means[i] - lows[i] for i in with_ci], [highs[i] - means[i] for i in with_ci]],
+            fmt="none",
+            ecolor=color,
+            elinewidth=0.9,
+            capsize=2.5,
+            alpha=0.8,
+            zorder=3,
+        )
     seed_x = [s[x] for s in best for _ in s["accuracies"]]
     seed_y = [100 * a for s in best for a in s["accuracies"]]
     ax.scatter(seed_x, seed_y, s=9, color=color, alpha=0.35, lw=0, zorder=2)
     if others:
-        ax.scatter([s[x] for s in others], [100 * s["accuracy_mean"] for s in others], s=28, marker=marker,
-                   facecolors="none", edgecolors=color, alpha=0.7, zorder=2)
+        ax.scatter(
+            [s[x] for s in others],
+            [100 * s["accuracy_mean"] for s in others],
+            s=28,
+            marker=marker,
+            facecolors="none",
+            edgecolors=color,
+            alpha=0.7,
+            zorder=2,
+        )
 
 
 def _draw_base(ax, base: Optional[dict], base_x: Optional[float], color: str, label: str) -> None:
@@ -174,8 +195,21 @@ def _draw_base(ax, base: Optional[dict], base_x: Optional[float], color: str, la
     yerr = None
     if base["ci_low"] is not None:
         yerr = [[m - 100 * base["ci_low"]], [100 * base["ci_high"] - m]]
-    ax.errorbar([base_x], [m], yerr=yerr, marker="D", ms=7, mfc="white", mec=color, mew=1.8, color=color,
-                capsize=2.5, ls="none", label=label, zorder=4)
+    ax.errorbar(
+        [base_x],
+        [m],
+        yerr=yerr,
+        marker="D",
+        ms=7,
+        mfc="white",
+        mec=color,
+        mew=1.8,
+        color=color,
+        capsize=2.5,
+        ls="none",
+        label=label,
+        zorder=4,
+    )
 
 
 def _finish(fig, ax, title: str, legend_cols: int = 1) -> None:
@@ -183,8 +217,9 @@ def _finish(fig, ax, title: str, legend_cols: int = 1) -> None:
     ax.grid(True, which="major", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-                  ncols=legend_cols)
+        ax.legend(
+            handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, ncols=legend_cols
+        )
 
 
 def _task_title(task: str, scorer: str) -> str:
@@ -195,8 +230,7 @@ def _models_with_base(settings: list, rows: list) -> dict:
     """model -> its 0-parameter point (kind=none cells, else reported base accuracy)."""
     out = {}
     for model in sorted({s["model"] for s in settings}):
-        out[model] = base_point([s for s in settings if s["model"] == model],
-                                [r for r in rows if r["model"] == model])
+        out[model] = base_point([s for s in settings if s["model"] == model], [r for r in rows if r["model"] == model])
     return out
 
 
@@ -206,7 +240,9 @@ def plot_params(rows, settings, out_dir, task, scorer, colors, reference: bool) 
     draw_ref = reference and task.lower() == PAPER_TASK
     positive = sorted({s["trainable_params"] for s in settings if s["trainable_params"] > 0})
     if len(positive) + (1 if any(s["trainable_params"] == 0 for s in settings) else 0) < 2:
-        return _skip(key, task, scorer, f"trainable parameters take one value ({_values(settings, 'trainable_params')})")
+        return _skip(
+            key, task, scorer, f"trainable parameters take one value ({_values(settings, 'trainable_params')})"
+        )
     bases = _models_with_base(settings, rows)
     fig, axes = _new_figure()
     ax = axes[0][0]
@@ -219,25 +255,47 @@ def plot_params(rows, settings, out_dir, task, scorer, colors, reference: bool) 
             continue
         best, others = frontier(line)
         ls, marker = _style(algo)
-        _draw_curve(ax, best, others, "trainable_params", colors[model], ls, marker,
-                    f"{line[0]['family']} · {model} · {algo}")
+        _draw_curve(
+            ax, best, others, "trainable_params", colors[model], ls, marker, f"{line[0]['family']} · {model} · {algo}"
+        )
     for model, base in bases.items():
         _draw_base(ax, base, base_x, colors[model], f"{model} base (0 params)")
     if draw_ref:
-        ax.plot([p for p, _ in PAPER_POINTS], [a for _, a in PAPER_POINTS], ls="-.", marker="*", ms=9,
-                color=REF_COLOR, label=PAPER_LABEL, zorder=3)
-        ax.plot([base_x], [PAPER_BASE], marker="*", ms=11, ls="none", mfc="white", mec=REF_COLOR,
-                label=f"paper: base {PAPER_BASE}% (0 params)", zorder=4)
+        ax.plot(
+            [p for p, _ in PAPER_POINTS],
+            [a for _, a in PAPER_POINTS],
+            ls="-.",
+            marker="*",
+            ms=9,
+            color=REF_COLOR,
+            label=PAPER_LABEL,
+            zorder=3,
+        )
+        ax.plot(
+            [base_x],
+            [PAPER_BASE],
+            marker="*",
+            ms=11,
+            ls="none",
+            mfc="white",
+            mec=REF_COLOR,
+            label=f"paper: base {PAPER_BASE}% (0 params)",
+            zorder=4,
+        )
         ax.axhline(PAPER_FULL_FT, ls="--", color=REF_COLOR, lw=1.2, label=f"paper: full fine-tuning {PAPER_FULL_FT}%")
     ax.set_ylabel(_ylabel(scorer))
     _finish(fig, ax, f"{TITLES[key]} — {_task_title(task, scorer)}")
-    caption = ("Mean accuracy over seeds with a 95% t-interval (band and bars; none for a single seed). "
-               "Lines join the best setting at each parameter count (colour: model, blue Qwen / red Llama; "
-               "style: algorithm); hollow markers are other settings with that count; dots are single seeds. "
-               "Diamonds left of the break are the base model (0 trainable parameters).")
+    caption = (
+        "Mean accuracy over seeds with a 95% t-interval (band and bars; none for a single seed). "
+        "Lines join the best setting at each parameter count (colour: model, blue Qwen / red Llama; "
+        "style: algorithm); hollow markers are other settings with that count; dots are single seeds. "
+        "Diamonds left of the break are the base model (0 trainable parameters)."
+    )
     if draw_ref:
-        caption += (" Grey stars are the TinyLoRA paper's Qwen2.5-7B-Instruct GSM8K points (0 → 88.2%, 1 → 82.0%, "
-                    "13 → 91.8%, 196 → 92.2%) and the dashed line its full fine-tuning (91.7%).")
+        caption += (
+            " Grey stars are the TinyLoRA paper's Qwen2.5-7B-Instruct GSM8K points (0 → 88.2%, 1 → 82.0%, "
+            "13 → 91.8%, 196 → 92.2%) and the dashed line its full fine-tuning (91.7%)."
+        )
     return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
 
 
@@ -269,16 +327,26 @@ def plot_bytes(rows, settings, out_dir, task, scorer, colors) -> Plot:
         best, others = frontier(line, x="trainable_bytes")
         ls, _ = _style(algo)
         prec = "/".join(sorted({str(s["precision"]) for s in line}))
-        _draw_curve(ax, best, others, "trainable_bytes", colors[model], ls, bits_markers.get(int(bits), "D"),
-                    f"{line[0]['family']} · {model} · {algo} · {bits:g} bit/param ({prec})")
+        _draw_curve(
+            ax,
+            best,
+            others,
+            "trainable_bytes",
+            colors[model],
+            ls,
+            bits_markers.get(int(bits), "D"),
+            f"{line[0]['family']} · {model} · {algo} · {bits:g} bit/param ({prec})",
+        )
     for model, base in bases.items():
         _draw_base(ax, base, base_x, colors[model], f"{model} base (0 bytes)")
     ax.set_ylabel(_ylabel(scorer))
     _finish(fig, ax, f"{TITLES[key]} — {_task_title(task, scorer)}")
     bits_txt = ", ".join(f"{b:g}" for b in sorted(bits_seen))
-    caption = ("Same cells against the bytes the trained parameters take; one line per model, algorithm and "
-               f"bits per parameter (8·bytes/params; here {bits_txt}), marker by precision "
-               "(○ 32-bit, □ 16-bit). Mean over seeds with a 95% t-interval.")
+    caption = (
+        "Same cells against the bytes the trained parameters take; one line per model, algorithm and "
+        f"bits per parameter (8·bytes/params; here {bits_txt}), marker by precision "
+        "(○ 32-bit, □ 16-bit). Mean over seeds with a 95% t-interval."
+    )
     if len(bits_seen) < 2:
         caption += " Precision takes one value in these cells, so this is the parameter plot rescaled."
     return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
@@ -292,8 +360,11 @@ def plot_sharing(rows, settings, out_dir, task, scorer, colors) -> Plot:
     """Paired points: each setting run with both sharings (all else equal), tiled vs structured."""
     key = "sharing"
     # sharing only changes anything when 1 < tie < all (tie=1: a vector per module; all: one vector)
-    shared = [s for s in settings if s["kind"] in ("tinylora", "lora_xs") and s["sharing"]
-              and str(s["tie"]) not in ("1", "all", "None")]
+    shared = [
+        s
+        for s in settings
+        if s["kind"] in ("tinylora", "lora_xs") and s["sharing"] and str(s["tie"]) not in ("1", "all", "None")
+    ]
     pairs = defaultdict(dict)
     for s in shared:
         k = (s["family"], s["model"], s["algo"], s["kind"], s["r"], s["u"], str(s["tie"]), s["precision"], s["lr"])
@@ -303,9 +374,13 @@ def plot_sharing(rows, settings, out_dir, task, scorer, colors) -> Plot:
     pairs = {k: v for k, v in sorted(pairs.items()) if len(v) >= 2}
     if not pairs:
         values = sorted({s["sharing"] for s in shared})
-        what = ("no TinyLoRA/LoRA-XS cell with 1 < tie < all" if not values else
-                f"only {values[0]} sharing was run" if len(values) == 1 else
-                "no setting was run with both tiled and structured sharing (all else equal)")
+        what = (
+            "no TinyLoRA/LoRA-XS cell with 1 < tie < all"
+            if not values
+            else f"only {values[0]} sharing was run"
+            if len(values) == 1
+            else "no setting was run with both tiled and structured sharing (all else equal)"
+        )
         return _skip(key, task, scorer, f"sharing does not vary ({what})")
     fig, axes = _new_figure(width=max(6.5, 2.8 + 1.3 * len(pairs)), height=5.0)
     ax = axes[0][0]
@@ -316,28 +391,70 @@ def plot_sharing(rows, settings, out_dir, task, scorer, colors) -> Plot:
             marker, dx = SHARING_STYLE.get(sharing, ("^", 0.0))
             m = 100 * s["accuracy_mean"]
             yerr = None if s["ci_low"] is None else [[m - 100 * s["ci_low"]], [100 * s["ci_high"] - m]]
-            ax.errorbar([i + dx], [m], yerr=yerr, marker=marker, ms=8, color=colors[model], capsize=3,
-                        mfc=colors[model] if sharing == "tiled" else "white", mew=1.8, ls="none", zorder=3)
-            ax.scatter([i + dx] * len(s["accuracies"]), [100 * a for a in s["accuracies"]], s=9,
-                       color=colors[model], alpha=0.35, lw=0, zorder=2)
-            ax.annotate(_fmt_count(s["trainable_params"]), (i + dx, m), xytext=(8, -3), textcoords="offset points",
-                        ha="left", fontsize=7, color="0.35")
-        ax.plot([i + SHARING_STYLE["tiled"][1], i + SHARING_STYLE["structured"][1]],
-                [100 * by_sharing.get("tiled", by_sharing[next(iter(by_sharing))])["accuracy_mean"],
-                 100 * by_sharing.get("structured", by_sharing[next(iter(by_sharing))])["accuracy_mean"]],
-                color=colors[model], lw=1, alpha=0.6, zorder=2)
+            ax.errorbar(
+                [i + dx],
+                [m],
+                yerr=yerr,
+                marker=marker,
+                ms=8,
+                color=colors[model],
+                capsize=3,
+                mfc=colors[model] if sharing == "tiled" else "white",
+                mew=1.8,
+                ls="none",
+                zorder=3,
+            )
+            ax.scatter(
+                [i + dx] * len(s["accuracies"]),
+                [100 * a for a in s["accuracies"]],
+                s=9,
+                color=colors[model],
+                alpha=0.35,
+                lw=0,
+                zorder=2,
+            )
+            ax.annotate(
+                _fmt_count(s["trainable_params"]),
+                (i + dx, m),
+                xytext=(8, -3),
+                textcoords="offset points",
+                ha="left",
+                fontsize=7,
+                color="0.35",
+            )
+        ax.plot(
+            [i + SHARING_STYLE["tiled"][1], i + SHARING_STYLE["structured"][1]],
+            [
+                100 * by_sharing.get("tiled", by_sharing[next(iter(by_sharing))])["accuracy_mean"],
+                100 * by_sharing.get("structured", by_sharing[next(iter(by_sharing))])["accuracy_mean"],
+            ],
+            color=colors[model],
+            lw=1,
+            alpha=0.6,
+            zorder=2,
+        )
         labels.append(f"{model}\n{algo} · {kind}\nr={r} u={u} tie={tie}\n{precision}")
     ax.set_xticks(range(len(pairs)), labels, fontsize=8)
     ax.set_xlim(-0.6, len(pairs) - 0.4)
     for sharing, (marker, _) in SHARING_STYLE.items():
-        ax.plot([], [], marker=marker, ls="none", color="0.3", mfc="0.3" if sharing == "tiled" else "white",
-                mew=1.8, label=sharing)
+        ax.plot(
+            [],
+            [],
+            marker=marker,
+            ls="none",
+            color="0.3",
+            mfc="0.3" if sharing == "tiled" else "white",
+            mew=1.8,
+            label=sharing,
+        )
     ax.set_ylabel(_ylabel(scorer))
     _finish(fig, ax, f"{TITLES[key]} — {_task_title(task, scorer)}")
-    caption = ("Settings run with both sharings, everything else equal (TinyLoRA/LoRA-XS with 1 < tie < all): "
-               "filled = tiled (neighbouring modules in depth share a vector), hollow = structured (one module type "
-               "across consecutive layers). Mean over seeds with 95% t-interval, dots are seeds, small numbers the "
-               "trainable parameters of each (they can differ between the two).")
+    caption = (
+        "Settings run with both sharings, everything else equal (TinyLoRA/LoRA-XS with 1 < tie < all): "
+        "filled = tiled (neighbouring modules in depth share a vector), hollow = structured (one module type "
+        "across consecutive layers). Mean over seeds with 95% t-interval, dots are seeds, small numbers the "
+        "trainable parameters of each (they can differ between the two)."
+    )
     return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
 
 
@@ -363,8 +480,16 @@ def plot_rank(rows, settings, out_dir, task, scorer, colors) -> Plot:
     for (model, algo, params), line in sorted(groups.items()):
         best, others = frontier(line, x="r")
         ls, _ = _style(algo)
-        _draw_curve(ax, best, others, "r", colors[model], ls, markers[counts.index(params) % len(markers)],
-                    f"{line[0]['family']} · {model} · {algo} · {_fmt_count(params)} params")
+        _draw_curve(
+            ax,
+            best,
+            others,
+            "r",
+            colors[model],
+            ls,
+            markers[counts.index(params) % len(markers)],
+            f"{line[0]['family']} · {model} · {algo} · {_fmt_count(params)} params",
+        )
     used = sorted({s["r"] for v in groups.values() for s in v})
     ax.set_xticks(used, [str(r) for r in used])
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -372,8 +497,10 @@ def plot_rank(rows, settings, out_dir, task, scorer, colors) -> Plot:
     ax.set_xlabel("frozen rank r of the SVD factors (log2 scale)")
     ax.set_ylabel(_ylabel(scorer))
     _finish(fig, ax, f"{TITLES[key]} — {_task_title(task, scorer)}")
-    caption = ("TinyLoRA cells at matched trainable-parameter counts (one line each): accuracy as the frozen "
-               "rank r changes. Mean over seeds with a 95% t-interval; best setting at each r.")
+    caption = (
+        "TinyLoRA cells at matched trainable-parameter counts (one line each): accuracy as the frozen "
+        "rank r changes. Mean over seeds with a 95% t-interval; best setting at each r."
+    )
     return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
 
 
@@ -385,8 +512,12 @@ def plot_family(rows, settings, out_dir, task, scorer, colors) -> Plot:
         return _skip(key, task, scorer, f"one model family only ({families[0]})")
     matched = matched_families(settings)
     if not matched:
-        return _skip(key, task, scorer, "no trainable-parameter count was run on two families; "
-                                        "compare their curves on the parameter plot")
+        return _skip(
+            key,
+            task,
+            scorer,
+            "no trainable-parameter count was run on two families; compare their curves on the parameter plot",
+        )
     algos = sorted({m["algo"] for m in matched})
     fig = Figure(figsize=(max(6.0, 3.2 + 1.6 * len(matched)), 4.8), dpi=DPI)
     FigureCanvasAgg(fig)
@@ -394,8 +525,10 @@ def plot_family(rows, settings, out_dir, task, scorer, colors) -> Plot:
     bases = _models_with_base(settings, rows)
     for ax, algo in zip(axes[0], algos):
         cols = [m for m in matched if m["algo"] == algo]
-        models = sorted({mdl for m in cols for mdl in m["points"]},
-                        key=lambda mdl: (next(m["points"][mdl]["family"] for m in cols if mdl in m["points"]), mdl))
+        models = sorted(
+            {mdl for m in cols for mdl in m["points"]},
+            key=lambda mdl: (next(m["points"][mdl]["family"] for m in cols if mdl in m["points"]), mdl),
+        )
         width = 0.8 / len(models)
         for j, model in enumerate(models):
             xs, ys, err_lo, err_hi, fam = [], [], [], [], None
@@ -409,12 +542,22 @@ def plot_family(rows, settings, out_dir, task, scorer, colors) -> Plot:
                 ys.append(mean)
                 err_lo.append(mean - 100 * s["ci_low"] if s["ci_low"] is not None else 0.0)
                 err_hi.append(100 * s["ci_high"] - mean if s["ci_high"] is not None else 0.0)
-            ax.bar(xs, ys, width=width * 0.92, color=colors[model], alpha=0.85, label=f"{fam} · {model}",
-                   yerr=[err_lo, err_hi], capsize=3, error_kw={"elinewidth": 1})
+            ax.bar(
+                xs,
+                ys,
+                width=width * 0.92,
+                color=colors[model],
+                alpha=0.85,
+                label=f"{fam} · {model}",
+                yerr=[err_lo, err_hi],
+                capsize=3,
+                error_kw={"elinewidth": 1},
+            )
             base = bases.get(model)
             if base is not None:
-                ax.axhline(100 * base["accuracy_mean"], color=colors[model], ls=":", lw=1.2,
-                           label=f"{model} base (0 params)")
+                ax.axhline(
+                    100 * base["accuracy_mean"], color=colors[model], ls=":", lw=1.2, label=f"{model} base (0 params)"
+                )
         ax.set_xticks(range(len(cols)), [_fmt_count(m["params"]) for m in cols])
         ax.set_xlabel("trainable parameters (matched counts)")
         ax.set_ylabel(_ylabel(scorer))
@@ -425,9 +568,11 @@ def plot_family(rows, settings, out_dir, task, scorer, colors) -> Plot:
     handles, labels = [handles[i] for i in order], [labels[i] for i in order]
     axes[0][-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.suptitle(f"{TITLES[key]} — {_task_title(task, scorer)}", fontsize=11)
-    caption = ("Only parameter counts run on both families (exact match), per algorithm; bars are the mean over "
-               "seeds of the best setting at that count, error bars its 95% t-interval; dotted lines are each "
-               "model's base accuracy.")
+    caption = (
+        "Only parameter counts run on both families (exact match), per algorithm; bars are the mean over "
+        "seeds of the best setting at that count, error bars its 95% t-interval; dotted lines are each "
+        "model's base accuracy."
+    )
     return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
 
 
@@ -450,23 +595,49 @@ def plot_rl_sft(rows, settings, out_dir, task, scorer, colors) -> Plot:
             line = [s for s in mine if s["algo"] == algo]
             best, others = frontier(line)
             ls, marker = _style(algo)
-            _draw_curve(ax, best, [], "trainable_params", colors[model] if algo == "grpo" else "0.3", ls, marker,
-                        f"{model} · {algo} (best setting per count)")
+            _draw_curve(
+                ax,
+                best,
+                [],
+                "trainable_params",
+                colors[model] if algo == "grpo" else "0.3",
+                ls,
+                marker,
+                f"{model} · {algo} (best setting per count)",
+            )
         for g in pts:
             y = 100 * g["accuracy"]
             end = g["params_sft"] if g["params_sft"] is not None else hi
             if end > g["params_rl"] * 1.05:
-                ax.annotate("", xy=(end, y), xytext=(g["params_rl"], y),
-                            arrowprops={"arrowstyle": "->", "color": "0.35", "lw": 1.0,
-                                        "ls": "-" if g["params_sft"] is not None else ":"})
+                ax.annotate(
+                    "",
+                    xy=(end, y),
+                    xytext=(g["params_rl"], y),
+                    arrowprops={
+                        "arrowstyle": "->",
+                        "color": "0.35",
+                        "lw": 1.0,
+                        "ls": "-" if g["params_sft"] is not None else ":",
+                    },
+                )
             text = "SFT: not reached" if g["params_sft"] is None else f"×{g['ratio']:.3g}"
             mid = math.sqrt(g["params_rl"] * max(end, g["params_rl"]))
-            ax.annotate(text, xy=(mid, y), xytext=(0, 3), textcoords="offset points", fontsize=8, color="0.2",
-                        ha="center", va="bottom")
+            ax.annotate(
+                text,
+                xy=(mid, y),
+                xytext=(0, 3),
+                textcoords="offset points",
+                fontsize=8,
+                color="0.2",
+                ha="center",
+                va="bottom",
+            )
         ax.set_ylabel(_ylabel(scorer))
         _finish(fig, ax, f"{model}: SFT parameters needed for each GRPO accuracy — {_task_title(task, scorer)}")
-    caption = ("For each accuracy GRPO reaches (its best setting at each count, seeds averaged), the arrow runs to "
-               "the parameter count at which SFT's curve first reaches it, interpolating accuracy linearly on "
-               "the log-parameter axis; ×N is SFT params / GRPO params, 'not reached' means SFT never gets "
-               "there in these cells. Numbers are in the table below.")
+    caption = (
+        "For each accuracy GRPO reaches (its best setting at each count, seeds averaged), the arrow runs to "
+        "the parameter count at which SFT's curve first reaches it, interpolating accuracy linearly on "
+        "the log-parameter axis; ×N is SFT params / GRPO params, 'not reached' means SFT never gets "
+        "there in these cells. Numbers are in the table below."
+    )
     return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)

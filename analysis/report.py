@@ -28,18 +28,56 @@ from typing import Optional
 from .compare import comparisons
 from .data import AXES, CSV_COLUMNS, Sweeps, aggregate, load_sweeps, matched_families, rl_sft_gap, task_groups
 from .plots import PAPER_TASK, make_plots
-from .transfer import (TRANSFER_COLUMNS, has_cross_task, matrix_table, plot_task_curves, plot_transfer,
-                       transfer_matrix, transfer_rows)
+from .transfer import (
+    TRANSFER_COLUMNS,
+    has_cross_task,
+    matrix_table,
+    plot_task_curves,
+    plot_transfer,
+    transfer_matrix,
+    transfer_rows,
+)
 from .wandb_source import results_from_wandb
 from .wandb_summary import log_wandb_summary
 
-GROUP_COLUMNS = ["task", "scorer", "model", "family", "size", "algo", "kind", "r", "u", "tie", "sharing",
-                 "precision", "quantization", "lr", "trainable_params", "trainable_bytes", "bits_per_param", "n_seeds", "seeds",
-                 "accuracy_mean", "ci_low", "ci_high", "base_accuracy", "gpu_hours", "wall_s", "sweeps"]
+GROUP_COLUMNS = [
+    "task",
+    "scorer",
+    "model",
+    "family",
+    "size",
+    "algo",
+    "kind",
+    "r",
+    "u",
+    "tie",
+    "sharing",
+    "precision",
+    "quantization",
+    "lr",
+    "trainable_params",
+    "trainable_bytes",
+    "bits_per_param",
+    "n_seeds",
+    "seeds",
+    "accuracy_mean",
+    "ci_low",
+    "ci_high",
+    "base_accuracy",
+    "gpu_hours",
+    "wall_s",
+    "sweeps",
+]
 
 
-def analyze(sweep_dirs: list, out_dir: Path, *, reference: bool = True, wandb_mode: Optional[str] = None,
-            wandb_groups: tuple = ()) -> Path:
+def analyze(
+    sweep_dirs: list,
+    out_dir: Path,
+    *,
+    reference: bool = True,
+    wandb_mode: Optional[str] = None,
+    wandb_groups: tuple = (),
+) -> Path:
     """Read `sweep_dirs`, write the report into `out_dir`, return the path of index.html.
 
     Raises ValueError with a message naming the folder when a folder is missing or holds no
@@ -71,29 +109,61 @@ def analyze(sweep_dirs: list, out_dir: Path, *, reference: bool = True, wandb_mo
     if wandb_mode:
         for sweep in sorted({r["sweep"] for r in sweeps.rows}):
             path = log_wandb_summary([r for r in sweeps.rows if r["sweep"] == sweep], sweep, wandb_mode, out_dir)
-            wandb_notes.append(f"W&B summary run for sweep {sweep!r} ({wandb_mode}): "
-                               f"{path.parent if path else 'disabled'}")
-    (out_dir / "summary.md").write_text(summary_markdown(sweeps, settings, plots, gap, matched, reference,
-                                                         wandb_notes) + comparison_markdown(compared)
-                                       + transfer_markdown(transfer))
+            wandb_notes.append(
+                f"W&B summary run for sweep {sweep!r} ({wandb_mode}): {path.parent if path else 'disabled'}"
+            )
+    (out_dir / "summary.md").write_text(
+        summary_markdown(sweeps, settings, plots, gap, matched, reference, wandb_notes)
+        + comparison_markdown(compared)
+        + transfer_markdown(transfer)
+    )
     page = out_dir / "index.html"
-    page.write_text(render_html(sweeps, settings, plots, gap, matched, reference, wandb_notes)
-                    .replace("</body></html>", comparison_html(compared) + transfer_html(transfer) + "</body></html>"))
+    page.write_text(
+        render_html(sweeps, settings, plots, gap, matched, reference, wandb_notes).replace(
+            "</body></html>", comparison_html(compared) + transfer_html(transfer) + "</body></html>"
+        )
+    )
     return page
 
 
-COMPARISON_COLUMNS = ["task", "scorer", "model", "params", "axis", "a", "b", "n_a", "n_b", "diff", "low", "high",
-                      "resolved"]
-COMPARISON_NOTE = ("A − B in accuracy points with a 95% interval from a bootstrap over seeds and problems (paired: "
-                   "the same held-out problems); settings at one parameter count that differ in one axis "
-                   "(analysis/compare.py). Unresolved: the interval holds 0.")
+COMPARISON_COLUMNS = [
+    "task",
+    "scorer",
+    "model",
+    "params",
+    "axis",
+    "a",
+    "b",
+    "n_a",
+    "n_b",
+    "diff",
+    "low",
+    "high",
+    "resolved",
+]
+COMPARISON_NOTE = (
+    "A − B in accuracy points with a 95% interval from a bootstrap over seeds and problems (paired: "
+    "the same held-out problems); settings at one parameter count that differ in one axis "
+    "(analysis/compare.py). Unresolved: the interval holds 0."
+)
 
 
 def comparison_table(compared: list) -> tuple:
     header = ["task", "model", "params", "axis", "A − B", "difference (points)", "95% interval", "seeds", "resolved"]
-    body = [[c["task"], c["model"], f"{c['params']:,}", c["axis"], f"{c['a']} − {c['b']}", f"{c['diff']:+.1f}",
-             f"[{c['low']:+.1f}, {c['high']:+.1f}]", f"{c['n_a']} / {c['n_b']}",
-             "yes" if c["resolved"] else "unresolved"] for c in compared]
+    body = [
+        [
+            c["task"],
+            c["model"],
+            f"{c['params']:,}",
+            c["axis"],
+            f"{c['a']} − {c['b']}",
+            f"{c['diff']:+.1f}",
+            f"[{c['low']:+.1f}, {c['high']:+.1f}]",
+            f"{c['n_a']} / {c['n_b']}",
+            "yes" if c["resolved"] else "unresolved",
+        ]
+        for c in compared
+    ]
     return header, body
 
 
@@ -106,8 +176,9 @@ def comparison_markdown(compared: list) -> str:
 def comparison_html(compared: list) -> str:
     if not compared:
         return ""
-    return (f"<h2>Comparisons</h2><p class='small'>{html.escape(COMPARISON_NOTE)}</p>"
-            + _html_table(*comparison_table(compared)))
+    return f"<h2>Comparisons</h2><p class='small'>{html.escape(COMPARISON_NOTE)}</p>" + _html_table(
+        *comparison_table(compared)
+    )
 
 
 def transfer_report(rows: list, out_dir: Path) -> Optional[dict]:
@@ -122,11 +193,13 @@ def transfer_report(rows: list, out_dir: Path) -> Optional[dict]:
     return {"matrices": matrices, "curves": curves}
 
 
-TRANSFER_NOTE = ("Change of accuracy against the base model, in points, on each evaluation task (columns) for the "
-                 "cells trained on each task (rows), one matrix per model, algorithm and adapter (lora+nf4 is QLoRA), "
-                 "all budgets and seeds together; [95% interval] is a "
-                 "t-interval over the cells, or for a single cell the binomial interval of its change; n = cells. "
-                 "Per cell: transfer.csv.")
+TRANSFER_NOTE = (
+    "Change of accuracy against the base model, in points, on each evaluation task (columns) for the "
+    "cells trained on each task (rows), one matrix per model, algorithm and adapter (lora+nf4 is QLoRA), "
+    "all budgets and seeds together; [95% interval] is a "
+    "t-interval over the cells, or for a single cell the binomial interval of its change; n = cells. "
+    "Per cell: transfer.csv."
+)
 
 
 def transfer_markdown(transfer: Optional[dict]) -> str:
@@ -137,8 +210,11 @@ def transfer_markdown(transfer: Optional[dict]) -> str:
         out += [f"### {m['model']}, {m['algo']}, {m['adapter']}", "", _md_table(*matrix_table(m)), ""]
         if m["file"]:
             out += [f"`{m['file']}`", ""]
-    out += [f"- Accuracy on each evaluation task vs trainable parameters, {model}: `{f}`"
-            for model, f in transfer["curves"].items() if f] + [""]
+    out += [
+        f"- Accuracy on each evaluation task vs trainable parameters, {model}: `{f}`"
+        for model, f in transfer["curves"].items()
+        if f
+    ] + [""]
     return "\n".join(out)
 
 
@@ -153,8 +229,10 @@ def transfer_html(transfer: Optional[dict]) -> str:
             parts.append(f"<figure><img src='{e(m['file'])}' alt='transfer matrix'></figure>")
     for model, f in transfer["curves"].items():
         if f:
-            parts.append(f"<figure><h3>Accuracy on each evaluation task vs trainable parameters, {e(model)}</h3>"
-                         f"<img src='{e(f)}' alt='per-task curves'></figure>")
+            parts.append(
+                f"<figure><h3>Accuracy on each evaluation task vs trainable parameters, {e(model)}</h3>"
+                f"<img src='{e(f)}' alt='per-task curves'></figure>"
+            )
     return "\n".join(parts)
 
 
@@ -222,14 +300,48 @@ def _natural(value: str) -> tuple:
 
 def setting_table(settings: list) -> tuple:
     """(header, rows) of the per-setting table, accuracies in %."""
-    header = ["task", "scorer", "model", "algo", "kind", "r", "u", "tie", "sharing", "precision", "params",
-              "bytes", "bits/param", "accuracy % (±95% CI)", "seeds", "base %", "GPU-h"]
+    header = [
+        "task",
+        "scorer",
+        "model",
+        "algo",
+        "kind",
+        "r",
+        "u",
+        "tie",
+        "sharing",
+        "precision",
+        "params",
+        "bytes",
+        "bits/param",
+        "accuracy % (±95% CI)",
+        "seeds",
+        "base %",
+        "GPU-h",
+    ]
     body = []
     for s in settings:
-        body.append([s["task"], s["scorer"], s["model"], s["algo"], s["kind"], _opt(s["r"]), _opt(s["u"]),
-                     _opt(s["tie"]), _opt(s["sharing"]), _opt(s["precision"]), f"{s['trainable_params']:,}",
-                     f"{s['trainable_bytes']:,}", "" if s["bits_per_param"] is None else f"{s['bits_per_param']:g}",
-                     _acc_ci(s), str(s["n_seeds"]), _pct(s["base_accuracy"]), f"{s['gpu_hours']:.3g}"])
+        body.append(
+            [
+                s["task"],
+                s["scorer"],
+                s["model"],
+                s["algo"],
+                s["kind"],
+                _opt(s["r"]),
+                _opt(s["u"]),
+                _opt(s["tie"]),
+                _opt(s["sharing"]),
+                _opt(s["precision"]),
+                f"{s['trainable_params']:,}",
+                f"{s['trainable_bytes']:,}",
+                "" if s["bits_per_param"] is None else f"{s['bits_per_param']:g}",
+                _acc_ci(s),
+                str(s["n_seeds"]),
+                _pct(s["base_accuracy"]),
+                f"{s['gpu_hours']:.3g}",
+            ]
+        )
     return header, body
 
 
@@ -241,8 +353,7 @@ def gap_table(gap: list) -> tuple:
         if g["how"].startswith("at or below"):
             need = "≤ " + need
         ratio = "not reached" if g["ratio"] is None else f"{g['ratio']:.3g}×"
-        how = g["how"] if g["params_sft"] is not None else \
-            f"SFT's best is {_pct(g['sft_max_accuracy'])}%"
+        how = g["how"] if g["params_sft"] is not None else f"SFT's best is {_pct(g['sft_max_accuracy'])}%"
         body.append([g["task"], g["scorer"], g["model"], f"{g['params_rl']:,}", _pct(g["accuracy"]), need, ratio, how])
     return header, body
 
@@ -273,31 +384,60 @@ def _md_table(header: list, body: list) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(sweeps: Sweeps, settings: list, plots: list, gap: list, matched: list, reference: bool,
-                     wandb_notes: list) -> str:
+def summary_markdown(
+    sweeps: Sweeps, settings: list, plots: list, gap: list, matched: list, reference: bool, wandb_notes: list
+) -> str:
     counts = sweeps.counts()
-    out = ["# tinyablate analysis", "",
-           f"Sources: {', '.join(f'`{d}`' for d in sweeps.dirs)} — generated {time.strftime('%Y-%m-%d %H:%M')}", "",
-           "Cells: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in
-                                 ("completed", "failed", "running", "interrupted", "pending", "unreadable")), "",
-           "## Accuracy per setting (seeds aggregated: mean ± half-width of the 95% t-interval)", "",
-           _md_table(*setting_table(settings)), "",
-           "Per-cell numbers: `summary.csv`; per-setting numbers with interval bounds: `summary_groups.csv`.", ""]
+    out = [
+        "# tinyablate analysis",
+        "",
+        f"Sources: {', '.join(f'`{d}`' for d in sweeps.dirs)} — generated {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        "Cells: "
+        + ", ".join(
+            f"{counts.get(k, 0)} {k}"
+            for k in ("completed", "failed", "running", "interrupted", "pending", "unreadable")
+        ),
+        "",
+        "## Accuracy per setting (seeds aggregated: mean ± half-width of the 95% t-interval)",
+        "",
+        _md_table(*setting_table(settings)),
+        "",
+        "Per-cell numbers: `summary.csv`; per-setting numbers with interval bounds: `summary_groups.csv`.",
+        "",
+    ]
     tables = gpu_hours_tables(sweeps)
-    out += ["## GPU-hours", "", "Per sweep:", "",
-            _md_table(["sweep", "cells", "GPU-hours", "wall-hours"],
-                      [[v, n, f"{g:.3g}", f"{w:.3g}"] for v, n, g, w in tables["sweep"]]), "",
-            "Per axis value (completed cells):", "",
-            _md_table(["axis", "value", "cells", "GPU-hours", "wall-hours"],
-                      [[axis, v, n, f"{g:.3g}", f"{w:.3g}"] for axis in AXES for v, n, g, w in tables[axis]]), ""]
+    out += [
+        "## GPU-hours",
+        "",
+        "Per sweep:",
+        "",
+        _md_table(
+            ["sweep", "cells", "GPU-hours", "wall-hours"],
+            [[v, n, f"{g:.3g}", f"{w:.3g}"] for v, n, g, w in tables["sweep"]],
+        ),
+        "",
+        "Per axis value (completed cells):",
+        "",
+        _md_table(
+            ["axis", "value", "cells", "GPU-hours", "wall-hours"],
+            [[axis, v, n, f"{g:.3g}", f"{w:.3g}"] for axis in AXES for v, n, g, w in tables[axis]],
+        ),
+        "",
+    ]
     failed_wall = sum(s.wall_s or 0 for s in sweeps.skipped if s.state == "failed")
     if failed_wall:
         out += [f"Failed cells ran {failed_wall / 3600:.3g} wall-hours in addition.", ""]
     if gap:
-        out += ["## RL vs SFT: parameters SFT needs to reach each GRPO accuracy", "",
-                "SFT's curve (best setting per parameter count, seeds averaged) is interpolated linearly in accuracy "
-                "on the log-parameter axis; 'not reached' means no SFT cell gets there.", "",
-                _md_table(*gap_table(gap)), ""]
+        out += [
+            "## RL vs SFT: parameters SFT needs to reach each GRPO accuracy",
+            "",
+            "SFT's curve (best setting per parameter count, seeds averaged) is interpolated linearly in accuracy "
+            "on the log-parameter axis; 'not reached' means no SFT cell gets there.",
+            "",
+            _md_table(*gap_table(gap)),
+            "",
+        ]
     if matched:
         out += ["## Qwen vs Llama at matched parameter counts", "", _md_table(*matched_table(matched)), ""]
     out += ["## Plots", ""]
@@ -305,12 +445,19 @@ def summary_markdown(sweeps: Sweeps, settings: list, plots: list, gap: list, mat
         where = f"`{p.file}`" if p.file else f"skipped: {p.skipped}"
         out.append(f"- {p.title} — {p.task}/{p.scorer}: {where}")
     if reference and not any(t == PAPER_TASK for t, _ in task_groups(sweeps.rows)):
-        out.append(f"- The TinyLoRA paper's reference points are for {PAPER_TASK} only: not drawn (no {PAPER_TASK} cells).")
+        out.append(
+            f"- The TinyLoRA paper's reference points are for {PAPER_TASK} only: not drawn (no {PAPER_TASK} cells)."
+        )
     out.append("")
     if sweeps.skipped:
-        out += ["## Cells without a result", "",
-                _md_table(["state", "sweep", "cell", "reason"],
-                          [[s.state, s.sweep, s.cell_id, s.reason] for s in sweeps.skipped]), ""]
+        out += [
+            "## Cells without a result",
+            "",
+            _md_table(
+                ["state", "sweep", "cell", "reason"], [[s.state, s.sweep, s.cell_id, s.reason] for s in sweeps.skipped]
+            ),
+            "",
+        ]
     out += [n for n in wandb_notes] + ([""] if wandb_notes else [])
     return "\n".join(out)
 
@@ -334,25 +481,36 @@ def _html_table(header: list, body: list) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def render_html(sweeps: Sweeps, settings: list, plots: list, gap: list, matched: list, reference: bool,
-                wandb_notes: list) -> str:
+def render_html(
+    sweeps: Sweeps, settings: list, plots: list, gap: list, matched: list, reference: bool, wandb_notes: list
+) -> str:
     e = html.escape
     counts = sweeps.counts()
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>tinyablate analysis</title>",
-             f"<style>{CSS}</style></head><body>",
-             "<h1>tinyablate analysis</h1>",
-             f"<p class='small'>Sources: {e(', '.join(map(str, sweeps.dirs)))} — generated "
-             f"{e(time.strftime('%Y-%m-%d %H:%M'))}. Files: <a href='summary.csv'>summary.csv</a> (per cell), "
-             "<a href='summary_groups.csv'>summary_groups.csv</a> (per setting), <a href='summary.md'>summary.md</a>.</p>",
-             "<p class='counts'>" + "".join(f"<span><b>{counts.get(k, 0)}</b> {k}</span>" for k in
-                                            ("completed", "failed", "running", "interrupted", "pending", "unreadable")) + "</p>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>tinyablate analysis</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>tinyablate analysis</h1>",
+        f"<p class='small'>Sources: {e(', '.join(map(str, sweeps.dirs)))} — generated "
+        f"{e(time.strftime('%Y-%m-%d %H:%M'))}. Files: <a href='summary.csv'>summary.csv</a> (per cell), "
+        "<a href='summary_groups.csv'>summary_groups.csv</a> (per setting), <a href='summary.md'>summary.md</a>.</p>",
+        "<p class='counts'>"
+        + "".join(
+            f"<span><b>{counts.get(k, 0)}</b> {k}</span>"
+            for k in ("completed", "failed", "running", "interrupted", "pending", "unreadable")
+        )
+        + "</p>",
+    ]
     n_skipped = len(sweeps.skipped)
     if n_skipped:
-        parts.append(f"<p class='note'>{n_skipped} cell folder(s) have no usable result and are left out of every "
-                     "plot and table: see <a href='#skipped'>cells without a result</a>.</p>")
+        parts.append(
+            f"<p class='note'>{n_skipped} cell folder(s) have no usable result and are left out of every "
+            "plot and table: see <a href='#skipped'>cells without a result</a>.</p>"
+        )
     if reference and not any(t == PAPER_TASK for t, _ in task_groups(sweeps.rows)):
-        parts.append(f"<p class='note'>The TinyLoRA paper's Qwen2.5-7B-Instruct points are GSM8K results and are "
-                     f"drawn only on {PAPER_TASK} panels; these sweeps have no {PAPER_TASK} cells.</p>")
+        parts.append(
+            f"<p class='note'>The TinyLoRA paper's Qwen2.5-7B-Instruct points are GSM8K results and are "
+            f"drawn only on {PAPER_TASK} panels; these sweeps have no {PAPER_TASK} cells.</p>"
+        )
     groups = defaultdict(list)
     for p in plots:
         groups[(p.task, p.scorer)].append(p)
@@ -360,8 +518,10 @@ def render_html(sweeps: Sweeps, settings: list, plots: list, gap: list, matched:
         parts.append(f"<h2>Task {e(task)} — scorer {e(scorer)}</h2>")
         for p in mine:
             if p.file:
-                parts.append(f"<figure><h3>{e(p.title)}</h3><img src='{e(p.file)}' alt='{e(p.title)}'>"
-                             f"<figcaption>{e(p.caption)}</figcaption></figure>")
+                parts.append(
+                    f"<figure><h3>{e(p.title)}</h3><img src='{e(p.file)}' alt='{e(p.title)}'>"
+                    f"<figcaption>{e(p.caption)}</figcaption></figure>"
+                )
             else:
                 parts.append(f"<p class='note'><b>{e(p.title)}</b>: not drawn — {e(p.skipped)}.</p>")
             if p.key == "rl_sft" and p.file:
@@ -370,19 +530,32 @@ def render_html(sweeps: Sweeps, settings: list, plots: list, gap: list, matched:
             if p.key == "family" and p.file:
                 rows = [m for m in matched if (m["task"], m["scorer"]) == (task, scorer)]
                 parts.append(_html_table(*matched_table(rows)))
-    parts += ["<h2>Accuracy per setting</h2>",
-              "<p class='small'>Seeds aggregated: mean ± half-width of the 95% t-interval (a single seed has no "
-              "interval). Accuracies in %.</p>", _html_table(*setting_table(settings))]
+    parts += [
+        "<h2>Accuracy per setting</h2>",
+        "<p class='small'>Seeds aggregated: mean ± half-width of the 95% t-interval (a single seed has no "
+        "interval). Accuracies in %.</p>",
+        _html_table(*setting_table(settings)),
+    ]
     tables = gpu_hours_tables(sweeps)
-    parts += ["<h2>GPU-hours</h2>",
-              _html_table(["sweep", "cells", "GPU-hours", "wall-hours"],
-                          [[v, n, f"{g:.3g}", f"{w:.3g}"] for v, n, g, w in tables["sweep"]]),
-              _html_table(["axis", "value", "cells", "GPU-hours", "wall-hours"],
-                          [[a, v, n, f"{g:.3g}", f"{w:.3g}"] for a in AXES for v, n, g, w in tables[a]])]
+    parts += [
+        "<h2>GPU-hours</h2>",
+        _html_table(
+            ["sweep", "cells", "GPU-hours", "wall-hours"],
+            [[v, n, f"{g:.3g}", f"{w:.3g}"] for v, n, g, w in tables["sweep"]],
+        ),
+        _html_table(
+            ["axis", "value", "cells", "GPU-hours", "wall-hours"],
+            [[a, v, n, f"{g:.3g}", f"{w:.3g}"] for a in AXES for v, n, g, w in tables[a]],
+        ),
+    ]
     if sweeps.skipped:
-        parts += ["<h2 id='skipped'>Cells without a result</h2>",
-                  _html_table(["state", "sweep", "cell", "reason", "folder"],
-                              [[s.state, s.sweep, s.cell_id, s.reason, str(s.path)] for s in sweeps.skipped])]
+        parts += [
+            "<h2 id='skipped'>Cells without a result</h2>",
+            _html_table(
+                ["state", "sweep", "cell", "reason", "folder"],
+                [[s.state, s.sweep, s.cell_id, s.reason, str(s.path)] for s in sweeps.skipped],
+            ),
+        ]
     for n in wandb_notes:
         parts.append(f"<p class='small'>{e(n)}</p>")
     parts.append("</body></html>")

@@ -23,8 +23,23 @@ from .data import mean_ci
 from .plots import _fmt_count, _new_figure, _save, slug
 
 KIND_MARKERS = {"tinylora": "o", "lora_xs": "^", "lora": "s"}  # hollow markers: a quantized base
-TRANSFER_COLUMNS = ["cell_id", "sweep", "model", "algo", "kind", "quantization", "trainable_params", "seed",
-                    "train_task", "eval_task", "scorer", "accuracy", "base_accuracy", "delta", "n_eval"]
+TRANSFER_COLUMNS = [
+    "cell_id",
+    "sweep",
+    "model",
+    "algo",
+    "kind",
+    "quantization",
+    "trainable_params",
+    "seed",
+    "train_task",
+    "eval_task",
+    "scorer",
+    "accuracy",
+    "base_accuracy",
+    "delta",
+    "n_eval",
+]
 
 
 def transfer_rows(rows: list) -> list:
@@ -32,11 +47,25 @@ def transfer_rows(rows: list) -> list:
     out = []
     for row in rows:
         for eval_task, m in (row.get("tasks") or {}).items():
-            out.append({"cell_id": row["cell_id"], "sweep": row["sweep"], "model": row["model"], "algo": row["algo"],
-                        "kind": row["kind"], "quantization": row.get("quantization") or "none",
-                        "trainable_params": row["trainable_params"], "seed": row["seed"], "train_task": row["task"],
-                        "eval_task": eval_task, "scorer": m.get("scorer"), "accuracy": m.get("accuracy"),
-                        "base_accuracy": m.get("base_accuracy"), "delta": m.get("delta"), "n_eval": m.get("n_eval")})
+            out.append(
+                {
+                    "cell_id": row["cell_id"],
+                    "sweep": row["sweep"],
+                    "model": row["model"],
+                    "algo": row["algo"],
+                    "kind": row["kind"],
+                    "quantization": row.get("quantization") or "none",
+                    "trainable_params": row["trainable_params"],
+                    "seed": row["seed"],
+                    "train_task": row["task"],
+                    "eval_task": eval_task,
+                    "scorer": m.get("scorer"),
+                    "accuracy": m.get("accuracy"),
+                    "base_accuracy": m.get("base_accuracy"),
+                    "delta": m.get("delta"),
+                    "n_eval": m.get("n_eval"),
+                }
+            )
     return out
 
 
@@ -77,10 +106,24 @@ def transfer_matrix(rows: list) -> list:
         for key, cells in entries.items():
             mean, lo, hi, how = delta_interval(cells)
             bases = [c["base_accuracy"] for c in cells if c["base_accuracy"] is not None]
-            matrix[key] = {"mean": mean, "low": lo, "high": hi, "how": how, "n_cells": len(cells),
-                           "base": sum(bases) / len(bases) if bases else None}
-        out.append({"model": model, "algo": algo, "adapter": adapter, "entries": matrix,
-                    "train_tasks": sorted({k[0] for k in matrix}), "eval_tasks": sorted({k[1] for k in matrix})})
+            matrix[key] = {
+                "mean": mean,
+                "low": lo,
+                "high": hi,
+                "how": how,
+                "n_cells": len(cells),
+                "base": sum(bases) / len(bases) if bases else None,
+            }
+        out.append(
+            {
+                "model": model,
+                "algo": algo,
+                "adapter": adapter,
+                "entries": matrix,
+                "train_tasks": sorted({k[0] for k in matrix}),
+                "eval_tasks": sorted({k[1] for k in matrix}),
+            }
+        )
     return out
 
 
@@ -120,8 +163,15 @@ def plot_transfer(m: dict, out_dir: Path) -> Optional[str]:
             entry = m["entries"].get((t, e))
             if entry is not None:
                 dark = entry["mean"] is not None and abs(100 * entry["mean"]) > 0.6 * scale
-                ax.text(j, i, _fmt_entry(entry).replace(" [", "\n["), ha="center", va="center", fontsize=8,
-                        color="white" if dark else "black")
+                ax.text(
+                    j,
+                    i,
+                    _fmt_entry(entry).replace(" [", "\n["),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark else "black",
+                )
     ax.set_xticks(range(len(m["eval_tasks"])), m["eval_tasks"])
     ax.set_yticks(range(len(m["train_tasks"])), m["train_tasks"])
     ax.set_xlabel("evaluated on")
@@ -139,7 +189,9 @@ def plot_task_curves(rows: list, model: str, out_dir: Path) -> Optional[str]:
     if not eval_tasks:
         return None
     fig, axes = _new_figure(4.6 * len(eval_tasks), 4.4, ncols=len(eval_tasks))
-    colors = dict(zip(sorted({t["train_task"] for t in mine}), ["#1f5fa8", "#d1495b", "#2e8b57", "#f08a24", "#6f42c1"] * 3))
+    colors = dict(
+        zip(sorted({t["train_task"] for t in mine}), ["#1f5fa8", "#d1495b", "#2e8b57", "#f08a24", "#6f42c1"] * 3)
+    )
     for ax, ev in zip(axes[0], eval_tasks):
         series = defaultdict(lambda: defaultdict(list))
         for t in mine:
@@ -149,9 +201,15 @@ def plot_task_curves(rows: list, model: str, out_dir: Path) -> Optional[str]:
         for (train, algo, kind, quant), points in sorted(series.items()):
             xs = sorted(points)
             ys = [100 * sum(points[x]) / len(points[x]) for x in xs]
-            ax.plot(xs, ys, ls="-" if algo == "grpo" else "--", marker=KIND_MARKERS.get(kind, "D"), color=colors[train],
-                    markerfacecolor="white" if quant != "none" else colors[train],
-                    label=f"trained on {train}, {algo}, {kind}" + ("" if quant == "none" else f" ({quant} base)"))
+            ax.plot(
+                xs,
+                ys,
+                ls="-" if algo == "grpo" else "--",
+                marker=KIND_MARKERS.get(kind, "D"),
+                color=colors[train],
+                markerfacecolor="white" if quant != "none" else colors[train],
+                label=f"trained on {train}, {algo}, {kind}" + ("" if quant == "none" else f" ({quant} base)"),
+            )
         bases = [t["base_accuracy"] for t in mine if t["eval_task"] == ev and t["base_accuracy"] is not None]
         if bases:
             ax.axhline(100 * sum(bases) / len(bases), color="0.35", ls=":", label="base")

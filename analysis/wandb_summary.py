@@ -38,8 +38,9 @@ def _cell(column: str, value):
     return str(value) if column in _STRING_COLUMNS else value
 
 
-def log_wandb_summary(rows: list, sweep: str, mode: str, out_dir: Path, *, project: str = PROJECT,
-                      entity: Optional[str] = None) -> Optional[Path]:
+def log_wandb_summary(
+    rows: list, sweep: str, mode: str, out_dir: Path, *, project: str = PROJECT, entity: Optional[str] = None
+) -> Optional[Path]:
     """Log the sweep's summary run; returns its `.wandb` file (None in disabled mode).
 
     Logged: `cells` (a wandb.Table of every completed cell, CSV columns plus `line` =
@@ -58,10 +59,21 @@ def log_wandb_summary(rows: list, sweep: str, mode: str, out_dir: Path, *, proje
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = sorted({(r["task"], r["scorer"]) for r in rows})
     run = wandb.init(
-        project=project, entity=entity, group=sweep, job_type=JOB_TYPE, name=f"{sweep}-analysis",
-        mode=mode, dir=str(out_dir), reinit="create_new",
-        config={"sweep": sweep, "n_cells": len(rows), "tasks": [f"{t}/{s}" for t, s in tasks],
-                "families": sorted({r["family"] for r in rows}), "algos": sorted({r["algo"] for r in rows})},
+        project=project,
+        entity=entity,
+        group=sweep,
+        job_type=JOB_TYPE,
+        name=f"{sweep}-analysis",
+        mode=mode,
+        dir=str(out_dir),
+        reinit="create_new",
+        config={
+            "sweep": sweep,
+            "n_cells": len(rows),
+            "tasks": [f"{t}/{s}" for t, s in tasks],
+            "families": sorted({r["family"] for r in rows}),
+            "algos": sorted({r["algo"] for r in rows}),
+        },
         settings=wandb.Settings(console="off", silent=True, disable_code=True),
     )
     sync_file = getattr(run.settings, "sync_file", None)
@@ -69,8 +81,10 @@ def log_wandb_summary(rows: list, sweep: str, mode: str, out_dir: Path, *, proje
         columns = table_columns()
         data = []
         for r in rows:
-            extra = [f"{r['family']} · {r['algo']}",
-                     math.log10(r["trainable_params"]) if r["trainable_params"] > 0 else None]
+            extra = [
+                f"{r['family']} · {r['algo']}",
+                math.log10(r["trainable_params"]) if r["trainable_params"] > 0 else None,
+            ]
             data.append([_cell(c, r.get(c)) for c in CSV_COLUMNS] + extra)
         cells = wandb.Table(columns=columns, data=data)
         log = {"cells": cells}
@@ -96,22 +110,38 @@ def log_wandb_summary(rows: list, sweep: str, mode: str, out_dir: Path, *, proje
                 summary[f"best/{prefix}/{label}"] = max(g["accuracy_mean"] for g in pts)
             if keys:
                 log[f"{prefix}/acc_vs_params"] = wandb.plot.line_series(
-                    xs=xs, ys=ys, keys=keys, xname="log10(trainable params)",
-                    title=f"{prefix}: mean accuracy vs trainable parameters (family · model · algo)")
+                    xs=xs,
+                    ys=ys,
+                    keys=keys,
+                    xname="log10(trainable params)",
+                    title=f"{prefix}: mean accuracy vs trainable parameters (family · model · algo)",
+                )
             split = defaultdict(list)
             for r in mine:
                 if r["trainable_params"] > 0:
                     split[(r["family"], r["algo"])].append(r)
             for (family, algo), cells_ in sorted(split.items()):
-                table = wandb.Table(columns=["log10_params", "accuracy", "trainable_params", "model", "seed",
-                                             "cell_id"],
-                                    data=[[math.log10(r["trainable_params"]), r["accuracy"], r["trainable_params"],
-                                           r["model"], r["seed"], r["cell_id"]] for r in cells_])
+                table = wandb.Table(
+                    columns=["log10_params", "accuracy", "trainable_params", "model", "seed", "cell_id"],
+                    data=[
+                        [
+                            math.log10(r["trainable_params"]),
+                            r["accuracy"],
+                            r["trainable_params"],
+                            r["model"],
+                            r["seed"],
+                            r["cell_id"],
+                        ]
+                        for r in cells_
+                    ],
+                )
                 log[f"{prefix}/scatter/{family}-{algo}"] = wandb.plot.scatter(
-                    table, "log10_params", "accuracy", title=f"{prefix}: {family} · {algo} accuracy per cell")
+                    table, "log10_params", "accuracy", title=f"{prefix}: {family} · {algo} accuracy per cell"
+                )
         if has_cross_task(rows):  # cells evaluated on other tasks (eval.tasks): one row per cell and task
-            log["transfer"] = wandb.Table(columns=TRANSFER_COLUMNS,
-                                          data=[[_cell(c, t[c]) for c in TRANSFER_COLUMNS] for t in transfer_rows(rows)])
+            log["transfer"] = wandb.Table(
+                columns=TRANSFER_COLUMNS, data=[[_cell(c, t[c]) for c in TRANSFER_COLUMNS] for t in transfer_rows(rows)]
+            )
         run.log(log)
         run.summary.update(summary)
     except BaseException:

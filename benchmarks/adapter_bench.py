@@ -31,10 +31,12 @@ from tinyablate.config import AdapterConfig, SVDConfig  # noqa: E402
 
 SHAPES = {
     # Qwen2.5-7B-Instruct's config.json (hidden, intermediate, heads, kv heads, vocab)
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064),
-    "small": dict(hidden_size=256, intermediate_size=704, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=2048),
+    "qwen2.5-7b": dict(
+        hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064
+    ),
+    "small": dict(
+        hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2, vocab_size=2048
+    ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -42,8 +44,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def build_base(args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(**SHAPES[args.shape], num_hidden_layers=args.layers, max_position_embeddings=4096,
-                      tie_word_embeddings=False, use_cache=True)
+    cfg = Qwen2Config(
+        **SHAPES[args.shape],
+        num_hidden_layers=args.layers,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        use_cache=True,
+    )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -75,8 +82,9 @@ def timed(fn, device, warmup, iters):
 
 # -- init ------------------------------------------------------------------------------------
 def ours_config(args, cache_dir, forward="fused"):
-    return AdapterConfig(kind="tinylora", r=args.r, u=args.u, tie=args.tie, forward=forward,
-                         svd=SVDConfig(cache_dir=cache_dir))
+    return AdapterConfig(
+        kind="tinylora", r=args.r, u=args.u, tie=args.tie, forward=forward, svd=SVDConfig(cache_dir=cache_dir)
+    )
 
 
 def peft_config(args):
@@ -136,13 +144,17 @@ def bench_steps(base, args, cache_dir, ids):
     for forward in ("fused", "unmerged"):
         model = copy.deepcopy(base)
         adapter = apply_adapter(model, ours_config(args, cache_dir, forward), f"bench:{args.shape}")
-        res[f"ours_{forward}"] = timed(step_fn(model, adapter.trainable_parameters(), ids), args.device, args.warmup, args.iters)
+        res[f"ours_{forward}"] = timed(
+            step_fn(model, adapter.trainable_parameters(), ids), args.device, args.warmup, args.iters
+        )
         del model, adapter
     if not args.no_peft:
         from peft import LoraConfig, get_peft_model
 
-        for label, pcfg in (("peft_tinylora", peft_config(args)),
-                            ("peft_lora_r1", LoraConfig(r=1, lora_alpha=1, target_modules=TARGETS))):
+        for label, pcfg in (
+            ("peft_tinylora", peft_config(args)),
+            ("peft_lora_r1", LoraConfig(r=1, lora_alpha=1, target_modules=TARGETS)),
+        ):
             model = get_peft_model(copy.deepcopy(base), pcfg)
             params = [p for p in model.parameters() if p.requires_grad]
             res[label] = timed(step_fn(model, params, ids), args.device, args.warmup, args.iters)
@@ -154,8 +166,15 @@ def bench_steps(base, args, cache_dir, ids):
 def gen_fn(model, prompt, new_tokens):
     def run():
         with torch.no_grad():
-            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+            model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+            )
+
     return run
 
 
@@ -231,9 +250,15 @@ def main(argv=None):
         steps = {} if args.only else bench_steps(base, args, cache_dir, ids)
         gen_tps = {} if args.only else bench_generate(base, args, cache_dir, prompt)
     device_name = torch.cuda.get_device_name() if gpu else "cpu"
-    report = {"device": device_name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-              "args": {k: (str(v) if k == "dtype" else v) for k, v in vars(args).items()},
-              "init_ms_per_module": init, "step_ms": steps, "generate_tokens_per_s": gen_tps}
+    report = {
+        "device": device_name,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "args": {k: (str(v) if k == "dtype" else v) for k, v in vars(args).items()},
+        "init_ms_per_module": init,
+        "step_ms": steps,
+        "generate_tokens_per_s": gen_tps,
+    }
     print_table(report)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -242,8 +267,10 @@ def main(argv=None):
 def print_table(rep):
     a = rep["args"]
     print(f"\n## adapter_bench: {rep['device']}, {rep['date']}, torch {rep['torch']}")
-    print(f"shape {a['shape']} x {a['layers']} layers, r={a['r']} u={a['u']} tie={a['tie']}, "
-          f"step batch {a['batch']}x{a['seq']}, generate batch {a['gen_batch']} x {a['gen_tokens']} new tokens\n")
+    print(
+        f"shape {a['shape']} x {a['layers']} layers, r={a['r']} u={a['u']} tie={a['tie']}, "
+        f"step batch {a['batch']}x{a['seq']}, generate batch {a['gen_batch']} x {a['gen_tokens']} new tokens\n"
+    )
     print("| measure | value | ratio |\n|---|---|---|")
     for k, v in rep["init_ms_per_module"].items():
         print(f"| init {k} | {v:.2f} ms/module | |")

@@ -29,8 +29,14 @@ QWEN7B = SHAPES["qwen2.5-7b"]
 def component_fit() -> cost.DeviceThroughput:
     """Decode from issue 10's HF generate per-step time, training from adapter_bench's H100 step."""
     m = copy.deepcopy(cost.load_table().data["devices"]["h200"])
-    m["decode"] = {"model": "qwen2.5-7b", "layers": 28, "batch": 256, "prompt_tokens": 128, "new_tokens": 256,
-                   "seconds": 0.0274 * 256}
+    m["decode"] = {
+        "model": "qwen2.5-7b",
+        "layers": 28,
+        "batch": 256,
+        "prompt_tokens": 128,
+        "new_tokens": 256,
+        "seconds": 0.0274 * 256,
+    }
     m["train"] = cost.load_table().data["devices"]["h100"]["train"]
     return cost.derive("components", m)
 

@@ -33,12 +33,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinyablate import kernels  # noqa: E402
-from tinyablate.engine.sampler import exponential_race  # noqa: E402
 from tinyablate.engine.attention import decode_attention  # noqa: E402
+from tinyablate.engine.sampler import exponential_race  # noqa: E402
 
 # Qwen2.5-7B: (out features, in features) of each packed decode matmul
-GEMMS = {"qkv": (4608, 3584), "o_proj": (3584, 3584), "gate_up": (37888, 3584), "down_proj": (3584, 18944),
-         "lm_head": (152064, 3584)}
+GEMMS = {
+    "qkv": (4608, 3584),
+    "o_proj": (3584, 3584),
+    "gate_up": (37888, 3584),
+    "down_proj": (3584, 18944),
+    "lm_head": (152064, 3584),
+}
 KV_HEADS, GROUPS, DIM, GENERATIONS = 4, 7, 128, 4
 
 
@@ -46,11 +51,15 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", default="attention,sampling,gemm", help="comma list of attention,sampling,gemm")
     p.add_argument("--rows", default="256", help="comma list of decode batch sizes")
-    p.add_argument("--contexts", default="128:256,128:384,200:400",
-                   help="comma list of prompt:keys-used pairs for the attention")
-    p.add_argument("--attention-sweep", default="slices", choices=["slices", "full"],
-                   help="slices: grouping x key slices at the default launch settings; full: also keys per "
-                        "block x warps x stages")
+    p.add_argument(
+        "--contexts", default="128:256,128:384,200:400", help="comma list of prompt:keys-used pairs for the attention"
+    )
+    p.add_argument(
+        "--attention-sweep",
+        default="slices",
+        choices=["slices", "full"],
+        help="slices: grouping x key slices at the default launch settings; full: also keys per block x warps x stages",
+    )
     return p.parse_args(argv)
 
 
@@ -86,12 +95,15 @@ def attention(rows: int, prompt: int, used: int, full: bool) -> None:
     slot = torch.tensor([used - 1], device="cuda")
     src = torch.arange(rows, device="cuda") // GENERATIONS * GENERATIONS
     prompt_end = torch.tensor([prompt], device="cuda")
-    ref = decode_attention(q, k, v, start, slot, DIM ** -0.5, 1, src, prompt_end)
+    ref = decode_attention(q, k, v, start, slot, DIM**-0.5, 1, src, prompt_end)
     row_bytes = KV_HEADS * DIM * 2 * 2  # a key and a value of every kv head, bf16
     logical = rows * used * row_bytes
     unique = (rows // GENERATIONS * prompt + rows * (used - prompt)) * row_bytes
-    print(f"attention, {rows} rows, {prompt}-token prompts x {GENERATIONS}, {used} keys used: "
-          f"logical {logical / 1e6:.0f} MB, unique {unique / 1e6:.0f} MB", flush=True)
+    print(
+        f"attention, {rows} rows, {prompt}-token prompts x {GENERATIONS}, {used} keys used: "
+        f"logical {logical / 1e6:.0f} MB, unique {unique / 1e6:.0f} MB",
+        flush=True,
+    )
     results = []
     launch = itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3)) if full else [(64, 4, 2)]
     sweep = [(*settings, splits) for settings, splits in itertools.product(launch, (1, 2, 4))]
@@ -99,16 +111,30 @@ def attention(rows: int, prompt: int, used: int, full: bool) -> None:
         if -(-kv_len // splits) < block_n:
             continue
         settings = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-        call = lambda: decode_attention(q, k, v, start, slot, DIM ** -0.5, splits, src,  # noqa: E731
-                                        prompt_end, **settings)
+        call = lambda: decode_attention(
+            q,
+            k,
+            v,
+            start,
+            slot,
+            DIM**-0.5,
+            splits,
+            src,  # noqa: E731
+            prompt_end,
+            **settings,
+        )
         err = (call().float() - ref.float()).abs().max().item()
         results.append((graph_time_us(call), block_n, warps, stages, splits, err))
     results.sort()
     default = next(r for r in results if r[1:5] == (64, 4, 2, 1))
     for us, block_n, warps, stages, splits, err in [default] + results[:6]:
         mark = "default" if (block_n, warps, stages, splits) == (64, 4, 2, 1) else "setting"
-        print(f"  {mark} {us:6.1f} µs  logical {logical / us / 1e6:4.2f} TB/s  unique {unique / us / 1e6:4.2f} TB/s  "
-              f"block {block_n} warps {warps} stages {stages} slices {splits}  max |diff| {err:.1e}", flush=True)
+        print(
+            f"  {mark} {us:6.1f} µs  logical {logical / us / 1e6:4.2f} TB/s  unique {unique / us / 1e6:4.2f} TB/s  "
+            f"block {block_n} warps {warps} stages {stages} slices {splits}  max |diff| {err:.1e}",
+            flush=True,
+        )
+
 
 VOCAB, SLICES = 152064, 32
 
@@ -143,7 +169,9 @@ def sampling(rows: int) -> None:
     noise = torch.empty(rows, VOCAB, device="cuda").exponential_()
     assert torch.equal(race(logits, noise, 1.0)[0], split(logits, noise, 1.0))  # same draw from the same noise
     candidates = {
-        "as it is: exponential_ noise, then the race": lambda: race(logits, torch.empty_like(noise).exponential_(), 1.0),
+        "as it is: exponential_ noise, then the race": lambda: race(
+            logits, torch.empty_like(noise).exponential_(), 1.0
+        ),
         "the noise alone (exponential_)": lambda: torch.empty_like(noise).exponential_(),
         "the race alone (noise given)": lambda: race(logits, noise, 1.0),
         "exponential_ noise, race in 32 slices": lambda: split(logits, torch.empty_like(noise).exponential_(), 1.0),
@@ -163,8 +191,11 @@ def gemm(rows: int) -> None:
         flops = 2 * rows * n * k
         linear = graph_time_us(lambda: F.linear(x, w))
         swapped = graph_time_us(lambda: torch.mm(w, xt))
-        print(f"{name:<10} {rows} x {k} -> {n}: F.linear {linear:7.1f} µs ({flops / linear / 1e6:4.0f} TFLOP/s), "
-              f"W @ xᵀ {swapped:7.1f} µs ({flops / swapped / 1e6:4.0f} TFLOP/s)", flush=True)
+        print(
+            f"{name:<10} {rows} x {k} -> {n}: F.linear {linear:7.1f} µs ({flops / linear / 1e6:4.0f} TFLOP/s), "
+            f"W @ xᵀ {swapped:7.1f} µs ({flops / swapped / 1e6:4.0f} TFLOP/s)",
+            flush=True,
+        )
 
 
 def main(argv=None) -> None:

@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.adapter_bench import SHAPES, TARGETS, build_base  # noqa: E402
 from tinyablate import cost, distributed  # noqa: E402
 
-
 ENGINES = ("hf", "graph", "eager")
 
 
@@ -50,10 +49,18 @@ def parse(argv=None):
     p.add_argument("--world-sizes", default="1,2")
     p.add_argument("--samplers", default="torch", help="comma list of torch,keyed")
     p.add_argument("--engines", default="hf", help="comma list of " + ",".join(ENGINES) + " (rollout generator)")
-    p.add_argument("--train-kernels", "--train-glue", dest="train_kernels", default="eager",
-                   help="comma list of eager,compiled (training's RMSNorm and SiLU x up: tinyablate/train/glue.py)")
-    p.add_argument("--runs", help="comma list of engine:glue pairs to run instead of every --engines x --train-kernels "
-                                  "pair, e.g. hf:eager,graph:eager,graph:compiled")
+    p.add_argument(
+        "--train-kernels",
+        "--train-glue",
+        dest="train_kernels",
+        default="eager",
+        help="comma list of eager,compiled (training's RMSNorm and SiLU x up: tinyablate/train/glue.py)",
+    )
+    p.add_argument(
+        "--runs",
+        help="comma list of engine:glue pairs to run instead of every --engines x --train-kernels "
+        "pair, e.g. hf:eager,graph:eager,graph:compiled",
+    )
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (global)")
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=128)
@@ -65,8 +72,9 @@ def parse(argv=None):
     p.add_argument("--throughput", type=Path, help="the cost model's table to update (tinyablate/throughput.json)")
     args = p.parse_args(argv)
     engines, glues = args.engines.split(","), args.train_kernels.split(",")
-    args.pairs = [tuple(r.split(":")) for r in args.runs.split(",")] if args.runs else \
-        list(itertools.product(engines, glues))
+    args.pairs = (
+        [tuple(r.split(":")) for r in args.runs.split(",")] if args.runs else list(itertools.product(engines, glues))
+    )
     for pair in args.pairs:
         if len(pair) != 2 or pair[0] not in ENGINES or pair[1] not in ("eager", "compiled"):
             p.error(f"run {':'.join(pair)!r}: engine:glue with engine {'|'.join(ENGINES)} and glue eager|compiled")
@@ -82,8 +90,9 @@ def build(args, device):
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_base(SimpleNamespace(shape=args.shape, layers=args.layers, device=str(device), dtype=dtype))
-    adapter_cfg = AdapterConfig(kind="tinylora", r=2, u=13, tie=1, target_modules=list(TARGETS),
-                                svd=SVDConfig(cache_dir=args.svd_cache))
+    adapter_cfg = AdapterConfig(
+        kind="tinylora", r=2, u=13, tie=1, target_modules=list(TARGETS), svd=SVDConfig(cache_dir=args.svd_cache)
+    )
     with distributed.main_first():
         adapter = apply_adapter(model, adapter_cfg, f"random:{args.shape}:{args.layers}")
     return adapter.model, SHAPES[args.shape]["vocab_size"]
@@ -91,9 +100,10 @@ def build(args, device):
 
 def rank_main(args, world: int, sampler: str, out: str, engine: str = "hf", glue: str = "eager") -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tinyablate.sampling import sequence_key
     from tinyablate.train.common import ignore_frozen_in_ddp
     from tinyablate.train.glue import compiled_glue
-    from tinyablate.sampling import sequence_key
 
     with distributed.process_group(world if args.device == "cuda" else 0) as ranks:
         device = torch.device("cuda", ranks.local_rank) if args.device == "cuda" else torch.device("cpu")
@@ -119,13 +129,13 @@ def rank_main(args, world: int, sampler: str, out: str, engine: str = "hf", glue
             advantages = torch.randn(len(rows), generator=gen).to(device)
             chunks = range(0, len(rows), args.micro_batch)
             for i, start in enumerate(chunks):
-                batch, adv = seqs[start:start + args.micro_batch], advantages[start:start + args.micro_batch]
+                batch, adv = seqs[start : start + args.micro_batch], advantages[start : start + args.micro_batch]
                 last = i == len(chunks) - 1
                 context = ddp.no_sync() if world > 1 and not last else nullcontext()
                 with context, compiled_glue(model, enabled=glue == "compiled"):
                     # the completion's logits only, as TRL's GRPO loss (logits_to_keep)
                     logits = ddp(input_ids=batch, logits_to_keep=args.new_tokens + 1).logits[:, :-1].float()
-                    logp = logits.log_softmax(-1).gather(-1, batch[:, args.prompt_len:, None]).squeeze(-1)
+                    logp = logits.log_softmax(-1).gather(-1, batch[:, args.prompt_len :, None]).squeeze(-1)
                     loss = -(adv[:, None] * logp).mean() / len(chunks)
                     loss.backward()
             opt.step()
@@ -141,11 +151,20 @@ def rank_main(args, world: int, sampler: str, out: str, engine: str = "hf", glue
             rollout = [max(t[i][1] for t in all_times) for i in range(len(times))]
             train = [max(t[i][2] for t in all_times) for i in range(len(times))]
             tokens = sum(t[0][3] for t in all_times)
-            Path(out).write_text(json.dumps({
-                "world_size": world, "sampler": sampler, "engine": engine, "glue": glue,
-                "step_s": statistics.median(step),
-                "rollout_s": statistics.median(rollout), "train_s": statistics.median(train),
-                "rollout_tokens_per_s": tokens / statistics.median(rollout)}))
+            Path(out).write_text(
+                json.dumps(
+                    {
+                        "world_size": world,
+                        "sampler": sampler,
+                        "engine": engine,
+                        "glue": glue,
+                        "step_s": statistics.median(step),
+                        "rollout_s": statistics.median(rollout),
+                        "train_s": statistics.median(train),
+                        "rollout_tokens_per_s": tokens / statistics.median(rollout),
+                    }
+                )
+            )
 
 
 def _rollout_fn(model, engine: str, sampler: str, args):
@@ -166,11 +185,23 @@ def _rollout_fn(model, engine: str, sampler: str, args):
         model.eval()
         kwargs = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
         if sampler == "keyed":
-            kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None,
-                          logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 1.0)]))
+            kwargs = dict(
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 1.0)]),
+            )
         with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=0,
-                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kwargs)
+            return model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pad_token_id=0,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                **kwargs,
+            )
+
     return rollout
 
 
@@ -194,8 +225,13 @@ def main(argv=None) -> dict:
             out = Path(tmp) / f"{engine}-{glue}-{sampler}-{world}.json"
             distributed.spawn_ranks(world, rank_main, args, world, sampler, str(out), engine, glue)
             rows.append(json.loads(out.read_text()))
-    report = {"device": _device_name(args.device), "date": time.strftime("%Y-%m-%d"),
-              "argv": sys.argv[1:] if argv is None else argv, "rows": rows, "skipped": sorted(set(skipped))}
+    report = {
+        "device": _device_name(args.device),
+        "date": time.strftime("%Y-%m-%d"),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "rows": rows,
+        "skipped": sorted(set(skipped)),
+    }
     print_table(report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
@@ -217,23 +253,47 @@ def throughput_entries(report: dict, args) -> dict:
     graph = {r["world_size"]: r for r in torch_rows if r.get("engine") == "graph"}
     if 1 not in rows:
         return {}
-    common = {"device": report["device"], "date": report["date"], "model": args.shape, "layers": args.layers,
-              "command": "python benchmarks/dp_bench.py " + " ".join(report["argv"])}
+    common = {
+        "device": report["device"],
+        "date": report["date"],
+        "model": args.shape,
+        "layers": args.layers,
+        "command": "python benchmarks/dp_bench.py " + " ".join(report["argv"]),
+    }
     seqs = args.prompts * args.generations
     out = {
-        "decode": {**common, "batch": seqs, "prompt_tokens": args.prompt_len, "new_tokens": args.new_tokens,
-                   "seconds": rows[1]["rollout_s"], "source": "dp_bench.py: 1 GPU, torch sampler, rollout (HF generate)"},
-        "train": {**common, "sequences": seqs, "tokens_per_sequence": args.prompt_len + args.new_tokens,
-                  "seconds": rows[1]["train_s"], "source": "dp_bench.py: 1 GPU, torch sampler, training"},
+        "decode": {
+            **common,
+            "batch": seqs,
+            "prompt_tokens": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "seconds": rows[1]["rollout_s"],
+            "source": "dp_bench.py: 1 GPU, torch sampler, rollout (HF generate)",
+        },
+        "train": {
+            **common,
+            "sequences": seqs,
+            "tokens_per_sequence": args.prompt_len + args.new_tokens,
+            "seconds": rows[1]["train_s"],
+            "source": "dp_bench.py: 1 GPU, torch sampler, training",
+        },
     }
     if 1 in graph:
-        out["decode_engine"] = {**out["decode"], "seconds": graph[1]["rollout_s"],
-                                "source": "dp_bench.py: 1 GPU, torch sampler, rollout (tinyablate's graph engine)"}
+        out["decode_engine"] = {
+            **out["decode"],
+            "seconds": graph[1]["rollout_s"],
+            "source": "dp_bench.py: 1 GPU, torch sampler, rollout (tinyablate's graph engine)",
+        }
     many = [w for w in rows if w > 1]
     if many:
         n = max(many)
-        out["data_parallel"] = {**common, "gpus": n, "train_s_1": rows[1]["train_s"], "train_s_n": rows[n]["train_s"],
-                                "source": f"dp_bench.py: training on 1 vs {n} GPUs, torch sampler"}
+        out["data_parallel"] = {
+            **common,
+            "gpus": n,
+            "train_s_1": rows[1]["train_s"],
+            "train_s_n": rows[n]["train_s"],
+            "source": f"dp_bench.py: training on 1 vs {n} GPUs, torch sampler",
+        }
     return out
 
 
@@ -243,14 +303,18 @@ def print_table(report: dict) -> None:
     by = {key(r): r for r in rows}
     print(f"device: {report['device']}")
     wide = max(map(len, ENGINES)) + 2  # the engine column fits every engine's name
-    print(f"{'engine':<{wide}}{'glue':<10}{'sampler':<8}{'ranks':>6}{'step s':>10}{'rollout s':>11}{'train s':>10}"
-          f"{'rollout tok/s':>15}{'speed-up':>10}{'efficiency':>12}")
+    print(
+        f"{'engine':<{wide}}{'glue':<10}{'sampler':<8}{'ranks':>6}{'step s':>10}{'rollout s':>11}{'train s':>10}"
+        f"{'rollout tok/s':>15}{'speed-up':>10}{'efficiency':>12}"
+    )
     for r in rows:
         engine, glue, sampler, world = key(r)
         base = by.get((engine, glue, sampler, 1))
         speedup = base["step_s"] / r["step_s"] if base else float("nan")
-        print(f"{engine:<{wide}}{glue:<10}{sampler:<8}{world:>6}{r['step_s']:>10.3f}{r['rollout_s']:>11.3f}"
-              f"{r['train_s']:>10.3f}{r['rollout_tokens_per_s']:>15.0f}{speedup:>10.2f}{speedup / world:>12.2f}")
+        print(
+            f"{engine:<{wide}}{glue:<10}{sampler:<8}{world:>6}{r['step_s']:>10.3f}{r['rollout_s']:>11.3f}"
+            f"{r['train_s']:>10.3f}{r['rollout_tokens_per_s']:>15.0f}{speedup:>10.2f}{speedup / world:>12.2f}"
+        )
     for r in rows:
         engine, glue, sampler, world = key(r)
         torch_row = by.get((engine, glue, "torch", world))
@@ -259,9 +323,11 @@ def print_table(report: dict) -> None:
             print(f"{engine}: keyed / torch rollout tokens/s at {world} rank(s): {ratio:.3f}")
         before = by.get(("hf", "eager", sampler, world))  # HF generate rollouts, HF's eager modules in training
         if (engine, glue) != ("hf", "eager") and before:
-            print(f"{engine} rollouts + {glue} glue vs hf + eager, {sampler} sampler, {world} rank(s): step "
-                  f"{before['step_s'] / r['step_s']:.2f}x faster, rollout {before['rollout_s'] / r['rollout_s']:.2f}x, "
-                  f"training {before['train_s'] / r['train_s']:.2f}x")
+            print(
+                f"{engine} rollouts + {glue} glue vs hf + eager, {sampler} sampler, {world} rank(s): step "
+                f"{before['step_s'] / r['step_s']:.2f}x faster, rollout {before['rollout_s'] / r['rollout_s']:.2f}x, "
+                f"training {before['train_s'] / r['train_s']:.2f}x"
+            )
     for s in report["skipped"]:
         print(f"not run: {s}")
 

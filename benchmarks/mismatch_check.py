@@ -37,8 +37,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-share", action="store_true", help="the engine without shared prompt rows")
     p.add_argument("--no-graphs", action="store_true", help="the engine without CUDA graphs")
     p.add_argument("--no-compile", action="store_true", help="the engine without compiled layers")
-    p.add_argument("--warm-eval", type=int, default=0,
-                   help="first a greedy generation of this many prompts (as a cell's base evaluation)")
+    p.add_argument(
+        "--warm-eval",
+        type=int,
+        default=0,
+        help="first a greedy generation of this many prompts (as a cell's base evaluation)",
+    )
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
     args = p.parse_args(argv)
 
@@ -49,34 +53,48 @@ def main(argv=None) -> int:
     from tinyablate.tasks import load_task
     from tinyablate.train.rollouts import _prompt_ids
 
-    model, tok, _ = load_model_and_tokenizer(ModelConfig(name="smollm2-135m", device=args.device,
-                                                         **({"dtype": args.dtype} if args.dtype else {})))
+    model, tok, _ = load_model_and_tokenizer(
+        ModelConfig(name="smollm2-135m", device=args.device, **({"dtype": args.dtype} if args.dtype else {}))
+    )
     model.eval()
     task = load_task(TaskConfig(name="arithmetic"))
     prompts = [_prompt_ids(tok, row["prompt"]) for row in task.prompt_rows(task.train_problems())]
-    options = EngineOptions(attention=args.attention, compile_glue=False if args.no_compile else None,
-                            share_prompts=not args.no_share)
-    engine = GenerationEngine(model, tok.pad_token_id, [tok.eos_token_id],
-                              use_graphs=args.device == "cuda" and not args.no_graphs, options=options)
+    options = EngineOptions(
+        attention=args.attention, compile_glue=False if args.no_compile else None, share_prompts=not args.no_share
+    )
+    engine = GenerationEngine(
+        model,
+        tok.pad_token_id,
+        [tok.eos_token_id],
+        use_graphs=args.device == "cuda" and not args.no_graphs,
+        options=options,
+    )
     if args.warm_eval:
-        engine.generate(prompts[:args.warm_eval], args.new_tokens)
+        engine.generate(prompts[: args.warm_eval], args.new_tokens)
     rng, worst, t0 = random.Random(0), [], time.time()
     for it in range(args.iterations):
         a, b = rng.sample(range(len(prompts)), 2)
         batch = [prompts[a]] * args.samples + [prompts[b]] * args.samples
-        completions, logps = engine.generate(batch, args.new_tokens, Sampling(temperature=args.temperature),
-                                             logprobs=True)
+        completions, logps = engine.generate(
+            batch, args.new_tokens, Sampling(temperature=args.temperature), logprobs=True
+        )
         diffs = token_mismatch(model, tok.pad_token_id, batch, completions, logps, args.temperature, args.device)
         rows = [d.max().item() if d.numel() else 0.0 for d in diffs]
         worst.append(max(rows))
         if worst[-1] > 2:
-            print(f"iteration {it}: prompts {a} ({len(prompts[a])} tokens), {b} ({len(prompts[b])} tokens): largest "
-                  f"mismatch per row {[round(x, 1) for x in rows]}", flush=True)
+            print(
+                f"iteration {it}: prompts {a} ({len(prompts[a])} tokens), {b} ({len(prompts[b])} tokens): largest "
+                f"mismatch per row {[round(x, 1) for x in rows]}",
+                flush=True,
+            )
             explain(model, tok, batch, completions, logps, diffs, args)
     worst.sort()
-    print(f"{len(worst)} batches in {time.time() - t0:.0f} s; largest mismatch per batch: median {worst[len(worst) // 2]:.3f},"
-          f" p90 {worst[int(0.9 * len(worst))]:.3f}, max {worst[-1]:.2f} nats; batches above 2 nats: "
-          f"{sum(w > 2 for w in worst)}", flush=True)
+    print(
+        f"{len(worst)} batches in {time.time() - t0:.0f} s; largest mismatch per batch: median {worst[len(worst) // 2]:.3f},"
+        f" p90 {worst[int(0.9 * len(worst))]:.3f}, max {worst[-1]:.2f} nats; batches above 2 nats: "
+        f"{sum(w > 2 for w in worst)}",
+        flush=True,
+    )
     return 0
 
 
@@ -88,31 +106,37 @@ def explain(model, tok, batch, completions, logps, diffs, args) -> None:
     for r, d in enumerate(diffs):
         if d.numel() and d.max() > 2:
             i = int(d.argmax())
-            print(f"  row {r}: token {i} of {len(completions[r])} ({tok.decode([completions[r][i]])!r}), engine log p "
-                  f"{logps[r][i]:.2f}, mismatch {d[i]:.2f}; under the other prompt: max {swapped[r].max():.2f}, "
-                  f"mean {swapped[r].mean():.3f}; text {tok.decode(completions[r])!r}", flush=True)
+            print(
+                f"  row {r}: token {i} of {len(completions[r])} ({tok.decode([completions[r][i]])!r}), engine log p "
+                f"{logps[r][i]:.2f}, mismatch {d[i]:.2f}; under the other prompt: max {swapped[r].max():.2f}, "
+                f"mean {swapped[r].mean():.3f}; text {tok.decode(completions[r])!r}",
+                flush=True,
+            )
 
 
-def token_mismatch(model, pad: int, prompts, completions, logps, temperature: float, device,
-                   micro_batch: int = 8) -> list:
+def token_mismatch(
+    model, pad: int, prompts, completions, logps, temperature: float, device, micro_batch: int = 8
+) -> list:
     """Per row, |log p_engine - log p_train| of each completion token (a CPU tensor), log p_train from full-sequence
     forwards of `micro_batch` rows (prompts left-padded, completions right-padded, as TRL's training batch)."""
     width, length = max(len(p) for p in prompts), max(len(c) for c in completions)
     ids = torch.full((len(prompts), width + length), pad)
     mask = torch.zeros_like(ids)
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-        ids[i, width - len(prompt):width] = torch.tensor(prompt)
-        ids[i, width:width + len(completion)] = torch.tensor(completion, dtype=torch.long)
-        mask[i, width - len(prompt):width + len(completion)] = 1
+        ids[i, width - len(prompt) : width] = torch.tensor(prompt)
+        ids[i, width : width + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        mask[i, width - len(prompt) : width + len(completion)] = 1
     train = []
     with torch.no_grad():
         for start in range(0, len(prompts), micro_batch):
             rows = slice(start, start + micro_batch)
-            logits = model(input_ids=ids[rows].to(device), attention_mask=mask[rows].to(device)).logits[:, width - 1:-1]
+            logits = model(input_ids=ids[rows].to(device), attention_mask=mask[rows].to(device)).logits[
+                :, width - 1 : -1
+            ]
             scaled = (logits.float() / temperature).log_softmax(-1)
             train.append(scaled.gather(-1, ids[rows, width:, None].to(device))[..., 0].cpu())
     train = torch.cat(train)
-    return [(train[i, :len(c)] - torch.tensor(lp)).abs() for i, (c, lp) in enumerate(zip(completions, logps))]
+    return [(train[i, : len(c)] - torch.tensor(lp)).abs() for i, (c, lp) in enumerate(zip(completions, logps))]
 
 
 if __name__ == "__main__":

@@ -41,15 +41,26 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path, help="folder for probe.jsonl, summary.json and checkpoints")
     p.add_argument("--fp32-lm-head", action="store_true", help="TRL's cast_lm_head_to_fp32=True (GRPO)")
     p.add_argument("--no-eval", action="store_true", help="skip the base and final evaluations")
-    p.add_argument("--spikes", type=float, default=0.0,
-                   help="GRPO: describe (and save under <out>/spikes) every step whose rollout-train mismatch "
-                        "exceeds this many nats, with a no-grad eval-mode forward of the same batch as a third opinion")
-    p.add_argument("--engine", default="",
-                   help="engine settings for the rollouts: use_graphs and EngineOptions fields, e.g. 'use_graphs=0,"
-                        "share_prompts=0,attention=sdpa,compile_glue=0' (an experiment, not a setting)")
-    p.add_argument("--anomaly-from", type=int, default=0,
-                   help="turn on torch's anomaly detection from this optimizer step on: the first backward op "
-                        "that returns a NaN raises, naming itself, with the forward line that made it (slow)")
+    p.add_argument(
+        "--spikes",
+        type=float,
+        default=0.0,
+        help="GRPO: describe (and save under <out>/spikes) every step whose rollout-train mismatch "
+        "exceeds this many nats, with a no-grad eval-mode forward of the same batch as a third opinion",
+    )
+    p.add_argument(
+        "--engine",
+        default="",
+        help="engine settings for the rollouts: use_graphs and EngineOptions fields, e.g. 'use_graphs=0,"
+        "share_prompts=0,attention=sdpa,compile_glue=0' (an experiment, not a setting)",
+    )
+    p.add_argument(
+        "--anomaly-from",
+        type=int,
+        default=0,
+        help="turn on torch's anomaly detection from this optimizer step on: the first backward op "
+        "that returns a NaN raises, naming itself, with the forward line that made it (slow)",
+    )
     p.add_argument("overrides", nargs="*", help="the cell's Hydra overrides, as for launch.py")
     args = p.parse_args(argv)
 
@@ -68,8 +79,11 @@ def main(argv=None) -> int:
     if args.spikes:
         _describe_spikes(args.spikes, args.out / "spikes")
     built = cell.build(spec)
-    print(f"probe: {spec.model.name} {next(built.model.parameters()).dtype} on {built.device}, "
-          f"{built.adapter.trainable_params} trainable, overrides {' '.join(args.overrides)}", flush=True)
+    print(
+        f"probe: {spec.model.name} {next(built.model.parameters()).dtype} on {built.device}, "
+        f"{built.adapter.trainable_params} trainable, overrides {' '.join(args.overrides)}",
+        flush=True,
+    )
     base = None if args.no_eval else cell.base_accuracy(spec, built)["accuracy"]
     probe = Probe(built.model, args.out / "probe.jsonl")
     callbacks = [probe] + ([AnomalyFrom(args.anomaly_from)] if args.anomaly_from else [])
@@ -85,16 +99,26 @@ def main(argv=None) -> int:
     final = None
     if not args.no_eval and error is None:
         final = evaluate_task(built.model, built.tokenizer, built.task, spec.eval, desc="eval probe")[0]["accuracy"]
-    summary = {"overrides": args.overrides, "fp32_lm_head": args.fp32_lm_head, "device": str(built.device),
-               "dtype": str(next(built.model.parameters()).dtype), "steps": steps, "train_s": train_s,
-               "base_accuracy": base, "accuracy": final, "error": error, "first_nonfinite": probe.first_nonfinite}
+    summary = {
+        "overrides": args.overrides,
+        "fp32_lm_head": args.fp32_lm_head,
+        "device": str(built.device),
+        "dtype": str(next(built.model.parameters()).dtype),
+        "steps": steps,
+        "train_s": train_s,
+        "base_accuracy": base,
+        "accuracy": final,
+        "error": error,
+        "first_nonfinite": probe.first_nonfinite,
+    }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("probe summary: " + json.dumps(summary), flush=True)
     return 0
 
 
 def compose(overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from hydra_plugins.tinyablate.conf import register, spec_from_hydra
     from tinyablate.config import validate_spec
@@ -166,7 +190,7 @@ def _describe_spikes(threshold: float, folder: Path) -> None:
         with torch.no_grad():
             opinions = {}
             for name, pos in (("eval_fwd", None), ("eval_fwd_maskpos", (attn.cumsum(-1) - 1).clamp(min=0))):
-                logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -n - 1:-1].float()
+                logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -n - 1 : -1].float()
                 scores = (logits / self.temperature).log_softmax(-1)
                 opinions[name] = scores.gather(-1, inputs["completion_ids"][..., None])[..., 0]
         model.train(was)
@@ -174,8 +198,11 @@ def _describe_spikes(threshold: float, folder: Path) -> None:
         tok = self.processing_class
         prompts = [tuple(r[m.bool()].tolist()) for r, m in zip(inputs["prompt_ids"], inputs["prompt_mask"])]
         groups = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        print(f"SPIKE step {step}: max {diff.max().item():.1f} nats; prompt lengths "
-              f"{sorted({len(p) for p in prompts})}; groups {[groups[p] for p in prompts]}", flush=True)
+        print(
+            f"SPIKE step {step}: max {diff.max().item():.1f} nats; prompt lengths "
+            f"{sorted({len(p) for p in prompts})}; groups {[groups[p] for p in prompts]}",
+            flush=True,
+        )
         for r in range(ids.shape[0]):
             row = diff[r]
             if row.max() <= threshold:
@@ -183,15 +210,23 @@ def _describe_spikes(threshold: float, folder: Path) -> None:
             bad = (row > threshold).nonzero()[:, 0].tolist()
             i = bad[0]
             length = int(mask[r].sum())
-            print(f"  row {r} (group {groups[prompts[r]]}): {len(bad)} of {length} tokens above, first at {i} "
-                  f"({tok.decode(inputs['completion_ids'][r, i:i + 1])!r}): rollout {sampling[r, i].item():.2f} "
-                  f"train {train[r, i].item():.2f} eval_fwd {opinions['eval_fwd'][r, i].item():.2f} "
-                  f"eval_fwd_maskpos {opinions['eval_fwd_maskpos'][r, i].item():.2f}; "
-                  f"text {tok.decode(inputs['completion_ids'][r, :length])!r}", flush=True)
-        torch.save({k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in inputs.items()}
-                   | {"train_logps": train.cpu(), **{k: v.cpu() for k, v in opinions.items()},
-                      "v": [p.detach().cpu() for p in model.parameters() if p.requires_grad]},
-                   folder / f"step{step}.pt")
+            print(
+                f"  row {r} (group {groups[prompts[r]]}): {len(bad)} of {length} tokens above, first at {i} "
+                f"({tok.decode(inputs['completion_ids'][r, i : i + 1])!r}): rollout {sampling[r, i].item():.2f} "
+                f"train {train[r, i].item():.2f} eval_fwd {opinions['eval_fwd'][r, i].item():.2f} "
+                f"eval_fwd_maskpos {opinions['eval_fwd_maskpos'][r, i].item():.2f}; "
+                f"text {tok.decode(inputs['completion_ids'][r, :length])!r}",
+                flush=True,
+            )
+        torch.save(
+            {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in inputs.items()}
+            | {
+                "train_logps": train.cpu(),
+                **{k: v.cpu() for k, v in opinions.items()},
+                "v": [p.detach().cpu() for p in model.parameters() if p.requires_grad],
+            },
+            folder / f"step{step}.pt",
+        )
         return loss
 
     TinyablateGRPOTrainer.compute_loss = compute_loss
@@ -234,6 +269,7 @@ class Probe(TrainerCallback):
             self._record(name, "fwd", out.detach())
             if out.requires_grad:
                 out.register_hook(lambda g: self._record(name, "bwd", g.detach()))
+
         return hook
 
     def _record(self, name, phase, x):
@@ -262,14 +298,25 @@ class Probe(TrainerCallback):
             self._write(self._pending, {})
         self.step = state.global_step
         record = {"step": state.global_step}
-        vmax = max((p.detach().abs().float().nan_to_num(nan=float("inf")).max().item()
-                    for p in self.model.parameters() if p.requires_grad), default=0.0)
+        vmax = max(
+            (
+                p.detach().abs().float().nan_to_num(nan=float("inf")).max().item()
+                for p in self.model.parameters()
+                if p.requires_grad
+            ),
+            default=0.0,
+        )
         record["v_absmax"] = vmax
         fwd = {n: self._stats[(n, "fwd")][0].item() for n in self.modules if (n, "fwd") in self._stats}
         bwd = {n: self._stats[(n, "bwd")][0].item() for n in self.modules if (n, "bwd") in self._stats}
         bad = [f"{n}:{ph}" for (n, ph), (_, b) in self._stats.items() if b.item()]
-        record.update(act_absmax=max(fwd.values(), default=None), grad_absmax=max(bwd.values(), default=None),
-                      act_by_module=fwd, grad_by_module=bwd, nonfinite=bad)
+        record.update(
+            act_absmax=max(fwd.values(), default=None),
+            grad_absmax=max(bwd.values(), default=None),
+            act_by_module=fwd,
+            grad_by_module=bwd,
+            nonfinite=bad,
+        )
         if self._logps:
             record["train_logp_min"] = min(x[0] for x in self._logps)
             record["train_entropy_max"] = max(x[1] for x in self._logps)
@@ -282,9 +329,14 @@ class Probe(TrainerCallback):
         if self._pending is not None:
             self._write(self._pending, {})
         bad = [f"{n}:{ph}" for (n, ph), (_, b) in self._stats.items() if b.item()]
-        record = {"step": self.step + 1, "stopped": error, "nonfinite": bad, "v_absmax": None,
-                  "act_by_module": {n: a.item() for (n, ph), (a, _) in self._stats.items() if ph == "fwd"},
-                  "grad_by_module": {n: a.item() for (n, ph), (a, _) in self._stats.items() if ph == "bwd"}}
+        record = {
+            "step": self.step + 1,
+            "stopped": error,
+            "nonfinite": bad,
+            "v_absmax": None,
+            "act_by_module": {n: a.item() for (n, ph), (a, _) in self._stats.items() if ph == "fwd"},
+            "grad_by_module": {n: a.item() for (n, ph), (a, _) in self._stats.items() if ph == "bwd"},
+        }
         if self._logps:
             record["train_logp_min"] = min(x[0] for x in self._logps)
         if self.first_nonfinite is None:
@@ -294,22 +346,52 @@ class Probe(TrainerCallback):
         print("probe stopped " + json.dumps({k: record[k] for k in ("step", "nonfinite")}), flush=True)
 
     def _write(self, record: dict, logs: dict) -> None:
-        for key in ("loss", "grad_norm", "reward", "entropy", "frac_reward_zero_std", "completions/mean_length",
-                    "train/rollout_logp_diff_mean", "train/rollout_logp_diff_max", "rollout_logp_diff_mean",
-                    "rollout_logp_diff_max", "nonfinite_skipped_steps"):
+        for key in (
+            "loss",
+            "grad_norm",
+            "reward",
+            "entropy",
+            "frac_reward_zero_std",
+            "completions/mean_length",
+            "train/rollout_logp_diff_mean",
+            "train/rollout_logp_diff_max",
+            "rollout_logp_diff_mean",
+            "rollout_logp_diff_max",
+            "nonfinite_skipped_steps",
+        ):
             if key in logs:
                 record[key] = logs[key]
         bad, vmax = record["nonfinite"], record["v_absmax"]
         vmax = vmax if vmax is not None else 0.0
-        nonfinite_now = bad or not math.isfinite(vmax) or any(
-            isinstance(record.get(k), float) and not math.isfinite(record[k]) for k in ("loss", "grad_norm"))
+        nonfinite_now = (
+            bad
+            or not math.isfinite(vmax)
+            or any(isinstance(record.get(k), float) and not math.isfinite(record[k]) for k in ("loss", "grad_norm"))
+        )
         if nonfinite_now and self.first_nonfinite is None:
-            self.first_nonfinite = {"step": record["step"], "where": bad, "loss": record.get("loss"),
-                                    "grad_norm": record.get("grad_norm"), "v_absmax": vmax}
+            self.first_nonfinite = {
+                "step": record["step"],
+                "where": bad,
+                "loss": record.get("loss"),
+                "grad_norm": record.get("grad_norm"),
+                "v_absmax": vmax,
+            }
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
         self._file.flush()
-        short = {k: record.get(k) for k in ("step", "loss", "grad_norm", "reward", "v_absmax", "act_absmax",
-                                            "grad_absmax", "train_logp_min", "rollout_logp_diff_max")}
+        short = {
+            k: record.get(k)
+            for k in (
+                "step",
+                "loss",
+                "grad_norm",
+                "reward",
+                "v_absmax",
+                "act_absmax",
+                "grad_absmax",
+                "train_logp_min",
+                "rollout_logp_diff_max",
+            )
+        }
         print("probe " + json.dumps(short) + (f" NONFINITE {bad}" if bad else ""), flush=True)
 
 
@@ -327,8 +409,9 @@ def _wrap_logps(sink: list) -> None:
             valid = logps.detach() != 0  # completion tokens only (padding positions are 0)
             lp = logps.detach()[valid]
             ent = entropies.detach()[valid] if entropies is not None else None
-            sink.append((lp.min().item() if lp.numel() else 0.0,
-                         ent.max().item() if ent is not None and ent.numel() else 0.0))
+            sink.append(
+                (lp.min().item() if lp.numel() else 0.0, ent.max().item() if ent is not None and ent.numel() else 0.0)
+            )
         return logps, entropies, aux
 
     wrapped._probed = True

@@ -32,8 +32,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n", default="1,4,8,16", help="cells at once on the GPU, comma-separated")
-    p.add_argument("--seeds-per-n", type=float, default=0.4,
-                   help="seeds (x 6 cells each) per slot: 0.4 gives every slot 2-3 cells one after another")
+    p.add_argument(
+        "--seeds-per-n",
+        type=float,
+        default=0.4,
+        help="seeds (x 6 cells each) per slot: 0.4 gives every slot 2-3 cells one after another",
+    )
     p.add_argument("overrides", nargs="*", help="more overrides for every cell (after --)")
     args = p.parse_args(argv)
     rows = []
@@ -43,21 +47,34 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pack.json").write_text(json.dumps(rows, indent=1))
-    print("\n| cells at once | cells | wall (s) | cells / hour | peak GPU GiB per cell (max) | modelled GiB | "
-          "start to first step: bundle's first / later cells (median s) | mean accuracy |")
+    print(
+        "\n| cells at once | cells | wall (s) | cells / hour | peak GPU GiB per cell (max) | modelled GiB | "
+        "start to first step: bundle's first / later cells (median s) | mean accuracy |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']} | {r['cells']} | {r['wall_s']:.0f} | {r['cells_per_hour']:.0f} | {r['peak_gib_max']} | "
-              f"{r['model_gib']:.1f} | {r['first_s']} / {r['later_s']} | {r['accuracy_mean']:.3f} |")
+        print(
+            f"| {r['n']} | {r['cells']} | {r['wall_s']:.0f} | {r['cells_per_hour']:.0f} | {r['peak_gib_max']} | "
+            f"{r['model_gib']:.1f} | {r['first_s']} / {r['later_s']} | {r['accuracy_mean']:.3f} |"
+        )
     return 0
 
 
 def run(n: int, seeds: int, out: Path, overrides: list) -> dict:
     cells = 6 * seeds
     per_job = math.ceil(cells / n)
-    cmd = [sys.executable, str(REPO / "launch.py"), "-m", "logger=disabled", f"output_dir={out}",
-           f"seed={','.join(map(str, range(seeds)))}", f"hydra.launcher.cells_per_gpu={n}",
-           f"hydra.launcher.max_parallel={n}", f"hydra.launcher.cells_per_job={per_job}", *overrides]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch.py"),
+        "-m",
+        "logger=disabled",
+        f"output_dir={out}",
+        f"seed={','.join(map(str, range(seeds)))}",
+        f"hydra.launcher.cells_per_gpu={n}",
+        f"hydra.launcher.max_parallel={n}",
+        f"hydra.launcher.cells_per_job={per_job}",
+        *overrides,
+    ]
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     start = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -69,12 +86,21 @@ def run(n: int, seeds: int, out: Path, overrides: list) -> dict:
     results = [r for r in results if r["status"] == "completed"]
     first, later = _starts(out, results)
     peaks = [r["timing"].get("gpu_peak_gib") for r in results if r["timing"].get("gpu_peak_gib") is not None]
-    return {"n": n, "cells": len(results) + len(failed), "failed": len(failed), "per_job": per_job, "wall_s": wall, "cells_per_hour": 3600 * (len(results) + len(failed)) / wall,
-            "peak_gib_max": round(max(peaks), 2) if peaks else None,
-            "peak_gib_median": round(statistics.median(peaks), 2) if peaks else None,
-            "model_gib": _modelled_gib(results), "first_s": first, "later_s": later,
-            "accuracy_mean": statistics.mean(r["metrics"]["accuracy"] for r in results),
-            "failures": sorted({f"{r['cell_id']}: {r['error']['type']}" for r in failed})}
+    return {
+        "n": n,
+        "cells": len(results) + len(failed),
+        "failed": len(failed),
+        "per_job": per_job,
+        "wall_s": wall,
+        "cells_per_hour": 3600 * (len(results) + len(failed)) / wall,
+        "peak_gib_max": round(max(peaks), 2) if peaks else None,
+        "peak_gib_median": round(statistics.median(peaks), 2) if peaks else None,
+        "model_gib": _modelled_gib(results),
+        "first_s": first,
+        "later_s": later,
+        "accuracy_mean": statistics.mean(r["metrics"]["accuracy"] for r in results),
+        "failures": sorted({f"{r['cell_id']}: {r['error']['type']}" for r in failed}),
+    }
 
 
 def _starts(out: Path, results: list) -> tuple:
@@ -85,8 +111,9 @@ def _starts(out: Path, results: list) -> tuple:
         by_job.setdefault(launch["job_id"], []).append(r)
     first, later = [], []
     for cells in by_job.values():
-        starts = sorted(c["timing"]["start_to_first_step_s"] for c in cells
-                        if c["timing"].get("start_to_first_step_s") is not None)
+        starts = sorted(
+            c["timing"]["start_to_first_step_s"] for c in cells if c["timing"].get("start_to_first_step_s") is not None
+        )
         if starts:  # the bundle's first cell counts from its process's start: the largest
             first.append(starts[-1])
             later += starts[:-1]

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapter_bench as bench  # noqa: E402
+
 from tinyablate.adapters import apply_adapter  # noqa: E402
 
 
@@ -29,6 +30,7 @@ def fwd_bwd(model, ids, scale=None):
         else:
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
+
     return run
 
 
@@ -37,8 +39,7 @@ def main():
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--shape", default="qwen2.5-7b")
     args = p.parse_args()
-    ns = argparse.Namespace(device="cuda", shape=args.shape, layers=args.layers, dtype=torch.bfloat16,
-                            r=2, u=13, tie=1)
+    ns = argparse.Namespace(device="cuda", shape=args.shape, layers=args.layers, dtype=torch.bfloat16, r=2, u=13, tie=1)
     base = bench.build_base(ns)
     ids = torch.randint(0, base.config.vocab_size, (8, 512), device="cuda")
     scale = torch.ones((), device="cuda", requires_grad=True)
@@ -52,9 +53,12 @@ def main():
         for layer in layers:
             layer._w_eff_version = -1
             layer._merged_weight()
+
     t_merge = bench.timed(merge_all, "cuda", 2, 10)
-    print(f"floor fwd+bwd {1000 * t_floor:.1f} ms | fused fwd+bwd (no re-merge) {1000 * t_fused:.1f} ms "
-          f"({t_fused / t_floor:.3f}x) | merge all {len(layers)} modules {1000 * t_merge:.2f} ms")
+    print(
+        f"floor fwd+bwd {1000 * t_floor:.1f} ms | fused fwd+bwd (no re-merge) {1000 * t_fused:.1f} ms "
+        f"({t_fused / t_floor:.3f}x) | merge all {len(layers)} modules {1000 * t_merge:.2f} ms"
+    )
     n_bytes = sum(4 * layer.weight.numel() for layer in layers)
     print(f"merge moves >= {n_bytes / 1e9:.2f} GB: {n_bytes / t_merge / 1e12:.2f} TB/s achieved")
 
@@ -64,6 +68,7 @@ def main():
         fwd_bwd(model, ids)()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     for _ in range(3):
         step()
     torch.cuda.synchronize()

@@ -47,8 +47,13 @@ def measure(base: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device,
-                        generator=torch.Generator(args.device).manual_seed(0))
+    ids = torch.randint(
+        0,
+        model.config.vocab_size,
+        (args.batch, args.seq),
+        device=args.device,
+        generator=torch.Generator(args.device).manual_seed(0),
+    )
 
     losses = []
 
@@ -87,9 +92,18 @@ def main(argv=None) -> dict:
     started = time.time()
     rows = [measure(base, args) for base in args.bases.split(",")]
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    report = {"device": device, "torch": torch.__version__, "shape": args.shape, "layers": args.layers, "r": args.r,
-              "batch": args.batch, "seq": args.seq, "iters": args.iters, "rows": rows,
-              "wall_s": time.time() - started}
+    report = {
+        "device": device,
+        "torch": torch.__version__,
+        "shape": args.shape,
+        "layers": args.layers,
+        "r": args.r,
+        "batch": args.batch,
+        "seq": args.seq,
+        "iters": args.iters,
+        "rows": rows,
+        "wall_s": time.time() - started,
+    }
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
@@ -97,19 +111,25 @@ def main(argv=None) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"{report['device']}, torch {report['torch']}, {report['shape']} x {report['layers']} layers, LoRA r={report['r']}, "
-          f"batch {report['batch']} x {report['seq']} tokens, median of {report['iters']} steps")
+    print(
+        f"{report['device']}, torch {report['torch']}, {report['shape']} x {report['layers']} layers, LoRA r={report['r']}, "
+        f"batch {report['batch']} x {report['seq']} tokens, median of {report['iters']} steps"
+    )
     print(f"{'base':<6} {'base GiB':>9} {'built GiB':>10} {'peak GiB':>9} {'step s':>8} {'trainable':>12} {'loss':>15}")
     for r in report["rows"]:
-        print(f"{r['base']:<6} {r['base_bytes'] / GIB:>9.2f} {r.get('built_gib', float('nan')):>10.2f} "
-              f"{r.get('peak_gib', float('nan')):>9.2f} {r['step_s']:>8.3f} {r['trainable_params']:>12,} "
-              f"{r['loss_first']:>7.3f}->{r['loss_last']:.3f}")
+        print(
+            f"{r['base']:<6} {r['base_bytes'] / GIB:>9.2f} {r.get('built_gib', float('nan')):>10.2f} "
+            f"{r.get('peak_gib', float('nan')):>9.2f} {r['step_s']:>8.3f} {r['trainable_params']:>12,} "
+            f"{r['loss_first']:>7.3f}->{r['loss_last']:.3f}"
+        )
     by = {r["base"]: r for r in report["rows"]}
     for base in by:
         if base != "none" and "none" in by:
             ref = by["none"]
-            ratios = [f"step time {by[base]['step_s'] / ref['step_s']:.2f}x",
-                      f"base bytes {by[base]['base_bytes'] / ref['base_bytes']:.3f}x"]
+            ratios = [
+                f"step time {by[base]['step_s'] / ref['step_s']:.2f}x",
+                f"base bytes {by[base]['base_bytes'] / ref['base_bytes']:.3f}x",
+            ]
             if "peak_gib" in by[base]:
                 ratios.append(f"peak memory {by[base]['peak_gib'] / ref['peak_gib']:.2f}x")
             print(f"{base} vs none ({'bf16' if report['device'] != 'cpu' else 'fp32'}): " + ", ".join(ratios))

@@ -42,9 +42,14 @@ from benchmarks.mismatch_check import token_mismatch  # noqa: E402
 from tinyablate.engine import EngineOptions, GenerationEngine, Sampling  # noqa: E402
 
 # The engine's settings (EngineOptions fields) side by side: the defaults, and each lever on its own.
-ENGINE_VARIANTS = {"engine": {}, "engine_nopack": {"pack": False}, "engine_nocompile": {"compile_glue": False},
-                   "engine_sdpa": {"attention": "sdpa"}, "engine_noshare": {"share_prompts": False},
-                   "engine_eager": {"compile_glue": False, "pack": False, "attention": "sdpa"}}
+ENGINE_VARIANTS = {
+    "engine": {},
+    "engine_nopack": {"pack": False},
+    "engine_nocompile": {"compile_glue": False},
+    "engine_sdpa": {"attention": "sdpa"},
+    "engine_noshare": {"share_prompts": False},
+    "engine_eager": {"compile_glue": False, "pack": False, "attention": "sdpa"},
+}
 HBM_BYTES_PER_S = 4.8e12  # H200
 BF16_FLOPS = 790e12  # H200 dense bf16, measured on this device (KINDS.md)
 
@@ -58,26 +63,43 @@ def parse(argv=None):
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", default="256,512", help="comma list")
-    p.add_argument("--paths", default="hf,engine,hf_static",
-                   help="comma list of hf, hf_static and engine variants: " + ", ".join(ENGINE_VARIANTS))
+    p.add_argument(
+        "--paths",
+        default="hf,engine,hf_static",
+        help="comma list of hf, hf_static and engine variants: " + ", ".join(ENGINE_VARIANTS),
+    )
     p.add_argument("--adapters", default="none,tinylora", help="comma list of none,tinylora")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--agreement-rows", type=int, default=64)
     p.add_argument("--agreement-new", type=int, default=64)
-    p.add_argument("--mismatch-rows", type=int, default=64,
-                   help="rows whose sampled tokens' engine log-probs are compared to a training forward's (0: off)")
+    p.add_argument(
+        "--mismatch-rows",
+        type=int,
+        default=64,
+        help="rows whose sampled tokens' engine log-probs are compared to a training forward's (0: off)",
+    )
     p.add_argument("--mismatch-new", type=int, default=128)
     p.add_argument("--eval-problems", type=int, default=256)
     p.add_argument("--eval-new", type=int, default=512)
     p.add_argument("--eval-batch-hf", type=int, default=32)
     p.add_argument("--eval-batch-engine", type=int, default=256)
-    p.add_argument("--eval-paths", default="engine,hf",
-                   help="comma list of engine,hf: the evaluation's sides to time (one at a time fits a short call)")
-    p.add_argument("--attention", default=None, choices=["triton", "sdpa", "matmul"],
-                   help="the engine's decode attention (default: the engine's, triton on CUDA)")
-    p.add_argument("--profile", action="store_true",
-                   help="profile one generation of the engine (--new-tokens' first value; with TinyLoRA if --adapters names it): kernels and gaps per decode "
-                        "step; then exit")
+    p.add_argument(
+        "--eval-paths",
+        default="engine,hf",
+        help="comma list of engine,hf: the evaluation's sides to time (one at a time fits a short call)",
+    )
+    p.add_argument(
+        "--attention",
+        default=None,
+        choices=["triton", "sdpa", "matmul"],
+        help="the engine's decode attention (default: the engine's, triton on CUDA)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one generation of the engine (--new-tokens' first value; with TinyLoRA if --adapters names it): kernels and gaps per decode "
+        "step; then exit",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     args.paths = [path for path in args.paths.split(",") if path]  # "" times no throughput row
@@ -111,16 +133,24 @@ def timed(fn, device, repeats):
 
 
 def hf_generate(model, ids, new, static=False, greedy=False, attention_mask=None):
-    kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy else dict(
-        do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    kwargs = (
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if greedy
+        else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    )
     if static:
         from transformers import CompileConfig
-        kwargs.update(cache_implementation="static", disable_compile=False,
-                      compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
+
+        kwargs.update(
+            cache_implementation="static",
+            disable_compile=False,
+            compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"),
+        )
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, max_new_tokens=new,
-                              min_new_tokens=new, **kwargs)
+        return model.generate(
+            input_ids=ids, attention_mask=mask, pad_token_id=0, max_new_tokens=new, min_new_tokens=new, **kwargs
+        )
 
 
 def throughput_rows(model, label, args, ids, news, engines):
@@ -139,19 +169,29 @@ def throughput_rows(model, label, args, ids, news, engines):
             except Exception as err:  # noqa: BLE001 - a path that fails is reported, the others still run
                 print(f"{label:<9}{path:<10}{new:>5}  failed: {type(err).__name__}: {err}", flush=True)
                 continue
-            row = dict(adapter=label, path=path, new_tokens=new, rows=ids.shape[0], seconds=seconds,
-                       tok_s=ids.shape[0] * new / seconds, ms_per_step=1e3 * seconds / new,
-                       roofline_ms=ms_roof)
+            row = dict(
+                adapter=label,
+                path=path,
+                new_tokens=new,
+                rows=ids.shape[0],
+                seconds=seconds,
+                tok_s=ids.shape[0] * new / seconds,
+                ms_per_step=1e3 * seconds / new,
+                roofline_ms=ms_roof,
+            )
             row["of_roofline"] = row["roofline_ms"] / row["ms_per_step"]
             rows.append(row)
-            print(f"{label:<9}{path:<10}{new:>5}{row['tok_s']:>10.0f} tok/s{row['ms_per_step']:>8.2f} ms/step"
-                  f"{100 * row['of_roofline']:>7.1f}% of roofline", flush=True)
+            print(
+                f"{label:<9}{path:<10}{new:>5}{row['tok_s']:>10.0f} tok/s{row['ms_per_step']:>8.2f} ms/step"
+                f"{100 * row['of_roofline']:>7.1f}% of roofline",
+                flush=True,
+            )
     return rows
 
 
 def agreement(model, engine, ids, new) -> dict:
     """Greedy, bf16: per row, share of new tokens identical to HF generate's up to the first divergence."""
-    ref = hf_generate(model, ids, new, greedy=True)[:, ids.shape[1]:].tolist()
+    ref = hf_generate(model, ids, new, greedy=True)[:, ids.shape[1] :].tolist()
     ours = engine.generate(ids.tolist(), new)
     shares = []
     for a, b in zip(ours, ref):
@@ -166,8 +206,14 @@ def mismatch(model, engine, ids, new, temperature: float = 1.0) -> dict:
     prompts = ids.tolist()
     completions, logps = engine.generate(prompts, new, Sampling(temperature=temperature), logprobs=True)
     d = torch.cat(token_mismatch(model, 0, prompts, completions, logps, temperature, ids.device))
-    return {"rows": len(prompts), "new_tokens": new, "temperature": temperature, "mean": d.mean().item(),
-            "max": d.max().item(), "p99": d.quantile(0.99).item()}
+    return {
+        "rows": len(prompts),
+        "new_tokens": new,
+        "temperature": temperature,
+        "mean": d.mean().item(),
+        "max": d.max().item(),
+        "p99": d.quantile(0.99).item(),
+    }
 
 
 def eval_rows(model, engine, args, vocab) -> dict:
@@ -183,12 +229,14 @@ def eval_rows(model, engine, args, vocab) -> dict:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device)
         hf_generate(model, ids, args.eval_new, greedy=True, attention_mask=mask)
 
-    sides = {"engine": (lambda batch: engine.generate(batch, args.eval_new), args.eval_batch_engine),
-             "hf": (hf, args.eval_batch_hf)}
+    sides = {
+        "engine": (lambda batch: engine.generate(batch, args.eval_new), args.eval_batch_engine),
+        "hf": (hf, args.eval_batch_hf),
+    }
     out = {}
     for name in args.eval_paths.split(","):
         generate, size = sides[name]
-        batches = [[prompts[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
+        batches = [[prompts[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
         sync(args.device)
         t0 = time.perf_counter()
         if name == "engine":  # as tinyablate/evaluation/generation.py: the cache for the whole evaluation first
@@ -198,8 +246,11 @@ def eval_rows(model, engine, args, vocab) -> dict:
             sync(args.device)  # progress, so a run cut short still says how far this side got
             print(f"eval {name}: batch {k + 1}/{len(batches)} done at {time.perf_counter() - t0:.1f} s", flush=True)
         out[f"{name}_s"] = time.perf_counter() - t0
-        print(f"eval {name}: {out[f'{name}_s']:.1f} s for {len(prompts)} problems x {args.eval_new} tokens "
-              f"(batches of {size})", flush=True)
+        print(
+            f"eval {name}: {out[f'{name}_s']:.1f} s for {len(prompts)} problems x {args.eval_new} tokens "
+            f"(batches of {size})",
+            flush=True,
+        )
     if "hf_s" in out and "engine_s" in out:
         out["speedup"] = out["hf_s"] / out["engine_s"]
     return out
@@ -216,13 +267,20 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(1, vocab, (args.prompts, args.prompt_len), generator=gen)
     ids = prompts.repeat_interleave(args.generations, 0).to(args.device)
-    print(f"roofline per decode step = max(bytes / {HBM_BYTES_PER_S:.1e} B/s, FLOPs / {BF16_FLOPS:.1e} FLOP/s); "
-          "bytes = weights without input embedding + KV cache at prompt + new/2; FLOPs = 2 x params x rows", flush=True)
+    print(
+        f"roofline per decode step = max(bytes / {HBM_BYTES_PER_S:.1e} B/s, FLOPs / {BF16_FLOPS:.1e} FLOP/s); "
+        "bytes = weights without input embedding + KV cache at prompt + new/2; FLOPs = 2 x params x rows",
+        flush=True,
+    )
     if args.profile:
         return profile_decode(model, ids, args)
-    report = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-              "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:] if argv is None else argv,
-              "torch": torch.__version__, "rows": []}
+    report = {
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "torch": torch.__version__,
+        "rows": [],
+    }
     for label in args.adapters.split(","):
         if label == "tinylora":
             apply_tinylora(model, args)
@@ -237,8 +295,12 @@ def main(argv=None) -> dict:
         for other in list(engines.values())[1:]:
             other.release()
         if label == "tinylora":
-            keyed = lambda: engine.generate(ids.tolist(), news[0], Sampling(temperature=1.0, keyed=True),  # noqa: E731
-                                            keys=list(range(ids.shape[0])))
+            keyed = lambda: engine.generate(
+                ids.tolist(),
+                news[0],
+                Sampling(temperature=1.0, keyed=True),  # noqa: E731
+                keys=list(range(ids.shape[0])),
+            )
             try:
                 seconds = timed(keyed, args.device, args.repeats)
                 report["keyed_tok_s"] = ids.shape[0] * news[0] / seconds
@@ -248,17 +310,23 @@ def main(argv=None) -> dict:
             n = min(args.mismatch_rows, ids.shape[0])
             if n:
                 report["mismatch"] = mismatch(model, engine, ids[:n], args.mismatch_new)
-                print(f"training-rollout mismatch ({n} rows x {args.mismatch_new} tokens, T=1): {report['mismatch']}",
-                      flush=True)
+                print(
+                    f"training-rollout mismatch ({n} rows x {args.mismatch_new} tokens, T=1): {report['mismatch']}",
+                    flush=True,
+                )
             n = min(args.agreement_rows, ids.shape[0])
             if n:
                 report["agreement"] = agreement(model, engine, prompts[:n].to(args.device), args.agreement_new)
-                print(f"greedy agreement with HF generate ({n} rows x {args.agreement_new} tokens): "
-                      f"{report['agreement']}", flush=True)
+                print(
+                    f"greedy agreement with HF generate ({n} rows x {args.agreement_new} tokens): "
+                    f"{report['agreement']}",
+                    flush=True,
+                )
             engine.release()
             if args.eval_problems:
-                eval_engine = GenerationEngine(model, pad_token_id=0, eos_token_ids=[],
-                                               options=EngineOptions(log=print))
+                eval_engine = GenerationEngine(
+                    model, pad_token_id=0, eos_token_ids=[], options=EngineOptions(log=print)
+                )
                 save(args, report)  # what is measured so far, should the evaluation be cut short
                 report["eval"] = eval_rows(model, eval_engine, args, vocab)
                 eval_engine.release()
@@ -333,12 +401,16 @@ def kernel_report(events, new: int) -> None:
             run_start = e.time_range.start
         run_end = max(run_end, e.time_range.end)
     busy += run_end - run_start
-    print(f"one generation of {new} tokens: {len(kernels)} kernels over {(end - begin) / 1e3:.1f} ms, "
-          f"GPU busy {busy / 1e3:.1f} ms, idle {(end - begin - busy) / 1e3:.1f} ms")
+    print(
+        f"one generation of {new} tokens: {len(kernels)} kernels over {(end - begin) / 1e3:.1f} ms, "
+        f"GPU busy {busy / 1e3:.1f} ms, idle {(end - begin - busy) / 1e3:.1f} ms"
+    )
     middle, steps = (begin + end) / 2, new / 2  # the second half: decode steps only
     decode_gaps = [g for t, g in gaps if t > middle]
-    print(f"decode (second half, ~{steps:.0f} steps): {sum(decode_gaps) / steps:.0f} µs of gaps a step, "
-          f"largest {max(decode_gaps, default=0):.0f} µs")
+    print(
+        f"decode (second half, ~{steps:.0f} steps): {sum(decode_gaps) / steps:.0f} µs of gaps a step, "
+        f"largest {max(decode_gaps, default=0):.0f} µs"
+    )
     per_name = collections.defaultdict(lambda: [0, 0.0])
     for e in kernels:
         if e.time_range.start > middle:
@@ -354,11 +426,19 @@ def print_table(report):
     rows = report["rows"]
     print(f"\ndevice: {report['device']} ({report['date']}, torch {report['torch']})")
     for r in rows:
-        hf = next((h for h in rows if h["path"] == "hf" and h["adapter"] == r["adapter"]
-                   and h["new_tokens"] == r["new_tokens"]), None)
+        hf = next(
+            (
+                h
+                for h in rows
+                if h["path"] == "hf" and h["adapter"] == r["adapter"] and h["new_tokens"] == r["new_tokens"]
+            ),
+            None,
+        )
         vs = f"{r['tok_s'] / hf['tok_s']:.2f}x HF" if hf else ""
-        print(f"| {r['adapter']} | {r['path']} | {r['new_tokens']} | {r['tok_s']:,.0f} | {r['ms_per_step']:.2f} | "
-              f"{100 * r['of_roofline']:.1f}% | {vs} |")
+        print(
+            f"| {r['adapter']} | {r['path']} | {r['new_tokens']} | {r['tok_s']:,.0f} | {r['ms_per_step']:.2f} | "
+            f"{100 * r['of_roofline']:.1f}% | {vs} |"
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,13 @@ def retired_randomized(w, rank, niter=6, oversample=16):
     for _ in range(niter):
         basis = torch.linalg.qr(w @ torch.linalg.qr(w.T @ basis).Q).Q
     small_u, sig, Vh = torch.linalg.svd(basis.T @ w, full_matrices=False)
-    return S.Factors((basis @ small_u)[:, :rank], sig[:rank], Vh[:rank], ((sig[:rank] - sig[1:rank + 1]) / sig[0]).cpu(),
-                     torch.full((rank,), float("nan")))
+    return S.Factors(
+        (basis @ small_u)[:, :rank],
+        sig[:rank],
+        Vh[:rank],
+        ((sig[:rank] - sig[1 : rank + 1]) / sig[0]).cpu(),
+        torch.full((rank,), float("nan")),
+    )
 
 
 def spectrum(kind: str, n: int) -> torch.Tensor:
@@ -122,8 +127,11 @@ def main(argv=None):
                 f = fn(w, RANK)
                 errs = [sin_angle(ref_U[:, :r], f.U[:, :r]) for r in (1, 2, 4, 8)]
                 bounds = [float(f.err[r - 1]) for r in (1, 2, 4, 8)]
-                print(f"| {kind} | {name} | {route} | {', '.join(f'{e:.1e}' for e in errs)} | "
-                      f"{', '.join(f'{b:.1e}' for b in bounds)} | {ties or '-'} |", flush=True)
+                print(
+                    f"| {kind} | {name} | {route} | {', '.join(f'{e:.1e}' for e in errs)} | "
+                    f"{', '.join(f'{b:.1e}' for b in bounds)} | {ties or '-'} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ def nth_call_dies(module, name: str, n: int, before: bool) -> None:
         if not before and calls[0] == n:
             die()
         return out
+
     setattr(module, name, wrapper)
 
 
@@ -73,7 +74,8 @@ def arm(point: str, arg) -> None:
     if point in ("train_step", "train_save"):
         train = cell_module.train
         cell_module.train = lambda spec, built, cell_dir, callbacks: train(
-            spec, built, cell_dir, [*callbacks, KillAt(point, int(arg))])
+            spec, built, cell_dir, [*callbacks, KillAt(point, int(arg))]
+        )
     elif point == "ckpt_write":
         nth_call_dies(torch, "save", int(arg), before=True)
     elif point == "eval":  # generation evaluation's progress bar advances once per generated batch
@@ -85,6 +87,7 @@ def arm(point: str, arg) -> None:
                 if done[0] == n:
                     die()
                 return super().update(k)
+
         generation_module.tqdm = KillingBar
     elif point == "export":
         Adapter.save_native = lambda self, out_dir: die()
@@ -100,6 +103,7 @@ def arm(point: str, arg) -> None:
                 if os.path.basename(str(dst)) == cell_folder.RESULT_FILE:
                     die()
                 return replace(src, dst)
+
         files_module.os = _Os()
 
 
@@ -135,8 +139,13 @@ def folder_facts(folder) -> dict:
     except cell_folder.ResultError as err:
         result_state = f"unusable: {err}"
     ckpts = sorted(int(p.name.split("-")[1]) for p in folder.file(cell_folder.CHECKPOINTS_DIR).glob("checkpoint-*"))
-    return {"state": folder.state(), "holder": folder.holder(), "result": result_state,
-            "checkpoints": ckpts, "tmp_files": sorted(p.name for p in folder.path.glob(".*.tmp"))}
+    return {
+        "state": folder.state(),
+        "holder": folder.holder(),
+        "result": result_state,
+        "checkpoints": ckpts,
+        "tmp_files": sorted(p.name for p in folder.path.glob(".*.tmp")),
+    }
 
 
 def main(plan_path: str) -> None:

@@ -36,8 +36,16 @@ REQUIRE_ENV = "TINYABLATE_REQUIRE_SLURM"
 USABLE_NODE_STATES = {"idle", "mixed"}
 # sacct states after which a job will not run again by itself
 TERMINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
-    "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REVOKED",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "REVOKED",
 }
 
 

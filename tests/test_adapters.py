@@ -9,8 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tinyablate.adapters import apply_adapter, load_native
-from tinyablate.config import AdapterConfig, SVDConfig
 from tinyablate.adapters.layers import projection
+from tinyablate.config import AdapterConfig, SVDConfig
 
 N_LAYERS = 3
 TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -18,8 +18,15 @@ TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 def tiny(family: str, seed: int = 0, dtype=torch.float32):
     torch.manual_seed(seed)
-    common = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=N_LAYERS,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    common = dict(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = Qwen2ForCausalLM(Qwen2Config(**common)) if family == "qwen2" else LlamaForCausalLM(LlamaConfig(**common))
     return model.to(dtype).eval()
 
@@ -166,7 +173,11 @@ def test_merge_matches_unmerged_and_unmerge_is_bit_exact(kind):
     with adapter.disabled():
         base_named = dict(adapter.model.named_parameters())
     for name, value in pristine.items():
-        match = [v for n, v in base_named.items() if n.endswith(name.replace(".weight", ".base_layer.weight")) or n.endswith(name)]
+        match = [
+            v
+            for n, v in base_named.items()
+            if n.endswith(name.replace(".weight", ".base_layer.weight")) or n.endswith(name)
+        ]
         assert any(torch.equal(m, value) for m in match), name
     assert torch.equal(adapter.model(IDS).logits, unmerged)
 
@@ -311,9 +322,13 @@ def test_bad_input_names_the_field_and_touches_nothing(kw, field):
 
 
 def test_layers_subset_and_targets():
-    adapter = apply_adapter(tiny("qwen2"), cfg(kind="tinylora", layers=[0, 2], target_modules=["q_proj", "down_proj"]), "t")
+    adapter = apply_adapter(
+        tiny("qwen2"), cfg(kind="tinylora", layers=[0, 2], target_modules=["q_proj", "down_proj"]), "t"
+    )
     assert sorted(adapter.layers) == [
-        "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj",
-        "model.layers.2.mlp.down_proj", "model.layers.2.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.2.mlp.down_proj",
+        "model.layers.2.self_attn.q_proj",
     ]
     assert adapter.trainable_params == 4 * 4

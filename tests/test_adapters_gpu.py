@@ -14,15 +14,22 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def model_on_gpu(dtype):
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = Qwen2Config(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return Qwen2ForCausalLM(cfg).to("cuda", dtype).eval()
 
 
 def run(dtype, forward):
     model = model_on_gpu(dtype)
-    adapter = apply_adapter(model, AdapterConfig(kind="tinylora", r=2, u=8, forward=forward,
-                                                 svd=SVDConfig(cache_dir="")), "gpu-test")
+    adapter = apply_adapter(
+        model, AdapterConfig(kind="tinylora", r=2, u=8, forward=forward, svd=SVDConfig(cache_dir="")), "gpu-test"
+    )
     with torch.no_grad():
         for i, p in enumerate(adapter.trainable_parameters()):
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(p) * 0.3)

@@ -19,33 +19,81 @@ MODELS = {"qwen2.5-0.5b": ("qwen2", "0.5B"), "smollm2-135m": ("llama", "135M")}
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def make_result(*, model="qwen2.5-0.5b", algo="grpo", kind="tinylora", params=13, accuracy=0.5, seed=0,
-                task="arithmetic", scorer="flexible", sweep="main", r=2, u=None, tie="all", sharing="tiled",
-                precision="fp32", base=0.30, gpu_hours=0.01) -> dict:
+def make_result(
+    *,
+    model="qwen2.5-0.5b",
+    algo="grpo",
+    kind="tinylora",
+    params=13,
+    accuracy=0.5,
+    seed=0,
+    task="arithmetic",
+    scorer="flexible",
+    sweep="main",
+    r=2,
+    u=None,
+    tie="all",
+    sharing="tiled",
+    precision="fp32",
+    base=0.30,
+    gpu_hours=0.01,
+) -> dict:
     family, size = MODELS.get(model, ("qwen2", "?"))
     u = params if u is None else u
     nbytes = params * BYTES[precision]
     adapter_cfg = {"kind": kind, "r": r, "u": u, "tie": tie, "sharing": sharing, "precision": precision}
     label = f"{model}-{task}-{algo}-{kind}-r{r}-u{u}-t{tie}-{sharing}-{precision}-p{params}-s{seed}"
-    reward = {"first_loss": 2.0, "last_loss": 1.0} if algo == "sft" else \
-        {"first": 0.1, "last": accuracy, "mean_last10": accuracy, "max": 1.0}
+    reward = (
+        {"first_loss": 2.0, "last_loss": 1.0}
+        if algo == "sft"
+        else {"first": 0.1, "last": accuracy, "mean_last10": accuracy, "max": 1.0}
+    )
     return {
-        "schema_version": 1, "cell_id": label, "status": "completed", "sweep": sweep,
-        "config": {"model": {"name": model, "device": "cpu"}, "adapter": {**adapter_cfg, "forward": "fused"},
-                   "task": {"name": task, "scorer": scorer}, "algo": {"name": algo, "learning_rate": 0.002,
-                                                                      "max_steps": 50, "micro_batch_size": 4},
-                   "eval": {"n": 100, "batch_size": 8}, "seed": seed, "sweep": sweep, "output_dir": "runs"},
+        "schema_version": 1,
+        "cell_id": label,
+        "status": "completed",
+        "sweep": sweep,
+        "config": {
+            "model": {"name": model, "device": "cpu"},
+            "adapter": {**adapter_cfg, "forward": "fused"},
+            "task": {"name": task, "scorer": scorer},
+            "algo": {"name": algo, "learning_rate": 0.002, "max_steps": 50, "micro_batch_size": 4},
+            "eval": {"n": 100, "batch_size": 8},
+            "seed": seed,
+            "sweep": sweep,
+            "output_dir": "runs",
+        },
         "model": {"name": model, "family": family, "size": size, "n_params": 1000, "model_id": f"hub:{model}"},
-        "adapter": {**adapter_cfg, "trainable_params": params, "trainable_bytes": nbytes, "n_modules": 168,
-                    "n_groups": 1},
+        "adapter": {
+            **adapter_cfg,
+            "trainable_params": params,
+            "trainable_bytes": nbytes,
+            "n_modules": 168,
+            "n_groups": 1,
+        },
         "algo": {"name": algo, "learning_rate": 0.002, "steps": 0 if kind == "none" else 50},
         "task": {"name": task, "scorer": scorer},
-        "metrics": {"accuracy": accuracy, "accuracy_strict": 0.0, "accuracy_flexible": accuracy, "n_eval": 100,
-                    "base_accuracy": base, "base_accuracy_strict": 0.0, "base_accuracy_flexible": base,
-                    "base_cached": True, "reward": None if kind == "none" else reward,
-                    "train_steps": 0 if kind == "none" else 50, "resumed_from_step": None},
-        "timing": {"wall_s": 3600 * gpu_hours, "train_s": 1.0, "eval_s": 1.0, "setup_s": 1.0, "n_gpus": 1,
-                   "gpu_hours": gpu_hours},
+        "metrics": {
+            "accuracy": accuracy,
+            "accuracy_strict": 0.0,
+            "accuracy_flexible": accuracy,
+            "n_eval": 100,
+            "base_accuracy": base,
+            "base_accuracy_strict": 0.0,
+            "base_accuracy_flexible": base,
+            "base_cached": True,
+            "reward": None if kind == "none" else reward,
+            "train_steps": 0 if kind == "none" else 50,
+            "resumed_from_step": None,
+        },
+        "timing": {
+            "wall_s": 3600 * gpu_hours,
+            "train_s": 1.0,
+            "eval_s": 1.0,
+            "setup_s": 1.0,
+            "n_gpus": 1,
+            "gpu_hours": gpu_hours,
+        },
         "provenance": {"git": "abc"},
     }
 
@@ -73,8 +121,20 @@ def build_main_sweep(root: Path) -> tuple:
     d = root / "main"
     n = 0
     for model in MODELS:
-        write_cell(d, make_result(model=model, kind="none", params=0, accuracy=0.30 if "qwen" in model else 0.25,
-                                  r=None, u=None, tie=None, sharing=None, gpu_hours=0.001))
+        write_cell(
+            d,
+            make_result(
+                model=model,
+                kind="none",
+                params=0,
+                accuracy=0.30 if "qwen" in model else 0.25,
+                r=None,
+                u=None,
+                tie=None,
+                sharing=None,
+                gpu_hours=0.001,
+            ),
+        )
         n += 1
         for algo in ("grpo", "sft"):
             for params in (1, 13, 196, 5000):
@@ -83,13 +143,26 @@ def build_main_sweep(root: Path) -> tuple:
                     if (model, algo, params) == ("qwen2.5-0.5b", "grpo", 13):
                         acc = HAND[seed]
                     kind = "lora" if params == 5000 else "tinylora"
-                    write_cell(d, make_result(model=model, algo=algo, kind=kind, params=params, accuracy=acc, seed=seed))
+                    write_cell(
+                        d, make_result(model=model, algo=algo, kind=kind, params=params, accuracy=acc, seed=seed)
+                    )
                     n += 1
             # tiled vs structured at matched counts
             for sharing, acc in (("tiled", 0.6), ("structured", 0.55)):
                 for seed in range(3):
-                    write_cell(d, make_result(model=model, algo=algo, params=336, u=4, tie=2, sharing=sharing,
-                                              accuracy=acc + 0.01 * seed, seed=seed))
+                    write_cell(
+                        d,
+                        make_result(
+                            model=model,
+                            algo=algo,
+                            params=336,
+                            u=4,
+                            tie=2,
+                            sharing=sharing,
+                            accuracy=acc + 0.01 * seed,
+                            seed=seed,
+                        ),
+                    )
                     n += 1
     # precision axis (bf16: 16 bits/param) and frozen rank axis (r=1 vs r=2 at 13 params)
     for seed in range(3):
@@ -98,10 +171,19 @@ def build_main_sweep(root: Path) -> tuple:
         n += 2
     failed = d / "failed-cell"
     failed.mkdir()
-    (failed / "result.json").write_text(json.dumps({
-        "schema_version": 1, "cell_id": "failed-cell", "status": "failed", "sweep": "main", "config": {},
-        "error": {"type": "RuntimeError", "message": "CUDA out of memory", "traceback": "..."},
-        "timing": {"wall_s": 12.0}}))
+    (failed / "result.json").write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "cell_id": "failed-cell",
+                "status": "failed",
+                "sweep": "main",
+                "config": {},
+                "error": {"type": "RuntimeError", "message": "CUDA out of memory", "traceback": "..."},
+                "timing": {"wall_s": 12.0},
+            }
+        )
+    )
     torn = d / "torn-cell"
     torn.mkdir()
     (torn / "result.json").write_text('{"schema_version": 1, "cell_id": "torn-cell", "sta')
@@ -141,23 +223,59 @@ def read_csv(path: Path) -> list:
 def test_summary_csv_numbers(report):
     rows = read_csv(report["out"] / "summary.csv")
     assert len(rows) == report["n"] + 4  # main completed + 4 gsm8k cells; failed/torn/running left out
-    assert set(rows[0]) >= {"cell_id", "sweep", "task", "scorer", "model", "family", "size", "algo", "kind", "r",
-                            "u", "tie", "sharing", "precision", "seed", "trainable_params", "trainable_bytes",
-                            "bits_per_param", "accuracy", "gpu_hours", "wall_s"}
+    assert set(rows[0]) >= {
+        "cell_id",
+        "sweep",
+        "task",
+        "scorer",
+        "model",
+        "family",
+        "size",
+        "algo",
+        "kind",
+        "r",
+        "u",
+        "tie",
+        "sharing",
+        "precision",
+        "seed",
+        "trainable_params",
+        "trainable_bytes",
+        "bits_per_param",
+        "accuracy",
+        "gpu_hours",
+        "wall_s",
+    }
     bits = {(r["precision"], r["kind"]): r["bits_per_param"] for r in rows}
     assert float(bits[("bf16", "tinylora")]) == 16
     assert float(bits[("fp32", "tinylora")]) == 32
     assert bits[("", "none")] == ""  # 0 parameters: no bits per parameter
-    hand = [r for r in rows if r["model"] == "qwen2.5-0.5b" and r["algo"] == "grpo" and r["trainable_params"] == "13"
-            and r["precision"] == "fp32" and r["r"] == "2" and r["task"] == "arithmetic"]
+    hand = [
+        r
+        for r in rows
+        if r["model"] == "qwen2.5-0.5b"
+        and r["algo"] == "grpo"
+        and r["trainable_params"] == "13"
+        and r["precision"] == "fp32"
+        and r["r"] == "2"
+        and r["task"] == "arithmetic"
+    ]
     assert sorted(float(r["accuracy"]) for r in hand) == HAND
 
     mean = sum(HAND) / 3
     sd = math.sqrt(sum((a - mean) ** 2 for a in HAND) / 2)
     half = T_975_DF2 * sd / math.sqrt(3)
     groups = read_csv(report["out"] / "summary_groups.csv")
-    g = [g for g in groups if g["model"] == "qwen2.5-0.5b" and g["algo"] == "grpo" and g["trainable_params"] == "13"
-         and g["precision"] == "fp32" and g["r"] == "2" and g["task"] == "arithmetic"]
+    g = [
+        g
+        for g in groups
+        if g["model"] == "qwen2.5-0.5b"
+        and g["algo"] == "grpo"
+        and g["trainable_params"] == "13"
+        and g["precision"] == "fp32"
+        and g["r"] == "2"
+        and g["task"] == "arithmetic"
+    ]
     assert len(g) == 1 and g[0]["n_seeds"] == "3"
     assert float(g[0]["accuracy_mean"]) == pytest.approx(mean, abs=1e-5)
     assert float(g[0]["ci_low"]) == pytest.approx(mean - half, abs=1e-5)
@@ -279,8 +397,11 @@ def test_wandb_offline_summary_run(report, tmp_path, monkeypatch):
     assert chart["_type"] == "table-file"
     series = json.loads((runs[0] / "files" / chart["path"]).read_text())
     assert {row[series["columns"].index("lineKey")] for row in series["data"]} == {
-        "qwen2 · qwen2.5-0.5b · grpo", "qwen2 · qwen2.5-0.5b · sft", "llama · smollm2-135m · grpo",
-        "llama · smollm2-135m · sft"}
+        "qwen2 · qwen2.5-0.5b · grpo",
+        "qwen2 · qwen2.5-0.5b · sft",
+        "llama · smollm2-135m · grpo",
+        "llama · smollm2-135m · sft",
+    }
     for fam in ("qwen2", "llama"):
         for algo in ("grpo", "sft"):
             assert f"arithmetic-flexible/scatter/{fam}-{algo}_table" in run.summary
@@ -293,14 +414,25 @@ def test_wandb_offline_summary_run(report, tmp_path, monkeypatch):
 class _FakeRun:
     def __init__(self, result: dict, job_type: str):
         self.job_type = job_type
-        self.config = {**result["config"], "cell_id": result["cell_id"], "model_family": result["model"]["family"],
-                       "model_size": result["model"]["size"], "trainable_params": result["adapter"]["trainable_params"],
-                       "trainable_bytes": result["adapter"]["trainable_bytes"]}
+        self.config = {
+            **result["config"],
+            "cell_id": result["cell_id"],
+            "model_family": result["model"]["family"],
+            "model_size": result["model"]["size"],
+            "trainable_params": result["adapter"]["trainable_params"],
+            "trainable_bytes": result["adapter"]["trainable_bytes"],
+        }
         m = result["metrics"]
-        self.summary = {"eval/accuracy": {"last": m["accuracy"]}, "eval/accuracy_flexible": m["accuracy_flexible"],
-                        "eval/accuracy_strict": m["accuracy_strict"], "eval/base_accuracy": m["base_accuracy"],
-                        "eval/n_eval": m["n_eval"], "train_steps": m["train_steps"],
-                        "gpu_hours": result["timing"]["gpu_hours"], "wall_s": result["timing"]["wall_s"]}
+        self.summary = {
+            "eval/accuracy": {"last": m["accuracy"]},
+            "eval/accuracy_flexible": m["accuracy_flexible"],
+            "eval/accuracy_strict": m["accuracy_strict"],
+            "eval/base_accuracy": m["base_accuracy"],
+            "eval/n_eval": m["n_eval"],
+            "train_steps": m["train_steps"],
+            "gpu_hours": result["timing"]["gpu_hours"],
+            "wall_s": result["timing"]["wall_s"],
+        }
 
 
 class _FakeApi:
@@ -327,8 +459,25 @@ def test_results_read_back_from_wandb_runs_match_the_local_rows(tmp_path):
     assert api.asked == [("ent/tinyablate", {"group": "sw"})] and len(got) == 3
     for local, remote in zip(results, got):
         a, b = result_row(Result.parse(local), "sw"), result_row(Result.parse(remote), "sw")
-        for key in ("cell_id", "model", "family", "algo", "kind", "r", "u", "tie", "sharing", "precision", "seed",
-                    "trainable_params", "trainable_bytes", "accuracy", "accuracy_strict", "base_accuracy", "gpu_hours"):
+        for key in (
+            "cell_id",
+            "model",
+            "family",
+            "algo",
+            "kind",
+            "r",
+            "u",
+            "tie",
+            "sharing",
+            "precision",
+            "seed",
+            "trainable_params",
+            "trainable_bytes",
+            "accuracy",
+            "accuracy_strict",
+            "base_accuracy",
+            "gpu_hours",
+        ):
             assert a[key] == b[key], key
 
 
@@ -338,9 +487,19 @@ def with_tasks(result: dict, tasks: dict) -> dict:
     out = json.loads(json.dumps(result))
     out["schema_version"] = 2
     out["metrics"]["tasks"] = {
-        name: {"scorer": "acc", "accuracy": acc, "base_accuracy": base, "delta": acc - base, "n_eval": n,
-               "trained_on": name == result["task"]["name"], "base_cached": True, "final": {}, "base": {}}
-        for name, (acc, base, n) in tasks.items()}
+        name: {
+            "scorer": "acc",
+            "accuracy": acc,
+            "base_accuracy": base,
+            "delta": acc - base,
+            "n_eval": n,
+            "trained_on": name == result["task"]["name"],
+            "base_cached": True,
+            "final": {},
+            "base": {},
+        }
+        for name, (acc, base, n) in tasks.items()
+    }
     return out
 
 
@@ -356,8 +515,10 @@ def test_transfer_matrix_with_intervals_and_per_task_curves(tmp_path):
     write_cell(d, with_tasks(one, {"mmlu_cs": (0.45, 0.40, 412), "gsm8k": (0.45, 0.5, 100)}))
     v1 = make_result(task="arithmetic", seed=0, accuracy=0.7, params=1)  # schema 1: its own task alone
     write_cell(d, v1)
-    qlora = with_tasks(make_result(task="gsm8k", scorer="strict", kind="lora", params=20_185_088, accuracy=0.6),
-                       {"gsm8k": (0.6, 0.5, 100), "mmlu_cs": (0.3, 0.4, 412)})
+    qlora = with_tasks(
+        make_result(task="gsm8k", scorer="strict", kind="lora", params=20_185_088, accuracy=0.6),
+        {"gsm8k": (0.6, 0.5, 100), "mmlu_cs": (0.3, 0.4, 412)},
+    )
     qlora["config"]["model"]["quantization"] = qlora["model"]["quantization"] = "nf4"
     write_cell(d, qlora)
     sweeps = load_sweeps([d])

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("triton")
 
 # Run in a child process: TRITON_INTERPRET must be set before triton is imported.
-CHECK = textwrap.dedent('''
+CHECK = textwrap.dedent("""
     import itertools, sys
     import torch
     from tinyablate.engine.attention import decode_attention
@@ -48,19 +48,25 @@ CHECK = textwrap.dedent('''
         worst = max(worst, (out - reference(q, k, v, start, slot, 0.3, src, pend)).abs().max().item())
     print(worst)
     sys.exit(0 if worst < 1e-5 else 1)
-''')
+""")
 
 
 def test_decode_attention_kernels_match_a_float64_reference_in_the_interpreter():
     """Rows alone and in groups sharing a prompt's cache row, 1 and 3 key slices, a prompt end inside a key
     block and on its edge; each row's own prompt slots hold other numbers."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=Path(__file__).resolve().parents[1])
+    run = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
 
 
-ENGINE_CHECK = textwrap.dedent('''
+ENGINE_CHECK = textwrap.dedent("""
     import sys
     import torch
     from transformers import LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM
@@ -92,7 +98,7 @@ ENGINE_CHECK = textwrap.dedent('''
     ref = hf(24, do_sample=False, logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 0.8)]))
     ours = engine.generate(ps, 24, Sampling(temperature=0.8, keyed=True), keys=keys)
     assert ours == ref and ours[0] != ours[1], "keyed"
-''')
+""")
 
 
 @pytest.mark.parametrize("share_prompts", [True, False])
@@ -100,6 +106,12 @@ def test_engine_with_shared_prompts_matches_hf_generate_in_the_interpreter(share
     """The engine's Triton decode attention with repeated prompts (read from the one cache row that holds
     each, or each row from its own), fp32: HF generate's greedy and keyed tokens."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", ENGINE_CHECK, str(share_prompts)], env=env, capture_output=True, text=True, timeout=900,
-                         cwd=Path(__file__).resolve().parents[1])
+    run = subprocess.run(
+        [sys.executable, "-c", ENGINE_CHECK, str(share_prompts)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]

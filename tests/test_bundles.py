@@ -16,8 +16,10 @@ from test_sweeps import TINY, fail_when_run, launch
 
 
 def _results(runs) -> dict:
-    return {json.loads(p.read_text())["config"]["adapter"]["u"]: json.loads(p.read_text())
-            for p in runs.rglob("result.json")}
+    return {
+        json.loads(p.read_text())["config"]["adapter"]["u"]: json.loads(p.read_text())
+        for p in runs.rglob("result.json")
+    }
 
 
 def test_a_bundle_runs_its_cells_one_after_another_and_a_failure_stops_none(tmp_path):
@@ -41,8 +43,10 @@ def test_a_bundle_runs_its_cells_one_after_another_and_a_failure_stops_none(tmp_
 def test_bundles_group_cells_of_one_gpu_count_and_never_multi_gpu_cells():
     from hydra_plugins.tinyablate.submit import bundles
 
-    cells = [SimpleNamespace(name=n, spec=SimpleNamespace(gpus=g))
-             for n, g in [("a", 1), ("b", 1), ("c", 1), ("d", 2), ("e", 1), ("f", 0), ("g", 0)]]
+    cells = [
+        SimpleNamespace(name=n, spec=SimpleNamespace(gpus=g))
+        for n, g in [("a", 1), ("b", 1), ("c", 1), ("d", 2), ("e", 1), ("f", 0), ("g", 0)]
+    ]
     groups = [[c.name for c in b] for b in bundles(cells, 2)]
     assert groups == [["a", "b"], ["d"], ["c", "e"], ["f", "g"]]
     assert sorted([c.name for c in b] for b in bundles(cells, 1)) == [[c.name] for c in cells]
@@ -50,8 +54,9 @@ def test_bundles_group_cells_of_one_gpu_count_and_never_multi_gpu_cells():
 
 @pytest.mark.parametrize("value", ["0", "two", "1.5", "-3"])
 def test_cells_per_gpu_that_is_no_positive_integer_or_auto_is_refused(value, tmp_path):
-    proc = launch(["-m", *TINY, f"output_dir={tmp_path}/runs", "dry_run=true", f"hydra.launcher.cells_per_gpu={value}"],
-                  tmp_path)
+    proc = launch(
+        ["-m", *TINY, f"output_dir={tmp_path}/runs", "dry_run=true", f"hydra.launcher.cells_per_gpu={value}"], tmp_path
+    )
     assert proc.returncode != 0
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "cells_per_gpu" in line]
     assert lines and "a positive integer or auto" in lines[0], proc.stdout + proc.stderr[-2000:]
@@ -59,8 +64,18 @@ def test_cells_per_gpu_that_is_no_positive_integer_or_auto_is_refused(value, tmp
 
 def test_cells_per_gpu_on_slurm_without_a_bundle_is_refused(tmp_path):
     """On SLURM, cells_per_gpu runs cells of one job's bundle at once: without cells_per_job there is none."""
-    proc = launch(["-m", *TINY, f"output_dir={tmp_path}/runs", "dry_run=true", "gpus=0", "hydra/launcher=slurm",
-                   "hydra.launcher.cells_per_gpu=2"], tmp_path)
+    proc = launch(
+        [
+            "-m",
+            *TINY,
+            f"output_dir={tmp_path}/runs",
+            "dry_run=true",
+            "gpus=0",
+            "hydra/launcher=slurm",
+            "hydra.launcher.cells_per_gpu=2",
+        ],
+        tmp_path,
+    )
     assert proc.returncode != 0
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "cells_per_gpu" in line]
     assert lines and "set hydra.launcher.cells_per_job too" in lines[0], proc.stdout + proc.stderr[-2000:]
@@ -138,8 +153,19 @@ def fake_cell_worker(tasks, results, threads):
             os._exit(3)
         t0 = time.time()
         time.sleep(1.5)
-        results.put(("done", i, {"cell_id": f"seed{spec['seed']}", "status": "completed", "span": (t0, time.time()),
-                                 "pid": os.getpid(), "threads": threads}))
+        results.put(
+            (
+                "done",
+                i,
+                {
+                    "cell_id": f"seed{spec['seed']}",
+                    "status": "completed",
+                    "span": (t0, time.time()),
+                    "pid": os.getpid(),
+                    "threads": threads,
+                },
+            )
+        )
 
 
 def test_a_jobs_bundle_runs_cells_at_once_and_a_dead_worker_fails_only_its_cell(tmp_path):

@@ -15,8 +15,17 @@ import torch
 
 from tinyablate.cell import run_cell
 from tinyablate.cell_folder import CellFolder
-from tinyablate.config import (AdapterConfig, AlgoConfig, CellSpec, ConfigError, EvalConfig, LoggerConfig, ModelConfig,
-                               TaskConfig, cell_id)
+from tinyablate.config import (
+    AdapterConfig,
+    AlgoConfig,
+    CellSpec,
+    ConfigError,
+    EvalConfig,
+    LoggerConfig,
+    ModelConfig,
+    TaskConfig,
+    cell_id,
+)
 from wandb_reader import find_offline_runs, read_run
 
 SECRET = "wandb-secret-key-0123456789abcdef0123456789"
@@ -30,8 +39,17 @@ def result_on_disk(cell_dir):
 
 
 def tiny_spec(tmp_path, algo="grpo", kind="tinylora", family="tiny-qwen2", **algo_kw) -> CellSpec:
-    settings = dict(name=algo, max_steps=4, learning_rate=1e-2, prompts_per_step=2, num_generations=4,
-                    micro_batch_size=4, max_completion_length=12, max_length=96, save_steps=2)
+    settings = dict(
+        name=algo,
+        max_steps=4,
+        learning_rate=1e-2,
+        prompts_per_step=2,
+        num_generations=4,
+        micro_batch_size=4,
+        max_completion_length=12,
+        max_length=96,
+        save_steps=2,
+    )
     settings.update(algo_kw)
     return CellSpec(
         model=ModelConfig(name=family, cache_dir=str(tmp_path / "cache")),
@@ -40,7 +58,8 @@ def tiny_spec(tmp_path, algo="grpo", kind="tinylora", family="tiny-qwen2", **alg
         algo=AlgoConfig(**settings),
         eval=EvalConfig(batch_size=12, max_new_tokens=12),
         logger=LoggerConfig(mode="offline"),
-        output_dir=str(tmp_path / "runs"), sweep="unit",
+        output_dir=str(tmp_path / "runs"),
+        sweep="unit",
     )
 
 
@@ -277,8 +296,11 @@ def test_killed_cell_resumes_from_checkpoint_with_same_step_count(tmp_path):
     assert result["status"] == "completed"
     assert result["metrics"]["train_steps"] == 12
     assert result["metrics"]["resumed_from_step"] in (6, 9)
-    logged = [json.loads(line)["step"] for line in (cell_dir / "metrics.jsonl").read_text().splitlines()
-              if "train/loss" in line]
+    logged = [
+        json.loads(line)["step"]
+        for line in (cell_dir / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
+    ]
     assert max(logged) == 12
     steps = [json.loads(line)["step"] for line in (cell_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(0) == 1  # ascending across the resume; the base line once

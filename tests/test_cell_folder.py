@@ -6,21 +6,56 @@ import json
 
 import pytest
 
-from tinyablate.cell_folder import (SCHEMA_VERSION, AdapterRecord, AlgoRecord, CellFolder, ErrorRecord, Metrics,
-                                    ModelRecord, Result, ResultError, TaskRecord, Timing, sweep_cell_folders)
+from tinyablate.cell_folder import (
+    SCHEMA_VERSION,
+    AdapterRecord,
+    AlgoRecord,
+    CellFolder,
+    ErrorRecord,
+    Metrics,
+    ModelRecord,
+    Result,
+    ResultError,
+    TaskRecord,
+    Timing,
+    sweep_cell_folders,
+)
 from tinyablate.config import CellSpec, cell_id
 
 
 def completed(cid="cell-1") -> Result:
     return Result(
-        cell_id=cid, status="completed", sweep="s", config={"seed": 0},
+        cell_id=cid,
+        status="completed",
+        sweep="s",
+        config={"seed": 0},
         model=ModelRecord(name="tiny-qwen2", family="qwen2", size="0.16M", n_params=156_224, model_id="random:1"),
-        adapter=AdapterRecord(trainable_params=13, kind="tinylora", r=2, u=13, tie="all", sharing="tiled",
-                              precision="fp32", trainable_bytes=52, n_modules=14, n_groups=1),
-        algo=AlgoRecord(name="grpo", learning_rate=1e-5, steps=4), task=TaskRecord(name="arithmetic", scorer="strict"),
-        metrics=Metrics(accuracy=0.5, accuracy_strict=0.5, accuracy_flexible=0.6, n_eval=8, base_accuracy=None,
-                        reward={"first": 0.1, "last": 0.4, "mean_last10": 0.3, "max": 0.5}, train_steps=4),
-        timing=Timing(wall_s=3.0, train_s=1.0, n_gpus=0, world_size=1, gpu_hours=0.0), provenance={"git": {}})
+        adapter=AdapterRecord(
+            trainable_params=13,
+            kind="tinylora",
+            r=2,
+            u=13,
+            tie="all",
+            sharing="tiled",
+            precision="fp32",
+            trainable_bytes=52,
+            n_modules=14,
+            n_groups=1,
+        ),
+        algo=AlgoRecord(name="grpo", learning_rate=1e-5, steps=4),
+        task=TaskRecord(name="arithmetic", scorer="strict"),
+        metrics=Metrics(
+            accuracy=0.5,
+            accuracy_strict=0.5,
+            accuracy_flexible=0.6,
+            n_eval=8,
+            base_accuracy=None,
+            reward={"first": 0.1, "last": 0.4, "mean_last10": 0.3, "max": 0.5},
+            train_steps=4,
+        ),
+        timing=Timing(wall_s=3.0, train_s=1.0, n_gpus=0, world_size=1, gpu_hours=0.0),
+        provenance={"git": {}},
+    )
 
 
 def test_a_result_round_trips_through_its_folder(tmp_path):
@@ -51,16 +86,22 @@ def test_fields_written_by_another_version_are_kept(tmp_path):
     assert result.to_dict() == raw
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda r: r["metrics"].pop("accuracy"), "metrics.accuracy is missing"),
-    (lambda r: r["metrics"].update(accuracy="high"), "metrics.accuracy='high' is not a float"),
-    (lambda r: r["adapter"].update(trainable_params=True), "adapter.trainable_params=True is not an int"),
-    (lambda r: r.pop("metrics"), "a completed result lacks metrics"),
-    (lambda r: r.update(status="done"), "unknown status 'done'"),
-    (lambda r: r.update(schema_version=3), "has schema_version 3 (expected one of"),
-    (lambda r: r["metrics"].update(tasks={"mmlu_cs": {"scorer": "acc"}}), "metrics.tasks.mmlu_cs.accuracy is missing"),
-    (lambda r: r.pop("cell_id"), "no status/cell_id"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda r: r["metrics"].pop("accuracy"), "metrics.accuracy is missing"),
+        (lambda r: r["metrics"].update(accuracy="high"), "metrics.accuracy='high' is not a float"),
+        (lambda r: r["adapter"].update(trainable_params=True), "adapter.trainable_params=True is not an int"),
+        (lambda r: r.pop("metrics"), "a completed result lacks metrics"),
+        (lambda r: r.update(status="done"), "unknown status 'done'"),
+        (lambda r: r.update(schema_version=3), "has schema_version 3 (expected one of"),
+        (
+            lambda r: r["metrics"].update(tasks={"mmlu_cs": {"scorer": "acc"}}),
+            "metrics.tasks.mmlu_cs.accuracy is missing",
+        ),
+        (lambda r: r.pop("cell_id"), "no status/cell_id"),
+    ],
+)
 def test_a_result_that_does_not_fit_the_schema_says_where(change, message):
     raw = completed().to_dict()
     change(raw)
@@ -82,8 +123,9 @@ def test_state_running_failed_unreadable_and_a_retry(tmp_path):
         folder.mark_running(1)
         assert folder.state() == "running" and folder.read_running()["world_size"] == 1
         folder.clear_running()
-    folder.write_result(Result(cell_id="c", status="failed", error=ErrorRecord(type="E", message="boom"),
-                               timing=Timing(wall_s=1.0)))
+    folder.write_result(
+        Result(cell_id="c", status="failed", error=ErrorRecord(type="E", message="boom"), timing=Timing(wall_s=1.0))
+    )
     assert folder.state() == "failed" and folder.read_result().error.message == "boom"
     folder.move_result_aside("failed")
     assert folder.state() == "pending" and len(list(folder.path.glob("result.failed-*.json"))) == 1
@@ -119,6 +161,7 @@ with folder.locked():
 def _holder_process(path):
     import subprocess
     import sys
+
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -127,8 +170,10 @@ def _holder_process(path):
 def test_a_killed_holder_reads_interrupted_and_a_live_one_running(tmp_path):
     """running.json alone says nothing: a dead process's cell is interrupted, not running forever."""
     import signal
+
     from tinyablate.cell_folder import CellBusy
     from tinyablate.status import cell_row, live_job
+
     folder = CellFolder(tmp_path / "c")
     proc = _holder_process(folder.path)
     try:
@@ -149,6 +194,7 @@ def test_a_killed_holder_reads_interrupted_and_a_live_one_running(tmp_path):
 def test_every_cell_file_gets_one_mode_and_a_rerun_removes_temp_files(tmp_path):
     import os
     import stat
+
     folder = CellFolder(tmp_path / "c")
     folder.write_result(completed("c"))
     folder.write_spec(CellSpec())
@@ -161,10 +207,13 @@ def test_every_cell_file_gets_one_mode_and_a_rerun_removes_temp_files(tmp_path):
     assert not list(folder.path.glob(".*.tmp")) and os.path.exists(folder.path / "result.json")
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(n_eval=0), "n_eval=0"),
-    (dict(steps=0), "after 0 training steps, but algo.max_steps=4"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(n_eval=0), "n_eval=0"),
+        (dict(steps=0), "after 0 training steps, but algo.max_steps=4"),
+    ],
+)
 def test_a_result_that_evaluated_nothing_or_trained_short_is_not_completed(tmp_path, change, match):
     result = completed()
     result.config = {"train": True, "algo": {"max_steps": 4}}

@@ -14,24 +14,44 @@ from tinyablate.config import AdapterConfig, AlgoConfig, CellSpec, EvalConfig, L
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("algo,kind,quantization", [("grpo", "tinylora", "none"), ("sft", "tinylora", "none"),
-                                                    ("grpo", "lora_xs", "none"), ("sft", "lora", "none"),
-                                                    ("grpo", "lora", "nf4"), ("sft", "lora", "nf4")])
+@pytest.mark.parametrize(
+    "algo,kind,quantization",
+    [
+        ("grpo", "tinylora", "none"),
+        ("sft", "tinylora", "none"),
+        ("grpo", "lora_xs", "none"),
+        ("sft", "lora", "none"),
+        ("grpo", "lora", "nf4"),
+        ("sft", "lora", "nf4"),
+    ],
+)
 def test_cell_on_gpu(tmp_path, algo, kind, quantization):
     """A cell through run_cell on CUDA (GRPO rollouts and evaluation through the generation engine, the
     default there); adapter=lora on an nf4 base is QLoRA."""
     if quantization != "none":
         pytest.importorskip("bitsandbytes")
     spec = CellSpec(
-        model=ModelConfig(name="tiny-qwen2", device="cuda", dtype="auto", cache_dir=str(tmp_path / "cache"),
-                          quantization=quantization),
+        model=ModelConfig(
+            name="tiny-qwen2", device="cuda", dtype="auto", cache_dir=str(tmp_path / "cache"), quantization=quantization
+        ),
         adapter=AdapterConfig(kind=kind, r=2, u=4, tie=2),
         task=TaskConfig(name="arithmetic", max_value=9, train_size=40, eval_size=16, scorer="flexible"),
-        algo=AlgoConfig(name=algo, max_steps=3, learning_rate=1e-2, prompts_per_step=4, num_generations=4,
-                        micro_batch_size=8 if algo == "grpo" else 4, max_completion_length=12, max_length=96,
-                        save_steps=2),
+        algo=AlgoConfig(
+            name=algo,
+            max_steps=3,
+            learning_rate=1e-2,
+            prompts_per_step=4,
+            num_generations=4,
+            micro_batch_size=8 if algo == "grpo" else 4,
+            max_completion_length=12,
+            max_length=96,
+            save_steps=2,
+        ),
         eval=EvalConfig(batch_size=16, max_new_tokens=12),
-        logger=LoggerConfig(mode="disabled"), output_dir=str(tmp_path / "runs"), sweep="gpu", gpus=1,
+        logger=LoggerConfig(mode="disabled"),
+        output_dir=str(tmp_path / "runs"),
+        sweep="gpu",
+        gpus=1,
     )
     result = run_cell(spec)
     assert result["status"] == "completed" and result["metrics"]["train_steps"] == 3
@@ -46,10 +66,20 @@ def _sft_spec(tmp_path, name: str, gpus: int) -> CellSpec:
         model=ModelConfig(name="tiny-qwen2", device="auto", dtype="float32", cache_dir=str(tmp_path / "cache")),
         adapter=AdapterConfig(kind="tinylora", r=2, u=4, tie=2),
         task=TaskConfig(name="arithmetic", max_value=9, train_size=40, eval_size=16, scorer="flexible"),
-        algo=AlgoConfig(name="sft", max_steps=3, learning_rate=1e-2, prompts_per_step=8, micro_batch_size=4,
-                        max_length=96, save_steps=3),
+        algo=AlgoConfig(
+            name="sft",
+            max_steps=3,
+            learning_rate=1e-2,
+            prompts_per_step=8,
+            micro_batch_size=4,
+            max_length=96,
+            save_steps=3,
+        ),
         eval=EvalConfig(batch_size=16, max_new_tokens=12),
-        logger=LoggerConfig(mode="disabled"), output_dir=str(tmp_path / name), sweep="gpu", gpus=gpus,
+        logger=LoggerConfig(mode="disabled"),
+        output_dir=str(tmp_path / name),
+        sweep="gpu",
+        gpus=gpus,
     )
 
 
@@ -98,9 +128,18 @@ def test_embedded_grpo_u256_trains_in_bf16(tmp_path):
     register()
     conf = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "sweeps=embedded", "adapter.u=256", "algo=grpo_cpu", "gpus=1", "logger=disabled", "seed=0",
-            f"output_dir={tmp_path / 'runs'}"])
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "sweeps=embedded",
+                "adapter.u=256",
+                "algo=grpo_cpu",
+                "gpus=1",
+                "logger=disabled",
+                "seed=0",
+                f"output_dir={tmp_path / 'runs'}",
+            ],
+        )
     spec = spec_from_hydra(cfg)
     result = run_cell(spec)
     m = result["metrics"]

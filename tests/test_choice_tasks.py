@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from tinyablate.config import EvalConfig
+from tinyablate.config.task import default_task_config
 from tinyablate.evaluation import continuation_logliks, encode_pair, evaluate_choices
 from tinyablate.tasks import choice_in_text, load_task
-from tinyablate.config.task import default_task_config
 from tinyablate.tasks.mmlu import MMLU_CS_SUBJECTS
 
 REPO = Path(__file__).resolve().parents[1]
 MMLU_DIR = REPO.parent / "shared" / "data" / "mmlu_cs"  # ../shared beside the checkout
 HELLASWAG_DIR = REPO / "tests" / "fixtures" / "hellaswag"  # hand-written items in the original format
-needs_mmlu = pytest.mark.skipif(not (MMLU_DIR / "machine_learning_test.csv").is_file(),
-                                reason=f"MMLU-CS CSVs not found at {MMLU_DIR}")
+needs_mmlu = pytest.mark.skipif(
+    not (MMLU_DIR / "machine_learning_test.csv").is_file(), reason=f"MMLU-CS CSVs not found at {MMLU_DIR}"
+)
 
 
 def mmlu(**changes):
@@ -57,7 +58,8 @@ def test_mmlu_cs_has_412_questions_in_subject_order_with_the_harness_prompt():
         "A. the matrix, if stored directly, is large and can be clumsy to manage\n"
         "B. it is not capable of expressing complex protection requirements\n"
         "C. deciding whether a process has access to a resource is undecidable\n"
-        "D. there is no way to express who has rights to change the access matrix itself\nAnswer:")
+        "D. there is no way to express who has rights to change the access matrix itself\nAnswer:"
+    )
     assert task.continuations(first) == [" A", " B", " C", " D"] and first.gold == 0
     assert len(mmlu(eval_limit=5).eval_problems()) == 5
 
@@ -90,11 +92,14 @@ def write_mmlu(folder: Path, rows_text: str, name="machine_learning_test.csv"):
 
 
 @needs_mmlu
-@pytest.mark.parametrize("rows, line, message", [
-    ('q1,a,b,c,d,A\n"q2\nspans lines",a,b,c,d,B\nq3,a,b,c,d\n', 4, "expected 6 fields"),
-    ("q1,a,b,c,d,A\nq2,a,b,c,d,E\n", 2, "'E' is not one of A, B, C, D"),
-    ('q1,a,b,c,d,A\nq2,a,b,c,d,e,f,B\n', 2, "found 8"),
-])
+@pytest.mark.parametrize(
+    "rows, line, message",
+    [
+        ('q1,a,b,c,d,A\n"q2\nspans lines",a,b,c,d,B\nq3,a,b,c,d\n', 4, "expected 6 fields"),
+        ("q1,a,b,c,d,A\nq2,a,b,c,d,E\n", 2, "'E' is not one of A, B, C, D"),
+        ("q1,a,b,c,d,A\nq2,a,b,c,d,e,f,B\n", 2, "found 8"),
+    ],
+)
 def test_bad_mmlu_rows_name_file_and_line(tmp_path, rows, line, message):
     folder = write_mmlu(tmp_path, rows)
     with pytest.raises(ValueError, match=message) as error:
@@ -135,7 +140,9 @@ def test_hellaswag_fixture_prompt_follows_the_harness():
     assert task.context(problems[0]) == "Making tea: A woman fills a kettle with water and sets it on the stove. She"
     marked = problems[3]  # "[header] ... [title] ..." cleaned as the harness does
     assert marked.question == "Home and Garden: How to water a houseplant. Check the soil first. "
-    assert task.continuations(marked)[0] == " Press a finger into the soil; if the top inch is dry, the plant needs water."
+    assert (
+        task.continuations(marked)[0] == " Press a finger into the soil; if the top inch is dry, the plant needs water."
+    )
 
 
 def write_hellaswag(folder: Path, rows: list) -> Path:
@@ -148,14 +155,17 @@ def write_hellaswag(folder: Path, rows: list) -> Path:
 GOOD = {"activity_label": "x", "ctx_a": "A.", "ctx_b": "b", "endings": ["1", "2", "3", "4"], "label": 1}
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({**GOOD, "label": 4}, "label 4 is out of range: expected an integer in 0..3"),
-    ({**GOOD, "label": "-1"}, "label '-1' is out of range"),
-    ({**GOOD, "label": None}, "label None is out of range"),
-    ({k: v for k, v in GOOD.items() if k != "ctx_b"}, "missing ctx_b"),
-    ({**GOOD, "endings": "abcd"}, "endings must be a list"),
-    ("{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({**GOOD, "label": 4}, "label 4 is out of range: expected an integer in 0..3"),
+        ({**GOOD, "label": "-1"}, "label '-1' is out of range"),
+        ({**GOOD, "label": None}, "label None is out of range"),
+        ({k: v for k, v in GOOD.items() if k != "ctx_b"}, "missing ctx_b"),
+        ({**GOOD, "endings": "abcd"}, "endings must be a list"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_bad_hellaswag_rows_name_file_and_line(tmp_path, bad, message):
     folder = write_hellaswag(tmp_path, [GOOD, GOOD, bad])
     with pytest.raises(ValueError, match=message) as error:
@@ -172,9 +182,18 @@ def test_hellaswag_label_as_string_is_read_and_missing_val_file_is_named(tmp_pat
 
 
 # --- the one scorer -----------------------------------------------------------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("B", 1), (" B. because", 1), ("D\n", 3), ("Answer: B", None), ("Ab", None), ("", None), ("E", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("B", 1),
+        (" B. because", 1),
+        ("D\n", 3),
+        ("Answer: B", None),
+        ("Ab", None),
+        ("", None),
+        ("E", None),
+    ],
+)
 def test_choice_in_text_reads_the_choice_a_completion_spells_out(text, expected):
     assert choice_in_text(text, ("A", "B", "C", "D")) == expected
 

@@ -21,7 +21,9 @@ def test_paired_problems_give_the_paired_binomial_interval():
     b = [[1.0] * 100 + [0.0] * 100] * 3
     diff, low, high = difference(a, b, draws=20000)
     assert diff == pytest.approx(0.2)
-    assert low == pytest.approx(0.2 - 1.96 * 0.02828, abs=0.008) and high == pytest.approx(0.2 + 1.96 * 0.02828, abs=0.008)
+    assert low == pytest.approx(0.2 - 1.96 * 0.02828, abs=0.008) and high == pytest.approx(
+        0.2 + 1.96 * 0.02828, abs=0.008
+    )
     # unpaired (different problem sets) the interval is wider: sqrt(.7*.3/200 + .5*.5/200) = 0.048
     _, low_u, high_u = difference(a, [[1.0] * 50 + [0.0] * 50] * 3, draws=20000)
     assert high_u - low_u > 1.5 * (high - low)
@@ -41,15 +43,36 @@ def test_identical_settings_differ_by_zero_and_are_unresolved():
 
 
 def _row(tmp_path, seed, scores, **axes):
-    base = dict(task="arithmetic", scorer="flexible", model="m", algo="grpo", kind="tinylora", r=2, u=16, tie="all",
-                sharing="tiled", precision="fp32", lr=2e-3, quantization="none", trainable_params=16)
+    base = dict(
+        task="arithmetic",
+        scorer="flexible",
+        model="m",
+        algo="grpo",
+        kind="tinylora",
+        r=2,
+        u=16,
+        tie="all",
+        sharing="tiled",
+        precision="fp32",
+        lr=2e-3,
+        quantization="none",
+        trainable_params=16,
+    )
     base.update(axes)
     key = json.dumps({k: v for k, v in base.items()}, sort_keys=True)
     path = tmp_path / f"{abs(hash(key))}-{seed}.jsonl"
-    path.write_text("".join(json.dumps({"id": f"p-{i}", "flexible": bool(s), "strict": False}) + "\n"
-                            for i, s in enumerate(scores)))
-    return {**base, "cell_id": f"{key}-{seed}", "seed": seed, "config_key": key, "samples_path": str(path),
-            "accuracy": sum(scores) / len(scores), "n_eval": len(scores)}
+    path.write_text(
+        "".join(json.dumps({"id": f"p-{i}", "flexible": bool(s), "strict": False}) + "\n" for i, s in enumerate(scores))
+    )
+    return {
+        **base,
+        "cell_id": f"{key}-{seed}",
+        "seed": seed,
+        "config_key": key,
+        "samples_path": str(path),
+        "accuracy": sum(scores) / len(scores),
+        "n_eval": len(scores),
+    }
 
 
 def test_comparisons_pair_settings_that_differ_in_one_axis(tmp_path):

@@ -30,7 +30,11 @@ def test_every_group_has_options():
 def test_default_config_is_the_embedded_cell():
     spec = compose_spec([])
     assert (spec.model.name, spec.adapter.kind, spec.algo.name, spec.task.name) == (
-        "smollm2-135m", "tinylora", "grpo", "arithmetic")
+        "smollm2-135m",
+        "tinylora",
+        "grpo",
+        "arithmetic",
+    )
     # the embedded default stays within 1,000 trainable parameters: 30 layers x 7 modules x u
     assert 30 * 7 * spec.adapter.u <= 1000
 

@@ -11,18 +11,34 @@ from pathlib import Path
 
 import pytest
 
-from tinyablate.config import (AdapterConfig, AlgoConfig, CellSpec, ConfigError, EvalConfig, LoggerConfig,
-                               ModelConfig, SVDConfig, TaskConfig, spec_problems, validate_spec)
+from tinyablate.config import (
+    AdapterConfig,
+    AlgoConfig,
+    CellSpec,
+    ConfigError,
+    EvalConfig,
+    LoggerConfig,
+    ModelConfig,
+    SVDConfig,
+    TaskConfig,
+    spec_problems,
+    validate_spec,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "trl", "peft", "wandb", "numpy", "omegaconf", "hydra", "submitit")
 
 
 def test_importing_the_config_package_loads_no_torch_transformers_or_trl():
-    code = ("import sys; from tinyablate.config import CellSpec, cell_id, validate_spec;"
-            "cell_id(validate_spec(CellSpec())); print(' '.join(sorted(sys.modules)))")
-    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                cwd=REPO).stdout.split())
+    code = (
+        "import sys; from tinyablate.config import CellSpec, cell_id, validate_spec;"
+        "cell_id(validate_spec(CellSpec())); print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout.split()
+    )
     assert "tinyablate.config.identity" in loaded  # the probe really imported and used the package
     assert not {m for m in loaded if m.split(".")[0] in HEAVY}
 
@@ -55,24 +71,42 @@ def test_every_section_speaks_one_wording(cfg, field, value):
 
 
 def test_a_bool_is_not_an_integer_anywhere():
-    for spec, field in [(CellSpec(gpus=True), "gpus=True"), (CellSpec(seed=False), "seed=False"),
-                        (CellSpec(eval=EvalConfig(pass_k=True)), "eval.pass_k=True"),
-                        (CellSpec(algo=AlgoConfig(max_steps=True)), "algo.max_steps=True")]:
+    for spec, field in [
+        (CellSpec(gpus=True), "gpus=True"),
+        (CellSpec(seed=False), "seed=False"),
+        (CellSpec(eval=EvalConfig(pass_k=True)), "eval.pass_k=True"),
+        (CellSpec(algo=AlgoConfig(max_steps=True)), "algo.max_steps=True"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(field)):
             validate_spec(spec)
 
 
 def test_every_problem_of_a_cell_is_reported_together():
-    spec = CellSpec(model=ModelConfig(dtype="fp8"), adapter=AdapterConfig(u=0, precision="fp16"),
-                    task=TaskConfig(scorer="lenient"), algo=AlgoConfig(beta=0.1, adam_epsilon=1e-8),
-                    eval=EvalConfig(pass_k=-1), logger=LoggerConfig(mode="cloud"), sweep="a/b", gpus=-1)
+    spec = CellSpec(
+        model=ModelConfig(dtype="fp8"),
+        adapter=AdapterConfig(u=0, precision="fp16"),
+        task=TaskConfig(scorer="lenient"),
+        algo=AlgoConfig(beta=0.1, adam_epsilon=1e-8),
+        eval=EvalConfig(pass_k=-1),
+        logger=LoggerConfig(mode="cloud"),
+        sweep="a/b",
+        gpus=-1,
+    )
     with pytest.raises(ConfigError) as err:
         validate_spec(spec)
     problems = err.value.problems
     assert str(err.value).splitlines() == problems
-    for start in ("gpus=-1", "sweep='a/b'", "model.dtype='fp8'", "adapter.u=0", "task.scorer='lenient'",
-                  "eval.pass_k=-1", "logger.mode='cloud'", "algo.beta=0.1 is not supported",
-                  "algo.adam_epsilon=1e-08 is invalid with adapter.precision=fp16"):
+    for start in (
+        "gpus=-1",
+        "sweep='a/b'",
+        "model.dtype='fp8'",
+        "adapter.u=0",
+        "task.scorer='lenient'",
+        "eval.pass_k=-1",
+        "logger.mode='cloud'",
+        "algo.beta=0.1 is not supported",
+        "algo.adam_epsilon=1e-08 is invalid with adapter.precision=fp16",
+    ):
         assert sum(p.startswith(start) for p in problems) == 1, (start, problems)
     assert len(problems) == 9
     assert spec_problems(CellSpec()) == []
@@ -81,7 +115,8 @@ def test_every_problem_of_a_cell_is_reported_together():
 def test_rules_that_read_other_fields_wait_for_those_fields():
     """A broken field is reported once, not again through every rule that reads it."""
     assert TaskConfig(operations=[]).problems() == [
-        "task.operations=[] is invalid: expected a non-empty list of distinct operations among '+', '-', '*'"]
+        "task.operations=[] is invalid: expected a non-empty list of distinct operations among '+', '-', '*'"
+    ]
     assert [p.split("=")[0] for p in AlgoConfig(micro_batch_size=0).problems()] == ["algo.micro_batch_size"]
 
 
@@ -127,7 +162,7 @@ def test_no_import_circles():
     def visit(node, path):
         for nxt in graph[node]:
             if nxt in path:
-                circles.add(" -> ".join(path[path.index(nxt):] + [nxt]))
+                circles.add(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in done:
                 visit(nxt, path + [nxt])
         done.add(node)
@@ -139,8 +174,17 @@ def test_no_import_circles():
     assert graph["tinyablate.cell"] >= {"tinyablate.config", "tinyablate.cell_folder"}  # the graph is real
 
 
-CELL_FILES = {"result.json", "spec.json", "running.json", "launch.json", "metrics.jsonl", "summary.json",
-              "eval_samples.jsonl", "adapter_native", "checkpoints"}
+CELL_FILES = {
+    "result.json",
+    "spec.json",
+    "running.json",
+    "launch.json",
+    "metrics.jsonl",
+    "summary.json",
+    "eval_samples.jsonl",
+    "adapter_native",
+    "checkpoints",
+}
 
 
 def test_only_the_cell_folder_module_names_the_files_of_a_cell_folder():
@@ -162,8 +206,13 @@ def test_the_library_imports_no_launching_code():
         if not name.startswith("tinyablate"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             offenders += [f"{name}: {n}" for n in names if n.split(".")[0] in ("hydra", "omegaconf", "submitit")]
     assert not offenders, offenders
 
@@ -203,8 +252,11 @@ def test_no_module_imports_or_reads_another_packages_private_names():
                     parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(parts + ([base] if base else []))
                 if base in modules or base.split(".")[0] in ("tinyablate", "analysis", "hydra_plugins"):
-                    offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {a.name} from {base}"
-                                  for a in node.names if _private(a.name) and _package(base) != mine]
+                    offenders += [
+                        f"{path.relative_to(REPO)}:{node.lineno} imports {a.name} from {base}"
+                        for a in node.names
+                        if _private(a.name) and _package(base) != mine
+                    ]
             elif isinstance(node, ast.Attribute) and _private(node.attr):
                 where = owners.get(node.attr, set())
                 if where and mine not in where:

@@ -23,8 +23,9 @@ def test_duration():
 
 
 def test_banner_names_cell_model_adapter_algo_output_and_wandb(tmp_path):
-    spec = CellSpec(adapter=AdapterConfig(u=13, tie="all"), algo=AlgoConfig(max_steps=7), gpus=2,
-                    logger=LoggerConfig(mode="online"))
+    spec = CellSpec(
+        adapter=AdapterConfig(u=13, tie="all"), algo=AlgoConfig(max_steps=7), gpus=2, logger=LoggerConfig(mode="online")
+    )
     text = console.banner(spec, "the-id", tmp_path / "rel", 2, params=13)
     assert "cell     the-id" in text and f"output   {(tmp_path / 'rel').resolve()}" in text
     assert "tinylora r=2 u=13 tie=all sharing=tiled precision=fp32: 13 trainable parameters" in text
@@ -34,8 +35,11 @@ def test_banner_names_cell_model_adapter_algo_output_and_wandb(tmp_path):
 
 def test_end_lines_give_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = {"cell_id": "c", "metrics": {"accuracy": 0.5, "base_accuracy": None, "n_eval": 8},
-              "adapter": {"trainable_params": 13}}
+    result = {
+        "cell_id": "c",
+        "metrics": {"accuracy": 0.5, "base_accuracy": None, "n_eval": 8},
+        "adapter": {"trainable_params": 13},
+    }
     text = console.end_lines(result, Path("runs/c/result.json"), Path("runs/analysis/index.html"))
     assert f"result:        {tmp_path / 'runs/c/result.json'}" in text
     assert f"analysis page: {tmp_path / 'runs/analysis/index.html'}" in text

@@ -13,15 +13,29 @@ from tinyablate.config import MODELS, AlgoConfig, CellSpec, EvalConfig, ModelCon
 from tinyablate.config.model import SHAPES
 
 # Round coefficients, so the expected seconds can be written by hand.
-DEV = cost.DeviceThroughput("test", train_flops_per_s=1e12, decode_s_per_layer=1e-3, dp_efficiency=0.8,
-                            cell_overhead_s=5.0, svd_s_per_module=0.5)
+DEV = cost.DeviceThroughput(
+    "test",
+    train_flops_per_s=1e12,
+    decode_s_per_layer=1e-3,
+    dp_efficiency=0.8,
+    cell_overhead_s=5.0,
+    svd_s_per_module=0.5,
+)
 
 
 def spec(**kw) -> CellSpec:
-    algo = kw.pop("algo", AlgoConfig(max_steps=10, prompts_per_step=4, num_generations=2, micro_batch_size=8,
-                                     max_completion_length=16))
-    return CellSpec(model=ModelConfig(name="tiny-qwen2"), task=TaskConfig(name="arithmetic", eval_size=10),
-                    algo=algo, eval=EvalConfig(batch_size=4, max_new_tokens=8), gpus=kw.pop("gpus", 1), **kw)
+    algo = kw.pop(
+        "algo",
+        AlgoConfig(max_steps=10, prompts_per_step=4, num_generations=2, micro_batch_size=8, max_completion_length=16),
+    )
+    return CellSpec(
+        model=ModelConfig(name="tiny-qwen2"),
+        task=TaskConfig(name="arithmetic", eval_size=10),
+        algo=algo,
+        eval=EvalConfig(batch_size=4, max_new_tokens=8),
+        gpus=kw.pop("gpus", 1),
+        **kw,
+    )
 
 
 def test_matmul_weights_of_the_shape_table_match_the_registry_parameter_counts():
@@ -79,11 +93,20 @@ def test_num_iterations_samples_once_per_k_steps():
 
 
 def test_derive_inverts_the_measurements():
-    m = {"train": {"model": "qwen2.5-7b", "layers": 8, "sequences": 8, "tokens_per_sequence": 512, "seconds": 0.1},
-         "decode": {"model": "qwen2.5-7b", "layers": 8, "batch": 64, "prompt_tokens": 32, "new_tokens": 128,
-                    "seconds": 1.0},
-         "data_parallel": {"gpus": 2, "train_s_1": 6.0, "train_s_n": 4.0},
-         "overhead": {"seconds": 5.0}, "svd": {"seconds_per_module": 0.03}}
+    m = {
+        "train": {"model": "qwen2.5-7b", "layers": 8, "sequences": 8, "tokens_per_sequence": 512, "seconds": 0.1},
+        "decode": {
+            "model": "qwen2.5-7b",
+            "layers": 8,
+            "batch": 64,
+            "prompt_tokens": 32,
+            "new_tokens": 128,
+            "seconds": 1.0,
+        },
+        "data_parallel": {"gpus": 2, "train_s_1": 6.0, "train_s_n": 4.0},
+        "overhead": {"seconds": 5.0},
+        "svd": {"seconds_per_module": 0.03},
+    }
     dev = cost.derive("x", m)
     shape = replace(SHAPES["qwen2.5-7b"], layers=8)
     # the derived rates reproduce the measured seconds
@@ -108,8 +131,20 @@ def test_the_shipped_table_cites_every_measurement_and_derives():
 def test_record_measurement_replaces_one_entry(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps(cost.load_table().data))
-    cost.record_measurement(path, "h200", "train", {"model": "qwen2.5-7b", "sequences": 1, "tokens_per_sequence": 100,
-                                                   "seconds": 1.0, "source": "x", "date": "d", "device": "H200"})
+    cost.record_measurement(
+        path,
+        "h200",
+        "train",
+        {
+            "model": "qwen2.5-7b",
+            "sequences": 1,
+            "tokens_per_sequence": 100,
+            "seconds": 1.0,
+            "source": "x",
+            "date": "d",
+            "device": "H200",
+        },
+    )
     data = json.loads(path.read_text())
     assert data["devices"]["h200"]["train"]["seconds"] == 1.0
     assert data["devices"]["h200"]["decode"] == cost.load_table().data["devices"]["h200"]["decode"]
@@ -124,7 +159,8 @@ def test_calibration_measured_then_calibrated_then_model():
     assert [e.source for e in out] == ["measured", "calibrated", "model", "cpu"]
     assert out[0].gpu_hours == pytest.approx(3 * modelled) and out[0].n == 1
     assert out[1].factor == pytest.approx(3) and out[1].gpu_hours == pytest.approx(
-        3 * cost.estimate_cell(other_steps, DEV).gpu_hours)
+        3 * cost.estimate_cell(other_steps, DEV).gpu_hours
+    )
     assert out[2].gpu_hours == pytest.approx(cost.estimate_cell(other_model, DEV).gpu_hours)
     assert "measured" in out[0].label() and "calibrated on 1 completed cell" in out[1].label()
 
@@ -139,6 +175,7 @@ def test_the_adapter_size_does_not_change_the_kind():
 def test_cost_module_imports_no_torch():
     import subprocess
     import sys
+
     code = "import sys, tinyablate.cost; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -148,11 +185,17 @@ def test_dp_bench_writes_the_measurements_the_model_derives_from(tmp_path):
 
     from benchmarks.dp_bench import throughput_entries
 
-    report = {"device": "NVIDIA H200", "date": "2026-12-02", "argv": ["--device", "cuda"], "rows": [
-        {"world_size": 1, "sampler": "torch", "rollout_s": 5.0, "train_s": 6.0},
-        {"world_size": 2, "sampler": "torch", "rollout_s": 4.9, "train_s": 3.2},
-        {"world_size": 1, "sampler": "keyed", "rollout_s": 9.0, "train_s": 9.0},
-        {"world_size": 1, "sampler": "torch", "engine": "graph", "rollout_s": 2.0, "train_s": 6.1}]}
+    report = {
+        "device": "NVIDIA H200",
+        "date": "2026-12-02",
+        "argv": ["--device", "cuda"],
+        "rows": [
+            {"world_size": 1, "sampler": "torch", "rollout_s": 5.0, "train_s": 6.0},
+            {"world_size": 2, "sampler": "torch", "rollout_s": 4.9, "train_s": 3.2},
+            {"world_size": 1, "sampler": "keyed", "rollout_s": 9.0, "train_s": 9.0},
+            {"world_size": 1, "sampler": "torch", "engine": "graph", "rollout_s": 2.0, "train_s": 6.1},
+        ],
+    }
     args = SimpleNamespace(shape="qwen2.5-7b", layers=28, prompts=64, generations=4, prompt_len=128, new_tokens=256)
     path = tmp_path / "t.json"
     path.write_text(json.dumps(cost.load_table().data))
@@ -171,8 +214,10 @@ def test_dp_bench_writes_the_measurements_the_model_derives_from(tmp_path):
 def test_the_engine_setting_picks_the_decode_rate_and_the_eval_batch():
     """On CUDA "auto"/"graph" price rollouts and evaluation at the graph engine's rate where it was measured."""
     fast = replace(DEV, engine_decode_s_per_layer=2e-4)
-    hf_cell = replace(spec(algo=replace(spec().algo, rollout_engine="hf")),
-                      eval=EvalConfig(batch_size=4, max_new_tokens=8, engine="hf"))
+    hf_cell = replace(
+        spec(algo=replace(spec().algo, rollout_engine="hf")),
+        eval=EvalConfig(batch_size=4, max_new_tokens=8, engine="hf"),
+    )
     auto, hf = cost.estimate_cell(spec(), fast), cost.estimate_cell(hf_cell, fast)
     decode_hf, decode_engine = 10 * 16 * 2 * 1e-3, 10 * 16 * 2 * 2e-4  # steps x tokens x layers x rate
     assert hf.parts["rollout"] - auto.parts["rollout"] == pytest.approx(decode_hf - decode_engine)
@@ -208,7 +253,9 @@ def test_every_task_of_eval_tasks_adds_its_evaluation_and_its_kind():
     more = replace(alone, eval=replace(alone.eval, tasks=["mmlu_cs"]))
     extra = cost.eval_seconds(more, SHAPES["tiny-qwen2"], DEV, task=default_task_config("mmlu_cs"))
     assert extra > 0
-    assert cost.estimate_cell(more, DEV).parts["eval"] == pytest.approx(cost.estimate_cell(alone, DEV).parts["eval"] + extra)
+    assert cost.estimate_cell(more, DEV).parts["eval"] == pytest.approx(
+        cost.estimate_cell(alone, DEV).parts["eval"] + extra
+    )
     assert cost.estimate_cell(more, DEV).base_eval_s > cost.estimate_cell(alone, DEV).base_eval_s
     assert cost.cost_kind(more) != cost.cost_kind(alone)
     nf4 = replace(alone, model=replace(alone.model, quantization="nf4"))

@@ -10,32 +10,59 @@ import pytest
 
 from tinyablate.cell import run_cell
 from tinyablate.cell_folder import SCHEMA_VERSION, CellFolder
-from tinyablate.config import (AdapterConfig, AlgoConfig, CellSpec, EvalConfig, LoggerConfig, ModelConfig, TaskConfig,
-                               cell_id, eval_task_configs, identity_dict, validate_spec)
+from tinyablate.config import (
+    AdapterConfig,
+    AlgoConfig,
+    CellSpec,
+    EvalConfig,
+    LoggerConfig,
+    ModelConfig,
+    TaskConfig,
+    cell_id,
+    eval_task_configs,
+    identity_dict,
+    validate_spec,
+)
 from tinyablate.config.task import default_task_config
 
 REPO = Path(__file__).resolve().parents[1]
 MMLU_DIR = REPO.parent / "shared" / "data" / "mmlu_cs"
 HELLASWAG_DIR = REPO / "tests" / "fixtures" / "hellaswag"
-needs_mmlu = pytest.mark.skipif(not (MMLU_DIR / "machine_learning_test.csv").is_file(),
-                                reason=f"MMLU-CS CSVs not found at {MMLU_DIR}")
+needs_mmlu = pytest.mark.skipif(
+    not (MMLU_DIR / "machine_learning_test.csv").is_file(), reason=f"MMLU-CS CSVs not found at {MMLU_DIR}"
+)
 FAST_ARITHMETIC = TaskConfig(name="arithmetic", max_value=9, train_size=40, eval_size=12, scorer="flexible")
 
 
 def spec_for(tmp_path, task=FAST_ARITHMETIC, algo="sft", tasks=(), settings=None, **algo_kw) -> CellSpec:
-    algo_settings = dict(name=algo, max_steps=2, learning_rate=1e-2, prompts_per_step=4, micro_batch_size=2,
-                         num_generations=2, max_completion_length=8, max_length=256, save_steps=2)
+    algo_settings = dict(
+        name=algo,
+        max_steps=2,
+        learning_rate=1e-2,
+        prompts_per_step=4,
+        micro_batch_size=2,
+        num_generations=2,
+        max_completion_length=8,
+        max_length=256,
+        save_steps=2,
+    )
     algo_settings.update(algo_kw)
     return CellSpec(
         model=ModelConfig(name="tiny-qwen2", cache_dir=str(tmp_path / "cache")),
         adapter=AdapterConfig(kind="tinylora", r=2, u=3, tie=2),
-        task=task, algo=AlgoConfig(**algo_settings),
+        task=task,
+        algo=AlgoConfig(**algo_settings),
         eval=EvalConfig(batch_size=12, max_new_tokens=8, tasks=list(tasks), task_settings=dict(settings or {})),
-        logger=LoggerConfig(mode="disabled"), output_dir=str(tmp_path / "runs"), sweep="cross")
+        logger=LoggerConfig(mode="disabled"),
+        output_dir=str(tmp_path / "runs"),
+        sweep="cross",
+    )
 
 
-CROSS_SETTINGS = {"mmlu_cs": {"data_dir": str(MMLU_DIR), "eval_limit": 6},
-                  "hellaswag": {"data_dir": str(HELLASWAG_DIR), "num_fewshot": 1}}
+CROSS_SETTINGS = {
+    "mmlu_cs": {"data_dir": str(MMLU_DIR), "eval_limit": 6},
+    "hellaswag": {"data_dir": str(HELLASWAG_DIR), "num_fewshot": 1},
+}
 
 
 @needs_mmlu
@@ -63,7 +90,8 @@ def test_cell_trained_on_arithmetic_is_evaluated_on_every_listed_task(tmp_path):
     again = run_cell(dataclasses.replace(spec, seed=1))
     assert all(m["base_cached"] for m in again["metrics"]["tasks"].values())
     assert {n: m["base_accuracy"] for n, m in again["metrics"]["tasks"].items()} == {
-        n: m["base_accuracy"] for n, m in result["metrics"]["tasks"].items()}
+        n: m["base_accuracy"] for n, m in result["metrics"]["tasks"].items()
+    }
 
 
 def test_table_of_tasks_goes_to_the_metrics_sink(tmp_path):
@@ -116,14 +144,21 @@ def test_eval_tasks_resolve_with_their_defaults_and_settings(tmp_path):
     assert configs["mmlu_cs"] == default_task_config("mmlu_cs", num_fewshot=5)
 
 
-@pytest.mark.parametrize("tasks, settings, message", [
-    (["mmlu"], {}, "eval.tasks"),
-    (["hellaswag", "hellaswag"], {}, "eval.tasks"),
-    (["hellaswag"], {"mmlu_cs": {}}, "eval.task_settings has settings for \\['mmlu_cs'\\]"),
-    (["hellaswag"], {"hellaswag": {"scorer": "strict"}}, "evaluation task 'hellaswag'.*task.scorer"),
-    (["hellaswag"], {"hellaswag": {"data_dri": "x"}}, "eval.task_settings.hellaswag: task.data_dri='x' is invalid"),
-    (["arithmetic"], {"arithmetic": {"eval_limit": 3}}, "arithmetic.eval_limit=3 differs from task.eval_limit=None"),
-])
+@pytest.mark.parametrize(
+    "tasks, settings, message",
+    [
+        (["mmlu"], {}, "eval.tasks"),
+        (["hellaswag", "hellaswag"], {}, "eval.tasks"),
+        (["hellaswag"], {"mmlu_cs": {}}, "eval.task_settings has settings for \\['mmlu_cs'\\]"),
+        (["hellaswag"], {"hellaswag": {"scorer": "strict"}}, "evaluation task 'hellaswag'.*task.scorer"),
+        (["hellaswag"], {"hellaswag": {"data_dri": "x"}}, "eval.task_settings.hellaswag: task.data_dri='x' is invalid"),
+        (
+            ["arithmetic"],
+            {"arithmetic": {"eval_limit": 3}},
+            "arithmetic.eval_limit=3 differs from task.eval_limit=None",
+        ),
+    ],
+)
 def test_bad_eval_tasks_are_refused_before_anything_runs(tmp_path, tasks, settings, message):
     with pytest.raises(ValueError, match=message):
         validate_spec(spec_for(tmp_path, tasks=tasks, settings=settings))
@@ -135,7 +170,9 @@ def test_settings_of_the_training_task_may_repeat_its_own(tmp_path):
 
 def test_cell_id_is_unchanged_by_the_new_settings_at_their_defaults(tmp_path):
     spec = spec_for(tmp_path)
-    assert cell_id(spec) == cell_id(dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tasks=["arithmetic"])))
+    assert cell_id(spec) == cell_id(
+        dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tasks=["arithmetic"]))
+    )
     others = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, tasks=["arithmetic", "mmlu_cs"]))
     assert cell_id(others) != cell_id(spec)
     ids = identity_dict(spec)
@@ -149,14 +186,25 @@ def test_eval_tasks_compose_from_the_command_line():
 
     register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "eval.tasks=[arithmetic,mmlu_cs]", "+eval.task_settings.mmlu_cs.data_dir=/data/mmlu",
-            "+eval.task_settings.mmlu_cs.num_fewshot=5"])
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "eval.tasks=[arithmetic,mmlu_cs]",
+                "+eval.task_settings.mmlu_cs.data_dir=/data/mmlu",
+                "+eval.task_settings.mmlu_cs.num_fewshot=5",
+            ],
+        )
     spec = spec_from_hydra(cfg)
     assert eval_task_configs(spec)["mmlu_cs"] == default_task_config("mmlu_cs", data_dir="/data/mmlu", num_fewshot=5)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):  # one folder per task
-        cfg = compose(config_name="config", overrides=["task=mmlu_cs", "eval.tasks=[mmlu_cs,hellaswag]",
-                                                       "+eval.task_settings.mmlu_cs.data_dir=/data/mmlu"])
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "task=mmlu_cs",
+                "eval.tasks=[mmlu_cs,hellaswag]",
+                "+eval.task_settings.mmlu_cs.data_dir=/data/mmlu",
+            ],
+        )
     assert spec_from_hydra(cfg).task.data_dir == "/data/mmlu"
 
 

@@ -12,6 +12,8 @@ from hydra import compose, initialize_config_dir
 
 import hydra_plugins.tinyablate.conf as conf
 from hydra_plugins.tinyablate.submit import cpu_threads_per_cell
+from test_cell import tiny_spec
+from test_sweeps import TINY, launch
 from tinyablate.cell import run_cell
 from tinyablate.cell_folder import CellFolder
 from tinyablate.config import ConfigError, validate_spec
@@ -19,9 +21,6 @@ from tinyablate.engine import GenerationEngine, Sampling
 from tinyablate.metrics import read_metrics
 from tinyablate.models import build_tiny_model
 from tinyablate.preflight import preflight
-
-from test_cell import tiny_spec
-from test_sweeps import TINY, launch
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NO_GPU = not torch.cuda.is_available()
@@ -60,15 +59,18 @@ def test_gpus_on_a_machine_without_gpu_is_refused_before_anything_loads(tmp_path
     out = launch([*TINY, "gpus=1", f"output_dir={tmp_path / 'runs'}"], tmp_path)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     lines = [line for line in out.stderr.splitlines() if "is invalid" in line]
-    assert lines == ["  gpus=1 is invalid here: this machine shows 0 CUDA GPU(s); set gpus=0 for the CPU, or run where "
-                     "the GPUs are (hydra/launcher=slurm requests them)"], out.stderr
+    assert lines == [
+        "  gpus=1 is invalid here: this machine shows 0 CUDA GPU(s); set gpus=0 for the CPU, or run where "
+        "the GPUs are (hydra/launcher=slurm requests them)"
+    ], out.stderr
     assert not list((tmp_path / "runs").rglob("result.json"))  # refused before its folder exists
 
 
 @pytest.mark.skipif(not NO_GPU, reason="checks a machine without a GPU")
 def test_cuda_device_is_refused_by_the_local_dry_run(tmp_path):
-    out = launch(["-m", *TINY, "model.device=cuda", "adapter.u=1,2", "dry_run=true", f"output_dir={tmp_path}"],
-                 tmp_path)
+    out = launch(
+        ["-m", *TINY, "model.device=cuda", "adapter.u=1,2", "dry_run=true", f"output_dir={tmp_path}"], tmp_path
+    )
     assert out.returncode == 2 and "model.device='cuda' is invalid here" in out.stdout, out.stdout[-2000:]
     assert "nothing was submitted" in out.stdout
 
@@ -95,7 +97,7 @@ def test_engine_logprobs_are_the_models_temperature_scaled_logprobs():
         assert len(tokens) == len(lps) == 6
         ids = torch.tensor([prompt + tokens])
         with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt) - 1:-1].float() / 0.7
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / 0.7
         reference = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
         assert torch.allclose(torch.tensor(lps), reference, atol=1e-4), (lps, reference)
     assert engine.generate(prompts, 3, Sampling()) == engine.generate(prompts, 3, Sampling(), logprobs=True)[0]
@@ -123,10 +125,14 @@ def test_truncated_is_weights_each_token_by_the_capped_ratio():
     trainer.model = None
     trainer.args = type("Args", (), {"per_device_train_batch_size": 2})()
     sampling = torch.tensor([[-1.0, -3.0, -0.1], [-3.0, -1.5, 0.0]])
-    out = {"prompt_ids": torch.zeros(2, 1, dtype=torch.long), "prompt_mask": torch.ones(2, 1, dtype=torch.long),
-           "completion_ids": torch.zeros(2, 3, dtype=torch.long),
-           "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]), "advantages": torch.tensor([1.0, -2.0]),
-           "sampling_per_token_logps": sampling}
+    out = {
+        "prompt_ids": torch.zeros(2, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(2, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(2, 3, dtype=torch.long),
+        "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+        "advantages": torch.tensor([1.0, -2.0]),
+        "sampling_per_token_logps": sampling,
+    }
     adv = trainer._truncated_is_advantages(out)
     ratio = torch.exp(train - sampling).clamp(max=2.0) * out["completion_mask"]
     assert torch.allclose(adv, torch.tensor([[1.0], [-2.0]]) * ratio)

@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_cell import result_on_disk, tiny_spec
 from tinyablate import distributed
 from tinyablate.config import LoggerConfig, spec_from_dict, validate_spec
-
-from test_cell import result_on_disk, tiny_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -25,8 +24,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 # -- what each spawned rank runs (module level: spawn pickles it by name) -----------------------
 def _text_reward(kind):
     """A reward a random tiny model earns unevenly (the task's is always 0 for it): digits in the text."""
+
     def reward(completions, **kwargs):
         return [float(sum(ch.isdigit() for ch in str(c))) for c in completions]
+
     return reward
 
 
@@ -117,8 +118,11 @@ def test_only_rank_zero_writes_and_every_problem_is_scored_once(sft_runs):
 
     assert ids == [p.id for p in load_task(spec.task).eval_problems()]  # 12 problems over 2 ranks, in order
     assert result["metrics"]["n_eval"] == len(ids)
-    steps = [json.loads(line)["step"] for line in (cell_dir / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (cell_dir / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
+    ]
     assert steps == [1, 2, 3, 4]  # one sink: rank 1 logged nothing
     runs = list((cell_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -146,8 +150,16 @@ def test_two_rank_cell_resumes_like_one_rank(sft_runs, tmp_path):
 # -- GRPO -------------------------------------------------------------------------------------
 def test_grpo_keyed_rollouts_two_ranks_match_one_rank(tmp_path):
     """Keyed sampling draws the same completions whatever the split, so the updates agree too."""
-    spec = _spec(tmp_path, "grpo", rollout_sampler="keyed", prompts_per_step=2, num_generations=4,
-                 micro_batch_size=2, max_steps=3, save_steps=3)
+    spec = _spec(
+        tmp_path,
+        "grpo",
+        rollout_sampler="keyed",
+        prompts_per_step=2,
+        num_generations=4,
+        micro_batch_size=2,
+        max_steps=3,
+        save_steps=3,
+    )
     spec.logger = LoggerConfig(mode="disabled")
     _, one = _run(spec, 1, tmp_path, "one", text_reward=True)
     cell_dir, two = _run(spec, 2, tmp_path, "two", text_reward=True)
@@ -165,8 +177,7 @@ def test_grpo_keyed_rollouts_two_ranks_match_one_rank(tmp_path):
 
 def test_grpo_torch_sampler_two_ranks_stay_in_sync(tmp_path):
     """TRL's own sampling (per-rank generators): rollouts differ from 1 rank, v is identical across ranks."""
-    spec = _spec(tmp_path, "grpo", prompts_per_step=2, num_generations=4, micro_batch_size=2, max_steps=2,
-                 save_steps=2)
+    spec = _spec(tmp_path, "grpo", prompts_per_step=2, num_generations=4, micro_batch_size=2, max_steps=2, save_steps=2)
     spec.logger = LoggerConfig(mode="disabled")
     cell_dir, out = _run(spec, 2, tmp_path, "two")
     r0, r1 = _steps(out, 0), _steps(out, 1)
@@ -180,8 +191,9 @@ def test_grpo_torch_sampler_two_ranks_stay_in_sync(tmp_path):
 # -- what fails, fails loudly -----------------------------------------------------------------
 def _diverging_rank(spec: dict, cell_dir: str) -> None:
     """Rank 1 nudges its v during step 2 (after DDP's initial broadcast): the sync check must catch it."""
-    import tinyablate.cell as cell
     from transformers import TrainerCallback
+
+    import tinyablate.cell as cell
 
     inner = cell.train
 
@@ -226,9 +238,37 @@ def test_dp_bench_runs_on_cpu_ranks():
     """The scaling benchmark's script works end to end (gloo; its CPU timings mean nothing)."""
     from benchmarks.dp_bench import main
 
-    report = main(["--device", "cpu", "--shape", "small", "--layers", "1", "--world-sizes", "1,2",
-                   "--samplers", "torch,keyed", "--engines", "hf,eager", "--prompts", "2", "--generations", "2", "--prompt-len", "8",
-                   "--new-tokens", "4", "--micro-batch", "2", "--steps", "1", "--warmup", "0"])
+    report = main(
+        [
+            "--device",
+            "cpu",
+            "--shape",
+            "small",
+            "--layers",
+            "1",
+            "--world-sizes",
+            "1,2",
+            "--samplers",
+            "torch,keyed",
+            "--engines",
+            "hf,eager",
+            "--prompts",
+            "2",
+            "--generations",
+            "2",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "4",
+            "--micro-batch",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ]
+    )
     assert [(r["engine"], r["sampler"], r["world_size"]) for r in report["rows"]] == [
-        (e, s, w) for e in ("hf", "eager") for s in ("torch", "keyed") for w in (1, 2)]
+        (e, s, w) for e in ("hf", "eager") for s in ("torch", "keyed") for w in (1, 2)
+    ]
     assert all(r["step_s"] > 0 and r["rollout_tokens_per_s"] > 0 for r in report["rows"])

@@ -13,10 +13,9 @@ import pytest
 import submitit
 
 from hydra_plugins.tinyablate.submit import CellJob, _slurm_executor
-from tinyablate.config import LoggerConfig
-
-from slurm_cluster import PARTITION, requires_slurm, require_cluster, wait_done, wait_sacct
+from slurm_cluster import PARTITION, require_cluster, requires_slurm, wait_done, wait_sacct
 from test_cell import result_on_disk, tiny_spec
+from tinyablate.config import LoggerConfig
 
 
 def _spec(tmp_path):
@@ -41,8 +40,15 @@ def test_local_executor_runs_a_cell_as_two_tasks(tmp_path):
 def test_slurm_runs_a_cell_as_two_tasks_of_one_job(tmp_path):
     require_cluster()
     spec = _spec(tmp_path)
-    settings = {"max_requeues": 1, "partition": PARTITION, "cpus_per_task": 1, "mem_gb": 4, "timeout_min": 10,
-                "array_parallelism": 4, "signal_delay_s": 60}
+    settings = {
+        "max_requeues": 1,
+        "partition": PARTITION,
+        "cpus_per_task": 1,
+        "mem_gb": 4,
+        "timeout_min": 10,
+        "array_parallelism": 4,
+        "signal_delay_s": 60,
+    }
     executor = _slurm_executor(settings, tmp_path / "submitit", gpus=0, sweep="dist", tasks=2)
     job = executor.submit(CellJob(), [asdict(spec)], [str(tmp_path / "cell")])
     script = Path(job.paths.submission_file).read_text()
@@ -66,7 +72,9 @@ def test_a_multi_gpu_cell_without_the_gpus_says_so(tmp_path, monkeypatch):
         pytest.skip("this machine has the GPUs")
     spec = _spec(tmp_path)
     spec.gpus = 2
-    with pytest.raises(ConfigError, match=r"gpus=2 is invalid here: this machine shows \d CUDA GPU.*set gpus=0 for the CPU"):
+    with pytest.raises(
+        ConfigError, match=r"gpus=2 is invalid here: this machine shows \d CUDA GPU.*set gpus=0 for the CPU"
+    ):
         run_cell(spec)  # refused by preflight, before the cell's folder or any weight
     assert not (tmp_path / "runs").exists()
 

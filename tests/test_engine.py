@@ -9,13 +9,19 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from tinyablate.engine import EngineOptions, GenerationEngine, Sampling, resolve_engine
 from tinyablate.config import ModelConfig
+from tinyablate.engine import EngineOptions, GenerationEngine, Sampling, resolve_engine
 from tinyablate.models import load_model_and_tokenizer
 from tinyablate.sampling import KeyedGumbelSampler, sequence_key
 
-TEXTS = ["What is 2+3?", "Hi", "Tell me a long story about a cat and a dog who became friends one day",
-         "7*8=?", "x", "Count from one to twenty, please, slowly and with care"]
+TEXTS = [
+    "What is 2+3?",
+    "Hi",
+    "Tell me a long story about a cat and a dog who became friends one day",
+    "7*8=?",
+    "x",
+    "Count from one to twenty, please, slowly and with care",
+]
 
 
 def _load(name, tmp_path=None):
@@ -36,10 +42,11 @@ def _hf(model, tok, prompts, new, eos, **kwargs):
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt", padding_side="left")
     sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=new, pad_token_id=tok.pad_token_id, eos_token_id=eos,
-                             **{**sampling, **kwargs})
-    rows = out[:, batch["input_ids"].shape[1]:].tolist()
-    return [r[:next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
+        out = model.generate(
+            **batch, max_new_tokens=new, pad_token_id=tok.pad_token_id, eos_token_id=eos, **{**sampling, **kwargs}
+        )
+    rows = out[:, batch["input_ids"].shape[1] :].tolist()
+    return [r[: next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
@@ -75,7 +82,8 @@ def test_keyed_samples_match_the_keyed_hf_path(top_p, tmp_path):
     sampler = KeyedGumbelSampler(keys, 0.7, top_p)
     ref = _hf(model, tok, prompts, 48, [-1], logits_processor=LogitsProcessorList([sampler]))
     ours = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False).generate(
-        prompts, 48, Sampling(temperature=0.7, top_p=top_p, keyed=True), keys=keys)
+        prompts, 48, Sampling(temperature=0.7, top_p=top_p, keyed=True), keys=keys
+    )
     assert ours == ref
     greedy = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False).generate(prompts, 48)
     assert ours != greedy  # the noise is there
@@ -93,8 +101,9 @@ def test_sampled_token_frequencies_match_softmax_at_temperature(top_k, compile_g
         logits[logits < logits.topk(top_k).values[-1]] = float("-inf")
     expected = logits.softmax(-1)
     torch.manual_seed(0)
-    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False,
-                              options=EngineOptions(compile_glue=compile_glue))
+    engine = GenerationEngine(
+        model, tok.pad_token_id, [-1], use_graphs=False, options=EngineOptions(compile_glue=compile_glue)
+    )
     assert engine.layers.fuse == compile_glue  # the compiled exponential race (engine/sampler.py)
     first = [c[0] for c in engine.generate([prompt] * n, 1, Sampling(temperature=temperature, top_k=top_k))]
     freq = torch.bincount(torch.tensor(first), minlength=len(expected)).float() / n
@@ -170,8 +179,7 @@ def test_the_fixed_shapes_graphs_capture_give_the_same_tokens(name, tmp_path):
     model, tok = _load(name, tmp_path)
     prompts = _prompts(tok)[:5]
     keys = [sequence_key(0, 0, row, 0) for row in range(len(prompts))]
-    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False,
-                              options=EngineOptions(length_bucket=16))
+    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, options=EngineOptions(length_bucket=16))
     engine.fixed_shapes = True
     engine.reserve(8, 160)
     assert engine.generate(prompts, 40) == _hf(model, tok, prompts, 40, [-1])
@@ -183,8 +191,9 @@ def test_the_fixed_shapes_graphs_capture_give_the_same_tokens(name, tmp_path):
 def test_matmul_decode_attention_gives_the_same_tokens(tmp_path):
     model, tok = _load("tiny-llama", tmp_path)
     prompts = _prompts(tok)
-    engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False,
-                              options=EngineOptions(attention="matmul"))
+    engine = GenerationEngine(
+        model, tok.pad_token_id, [-1], use_graphs=False, options=EngineOptions(attention="matmul")
+    )
     assert engine.generate(prompts, 32) == _hf(model, tok, prompts, 32, [-1])
 
 
@@ -205,6 +214,7 @@ def test_engine_settings_are_validated_with_the_cell_and_left_out_of_its_id():
         validate_spec(CellSpec(gpus=0, eval=EvalConfig(engine="graph")))
     validate_spec(CellSpec(gpus=1, algo=AlgoConfig(rollout_engine="graph"), eval=EvalConfig(engine="graph")))
     from tinyablate.config import ModelConfig
+
     with pytest.raises(ValueError, match=r"eval.engine=graph cannot run on model.quantization=int8.*eval.engine=auto"):
         validate_spec(CellSpec(gpus=1, model=ModelConfig(quantization="int8"), eval=EvalConfig(engine="graph")))
     validate_spec(CellSpec(gpus=1, model=ModelConfig(quantization="nf4"), eval=EvalConfig(engine="graph")))
@@ -238,16 +248,18 @@ def test_keyed_grpo_cell_trains_the_same_v_with_the_engine(tmp_path, monkeypatch
 
     # The task's reward is always 0 for a random tiny model; digits in the text are earned unevenly
     # (GRPO takes its reward from the task: Task.reward_fn).
-    monkeypatch.setattr(Task, "reward_fn", lambda self: lambda completions, **kw: [
-        float(sum(ch.isdigit() for ch in str(c))) for c in completions])
+    monkeypatch.setattr(
+        Task,
+        "reward_fn",
+        lambda self: lambda completions, **kw: [float(sum(ch.isdigit() for ch in str(c))) for c in completions],
+    )
     calls = []
     real = grpo.engine_rollouts
     monkeypatch.setattr(grpo, "engine_rollouts", lambda *a: calls.append(1) or real(*a))
+    from test_cell import tiny_spec  # tests/ is on sys.path, as test_distributed.py relies on
     from tinyablate.cell import run_cell
     from tinyablate.cell_folder import ADAPTER_NATIVE_DIR, CellFolder
     from tinyablate.config import LoggerConfig
-
-    from test_cell import tiny_spec  # tests/ is on sys.path, as test_distributed.py relies on
 
     vectors = {}
     for engine in ("hf", "eager"):
@@ -271,27 +283,43 @@ def test_paper_setting_kv_cache_fits_one_80gb_gpu_and_too_much_names_the_setting
     from tinyablate.engine import kv_cache_bytes
     from tinyablate.train.rollouts import check_cache_fits
 
-    cfg = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
-                      num_hidden_layers=28, vocab_size=152064)
+    cfg = Qwen2Config(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        num_hidden_layers=28,
+        vocab_size=152064,
+    )
     need = kv_cache_bytes(cfg, 256, 256 + 512, torch.bfloat16)
     assert need == 2 * 28 * 4 * 128 * 2 * 256 * 768  # 10.5 GiB
     gib = 2**30
     weights = 15.2 * gib + 13.1 * gib  # bf16 base + TinyLoRA's merged copies of all 196 projections
     check_cache_fits(need, free=int(80 * gib - weights), total=80 * gib, batch=256, length=768, world_size=1)
-    with pytest.raises(ValueError, match="lower algo.prompts_per_step, algo.num_generations or "
-                                         "algo.max_completion_length.*algo.rollout_engine=hf"):
+    with pytest.raises(
+        ValueError,
+        match="lower algo.prompts_per_step, algo.num_generations or algo.max_completion_length.*algo.rollout_engine=hf",
+    ):
         check_cache_fits(4 * need, free=int(80 * gib - weights), total=80 * gib, batch=1024, length=768, world_size=1)
 
 
 def test_compiled_glue_rounds_where_hf_rounds_in_bf16():
     """The decode step's compiled norm + residual add gives HF's eager bf16 numbers bit for bit."""
-    from tinyablate.engine.fused import _Glue
-
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tinyablate.engine.fused import _Glue
+
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2)).bfloat16()
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).bfloat16()
     norm = llama.model.layers[0].input_layernorm
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.1)
@@ -319,8 +347,7 @@ def test_packed_projections_follow_edited_weights_and_skip_what_cannot_be_packed
         model.model.layers[1].mlp.up_proj.weight.mul_(2.0)
     after = engine.generate(prompts, 32)
     assert after == _hf(model, tok, prompts, 32, [-1]) and after != before
-    unpacked = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False,
-                                options=EngineOptions(pack=False))
+    unpacked = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False, options=EngineOptions(pack=False))
     assert unpacked.generate(prompts, 32) == after and not any(unpacked.layers.packs[0])
 
     lora = apply_adapter(model, AdapterConfig(kind="lora", r=4, lora_alpha=8.0), "t").model
@@ -347,13 +374,16 @@ def test_compiled_decode_layers_give_hf_generates_tokens(name, tmp_path):
             p.normal_(0, 0.5)
     prompts = _prompts(tok)
     ref = _hf(adapter.model, tok, prompts, 40, [-1])
-    fused = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False,
-                             options=EngineOptions(compile_glue=True))
+    fused = GenerationEngine(
+        adapter.model, tok.pad_token_id, [-1], use_graphs=False, options=EngineOptions(compile_glue=True)
+    )
     plain = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False)
     assert fused.layers.fuse
     assert fused.generate(prompts, 40) == ref and fused.layers.all_packed
     assert plain.generate(prompts, 40) == ref
-    for a, b in zip(fused.cache.keys + fused.cache.values, plain.cache.keys + plain.cache.values):  # the compiled cache writes land in place
+    for a, b in zip(
+        fused.cache.keys + fused.cache.values, plain.cache.keys + plain.cache.values
+    ):  # the compiled cache writes land in place
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -366,8 +396,11 @@ def test_repeated_prompts_are_prefilled_once_and_spread_to_their_rows(tmp_path, 
     assert cache.dedupe(torch.tensor([[1, 2], [3, 4], [1, 2], [1, 2], [5, 6]])) == ([0, 1, 4], [0, 1, 0, 0, 2])
     seen = []
     forward = layers.DecoderLayers._forward_prompts
-    monkeypatch.setattr(layers.DecoderLayers, "_forward_prompts",
-                        lambda self, ids, *a: seen.append(ids.shape[0]) or forward(self, ids, *a))
+    monkeypatch.setattr(
+        layers.DecoderLayers,
+        "_forward_prompts",
+        lambda self, ids, *a: seen.append(ids.shape[0]) or forward(self, ids, *a),
+    )
     engine = GenerationEngine(model, tok.pad_token_id, [-1], use_graphs=False)
     assert engine.generate(prompts, 24) == _hf(model, tok, prompts, 24, [-1])
     assert seen == [4]  # 4 distinct prompts of 8 rows
@@ -383,8 +416,16 @@ def test_compiled_glue_of_decode_prefill_and_training_keep_separate_recompile_bu
     from tinyablate.kernels import rms_norm
     from tinyablate.train.glue import _compiled
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     norm = llama.model.norm
     decode, prefill = _Glue(llama.model, None, compiled=True), _Glue(llama.model, None, compiled=True, dynamic=True)
     for rows, width in ((2, 7), (3, 9), (1, 5), (1, 1)):

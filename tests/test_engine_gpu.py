@@ -17,8 +17,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def tiny(family: str, dtype=torch.float32):
     torch.manual_seed(0)
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.5)
+    common = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.5,
+    )
     cls, cfg = (Qwen2ForCausalLM, Qwen2Config) if family == "qwen2" else (LlamaForCausalLM, LlamaConfig)
     model = cls(cfg(**common))
     model.config._attn_implementation = "sdpa"
@@ -36,10 +44,16 @@ def hf(model, ps, new, eos, **kwargs):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device="cuda")
     sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, pad_token_id=0,
-                             eos_token_id=eos, **{**sampling, **kwargs})
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            pad_token_id=0,
+            eos_token_id=eos,
+            **{**sampling, **kwargs},
+        )
     rows = out[:, width:].tolist()
-    return [r[:next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
+    return [r[: next((i + 1 for i, t in enumerate(r) if t in eos), len(r))] for r in rows]
 
 
 @pytest.mark.parametrize("attention", ["triton", "sdpa"])
@@ -68,8 +82,9 @@ def test_repeated_prompts_match_hf_generate(share_prompts):
     each row reads its prompt from the one cache row that holds it, and its own new keys from its row."""
     model, distinct = tiny("qwen2"), prompts(4, seed=2)
     ps = [distinct[i] for i in (0, 1, 0, 2, 3, 1, 0, 2, 3, 3)]
-    engine = GenerationEngine(model, 0, [-1], use_graphs=True,
-                              options=EngineOptions(length_bucket=32, share_prompts=share_prompts))
+    engine = GenerationEngine(
+        model, 0, [-1], use_graphs=True, options=EngineOptions(length_bucket=32, share_prompts=share_prompts)
+    )
     assert engine.generate(ps, 40) == hf(model, ps, 40, [-1])
     keys = [sequence_key(0, 0, i, 0) for i in range(len(ps))]
     ref = hf(model, ps, 40, [-1], logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 0.8)]))
@@ -159,15 +174,18 @@ def test_bf16_graph_replay_equals_the_same_step_run_eagerly(family, compile_glue
     ref = hf(model, ps, 64, [-1])
     shares = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), 64) / 64 for x, y in zip(ours, ref)]
     with capsys.disabled():
-        print(f"\n{family} bf16 greedy (compile_glue={compile_glue}), share identical to HF generate up to the "
-              f"first divergence: "
-              f"mean {sum(shares) / len(shares):.3f}, rows fully identical {sum(s == 1 for s in shares)}/{len(shares)}")
+        print(
+            f"\n{family} bf16 greedy (compile_glue={compile_glue}), share identical to HF generate up to the "
+            f"first divergence: "
+            f"mean {sum(shares) / len(shares):.3f}, rows fully identical {sum(s == 1 for s in shares)}/{len(shares)}"
+        )
     assert sum(shares) / len(shares) > 0.5
 
 
 @pytest.mark.parametrize("shared", [False, True, "in_group_rows"])
-@pytest.mark.parametrize("dtype, splits", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 1),
-                                           (torch.bfloat16, 4)])
+@pytest.mark.parametrize(
+    "dtype, splits", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 1), (torch.bfloat16, 4)]
+)
 def test_triton_decode_attention_against_a_float64_reference(dtype, splits, shared):
     """Ragged left padding, keys past the current slot present but not valid, a cache wider than the rows.
 
@@ -201,10 +219,13 @@ def test_triton_decode_attention_against_a_float64_reference(dtype, splits, shar
     pos = torch.arange(length, device="cuda")
     valid = (pos[None] >= start[:, None]) & (pos[None] <= slot)
     scores = torch.einsum("bhgd,bhnd->bhgn", q.double(), keys.double()) * 0.088
-    ref = torch.einsum("bhgn,bhnd->bhgd", scores.masked_fill(~valid[:, None, None], float("-inf")).softmax(-1),
-                       values.double())
+    ref = torch.einsum(
+        "bhgn,bhnd->bhgd", scores.masked_fill(~valid[:, None, None], float("-inf")).softmax(-1), values.double()
+    )
     err = ((out.double() - ref).norm() / ref.norm()).item()
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, None, None], scale=0.088)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=valid[:, None, None], scale=0.088
+    )
     sdpa_err = ((sdpa.double() - ref).norm() / ref.norm()).item()
     assert torch.isfinite(out).all()
     assert err < (1e-5 if dtype == torch.float32 else 2 * sdpa_err + 1e-3), (err, sdpa_err)

@@ -29,8 +29,14 @@ pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 LIVES = 4  # cell folders taken from empty to completed through ~10 kills each
-ENV = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
-       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "WANDB_MODE": "disabled",
+    "TQDM_DISABLE": "1",
+    "PYTHONPATH": str(REPO),
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def fault_spec(root: Path) -> CellSpec:
@@ -39,10 +45,19 @@ def fault_spec(root: Path) -> CellSpec:
         model=ModelConfig(name="tiny-qwen2", cache_dir=str(root / "cache")),
         adapter=AdapterConfig(kind="tinylora", r=2, u=3, tie=2),
         task=TaskConfig(name="arithmetic", max_value=9, train_size=24, eval_size=8, scorer="flexible"),
-        algo=AlgoConfig(name="sft", max_steps=STEPS, learning_rate=1e-2, prompts_per_step=4, micro_batch_size=2,
-                        max_length=96, save_steps=1),
+        algo=AlgoConfig(
+            name="sft",
+            max_steps=STEPS,
+            learning_rate=1e-2,
+            prompts_per_step=4,
+            micro_batch_size=2,
+            max_length=96,
+            save_steps=1,
+        ),
         eval=EvalConfig(batch_size=4, max_new_tokens=8),  # 2 generation batches per evaluation
-        logger=LoggerConfig(mode="disabled"), output_dir=str(root / "runs"), sweep="faults",
+        logger=LoggerConfig(mode="disabled"),
+        output_dir=str(root / "runs"),
+        sweep="faults",
     )
 
 
@@ -52,8 +67,13 @@ def kill_plan(rng: random.Random) -> list:
     writing in a random order (each re-run repeats them: training is done)."""
     s1, s2 = rng.choice([2, 3]), rng.choice([4, 5])
     moment = lambda: ["random", round(rng.uniform(0.05, 0.6), 2)]  # noqa: E731 (a whole cell takes ~1.5 s)
-    train = [moment(), [rng.choice(["train_step", "train_save"]), s1], moment(),
-             ["ckpt_write", rng.choice([1, 2])], [rng.choice(["train_step", "train_save"]), s2]]
+    train = [
+        moment(),
+        [rng.choice(["train_step", "train_save"]), s1],
+        moment(),
+        ["ckpt_write", rng.choice([1, 2])],
+        [rng.choice(["train_step", "train_save"]), s2],
+    ]
     after = [["eval", 1], ["eval", 2], ["export", None], ["result_write", None]]
     rng.shuffle(after)
     return train + after
@@ -79,10 +99,15 @@ def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"lifetimes": lifetimes}))
     t0 = time.time()
-    out = subprocess.run([sys.executable, str(REPO / "tests" / "fault_driver.py"), str(plan)], env=ENV,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "fault_driver.py"), str(plan)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
-    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{\"")]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"')]
     assert records[-1] == {"done": True}, out.stderr[-4000:]
     attempts = records[:-1]
     (tmp_path / "attempts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in attempts))
@@ -115,24 +140,46 @@ def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_
         assert not list(folder.path.glob(".*.tmp"))
 
     where = collections.Counter(a["point"] for a in kills)
-    counts = {"kills": len(kills), "where": dict(where), "attempts": len(attempts),
-              "outcomes": dict(collections.Counter(a["outcome"] for a in attempts)),
-              "random_kills_landed_with_checkpoints": [a["checkpoints"] for a in kills if a["point"] == "random"],
-              "seconds": round(time.time() - t0, 1)}
+    counts = {
+        "kills": len(kills),
+        "where": dict(where),
+        "attempts": len(attempts),
+        "outcomes": dict(collections.Counter(a["outcome"] for a in attempts)),
+        "random_kills_landed_with_checkpoints": [a["checkpoints"] for a in kills if a["point"] == "random"],
+        "seconds": round(time.time() - t0, 1),
+    }
     (tmp_path / "fault_counts.json").write_text(json.dumps(counts, indent=1))
     print("fault counts:", json.dumps(counts))
 
 
 # -- two launches at once, and status after a kill -----------------------------------------------
-TINY = ["model=tiny-qwen2", "task.max_value=9", "task.train_size=24", "task.eval_size=8", "algo=sft",
-        "algo.max_steps=4", "algo.prompts_per_step=4", "algo.micro_batch_size=2", "algo.max_length=96",
-        "algo.save_steps=1", "eval.max_new_tokens=8", "eval.batch_size=8", "logger=disabled"]
+TINY = [
+    "model=tiny-qwen2",
+    "task.max_value=9",
+    "task.train_size=24",
+    "task.eval_size=8",
+    "algo=sft",
+    "algo.max_steps=4",
+    "algo.prompts_per_step=4",
+    "algo.micro_batch_size=2",
+    "algo.max_length=96",
+    "algo.save_steps=1",
+    "eval.max_new_tokens=8",
+    "eval.batch_size=8",
+    "logger=disabled",
+]
 
 
 def start(args: list, tmp_path: Path, log: str) -> subprocess.Popen:
     env = {**ENV, "TINYABLATE_CACHE": str(tmp_path / "cache")}
-    return subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=tmp_path, env=env,
-                            stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=open(tmp_path / log, "w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def loss_steps(cell_dir: Path) -> list:
@@ -161,8 +208,16 @@ def test_one_cell_launched_twice_at_once_runs_once(tmp_path):
 
 
 def test_one_sweep_launched_twice_at_once_runs_each_cell_once(tmp_path):
-    args = ["-m", *TINY, "algo.max_steps=30", f"output_dir={tmp_path / 'runs'}", "sweep=twice", "adapter.u=1,2",
-            "hydra.launcher.max_parallel=2", "hydra.launcher.poll_s=0.5"]
+    args = [
+        "-m",
+        *TINY,
+        "algo.max_steps=30",
+        f"output_dir={tmp_path / 'runs'}",
+        "sweep=twice",
+        "adapter.u=1,2",
+        "hydra.launcher.max_parallel=2",
+        "hydra.launcher.poll_s=0.5",
+    ]
     first, second = start(args, tmp_path, "a.log"), start(args, tmp_path, "b.log")
     first.wait(timeout=600), second.wait(timeout=600)
     logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
@@ -171,8 +226,12 @@ def test_one_sweep_launched_twice_at_once_runs_each_cell_once(tmp_path):
     for cell in cells:  # each cell completed by one process: every step logged once
         assert CellFolder(cell).read_result().completed, logs[-4000:]
         assert loss_steps(cell) == list(range(1, 31)), logs[-4000:]
-    trained = sum(p.read_text().count("trained to step") for p in (tmp_path / "runs" / "twice" / ".submitit").rglob("*_log.*"))
-    assert trained == 2, logs[-4000:]  # a cell started by both launchers was trained by one (the lock refused the other)
+    trained = sum(
+        p.read_text().count("trained to step") for p in (tmp_path / "runs" / "twice" / ".submitit").rglob("*_log.*")
+    )
+    assert trained == 2, logs[
+        -4000:
+    ]  # a cell started by both launchers was trained by one (the lock refused the other)
 
 
 def test_kill_then_status_says_interrupted(tmp_path):
@@ -184,12 +243,14 @@ def test_kill_then_status_says_interrupted(tmp_path):
         assert proc.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
         time.sleep(0.2)
     [cell] = [p.parent for p in runs.glob("killed/*/spec.json")]
-    status = subprocess.run([sys.executable, "-m", "tinyablate.status", str(runs / "killed")], env=ENV,
-                            capture_output=True, text=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "tinyablate.status", str(runs / "killed")], env=ENV, capture_output=True, text=True
+    )
     assert status.returncode == 0 and status.stdout.split()[5] == "running", status.stdout
     proc.kill()
     proc.wait()
-    status = subprocess.run([sys.executable, "-m", "tinyablate.status", str(runs / "killed")], env=ENV,
-                            capture_output=True, text=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "tinyablate.status", str(runs / "killed")], env=ENV, capture_output=True, text=True
+    )
     assert status.stdout.split()[5] == "interrupted", status.stdout
     assert CellFolder(cell).state() == "interrupted" and "1 cells: 1 interrupted" in status.stdout

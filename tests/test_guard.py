@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from test_cell import tiny_spec
 from tinyablate.adapters.layers import SVDAdapterLinear
 from tinyablate.cell import run_cell
 from tinyablate.cell_folder import CHECKPOINTS_DIR, METRICS_FILE, CellFolder, Result, ResultError
 from tinyablate.config import ConfigError, validate_spec
 from tinyablate.metrics import jsonl_line, read_metrics
 from tinyablate.train.common import ADAPTER_STATE
-from safetensors.torch import load_file
-
-from test_cell import tiny_spec
 
 
 @contextmanager
@@ -93,8 +92,9 @@ def test_skip_mode_drops_the_bad_steps_and_completes(tmp_path):
 
 def test_fp16_vector_overflow_fails_sft_cell(tmp_path):
     """The issue's case: fp16 v, learning rate 1e6: v overflows; never 'completed' with last_loss 0."""
-    spec = tiny_spec(tmp_path, algo="sft", prompts_per_step=4, micro_batch_size=2, max_steps=10, learning_rate=1e6,
-                     adam_epsilon=1e-7)
+    spec = tiny_spec(
+        tmp_path, algo="sft", prompts_per_step=4, micro_batch_size=2, max_steps=10, learning_rate=1e6, adam_epsilon=1e-7
+    )
     spec.adapter.precision = "fp16"
     spec.logger.mode = "disabled"
     with pytest.raises(Exception) as err:
@@ -108,11 +108,16 @@ def test_fp16_vector_overflow_fails_sft_cell(tmp_path):
 
 
 def test_a_completed_result_with_nan_is_refused():
-    raw = {"cell_id": "c", "status": "completed", "config": {"algo": {"max_steps": 1}},
-           "model": {"name": "m", "family": "qwen2", "size": "1", "n_params": 1}, "adapter": {"kind": "tinylora",
-           "trainable_params": 1}, "algo": {"name": "grpo", "learning_rate": 1.0, "steps": 1},
-           "task": {"name": "arithmetic"}, "metrics": {"accuracy": 0.5, "n_eval": 10,
-                                                       "reward": {"first": 0.1, "last": float("nan")}}}
+    raw = {
+        "cell_id": "c",
+        "status": "completed",
+        "config": {"algo": {"max_steps": 1}},
+        "model": {"name": "m", "family": "qwen2", "size": "1", "n_params": 1},
+        "adapter": {"kind": "tinylora", "trainable_params": 1},
+        "algo": {"name": "grpo", "learning_rate": 1.0, "steps": 1},
+        "task": {"name": "arithmetic"},
+        "metrics": {"accuracy": 0.5, "n_eval": 10, "reward": {"first": 0.1, "last": float("nan")}},
+    }
     with pytest.raises(ResultError, match=r"metrics\.reward\.last"):
         Result.parse(raw)
     raw["metrics"]["reward"]["last"] = 0.2

@@ -10,11 +10,26 @@ import numpy as np
 import pytest
 
 from tinyablate.metrics import (
-    REDACTED, LoggerConfig, MetricLogger, json_safe, read_metrics, redact, wandb_run_id,
+    REDACTED,
+    LoggerConfig,
+    MetricLogger,
+    json_safe,
+    read_metrics,
+    redact,
+    wandb_run_id,
 )
 from tinyablate.wandb_files import (
-    BLOCK_SIZE, FILE_HEADER, FIRST, FULL, LAST, MIDDLE, WandbFileError, has_exit_record, iter_chunks,
-    read_payloads, wait_for_exit_record,
+    BLOCK_SIZE,
+    FILE_HEADER,
+    FIRST,
+    FULL,
+    LAST,
+    MIDDLE,
+    WandbFileError,
+    has_exit_record,
+    iter_chunks,
+    read_payloads,
+    wait_for_exit_record,
 )
 from wandb_reader import find_offline_runs, read_run, read_runs, run_file
 
@@ -30,8 +45,11 @@ CONFIG = {
     "auth": {"hf_token": HF_SECRET, "note": f"the key is {SECRET}"},
     "long_note": LONG_NOTE,
 }
-FIRST_STEPS = {1: {"loss": 2.0, "eval/accuracy": 0.25}, 2: {"loss": np.float32(1.5)},
-               3: {"loss": 1.0, "eval/accuracy": 0.5}}
+FIRST_STEPS = {
+    1: {"loss": 2.0, "eval/accuracy": 0.25},
+    2: {"loss": np.float32(1.5)},
+    3: {"loss": 1.0, "eval/accuracy": 0.5},
+}
 RESUMED_STEPS = {4: {"loss": 0.75}, 5: {"loss": 0.5, "eval/accuracy": 0.625}}
 
 
@@ -74,7 +92,8 @@ def test_jsonl_holds_both_sessions(resumed_cell):
     assert [r["step"] for r in rows] == list(expected)
     for row in rows:
         assert {k: v for k, v in row.items() if k not in ("step", "time")} == pytest.approx(
-            {k: float(v) for k, v in expected[row["step"]].items()})
+            {k: float(v) for k, v in expected[row["step"]].items()}
+        )
         assert isinstance(row["time"], float)
 
 
@@ -90,8 +109,7 @@ def test_offline_run_reads_back(resumed_cell):
     assert (first.exit_code, second.exit_code) == (0, 1)
     run = read_runs(resumed_cell.dir / "wandb", resumed_cell.run_id)
     assert run.run_id == resumed_cell.run_id
-    assert (run.project, run.group, run.job_type, run.name) == (
-        "tinyablate", "sweep-a", "train", CELL_ID)
+    assert (run.project, run.group, run.job_type, run.name) == ("tinyablate", "sweep-a", "train", CELL_ID)
     assert run.tags == ["smoke", "r8"]
     assert run.config["lr"] == 1e-3
     assert run.config["model"] == CONFIG["model"]
@@ -155,7 +173,7 @@ def _write_log(path: Path, records) -> bytes:
             if left < 7:
                 out += b"\0" * left
                 continue
-            piece, record = record[: left - 7], record[left - 7:]
+            piece, record = record[: left - 7], record[left - 7 :]
             kind = (FULL if not record else FIRST) if first else (LAST if not record else MIDDLE)
             out += _chunk(kind, piece)
             first = False
@@ -226,14 +244,17 @@ def test_log_rejects_reserved_keys_and_closed_logger(tmp_path):
         lg.log({"loss": 1.0}, step=1)
 
 
-@pytest.mark.parametrize("field,value,allowed", [
-    ("mode", "cloud", "'online', 'offline', 'disabled'"),
-    ("project", "", "non-empty"),
-    ("entity", "", "None or"),
-    ("tags", ["x" * 65], "at most 64"),
-    ("tags", "smoke", "a list of"),
-    ("dir", 3, "None"),
-])
+@pytest.mark.parametrize(
+    "field,value,allowed",
+    [
+        ("mode", "cloud", "'online', 'offline', 'disabled'"),
+        ("project", "", "non-empty"),
+        ("entity", "", "None or"),
+        ("tags", ["x" * 65], "at most 64"),
+        ("tags", "smoke", "a list of"),
+        ("dir", 3, "None"),
+    ],
+)
 def test_config_validation_names_field(tmp_path, field, value, allowed):
     cfg = LoggerConfig(**{field: value})
     with pytest.raises(ValueError, match=rf"logger\.{field}=") as err:
@@ -263,26 +284,55 @@ def test_wandb_run_id():
 
 def test_redact_keys_and_env_values(monkeypatch):
     monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-abcdefgh1234")
-    obj = {"apiKey": "k1", "WANDB_API_KEY": "k2", "client_secret": "k3", "db_password": "k4",
-           "hf_token": None, "pad_token_id": 2, "pad_token": "<pad>", "max_new_tokens": 8,
-           "tokenizer": "gpt2", "secrets": {"a": 1}, "runs": [{"auth_token": "k5"}],
-           "cmd": "curl -H tok-abcdefgh1234", "tup": ("x", "tok-abcdefgh1234")}
+    obj = {
+        "apiKey": "k1",
+        "WANDB_API_KEY": "k2",
+        "client_secret": "k3",
+        "db_password": "k4",
+        "hf_token": None,
+        "pad_token_id": 2,
+        "pad_token": "<pad>",
+        "max_new_tokens": 8,
+        "tokenizer": "gpt2",
+        "secrets": {"a": 1},
+        "runs": [{"auth_token": "k5"}],
+        "cmd": "curl -H tok-abcdefgh1234",
+        "tup": ("x", "tok-abcdefgh1234"),
+    }
     out = redact(obj)
-    assert out == {"apiKey": REDACTED, "WANDB_API_KEY": REDACTED, "client_secret": REDACTED,
-                   "db_password": REDACTED, "hf_token": None, "pad_token_id": 2,
-                   "pad_token": "<pad>", "max_new_tokens": 8, "tokenizer": "gpt2",
-                   "secrets": REDACTED, "runs": [{"auth_token": REDACTED}],
-                   "cmd": f"curl -H {REDACTED}", "tup": ("x", REDACTED)}
+    assert out == {
+        "apiKey": REDACTED,
+        "WANDB_API_KEY": REDACTED,
+        "client_secret": REDACTED,
+        "db_password": REDACTED,
+        "hf_token": None,
+        "pad_token_id": 2,
+        "pad_token": "<pad>",
+        "max_new_tokens": 8,
+        "tokenizer": "gpt2",
+        "secrets": REDACTED,
+        "runs": [{"auth_token": REDACTED}],
+        "cmd": f"curl -H {REDACTED}",
+        "tup": ("x", REDACTED),
+    }
     assert obj["apiKey"] == "k1"  # the input is not modified
 
 
 def test_json_safe_scalars_and_arrays():
     torch = pytest.importorskip("torch")
-    out = json_safe({"t": torch.tensor(1.5), "i": np.int64(3), "f": np.float32(0.25),
-                     "b": np.bool_(True), "v": torch.tensor([1, 2]), "a": np.zeros(2),
-                     "p": Path("/x"), 1: (1, 2)})
-    assert out == {"t": 1.5, "i": 3, "f": 0.25, "b": True, "v": [1, 2], "a": [0.0, 0.0],
-                   "p": "/x", "1": [1, 2]}
+    out = json_safe(
+        {
+            "t": torch.tensor(1.5),
+            "i": np.int64(3),
+            "f": np.float32(0.25),
+            "b": np.bool_(True),
+            "v": torch.tensor([1, 2]),
+            "a": np.zeros(2),
+            "p": Path("/x"),
+            1: (1, 2),
+        }
+    )
+    assert out == {"t": 1.5, "i": 3, "f": 0.25, "b": True, "v": [1, 2], "a": [0.0, 0.0], "p": "/x", "1": [1, 2]}
     assert json.loads(json.dumps(out)) == out
 
 
@@ -292,22 +342,30 @@ def test_trainer_callback_forwards_logs(tmp_path):
     from tinyablate.train.common import MetricLoggerCallback
 
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    )
     data = [{"input_ids": torch.arange(8), "labels": torch.arange(8)} for _ in range(8)]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=2, logging_steps=1, report_to="none",
-        use_cpu=True, disable_tqdm=True, save_strategy="no", per_device_train_batch_size=4)
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        per_device_train_batch_size=4,
+    )
     cell = tmp_path / "cell"
     with MetricLogger(cell, LoggerConfig(mode="disabled"), run_id="abc") as logger:
         callback = MetricLoggerCallback(logger)
         assert isinstance(callback, transformers.TrainerCallback)
-        transformers.Trainer(model=model, args=args, train_dataset=data,
-                             callbacks=[callback]).train()
+        transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
         other_rank = SimpleNamespace(global_step=9, is_world_process_zero=False)
         callback.on_log(args, other_rank, None, logs={"loss": 9.0})
-        callback.on_log(args, SimpleNamespace(global_step=9, is_world_process_zero=True), None,
-                        logs={"eval_accuracy": 0.75})
+        callback.on_log(
+            args, SimpleNamespace(global_step=9, is_world_process_zero=True), None, logs={"eval_accuracy": 0.75}
+        )
     rows = read_metrics(cell)
     assert [r["step"] for r in rows] == [1, 2, 2, 9]
     assert all(r["train/loss"] > 0 and r["train/learning_rate"] > 0 for r in rows[:2])

@@ -82,8 +82,9 @@ def test_tiny_tokenizer_splits_digits_and_round_trips():
 def test_greedy_generation_runs_and_left_pads_a_batch(family):
     model, tok, _ = M.load_model_and_tokenizer(_tiny_cfg(family))
     prompts = [QUESTION, [{"role": "user", "content": "Hi"}]]
-    enc = tok.apply_chat_template(prompts, add_generation_prompt=True, return_dict=True,
-                                  return_tensors="pt", padding=True)
+    enc = tok.apply_chat_template(
+        prompts, add_generation_prompt=True, return_dict=True, return_tensors="pt", padding=True
+    )
     assert (enc["attention_mask"][:, -1] == 1).all()  # left padding: every row ends with real tokens
     out = model.generate(**enc, max_new_tokens=6, do_sample=False)
     again = model.generate(**enc, max_new_tokens=6, do_sample=False)
@@ -107,7 +108,7 @@ def test_generation_stops_at_the_end_of_turn_token(family, stop):
         out = model.generate(**enc, max_new_tokens=20, do_sample=False)
     finally:
         handle.remove()
-    assert out[0, enc["input_ids"].shape[1]:].tolist() == [stop_id]
+    assert out[0, enc["input_ids"].shape[1] :].tolist() == [stop_id]
 
 
 def test_tiny_models_are_deterministic_and_leave_the_global_rng_alone():
@@ -147,8 +148,18 @@ def test_init_seed_reaches_the_random_model():
 
 
 def test_registry_entries():
-    assert set(M.MODELS) == {"qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "llama3.2-1b",
-                             "llama3.2-3b", "llama3.1-8b", "smollm2-135m", "tiny-qwen2", "tiny-llama"}
+    assert set(M.MODELS) == {
+        "qwen2.5-0.5b",
+        "qwen2.5-1.5b",
+        "qwen2.5-3b",
+        "qwen2.5-7b",
+        "llama3.2-1b",
+        "llama3.2-3b",
+        "llama3.1-8b",
+        "smollm2-135m",
+        "tiny-qwen2",
+        "tiny-llama",
+    }
     for name, info in M.MODELS.items():
         assert info.name == name and info.source in registry.SOURCES and info.family in registry.FAMILIES
         assert (info.hub_id is None) == (info.source == "random")
@@ -164,11 +175,22 @@ def test_default_config_is_valid():
     assert ModelConfig().name == "smollm2-135m"
 
 
-@pytest.mark.parametrize("field,value", [
-    ("name", "gpt-5"), ("dtype", "fp32"), ("attn_implementation", "flash"), ("device", "gpu"),
-    ("device", "cuda:x"), ("path", ""), ("hub_id", " "), ("cache_dir", ""), ("init_seed", -1),
-    ("init_seed", 1.5), ("revision", ""),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("name", "gpt-5"),
+        ("dtype", "fp32"),
+        ("attn_implementation", "flash"),
+        ("device", "gpu"),
+        ("device", "cuda:x"),
+        ("path", ""),
+        ("hub_id", " "),
+        ("cache_dir", ""),
+        ("init_seed", -1),
+        ("init_seed", 1.5),
+        ("revision", ""),
+    ],
+)
 def test_validation_names_field_value_and_allowed(field, value):
     cfg = ModelConfig(**{"name": "qwen2.5-0.5b", field: value})
     with pytest.raises(ValueError) as err:
@@ -195,8 +217,10 @@ def test_random_models_refuse_weight_locations(field, value):
 def test_revision_only_for_hub_downloads(tmp_path):
     ModelConfig(name="qwen2.5-0.5b", revision="main").validate()
     ModelConfig(name="smollm2-135m", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", revision="main").validate()
-    for cfg in (ModelConfig(name="qwen2.5-0.5b", path=str(tmp_path), revision="main"),
-                ModelConfig(name="smollm2-135m", revision="main")):
+    for cfg in (
+        ModelConfig(name="qwen2.5-0.5b", path=str(tmp_path), revision="main"),
+        ModelConfig(name="smollm2-135m", revision="main"),
+    ):
         with pytest.raises(ValueError, match="model.revision="):
             cfg.validate()
 
@@ -338,8 +362,10 @@ def test_conversion_runs_once_under_concurrency(monkeypatch, tmp_path):
 
     monkeypatch.setattr(M, "convert_gguf_model", fake_convert)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(M.ensure_converted_smollm2(tmp_path / "c", gguf)))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(M.ensure_converted_smollm2(tmp_path / "c", gguf)))
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -394,7 +420,7 @@ def test_smollm2_converts_to_a_plain_model_that_saves_and_reloads(smollm2_cache,
 
     enc = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "5" in answer, answer
     assert out[0, -1].item() == tok.eos_token_id  # stopped at <|im_end|>, not at max_new_tokens
 

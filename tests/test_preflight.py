@@ -31,22 +31,28 @@ def gsm8k_dir(tmp_path: Path, train_rows=3, test_rows=3, broken_line=None) -> Pa
 
 
 def spec(**kw) -> CellSpec:
-    s = CellSpec(model=ModelConfig(name="tiny-qwen2"), adapter=AdapterConfig(kind="tinylora", r=2, u=3, tie=2),
-                 task=TaskConfig(name="arithmetic", max_value=9, train_size=8, eval_size=4))
+    s = CellSpec(
+        model=ModelConfig(name="tiny-qwen2"),
+        adapter=AdapterConfig(kind="tinylora", r=2, u=3, tie=2),
+        task=TaskConfig(name="arithmetic", max_value=9, train_size=8, eval_size=4),
+    )
     for key, value in kw.items():
         section, _, name = key.partition("__")
         setattr(getattr(s, section), name, value) if name else setattr(s, section, value)
     return s
 
 
-@pytest.mark.parametrize("change, expected", [
-    (dict(adapter__r=65), "adapter.r=65"),
-    (dict(adapter__target_modules=["foo_proj"]), "foo_proj"),
-    (dict(adapter__layers=[99]), "adapter.layers: [99] are not layers of this model"),
-    (dict(seed=-1), "seed=-1 is invalid: expected an integer >= 0 below 2**32"),
-    (dict(model__path="/nonexistent/model"), "model.path='/nonexistent/model' is invalid"),
-    (dict(logger=LoggerConfig(mode="online")), "logger.mode='online' has no W&B API key"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (dict(adapter__r=65), "adapter.r=65"),
+        (dict(adapter__target_modules=["foo_proj"]), "foo_proj"),
+        (dict(adapter__layers=[99]), "adapter.layers: [99] are not layers of this model"),
+        (dict(seed=-1), "seed=-1 is invalid: expected an integer >= 0 below 2**32"),
+        (dict(model__path="/nonexistent/model"), "model.path='/nonexistent/model' is invalid"),
+        (dict(logger=LoggerConfig(mode="online")), "logger.mode='online' has no W&B API key"),
+    ],
+)
 def test_what_used_to_fail_after_loading_is_found_before(change, expected, monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
@@ -77,16 +83,22 @@ def test_data_files_exist_parse_are_non_empty_and_errors_name_file_and_line(tmp_
     empty = gsm8k_dir(tmp_path / "e", 0, 0)
     with pytest.raises(ConfigError) as err:  # was a "completed" cell with n_eval=0 and 0 steps
         preflight(spec(task=TaskConfig(name="gsm8k", data_dir=str(empty))))
-    assert [p.split(" (")[0] for p in err.value.problems] == ["task data: no training problems",
-                                                              "task data: no evaluation problems"]
+    assert [p.split(" (")[0] for p in err.value.problems] == [
+        "task data: no training problems",
+        "task data: no evaluation problems",
+    ]
     with pytest.raises(ConfigError) as err:  # a train_size asked of an empty file: both splits named
         preflight(spec(task=TaskConfig(name="gsm8k", data_dir=str(empty), train_size=40)))
     assert len(err.value.problems) == 2, err.value.problems
     assert "task.train_size=40 is invalid" in err.value.problems[0]
-    assert err.value.problems[1].startswith("task data: no evaluation problems") and "test file" in err.value.problems[1]
+    assert (
+        err.value.problems[1].startswith("task data: no evaluation problems") and "test file" in err.value.problems[1]
+    )
     bad_answer = tmp_path / "b"
     gsm8k_dir(bad_answer)
-    (bad_answer / "gsm8k" / "test.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps({"question": "q", "answer": "7"}) + "\n")
+    (bad_answer / "gsm8k" / "test.jsonl").write_text(
+        json.dumps(ROW) + "\n" + json.dumps({"question": "q", "answer": "7"}) + "\n"
+    )
     with pytest.raises(ConfigError, match=r"test.jsonl:2: the answer does not end in '#### <number>'"):
         preflight(spec(task=TaskConfig(name="gsm8k", data_dir=str(bad_answer / "gsm8k"))))
     with pytest.raises(ConfigError, match="is not a folder"):
@@ -94,25 +106,55 @@ def test_data_files_exist_parse_are_non_empty_and_errors_name_file_and_line(tmp_
 
 
 def launch(args, tmp_path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
-           "TINYABLATE_CACHE": str(tmp_path / "cache")}
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TINYABLATE_CACHE": str(tmp_path / "cache"),
+    }
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_single_cell_errors_are_one_message_without_traceback(tmp_path):
     data = gsm8k_dir(tmp_path, 12, 3, broken_line=10)
     t0 = time.time()
-    out = launch(["model=tiny-qwen2", "task=gsm8k", f"task.data_dir={data}", "adapter.layers=[99]", "seed=-1",
-                  f"output_dir={tmp_path / 'runs'}"], tmp_path)
+    out = launch(
+        [
+            "model=tiny-qwen2",
+            "task=gsm8k",
+            f"task.data_dir={data}",
+            "adapter.layers=[99]",
+            "seed=-1",
+            f"output_dir={tmp_path / 'runs'}",
+        ],
+        tmp_path,
+    )
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr + out.stdout and "Error executing job" not in out.stderr
     assert out.stderr.splitlines()[0] == "invalid cell, nothing was run:"
     assert "train.jsonl:10: not valid JSON" in out.stderr and "adapter.layers" in out.stderr and "seed=-1" in out.stderr
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [".hydra"]  # no cell folder: nothing started
     # a sweep's dry run finds the same, from the same function
-    dry = launch(["-m", "sweeps=embedded", "model=tiny-qwen2", "task=gsm8k", f"task.data_dir={data}", "dry_run=true",
-                  f"output_dir={tmp_path / 'runs'}"], tmp_path)
+    dry = launch(
+        [
+            "-m",
+            "sweeps=embedded",
+            "model=tiny-qwen2",
+            "task=gsm8k",
+            f"task.data_dir={data}",
+            "dry_run=true",
+            f"output_dir={tmp_path / 'runs'}",
+        ],
+        tmp_path,
+    )
     assert dry.returncode == 2 and "train.jsonl:10: not valid JSON" in dry.stdout, dry.stdout + dry.stderr
     assert time.time() - t0 < 120
 

@@ -21,10 +21,10 @@ def _git(repo, *args):
 
 def test_keys_present_and_json_serializable():
     prov = collect_provenance()
-    assert {"timestamp_utc", "git", "packages", "python", "platform", "hostname",
-            "devices"} <= set(prov)
+    assert {"timestamp_utc", "git", "packages", "python", "platform", "hostname", "devices"} <= set(prov)
     assert set(prov["packages"]) == set(PACKAGES)
     from importlib.metadata import version
+
     assert prov["packages"]["wandb"] == version("wandb")
     assert prov["python"] == ".".join(map(str, sys.version_info[:3]))
     assert prov["timestamp_utc"].endswith("+00:00")
@@ -80,11 +80,14 @@ def test_no_crash_outside_git_or_without_git(tmp_path, monkeypatch):
 
 def test_fast_and_imports_nothing_heavy():
     # In a fresh interpreter: time the import and call, and list what they newly imported.
-    code = ("import sys, time, tinyablate; before = set(sys.modules); t = time.perf_counter();"
-            "from tinyablate.provenance import collect_provenance; collect_provenance();"
-            "print(time.perf_counter() - t, *sorted(set(sys.modules) - before))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=REPO, check=True).stdout.split()
+    code = (
+        "import sys, time, tinyablate; before = set(sys.modules); t = time.perf_counter();"
+        "from tinyablate.provenance import collect_provenance; collect_provenance();"
+        "print(time.perf_counter() - t, *sorted(set(sys.modules) - before))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout.split()
     assert float(out[0]) < 0.5
     heavy = {"torch", "transformers", "trl", "peft", "wandb", "accelerate", "numpy"}
     assert "tinyablate.provenance" in out[1:]

@@ -12,10 +12,17 @@ import torch
 from tinyablate.adapters import apply_adapter
 from tinyablate.config import AdapterConfig, ModelConfig
 from tinyablate.models import load_model_and_tokenizer
-from tinyablate.quantization import (QuantizationNotSupported, base_bytes, check_supported, dense_weight,
-                                     is_quantized_linear)
+from tinyablate.quantization import (
+    QuantizationNotSupported,
+    base_bytes,
+    check_supported,
+    dense_weight,
+    is_quantized_linear,
+)
 
-bnb = pytest.importorskip("bitsandbytes", reason="model.quantization needs bitsandbytes (pip install 'tinyablate[quant]')")
+bnb = pytest.importorskip(
+    "bitsandbytes", reason="model.quantization needs bitsandbytes (pip install 'tinyablate[quant]')"
+)
 
 
 def tiny(quantization="none", family="tiny-qwen2"):
@@ -104,7 +111,9 @@ def test_base_bytes_count_packed_weights_and_statistics():
     packed = n_weights // 2  # two 4-bit values a byte
     got = base_bytes(model) - rest
     # double quantization: one 8-bit scale per 64 weights, one fp32 scale per 256 of those, two codebooks
-    assert packed + n_weights // 64 <= got <= packed + n_weights // 64 + n_weights // (64 * 256) * 4 + 4096 * len(linear)
+    assert (
+        packed + n_weights // 64 <= got <= packed + n_weights // 64 + n_weights // (64 * 256) * 4 + 4096 * len(linear)
+    )
     int8, _ = tiny("int8")
     rows = sum(m.weight.shape[0] for m in linear)
     assert base_bytes(int8) - rest == n_weights + 4 * rows  # one byte a weight, one fp32 scale a row
@@ -167,10 +176,20 @@ def test_quantized_cell_end_to_end(tmp_path, quantization, kind):
         model=ModelConfig(name="tiny-qwen2", cache_dir=str(tmp_path / "cache"), quantization=quantization),
         adapter=AdapterConfig(kind=kind, r=2, u=3, tie=2),
         task=TaskConfig(name="arithmetic", max_value=9, train_size=40, eval_size=8, scorer="flexible"),
-        algo=AlgoConfig(name="sft", max_steps=2, learning_rate=1e-2, prompts_per_step=4, micro_batch_size=2,
-                        max_length=96, save_steps=2),
-        eval=EvalConfig(batch_size=8, max_new_tokens=8), logger=LoggerConfig(mode="disabled"),
-        output_dir=str(tmp_path / "runs"), sweep="quant")
+        algo=AlgoConfig(
+            name="sft",
+            max_steps=2,
+            learning_rate=1e-2,
+            prompts_per_step=4,
+            micro_batch_size=2,
+            max_length=96,
+            save_steps=2,
+        ),
+        eval=EvalConfig(batch_size=8, max_new_tokens=8),
+        logger=LoggerConfig(mode="disabled"),
+        output_dir=str(tmp_path / "runs"),
+        sweep="quant",
+    )
     result = run_cell(spec)
     assert result["status"] == "completed" and result["metrics"]["train_steps"] == 2
     assert result["model"]["quantization"] == quantization and quantization in cell_id(spec)
@@ -188,8 +207,26 @@ def test_qlora_bench_runs_on_cpu(tmp_path):
 
     from benchmarks.qlora_bench import main
 
-    report = main(["--device", "cpu", "--shape", "small", "--layers", "1", "--seq", "16", "--batch", "1",
-                   "--warmup", "0", "--iters", "1", "--json", str(tmp_path / "r.json")])
+    report = main(
+        [
+            "--device",
+            "cpu",
+            "--shape",
+            "small",
+            "--layers",
+            "1",
+            "--seq",
+            "16",
+            "--batch",
+            "1",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     none, nf4 = report["rows"]
     assert (none["base"], nf4["base"]) == ("none", "nf4") and nf4["base_bytes"] < none["base_bytes"]
     assert none["trainable_params"] == nf4["trainable_params"] > 0 and nf4["step_s"] > 0

@@ -16,19 +16,27 @@ bnb = pytest.importorskip("bitsandbytes")
 
 def bf16_model():
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = Qwen2Config(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16).eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("quantization, kind", [("nf4", "lora"), ("nf4", "tinylora"), ("int8", "lora"),
-                                                ("int8", "lora_xs")])
+@pytest.mark.parametrize(
+    "quantization, kind", [("nf4", "lora"), ("nf4", "tinylora"), ("int8", "lora"), ("int8", "lora_xs")]
+)
 def test_adapters_train_on_a_quantized_base(quantization, kind):
     reference = bf16_model()
     model = bf16_model()
     quantize_base(model, quantization)
-    assert all(is_quantized_linear(m) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    assert all(
+        is_quantized_linear(m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    )
     assert base_bytes(model) < base_bytes(reference)
     q = model.model.layers[0].mlp.up_proj
     original = reference.model.layers[0].mlp.up_proj.weight.float()

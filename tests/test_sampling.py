@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinyablate.sampling import KeyedGumbelSampler, top_p_filter, mix32, rollout_keys, sequence_key
+from tinyablate.sampling import KeyedGumbelSampler, mix32, rollout_keys, sequence_key, top_p_filter
 
 
 def test_mix32_is_the_same_on_tensors_and_ints():
@@ -60,10 +60,17 @@ def test_same_key_same_completion_whatever_the_batch(tmp_path):
 
     def sample(prompts, keys):
         batch = tok(prompts, return_tensors="pt", padding=True)
-        out = model.generate(**batch, do_sample=False, max_new_tokens=10, pad_token_id=tok.pad_token_id,
-                             logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 1.0)]),
-                             temperature=None, top_p=None, top_k=None)
-        return out[:, batch["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **batch,
+            do_sample=False,
+            max_new_tokens=10,
+            pad_token_id=tok.pad_token_id,
+            logits_processor=LogitsProcessorList([KeyedGumbelSampler(keys, 1.0)]),
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        return out[:, batch["input_ids"].shape[1] :].tolist()
 
     alone = sample(["1 + 2 ="], [11])[0]
     together = sample(["a much longer prompt that forces left padding: 3 + 4 =", "1 + 2 ="], [12, 11])

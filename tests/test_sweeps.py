@@ -15,24 +15,47 @@ SWEEPS = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
 
 # A tiny, fast cell: random 2-layer model, 1-digit addition, 2 GRPO steps.
 TINY = [
-    "model=tiny-qwen2", "task.max_value=9", "task.train_size=40", "task.eval_size=8", "algo=grpo_cpu",
-    "algo.max_steps=2", "algo.prompts_per_step=2", "algo.num_generations=4", "algo.micro_batch_size=8",
-    "algo.max_completion_length=8", "algo.save_steps=1", "eval.max_new_tokens=8", "logger=disabled",
+    "model=tiny-qwen2",
+    "task.max_value=9",
+    "task.train_size=40",
+    "task.eval_size=8",
+    "algo=grpo_cpu",
+    "algo.max_steps=2",
+    "algo.prompts_per_step=2",
+    "algo.num_generations=4",
+    "algo.micro_batch_size=8",
+    "algo.max_completion_length=8",
+    "algo.save_steps=1",
+    "eval.max_new_tokens=8",
+    "logger=disabled",
 ]
 
 
 def launch(args, tmp_path, env=None, timeout=600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
-                "TINYABLATE_CACHE": str(tmp_path / "cache"), **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=tmp_path, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TINYABLATE_CACHE": str(tmp_path / "cache"),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_every_sweep_preset_composes_and_validates(sweep, tmp_path):
     # planned for the cluster they are written for (a local dry run refuses GPU cells on a machine without GPUs)
-    proc = launch(["-m", f"sweeps={sweep}", "hydra/launcher=slurm", "dry_run=true", f"output_dir={tmp_path}/runs"],
-                  tmp_path)
+    proc = launch(
+        ["-m", f"sweeps={sweep}", "hydra/launcher=slurm", "dry_run=true", f"output_dir={tmp_path}/runs"], tmp_path
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("pending ")]
     assert lines and f"dry run: {len(lines)} valid cells, nothing submitted" in proc.stdout
@@ -50,10 +73,21 @@ def test_default_multirun_is_the_embedded_sweep(tmp_path):
 def test_dry_run_counts_duplicates_once_and_says_why(tmp_path):
     # (the embedded preset adds algo=grpo,sft) lora_xs ignores u (3 sets -> 1 cell); at tie=all tiled and
     # structured are one cell (2 -> 1)
-    proc = launch(["-m", "model=tiny-qwen2", "adapter=lora_xs,tinylora", "adapter.u=1,2,3", "adapter.tie=all",
-                   "adapter.sharing=tiled,structured", "gpus=1", "hydra/launcher=slurm", "dry_run=true",
-                   f"output_dir={tmp_path}/runs"],
-                  tmp_path)
+    proc = launch(
+        [
+            "-m",
+            "model=tiny-qwen2",
+            "adapter=lora_xs,tinylora",
+            "adapter.u=1,2,3",
+            "adapter.tie=all",
+            "adapter.sharing=tiled,structured",
+            "gpus=1",
+            "hydra/launcher=slurm",
+            "dry_run=true",
+            f"output_dir={tmp_path}/runs",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "24 override sets -> 8 distinct cells (16 duplicates, each run once):" in out
@@ -69,22 +103,38 @@ def test_dry_run_counts_duplicates_once_and_says_why(tmp_path):
 
 
 def test_dry_run_estimates_are_measured_or_calibrated_once_cells_completed(tmp_path):
-    from tinyablate.cell_folder import (AdapterRecord, AlgoRecord, CellFolder, Metrics, ModelRecord, Result, TaskRecord,
-                                        Timing)
-    from tinyablate.config import cell_id, spec_to_dict
-
     from test_conf import compose_spec
+    from tinyablate.cell_folder import (
+        AdapterRecord,
+        AlgoRecord,
+        CellFolder,
+        Metrics,
+        ModelRecord,
+        Result,
+        TaskRecord,
+        Timing,
+    )
+    from tinyablate.config import cell_id, spec_to_dict
 
     runs = tmp_path / "runs"
     common = ["model=tiny-qwen2", "gpus=1", "sweep=s", f"output_dir={runs}"]
     done = compose_spec(["sweeps=embedded", "algo=grpo_cpu", "adapter.u=1", *common])  # what -m composes
     cid = cell_id(done)
-    CellFolder.of(done, cid).write_result(Result(
-        cell_id=cid, status="completed", sweep="s", config=spec_to_dict(done),
-        model=ModelRecord(name="tiny-qwen2", family="qwen2", size="0.16M", n_params=156_224, model_id="random:0"),
-        adapter=AdapterRecord(trainable_params=56, kind="tinylora", r=2, u=1), algo=AlgoRecord(name="grpo"),
-        task=TaskRecord(name="arithmetic"), metrics=Metrics(accuracy=0.5, n_eval=8, train_steps=done.algo.max_steps),
-        timing=Timing(wall_s=1800.0, n_gpus=1, world_size=1, gpu_hours=0.5), provenance={}))
+    CellFolder.of(done, cid).write_result(
+        Result(
+            cell_id=cid,
+            status="completed",
+            sweep="s",
+            config=spec_to_dict(done),
+            model=ModelRecord(name="tiny-qwen2", family="qwen2", size="0.16M", n_params=156_224, model_id="random:0"),
+            adapter=AdapterRecord(trainable_params=56, kind="tinylora", r=2, u=1),
+            algo=AlgoRecord(name="grpo"),
+            task=TaskRecord(name="arithmetic"),
+            metrics=Metrics(accuracy=0.5, n_eval=8, train_steps=done.algo.max_steps),
+            timing=Timing(wall_s=1800.0, n_gpus=1, world_size=1, gpu_hours=0.5),
+            provenance={},
+        )
+    )
     common = ["-m", *common, "hydra/launcher=slurm", "dry_run=true"]
     proc = launch([*common, "adapter.u=1,2", "algo=grpo_cpu"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -92,7 +142,9 @@ def test_dry_run_estimates_are_measured_or_calibrated_once_cells_completed(tmp_p
     assert lines["completed"].endswith("gpu_h=0.5 (measured, mean of 1 completed cell)")
     assert lines["pending"].endswith("gpu_h=0.5 (measured, mean of 1 completed cell)")  # same kind: same cost
     assert "0.5 for the 1 not completed" in proc.stdout
-    steps = launch([*common, "adapter.u=2", "algo=grpo_cpu", "algo.max_steps=200"], tmp_path)  # another kind: the ratio calibrates
+    steps = launch(
+        [*common, "adapter.u=2", "algo=grpo_cpu", "algo.max_steps=200"], tmp_path
+    )  # another kind: the ratio calibrates
     assert "(model x " in steps.stdout and "calibrated on 1 completed cell)" in steps.stdout
 
 
@@ -104,8 +156,9 @@ def test_gpu_cells_in_a_local_dry_run_without_gpus_are_refused_once_per_problem(
 
 
 def test_an_unknown_cost_device_names_the_known_ones(tmp_path):
-    proc = launch(["-m", "model=tiny-qwen2", "gpus=1", "cost_device=a100", "hydra/launcher=slurm", "dry_run=true"],
-                  tmp_path)
+    proc = launch(
+        ["-m", "model=tiny-qwen2", "gpus=1", "cost_device=a100", "hydra/launcher=slurm", "dry_run=true"], tmp_path
+    )
     assert proc.returncode != 0
     assert "cost_device='a100' has no throughput measurements; known: h100, h200" in proc.stderr
 
@@ -134,8 +187,11 @@ def test_unknown_sweep_or_group_names_the_option(tmp_path):
 
 
 def test_slurm_without_sbatch_says_what_to_change(tmp_path):
-    proc = launch(["-m", *TINY, f"output_dir={tmp_path}/runs", "hydra/launcher=slurm"], tmp_path,
-                  env={"PATH": str(tmp_path / "empty-bin")})
+    proc = launch(
+        ["-m", *TINY, f"output_dir={tmp_path}/runs", "hydra/launcher=slurm"],
+        tmp_path,
+        env={"PATH": str(tmp_path / "empty-bin")},
+    )
     assert proc.returncode == 2
     assert "needs SLURM's sbatch on PATH" in proc.stdout and "hydra/launcher=local" in proc.stdout
     assert not list((tmp_path / "runs").rglob("launch.json"))
@@ -184,7 +240,9 @@ def test_local_sweep_runs_skips_and_retries(tmp_path):
     fail_when_run(runs / "local", launch([*common, "adapter.u=6", "dry_run=true"], tmp_path))
     bad = launch([*common, "adapter.u=3,6"], tmp_path)
     assert bad.returncode == 1, bad.stdout[-3000:]
-    states = {r["config"]["adapter"]["u"]: r["status"] for r in _results(runs).values() if r["config"]["adapter"]["u"] > 2}
+    states = {
+        r["config"]["adapter"]["u"]: r["status"] for r in _results(runs).values() if r["config"]["adapter"]["u"] > 2
+    }
     assert states == {3: "completed", 6: "failed"}
     assert "failed" in bad.stdout and "log:" in bad.stdout and "error:" in bad.stdout
 
@@ -200,8 +258,9 @@ def test_local_sweep_runs_skips_and_retries(tmp_path):
 
 
 def test_slimming_preset_lists_lora_qlora_and_tinylora_on_three_tasks(tmp_path):
-    proc = launch(["-m", "sweeps=slimming", "hydra/launcher=slurm", "dry_run=true", f"output_dir={tmp_path}/runs"],
-                  tmp_path)
+    proc = launch(
+        ["-m", "sweeps=slimming", "hydra/launcher=slurm", "dry_run=true", f"output_dir={tmp_path}/runs"], tmp_path
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("pending ")]
     assert len(lines) == 27 and "dry run: 27 valid cells" in proc.stdout

@@ -21,9 +21,15 @@ from test_sweeps import TINY, fail_when_run, launch
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 
-SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
-         "hydra.launcher.mem_gb=3", "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=60",
-         "hydra.launcher.poll_s=1"]
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=3",
+    "hydra.launcher.timeout_min=10",
+    "hydra.launcher.signal_delay_s=60",
+    "hydra.launcher.poll_s=1",
+]
 
 
 def launch_records(runs: Path) -> dict:
@@ -85,15 +91,42 @@ def test_failing_cell_is_failed_in_slurm_while_others_complete(tmp_path):
 def test_preempted_cell_is_requeued_and_resumes(tmp_path):
     require_cluster()
     runs = tmp_path / "runs"
-    proc = launch(["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=requeue", "adapter.u=7",
-                   "algo.max_steps=40", "algo.save_steps=4", "algo.max_completion_length=48",
-                   "wait=false"], tmp_path, timeout=300)
+    proc = launch(
+        [
+            "-m",
+            *TINY,
+            *SLURM,
+            f"output_dir={runs}",
+            "sweep=requeue",
+            "adapter.u=7",
+            "algo.max_steps=40",
+            "algo.save_steps=4",
+            "algo.max_completion_length=48",
+            "wait=false",
+        ],
+        tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "submitted 1 cells" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    (cell_id, record), = launch_records(runs).items()
+    ((cell_id, record),) = launch_records(runs).items()
     cell_dir = runs / "requeue" / cell_id
     # the same command again while the job is queued or running: no second copy is submitted
-    again = launch(["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=requeue", "adapter.u=7", "algo.max_steps=40",
-                    "algo.save_steps=4", "algo.max_completion_length=48", "wait=false"], tmp_path, timeout=300)
+    again = launch(
+        [
+            "-m",
+            *TINY,
+            *SLURM,
+            f"output_dir={runs}",
+            "sweep=requeue",
+            "adapter.u=7",
+            "algo.max_steps=40",
+            "algo.save_steps=4",
+            "algo.max_completion_length=48",
+            "wait=false",
+        ],
+        tmp_path,
+        timeout=300,
+    )
     assert "0 to run" in again.stdout and "1 cells already queued or running left alone" in again.stdout, again.stdout
     assert json.loads((cell_dir / "launch.json").read_text())["job_id"] == record["job_id"]
     deadline = time.time() + 240
@@ -126,10 +159,24 @@ def wait_sacct_history(job_id: str, timeout_s: float = 60) -> str:
 
 def _submit_one(tmp_path: Path, sweep: str, extra: list, env: dict = None) -> tuple:
     runs = tmp_path / "runs"
-    proc = launch(["-m", *TINY, *SLURM, f"output_dir={runs}", f"sweep={sweep}", "adapter.u=9", "algo.max_steps=400",
-                   "wait=false", *extra], tmp_path, env=env, timeout=300)
+    proc = launch(
+        [
+            "-m",
+            *TINY,
+            *SLURM,
+            f"output_dir={runs}",
+            f"sweep={sweep}",
+            "adapter.u=9",
+            "algo.max_steps=400",
+            "wait=false",
+            *extra,
+        ],
+        tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "submitted 1 cells" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    (cell_id, record), = launch_records(runs / sweep).items()
+    ((cell_id, record),) = launch_records(runs / sweep).items()
     return runs / sweep / cell_id, record["job_id"], proc
 
 
@@ -157,8 +204,9 @@ def test_scancel_then_status_says_interrupted(tmp_path):
     deadline = time.time() + 60  # the kernel drops the lock as the job's processes end
     while CellFolder(cell_dir).holder() is not None and time.time() < deadline:
         time.sleep(0.5)
-    status = subprocess.run([sys.executable, "-m", "tinyablate.status", str(cell_dir.parent)],
-                            capture_output=True, text=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "tinyablate.status", str(cell_dir.parent)], capture_output=True, text=True
+    )
     assert "1 cells: 1 interrupted" in status.stdout, status.stdout + status.stderr
 
 
@@ -191,14 +239,30 @@ def test_a_requeued_bundle_keeps_its_completed_cell_and_resumes_the_next(tmp_pat
     from its checkpoint."""
     require_cluster()
     runs = tmp_path / "runs"
-    proc = launch(["-m", *TINY, *SLURM, f"output_dir={runs}", "sweep=bundle", "adapter.u=21,22", "algo.max_steps=40",
-                   "algo.save_steps=4", "algo.max_completion_length=48", "hydra.launcher.cells_per_job=2",
-                   "wait=false"], tmp_path, timeout=300)
+    proc = launch(
+        [
+            "-m",
+            *TINY,
+            *SLURM,
+            f"output_dir={runs}",
+            "sweep=bundle",
+            "adapter.u=21,22",
+            "algo.max_steps=40",
+            "algo.save_steps=4",
+            "algo.max_completion_length=48",
+            "hydra.launcher.cells_per_job=2",
+            "wait=false",
+        ],
+        tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "submitted 2 cells in 1 job(s)" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     records = launch_records(runs)
     (job_id,) = {r["job_id"] for r in records.values()}
-    by_u = {json.loads((runs / "bundle" / cid / "spec.json").read_text())["config"]["adapter"]["u"]: runs / "bundle" / cid
-            for cid in records}
+    by_u = {
+        json.loads((runs / "bundle" / cid / "spec.json").read_text())["config"]["adapter"]["u"]: runs / "bundle" / cid
+        for cid in records
+    }
     first, second = by_u[21], by_u[22]
     deadline = time.time() + 300
     while not (second / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists():
@@ -227,17 +291,39 @@ def test_a_bundles_cells_run_at_once_in_one_job_and_a_requeue_resumes_them(tmp_p
     require_cluster()
     runs = tmp_path / "runs"
     slurm = [a for a in SLURM if not a.startswith(("hydra.launcher.cpus_per_task", "hydra.launcher.mem_gb"))]
-    proc = launch(["-m", *TINY, *slurm, f"output_dir={runs}", "sweep=atonce", "adapter.u=21,22,23",
-                   "algo.max_steps=40", "algo.save_steps=4", "algo.max_completion_length=48",
-                   "hydra.launcher.cells_per_job=3", "hydra.launcher.cells_per_gpu=2", "hydra.launcher.cpus_per_task=2",
-                   "hydra.launcher.mem_gb=6", "wait=false"], tmp_path, timeout=300)
+    proc = launch(
+        [
+            "-m",
+            *TINY,
+            *slurm,
+            f"output_dir={runs}",
+            "sweep=atonce",
+            "adapter.u=21,22,23",
+            "algo.max_steps=40",
+            "algo.save_steps=4",
+            "algo.max_completion_length=48",
+            "hydra.launcher.cells_per_job=3",
+            "hydra.launcher.cells_per_gpu=2",
+            "hydra.launcher.cpus_per_task=2",
+            "hydra.launcher.mem_gb=6",
+            "wait=false",
+        ],
+        tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "2 at once" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     records = launch_records(runs)
     (job_id,) = {r["job_id"] for r in records.values()}
     folders = [runs / "atonce" / cid for cid in records]
     deadline = time.time() + 300
-    while len(training := [f for f in folders if (f / "checkpoints" / "checkpoint-4").exists()
-                           and not (f / "result.json").exists()]) < 2:
+    while (
+        len(
+            training := [
+                f for f in folders if (f / "checkpoints" / "checkpoint-4").exists() and not (f / "result.json").exists()
+            ]
+        )
+        < 2
+    ):
         assert time.time() < deadline, sacct_states(job_id)
         time.sleep(0.2)
     pids = {json.loads((f / "running.json").read_text())["pid"] for f in training}

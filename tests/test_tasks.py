@@ -124,7 +124,9 @@ def test_arithmetic_question_and_solution_format():
 
 
 def test_arithmetic_answers_follow_operator_precedence():
-    cfg = TaskConfig(n_operands=4, min_value=-6, max_value=12, operations=["+", "-", "*"], train_size=400, eval_size=100)
+    cfg = TaskConfig(
+        n_operands=4, min_value=-6, max_value=12, operations=["+", "-", "*"], train_size=400, eval_size=100
+    )
     task = load_task(cfg)
     for problem in task.train_problems() + task.eval_problems():
         expression = problem.question.removeprefix("What is ").removesuffix("?")
@@ -146,7 +148,10 @@ def test_messages_without_system_prompt():
     task = load_task(TaskConfig(train_size=1, eval_size=1))
     problem = Problem(id="p", question="What is 1 + 2?", answer="3", solution="\\boxed{3}")
     assert task.messages(problem) == [
-        {"role": "user", "content": "What is 1 + 2?\nPlease reason step by step, and put your final answer within \\boxed{}."}
+        {
+            "role": "user",
+            "content": "What is 1 + 2?\nPlease reason step by step, and put your final answer within \\boxed{}.",
+        }
     ]
 
 
@@ -174,7 +179,9 @@ def test_prompt_and_sft_rows():
 
 def test_parse_row_strips_calculator_notes_and_boxes_the_answer():
     row = {"question": " Q? ", "answer": "She makes 9 * 2 = $<<9*2=18>>18.\n#### 1,018"}
-    assert parse_row(row, "x") == Problem(id="x", question="Q?", answer="1018", solution="She makes 9 * 2 = $18.\n\\boxed{1018}")
+    assert parse_row(row, "x") == Problem(
+        id="x", question="Q?", answer="1018", solution="She makes 9 * 2 = $18.\n\\boxed{1018}"
+    )
 
 
 def test_parse_row_rejects_answer_without_final_line():
@@ -225,7 +232,10 @@ def test_gsm8k_missing_file(tmp_path):
 
 def test_gsm8k_from_small_local_files(tmp_path):
     for split in ("train", "test"):
-        rows = [{"question": f"{split} {i}?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(3)]
+        rows = [
+            {"question": f"{split} {i}?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"}
+            for i in range(3)
+        ]
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = load_task(TaskConfig(name="gsm8k", data_dir=str(tmp_path), eval_limit=2))
     assert [p.answer for p in task.train_problems()] == ["1", "2", "3"]

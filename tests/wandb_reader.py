@@ -101,7 +101,6 @@ def run_file(run_dir_or_file: Union[str, Path]) -> Path:
     return files[0]
 
 
-
 def read_run(run_dir_or_file: Union[str, Path]) -> OfflineRun:
     """Decode one run directory or `.wandb` file into an `OfflineRun`."""
     path = run_file(run_dir_or_file)

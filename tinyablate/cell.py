@@ -33,16 +33,30 @@ from transformers import set_seed
 
 from . import console, distributed
 from .adapters import Adapter, apply_adapter
-from .cell_folder import (ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR, AdapterRecord,
-                          AlgoRecord, CellBusy, CellFolder, ErrorRecord, Metrics, ModelRecord, Result, ResultError, TaskMetrics,
-                          TaskRecord, Timing, eval_samples_file)
+from .cell_folder import (
+    ADAPTER_DIR,
+    ADAPTER_NATIVE_DIR,
+    CHECKPOINTS_DIR,
+    AdapterRecord,
+    AlgoRecord,
+    CellBusy,
+    CellFolder,
+    ErrorRecord,
+    Metrics,
+    ModelRecord,
+    Result,
+    ResultError,
+    TaskMetrics,
+    TaskRecord,
+    Timing,
+    eval_samples_file,
+)
 from .config import CellSpec, ModelInfo, cell_id, eval_task_configs, spec_to_dict
 from .distributed import Ranks
-from .evaluation import (base_cache_key, base_cache_path, evaluate_task, read_base_cache, write_base_cache,
-                         write_samples)
+from .evaluation import base_cache_key, base_cache_path, evaluate_task, read_base_cache, write_base_cache, write_samples
 from .metrics import MetricLogger, NullLogger, truncate_metrics, wandb_run_id
-from .preflight import preflight
 from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
+from .preflight import preflight
 from .provenance import collect_provenance
 from .quantization import base_bytes
 from .tasks import Task, load_task
@@ -102,8 +116,15 @@ def run_cells(specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]], wa
         try:  # the first cell's start is the process's (imports included), a later one's its own
             summaries.append(cell_summary(run_cell(spec, cell_dir, started=time.time() if i or warm else None)))
         except Exception as err:  # noqa: BLE001 - the cell's own result.json records its failure
-            summaries.append({"cell_id": cell_id(spec), "status": "busy" if isinstance(err, CellBusy) else "failed",
-                              "accuracy": None, "world_size": None, "error": f"{type(err).__name__}: {err}"})
+            summaries.append(
+                {
+                    "cell_id": cell_id(spec),
+                    "status": "busy" if isinstance(err, CellBusy) else "failed",
+                    "accuracy": None,
+                    "world_size": None,
+                    "error": f"{type(err).__name__}: {err}",
+                }
+            )
         finally:
             _release_memory()
     return summaries
@@ -111,8 +132,13 @@ def run_cells(specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]], wa
 
 def cell_summary(result: dict) -> dict:
     """What a job reports of a cell it ran (run_cell's result): cell_id, status, accuracy, world_size, error."""
-    return {"cell_id": result["cell_id"], "status": result["status"], "accuracy": result["metrics"]["accuracy"],
-            "world_size": result["timing"]["world_size"], "error": None}
+    return {
+        "cell_id": result["cell_id"],
+        "status": result["status"],
+        "accuracy": result["metrics"]["accuracy"],
+        "world_size": result["timing"]["world_size"],
+        "error": None,
+    }
 
 
 def _release_memory() -> None:
@@ -186,48 +212,89 @@ def _previous_result(folder: CellFolder, cid: str) -> Optional[Result]:
     return None
 
 
-def _run(spec: CellSpec, cid: str, folder: CellFolder, start: float, ranks: Ranks,
-         started: Optional[float] = None) -> Optional[Result]:
+def _run(
+    spec: CellSpec, cid: str, folder: CellFolder, start: float, ranks: Ranks, started: Optional[float] = None
+) -> Optional[Result]:
     """Build → base eval → train → eval → export; the result (rank 0; None on other ranks)."""
     built = build(spec, ranks)
-    config = {**spec_to_dict(spec), "cell_id": cid, "trainable_params": built.adapter.trainable_params,
-              "trainable_bytes": built.adapter.trainable_bytes, "model_family": built.info.family,
-              "model_size": built.info.size, "world_size": ranks.world_size}
+    config = {
+        **spec_to_dict(spec),
+        "cell_id": cid,
+        "trainable_params": built.adapter.trainable_params,
+        "trainable_bytes": built.adapter.trainable_bytes,
+        "model_family": built.info.family,
+        "model_size": built.info.size,
+        "world_size": ranks.world_size,
+    }
     kept = []  # metrics.jsonl keeps the steps up to the checkpoint it resumes from: each step once
     if ranks.is_main:
         kept = truncate_metrics(folder.path, resume_step(folder.file(CHECKPOINTS_DIR), ranks.world_size))
-    logger = MetricLogger(folder.path, spec.logger, run_id=wandb_run_id(cid), group=spec.sweep,
-                          job_type=spec.algo.name, name=cid, config=config) if ranks.is_main else NullLogger()
+    logger = (
+        MetricLogger(
+            folder.path,
+            spec.logger,
+            run_id=wandb_run_id(cid),
+            group=spec.sweep,
+            job_type=spec.algo.name,
+            name=cid,
+            config=config,
+        )
+        if ranks.is_main
+        else NullLogger()
+    )
     with logger:
         t0 = time.time()
         bases = {name: base_accuracy(spec, built, task) for name, task in built.eval_tasks.items()}
         base = bases[spec.task.name]
         if not any(row["step"] == 0 for row in kept):  # a resumed cell logged it in its first attempt: steps ascend
-            logger.log({f"eval/base_{k}": v for k, v in base.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+            logger.log(
+                {
+                    f"eval/base_{k}": v
+                    for k, v in base.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                },
+                step=0,
+            )
         train_info = train(spec, built, folder.path, [MetricLoggerCallback(logger)])
         t1 = time.time()
-        finals = {name: evaluate_final(spec, built, folder.path, bases[name], trained=train_info["steps"] > 0,
-                                       task=task) for name, task in built.eval_tasks.items()}
+        finals = {
+            name: evaluate_final(spec, built, folder.path, bases[name], trained=train_info["steps"] > 0, task=task)
+            for name, task in built.eval_tasks.items()
+        }
         final = finals[spec.task.name]
         t2 = time.time()
         if not ranks.is_main:
             return None
         export(built, folder.path)
-        timing = {"wall_s": time.time() - start, "train_s": train_info["train_s"],
-                  "eval_s": (t2 - t1) + sum(b.get("eval_s", 0.0) for b in bases.values()), "setup_s": t0 - start,
-                  "model_load_s": built.load_s, **_overhead(train_info, built, base, started),
-                  **_gpu_peak(built.device)}
+        timing = {
+            "wall_s": time.time() - start,
+            "train_s": train_info["train_s"],
+            "eval_s": (t2 - t1) + sum(b.get("eval_s", 0.0) for b in bases.values()),
+            "setup_s": t0 - start,
+            "model_load_s": built.load_s,
+            **_overhead(train_info, built, base, started),
+            **_gpu_peak(built.device),
+        }
         result = make_result(spec, cid, built, base, final, train_info, timing, task_metrics(built, bases, finals))
         step = train_info["steps"] + 1
         logger.table("eval/tasks", TASK_TABLE_COLUMNS, task_table_rows(result.metrics.tasks), step=step)
-        summary = {"eval/accuracy": final["accuracy"], "eval/accuracy_flexible": final.get("accuracy_flexible"),
-                   "eval/accuracy_strict": final.get("accuracy_strict"), "eval/n_eval": final["n_eval"],
-                   "eval/base_accuracy": base["accuracy"], "trainable_params": built.adapter.trainable_params,
-                   "trainable_bytes": built.adapter.trainable_bytes, "train_steps": train_info["steps"],
-                   "gpu_hours": result.timing.gpu_hours, "wall_s": result.timing.wall_s,
-                   **{f"eval/{name}/{k}": getattr(m, k) for name, m in result.metrics.tasks.items()
-                      for k in ("accuracy", "base_accuracy", "delta")}}
+        summary = {
+            "eval/accuracy": final["accuracy"],
+            "eval/accuracy_flexible": final.get("accuracy_flexible"),
+            "eval/accuracy_strict": final.get("accuracy_strict"),
+            "eval/n_eval": final["n_eval"],
+            "eval/base_accuracy": base["accuracy"],
+            "trainable_params": built.adapter.trainable_params,
+            "trainable_bytes": built.adapter.trainable_bytes,
+            "train_steps": train_info["steps"],
+            "gpu_hours": result.timing.gpu_hours,
+            "wall_s": result.timing.wall_s,
+            **{
+                f"eval/{name}/{k}": getattr(m, k)
+                for name, m in result.metrics.tasks.items()
+                for k in ("accuracy", "base_accuracy", "delta")
+            },
+        }
         summary = {k: v for k, v in summary.items() if v is not None}
         logger.log(summary, step=step)
         logger.summary(summary)
@@ -242,8 +309,9 @@ def build(spec: CellSpec, ranks: Ranks = Ranks()) -> BuiltCell:
     Every rank builds the same thing; that the model and adapter agree across ranks is checked.
     """
     task = load_task(spec.task)  # data errors surface before the model loads (the evaluation tasks' too)
-    eval_tasks = {name: task if name == spec.task.name else load_task(cfg)
-                  for name, cfg in eval_task_configs(spec).items()}
+    eval_tasks = {
+        name: task if name == spec.task.name else load_task(cfg) for name, cfg in eval_task_configs(spec).items()
+    }
     if spec.train and spec.adapter.kind != "none":
         task.train_problems()  # a task without a training split says so before the model loads
     t0 = time.time()
@@ -255,8 +323,10 @@ def build(spec: CellSpec, ranks: Ranks = Ranks()) -> BuiltCell:
         adapter = apply_adapter(model, spec.adapter, model_id)
     device = next(model.parameters()).device
     if ranks.distributed:  # DDP syncs only the trainable tensors: everything else must already agree
-        distributed.require_same_on_all_ranks(distributed.tensors_fingerprint(adapter.model),
-                                              "the model and adapter built (sampled weights and SVD factors)")
+        distributed.require_same_on_all_ranks(
+            distributed.tensors_fingerprint(adapter.model),
+            "the model and adapter built (sampled weights and SVD factors)",
+        )
     return BuiltCell(adapter.model, tokenizer, info, adapter, task, model_id, device, load_s, ranks, eval_tasks)
 
 
@@ -267,8 +337,10 @@ def _model_config(spec: CellSpec, ranks: Ranks = Ranks()):
         return spec.model
     if spec.gpus > 0:
         if not torch.cuda.is_available():  # (each rank's own GPU was checked when it joined the group)
-            raise RuntimeError(f"gpus={spec.gpus} but no CUDA device is visible to this process; run it on a GPU "
-                               "node (hydra/launcher=slurm requests one) or set gpus=0 for CPU")
+            raise RuntimeError(
+                f"gpus={spec.gpus} but no CUDA device is visible to this process; run it on a GPU "
+                "node (hydra/launcher=slurm requests one) or set gpus=0 for CPU"
+            )
         return replace(spec.model, device=f"cuda:{ranks.local_rank}" if ranks.distributed else "cuda")
     if spec.model.device == "cuda":
         return spec.model
@@ -296,8 +368,9 @@ def base_accuracy(spec: CellSpec, built: BuiltCell, task: Optional[Task] = None)
     return {**metrics, "cached": False, "eval_s": time.time() - t0}
 
 
-def evaluate_final(spec: CellSpec, built: BuiltCell, cell_dir: Path, base: dict, trained: bool,
-                   task: Optional[Task] = None) -> dict:
+def evaluate_final(
+    spec: CellSpec, built: BuiltCell, cell_dir: Path, base: dict, trained: bool, task: Optional[Task] = None
+) -> dict:
     """Accuracy of the adapted model on `task` (default: the training task); per-problem records go to
     eval_samples.jsonl (the training task) or eval_samples.<task>.jsonl."""
     task = task or built.task
@@ -321,10 +394,16 @@ def task_metrics(built: BuiltCell, bases: dict, finals: dict) -> dict:
         final, base = finals[name], bases[name]
         accuracy, base_accuracy = final["accuracy"], base.get("accuracy")
         out[name] = TaskMetrics(
-            accuracy=accuracy, scorer=task.cfg.scorer, base_accuracy=base_accuracy,
-            delta=None if base_accuracy is None else accuracy - base_accuracy, n_eval=final["n_eval"],
-            trained_on=task is built.task, base_cached=base.get("cached"), final=final,
-            base={k: v for k, v in base.items() if k not in ("cached", "eval_s")})
+            accuracy=accuracy,
+            scorer=task.cfg.scorer,
+            base_accuracy=base_accuracy,
+            delta=None if base_accuracy is None else accuracy - base_accuracy,
+            n_eval=final["n_eval"],
+            trained_on=task is built.task,
+            base_cached=base.get("cached"),
+            final=final,
+            base={k: v for k, v in base.items() if k not in ("cached", "eval_s")},
+        )
     return out
 
 
@@ -337,8 +416,14 @@ def task_table_rows(tasks: dict) -> list:
 def train(spec: CellSpec, built: BuiltCell, cell_dir: Path, callbacks) -> dict:
     """Train with TRL, resuming from the last complete checkpoint; returns steps and reward summary."""
     if not spec.train or built.adapter.trainable_params == 0:
-        return {"steps": 0, "train_s": 0.0, "resumed_from_step": None, "reward": None, "first_step_time": None,
-                "nonfinite_skipped_steps": None}
+        return {
+            "steps": 0,
+            "train_s": 0.0,
+            "resumed_from_step": None,
+            "reward": None,
+            "first_step_time": None,
+            "nonfinite_skipped_steps": None,
+        }
     t0 = time.time()
     checkpoints = cell_dir / CHECKPOINTS_DIR
     times: dict = {}
@@ -351,9 +436,14 @@ def train(spec: CellSpec, built: BuiltCell, cell_dir: Path, callbacks) -> dict:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     resumed = resume_step(checkpoints, world, last) if last else None  # None: this attempt started from scratch
     skipped = trainer.guard.skipped if spec.algo.nonfinite == "skip" else None
-    return {"steps": trainer.state.global_step, "train_s": time.time() - t0, "resumed_from_step": resumed,
-            "reward": reward_summary(trainer.state.log_history), "first_step_time": times.get("first_step"),
-            "nonfinite_skipped_steps": skipped}
+    return {
+        "steps": trainer.state.global_step,
+        "train_s": time.time() - t0,
+        "resumed_from_step": resumed,
+        "reward": reward_summary(trainer.state.log_history),
+        "first_step_time": times.get("first_step"),
+        "nonfinite_skipped_steps": skipped,
+    }
 
 
 def resume_step(checkpoints: Path, world_size: int, last: Optional[Path] = None) -> Optional[int]:
@@ -388,32 +478,75 @@ def export(built: BuiltCell, cell_dir: Path) -> None:
         built.adapter.save_native(cell_dir / ADAPTER_NATIVE_DIR)
 
 
-def make_result(spec: CellSpec, cid: str, built: BuiltCell, base: dict, final: dict, train_info: dict,
-                timing: dict, tasks: Optional[dict] = None) -> Result:
+def make_result(
+    spec: CellSpec,
+    cid: str,
+    built: BuiltCell,
+    base: dict,
+    final: dict,
+    train_info: dict,
+    timing: dict,
+    tasks: Optional[dict] = None,
+) -> Result:
     """The completed result of a cell (the schema is documented in cell_folder.py)."""
     info, adapter = built.info, built.adapter
     n_gpus = built.ranks.world_size if getattr(built.device, "type", "cpu") == "cuda" else 0
     summary = adapter.summary()
     return Result(
-        cell_id=cid, status="completed", sweep=spec.sweep, config=spec_to_dict(spec),
-        model=ModelRecord(name=info.name, family=info.family, size=info.size, n_params=info.n_params,
-                          model_id=built.model_id, quantization=spec.model.quantization,
-                          base_bytes=base_bytes(built.model)),
-        adapter=AdapterRecord(**{k: summary.get(k) for k in (
-            "kind", "r", "u", "tie", "sharing", "precision", "trainable_params", "trainable_bytes", "n_modules",
-            "n_groups", "svd_method", "svd_max_sin_bound", "svd_min_rel_gap", "svd_ties")}),
+        cell_id=cid,
+        status="completed",
+        sweep=spec.sweep,
+        config=spec_to_dict(spec),
+        model=ModelRecord(
+            name=info.name,
+            family=info.family,
+            size=info.size,
+            n_params=info.n_params,
+            model_id=built.model_id,
+            quantization=spec.model.quantization,
+            base_bytes=base_bytes(built.model),
+        ),
+        adapter=AdapterRecord(
+            **{
+                k: summary.get(k)
+                for k in (
+                    "kind",
+                    "r",
+                    "u",
+                    "tie",
+                    "sharing",
+                    "precision",
+                    "trainable_params",
+                    "trainable_bytes",
+                    "n_modules",
+                    "n_groups",
+                    "svd_method",
+                    "svd_max_sin_bound",
+                    "svd_min_rel_gap",
+                    "svd_ties",
+                )
+            }
+        ),
         algo=AlgoRecord(name=spec.algo.name, learning_rate=spec.algo.learning_rate, steps=train_info["steps"]),
         task=TaskRecord(name=spec.task.name, scorer=spec.task.scorer),
         metrics=Metrics(
-            accuracy=final["accuracy"], accuracy_strict=final.get("accuracy_strict"),
-            accuracy_flexible=final.get("accuracy_flexible"), n_eval=final["n_eval"],
-            base_accuracy=base.get("accuracy"), base_accuracy_strict=base.get("accuracy_strict"),
-            base_accuracy_flexible=base.get("accuracy_flexible"), base_cached=base.get("cached"),
-            reward=train_info["reward"], train_steps=train_info["steps"],
+            accuracy=final["accuracy"],
+            accuracy_strict=final.get("accuracy_strict"),
+            accuracy_flexible=final.get("accuracy_flexible"),
+            n_eval=final["n_eval"],
+            base_accuracy=base.get("accuracy"),
+            base_accuracy_strict=base.get("accuracy_strict"),
+            base_accuracy_flexible=base.get("accuracy_flexible"),
+            base_cached=base.get("cached"),
+            reward=train_info["reward"],
+            train_steps=train_info["steps"],
             resumed_from_step=train_info["resumed_from_step"],
-            nonfinite_skipped_steps=train_info.get("nonfinite_skipped_steps"), tasks=tasks),
-        timing=Timing(**timing, n_gpus=n_gpus, world_size=built.ranks.world_size,
-                      gpu_hours=timing["wall_s"] / 3600 * n_gpus),
+            nonfinite_skipped_steps=train_info.get("nonfinite_skipped_steps"),
+            tasks=tasks,
+        ),
+        timing=Timing(
+            **timing, n_gpus=n_gpus, world_size=built.ranks.world_size, gpu_hours=timing["wall_s"] / 3600 * n_gpus
+        ),
         provenance=collect_provenance(),
     )
 
@@ -425,8 +558,10 @@ def _overhead(train_info: dict, built: BuiltCell, base: dict, started: Optional[
     if first is None:
         return {}
     since_start = first - (started if started is not None else psutil.Process().create_time())
-    return {"start_to_first_step_s": since_start,
-            "overhead_to_first_step_s": since_start - built.load_s - base.get("eval_s", 0.0)}
+    return {
+        "start_to_first_step_s": since_start,
+        "overhead_to_first_step_s": since_start - built.load_s - base.get("eval_s", 0.0),
+    }
 
 
 def _gpu_peak(device) -> dict:
@@ -439,9 +574,17 @@ def _gpu_peak(device) -> dict:
 def _failure(spec: CellSpec, cid: str, start: float, err: BaseException, ranks: Ranks) -> Result:
     """The failed result: what was raised, where, after how long."""
     return Result(
-        cell_id=cid, status="failed", sweep=spec.sweep, config=spec_to_dict(spec),
-        error=ErrorRecord(type=type(err).__name__, message=str(err), traceback=traceback.format_exc(),
-                          rank=ranks.rank, world_size=ranks.world_size),
+        cell_id=cid,
+        status="failed",
+        sweep=spec.sweep,
+        config=spec_to_dict(spec),
+        error=ErrorRecord(
+            type=type(err).__name__,
+            message=str(err),
+            traceback=traceback.format_exc(),
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+        ),
         timing=Timing(wall_s=time.time() - start),
         provenance=collect_provenance(),
     )

@@ -114,14 +114,21 @@ def _dump(value: Any) -> Any:
     return value.to_dict() if isinstance(value, _Record) else value
 
 
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,),
-          "Any": (object,)}
+_TYPES = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "dict": (dict,),
+    "list": (list,),
+    "Any": (object,),
+}
 
 
 def _parse(value: Any, hint: str, where: str) -> Any:
     """Check `value` against a field's annotation (a string under `from __future__ import annotations`)."""
     optional = hint.startswith("Optional[")
-    inner = hint[len("Optional["):-1] if optional else hint
+    inner = hint[len("Optional[") : -1] if optional else hint
     if value is None:
         if optional or inner == "Any":
             return None
@@ -298,9 +305,20 @@ class Result(_Record):
             return self.metrics.tasks
         m, task = self.metrics, self.task
         delta = None if m.base_accuracy is None else m.accuracy - m.base_accuracy
-        return {task.name: TaskMetrics(accuracy=m.accuracy, scorer=task.scorer, base_accuracy=m.base_accuracy,
-                                       delta=delta, n_eval=m.n_eval, trained_on=True, base_cached=m.base_cached,
-                                       final={}, base={})}
+        return {
+            task.name: TaskMetrics(
+                accuracy=m.accuracy,
+                scorer=task.scorer,
+                base_accuracy=m.base_accuracy,
+                delta=delta,
+                n_eval=m.n_eval,
+                trained_on=True,
+                base_cached=m.base_cached,
+                final={},
+                base={},
+            )
+        }
+
 
 def _check_completed(result: Result, where: str) -> None:
     """A completed result evaluated at least one problem, trained the steps its config asked for, and holds
@@ -310,15 +328,19 @@ def _check_completed(result: Result, where: str) -> None:
         raise ResultError(f"{where}: completed with non-finite values ({', '.join(bad)}): such a cell failed")
     n_eval = result.metrics.n_eval
     if n_eval is not None and n_eval < 1:
-        raise ResultError(f"{where}: completed with n_eval={n_eval}: a cell must evaluate at least one problem "
-                          "(check task.eval_limit and the task's test data)")
+        raise ResultError(
+            f"{where}: completed with n_eval={n_eval}: a cell must evaluate at least one problem "
+            "(check task.eval_limit and the task's test data)"
+        )
     config = result.config or {}
     asked = (config.get("algo") or {}).get("max_steps")
     trains = config.get("train", True) and result.adapter.trainable_params > 0
     done = result.algo.steps
     if trains and isinstance(asked, int) and done is not None and done != asked:
-        raise ResultError(f"{where}: completed after {done} training steps, but algo.max_steps={asked} were asked "
-                          "for (is the training data empty or too small?)")
+        raise ResultError(
+            f"{where}: completed after {done} training steps, but algo.max_steps={asked} were asked "
+            "for (is the training data empty or too small?)"
+        )
 
 
 def _nonfinite_paths(value: Any, path: str) -> list:
@@ -332,8 +354,10 @@ def _nonfinite_paths(value: Any, path: str) -> list:
     return []
 
 
-_RECORDS = {c.__name__: c for c in (ModelRecord, AdapterRecord, AlgoRecord, TaskRecord, TaskMetrics, Metrics,
-                                    Timing, ErrorRecord, Result)}
+_RECORDS = {
+    c.__name__: c
+    for c in (ModelRecord, AdapterRecord, AlgoRecord, TaskRecord, TaskMetrics, Metrics, Timing, ErrorRecord, Result)
+}
 
 
 # -- the folder -----------------------------------------------------------------------------------
@@ -438,11 +462,17 @@ class CellFolder:
                 time.sleep(0.1)
                 continue
             os.close(fd)
-            raise CellBusy(f"cell {self.path} is already being run by {self.holder() or 'another process'}; "
-                           "this launch leaves it alone (see its state with python -m tinyablate.status)")
+            raise CellBusy(
+                f"cell {self.path} is already being run by {self.holder() or 'another process'}; "
+                "this launch leaves it alone (see its state with python -m tinyablate.status)"
+            )
         os.ftruncate(fd, 0)  # who holds it, for the message of a refused launch and for status
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "slurm_job_id": os.environ.get("SLURM_JOB_ID")}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+            ).encode(),
+        )
         _HELD[key] = fd
         try:
             yield
@@ -454,8 +484,12 @@ class CellFolder:
         """True while the holder is this SLURM job's previous run (a requeue), ending: wait for it."""
         job = os.environ.get("SLURM_JOB_ID")
         holder = read_json(self.path / LOCK_FILE)
-        return bool(job) and isinstance(holder, dict) and holder.get("slurm_job_id") == job \
+        return (
+            bool(job)
+            and isinstance(holder, dict)
+            and holder.get("slurm_job_id") == job
             and time.time() - _STARTED < patience_s
+        )
 
     def holder(self) -> Optional[str]:
         """Who runs this cell now ("process <pid> on <host>"), None when no live process holds its lock."""
@@ -495,9 +529,16 @@ class CellFolder:
 
     def mark_running(self, ranks_world_size: int) -> None:
         """running.json: who runs the cell now (live_job in status.py reads it)."""
-        write_json_atomic(self.path / RUNNING_FILE, {
-            "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "world_size": ranks_world_size})
+        write_json_atomic(
+            self.path / RUNNING_FILE,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.time(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "world_size": ranks_world_size,
+            },
+        )
 
     def read_running(self) -> dict:
         data = read_json(self.path / RUNNING_FILE)
@@ -511,9 +552,17 @@ class CellFolder:
 
     def write_launch(self, backend: str, job_id: str, stdout: str, stderr: str, argv: list) -> None:
         """launch.json: how the launcher submitted the cell (its job and log files)."""
-        write_json_atomic(self.path / LAUNCH_FILE, {
-            "backend": backend, "job_id": str(job_id), "stdout": str(stdout), "stderr": str(stderr),
-            "submitted": time.time(), "argv": list(argv)})
+        write_json_atomic(
+            self.path / LAUNCH_FILE,
+            {
+                "backend": backend,
+                "job_id": str(job_id),
+                "stdout": str(stdout),
+                "stderr": str(stderr),
+                "submitted": time.time(),
+                "argv": list(argv),
+            },
+        )
 
     def read_launch(self) -> dict:
         data = read_json(self.path / LAUNCH_FILE)

@@ -35,19 +35,31 @@ def banner(spec: CellSpec, cell_id: str, folder: Path, world_size: int, params: 
     elif a.kind == "lora":
         adapter = f"lora r={a.r}"
     else:
-        adapter = f"{a.kind} r={a.r}" + (f" u={a.u}" if a.kind == "tinylora" else "") + \
-            f" tie={a.tie} sharing={a.sharing} precision={a.precision}"
+        adapter = (
+            f"{a.kind} r={a.r}"
+            + (f" u={a.u}" if a.kind == "tinylora" else "")
+            + f" tie={a.tie} sharing={a.sharing} precision={a.precision}"
+        )
     if params is not None:
         adapter += f": {params:,} trainable parameters"
-    batch = (f"{algo.prompts_per_step} prompts x {algo.num_generations} completions of <= {algo.max_completion_length} "
-             "tokens" if algo.name == "grpo" else f"{algo.prompts_per_step} examples")
+    batch = (
+        f"{algo.prompts_per_step} prompts x {algo.num_generations} completions of <= {algo.max_completion_length} "
+        "tokens"
+        if algo.name == "grpo"
+        else f"{algo.prompts_per_step} examples"
+    )
     where = f"{spec.gpus} GPU{'s' * (spec.gpus > 1)}" if spec.gpus else "CPU"
     wandb = "disabled" if spec.logger.mode == "disabled" else f"{spec.logger.mode} (project {spec.logger.project})"
     ranks = f" ({world_size} ranks)" if world_size > 1 else ""
-    rows = [("cell", cell_id), ("model", f"{spec.model.name} on {where}{ranks}"), ("adapter", adapter),
-            ("algo", f"{algo.name}, {algo.max_steps if spec.train else 0} steps of {batch}, lr {algo.learning_rate:g}"),
-            ("task", f"{t.name}, scorer {t.scorer}, seed {spec.seed}"),
-            ("output", str(Path(folder).resolve())), ("W&B", wandb)]
+    rows = [
+        ("cell", cell_id),
+        ("model", f"{spec.model.name} on {where}{ranks}"),
+        ("adapter", adapter),
+        ("algo", f"{algo.name}, {algo.max_steps if spec.train else 0} steps of {batch}, lr {algo.learning_rate:g}"),
+        ("task", f"{t.name}, scorer {t.scorer}, seed {spec.seed}"),
+        ("output", str(Path(folder).resolve())),
+        ("W&B", wandb),
+    ]
     rule = "=" * 78
     return "\n".join([rule, *(f"{k:<8} {v}" for k, v in rows), rule])
 
@@ -83,8 +95,10 @@ def end_lines(result: dict, result_path: Path, page: Optional[Path], page_note: 
     """The end of a cell: accuracy against the base, and the absolute paths of what it wrote."""
     metrics = result["metrics"]
     base = "n/a" if metrics["base_accuracy"] is None else f"{metrics['base_accuracy']:.3f}"
-    lines = [f"cell {result['cell_id']}: accuracy {metrics['accuracy']:.3f} (base {base}, "
-             f"n={metrics['n_eval']}, {result['adapter']['trainable_params']:,} trainable parameters)",
-             f"result:        {Path(result_path).resolve()}"]
+    lines = [
+        f"cell {result['cell_id']}: accuracy {metrics['accuracy']:.3f} (base {base}, "
+        f"n={metrics['n_eval']}, {result['adapter']['trainable_params']:,} trainable parameters)",
+        f"result:        {Path(result_path).resolve()}",
+    ]
     lines.append(f"analysis page: {Path(page).resolve()}" if page is not None else f"analysis page: {page_note}")
     return "\n".join(lines)

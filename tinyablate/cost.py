@@ -119,8 +119,9 @@ class ThroughputTable:
 
     def device(self, kind: str) -> DeviceThroughput:
         if kind not in self.data["devices"]:
-            raise ValueError(f"no throughput measurements for device kind {kind!r} in {self.path}; "
-                             f"known: {', '.join(self.kinds())}")
+            raise ValueError(
+                f"no throughput measurements for device kind {kind!r} in {self.path}; known: {', '.join(self.kinds())}"
+            )
         return derive(kind, self.data["devices"][kind])
 
 
@@ -153,9 +154,16 @@ def derive(kind: str, m: dict) -> DeviceThroughput:
     engine = _decode_per_layer(m["decode_engine"], train_flops) if "decode_engine" in m else None
     dp = m.get("data_parallel")
     efficiency = dp["train_s_1"] / (dp["gpus"] * dp["train_s_n"]) if dp else 1.0
-    return DeviceThroughput(kind, train_flops, per_layer, efficiency, m["overhead"]["seconds"],
-                            m["svd"]["seconds_per_module"],
-                            {name: value.get("source", "") for name, value in m.items()}, engine)
+    return DeviceThroughput(
+        kind,
+        train_flops,
+        per_layer,
+        efficiency,
+        m["overhead"]["seconds"],
+        m["svd"]["seconds_per_module"],
+        {name: value.get("source", "") for name, value in m.items()},
+        engine,
+    )
 
 
 def _decode_per_layer(d: dict, train_flops: float) -> float:
@@ -210,23 +218,42 @@ def estimate_cell(spec: CellSpec, dev: DeviceThroughput) -> CellCost:
     s, algo, ranks = SHAPES[spec.model.name], spec.algo, max(spec.gpus, 1)
     prompt = prompt_tokens(spec.task)
     if algo.name == "grpo":
-        rollout, train = grpo_step(s, dev, algo.sequences_per_step, prompt, algo.max_completion_length, ranks,
-                                   algo.num_iterations, algo.rollout_engine)
+        rollout, train = grpo_step(
+            s,
+            dev,
+            algo.sequences_per_step,
+            prompt,
+            algo.max_completion_length,
+            ranks,
+            algo.num_iterations,
+            algo.rollout_engine,
+        )
     else:
         length = min(algo.max_length, prompt + ANSWER_TOKENS.get(spec.task.name, ANSWER_TOKENS["gsm8k"]))
         rollout, train = 0.0, training_seconds(s, dev, algo.sequences_per_step, length, ranks)
     steps = algo.max_steps if spec.train else 0
     tasks = eval_task_configs(spec).values()  # the training task and every other of eval.tasks
-    parts = {"setup": dev.cell_overhead_s + _modules(spec, s) * dev.svd_s_per_module,
-             "rollout": steps * rollout, "train": steps * train,
-             "eval": sum(eval_seconds(spec, s, dev, task=t) for t in tasks)}
+    parts = {
+        "setup": dev.cell_overhead_s + _modules(spec, s) * dev.svd_s_per_module,
+        "rollout": steps * rollout,
+        "train": steps * train,
+        "eval": sum(eval_seconds(spec, s, dev, task=t) for t in tasks),
+    }
     wall = sum(parts.values())
     base = sum(eval_seconds(spec, s, dev, sampled=False, task=t) for t in tasks) if spec.eval.base else 0.0
     return CellCost(gpu_hours=spec.gpus * wall / 3600, wall_s=wall, parts=parts, base_eval_s=base)
 
 
-def grpo_step(s: Shape, dev: DeviceThroughput, seqs: int, prompt: int, completion: int, ranks: int = 1,
-              num_iterations: int = 1, engine: str = "hf") -> tuple:
+def grpo_step(
+    s: Shape,
+    dev: DeviceThroughput,
+    seqs: int,
+    prompt: int,
+    completion: int,
+    ranks: int = 1,
+    num_iterations: int = 1,
+    engine: str = "hf",
+) -> tuple:
     """(rollout, training) seconds of one GRPO step: every rank samples its share of `seqs` completions of
     `completion` tokens (prefill, then latency-bound decode steps of the `engine` setting's generator),
     then trains over all of them."""
@@ -250,8 +277,9 @@ def prompt_tokens(task: TaskConfig) -> int:
     return PROMPT_TOKENS.get(task.name, PROMPT_TOKENS["gsm8k"]) * (1 + task.num_fewshot)
 
 
-def eval_seconds(spec: CellSpec, s: Shape, dev: DeviceThroughput, sampled: bool = True,
-                 task: Optional[TaskConfig] = None) -> float:
+def eval_seconds(
+    spec: CellSpec, s: Shape, dev: DeviceThroughput, sampled: bool = True, task: Optional[TaskConfig] = None
+) -> float:
     """Greedy pass@1 over `task`'s test problems (default: the training task's; + pass@k samples), split
     over the cell's ranks; a multiple-choice task is one forward per row (no decoding)."""
     task = task or spec.task
@@ -264,7 +292,9 @@ def eval_seconds(spec: CellSpec, s: Shape, dev: DeviceThroughput, sampled: bool 
     rate = decode_rate(dev, spec.eval.engine)
     batch = spec.eval.engine_batch_size if engine_priced(dev, spec.eval.engine) else spec.eval.batch_size
     batches = math.ceil(math.ceil(rows / max(spec.gpus, 1)) / batch)
-    prefill = math.ceil(rows / max(spec.gpus, 1)) * _forward_flops_per_seq(s, prompt_tokens(task)) / dev.train_flops_per_s
+    prefill = (
+        math.ceil(rows / max(spec.gpus, 1)) * _forward_flops_per_seq(s, prompt_tokens(task)) / dev.train_flops_per_s
+    )
     return prefill + batches * spec.eval.max_new_tokens * s.layers * rate
 
 
@@ -313,8 +343,9 @@ def cell_memory_bytes(spec: CellSpec) -> int:
     weights = 2 * (_matmul_params(s) + s.vocab * s.hidden) * width
     per_token_kv = 2 * s.layers * s.kv_heads * s.head_dim * width
     prompt = prompt_tokens(spec.task)
-    problems = spec.task.eval_limit or (spec.task.eval_size if spec.task.name == "arithmetic"
-                                        else TEST_SPLIT.get(spec.task.name, 0))
+    problems = spec.task.eval_limit or (
+        spec.task.eval_size if spec.task.name == "arithmetic" else TEST_SPLIT.get(spec.task.name, 0)
+    )
     eval_tokens = min(spec.eval.engine_batch_size, max(problems, 1)) * (prompt + spec.eval.max_new_tokens)
     if algo.name == "grpo":
         seq = prompt + algo.max_completion_length
@@ -337,10 +368,32 @@ def cells_per_gpu(specs: list, gpu_bytes: int, margin: float = 1.5, usable: floa
 def cost_kind(spec: CellSpec) -> tuple:
     """Cells of one kind cost the same: everything the model reads (the adapter's size does not count)."""
     a, e, t = spec.algo, spec.eval, spec.task
-    return (spec.model.name, spec.model.quantization, spec.gpus, spec.train, t.name, t.eval_limit, t.eval_size,
-            t.num_fewshot, a.name, a.max_steps, a.prompts_per_step, a.num_generations, a.max_completion_length,
-            a.max_length, a.num_iterations, a.rollout_engine, e.batch_size, e.max_new_tokens, e.pass_k, e.base,
-            e.engine, e.engine_batch_size, tuple(e.tasks), json.dumps(e.task_settings, sort_keys=True, default=str))
+    return (
+        spec.model.name,
+        spec.model.quantization,
+        spec.gpus,
+        spec.train,
+        t.name,
+        t.eval_limit,
+        t.eval_size,
+        t.num_fewshot,
+        a.name,
+        a.max_steps,
+        a.prompts_per_step,
+        a.num_generations,
+        a.max_completion_length,
+        a.max_length,
+        a.num_iterations,
+        a.rollout_engine,
+        e.batch_size,
+        e.max_new_tokens,
+        e.pass_k,
+        e.base,
+        e.engine,
+        e.engine_batch_size,
+        tuple(e.tasks),
+        json.dumps(e.task_settings, sort_keys=True, default=str),
+    )
 
 
 def calibrate(specs: list, completed: Iterable, dev: DeviceThroughput) -> list:

@@ -40,8 +40,9 @@ def collective_timeout() -> timedelta:
     except ValueError:
         minutes = 0
     if minutes < 1:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r} is invalid: a whole number of minutes >= 1 "
-                         f"(default {DEFAULT_TIMEOUT_MIN})")
+        raise ValueError(
+            f"{TIMEOUT_ENV}={raw!r} is invalid: a whole number of minutes >= 1 (default {DEFAULT_TIMEOUT_MIN})"
+        )
     return timedelta(minutes=minutes)
 
 
@@ -86,14 +87,18 @@ def process_group(gpus: int) -> Iterator[Ranks]:
     ranks = ranks_from_env()
     if not ranks.distributed:
         if gpus > 1:  # one process would quietly train on one of the N GPUs
-            raise ValueError(f"gpus={gpus} runs as {gpus} ranks, but this is a single process (no WORLD_SIZE): "
-                             f"start it with launch.py or tinyablate.cell.run_cell, or under "
-                             f"torchrun --nproc-per-node {gpus}")
+            raise ValueError(
+                f"gpus={gpus} runs as {gpus} ranks, but this is a single process (no WORLD_SIZE): "
+                f"start it with launch.py or tinyablate.cell.run_cell, or under "
+                f"torchrun --nproc-per-node {gpus}"
+            )
         yield ranks
         return
     if gpus not in (0, ranks.world_size):
-        raise ValueError(f"gpus={gpus} but this cell was started as {ranks.world_size} ranks (WORLD_SIZE): "
-                         f"start one rank per GPU, e.g. torchrun --nproc-per-node {gpus}")
+        raise ValueError(
+            f"gpus={gpus} but this cell was started as {ranks.world_size} ranks (WORLD_SIZE): "
+            f"start one rank per GPU, e.g. torchrun --nproc-per-node {gpus}"
+        )
     timeout = collective_timeout()
     _share_cpu_threads(ranks)
     created = not dist.is_initialized()
@@ -135,8 +140,10 @@ def require_gpus(n: int) -> None:
     """Raise, saying what to change, unless this process sees at least `n` CUDA devices."""
     visible = visible_gpus()
     if visible < n:
-        raise RuntimeError(f"this cell needs {n} GPU(s) but this process sees {visible}: run it where {n} GPUs are "
-                           "visible (hydra/launcher=slurm requests them), or set gpus=0 for CPU")
+        raise RuntimeError(
+            f"this cell needs {n} GPU(s) but this process sees {visible}: run it where {n} GPUs are "
+            "visible (hydra/launcher=slurm requests them), or set gpus=0 for CPU"
+        )
 
 
 def broadcast_from_main(value: Any) -> Any:
@@ -162,7 +169,9 @@ def require_same_on_all_ranks(value: Any, what: str) -> None:
     """Raise on every rank if `value` differs between ranks (e.g. the model's identity)."""
     values = gather_to_all(value)
     if any(v != values[0] for v in values[1:]):
-        raise RuntimeError(f"{what} differs between ranks: " + "; ".join(f"rank {i}: {v}" for i, v in enumerate(values)))
+        raise RuntimeError(
+            f"{what} differs between ranks: " + "; ".join(f"rank {i}: {v}" for i, v in enumerate(values))
+        )
 
 
 @contextmanager
@@ -186,7 +195,7 @@ def tensors_fingerprint(module: torch.nn.Module) -> str:
 
 def shard(items: list, ranks: Ranks) -> list:
     """This rank's share of `items` (round robin, so shares differ in size by at most one)."""
-    return items[ranks.rank::ranks.world_size]
+    return items[ranks.rank :: ranks.world_size]
 
 
 def unshard(shares: list) -> list:
@@ -205,8 +214,12 @@ def spawn_ranks(world_size: int, fn: Callable, *args: Any) -> None:
     fails, the others are stopped and the error is raised here. `fn` must be importable (a module-level
     function), as the children are started with the spawn method.
     """
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world_size),
-           "LOCAL_WORLD_SIZE": str(world_size)}
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+    }
     mp.start_processes(_rank_main, args=(env, fn, args), nprocs=world_size, join=True, start_method="spawn")
 
 
@@ -219,4 +232,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-

@@ -54,6 +54,6 @@ class Fingerprints:
         host = torch.cat([s.to(self._samples[0].device) for s in self._samples]).cpu().numpy()
         out, at = [], 0
         for (shape, dtype), size in zip(self._heads, sizes):
-            out.append(_fingerprint_digest(shape, dtype, host[at:at + size]))
+            out.append(_fingerprint_digest(shape, dtype, host[at : at + size]))
             at += size
         return out

@@ -34,14 +34,16 @@ def silu_mul(gate, up):
 
 def is_hf_rms_norm(module) -> bool:
     """An HF RMSNorm that computes rms_norm above (Qwen2RMSNorm, LlamaRMSNorm: `weight`, `variance_epsilon`)."""
-    return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
-            and hasattr(module, "weight"))
+    return (
+        type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight")
+    )
 
 
 def is_silu_mlp(module) -> bool:
     """An HF gated MLP that computes down_proj(silu_mul(gate_proj(x), up_proj(x)))."""
-    return (getattr(getattr(module, "config", None), "hidden_act", None) == "silu"
-            and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")))
+    return getattr(getattr(module, "config", None), "hidden_act", None) == "silu" and all(
+        hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")
+    )
 
 
 def plain_function(fn):
@@ -69,16 +71,24 @@ def compiled(fn, tag: str, dynamic: bool = False):
     HF's numbers."""
     key = (fn, tag, dynamic)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(own_code(fn, tag), fullgraph=not dynamic, dynamic=dynamic,
-                                       options={"emulate_precision_casts": True})
+        _COMPILED[key] = torch.compile(
+            own_code(fn, tag), fullgraph=not dynamic, dynamic=dynamic, options={"emulate_precision_casts": True}
+        )
     return _COMPILED[key]
 
 
 def model_tag(config, dtype: torch.dtype) -> str:
     """A name for a model's shape and dtype (what compiled code depends on besides the batch shape)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dims = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            head_dim, config.intermediate_size, config.vocab_size)
+    dims = (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        head_dim,
+        config.intermediate_size,
+        config.vocab_size,
+    )
     return f"{config.model_type}_{'_'.join(map(str, dims))}_{str(dtype).removeprefix('torch.')}"
 
 

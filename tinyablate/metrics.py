@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from .cell_folder import METRICS_FILE, SUMMARY_FILE
-from .files import read_json, write_json_atomic, write_text_atomic
 from .config import LoggerConfig
+from .files import read_json, write_json_atomic, write_text_atomic
 from .wandb_files import wait_for_exit_record
 
 # How long `close` waits for wandb-core to flush the run's `.wandb` file after finish().
@@ -39,9 +39,7 @@ _RUN_ID_RE = re.compile(r"^[a-z0-9]{1,64}$")
 
 REDACTED = "***REDACTED***"
 # A key names a secret when a word of it (split at non-letters and camelCase) is one of these.
-SECRET_KEY_RE = re.compile(
-    r"(?i)(?:^|[^a-z])(api[_-]?keys?|token|secrets?|passwords?|passwd)(?:$|[^a-z])"
-)
+SECRET_KEY_RE = re.compile(r"(?i)(?:^|[^a-z])(api[_-]?keys?|token|secrets?|passwords?|passwd)(?:$|[^a-z])")
 # Tokenizer special-token fields ("pad_token": "<pad>") are not secrets.
 _BENIGN_KEY_RE = re.compile(r"(?i)^(bos|eos|pad|unk|sep|cls|mask)_token$")
 # Environment secrets shorter than this are not scrubbed from strings (too many false hits).
@@ -193,8 +191,10 @@ class MetricLogger:
         self.cfg = cfg if cfg is not None else LoggerConfig()
         self.cfg.validate()
         if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
-            raise ValueError(f"run_id={run_id!r} is invalid: expected 1-64 chars of [a-z0-9] "
-                             "(use tinyablate.metrics.wandb_run_id(cell_id)).")
+            raise ValueError(
+                f"run_id={run_id!r} is invalid: expected 1-64 chars of [a-z0-9] "
+                "(use tinyablate.metrics.wandb_run_id(cell_id))."
+            )
         self.cell_dir = Path(cell_dir)
         self.cell_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.cell_dir / METRICS_FILE
@@ -231,9 +231,17 @@ class MetricLogger:
 
         self.wandb_dir.mkdir(parents=True, exist_ok=True)
         run = wandb.init(
-            project=self.cfg.project, entity=self.cfg.entity, group=group, job_type=job_type,
-            name=name, id=self.run_id, resume="allow", config=config, tags=list(self.cfg.tags),
-            mode=self.cfg.mode, dir=str(self.wandb_dir),
+            project=self.cfg.project,
+            entity=self.cfg.entity,
+            group=group,
+            job_type=job_type,
+            name=name,
+            id=self.run_id,
+            resume="allow",
+            config=config,
+            tags=list(self.cfg.tags),
+            mode=self.cfg.mode,
+            dir=str(self.wandb_dir),
             # A process may run several cells: each logger owns its run, never wandb.run.
             reinit="create_new",
             settings=wandb.Settings(console="off", silent=True, disable_code=True, **_api_key(self.cfg)),
@@ -270,8 +278,9 @@ class MetricLogger:
         Call it before `summary` (which closes the step in W&B)."""
         self._check_open()
         data = redact(json_safe([list(row) for row in rows]))
-        self._file.write(jsonl_line({"step": int(step), "time": time.time(),
-                                     key: {"columns": list(columns), "data": data}}))
+        self._file.write(
+            jsonl_line({"step": int(step), "time": time.time(), key: {"columns": list(columns), "data": data}})
+        )
         self._file.flush()
         if self.run is not None:
             import wandb
@@ -309,8 +318,11 @@ class MetricLogger:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             if not wait_for_exit_record(self.run_file, FINISH_FLUSH_TIMEOUT_S):
-                warnings.warn(f"W&B did not finish writing {self.run_file} within "
-                              f"{FINISH_FLUSH_TIMEOUT_S:.0f} s", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"W&B did not finish writing {self.run_file} within {FINISH_FLUSH_TIMEOUT_S:.0f} s",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def _check_open(self) -> None:
         """Raise RuntimeError once the logger is closed."""
@@ -376,8 +388,11 @@ def truncate_metrics(cell_dir: Union[str, Path], through_step: Optional[int]) ->
     path = Path(cell_dir) / METRICS_FILE
     if not path.exists():
         return []
-    keep = [row for row in read_metrics(cell_dir) if isinstance(row.get("step"), int)
-            and through_step is not None and 0 <= row["step"] <= through_step]
+    keep = [
+        row
+        for row in read_metrics(cell_dir)
+        if isinstance(row.get("step"), int) and through_step is not None and 0 <= row["step"] <= through_step
+    ]
     write_text_atomic(path, "".join(jsonl_line(row) for row in keep))
     return keep
 
@@ -395,7 +410,7 @@ def rewrite_trainer_logs(logs: Mapping) -> Dict[str, Any]:
     for key, value in logs.items():
         for prefix in ("eval_", "test_"):
             if key.startswith(prefix):
-                out[f"{prefix[:-1]}/{key[len(prefix):]}"] = value
+                out[f"{prefix[:-1]}/{key[len(prefix) :]}"] = value
                 break
         else:
             out[f"train/{key}"] = value

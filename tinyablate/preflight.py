@@ -71,8 +71,10 @@ def output_dir_problems(output_dir) -> list:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        return [f"output_dir={str(output_dir)!r} is invalid: it cannot be written here ({type(err).__name__}: "
-                f"{err.strerror or err}); choose a folder you can write (output_dir=/path/you/own)"]
+        return [
+            f"output_dir={str(output_dir)!r} is invalid: it cannot be written here ({type(err).__name__}: "
+            f"{err.strerror or err}); choose a folder you can write (output_dir=/path/you/own)"
+        ]
     return []
 
 
@@ -82,14 +84,18 @@ def device_problems(spec: CellSpec) -> list:
 
     visible = visible_gpus()
     if spec.gpus > visible:
-        return [f"gpus={spec.gpus} is invalid here: this machine shows {visible} CUDA GPU(s); set gpus=0 for the "
-                "CPU, or run where the GPUs are (hydra/launcher=slurm requests them)"]
+        return [
+            f"gpus={spec.gpus} is invalid here: this machine shows {visible} CUDA GPU(s); set gpus=0 for the "
+            "CPU, or run where the GPUs are (hydra/launcher=slurm requests them)"
+        ]
     device = str(spec.model.device)
     if device.startswith("cuda"):
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= visible:
-            return [f"model.device={device!r} is invalid here: this machine shows {visible} CUDA GPU(s); use "
-                    "model.device=auto (the device follows gpus) or cpu"]
+            return [
+                f"model.device={device!r} is invalid here: this machine shows {visible} CUDA GPU(s); use "
+                "model.device=auto (the device follows gpus) or cpu"
+            ]
     return []
 
 
@@ -111,7 +117,9 @@ def _stamp(data_dir: Optional[str]) -> tuple:
     """The data files' sizes and times: a file changed since it was checked is checked again."""
     if data_dir is None or not Path(data_dir).expanduser().is_dir():
         return ()
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(data_dir).expanduser().iterdir()))
+    return tuple(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(data_dir).expanduser().iterdir())
+    )
 
 
 @lru_cache(maxsize=64)  # a grid shares a few task configs: each is read once
@@ -125,21 +133,25 @@ def _data_problems(key: str, train: bool, stamp: tuple) -> tuple:
         if cfg.train_size is None:
             return (f"task data: {err}",)
         # a train_size the training split cannot give: the evaluation split is still checked, and named
-        return (f"task data: {err}",) + _data_problems(json.dumps({**json.loads(key), "train_size": None},
-                                                                   sort_keys=True), False, stamp)
+        return (f"task data: {err}",) + _data_problems(
+            json.dumps({**json.loads(key), "train_size": None}, sort_keys=True), False, stamp
+        )
     problems = []
     where = f"task.name={task.cfg.name!r}, task.data_dir={task.cfg.data_dir!r}"
     if train:  # the training and the evaluation split are each checked, each named
         try:
             if not task.train_problems():  # a task without a training split says so
-                problems.append(f"task data: no training problems ({where}): give a non-empty train file, or "
-                                "train=false")
+                problems.append(
+                    f"task data: no training problems ({where}): give a non-empty train file, or train=false"
+                )
         except (OSError, ValueError) as err:
             problems.append(f"task data (training split): {err}")
     try:
         if not task.eval_problems():
-            problems.append(f"task data: no evaluation problems ({where}, task.eval_limit={task.cfg.eval_limit!r}): "
-                            "give a non-empty test file")
+            problems.append(
+                f"task data: no evaluation problems ({where}, task.eval_limit={task.cfg.eval_limit!r}): "
+                "give a non-empty test file"
+            )
     except (OSError, ValueError) as err:
         problems.append(f"task data (evaluation split): {err}")
     return tuple(problems)
@@ -150,17 +162,28 @@ def logger_problems(cfg: LoggerConfig) -> list:
     if cfg.api_key_file is not None:
         path = Path(cfg.api_key_file).expanduser()
         if not path.is_file() or not os.access(path, os.R_OK) or not path.read_text().strip():
-            return [f"logger.api_key_file={cfg.api_key_file!r} is invalid: expected a readable file holding the "
-                    "W&B API key (one line)"]
+            return [
+                f"logger.api_key_file={cfg.api_key_file!r} is invalid: expected a readable file holding the "
+                "W&B API key (one line)"
+            ]
     if cfg.mode != "online" or cfg.api_key_file is not None or os.environ.get("WANDB_API_KEY"):
         return []
     netrc = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
     if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace"):
         return []
-    return ["logger.mode='online' has no W&B API key: set logger.api_key_file=/path/to/a/file/holding/the/key "
-            "(readable by you only; on SLURM this keeps the key out of the job's environment), or export "
-            "WANDB_API_KEY, or use logger=offline and `wandb sync` the runs later"]
+    return [
+        "logger.mode='online' has no W&B API key: set logger.api_key_file=/path/to/a/file/holding/the/key "
+        "(readable by you only; on SLURM this keeps the key out of the job's environment), or export "
+        "WANDB_API_KEY, or use logger=offline and `wandb sync` the runs later"
+    ]
 
 
-__all__ = ["preflight", "ConfigError", "data_problems", "device_problems", "logger_problems", "model_file_problems",
-           "output_dir_problems"]
+__all__ = [
+    "preflight",
+    "ConfigError",
+    "data_problems",
+    "device_problems",
+    "logger_problems",
+    "model_file_problems",
+    "output_dir_problems",
+]

@@ -17,12 +17,22 @@ from typing import Any, Dict, List, Optional, Union
 
 # Distributions whose versions are recorded (None when not installed).
 PACKAGES = (
-    "torch", "transformers", "trl", "peft", "wandb", "hydra-core", "omegaconf", "submitit",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "wandb",
+    "hydra-core",
+    "omegaconf",
+    "submitit",
     "accelerate",
 )
 # Scheduler / device environment variables worth keeping next to a result.
 ENV_VARS = (
-    "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_NODELIST",
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_NODELIST",
     "CUDA_VISIBLE_DEVICES",
 )
 _GIT_TIMEOUT_S = 5.0
@@ -70,8 +80,12 @@ def _git(repo_dir: Union[str, Path], *args: str) -> Optional[str]:
     """stdout of `git -C repo_dir args...` stripped, or None if git fails or is missing."""
     try:
         out = subprocess.run(
-            ["git", "-C", str(repo_dir), *args], capture_output=True, text=True,
-            timeout=_GIT_TIMEOUT_S, check=True, stdin=subprocess.DEVNULL,
+            ["git", "-C", str(repo_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=_GIT_TIMEOUT_S,
+            check=True,
+            stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -122,8 +136,7 @@ def _torch_cuda_info(torch: Any) -> Dict[str, Any]:
         names: List[str] = []
         if available and torch.cuda.is_initialized():
             names = [torch.cuda.get_device_name(i) for i in range(count)]
-        return {"cuda_available": available, "gpu_count": count, "gpu_names": names,
-                "torch_cuda": torch.version.cuda}
+        return {"cuda_available": available, "gpu_count": count, "gpu_names": names, "torch_cuda": torch.version.cuda}
     except Exception as err:  # a broken driver must not stop a run from recording itself
         return {**_no_torch_cuda_info(), "cuda_error": repr(err)}
 

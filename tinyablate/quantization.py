@@ -55,18 +55,21 @@ def check_supported(quantization: str, device: Any) -> None:
     if device_type not in SUPPORTED_DEVICES:
         raise QuantizationNotSupported(
             f"model.quantization={quantization} runs on {' and '.join(SUPPORTED_DEVICES)} only (bitsandbytes), not on "
-            f"{device_type}; set model.device=cpu or use a CUDA GPU, or model.quantization=none")
+            f"{device_type}; set model.device=cpu or use a CUDA GPU, or model.quantization=none"
+        )
     try:
         version = importlib.metadata.version("bitsandbytes")
     except importlib.metadata.PackageNotFoundError:
         raise QuantizationNotSupported(
-            f"model.quantization={quantization} needs bitsandbytes, which is not installed: {INSTALL_HINT}") from None
+            f"model.quantization={quantization} needs bitsandbytes, which is not installed: {INSTALL_HINT}"
+        ) from None
     parsed = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
     if not BNB_TESTED[0] <= parsed < BNB_TESTED[1]:
         raise QuantizationNotSupported(
             f"model.quantization={quantization}: bitsandbytes {version} is installed, but only "
             f"{'.'.join(map(str, BNB_TESTED[0]))}.x is tested here (what runs on CPU changed between releases): "
-            f"{INSTALL_HINT}")
+            f"{INSTALL_HINT}"
+        )
 
 
 def quantize_base(model, quantization: str) -> int:
@@ -77,8 +80,11 @@ def quantize_base(model, quantization: str) -> int:
         return 0
     check_supported(quantization, next(model.parameters()).device)
     output = model.get_output_embeddings()
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and module is not output and not is_quantized_linear(module)]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not output and not is_quantized_linear(module)
+    ]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -108,17 +114,31 @@ def _quantized(linear, quantization: str):
     device, dtype = linear.weight.device, linear.weight.dtype
     has_bias = linear.bias is not None
     if quantization == "nf4":
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=dtype,
-                                  compress_statistics=True, quant_type="nf4", device="meta")
-        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True, blocksize=NF4_BLOCKSIZE)
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            linear.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=NF4_BLOCKSIZE
+        )
         # On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks the weight for inference at the first
         # eval-mode no-grad forward, and the repacked layer then fails in training (an in-place bias add
         # in matmul_4bit's CPU path): evaluation comes before training in a cell, so keep one layout.
         layer.support_avx512bf16_for_cpu = False
     else:
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
-                                    has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=INT8_THRESHOLD,
+            device="meta",
+        )
         layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
     if has_bias:
         layer.bias = linear.bias

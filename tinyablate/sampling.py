@@ -138,8 +138,14 @@ def keyed_generation(trainer, keys: Sequence[int]) -> Iterator[None]:
     """Within the block, the trainer's model generates with KeyedGumbelSampler (greedy over keyed scores)."""
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     sampler = KeyedGumbelSampler(keys, trainer.temperature, trainer.top_p)
-    greedy = {**trainer.generation_kwargs, "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-              "min_p": None}
+    greedy = {
+        **trainer.generation_kwargs,
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "min_p": None,
+    }
     saved = trainer.generation_config, trainer.generation_kwargs
     trainer.generation_config = GenerationConfig(**greedy, disable_compile=True)
     trainer.generation_kwargs = greedy

@@ -20,12 +20,19 @@ class _Layer(nn.Module):
         super().__init__()
         q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
         self.self_attn = nn.Module()
-        for name, (out_f, in_f) in {"q_proj": (q, s.hidden), "k_proj": (kv, s.hidden), "v_proj": (kv, s.hidden),
-                                    "o_proj": (s.hidden, q)}.items():
+        for name, (out_f, in_f) in {
+            "q_proj": (q, s.hidden),
+            "k_proj": (kv, s.hidden),
+            "v_proj": (kv, s.hidden),
+            "o_proj": (s.hidden, q),
+        }.items():
             setattr(self.self_attn, name, nn.Linear(in_f, out_f, bias=False, device="meta"))
         self.mlp = nn.Module()
-        for name, (out_f, in_f) in {"gate_proj": (s.intermediate, s.hidden), "up_proj": (s.intermediate, s.hidden),
-                                    "down_proj": (s.hidden, s.intermediate)}.items():
+        for name, (out_f, in_f) in {
+            "gate_proj": (s.intermediate, s.hidden),
+            "up_proj": (s.intermediate, s.hidden),
+            "down_proj": (s.hidden, s.intermediate),
+        }.items():
             setattr(self.mlp, name, nn.Linear(in_f, out_f, bias=False, device="meta"))
 
 

@@ -25,8 +25,16 @@ from .cell_folder import SPEC_FILE, CellFolder, ResultError
 def cell_row(cell_dir: Path, cell_id: Optional[str] = None, note: str = "") -> dict:
     """One line of the status table: state, accuracy, base, params, and the log and error of a failure."""
     folder = CellFolder(cell_dir)
-    row = {"cell_id": cell_id or folder.name, "state": "pending", "accuracy": None, "base": None,
-           "params": None, "log": None, "error": None, "note": note}
+    row = {
+        "cell_id": cell_id or folder.name,
+        "state": "pending",
+        "accuracy": None,
+        "base": None,
+        "params": None,
+        "log": None,
+        "error": None,
+        "note": note,
+    }
     try:
         result = folder.read_result()
     except ResultError as err:
@@ -34,8 +42,12 @@ def cell_row(cell_dir: Path, cell_id: Optional[str] = None, note: str = "") -> d
     if result is None and row["error"] is None:
         row["state"] = folder.state()
     elif result is not None and result.completed:
-        row.update(state="completed", accuracy=result.metrics.accuracy, base=result.metrics.base_accuracy,
-                   params=result.adapter.trainable_params)
+        row.update(
+            state="completed",
+            accuracy=result.metrics.accuracy,
+            base=result.metrics.base_accuracy,
+            params=result.adapter.trainable_params,
+        )
     elif result is not None:
         row.update(state="failed", error=f"{result.error.type}: {result.error.message}"[:160])
     launch = folder.read_launch()
@@ -58,8 +70,9 @@ def live_job(cell_dir: Path) -> Optional[str]:
     launch = folder.read_launch()
     if launch.get("backend") == "slurm" and shutil.which("squeue"):
         try:
-            out = subprocess.run(["squeue", "-h", "-j", str(launch["job_id"]), "-o", "%T"],
-                                 capture_output=True, text=True, timeout=60)
+            out = subprocess.run(
+                ["squeue", "-h", "-j", str(launch["job_id"]), "-o", "%T"], capture_output=True, text=True, timeout=60
+            )
         except subprocess.TimeoutExpired:
             return f"SLURM job {launch['job_id']} (squeue did not answer: assumed live)"
         state = out.stdout.strip().splitlines()

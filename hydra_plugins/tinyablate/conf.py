@@ -7,7 +7,6 @@ an experiment file). Every field can be overridden, e.g.
 `hydra.launcher.partition=gpu hydra.launcher.timeout_min=720`.
 """
 
-
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 

@@ -6,7 +6,6 @@ their checkpoints, can return at once (`wait=false`), lets a failed cell fail it
 with a status table. Cell folders: <output_dir>/<sweep>/<cell_id>/.
 """
 
-
 import shutil
 import time
 from dataclasses import dataclass
@@ -90,8 +89,10 @@ class TinyablateLauncher(Launcher):
             if self.backend == "slurm":
                 print("SLURM: each cell's GPUs (gpus, model.device) are checked on its node when the job starts")
             n_distinct = len(plan.distinct(cells)[0])
-            print(f"dry run: {n_distinct} valid cells, nothing submitted"
-                  + (f" ({len(cells)} override sets)" if n_distinct != len(cells) else ""))
+            print(
+                f"dry run: {n_distinct} valid cells, nothing submitted"
+                + (f" ({len(cells)} override sets)" if n_distinct != len(cells) else "")
+            )
             return self._returns(cells)
         todo, notes = self._select(cells, options.retry_failed)
         if todo:
@@ -142,11 +143,15 @@ class TinyablateLauncher(Launcher):
             gpus = len(local_gpus())
             if self.settings.get("max_parallel", 1) < n * gpus:
                 self.settings["max_parallel"] = n * gpus
-            print(f"cells_per_gpu=auto: {n} cells at once per GPU ({fit} fit, {where}; at most one per CPU core, "
-                  f"{cores()}); max_parallel={self.settings['max_parallel']}")
+            print(
+                f"cells_per_gpu=auto: {n} cells at once per GPU ({fit} fit, {where}; at most one per CPU core, "
+                f"{cores()}); max_parallel={self.settings['max_parallel']}"
+            )
         elif value > fit:
-            print(f"hydra.launcher.cells_per_gpu={value}: that many cells of up to {where} do not fit; at most "
-                  f"{fit} do (or cells_per_gpu=auto). Nothing was submitted.")
+            print(
+                f"hydra.launcher.cells_per_gpu={value}: that many cells of up to {where} do not fit; at most "
+                f"{fit} do (or cells_per_gpu=auto). Nothing was submitted."
+            )
             raise SystemExit(2)
 
     def _packed(self) -> int:
@@ -189,10 +194,14 @@ class TinyablateLauncher(Launcher):
                 notes[c.cell_id] = "skipped: failed (retry_failed=true re-runs it)"
             else:
                 todo.append(c)  # new, interrupted (resumes from its checkpoint), or a retried failure
-        counts = [sum(n.startswith(p) for n in notes.values()) for p in ("skipped: completed", "skipped: failed", "left")]
-        print(f"{len(todo)} to run, {counts[0]} completed cells skipped"
-              + (f", {counts[1]} failed cells skipped (retry_failed=true re-runs them)" if counts[1] else "")
-              + (f", {counts[2]} cells already queued or running left alone" if counts[2] else ""))
+        counts = [
+            sum(n.startswith(p) for n in notes.values()) for p in ("skipped: completed", "skipped: failed", "left")
+        ]
+        print(
+            f"{len(todo)} to run, {counts[0]} completed cells skipped"
+            + (f", {counts[1]} failed cells skipped (retry_failed=true re-runs them)" if counts[1] else "")
+            + (f", {counts[2]} cells already queued or running left alone" if counts[2] else "")
+        )
         return todo, notes
 
     def _check_settings(self, n_cells: int) -> None:
@@ -205,10 +214,15 @@ class TinyablateLauncher(Launcher):
             value = self.settings["cells_per_gpu"]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 c.rule(f"hydra.launcher.cells_per_gpu={value!r}: a positive integer or auto")
-        if self.backend == "slurm" and self.settings.get("cells_per_gpu", 1) != 1 \
-                and self.settings.get("cells_per_job", 1) == 1:
-            c.rule(f"hydra.launcher.cells_per_gpu={self.settings['cells_per_gpu']} on SLURM runs that many cells of a "
-                   "job's bundle at once: set hydra.launcher.cells_per_job too (e.g. 4 times as many)")
+        if (
+            self.backend == "slurm"
+            and self.settings.get("cells_per_gpu", 1) != 1
+            and self.settings.get("cells_per_job", 1) == 1
+        ):
+            c.rule(
+                f"hydra.launcher.cells_per_gpu={self.settings['cells_per_gpu']} on SLURM runs that many cells of a "
+                "job's bundle at once: set hydra.launcher.cells_per_job too (e.g. 4 times as many)"
+            )
         for name in ("max_requeues", "signal_delay_s"):
             if name in self.settings:
                 c.integer(name, self.settings[name], minimum=0)
@@ -222,14 +236,18 @@ class TinyablateLauncher(Launcher):
 
     def _check_backend(self) -> None:
         if self.backend == "slurm" and shutil.which("sbatch") is None:
-            print("hydra/launcher=slurm needs SLURM's sbatch on PATH, and none was found on this machine: "
-                  "run on a SLURM login node, or use hydra/launcher=local. Nothing was submitted.")
+            print(
+                "hydra/launcher=slurm needs SLURM's sbatch on PATH, and none was found on this machine: "
+                "run on a SLURM login node, or use hydra/launcher=local. Nothing was submitted."
+            )
             raise SystemExit(2)
 
     def _print_submitted(self, jobs, n_cells: int) -> None:
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
-        print(f"submitted {n_cells} cells in {len(jobs)} job(s) of array(s) {', '.join(ids)}; "
-              "follow with `python launch.py -m <same arguments> status=true` or `python -m tinyablate.status <sweep dir>`")
+        print(
+            f"submitted {n_cells} cells in {len(jobs)} job(s) of array(s) {', '.join(ids)}; "
+            "follow with `python launch.py -m <same arguments> status=true` or `python -m tinyablate.status <sweep dir>`"
+        )
 
     def _run_analysis(self, cells: list) -> None:
         """At the end of a sweep: the analysis page and, unless W&B is disabled, a W&B summary run."""
@@ -254,4 +272,3 @@ class TinyablateLauncher(Launcher):
             ret.return_value = c.cell_id
             out.append(ret)
         return out
-

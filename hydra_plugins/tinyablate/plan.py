@@ -31,7 +31,7 @@ def distinct(cells: list) -> tuple:
 
 
 def count_lines(cells: list) -> list:
-    """"N override sets -> M distinct cells", then one line per reason of the duplicates."""
+    """ "N override sets -> M distinct cells", then one line per reason of the duplicates."""
     unique, dups = distinct(cells)
     k = len(cells) - len(unique)
     head = f"{len(cells)} override sets -> {len(unique)} distinct cells"
@@ -76,8 +76,9 @@ def estimates(cells: list, device: str) -> list:
     """An Estimate per cell (tinyablate.cost), calibrated by the completed cells of these cells' sweeps."""
     table = load_table()
     if device not in table.kinds():
-        raise SystemExit(f"cost_device={device!r} has no throughput measurements; known: {', '.join(table.kinds())} "
-                         f"({table.path})")
+        raise SystemExit(
+            f"cost_device={device!r} has no throughput measurements; known: {', '.join(table.kinds())} ({table.path})"
+        )
     return calibrate([c.spec for c in cells], completed_cells(cells), table.device(device))
 
 
@@ -91,8 +92,14 @@ def completed_cells(cells: list) -> list:
                 result = folder.read_result()
             except ResultError:
                 continue
-            if (result is None or not result.completed or not result.config or result.timing.gpu_hours is None
-                    or result.metrics is None or result.metrics.resumed_from_step is not None):
+            if (
+                result is None
+                or not result.completed
+                or not result.config
+                or result.timing.gpu_hours is None
+                or result.metrics is None
+                or result.metrics.resumed_from_step is not None
+            ):
                 continue
             try:
                 spec = spec_from_dict(result.config)
@@ -124,18 +131,23 @@ def packed_lines(cells: list, est: list, device: str, cells_per_gpu: int) -> lis
     shared = sum(e.gpu_hours for c, e in zip(cells, est) if c.spec.gpus == 1)
     other = sum(e.gpu_hours for c, e in zip(cells, est) if c.spec.gpus != 1)
     speedup = packing_speedup(cells_per_gpu, device)
-    return [f"packed {cells_per_gpu} cells per GPU (hydra.launcher.cells_per_gpu): about "
-            f"{_hours(shared / speedup + other)} GPU-hours in all ({speedup:.1f}x the cells per GPU-hour, measured "
-            f"with small models; benchmarks/RESULTS.md)"]
+    return [
+        f"packed {cells_per_gpu} cells per GPU (hydra.launcher.cells_per_gpu): about "
+        f"{_hours(shared / speedup + other)} GPU-hours in all ({speedup:.1f}x the cells per GPU-hour, measured "
+        f"with small models; benchmarks/RESULTS.md)"
+    ]
 
 
 def _cell_line(c, e, state: str) -> str:
     s, a = c.spec, c.spec.adapter
     extra = (f" quantization={s.model.quantization}" if s.model.quantization != "none" else "") + (
-        f" eval_tasks={','.join(s.eval.tasks)}" if s.eval.tasks else "")
-    return (f"{state:<9} {c.cell_id}  model={s.model.name} task={s.task.name} algo={s.algo.name} kind={a.kind} "
-            f"r={a.r} u={a.u} tie={a.tie} sharing={a.sharing} precision={a.precision}{extra} seed={s.seed} gpus={s.gpus} "
-            f"params={c.params:,} bytes={c.trainable_bytes:,} gpu_h={_hours(e.gpu_hours)} ({e.label()})")
+        f" eval_tasks={','.join(s.eval.tasks)}" if s.eval.tasks else ""
+    )
+    return (
+        f"{state:<9} {c.cell_id}  model={s.model.name} task={s.task.name} algo={s.algo.name} kind={a.kind} "
+        f"r={a.r} u={a.u} tie={a.tie} sharing={a.sharing} precision={a.precision}{extra} seed={s.seed} gpus={s.gpus} "
+        f"params={c.params:,} bytes={c.trainable_bytes:,} gpu_h={_hours(e.gpu_hours)} ({e.label()})"
+    )
 
 
 def axis_lines(cells: list, unique: list, est: list) -> list:
@@ -165,15 +177,21 @@ def total_lines(unique: list, est: list, states: dict, device: str) -> list:
             key = (c.spec.model.name, c.spec.task.name, c.spec.eval.batch_size, c.spec.eval.max_new_tokens, c.spec.gpus)
             base.setdefault(key, c.spec.gpus * estimate_cell(c.spec, table).base_eval_s / 3600)
     how = ", ".join(f"{n} {src}" for src, n in sources.most_common())
-    lines = [f"GPU-hours on {device}: {_hours(total)} for {len(unique)} distinct cells ({how}); "
-             f"{_hours(sum(todo))} for the {len(todo)} not completed"]
+    lines = [
+        f"GPU-hours on {device}: {_hours(total)} for {len(unique)} distinct cells ({how}); "
+        f"{_hours(sum(todo))} for the {len(todo)} not completed"
+    ]
     if base:
-        lines.append(f"    + {_hours(sum(base.values()))} GPU-hours of base evaluation (cached: once per model, task "
-                     f"and eval setting, {len(base)} here)")
+        lines.append(
+            f"    + {_hours(sum(base.values()))} GPU-hours of base evaluation (cached: once per model, task "
+            f"and eval setting, {len(base)} here)"
+        )
     if sources.get("model") or sources.get("calibrated"):
-        lines.append("    model figures are upper bounds: completions at their maximum length, decode steps at the "
-                     "measured latency of the generator the engine settings pick (tinyablate/cost.py; table "
-                     "tinyablate/throughput.json)")
+        lines.append(
+            "    model figures are upper bounds: completions at their maximum length, decode steps at the "
+            "measured latency of the generator the engine settings pick (tinyablate/cost.py; table "
+            "tinyablate/throughput.json)"
+        )
     return lines
 
 
@@ -183,9 +201,11 @@ def todo_line(todo: list, device: str, cells_per_gpu: int = 1) -> str:
     if all(e.source == "cpu" for e in est):
         return f"the {len(todo)} cells to run are CPU cells (gpus=0): no GPU-hours"
     packed = packed_lines(todo, est, device, cells_per_gpu)
-    return (f"estimated {_hours(sum(e.gpu_hours for e in est))} GPU-hours on {device} for the {len(todo)} cells to run "
-            f"({', '.join(f'{n} {src}' for src, n in Counter(e.source for e in est).most_common())})"
-            + (f"; {packed[0]}" if packed else ""))
+    return (
+        f"estimated {_hours(sum(e.gpu_hours for e in est))} GPU-hours on {device} for the {len(todo)} cells to run "
+        f"({', '.join(f'{n} {src}' for src, n in Counter(e.source for e in est).most_common())})"
+        + (f"; {packed[0]}" if packed else "")
+    )
 
 
 def _hours(h: float) -> str:

@@ -65,8 +65,11 @@ def job_cells_at_once(value: Any, specs: list) -> int:
     fit = cells_per_gpu(specs, total)[0] if total else 1
     n = max(1, min(fit, cores(), len(specs))) if value == "auto" else int(value)
     if n > fit:
-        print(f"cells_per_gpu={value}: only {fit} of these cells fit in this job's GPU "
-              f"({total / 2**30:.0f} GiB) by the cost model; running {fit} at once", flush=True)
+        print(
+            f"cells_per_gpu={value}: only {fit} of these cells fit in this job's GPU "
+            f"({total / 2**30:.0f} GiB) by the cost model; running {fit} at once",
+            flush=True,
+        )
         n = fit
     print(f"running {min(n, len(specs))} of this job's {len(specs)} cells at once", flush=True)
     return n
@@ -118,8 +121,10 @@ def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
                 write_launch_record(cell, job, backend)
             jobs.append((job, len(bundle)))
         n_cells = sum(map(len, group))
-        print(f"submitted {n_cells} cells ({gpus} GPU(s) each) as SLURM array {group_jobs[0].job_id.split('_')[0]}"
-              + (f" of {len(group)} jobs (up to {per_job} cells each, {_order(at_once)})" if per_job > 1 else ""))
+        print(
+            f"submitted {n_cells} cells ({gpus} GPU(s) each) as SLURM array {group_jobs[0].job_id.split('_')[0]}"
+            + (f" of {len(group)} jobs (up to {per_job} cells each, {_order(at_once)})" if per_job > 1 else "")
+        )
     if wait:
         _wait(jobs, settings.get("poll_s", 10.0))
     return [job for job, _ in jobs]
@@ -141,8 +146,10 @@ def _key_kept_from_job(cells: list):
         return
     if not all(c.spec.logger.api_key_file for c in cells):
         if any(c.spec.logger.mode == "online" for c in cells):
-            print("note: WANDB_API_KEY goes into the SLURM jobs' environment, which SLURM stores with each job; "
-                  "logger.api_key_file=<file> keeps it out (README, W&B and secrets)")
+            print(
+                "note: WANDB_API_KEY goes into the SLURM jobs' environment, which SLURM stores with each job; "
+                "logger.api_key_file=<file> keeps it out (README, W&B and secrets)"
+            )
         yield
         return
     del os.environ["WANDB_API_KEY"]
@@ -162,13 +169,22 @@ def _slurm_executor(settings: dict, folder: Path, gpus: int, sweep: str, tasks: 
     tasks = tasks or ranks_per_cell(gpus)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=settings["max_requeues"])
     params = dict(
-        job_name=f"tinyablate-{sweep}", partition=settings.get("partition"), account=settings.get("account"),
-        qos=settings.get("qos"), constraint=settings.get("constraint"), nodes=1, ntasks_per_node=tasks,
+        job_name=f"tinyablate-{sweep}",
+        partition=settings.get("partition"),
+        account=settings.get("account"),
+        qos=settings.get("qos"),
+        constraint=settings.get("constraint"),
+        nodes=1,
+        ntasks_per_node=tasks,
         # One rank failing stops the others (they would wait in a collective until the time-out).
         srun_args=["--kill-on-bad-exit=1"] if tasks > 1 else None,
-        cpus_per_task=settings["cpus_per_task"], mem=f"{settings['mem_gb']}G", time=settings["timeout_min"],
-        gpus_per_node=gpus or None, array_parallelism=settings["array_parallelism"],
-        signal_delay_s=settings["signal_delay_s"], setup=list(settings.get("setup") or []),
+        cpus_per_task=settings["cpus_per_task"],
+        mem=f"{settings['mem_gb']}G",
+        time=settings["timeout_min"],
+        gpus_per_node=gpus or None,
+        array_parallelism=settings["array_parallelism"],
+        signal_delay_s=settings["signal_delay_s"],
+        setup=list(settings.get("setup") or []),
         additional_parameters=dict(settings.get("additional_parameters") or {}),
     )
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
@@ -183,8 +199,10 @@ def _run_local(settings: dict, cells: list, folder: Path) -> list:
     gpu_ids = local_gpus() if any(c.spec.gpus for c in cells) else []
     too_big = [c.cell_id for c in cells if c.spec.gpus > len(gpu_ids)]
     if too_big:
-        raise SystemExit(f"{len(too_big)} cells ask for more GPUs than this machine shows ({len(gpu_ids)}), "
-                         f"e.g. {too_big[0]}: set gpus=0 for CPU, or run them with hydra/launcher=slurm")
+        raise SystemExit(
+            f"{len(too_big)} cells ask for more GPUs than this machine shows ({len(gpu_ids)}), "
+            f"e.g. {too_big[0]}: set gpus=0 for CPU, or run them with hydra/launcher=slurm"
+        )
     free_gpus = gpu_ids * int(settings.get("cells_per_gpu", 1))  # one slot per job a GPU may hold
     queue, running, jobs = bundles(cells, int(settings.get("cells_per_job", 1))), [], []
     limit = int(settings["max_parallel"])  # >= 1: the launcher checked it
@@ -195,8 +213,12 @@ def _run_local(settings: dict, cells: list, folder: Path) -> list:
     while queue or running:
         while queue and len(running) < limit and (gpus := _take_gpus(free_gpus, queue[0][0].spec.gpus)) is not None:
             bundle = queue.pop(0)
-            executor.update_parameters(timeout_min=settings["timeout_min"], gpus_per_node=len(gpus),
-                                       visible_gpus=gpus, tasks_per_node=ranks_per_cell(len(gpus)))
+            executor.update_parameters(
+                timeout_min=settings["timeout_min"],
+                gpus_per_node=len(gpus),
+                visible_gpus=gpus,
+                tasks_per_node=ranks_per_cell(len(gpus)),
+            )
             job = executor.submit(CellJob(threads), *_job_args(bundle))
             for cell in bundle:
                 write_launch_record(cell, job, "local")
@@ -268,7 +290,8 @@ def _wait(jobs: list, poll_s: float) -> None:
         states = [j.state for j, _ in jobs]
         done = sum(n for j, n in jobs if j.done())
         summary = f"{done}/{sum(n for _, n in jobs)} cells in finished jobs; " + ", ".join(
-            f"{s.lower()}: {states.count(s)}" for s in sorted(set(states)))
+            f"{s.lower()}: {states.count(s)}" for s in sorted(set(states))
+        )
         if summary != last:
             print(time.strftime("[%H:%M:%S] ") + summary, flush=True)
             last = summary

@@ -19,8 +19,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 
 class TinyablateSweeper(BasicSweeper):
-    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
-                 grids: Optional[List[Dict[str, Any]]] = None) -> None:
+    def __init__(
+        self,
+        max_batch_size: Optional[int] = None,
+        params: Optional[Dict[str, str]] = None,
+        grids: Optional[List[Dict[str, Any]]] = None,
+    ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.grids = [dict(g) for g in grids] if grids else None
         self._arguments: List[str] = []
@@ -47,7 +51,7 @@ class TinyablateSweeper(BasicSweeper):
                         seen.add(tuple(cell))
                         cells.append(list(cell))
         size = max_batch_size or max(len(cells), 1)
-        return [cells[i:i + size] for i in range(0, len(cells), size)]
+        return [cells[i : i + size] for i in range(0, len(cells), size)]
 
 
 @dataclass

@@ -27,8 +27,9 @@ from typing import Callable, Optional
 _LEFT_TO_THE_JOB = (signal.SIGTERM, signal.SIGCONT, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def run_at_once(specs: list, cell_dirs: list, at_once: int, threads: Optional[int] = None,
-                worker: Optional[Callable] = None) -> list:
+def run_at_once(
+    specs: list, cell_dirs: list, at_once: int, threads: Optional[int] = None, worker: Optional[Callable] = None
+) -> list:
     """Cells (spec dicts, folders) `at_once` at a time in worker processes; one summary per cell, in order
     (tinyablate.cell.cell_summary's fields). `threads`: torch CPU threads per worker (None: cores // at_once).
     `worker`: the worker's function (tests replace it; it must be importable by name)."""
@@ -90,8 +91,13 @@ def _failed(spec: dict, why: str) -> dict:
     """The summary of a cell whose worker process died while running it (its folder is left to a later attempt)."""
     from tinyablate.config import cell_id, spec_from_dict
 
-    return {"cell_id": cell_id(spec_from_dict(spec)), "status": "failed", "accuracy": None, "world_size": None,
-            "error": f"its worker process died ({why}); the cell resumes from its folder next time"}
+    return {
+        "cell_id": cell_id(spec_from_dict(spec)),
+        "status": "failed",
+        "accuracy": None,
+        "world_size": None,
+        "error": f"its worker process died ({why}); the cell resumes from its folder next time",
+    }
 
 
 def cell_worker(tasks, results, threads: int) -> None:

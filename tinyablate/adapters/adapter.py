@@ -34,8 +34,15 @@ ROOT_NAME = "tinyablate_adapter"
 class Adapter:
     """The adapter on one model; see the module docstring."""
 
-    def __init__(self, model: nn.Module, cfg: AdapterConfig, targets: list[Target], model_id: str,
-                 layers: dict | None = None, stats: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: AdapterConfig,
+        targets: list[Target],
+        model_id: str,
+        layers: dict | None = None,
+        stats: dict | None = None,
+    ):
         self.model = model
         self.cfg = cfg
         self.targets = targets
@@ -67,11 +74,16 @@ class Adapter:
     def summary(self) -> dict:
         cfg = self.cfg
         return {
-            "kind": cfg.kind, "r": cfg.r if cfg.kind != "none" else 0,
+            "kind": cfg.kind,
+            "r": cfg.r if cfg.kind != "none" else 0,
             "u": cfg.params_per_group if cfg.kind in ("tinylora", "lora_xs") else None,
-            "tie": cfg.tie, "sharing": cfg.sharing, "precision": cfg.precision,
-            "n_modules": len(self.targets), "n_groups": self.n_groups if cfg.kind != "none" else 0,
-            "trainable_params": self.trainable_params, "trainable_bytes": self.trainable_bytes,
+            "tie": cfg.tie,
+            "sharing": cfg.sharing,
+            "precision": cfg.precision,
+            "n_modules": len(self.targets),
+            "n_groups": self.n_groups if cfg.kind != "none" else 0,
+            "trainable_params": self.trainable_params,
+            "trainable_bytes": self.trainable_bytes,
             "expected_trainable_params": expected_trainable_params(self.targets, cfg),
             **{k: v for k, v in self.stats.items()},
         }
@@ -81,8 +93,10 @@ class Adapter:
         """Fold ΔW into the weights (for export or a plain inference model); refused on a quantized base."""
         quantization = getattr(self.model, "tinyablate_quantization", "none")
         if quantization != "none":
-            raise NotImplementedError(f"merging into a {quantization} base would re-quantize the weights: export the "
-                                      "adapter (export_peft) and merge it into the unquantized base instead")
+            raise NotImplementedError(
+                f"merging into a {quantization} base would re-quantize the weights: export the "
+                "adapter (export_peft) and merge it into the unquantized base instead"
+            )
         if self.cfg.kind == "lora":
             merge_lora(self.model)
         for layer in self.layers.values():

@@ -44,8 +44,13 @@ def export_peft(adapter, out_dir) -> None:
     r = adapter.cfg.r
     base_name = getattr(getattr(adapter.model, "config", None), "_name_or_path", None) or adapter.model_id
     config = LoraConfig(
-        r=r, lora_alpha=r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=sorted(adapter.layers), base_model_name_or_path=base_name,
+        r=r,
+        lora_alpha=r,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=sorted(adapter.layers),
+        base_model_name_or_path=base_name,
     )
     config.save_pretrained(str(out))
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -54,8 +59,9 @@ def export_peft(adapter, out_dir) -> None:
 def save_native(adapter, out_dir) -> None:
     """Write adapter_native.json + vectors.safetensors (read back by adapter.load_native)."""
     if adapter.cfg.kind not in ("tinylora", "lora_xs"):
-        raise ValueError(f"the native format holds tinylora and lora_xs only, not {adapter.cfg.kind!r}; "
-                         "use export_peft")
+        raise ValueError(
+            f"the native format holds tinylora and lora_xs only, not {adapter.cfg.kind!r}; use export_peft"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vectors = {f"v.{i}": v.detach().contiguous().cpu() for i, v in enumerate(adapter.vectors())}

@@ -23,8 +23,9 @@ MAX_KERNEL_RANK = 16
 if _HAVE_TRITON:
 
     @triton.jit
-    def _merge_kernel(w_ptr, am_ptr, b_ptr, out_ptr, D, K, R: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _merge_kernel(
+        w_ptr, am_ptr, b_ptr, out_ptr, D, K, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr
+    ):
         pid_d = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)

@@ -178,8 +178,10 @@ class SVDAdapterLinear(nn.Linear):
         Merges later rewrite `storage` in place; a dropped cache (drop_cache) lets go of it.
         """
         if storage.shape != self.weight.shape or storage.dtype != self.weight.dtype:
-            raise ValueError(f"merged-weight storage {tuple(storage.shape)} {storage.dtype} does not fit "
-                             f"{tuple(self.weight.shape)} {self.weight.dtype}")
+            raise ValueError(
+                f"merged-weight storage {tuple(storage.shape)} {storage.dtype} does not fit "
+                f"{tuple(self.weight.shape)} {self.weight.dtype}"
+            )
         if self._w_eff is None or self._w_eff.data_ptr() != storage.data_ptr():
             self._w_eff = storage
             self._w_eff_version = None  # merge into the new storage
@@ -196,8 +198,10 @@ class SVDAdapterLinear(nn.Linear):
     def merge(self) -> None:
         """Write W + ΔW into `weight` (as a new tensor) and keep the pristine W for `unmerge`."""
         if self._quantized_base is not None:
-            raise NotImplementedError("merging ΔW into a quantized base weight would re-quantize it (and lose ΔW): "
-                                      "export the adapter (PEFT format) and merge it into the unquantized base instead")
+            raise NotImplementedError(
+                "merging ΔW into a quantized base weight would re-quantize it (and lose ΔW): "
+                "export the adapter (PEFT format) and merge it into the unquantized base instead"
+            )
         if self._pristine is not None:
             return
         with torch.no_grad():

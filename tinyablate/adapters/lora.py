@@ -55,4 +55,3 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.get_base_layer().weight.data = pristine
         layer.merged_adapters.clear()
         layer._tinyablate_pristine = None
-

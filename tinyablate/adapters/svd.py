@@ -157,8 +157,8 @@ def _top_eigh(gram: torch.Tensor, rank: int, block: int = 64, squarings: int = 4
         X = torch.linalg.qr(filt @ X).Q
         if step % 4 == 3 or step == max_steps - 1:
             lam, Y = torch.linalg.eigh(X.T @ gram @ X)
-            V = X @ Y[:, -(rank + 1):]
-            res = (gram @ V - V * lam[-(rank + 1):]).norm(dim=0)
+            V = X @ Y[:, -(rank + 1) :]
+            res = (gram @ V - V * lam[-(rank + 1) :]).norm(dim=0)
             if float(res.max()) <= 1e-12 * float(top):
                 break
     return lam, X @ Y
@@ -171,7 +171,7 @@ def _certify(a: torch.Tensor, U: torch.Tensor, S_all: torch.Tensor, Vh: torch.Te
     U, S, Vh = U.float().contiguous(), S_all[:rank].float().contiguous(), Vh.float().contiguous()
     u, s, vh = U.double(), S.double(), Vh.double()
     res = (a.T @ u - vh.T * s).pow(2).sum(0) + (a @ vh.T - u * s).pow(2).sum(0)
-    nxt = torch.cat([S_all[1:rank + 1], S_all.new_zeros(rank + 1)])[:rank]
+    nxt = torch.cat([S_all[1 : rank + 1], S_all.new_zeros(rank + 1)])[:rank]
     gaps = S_all[:rank] - nxt
     err = (res.cumsum(0).sqrt() / gaps.clamp_min(torch.finfo(torch.float64).tiny)).clamp_max(1.0)
     rel_gaps = gaps / S_all[0] if float(S_all[0]) > 0 else torch.zeros_like(gaps)
@@ -210,8 +210,9 @@ class SVDCache:
         self.hits = 0
         self.misses = 0
 
-    def factors(self, model_id: str, module_name: str, weight: torch.Tensor, r: int,
-                fingerprint: Optional[str] = None) -> Factors:
+    def factors(
+        self, model_id: str, module_name: str, weight: torch.Tensor, r: int, fingerprint: Optional[str] = None
+    ) -> Factors:
         """Top-r factors of `weight`, from the cache when present; computed and stored otherwise.
 
         Cached factors come back on the CPU (move what you use); computed ones on the weight's device.
@@ -230,8 +231,9 @@ class SVDCache:
         self.hits += 1
         return cached
 
-    def compute(self, model_id: str, module_name: str, weight: torch.Tensor, r: int,
-                fingerprint: Optional[str] = None) -> Factors:
+    def compute(
+        self, model_id: str, module_name: str, weight: torch.Tensor, r: int, fingerprint: Optional[str] = None
+    ) -> Factors:
         """Decompose `weight` at max(r, cache_rank) (on its device) and store the factors."""
         self.misses += 1
         rank = min(max(r, self.cfg.cache_rank), min(weight.shape))

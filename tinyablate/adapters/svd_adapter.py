@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..config.adapter import AdapterConfig
+from ..fingerprint import Fingerprints
 from ..quantization import compute_dtype, dense_weight
 from .layers import SVDAdapterLinear, projection
-from ..fingerprint import Fingerprints
 from .svd import TIE_GAP, Factors, SVDCache
 from .targets import Target
 
@@ -44,9 +44,11 @@ def build_svd_adapter(model: nn.Module, cfg: AdapterConfig, targets: list[Target
     names, digests = [t.name for t in targets], fingerprints.digests()
     stored = cache.cached_all(model_id, names, digests, cfg.r)  # one file for all modules: the warm path
     if stored is None:
-        stored = [cache.cached(model_id, t.name, fp, cfg.r)
-                  or cache.compute(model_id, t.name, dense_weight(model.get_submodule(t.name)), cfg.r, fp)
-                  for t, fp in zip(targets, digests)]
+        stored = [
+            cache.cached(model_id, t.name, fp, cfg.r)
+            or cache.compute(model_id, t.name, dense_weight(model.get_submodule(t.name)), cfg.r, fp)
+            for t, fp in zip(targets, digests)
+        ]
         cache.store_all(model_id, names, digests, stored)
     for t, full in zip(targets, stored):
         base = model.get_submodule(t.name)
@@ -87,7 +89,9 @@ def basis_report(bases: dict[str, Factors], r: int, method: str) -> dict:
         warnings.warn(
             f"frozen rank r={r}: {len(ties)} of {len(bases)} modules have a relative singular-value gap "
             f"(σ_r − σ_(r+1)) / σ_1 below {TIE_GAP}, so their top-{r} subspace is not unique (a tie) and the "
-            f"{method} SVD picked one basis of it: {ties[:5]}{' ...' if len(ties) > 5 else ''}", stacklevel=2)
+            f"{method} SVD picked one basis of it: {ties[:5]}{' ...' if len(ties) > 5 else ''}",
+            stacklevel=2,
+        )
     return {
         "svd_method": method,
         "svd_max_sin_bound": max(bounds, default=0.0),

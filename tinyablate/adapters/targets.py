@@ -60,7 +60,11 @@ def _check_matches(cfg, found, seen_types, seen_layers, model) -> None:
     missing = sorted(set(cfg.target_modules) - seen_types)
     if missing:
         available = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and layer_index(n) is not None}
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and layer_index(n) is not None
+            }
         )
         raise ValueError(
             f"adapter.target_modules: {missing} match no linear module inside a transformer layer; "

@@ -17,13 +17,41 @@ from .eval import EvalConfig
 from .identity import cell_id, cell_label, identity_dict
 from .logger import LoggerConfig
 from .model import MODELS, ModelConfig, ModelInfo
-from .spec import (CellSpec, RootConfig, cell_spec, eval_task_configs, spec_from_dict, spec_problems, spec_to_dict,
-                   validate_spec)
+from .spec import (
+    CellSpec,
+    RootConfig,
+    cell_spec,
+    eval_task_configs,
+    spec_from_dict,
+    spec_problems,
+    spec_to_dict,
+    validate_spec,
+)
 from .task import TaskConfig
 
 __all__ = [
-    "AdapterConfig", "AlgoConfig", "CellSpec", "Checks", "ConfigError", "EvalConfig", "LoggerConfig", "MODELS",
-    "ModelConfig", "ModelInfo", "RootConfig", "SVDConfig", "Section", "TaskConfig", "cell_id", "cell_label",
-    "cell_spec", "count_groups", "eval_task_configs", "identity_dict", "spec_from_dict", "spec_problems", "spec_to_dict",
+    "AdapterConfig",
+    "AlgoConfig",
+    "CellSpec",
+    "Checks",
+    "ConfigError",
+    "EvalConfig",
+    "LoggerConfig",
+    "MODELS",
+    "ModelConfig",
+    "ModelInfo",
+    "RootConfig",
+    "SVDConfig",
+    "Section",
+    "TaskConfig",
+    "cell_id",
+    "cell_label",
+    "cell_spec",
+    "count_groups",
+    "eval_task_configs",
+    "identity_dict",
+    "spec_from_dict",
+    "spec_problems",
+    "spec_to_dict",
     "validate_spec",
 ]

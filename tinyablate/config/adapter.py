@@ -48,7 +48,8 @@ class SVDConfig:
             raise ValueError(
                 f"adapter.svd has {legacy}, settings of the randomized SVD retired on 2026-12-02 (its basis "
                 "was not W's top-r on flat spectra): a cell saved with them used another basis and cannot "
-                "be rebuilt as it was; re-run it with the current defaults")
+                "be rebuilt as it was; re-run it with the current defaults"
+            )
         return cls(**raw)
 
 
@@ -106,18 +107,31 @@ class AdapterConfig(Section):
         c.choice("precision", self.precision, PRECISIONS)
         c.choice("forward", self.forward, FORWARD_MODES)
         if self.svd.method in _RETIRED_SVD_METHODS:
-            c.fail("svd.method", self.svd.method, "a method not retired on 2026-12-02 (the randomized basis was not "
-                   f"W's top-r on flat spectra): one of {', '.join(map(repr, SVD_METHODS))}, default 'exact'")
+            c.fail(
+                "svd.method",
+                self.svd.method,
+                "a method not retired on 2026-12-02 (the randomized basis was not "
+                f"W's top-r on flat spectra): one of {', '.join(map(repr, SVD_METHODS))}, default 'exact'",
+            )
         else:
             c.choice("svd.method", self.svd.method, SVD_METHODS)
         c.integer("r", self.r, minimum=1)
         c.integer("u", self.u, minimum=1)
         if self._tie() is False:
             c.fail("tie", self.tie, _TIE_EXPECTED)
-        c.non_empty_list("target_modules", self.target_modules, lambda x: isinstance(x, str) and x,
-                         f"module names, e.g. {DEFAULT_TARGETS}")
-        c.non_empty_list("layers", self.layers, lambda x: is_int(x) and x >= 0,
-                         "non-negative layer indices (None: every layer)", optional=True)
+        c.non_empty_list(
+            "target_modules",
+            self.target_modules,
+            lambda x: isinstance(x, str) and x,
+            f"module names, e.g. {DEFAULT_TARGETS}",
+        )
+        c.non_empty_list(
+            "layers",
+            self.layers,
+            lambda x: is_int(x) and x >= 0,
+            "non-negative layer indices (None: every layer)",
+            optional=True,
+        )
         c.integer("svd.cache_rank", self.svd.cache_rank, minimum=0)
         c.string("svd.cache_dir", self.svd.cache_dir, optional=True, empty_ok=True)
         c.number("lora_alpha", self.lora_alpha, above=0)

@@ -115,16 +115,27 @@ class AlgoConfig(Section):
         if self.train_glue is not None:
             c.choice("train_glue", self.train_glue, TRAIN_KERNELS)
             if self.train_kernels not in ("auto", self.train_glue):
-                c.fail("train_glue", self.train_glue, f"unset: it is the old name of train_kernels, set to "
-                       f"{self.train_kernels!r} too")
+                c.fail(
+                    "train_glue",
+                    self.train_glue,
+                    f"unset: it is the old name of train_kernels, set to {self.train_kernels!r} too",
+                )
         c.choice("loss_type", self.loss_type, GRPO_LOSSES)
         c.choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         c.choice("scale_rewards", self.scale_rewards, REWARD_SCALINGS)
         c.choice("nonfinite", self.nonfinite, NONFINITE_MODES)
         c.choice("rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
         c.number("rollout_is_cap", self.rollout_is_cap, minimum=1)
-        for name in ("max_steps", "prompts_per_step", "micro_batch_size", "max_completion_length",
-                     "max_length", "save_steps", "logging_steps", "num_iterations"):
+        for name in (
+            "max_steps",
+            "prompts_per_step",
+            "micro_batch_size",
+            "max_completion_length",
+            "max_length",
+            "save_steps",
+            "logging_steps",
+            "num_iterations",
+        ):
             c.integer(name, getattr(self, name), minimum=1)
         c.integer("warmup_steps", self.warmup_steps, minimum=0)
         for name in ("learning_rate", "adam_epsilon", "temperature"):
@@ -136,8 +147,12 @@ class AlgoConfig(Section):
         c.number("top_p", self.top_p, above=0, maximum=1)
         c.boolean("gradient_checkpointing", self.gradient_checkpointing)
         if self.name == "grpo":
-            c.integer("num_generations", self.num_generations, minimum=2,
-                      note=" (GRPO's advantages are relative to the group of completions of a prompt)")
+            c.integer(
+                "num_generations",
+                self.num_generations,
+                minimum=2,
+                note=" (GRPO's advantages are relative to the group of completions of a prompt)",
+            )
         if not c.problems:  # the batch rules below read the fields checked above
             self._check_batch(c)
             self._check_ranks(c, world_size)
@@ -147,13 +162,17 @@ class AlgoConfig(Section):
         if self.sequences_per_step % self.micro_batch_size == 0:
             return
         if self.name == "grpo":
-            c.rule(f"GRPO batch of algo.prompts_per_step x algo.num_generations = {self.prompts_per_step} x "
-                   f"{self.num_generations} = {self.sequences_per_step} completions is not divisible by "
-                   f"algo.micro_batch_size={self.micro_batch_size}: pick a micro-batch size that divides it")
+            c.rule(
+                f"GRPO batch of algo.prompts_per_step x algo.num_generations = {self.prompts_per_step} x "
+                f"{self.num_generations} = {self.sequences_per_step} completions is not divisible by "
+                f"algo.micro_batch_size={self.micro_batch_size}: pick a micro-batch size that divides it"
+            )
         else:
-            c.rule(f"algo.prompts_per_step={self.prompts_per_step} is not a multiple of "
-                   f"algo.micro_batch_size={self.micro_batch_size}: set them so the step splits into whole "
-                   "micro-batches")
+            c.rule(
+                f"algo.prompts_per_step={self.prompts_per_step} is not a multiple of "
+                f"algo.micro_batch_size={self.micro_batch_size}: set them so the step splits into whole "
+                "micro-batches"
+            )
 
     def _check_ranks(self, c: Checks, world_size: int) -> None:
         """The global batch of a step must split evenly over the ranks' micro-batches."""
@@ -165,9 +184,11 @@ class AlgoConfig(Section):
             fix = "change algo.prompts_per_step so the GPUs divide it"
         else:
             fix = f"e.g. algo.micro_batch_size={_largest_divisor(per_step // world_size, self.micro_batch_size)}"
-        c.rule(f"a step's {per_step} {what} do not split into algo.micro_batch_size={self.micro_batch_size} "
-               f"x {world_size} GPUs: the global batch stays the same for any number of GPUs, so micro_batch_size x "
-               f"GPUs must divide it ({fix})")
+        c.rule(
+            f"a step's {per_step} {what} do not split into algo.micro_batch_size={self.micro_batch_size} "
+            f"x {world_size} GPUs: the global batch stays the same for any number of GPUs, so micro_batch_size x "
+            f"GPUs must divide it ({fix})"
+        )
 
     @property
     def sequences_per_step(self) -> int:

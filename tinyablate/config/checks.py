@@ -67,8 +67,9 @@ class Checks:
         allowed = tuple(allowed)
         return value in allowed or self.fail(name, value, "one of " + ", ".join(repr(a) for a in allowed))
 
-    def integer(self, name: str, value: Any, minimum: Optional[int] = None, optional: bool = False,
-                note: str = "") -> bool:
+    def integer(
+        self, name: str, value: Any, minimum: Optional[int] = None, optional: bool = False, note: str = ""
+    ) -> bool:
         """An integer (never a bool) >= `minimum`; None too when `optional`."""
         if optional and value is None:
             return True
@@ -77,11 +78,23 @@ class Checks:
         what = "an integer" + ("" if minimum is None else f" >= {minimum}")
         return self.fail(name, value, ("None or " if optional else "") + what + note)
 
-    def number(self, name: str, value: Any, above: Optional[float] = None, minimum: Optional[float] = None,
-               below: Optional[float] = None, maximum: Optional[float] = None) -> bool:
+    def number(
+        self,
+        name: str,
+        value: Any,
+        above: Optional[float] = None,
+        minimum: Optional[float] = None,
+        below: Optional[float] = None,
+        maximum: Optional[float] = None,
+    ) -> bool:
         """An int or float (never a bool) within the bounds given (`above`/`below` exclusive)."""
-        ok = is_number(value) and (above is None or value > above) and (minimum is None or value >= minimum) \
-            and (below is None or value < below) and (maximum is None or value <= maximum)
+        ok = (
+            is_number(value)
+            and (above is None or value > above)
+            and (minimum is None or value >= minimum)
+            and (below is None or value < below)
+            and (maximum is None or value <= maximum)
+        )
         if ok:
             return True
         low = "" if above is None and minimum is None else (f"({above}" if above is not None else f"[{minimum}")

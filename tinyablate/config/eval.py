@@ -61,5 +61,7 @@ class EvalConfig(Section):
         else:
             stray = sorted(set(self.task_settings) - set(tasks))
             if stray:
-                c.rule(f"eval.task_settings has settings for {stray}, which eval.tasks={tasks!r} does not list: "
-                       "add them to eval.tasks or drop their settings")
+                c.rule(
+                    f"eval.task_settings has settings for {stray}, which eval.tasks={tasks!r} does not list: "
+                    "add them to eval.tasks or drop their settings"
+                )

@@ -19,19 +19,36 @@ from .spec import CellSpec
 # Settings that change speed or bookkeeping but not the result: left out of cell_id
 # (a section name mapped to None drops the whole section).
 NOT_IDENTITY = {
-    "logger": None, "sweep": None, "output_dir": None,
+    "logger": None,
+    "sweep": None,
+    "output_dir": None,
     "eval": {"batch_size", "base", "cache_base", "engine", "engine_batch_size"},
     "model": {"device", "cache_dir", "attn_implementation"},
-    "adapter": {"forward"}, "adapter.svd": {"cache_dir", "cache_rank"},
-    "algo": {"micro_batch_size", "save_steps", "logging_steps", "gradient_checkpointing", "rollout_engine",
-             "train_kernels", "train_glue"},
+    "adapter": {"forward"},
+    "adapter.svd": {"cache_dir", "cache_rank"},
+    "algo": {
+        "micro_batch_size",
+        "save_steps",
+        "logging_steps",
+        "gradient_checkpointing",
+        "rollout_engine",
+        "train_kernels",
+        "train_glue",
+    },
 }
 
 # Settings added after cell ids were first published: left out of the id at their default, so the
 # cells that existed before keep their ids (and are found completed) while other values get new ones.
-OMIT_AT_DEFAULT = {("algo", "rollout_sampler"): "torch", ("model", "quantization"): "none", ("task", "num_fewshot"): 0,
-                   ("eval", "tasks"): [], ("eval", "task_settings"): {}, ("algo", "nonfinite"): "fail",
-                   ("algo", "rollout_correction"): "none", ("algo", "rollout_is_cap"): 2.0}
+OMIT_AT_DEFAULT = {
+    ("algo", "rollout_sampler"): "torch",
+    ("model", "quantization"): "none",
+    ("task", "num_fewshot"): 0,
+    ("eval", "tasks"): [],
+    ("eval", "task_settings"): {},
+    ("algo", "nonfinite"): "fail",
+    ("algo", "rollout_correction"): "none",
+    ("algo", "rollout_is_cap"): 2.0,
+}
 
 # Adapter fields a kind ignores: two cells differing only there are the same cell.
 IGNORED_BY_KIND = {
@@ -80,8 +97,7 @@ def _strip(value: Any, path: str) -> Any:
     if not is_dataclass(value):
         return value
     drop = NOT_IDENTITY.get(path, set())
-    return {f.name: _strip(getattr(value, f.name), f"{path}.{f.name}")
-            for f in fields(value) if f.name not in drop}
+    return {f.name: _strip(getattr(value, f.name), f"{path}.{f.name}") for f in fields(value) if f.name not in drop}
 
 
 def cell_id(spec: CellSpec) -> str:

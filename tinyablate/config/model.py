@@ -101,8 +101,11 @@ class ModelConfig(Section):
                 if getattr(self, name) is not None:
                     c.fail(name, getattr(self, name), f"None for the random model {info.name!r}")
         if self.revision is not None and load_kind(self, info) != "hub":
-            c.fail("revision", self.revision, "None unless the model is downloaded from the Hub "
-                   "(model.path and the embedded GGUF have no revisions)")
+            c.fail(
+                "revision",
+                self.revision,
+                "None unless the model is downloaded from the Hub (model.path and the embedded GGUF have no revisions)",
+            )
 
 
 def load_kind(cfg: ModelConfig, info: ModelInfo) -> str:

@@ -48,8 +48,13 @@ class CellSpec:
 
 
 SECTIONS = ("model", "adapter", "task", "algo", "eval", "logger")
-_SECTION_TYPES = {"model": ModelConfig, "task": TaskConfig, "algo": AlgoConfig,
-                  "eval": EvalConfig, "logger": LoggerConfig}
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "task": TaskConfig,
+    "algo": AlgoConfig,
+    "eval": EvalConfig,
+    "logger": LoggerConfig,
+}
 
 
 def spec_problems(spec: CellSpec, world_size: Optional[int] = None) -> list:
@@ -95,9 +100,11 @@ def _eval_task_problems(spec: CellSpec) -> list:
     c = Checks()
     for key, value in dict(spec.eval.task_settings.get(spec.task.name) or {}).items():
         if getattr(spec.task, key, value) != value:  # unknown keys: default_task_config names them below
-            c.rule(f"eval.task_settings.{spec.task.name}.{key}={value!r} differs from task.{key}="
-                   f"{getattr(spec.task, key)!r}: the training task is evaluated with its task.* settings; set "
-                   f"task.{key}={value!r} too, or drop eval.task_settings.{spec.task.name}.{key}")
+            c.rule(
+                f"eval.task_settings.{spec.task.name}.{key}={value!r} differs from task.{key}="
+                f"{getattr(spec.task, key)!r}: the training task is evaluated with its task.* settings; set "
+                f"task.{key}={value!r} too, or drop eval.task_settings.{spec.task.name}.{key}"
+            )
     for name in spec.eval.tasks:
         if name == spec.task.name:
             continue
@@ -114,30 +121,42 @@ def _cross_section_problems(spec: CellSpec, gpus_ok: bool) -> list:
     """Rules that span sections."""
     c = Checks()
     if gpus_ok and spec.gpus > 1 and spec.model.device not in ("auto", "cuda"):
-        c.rule(f"model.device={spec.model.device!r} with gpus={spec.gpus}: each rank uses its own GPU, "
-               "so set model.device=auto (or cuda)")
+        c.rule(
+            f"model.device={spec.model.device!r} with gpus={spec.gpus}: each rank uses its own GPU, "
+            "so set model.device=auto (or cuda)"
+        )
     on_cpu = spec.model.device == "cpu" or (spec.gpus == 0 and not str(spec.model.device).startswith("cuda"))
     for name, engine in (("algo.rollout_engine", spec.algo.rollout_engine), ("eval.engine", spec.eval.engine)):
         if engine == "graph" and on_cpu:
-            c.rule(f"{name}=graph needs a CUDA GPU (its decode step is replayed from CUDA graphs) but this cell "
-                   f"runs on the CPU (gpus={spec.gpus}, model.device={spec.model.device}): use {name}=eager (the "
-                   f"same engine without graphs), hf or auto")
+            c.rule(
+                f"{name}=graph needs a CUDA GPU (its decode step is replayed from CUDA graphs) but this cell "
+                f"runs on the CPU (gpus={spec.gpus}, model.device={spec.model.device}): use {name}=eager (the "
+                f"same engine without graphs), hf or auto"
+            )
         if engine == "graph" and spec.model.quantization in NOT_CAPTURABLE:
-            c.rule(f"{name}=graph cannot run on model.quantization={spec.model.quantization}: LLM.int8()'s "
-                   f"outlier split has a data-dependent shape, which a CUDA graph cannot capture; use {name}=auto "
-                   f"(HF generate on such a base), eager or hf")
+            c.rule(
+                f"{name}=graph cannot run on model.quantization={spec.model.quantization}: LLM.int8()'s "
+                f"outlier split has a data-dependent shape, which a CUDA graph cannot capture; use {name}=auto "
+                f"(HF generate on such a base), eager or hf"
+            )
     hf_rollouts = spec.algo.rollout_engine == "hf" or (spec.algo.rollout_engine == "auto" and on_cpu)
     if spec.algo.name == "grpo" and spec.algo.rollout_correction != "none" and hf_rollouts:
-        c.rule(f"algo.rollout_correction={spec.algo.rollout_correction} needs the generation engine's sampling "
-               f"log-probabilities, but this cell's rollouts come from HF generate (algo.rollout_engine="
-               f"{spec.algo.rollout_engine}{', on the CPU' if on_cpu else ''}): set algo.rollout_engine=eager "
-               "(or graph on a GPU), or algo.rollout_correction=none")
+        c.rule(
+            f"algo.rollout_correction={spec.algo.rollout_correction} needs the generation engine's sampling "
+            f"log-probabilities, but this cell's rollouts come from HF generate (algo.rollout_engine="
+            f"{spec.algo.rollout_engine}{', on the CPU' if on_cpu else ''}): set algo.rollout_engine=eager "
+            "(or graph on a GPU), or algo.rollout_correction=none"
+        )
     if spec.algo.name == "grpo" and is_number(spec.algo.beta) and spec.algo.beta > 0:
-        c.rule(f"algo.beta={spec.algo.beta} is not supported: a KL penalty needs a reference model, which TRL would "
-               "load from the Hub by name; use algo.beta=0 (as the TinyLoRA paper does)")
+        c.rule(
+            f"algo.beta={spec.algo.beta} is not supported: a KL penalty needs a reference model, which TRL would "
+            "load from the Hub by name; use algo.beta=0 (as the TinyLoRA paper does)"
+        )
     if spec.adapter.precision == "fp16" and is_number(spec.algo.adam_epsilon) and spec.algo.adam_epsilon < 1e-7:
-        c.rule(f"algo.adam_epsilon={spec.algo.adam_epsilon} is invalid with adapter.precision=fp16: it rounds to 0 "
-               "in fp16 and Adam divides by it; set algo.adam_epsilon >= 1e-7")
+        c.rule(
+            f"algo.adam_epsilon={spec.algo.adam_epsilon} is invalid with adapter.precision=fp16: it rounds to 0 "
+            "in fp16 and Adam divides by it; set algo.adam_epsilon >= 1e-7"
+        )
     return c.problems
 
 
@@ -153,8 +172,9 @@ def spec_from_dict(raw: dict) -> CellSpec:
     raw = dict(raw)
     sections = {name: dict(raw.pop(name, {})) for name in SECTIONS}
     adapter = adapter_from_dict(sections.pop("adapter"))
-    return CellSpec(adapter=adapter, **{name: _SECTION_TYPES[name](**values) for name, values in sections.items()},
-                    **raw)
+    return CellSpec(
+        adapter=adapter, **{name: _SECTION_TYPES[name](**values) for name, values in sections.items()}, **raw
+    )
 
 
 def spec_to_dict(spec: CellSpec) -> dict:

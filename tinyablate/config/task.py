@@ -110,11 +110,18 @@ class TaskConfig(Section):
 
     def _check_operations(self, c: Checks) -> None:
         ops = self.operations
-        if isinstance(ops, (list, tuple)) and ops and all(op in ARITHMETIC_OPERATIONS for op in ops) \
-                and len(set(ops)) == len(ops):
+        if (
+            isinstance(ops, (list, tuple))
+            and ops
+            and all(op in ARITHMETIC_OPERATIONS for op in ops)
+            and len(set(ops)) == len(ops)
+        ):
             return
-        c.fail("operations", list(ops) if isinstance(ops, tuple) else ops,
-                      "a non-empty list of distinct operations among '+', '-', '*'")
+        c.fail(
+            "operations",
+            list(ops) if isinstance(ops, tuple) else ops,
+            "a non-empty list of distinct operations among '+', '-', '*'",
+        )
 
     @property
     def is_multiple_choice(self) -> bool:
@@ -134,11 +141,14 @@ class TaskConfig(Section):
         available = self.arithmetic_question_count()
         needed = self.arithmetic_train_size() + self.eval_size
         if needed > available:
-            c.fail("train_size", self.train_size,
-                   f"train_size (None = {ARITHMETIC_DEFAULT_TRAIN_SIZE}) + task.eval_size ({self.eval_size}) "
-                   f"<= {available}, the number of distinct questions with n_operands={self.n_operands}, "
-                   f"values {self.min_value}..{self.max_value} and operations {list(self.operations)}; "
-                   "lower the sizes or widen the value range")
+            c.fail(
+                "train_size",
+                self.train_size,
+                f"train_size (None = {ARITHMETIC_DEFAULT_TRAIN_SIZE}) + task.eval_size ({self.eval_size}) "
+                f"<= {available}, the number of distinct questions with n_operands={self.n_operands}, "
+                f"values {self.min_value}..{self.max_value} and operations {list(self.operations)}; "
+                "lower the sizes or widen the value range",
+            )
 
 
 def default_task_config(name: str, **overrides) -> TaskConfig:

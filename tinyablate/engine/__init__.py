@@ -24,5 +24,4 @@ from .core import EngineOptions, GenerationEngine, engine_for
 from .sampler import Sampling
 from .settings import ENGINES, resolve_engine
 
-__all__ = ["ENGINES", "resolve_engine", "EngineOptions", "GenerationEngine", "Sampling", "engine_for",
-           "kv_cache_bytes"]
+__all__ = ["ENGINES", "resolve_engine", "EngineOptions", "GenerationEngine", "Sampling", "engine_for", "kv_cache_bytes"]

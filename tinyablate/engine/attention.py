@@ -38,11 +38,44 @@ def available(device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _partial(q_ptr, k_ptr, v_ptr, start_ptr, slot_ptr, src_ptr, pend_ptr, out_ptr, m_ptr, l_ptr,
-                 sq_b, sq_h, sq_g, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_s, so_g, sm_b, sm_h, sm_s,
-                 scale, CHUNK: tl.constexpr, KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
-                 D: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, DIRECT: tl.constexpr,
-                 SHARED: tl.constexpr):
+    def _partial(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        start_ptr,
+        slot_ptr,
+        src_ptr,
+        pend_ptr,
+        out_ptr,
+        m_ptr,
+        l_ptr,
+        sq_b,
+        sq_h,
+        sq_g,
+        sk_b,
+        sk_h,
+        sk_n,
+        sv_b,
+        sv_h,
+        sv_n,
+        so_b,
+        so_h,
+        so_s,
+        so_g,
+        sm_b,
+        sm_h,
+        sm_s,
+        scale,
+        CHUNK: tl.constexpr,
+        KV_HEADS: tl.constexpr,
+        GROUPS: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        FP32: tl.constexpr,
+        DIRECT: tl.constexpr,
+        SHARED: tl.constexpr,
+    ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // KV_HEADS
@@ -71,8 +104,11 @@ if triton is not None:
             m, l, acc = _attend_block(q, k, v, keep[None, :], scale, m, l, acc, FP32)
         if DIRECT:  # one slice: the result itself
             out = acc / l[:, None]
-            tl.store(out_ptr + b * so_b + h * so_h + g[:, None] * so_g + d[None, :], out.to(out_ptr.dtype.element_ty),
-                     mask=g[:, None] < GROUPS)
+            tl.store(
+                out_ptr + b * so_b + h * so_h + g[:, None] * so_g + d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=g[:, None] < GROUPS,
+            )
         else:
             base = b * so_b + h * so_h + split * so_s
             tl.store(out_ptr + base + g[:, None] * so_g + d[None, :], acc, mask=g[:, None] < GROUPS)
@@ -80,9 +116,27 @@ if triton is not None:
             tl.store(l_ptr + b * sm_b + h * sm_h + split * sm_s + g, l, mask=g < GROUPS)
 
     @triton.jit
-    def _merge(part_ptr, m_ptr, l_ptr, out_ptr, sp_b, sp_h, sp_s, sp_g, sm_b, sm_h, sm_s, so_b, so_h, so_g,
-               KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-               D: tl.constexpr):
+    def _merge(
+        part_ptr,
+        m_ptr,
+        l_ptr,
+        out_ptr,
+        sp_b,
+        sp_h,
+        sp_s,
+        sp_g,
+        sm_b,
+        sm_h,
+        sm_s,
+        so_b,
+        so_h,
+        so_g,
+        KV_HEADS: tl.constexpr,
+        GROUPS: tl.constexpr,
+        SPLITS: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        D: tl.constexpr,
+    ):
         bhg = tl.program_id(0)
         g = bhg % GROUPS
         b = bhg // (GROUPS * KV_HEADS)
@@ -93,11 +147,13 @@ if triton is not None:
         ls = tl.load(l_ptr + b * sm_b + h * sm_h + s * sm_s + g, mask=s < SPLITS, other=0.0)
         big = tl.max(ms, 0)
         w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - big))
-        parts = tl.load(part_ptr + b * sp_b + h * sp_h + s[:, None] * sp_s + g * sp_g + d[None, :],
-                        mask=s[:, None] < SPLITS, other=0.0)
+        parts = tl.load(
+            part_ptr + b * sp_b + h * sp_h + s[:, None] * sp_s + g * sp_g + d[None, :],
+            mask=s[:, None] < SPLITS,
+            other=0.0,
+        )
         out = tl.sum(parts * w[:, None], 0) / tl.sum(ls * w, 0)
         tl.store(out_ptr + b * so_b + h * so_h + g * so_g + d, out.to(out_ptr.dtype.element_ty))
-
 
     @triton.jit
     def _attend_block(q, k, v, valid, scale, m, l, acc, FP32: tl.constexpr):
@@ -128,8 +184,20 @@ def splits_for(rows: int, kv_heads: int, length: int, device) -> int:
     return max(1, min(want, -(-length // BLOCK_N)))
 
 
-def decode_attention(q, keys, values, start, slot, scale: float, splits: int = 1, src=None, prompt_end=None,
-                     block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int = 2):
+def decode_attention(
+    q,
+    keys,
+    values,
+    start,
+    slot,
+    scale: float,
+    splits: int = 1,
+    src=None,
+    prompt_end=None,
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
+):
     """softmax(q kᵀ · scale) v over each row's keys [start[row], slot].
 
     q: (rows, kv heads, groups, dim); keys, values: (rows, kv heads, length, dim) with unit stride in dim;
@@ -151,19 +219,78 @@ def decode_attention(q, keys, values, start, slot, scale: float, splits: int = 1
     if not shared:
         src, prompt_end = start, slot  # not read
     kernel, programs = _partial, rows * kv_heads
-    common = dict(BLOCK_G=max(16, triton.next_power_of_2(groups)), SHARED=shared, KV_HEADS=kv_heads, GROUPS=groups,
-                  D=dim, BLOCK_N=block_n, FP32=fp32, CHUNK=chunk, num_warps=num_warps, num_stages=num_stages)
+    common = dict(
+        BLOCK_G=max(16, triton.next_power_of_2(groups)),
+        SHARED=shared,
+        KV_HEADS=kv_heads,
+        GROUPS=groups,
+        D=dim,
+        BLOCK_N=block_n,
+        FP32=fp32,
+        CHUNK=chunk,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     strides = (*q.stride()[:3], *keys.stride()[:3], *values.stride()[:3])
     if splits == 1:
-        kernel[(programs, 1)](q, keys, values, start, slot, src, prompt_end, out, out, out, *strides,
-                              out.stride(0), out.stride(1), 0, out.stride(2), 0, 0, 0, scale, DIRECT=True, **common)
+        kernel[(programs, 1)](
+            q,
+            keys,
+            values,
+            start,
+            slot,
+            src,
+            prompt_end,
+            out,
+            out,
+            out,
+            *strides,
+            out.stride(0),
+            out.stride(1),
+            0,
+            out.stride(2),
+            0,
+            0,
+            0,
+            scale,
+            DIRECT=True,
+            **common,
+        )
         return out
     part = torch.empty(rows, kv_heads, splits, groups, dim, dtype=torch.float32, device=q.device)
     m = torch.empty(rows, kv_heads, splits, groups, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    kernel[(programs, splits)](q, keys, values, start, slot, src, prompt_end, part, m, l, *strides,
-                               *part.stride()[:4], *m.stride()[:3], scale, DIRECT=False, **common)
+    kernel[(programs, splits)](
+        q,
+        keys,
+        values,
+        start,
+        slot,
+        src,
+        prompt_end,
+        part,
+        m,
+        l,
+        *strides,
+        *part.stride()[:4],
+        *m.stride()[:3],
+        scale,
+        DIRECT=False,
+        **common,
+    )
     _merge[(rows * kv_heads * groups,)](
-        part, m, l, out, *part.stride()[:4], *m.stride()[:3], *out.stride()[:3], KV_HEADS=kv_heads, GROUPS=groups,
-        SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), D=dim, num_warps=4)
+        part,
+        m,
+        l,
+        out,
+        *part.stride()[:4],
+        *m.stride()[:3],
+        *out.stride()[:3],
+        KV_HEADS=kv_heads,
+        GROUPS=groups,
+        SPLITS=splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        D=dim,
+        num_warps=4,
+    )
     return out

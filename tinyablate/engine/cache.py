@@ -110,8 +110,8 @@ def left_pad(prompts: Sequence[Sequence[int]], rows: int, width: int, pad: int) 
     ids = torch.full((rows, width), pad, dtype=torch.long)
     mask = torch.zeros(rows, width, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(list(p))
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.as_tensor(list(p))
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 

@@ -72,8 +72,15 @@ class GenerationEngine:
     every 8 steps with graphs, every step without. options: EngineOptions (the defaults unless experimenting).
     """
 
-    def __init__(self, model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: Optional[bool] = None,
-                 *, options: Optional[EngineOptions] = None):
+    def __init__(
+        self,
+        model,
+        pad_token_id: int,
+        eos_token_ids: Sequence[int],
+        use_graphs: Optional[bool] = None,
+        *,
+        options: Optional[EngineOptions] = None,
+    ):
         options = options or EngineOptions()
         self.model = model
         self.lm, self.decoder = causal_lm_parts(model)
@@ -91,8 +98,9 @@ class GenerationEngine:
         self.length_bucket = int(options.length_bucket)
         self.check_every = 8 if self.use_graphs else 1  # decode steps between the host's checks for all rows done
         self.log = options.log or (lambda msg: None)
-        self.layers = DecoderLayers(self.lm, self.decoder, self.cache, options.attention, options.share_prompts,
-                                    compile_glue, options.pack)
+        self.layers = DecoderLayers(
+            self.lm, self.decoder, self.cache, options.attention, options.share_prompts, compile_glue, options.pack
+        )
         self.sampler = Sampler(self.layers.compiled, self.layers.fuse)
         self.graphs = DecodeGraphs(self._decode_step, self.log)
         self._states: dict = {}  # rows -> the DecodeState of that batch bucket
@@ -153,8 +161,14 @@ class GenerationEngine:
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 keys: Optional[Sequence[int]] = None, logprobs: bool = False):
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        keys: Optional[Sequence[int]] = None,
+        logprobs: bool = False,
+    ):
         """One completion per prompt (token ids, up to and including the first EOS), in input order; with
         `logprobs`, also each token's log-probability under softmax(logits / temperature) as sampled (GRPO's
         training-rollout mismatch, train/rollouts.py): (completions, logprobs)."""
@@ -174,10 +188,10 @@ class GenerationEngine:
             tokens, logps = self._run(prompts, rows, width, max_new_tokens, sampling, keys, logprobs)
         finally:
             self.model.train(was_training)
-        completions = [self._cut(row) for row in tokens[:len(prompts)]]
+        completions = [self._cut(row) for row in tokens[: len(prompts)]]
         if not logprobs:
             return completions
-        return completions, [lp[:len(c)] for c, lp in zip(completions, logps)]
+        return completions, [lp[: len(c)] for c, lp in zip(completions, logps)]
 
     def _run(self, prompts, rows, width, max_new, sampling, keys, logprobs: bool = False) -> tuple:
         """The decode loop: prefill, the first token, then a decode step (replayed or eager) per new token."""
@@ -213,7 +227,7 @@ class GenerationEngine:
             return row
         for i, token in enumerate(row):
             if token in self.eos:
-                return row[:i + 1]
+                return row[: i + 1]
         return row
 
     def _bucket_rows(self, n: int) -> int:
@@ -251,8 +265,9 @@ def engine_for(model, pad_token_id: int, eos_token_ids: Sequence[int], use_graph
     """The engine of `model`, kept on the model object, so a cell (rank) allocates its cache and captures once."""
     engine = model.__dict__.get(_ATTR)
     if engine is None or engine.use_graphs != use_graphs:
-        engine = GenerationEngine(model, pad_token_id, eos_token_ids, use_graphs=use_graphs,
-                                  options=EngineOptions(log=log))
+        engine = GenerationEngine(
+            model, pad_token_id, eos_token_ids, use_graphs=use_graphs, options=EngineOptions(log=log)
+        )
         model.__dict__[_ATTR] = engine  # not a submodule: no state dict entry
     engine.set_special_tokens(pad_token_id, eos_token_ids)
     return engine

@@ -28,8 +28,23 @@ from .. import kernels
 from ..kernels import rms_norm, silu_mul
 
 
-def pre_attention(x, delta, norm_w, eps: float, qkv_w, qkv_b, rope, cos, sin, k_cache, v_cache, slot,
-                  heads: int, kv_heads: int, head_dim: int):
+def pre_attention(
+    x,
+    delta,
+    norm_w,
+    eps: float,
+    qkv_w,
+    qkv_b,
+    rope,
+    cos,
+    sin,
+    k_cache,
+    v_cache,
+    slot,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+):
     """Residual add and norm, packed q/k/v, rotary, the new key/value into the cache at `slot`.
 
     x, delta: (rows, 1, hidden) (delta None at the first layer); rope: the model's own
@@ -96,8 +111,9 @@ class _Glue:
 
     def __init__(self, decoder, rope, compiled: bool, dynamic: bool = False):
         layer = decoder.layers[0]
-        norms = [decoder.norm] + [m for lay in decoder.layers
-                                  for m in (lay.input_layernorm, lay.post_attention_layernorm)]
+        norms = [decoder.norm] + [
+            m for lay in decoder.layers for m in (lay.input_layernorm, lay.post_attention_layernorm)
+        ]
         self.fused = all(kernels.is_hf_rms_norm(n) for n in norms) and kernels.is_silu_mlp(layer.mlp)
         # Compiled only where inductor can round where HF's eager code rounds (emulate_precision_casts: without
         # it bf16 norm outputs differ from HF's by an ulp, measured: benchmarks/RESULTS.md). One compiled version
@@ -112,7 +128,8 @@ class _Glue:
         else:
             wrap = lambda f: _per_rows(f, tag)  # noqa: E731
         self._rms, self._add_rms, self._silu_mul, self._rope = (
-            f if f is None else wrap(f) for f in (rms_norm, _add_rms_norm, silu_mul, rope))
+            f if f is None else wrap(f) for f in (rms_norm, _add_rms_norm, silu_mul, rope)
+        )
 
     def norm(self, module, x):
         return self._rms(x, module.weight, module.variance_epsilon) if self.fused else module(x)
@@ -142,4 +159,5 @@ def _per_rows(fn, tag: str):
         if compiled is None:
             compiled = by_rows[x.shape[0]] = kernels.compiled(fn, f"{tag}_{x.shape[0]}")
         return compiled(x, *args)
+
     return call

@@ -95,8 +95,14 @@ def weight_signature(model, packs: list) -> tuple:
             if fused:
                 module.merged_weight()  # in place into the cached buffer when v changed
             w_eff = module.merged_weight_cache
-            signature.append((module.enabled, not module.is_merged, module.forward_mode,
-                              w_eff.data_ptr() if fused and w_eff is not None else 0))
+            signature.append(
+                (
+                    module.enabled,
+                    not module.is_merged,
+                    module.forward_mode,
+                    w_eff.data_ptr() if fused and w_eff is not None else 0,
+                )
+            )
         else:
             for flag in ("merged", "disable_adapters", "active_adapters"):  # PEFT LoRA layers
                 if hasattr(type(module), flag) or flag in vars(module):

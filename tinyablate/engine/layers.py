@@ -48,12 +48,15 @@ def causal_lm_parts(model):
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     model_type = getattr(lm.config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"the generation engine supports {list(ARCHITECTURES)} models, not {model_type!r}: "
-                         "use rollout_engine=hf / eval.engine=hf")
+        raise ValueError(
+            f"the generation engine supports {list(ARCHITECTURES)} models, not {model_type!r}: "
+            "use rollout_engine=hf / eval.engine=hf"
+        )
     layer_types = getattr(lm.config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
-        raise ValueError("the generation engine has no sliding-window attention: "
-                         "use rollout_engine=hf / eval.engine=hf")
+        raise ValueError(
+            "the generation engine has no sliding-window attention: use rollout_engine=hf / eval.engine=hf"
+        )
     return lm, lm.model
 
 
@@ -62,8 +65,9 @@ class DecoderLayers:
     runs, else sdpa); share_prompts, compile_glue, pack: as GenerationEngine's EngineOptions (compile_glue
     resolved to a bool)."""
 
-    def __init__(self, lm, decoder, cache: KVCache, attention: Optional[str], share_prompts: bool,
-                 compile_glue: bool, pack: bool):
+    def __init__(
+        self, lm, decoder, cache: KVCache, attention: Optional[str], share_prompts: bool, compile_glue: bool, pack: bool
+    ):
         self.lm, self.decoder, self.cache = lm, decoder, cache
         device = self.device = cache.device
         # Decode attention: "triton" (engine/attention.py, flash decoding; CUDA), "sdpa" (torch's fused kernel,
@@ -120,7 +124,7 @@ class DecoderLayers:
         pos = mask.cumsum(-1) - 1
         pos.masked_fill_(mask == 0, 0)  # as HF generate (pads' positions are never attended to)
         st.valid.zero_()
-        st.valid[:, :ids.shape[1]] = mask.bool()
+        st.valid[:, : ids.shape[1]] = mask.bool()
         st.start.copy_((mask == 0).sum(-1))
         st.pos.copy_(pos[:, -1] + 1)
         st.slot.fill_(ids.shape[1])
@@ -135,7 +139,7 @@ class DecoderLayers:
         width = ids.shape[1]
         if not self.reads_shared_prompts:  # else the decode attention reads each row's prompt from row src
             for cache in self.cache.keys + self.cache.values:  # rows 0..len(unique)-1: the distinct prompts; spread
-                cache[:len(source), :, :width] = cache[:len(unique), :, :width].index_select(0, back)
+                cache[: len(source), :, :width] = cache[: len(unique), :, :width].index_select(0, back)
         return logits.index_select(0, back)
 
     def _forward_prompts(self, ids, mask, pos) -> torch.Tensor:
@@ -146,6 +150,7 @@ class DecoderLayers:
         attend |= torch.eye(width, dtype=torch.bool, device=self.device)[None]  # pads see themselves only
         x = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(x, pos)
+
         def write(i, k, v):
             self.cache.keys[i][:rows, :, :width].copy_(k)
             self.cache.values[i][:rows, :, :width].copy_(v)
@@ -207,17 +212,44 @@ class DecoderLayers:
 
     def _fused_layers(self, x, cos, sin, mask: DecodeMask, kv_len: int, rows: int):
         """The decode step's layers through the compiled functions of engine/fused.py (all projections packed)."""
-        pre, post, final = (self.compiled(f, rows, self.cache.length)
-                            for f in (fused.pre_attention, fused.post_attention, fused.final_norm))
+        pre, post, final = (
+            self.compiled(f, rows, self.cache.length)
+            for f in (fused.pre_attention, fused.post_attention, fused.final_norm)
+        )
         delta = None
         for i, layer in enumerate(self.decoder.layers):
             p, ln1, ln2 = self.packs[i], layer.input_layernorm, layer.post_attention_layernorm
             kc, vc = self.cache.keys[i][:rows], self.cache.values[i][:rows]
-            x, q = pre(x, delta, ln1.weight, ln1.variance_epsilon, p.qkv.weight, p.qkv.bias, self.rope, cos, sin,
-                       kc, vc, mask.slot, self.kv_heads * self.groups, self.kv_heads, self.head_dim)
+            x, q = pre(
+                x,
+                delta,
+                ln1.weight,
+                ln1.variance_epsilon,
+                p.qkv.weight,
+                p.qkv.bias,
+                self.rope,
+                cos,
+                sin,
+                kc,
+                vc,
+                mask.slot,
+                self.kv_heads * self.groups,
+                self.kv_heads,
+                self.head_dim,
+            )
             out = self._attend(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask, layer.self_attn.scaling)
-            x, delta = post(x, out, p.o.weight, p.o.bias, ln2.weight, ln2.variance_epsilon, p.gate_up.weight,
-                            p.gate_up.bias, p.down.weight, p.down.bias)
+            x, delta = post(
+                x,
+                out,
+                p.o.weight,
+                p.o.bias,
+                ln2.weight,
+                ln2.variance_epsilon,
+                p.gate_up.weight,
+                p.gate_up.bias,
+                p.down.weight,
+                p.down.bias,
+            )
         norm = self.decoder.norm
         return final(x, delta, norm.weight, norm.variance_epsilon)
 

@@ -31,8 +31,13 @@ from ..adapters.layers import SVDAdapterLinear
 def _packable(module) -> bool:
     if type(module) is nn.Linear:
         return not module.weight.requires_grad
-    return (isinstance(module, SVDAdapterLinear) and not module.quantized and module.enabled
-            and not module.is_merged and module.forward_mode == "fused")
+    return (
+        isinstance(module, SVDAdapterLinear)
+        and not module.quantized
+        and module.enabled
+        and not module.is_merged
+        and module.forward_mode == "fused"
+    )
 
 
 class PackedLinear:
@@ -117,9 +122,12 @@ def pack_layers(decoder, current: list, mlp_ok: bool) -> list:
     packs = []
     for layer, old in zip(decoder.layers, current):
         attn, mlp = layer.self_attn, layer.mlp
-        packs.append(LayerPacks(
-            qkv=pack_group([attn.q_proj, attn.k_proj, attn.v_proj], old.qkv),
-            o=pack_group([attn.o_proj], old.o),
-            gate_up=pack_group([mlp.gate_proj, mlp.up_proj], old.gate_up) if mlp_ok else None,
-            down=pack_group([mlp.down_proj], old.down) if mlp_ok else None))
+        packs.append(
+            LayerPacks(
+                qkv=pack_group([attn.q_proj, attn.k_proj, attn.v_proj], old.qkv),
+                o=pack_group([attn.o_proj], old.o),
+                gate_up=pack_group([mlp.gate_proj, mlp.up_proj], old.gate_up) if mlp_ok else None,
+                down=pack_group([mlp.down_proj], old.down) if mlp_ok else None,
+            )
+        )
     return packs

@@ -26,6 +26,8 @@ def resolve_engine(value: str, device_type: str, quantization: str = "none") -> 
     if value == "graph" and device_type != "cuda":
         raise ValueError(f"rollout/eval engine 'graph' needs a CUDA device, got {device_type!r}")
     if value == "graph" and quantization in NOT_CAPTURABLE:
-        raise ValueError(f"rollout/eval engine 'graph' cannot capture a model.quantization={quantization} base: "
-                         "use eager, hf or auto")
+        raise ValueError(
+            f"rollout/eval engine 'graph' cannot capture a model.quantization={quantization} base: "
+            "use eager, hf or auto"
+        )
     return value

@@ -22,7 +22,19 @@ from .shards import score_across_ranks
 from .task import evaluate_task
 
 __all__ = [
-    "ChoiceEvalResult", "EvalResult", "base_cache_key", "base_cache_path", "continuation_logliks", "encode_pair",
-    "evaluate", "evaluate_choices", "evaluate_task", "generate", "prompts_for", "read_base_cache",
-    "score_across_ranks", "write_base_cache", "write_samples",
+    "ChoiceEvalResult",
+    "EvalResult",
+    "base_cache_key",
+    "base_cache_path",
+    "continuation_logliks",
+    "encode_pair",
+    "evaluate",
+    "evaluate_choices",
+    "evaluate_task",
+    "generate",
+    "prompts_for",
+    "read_base_cache",
+    "score_across_ranks",
+    "write_base_cache",
+    "write_samples",
 ]

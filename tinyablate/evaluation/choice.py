@@ -39,8 +39,13 @@ class ChoiceEvalResult:
 
     def metrics(self, scorer: str) -> dict:
         """`accuracy` is the task's scorer ("acc" or "acc_norm"); both are kept under their names."""
-        return {"accuracy": self.acc if scorer == "acc" else self.acc_norm, "acc": self.acc,
-                "acc_norm": self.acc_norm, "n_eval": self.n, "chance": self.chance}
+        return {
+            "accuracy": self.acc if scorer == "acc" else self.acc_norm,
+            "acc": self.acc,
+            "acc_norm": self.acc_norm,
+            "n_eval": self.n,
+            "chance": self.chance,
+        }
 
 
 def evaluate_choices(model, tokenizer, task, problems, cfg, desc: str = "eval") -> ChoiceEvalResult:
@@ -50,9 +55,13 @@ def evaluate_choices(model, tokenizer, task, problems, cfg, desc: str = "eval") 
     """
     records = score_across_ranks(model, problems, lambda mine: _score_problems(model, tokenizer, task, mine, cfg, desc))
     n = max(len(records), 1)
-    return ChoiceEvalResult(acc=sum(r["correct"] for r in records) / n,
-                            acc_norm=sum(r["correct_norm"] for r in records) / n, n=len(records),
-                            chance=sum(1 / len(r["loglik"]) for r in records) / n, records=records)
+    return ChoiceEvalResult(
+        acc=sum(r["correct"] for r in records) / n,
+        acc_norm=sum(r["correct_norm"] for r in records) / n,
+        n=len(records),
+        chance=sum(1 / len(r["loglik"]) for r in records) / n,
+        records=records,
+    )
 
 
 def _score_problems(model, tokenizer, task, problems, cfg, desc: str) -> list:
@@ -62,13 +71,21 @@ def _score_problems(model, tokenizer, task, problems, cfg, desc: str) -> list:
         logliks = continuation_logliks(model, tokenizer, requests, cfg.batch_size, progress=bar)
     records, start = [], 0
     for problem in problems:
-        scores = logliks[start:start + len(problem.choices)]
+        scores = logliks[start : start + len(problem.choices)]
         start += len(problem.choices)
         per_char = [s / max(len(choice), 1) for s, choice in zip(scores, problem.choices)]
         pick, pick_norm = _argmax(scores), _argmax(per_char)
-        records.append({"id": problem.id, "gold": problem.gold, "loglik": scores, "pred": pick,
-                        "pred_norm": pick_norm, "correct": score_choice(pick, problem).correct,
-                        "correct_norm": score_choice(pick_norm, problem).correct})
+        records.append(
+            {
+                "id": problem.id,
+                "gold": problem.gold,
+                "loglik": scores,
+                "pred": pick,
+                "pred_norm": pick_norm,
+                "correct": score_choice(pick, problem).correct,
+                "correct_norm": score_choice(pick_norm, problem).correct,
+            }
+        )
     return records
 
 
@@ -85,7 +102,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list, list]
     context_ids = tokenizer(context, add_special_tokens=True)["input_ids"]
     if not context_ids:
         raise ValueError("an empty context (and no BOS token) leaves nothing to condition the first token on")
-    return context_ids, whole[len(context_ids):]
+    return context_ids, whole[len(context_ids) :]
 
 
 @torch.no_grad()
@@ -107,7 +124,7 @@ def continuation_logliks(model, tokenizer, requests: list, batch_size: int, prog
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = [0.0] * len(encoded)
     for start in range(0, len(inputs), batch_size):
-        batch = inputs[start:start + batch_size]
+        batch = inputs[start : start + batch_size]
         width = max(len(row) for row in batch)
         ids = torch.tensor([[pad] * (width - len(row)) + list(row) for row in batch], device=device)
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in batch], device=device)
@@ -118,7 +135,7 @@ def continuation_logliks(model, tokenizer, requests: list, batch_size: int, prog
         for b, row in enumerate(batch):
             for i in rows[row]:  # the last len(target) positions predict the target's tokens
                 target = encoded[i][1]
-                steps = logprobs[b, keep - len(target):]
+                steps = logprobs[b, keep - len(target) :]
                 out[i] = float(steps.gather(-1, torch.tensor(target, device=device)[:, None]).sum())
                 if progress is not None:
                     progress.update(1)

@@ -39,8 +39,9 @@ class EvalResult:
 
 
 def prompts_for(tokenizer, task, problems) -> list[str]:
-    return [tokenizer.apply_chat_template(task.messages(p), add_generation_prompt=True, tokenize=False)
-            for p in problems]
+    return [
+        tokenizer.apply_chat_template(task.messages(p), add_generation_prompt=True, tokenize=False) for p in problems
+    ]
 
 
 @torch.no_grad()
@@ -53,14 +54,18 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig, do_sample=Fa
     if engine != "hf":
         return _engine_generate(model, tokenizer, prompts, order, cfg, do_sample, engine == "graph", progress)
     for start in range(0, len(order), cfg.batch_size):
-        idx = order[start:start + cfg.batch_size]
+        idx = order[start : start + cfg.batch_size]
         batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = {k: v.to(device) for k, v in batch.items()}
-        sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0) if do_sample else dict(
-            do_sample=False, temperature=None, top_p=None, top_k=None)
-        tokens = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                **sampling)
-        texts = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        sampling = (
+            dict(do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0)
+            if do_sample
+            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        )
+        tokens = model.generate(
+            **batch, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+        )
+        texts = tokenizer.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         for i, text in zip(idx, texts):
             out[i] = text
         if progress is not None:
@@ -80,7 +85,7 @@ def _engine_generate(model, tokenizer, prompts, order, cfg: EvalConfig, do_sampl
     engine.reserve(min(cfg.engine_batch_size, len(prompts)), max(map(len, tokens)) + cfg.max_new_tokens)
     out: list = [None] * len(prompts)
     for start in range(0, len(order), cfg.engine_batch_size):
-        idx = order[start:start + cfg.engine_batch_size]
+        idx = order[start : start + cfg.engine_batch_size]
         completions = engine.generate([tokens[i] for i in idx], cfg.max_new_tokens, sampling)
         for i, text in zip(idx, tokenizer.batch_decode(completions, skip_special_tokens=True)):
             out[i] = text
@@ -100,7 +105,9 @@ def evaluate(model, tokenizer, task, problems, cfg: EvalConfig, desc: str = "eva
     result = EvalResult(
         accuracy=sum(r["strict"] for r in records) / max(n, 1),
         accuracy_flexible=sum(r["flexible"] for r in records) / max(n, 1),
-        n=n, records=records)
+        n=n,
+        records=records,
+    )
     if cfg.pass_k:
         result.pass_at_k = sum(r["solved_at_k"] for r in records) / max(n, 1)
     return result
@@ -115,9 +122,17 @@ def _score_problems(model, tokenizer, task, problems, cfg: EvalConfig, desc: str
     records = []
     for problem, completion in zip(problems, completions):
         s = task.score(completion, problem)
-        records.append({"id": problem.id, "answer": problem.answer, "completion": completion,
-                        "extracted_strict": s.extracted_strict, "extracted_flexible": s.extracted_flexible,
-                        "strict": s.strict, "flexible": s.flexible})
+        records.append(
+            {
+                "id": problem.id,
+                "answer": problem.answer,
+                "completion": completion,
+                "extracted_strict": s.extracted_strict,
+                "extracted_flexible": s.extracted_flexible,
+                "strict": s.strict,
+                "flexible": s.flexible,
+            }
+        )
     if cfg.pass_k:
         for record, solved in zip(records, _solved_at_k(model, tokenizer, task, problems, prompts, cfg)):
             record["solved_at_k"] = solved

@@ -27,5 +27,8 @@ def evaluate_task(model, tokenizer, task, cfg: EvalConfig, desc: str = "eval") -
 def _scored(metrics: dict, scorer: str) -> dict:
     """`accuracy` is the task's scorer; strict and flexible are both kept under their names."""
     strict = metrics["accuracy"]
-    return {**metrics, "accuracy_strict": strict,
-            "accuracy": strict if scorer == "strict" else metrics["accuracy_flexible"]}
+    return {
+        **metrics,
+        "accuracy_strict": strict,
+        "accuracy": strict if scorer == "strict" else metrics["accuracy_flexible"],
+    }

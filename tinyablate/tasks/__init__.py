@@ -1,12 +1,12 @@
 """The task room: problems, chat prompts and the one scorer used for RL reward and evaluation.
 
-    from tinyablate.config import TaskConfig
-    from tinyablate.tasks import load_task, reward_fn
-    task = load_task(TaskConfig(name="gsm8k", data_dir="/path/to/gsm8k"))
-    rows = task.prompt_rows(task.train_problems())   # {"prompt", "answer", "id"} for GRPO
-    rewards = task.reward_fn()                       # TRL reward function: the task's own scorer
-    mc = load_task(TaskConfig(name="mmlu_cs", scorer="acc", data_dir="/path/to/mmlu_csvs"))
-    mc.context(p), mc.continuations(p)               # multiple choice: scored by log-likelihood
+from tinyablate.config import TaskConfig
+from tinyablate.tasks import load_task, reward_fn
+task = load_task(TaskConfig(name="gsm8k", data_dir="/path/to/gsm8k"))
+rows = task.prompt_rows(task.train_problems())   # {"prompt", "answer", "id"} for GRPO
+rewards = task.reward_fn()                       # TRL reward function: the task's own scorer
+mc = load_task(TaskConfig(name="mmlu_cs", scorer="acc", data_dir="/path/to/mmlu_csvs"))
+mc.context(p), mc.continuations(p)               # multiple choice: scored by log-likelihood
 """
 
 from ..config.task import TaskConfig

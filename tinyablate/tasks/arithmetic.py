@@ -21,7 +21,9 @@ class ArithmeticTask(Task):
         super().__init__(cfg)
         count = cfg.arithmetic_question_count()
         eval_codes = random.Random(f"{cfg.seed}-eval").sample(range(count), cfg.eval_size)
-        train_draws = random.Random(f"{cfg.seed}-train").sample(range(count - cfg.eval_size), cfg.arithmetic_train_size())
+        train_draws = random.Random(f"{cfg.seed}-train").sample(
+            range(count - cfg.eval_size), cfg.arithmetic_train_size()
+        )
         excluded = sorted(eval_codes)
         train_codes = [_nth_code_not_in(draw, excluded) for draw in train_draws]
         self._train = [self._problem(code, f"arithmetic-train-{i}") for i, code in enumerate(train_codes)]

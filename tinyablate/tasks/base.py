@@ -63,8 +63,7 @@ class Task(ABC):
     def sft_rows(self, problems: list[Problem]) -> list[dict]:
         """Rows for SFT datasets in TRL's prompt-completion form, the completion being the solution."""
         return [
-            {"prompt": self.messages(p), "completion": [{"role": "assistant", "content": p.solution}]}
-            for p in problems
+            {"prompt": self.messages(p), "completion": [{"role": "assistant", "content": p.solution}]} for p in problems
         ]
 
 
@@ -78,5 +77,7 @@ def jsonl_rows(path: Path) -> Iterator[tuple]:
             try:
                 yield line_number, json.loads(line)
             except ValueError as err:  # JSONDecodeError counts lines within `line`: name the file's line
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({getattr(err, 'msg', err)}, "
-                                 f"column {getattr(err, 'colno', '?')})") from None
+                raise ValueError(
+                    f"{path}:{line_number}: not valid JSON ({getattr(err, 'msg', err)}, "
+                    f"column {getattr(err, 'colno', '?')})"
+                ) from None

@@ -74,7 +74,7 @@ def choice_in_text(text: str, choices) -> Optional[int]:
         choice = choice.strip()
         if not choice or not text.startswith(choice):
             continue
-        following = text[len(choice):len(choice) + 1]
+        following = text[len(choice) : len(choice) + 1]
         if following.isalnum() and choice[-1:].isalnum():
             continue  # "A" must not match "Answer"
         if len(choice) > best_len:
@@ -99,8 +99,10 @@ class ChoiceTask(Task):
         if self._train is None:
             raise ValueError(f"task {self.cfg.name!r} cannot train here: {self._no_train_reason}")
         if self.cfg.train_size is not None and self.cfg.train_size > len(self._train):
-            raise ValueError(f"task.train_size={self.cfg.train_size} is invalid: expected None or at most "
-                             f"{len(self._train)}, the size of {self.cfg.name}'s training split.")
+            raise ValueError(
+                f"task.train_size={self.cfg.train_size} is invalid: expected None or at most "
+                f"{len(self._train)}, the size of {self.cfg.name}'s training split."
+            )
         return self._train[: self.cfg.train_size]
 
     def eval_problems(self) -> list:
@@ -132,8 +134,10 @@ class ChoiceTask(Task):
             pool = self._train if problem.id in train_ids else self._eval
         candidates = [p for p in pool if p.group == problem.group and p.id != problem.id]
         if len(candidates) < k:
-            raise ValueError(f"task.num_fewshot={k} is invalid for {self.cfg.name}: group {problem.group!r} "
-                             f"has only {len(candidates)} other examples to draw from; lower task.num_fewshot")
+            raise ValueError(
+                f"task.num_fewshot={k} is invalid for {self.cfg.name}: group {problem.group!r} "
+                f"has only {len(candidates)} other examples to draw from; lower task.num_fewshot"
+            )
         return random.Random(f"{self.cfg.seed}-fewshot-{problem.id}").sample(candidates, k)
 
     # -- scoring -------------------------------------------------------------------------------

@@ -66,12 +66,16 @@ def _load_rows(cfg: TaskConfig) -> dict[str, list[dict]]:
 
 def _read_local(data_dir: Path, cfg: TaskConfig) -> dict[str, list[dict]]:
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"task.data_dir={str(data_dir)!r} is not a folder. To get GSM8K, {_how_to_provide(cfg)}")
+        raise FileNotFoundError(
+            f"task.data_dir={str(data_dir)!r} is not a folder. To get GSM8K, {_how_to_provide(cfg)}"
+        )
     rows = {}
     for split in SPLITS:
         path = data_dir / f"{split}.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"task.data_dir={str(data_dir)!r} has no {path.name}. To get GSM8K, {_how_to_provide(cfg)}")
+            raise FileNotFoundError(
+                f"task.data_dir={str(data_dir)!r} has no {path.name}. To get GSM8K, {_how_to_provide(cfg)}"
+            )
         rows[split] = _read_jsonl(path)
     return rows
 
@@ -79,8 +83,11 @@ def _read_local(data_dir: Path, cfg: TaskConfig) -> dict[str, list[dict]]:
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     for line_number, row in jsonl_rows(path):
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
-                or not isinstance(row.get("answer"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("question"), str)
+            or not isinstance(row.get("answer"), str)
+        ):
             raise ValueError(f"{path}:{line_number}: expected a JSON object with 'question' and 'answer' strings")
         parse_row(row, f"{path}:{line_number}")  # every line checked here, so its error names it
         rows.append(row)

@@ -60,8 +60,9 @@ def parse_row(row, index: int, split: str, error) -> ChoiceProblem:
     ctx = f"{row['ctx_a']} {str(row['ctx_b']).capitalize()}"
     activity = row.get("activity_label")
     query = preprocess(f"{activity}: {ctx}" if activity else ctx)
-    return ChoiceProblem(id=f"hellaswag-{split}-{index}", question=query,
-                         choices=tuple(preprocess(e) for e in endings), gold=gold)
+    return ChoiceProblem(
+        id=f"hellaswag-{split}-{index}", question=query, choices=tuple(preprocess(e) for e in endings), gold=gold
+    )
 
 
 def _load(cfg: TaskConfig) -> dict:
@@ -70,21 +71,24 @@ def _load(cfg: TaskConfig) -> dict:
         return _load_from_hub(cfg)
     if not (data_dir / FILES["val"]).is_file():
         raise FileNotFoundError(f"task.data_dir={str(data_dir)!r} has no {FILES['val']}. {_how_to_provide(cfg)}")
-    return {split: read_jsonl(data_dir / name, split) for split, name in FILES.items()
-            if (data_dir / name).is_file()}
+    return {split: read_jsonl(data_dir / name, split) for split, name in FILES.items() if (data_dir / name).is_file()}
 
 
 def read_jsonl(path: Path, split: str) -> list:
     """The problems of one HellaSwag jsonl file; a bad line raises an error naming the file and line."""
     problems = []
     for line_number, row in jsonl_rows(path):
-        problems.append(parse_row(row, len(problems), split, lambda message, n=line_number: data_error(path, n, message)))
+        problems.append(
+            parse_row(row, len(problems), split, lambda message, n=line_number: data_error(path, n, message))
+        )
     return problems
 
 
 def _how_to_provide(cfg: TaskConfig) -> str:
-    return (f"To get HellaSwag, set task.data_dir to a folder holding {FILES['val']} (and {FILES['train']} to "
-            f"train) in the original jsonl format, or leave it None and make the Hub dataset {cfg.hub_id} reachable.")
+    return (
+        f"To get HellaSwag, set task.data_dir to a folder holding {FILES['val']} (and {FILES['train']} to "
+        f"train) in the original jsonl format, or leave it None and make the Hub dataset {cfg.hub_id} reachable."
+    )
 
 
 def _load_from_hub(cfg: TaskConfig) -> dict:
@@ -94,9 +98,16 @@ def _load_from_hub(cfg: TaskConfig) -> dict:
         dataset = datasets.load_dataset(cfg.hub_id, cfg.hub_config)
         loaded = {split: dataset[hub_split] for split, hub_split in HUB_SPLITS.items()}
     except Exception as error:  # offline, unknown id, missing split: all mean "no data"
-        raise RuntimeError(f"Could not load HellaSwag from the Hub ({cfg.hub_id}, config {cfg.hub_config}) because "
-                           f"task.data_dir is None: {type(error).__name__}: {error}. {_how_to_provide(cfg)}") from error
-    return {split: [parse_row(row, i, split,
-                              lambda message, i=i, split=split: ValueError(f"{cfg.hub_id} {split} row {i}: {message}"))
-                    for i, row in enumerate(rows)]
-            for split, rows in loaded.items()}
+        raise RuntimeError(
+            f"Could not load HellaSwag from the Hub ({cfg.hub_id}, config {cfg.hub_config}) because "
+            f"task.data_dir is None: {type(error).__name__}: {error}. {_how_to_provide(cfg)}"
+        ) from error
+    return {
+        split: [
+            parse_row(
+                row, i, split, lambda message, i=i, split=split: ValueError(f"{cfg.hub_id} {split} row {i}: {message}")
+            )
+            for i, row in enumerate(rows)
+        ]
+        for split, rows in loaded.items()
+    }

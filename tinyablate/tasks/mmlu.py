@@ -22,8 +22,7 @@ from pathlib import Path
 from ..config.task import TaskConfig
 from .choice import ChoiceProblem, ChoiceTask, data_error, local_data_dir
 
-MMLU_CS_SUBJECTS = ("college_computer_science", "high_school_computer_science", "computer_security",
-                    "machine_learning")
+MMLU_CS_SUBJECTS = ("college_computer_science", "high_school_computer_science", "computer_security", "machine_learning")
 LETTERS = ("A", "B", "C", "D")
 SPLITS = {"test": "test", "val": "validation", "dev": "dev"}  # file suffix -> Hub split
 
@@ -37,11 +36,15 @@ class MMLUTask(ChoiceTask):
         self._eval = rows["test"]
         self._train = rows.get("val")
         self._fewshot_pool = rows.get("dev")
-        self._no_train_reason = (f"no val split was found (task.data_dir={cfg.data_dir!r} holds no "
-                                 "<subject>_val.csv files); MMLU trains on its val split (cais/mmlu 'validation')")
+        self._no_train_reason = (
+            f"no val split was found (task.data_dir={cfg.data_dir!r} holds no "
+            "<subject>_val.csv files); MMLU trains on its val split (cais/mmlu 'validation')"
+        )
 
     def description(self, problem: ChoiceProblem) -> str:
-        return f"The following are multiple choice questions (with answers) about {problem.group.replace('_', ' ')}.\n\n"
+        return (
+            f"The following are multiple choice questions (with answers) about {problem.group.replace('_', ' ')}.\n\n"
+        )
 
 
 def question_text(question: str, options) -> str:
@@ -50,8 +53,13 @@ def question_text(question: str, options) -> str:
 
 
 def make_problem(split: str, subject: str, index: int, question: str, options, gold: int) -> ChoiceProblem:
-    return ChoiceProblem(id=f"mmlu_cs-{split}-{subject}-{index}", question=question_text(question, options),
-                         choices=LETTERS, gold=gold, group=subject)
+    return ChoiceProblem(
+        id=f"mmlu_cs-{split}-{subject}-{index}",
+        question=question_text(question, options),
+        choices=LETTERS,
+        gold=gold,
+        group=subject,
+    )
 
 
 def _load(cfg: TaskConfig) -> dict:
@@ -65,11 +73,16 @@ def _load(cfg: TaskConfig) -> dict:
         if split == "test":
             missing = [f"{subject}_test.csv" for subject, path in zip(MMLU_CS_SUBJECTS, paths) if path is None]
             if missing:
-                raise FileNotFoundError(f"task.data_dir={str(data_dir)!r} has no {', '.join(missing)}. "
-                                        f"{_how_to_provide(cfg)}")
+                raise FileNotFoundError(
+                    f"task.data_dir={str(data_dir)!r} has no {', '.join(missing)}. {_how_to_provide(cfg)}"
+                )
         if any(path is not None for path in paths):
-            out[split] = [p for subject, path in zip(MMLU_CS_SUBJECTS, paths) if path is not None
-                          for p in read_csv(path, subject, split)]
+            out[split] = [
+                p
+                for subject, path in zip(MMLU_CS_SUBJECTS, paths)
+                if path is not None
+                for p in read_csv(path, subject, split)
+            ]
     return out
 
 
@@ -109,9 +122,11 @@ def _parse_row(row: list, path: Path, line: int, subject: str, split: str, index
 
 
 def _how_to_provide(cfg: TaskConfig) -> str:
-    return ("To get MMLU-CS, set task.data_dir to a folder of MMLU CSVs (<subject>_test.csv, optionally "
-            "<subject>_val.csv and <subject>_dev.csv, for " + ", ".join(MMLU_CS_SUBJECTS) + "), or leave it "
-            f"None and make the Hub dataset {cfg.hub_id} reachable.")
+    return (
+        "To get MMLU-CS, set task.data_dir to a folder of MMLU CSVs (<subject>_test.csv, optionally "
+        "<subject>_val.csv and <subject>_dev.csv, for " + ", ".join(MMLU_CS_SUBJECTS) + "), or leave it "
+        f"None and make the Hub dataset {cfg.hub_id} reachable."
+    )
 
 
 def _load_from_hub(cfg: TaskConfig) -> dict:
@@ -120,11 +135,18 @@ def _load_from_hub(cfg: TaskConfig) -> dict:
 
         loaded = {subject: datasets.load_dataset(cfg.hub_id, subject) for subject in MMLU_CS_SUBJECTS}
     except Exception as error:  # offline, unknown id, missing config: all mean "no data"
-        raise RuntimeError(f"Could not load MMLU from the Hub ({cfg.hub_id}) because task.data_dir is None: "
-                           f"{type(error).__name__}: {error}. {_how_to_provide(cfg)}") from error
-    return {split: [_hub_problem(row, split, subject, i) for subject in MMLU_CS_SUBJECTS
-                    for i, row in enumerate(loaded[subject][hub_split])]
-            for split, hub_split in SPLITS.items()}
+        raise RuntimeError(
+            f"Could not load MMLU from the Hub ({cfg.hub_id}) because task.data_dir is None: "
+            f"{type(error).__name__}: {error}. {_how_to_provide(cfg)}"
+        ) from error
+    return {
+        split: [
+            _hub_problem(row, split, subject, i)
+            for subject in MMLU_CS_SUBJECTS
+            for i, row in enumerate(loaded[subject][hub_split])
+        ]
+        for split, hub_split in SPLITS.items()
+    }
 
 
 def _hub_problem(row: dict, split: str, subject: str, index: int) -> ChoiceProblem:

@@ -1,7 +1,13 @@
 """Training: GRPO and SFT through TRL on the adapter already applied to the model."""
 
-from .common import (FirstStepTimer, MetricLoggerCallback, RankSyncCheck, ignore_frozen_in_ddp,
-                     last_complete_checkpoint, use_console)
+from .common import (
+    FirstStepTimer,
+    MetricLoggerCallback,
+    RankSyncCheck,
+    ignore_frozen_in_ddp,
+    last_complete_checkpoint,
+    use_console,
+)
 from .grpo import build_grpo_trainer
 from .guard import NonFiniteGuard, NonFiniteTraining
 from .sft import build_sft_trainer

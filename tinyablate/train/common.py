@@ -20,8 +20,11 @@ from ..console import duration, step_line
 from ..metrics import MetricLogger, rewrite_trainer_logs
 
 # transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns).
-CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
-                 else "gradient_checkpointing")
+CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 ADAPTER_STATE = "adapter_state.safetensors"
 TRAINER_STATE = "trainer_state.json"  # written last by Trainer._save_checkpoint: marks a complete checkpoint
 
@@ -122,8 +125,9 @@ class RankSyncCheck(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if distributed.current().distributed:
-            distributed.require_same_on_all_ranks(trainable_fingerprint(self.model),
-                                                  f"the trainable parameters after step {state.global_step}")
+            distributed.require_same_on_all_ranks(
+                trainable_fingerprint(self.model), f"the trainable parameters after step {state.global_step}"
+            )
 
 
 def trainable_fingerprint(model) -> list:

@@ -34,12 +34,15 @@ _COMPILED: dict = {}
 
 
 def train_kernels(algo, device_type: str) -> str:
-    """"compiled" or "eager": what `algo` (an AlgoConfig) sets as algo.train_kernels (or its old name train_glue,
+    """ "compiled" or "eager": what `algo` (an AlgoConfig) sets as algo.train_kernels (or its old name train_glue,
     with a warning) means on a device type."""
     value = algo.train_kernels
     if algo.train_glue is not None:
-        warnings.warn("algo.train_glue is the old name of algo.train_kernels: rename it in your config or overrides",
-                      FutureWarning, stacklevel=2)
+        warnings.warn(
+            "algo.train_glue is the old name of algo.train_kernels: rename it in your config or overrides",
+            FutureWarning,
+            stacklevel=2,
+        )
         value = algo.train_glue
     if value not in TRAIN_KERNELS:
         raise ValueError(f"algo.train_kernels={value!r}: one of {list(TRAIN_KERNELS)}")
@@ -66,8 +69,11 @@ def _run(fn, *args):
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - a compiler failure costs speed, never the cell
-        warnings.warn(f"tinyablate.train.glue: compiling {fn.__name__} failed ({type(err).__name__}: {err}); "
-                      "it runs eager from now on", stacklevel=2)
+        warnings.warn(
+            f"tinyablate.train.glue: compiling {fn.__name__} failed ({type(err).__name__}: {err}); "
+            "it runs eager from now on",
+            stacklevel=2,
+        )
         _COMPILED[fn] = fn
         return fn(*args)
 
@@ -88,6 +94,7 @@ def _rotary(rope):
         if args or kwargs:  # unsqueeze_dim given: HF's own function as it is
             return rope(q, k, cos, sin, *args, **kwargs)
         return _run(rope, q, k, cos, sin)
+
     return apply_rotary_pos_emb
 
 

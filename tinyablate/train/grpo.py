@@ -11,10 +11,10 @@ from trl import GRPOConfig, GRPOTrainer
 from .. import distributed
 from ..engine import resolve_engine
 from ..quantization import base_quantization
+from ..sampling import keyed_generation, rollout_keys
 from .common import AdapterCheckpointMixin, one_device_per_process, trainer_kwargs
 from .guard import GuardedStepMixin
 from .rollouts import engine_rollouts, reserve_rollout_cache
-from ..sampling import keyed_generation, rollout_keys
 
 ROW = "row"  # dataset column: the prompt's index, part of each rollout's key under keyed sampling
 
@@ -77,8 +77,9 @@ class TinyablateGRPOTrainer(GuardedStepMixin, AdapterCheckpointMixin, GRPOTraine
     def _generate_and_score_completions(self, inputs):
         if self.keyed_seed is not None and self.model.training:
             rows_by_rank = distributed.gather_to_all([x[ROW] for x in inputs])
-            self._rollout_keys = rollout_keys(self.keyed_seed, self.state.global_step, rows_by_rank,
-                                              self.accelerator.process_index)
+            self._rollout_keys = rollout_keys(
+                self.keyed_seed, self.state.global_step, rows_by_rank, self.accelerator.process_index
+            )
         out = super()._generate_and_score_completions(inputs)
         if self.rollout_is_cap is not None and self.model.training:
             out["advantages"] = self._truncated_is_advantages(out)
@@ -93,7 +94,8 @@ class TinyablateGRPOTrainer(GuardedStepMixin, AdapterCheckpointMixin, GRPOTraine
         mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
         with torch.no_grad():
             train, _, _ = self._get_per_token_logps_and_entropies(
-                self.model, ids, mask, out["completion_ids"].size(1), batch_size=self.args.per_device_train_batch_size)
+                self.model, ids, mask, out["completion_ids"].size(1), batch_size=self.args.per_device_train_batch_size
+            )
         weight = torch.exp(train - sampling).clamp(max=self.rollout_is_cap) * out["completion_mask"]
         advantages = out["advantages"]
         return (advantages[:, None] if advantages.dim() == 1 else advantages) * weight
@@ -114,12 +116,15 @@ class TinyablateGRPOTrainer(GuardedStepMixin, AdapterCheckpointMixin, GRPOTraine
 
     def _record_mismatch(self, train, sampling, mask) -> None:
         diff = (train - sampling).abs()[mask]
-        stats = torch.stack([diff.sum(), diff.new_tensor(diff.numel()), diff.max() if diff.numel() else diff.new_zeros(())])
+        stats = torch.stack(
+            [diff.sum(), diff.new_tensor(diff.numel()), diff.max() if diff.numel() else diff.new_zeros(())]
+        )
         if self._mismatch is None:
             self._mismatch = stats
         else:
-            self._mismatch = torch.stack([self._mismatch[0] + stats[0], self._mismatch[1] + stats[1],
-                                          torch.maximum(self._mismatch[2], stats[2])])
+            self._mismatch = torch.stack(
+                [self._mismatch[0] + stats[0], self._mismatch[1] + stats[1], torch.maximum(self._mismatch[2], stats[2])]
+            )
 
     def log(self, logs, *args, **kwargs):
         if self._mismatch is not None and "loss" in logs:

@@ -66,9 +66,11 @@ class NonFiniteGuard(TrainerCallback):
         step = state.global_step + 1
         what = self._what(loss_ok)
         if self.mode == "fail":
-            raise NonFiniteTraining(f"step {step}: {what} is not finite; training stopped before the optimizer "
-                                    f"step{_kept(args)}. Lower algo.learning_rate (or raise the precision: "
-                                    "model.dtype, adapter.precision), or set algo.nonfinite=skip to skip such steps")
+            raise NonFiniteTraining(
+                f"step {step}: {what} is not finite; training stopped before the optimizer "
+                f"step{_kept(args)}. Lower algo.learning_rate (or raise the precision: "
+                "model.dtype, adapter.precision), or set algo.nonfinite=skip to skip such steps"
+            )
         for _, p in self.params:  # skip: the optimizer leaves a tensor without a gradient alone
             p.grad = None
         self.skipped += 1
@@ -78,9 +80,11 @@ class NonFiniteGuard(TrainerCallback):
             return  # one host sync a step, whatever the number of trainable tensors
         bad = [name for name, p in self.params if not bool(torch.isfinite(p.detach()).all())]
         if bad:
-            raise NonFiniteTraining(f"step {state.global_step}: the trainable tensor {_names(bad)} became non-finite "
-                                    f"after a finite gradient (an overflow of its precision){_kept(args)}. Lower "
-                                    "algo.learning_rate or raise adapter.precision")
+            raise NonFiniteTraining(
+                f"step {state.global_step}: the trainable tensor {_names(bad)} became non-finite "
+                f"after a finite gradient (an overflow of its precision){_kept(args)}. Lower "
+                "algo.learning_rate or raise adapter.precision"
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.mode == "skip" and "train_runtime" not in logs:

@@ -20,8 +20,13 @@ TRAINING_HEADROOM = 0.25
 
 def _engine(trainer):
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    return engine_for(model, trainer._tokenizer.pad_token_id, trainer.eos_token_ids,
-                      use_graphs=trainer.rollout_engine == "graph", log=_log)
+    return engine_for(
+        model,
+        trainer._tokenizer.pad_token_id,
+        trainer.eos_token_ids,
+        use_graphs=trainer.rollout_engine == "graph",
+        log=_log,
+    )
 
 
 def _log(message: str) -> None:
@@ -35,8 +40,9 @@ def engine_rollouts(trainer, prompt_ids: Sequence[Sequence[int]], keys: Optional
         raise RuntimeError(f"keyed sampling: {len(keys)} keys for {len(prompt_ids)} prompts")
     if trainer.min_p or trainer.repetition_penalty != 1.0:
         raise ValueError("the generation engine applies temperature, top_p and top_k only: use algo.rollout_engine=hf")
-    sampling = Sampling(temperature=trainer.temperature, top_p=trainer.top_p or 1.0, top_k=trainer.top_k or 0,
-                        keyed=keys is not None)
+    sampling = Sampling(
+        temperature=trainer.temperature, top_p=trainer.top_p or 1.0, top_k=trainer.top_k or 0, keyed=keys is not None
+    )
     return _engine(trainer).generate(prompt_ids, trainer.max_completion_length, sampling, keys, logprobs=True)
 
 
@@ -64,7 +70,8 @@ def check_cache_fits(need: int, free: int, total: int, batch: int, length: int, 
         f"gpus={world_size}) of up to {length} tokens (longest prompt + algo.max_completion_length) needs "
         f"{need / gib:.1f} GiB, but only {free / gib:.1f} GiB are free and {keep / gib:.1f} GiB are kept for "
         f"training: lower algo.prompts_per_step, algo.num_generations or algo.max_completion_length, use more "
-        f"gpus, or set algo.rollout_engine=hf")
+        f"gpus, or set algo.rollout_engine=hf"
+    )
 
 
 def _prompt_ids(tokenizer, messages) -> list:
