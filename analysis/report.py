@@ -26,7 +26,17 @@ from pathlib import Path
 from typing import Optional
 
 from .compare import comparisons
-from .data import AXES, CSV_COLUMNS, Sweeps, aggregate, load_sweeps, matched_families, rl_sft_gap, task_groups
+from .data import (
+    AXES,
+    CSV_COLUMNS,
+    GROUP_FIELDS,
+    Sweeps,
+    aggregate,
+    load_sweeps,
+    matched_families,
+    rl_sft_gap,
+    task_groups,
+)
 from .plots import PAPER_TASK, make_plots
 from .transfer import (
     TRANSFER_COLUMNS,
@@ -40,24 +50,8 @@ from .transfer import (
 from .wandb_source import results_from_wandb
 from .wandb_summary import log_wandb_summary
 
-GROUP_COLUMNS = [
-    "task",
-    "scorer",
-    "model",
-    "family",
-    "size",
-    "algo",
-    "kind",
-    "r",
-    "u",
-    "tie",
-    "sharing",
-    "precision",
-    "quantization",
-    "lr",
-    "trainable_params",
-    "trainable_bytes",
-    "bits_per_param",
+# summary_groups.csv: what a setting keeps from its cells (data.GROUP_FIELDS), then its aggregate over seeds.
+GROUP_COLUMNS = GROUP_FIELDS + [
     "n_seeds",
     "seeds",
     "accuracy_mean",
