@@ -63,7 +63,7 @@ def test_engine_evaluation_reserves_its_cache_once(monkeypatch):
     real = GenerationEngine.generate
 
     def recording(self, *args, **kwargs):
-        sizes.append((self.rows, self.length))
+        sizes.append((self.cache.rows, self.cache.length))
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(GenerationEngine, "generate", recording)

@@ -20,7 +20,7 @@ import torch
 from tinyablate.config import spec_from_dict
 from tinyablate.cost import cells_per_gpu
 
-from .workers import run_at_once
+from .workers import run_at_once, stop_workers
 
 
 class CellJob(submitit.helpers.Checkpointable):
@@ -34,6 +34,12 @@ class CellJob(submitit.helpers.Checkpointable):
 
     def __init__(self, cpu_threads: Optional[int] = None, at_once: Any = 1) -> None:
         self.cpu_threads, self.at_once = cpu_threads, at_once
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on pre-emption or time-out, before it requeues this job: a bundle's worker
+        processes are stopped at once (their cells resume from their checkpoints), then the same call again."""
+        stop_workers()
+        return super().checkpoint(*args, **kwargs)
 
     def __call__(self, specs: list, cell_dirs: list) -> list:
         # Imported here, in the job: the launching process never loads torch/TRL for the cells it submits.

@@ -25,6 +25,8 @@ from typing import Callable, Optional
 
 # Signals submitit's job process handles (requeue on time-out/pre-emption); workers leave them to it.
 _LEFT_TO_THE_JOB = (signal.SIGTERM, signal.SIGCONT, signal.SIGUSR1, signal.SIGUSR2)
+# The worker processes this (job) process runs now: stop_workers() ends them before a requeue.
+_LIVE: list = []
 
 
 def run_at_once(
@@ -56,6 +58,7 @@ def run_at_once(
     for _ in range(at_once):
         process = start()
         running[process.pid] = [process, None]
+    _LIVE[:] = [p for p, _ in running.values()]
     try:
         while len(summaries) < len(specs):
             read_all()
@@ -68,17 +71,28 @@ def run_at_once(
                         summaries[current] = _failed(specs[current], f"exit code {process.exitcode}")
                     process = start()
                     running[process.pid] = [process, None]
+                    _LIVE.append(process)
             if not any(p.is_alive() for p, _ in running.values()):  # every worker took its stop sign
                 read_all()
                 for i in set(range(len(specs))) - set(summaries):  # taken by a worker that died unheard
                     summaries[i] = _failed(specs[i], "no word from it")
             time.sleep(0.2)
-    finally:
+    finally:  # every cell reported: the workers are taking their stop signs; else (an exception) stop them now
+        finished = len(summaries) == len(specs)
         for process, _ in running.values():
-            process.join(timeout=30)
+            process.join(timeout=30 if finished else 0)
             if process.is_alive():
-                process.terminate()
+                process.kill()  # not terminate(): workers ignore SIGTERM (_LEFT_TO_THE_JOB)
+        _LIVE.clear()
     return [summaries[i] for i in range(len(specs))]
+
+
+def stop_workers() -> None:
+    """Kill this process's workers at once (CellJob.checkpoint, before submitit requeues the job): their cells
+    resume from their last checkpoints in the requeued job instead of running on into SLURM's kill."""
+    for process in _LIVE:
+        if process.is_alive():
+            process.kill()
 
 
 def _start(ctx, target, tasks, results, threads):
