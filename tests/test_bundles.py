@@ -111,6 +111,28 @@ def test_cells_per_gpu_auto_packs_by_the_memory_model_and_too_many_are_refused(m
     assert out[-1].startswith("hydra.launcher.cells_per_gpu=13: that many cells") and "at most 12 do" in out[-1]
 
 
+def test_a_slurm_job_resolves_its_cells_at_once_by_its_own_gpu(monkeypatch, capsys):
+    """On SLURM the node's GPU is known only in the job: auto packs by it there, and a number that does not fit
+    is lowered (the job's log says so); CPU cells take the number as it is."""
+    from hydra_plugins.tinyablate import submit
+    from tinyablate.config import CellSpec, ModelConfig
+    from tinyablate.cost import cell_memory_bytes
+
+    spec = CellSpec(model=ModelConfig(name="smollm2-135m"), gpus=1)
+    monkeypatch.setattr(submit, "local_gpu_bytes", lambda: 20 * cell_memory_bytes(spec))
+    monkeypatch.setattr(submit, "cores", lambda: 64)
+    gpu_cells = [spec] * 30
+    assert submit.job_cells_at_once("auto", gpu_cells) == 12  # 0.9 x 20 / 1.5, as the local launcher
+    assert submit.job_cells_at_once("auto", gpu_cells[:5]) == 5
+    assert submit.job_cells_at_once(4, gpu_cells) == 4
+    assert submit.job_cells_at_once(16, gpu_cells) == 12
+    assert "cells_per_gpu=16: only 12 of these cells fit in this job's GPU" in capsys.readouterr().out
+    monkeypatch.setattr(submit, "cores", lambda: 8)
+    assert submit.job_cells_at_once("auto", gpu_cells) == 8  # one per CPU of the job
+    cpu_cells = [CellSpec(gpus=0)] * 4
+    assert submit.job_cells_at_once("auto", cpu_cells) == 1 and submit.job_cells_at_once(3, cpu_cells) == 3
+
+
 def test_the_memory_model_grows_with_the_model_and_the_batch():
     from dataclasses import replace
 
