@@ -3,6 +3,7 @@
     python launch.py                                   # the default cell: SmolLM2-135M, TinyLoRA, GRPO, arithmetic
     python launch.py adapter.u=13 adapter.tie=all      # any axis on the command line
     python launch.py gpus=2 model=qwen2.5-7b ...       # one cell, data-parallel over 2 GPUs of this machine
+    python launch.py adapter.u=13 dry_run=true         # check one cell and price it, run nothing (status=true: its state)
     python launch.py -m                                # the embedded sweep (sweeps/embedded.yaml), locally
     python launch.py -m sweeps=paper_gsm8k hydra/launcher=slurm task.data_dir=/data/gsm8k hydra.launcher.partition=gpu
     python launch.py -m sweeps=paper_gsm8k dry_run=true   # validate and list every cell, submit nothing
@@ -37,6 +38,8 @@ def main(cfg: DictConfig) -> None:
     from tinyablate.cell import run_cell
 
     spec = spec_from_hydra(cfg)
+    if cfg.dry_run or cfg.status:  # the sweep's forms, for this one cell: nothing runs
+        raise SystemExit(_dry_run(spec, cfg.cost_device) if cfg.dry_run else _status(spec))
     try:
         result = run_cell(spec)  # validates before any weight loads; spawns the ranks of a gpus=N cell
     except Exception as err:  # one clear message, no traceback (it is in result.json), non-zero exit
@@ -46,6 +49,33 @@ def main(cfg: DictConfig) -> None:
         return
     page, note = _analysis_page(spec)
     print("\n" + end_lines(result, CellFolder.of(spec).file(RESULT_FILE), page, note))
+
+
+def _dry_run(spec, cost_device: str) -> int:
+    """dry_run=true for one cell: its checks (those of a run: settings, data, model file, GPUs here) and its plan
+    line (trainable parameters and bytes, GPU-hours by the cost model), as `-m` prints them; exit 2 if invalid."""
+    from hydra_plugins.tinyablate import plan
+    from hydra_plugins.tinyablate.launcher import Cell
+    from tinyablate.preflight import preflight
+
+    try:
+        params, size = preflight(spec)
+    except ConfigError as err:
+        print(_failure_message(err, spec), file=sys.stderr)
+        return 2
+    folder = CellFolder.of(spec)
+    cell = Cell([], spec, folder.name, folder, params=params, trainable_bytes=size)
+    print("\n".join(plan.plan_lines([cell], cost_device)))
+    print("dry run: 1 valid cell, nothing run")
+    return 0
+
+
+def _status(spec) -> int:
+    """status=true for one cell: its state (pending, running, completed with accuracy, failed with its error)."""
+    from tinyablate.status import cell_row, format_table
+
+    print(format_table([cell_row(CellFolder.of(spec).path)]))
+    return 0
 
 
 def _analysis_page(spec):

@@ -283,3 +283,18 @@ def test_a_sweep_of_several_grids_is_their_union_and_the_command_line_wins(tmp_p
     assert "dry run: 110 valid cells, nothing submitted (120 override sets)" in proc.stdout, proc.stdout[-1500:]
     one = launch([*base, "seed=0", "adapter.u=4"], tmp_path)
     assert "dry run: 12 valid cells, nothing submitted (14 override sets)" in one.stdout, one.stdout[-1500:]
+
+
+def test_one_cell_dry_run_checks_and_prices_it_and_runs_nothing(tmp_path):
+    """`python launch.py ... dry_run=true` (no -m): the cell's checks and plan line, nothing run; status=true: its
+    state. Before, a single cell ignored both and ran."""
+    runs = tmp_path / "runs"
+    proc = launch([*TINY, f"output_dir={runs}", "gpus=0", "adapter.u=13", "dry_run=true"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "dry run: 1 valid cell, nothing run" in proc.stdout and "params=" in proc.stdout and "u=13" in proc.stdout
+    assert not list(runs.rglob("*.json")) and not list(runs.rglob("metrics.jsonl"))
+    bad = launch([*TINY, f"output_dir={runs}", "gpus=0", "adapter.u=0", "dry_run=true"], tmp_path, timeout=300)
+    assert bad.returncode == 2 and "adapter.u=0 is invalid" in bad.stderr, bad.stdout[-2000:] + bad.stderr[-2000:]
+    state = launch([*TINY, f"output_dir={runs}", "gpus=0", "status=true"], tmp_path, timeout=300)
+    assert state.returncode == 0 and "1 cells: 1 pending" in state.stdout, state.stdout[-2000:] + state.stderr[-2000:]
+    assert not list(runs.rglob("*.json"))
