@@ -116,15 +116,8 @@ def run_cells(specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]], wa
         try:  # the first cell's start is the process's (imports included), a later one's its own
             summaries.append(cell_summary(run_cell(spec, cell_dir, started=time.time() if i or warm else None)))
         except Exception as err:  # noqa: BLE001 - the cell's own result.json records its failure
-            summaries.append(
-                {
-                    "cell_id": cell_id(spec),
-                    "status": "busy" if isinstance(err, CellBusy) else "failed",
-                    "accuracy": None,
-                    "world_size": None,
-                    "error": f"{type(err).__name__}: {err}",
-                }
-            )
+            status = "busy" if isinstance(err, CellBusy) else "failed"
+            summaries.append(unfinished_summary(cell_id(spec), status, f"{type(err).__name__}: {err}"))
         finally:
             _release_memory()
     return summaries
@@ -139,6 +132,12 @@ def cell_summary(result: dict) -> dict:
         "world_size": result["timing"]["world_size"],
         "error": None,
     }
+
+
+def unfinished_summary(cid: str, status: str, error: str) -> dict:
+    """What a job reports of a cell that gave no result to it: `status` "failed" or "busy" (another process holds
+    it), and why."""
+    return {"cell_id": cid, "status": status, "accuracy": None, "world_size": None, "error": error}
 
 
 def _release_memory() -> None:

@@ -23,7 +23,7 @@ from tinyablate.status import cell_row, format_table, live_job
 from . import plan
 from .compose import compose_cells
 from .conf import local_auto_gpus
-from .submit import cores, local_gpu_bytes, local_gpus, slurm_auto_gpus, submit_cells
+from .submit import auto_cells_at_once, cores, local_gpu_bytes, local_gpus, slurm_auto_gpus, submit_cells
 
 
 @dataclass
@@ -138,7 +138,7 @@ class TinyablateLauncher(Launcher):
         gib = 2**30
         where = f"{need / gib:.1f} GiB each by the cost model (x1.5 margin) in 90% of one GPU's {total / gib:.0f} GiB"
         if value == "auto":
-            n = max(1, min(fit, cores(), len(specs)))
+            n = auto_cells_at_once(fit, len(specs), cores())
             self.settings["cells_per_gpu"] = n
             gpus = len(local_gpus())
             if self.settings.get("max_parallel", 1) < n * gpus:

@@ -49,10 +49,11 @@ class CellJob(submitit.helpers.Checkpointable):
             os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)  # for whatever the cell starts, too
             torch.set_num_threads(self.cpu_threads)
         if len(specs) > 1:  # a bundle: cells of at most one GPU each (bundles() never bundles multi-GPU cells)
-            at_once = job_cells_at_once(self.at_once, [spec_from_dict(s) for s in specs])
-            if at_once > 1:
-                return run_at_once(specs, cell_dirs, at_once)
-            return run_cells([spec_from_dict(s) for s in specs], [Path(d) for d in cell_dirs])
+            typed = [spec_from_dict(s) for s in specs]
+            at_once = job_cells_at_once(self.at_once, typed)
+            if at_once > 1:  # the workers get the dicts (they pickle); each core shared by as few as can be
+                return run_at_once(specs, cell_dirs, at_once, threads=max(1, cores() // at_once))
+            return run_cells(typed, [Path(d) for d in cell_dirs])
         spec = spec_from_dict(specs[0])
         if submitit.JobEnvironment().num_tasks > 1:  # one task per rank: MASTER_ADDR/PORT, RANK, WORLD_SIZE, ...
             # Every task sees the node's GPUs; rank r takes cuda:LOCAL_RANK (distributed.process_group).
@@ -69,7 +70,7 @@ def job_cells_at_once(value: Any, specs: list) -> int:
         return 1 if value == "auto" else int(value)
     total = local_gpu_bytes()
     fit = cells_per_gpu(specs, total)[0] if total else 1
-    n = max(1, min(fit, cores(), len(specs))) if value == "auto" else int(value)
+    n = auto_cells_at_once(fit, len(specs), cores()) if value == "auto" else int(value)
     if n > fit:
         print(
             f"cells_per_gpu={value}: only {fit} of these cells fit in this job's GPU "
@@ -257,6 +258,11 @@ def cpu_threads_per_cell(cores: int, max_parallel: int, cells: int) -> Optional[
     if at_once <= 1 or "OMP_NUM_THREADS" in os.environ:
         return None
     return max(1, cores // at_once)
+
+
+def auto_cells_at_once(fit: int, n_cells: int, n_cores: int) -> int:
+    """cells_per_gpu=auto: as many of `n_cells` as fit on a GPU (`fit`, cost.cells_per_gpu), at most one per core."""
+    return max(1, min(fit, n_cores, n_cells))
 
 
 def cores() -> int:

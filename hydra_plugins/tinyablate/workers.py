@@ -29,14 +29,11 @@ _LEFT_TO_THE_JOB = (signal.SIGTERM, signal.SIGCONT, signal.SIGUSR1, signal.SIGUS
 _LIVE: list = []
 
 
-def run_at_once(
-    specs: list, cell_dirs: list, at_once: int, threads: Optional[int] = None, worker: Optional[Callable] = None
-) -> list:
+def run_at_once(specs: list, cell_dirs: list, at_once: int, threads: int, worker: Optional[Callable] = None) -> list:
     """Cells (spec dicts, folders) `at_once` at a time in worker processes; one summary per cell, in order
-    (tinyablate.cell.cell_summary's fields). `threads`: torch CPU threads per worker (None: cores // at_once).
+    (tinyablate.cell.cell_summary's fields). `threads`: torch CPU threads per worker.
     `worker`: the worker's function (tests replace it; it must be importable by name)."""
     at_once = max(1, min(at_once, len(specs)))
-    threads = threads or max(1, _cores() // at_once)
     ctx = multiprocessing.get_context("spawn")
     # results: a SimpleQueue writes through at once, so what a worker put before it died is there to read
     tasks, results = ctx.Queue(), ctx.SimpleQueue()
@@ -103,15 +100,11 @@ def _start(ctx, target, tasks, results, threads):
 
 def _failed(spec: dict, why: str) -> dict:
     """The summary of a cell whose worker process died while running it (its folder is left to a later attempt)."""
+    from tinyablate.cell import unfinished_summary
     from tinyablate.config import cell_id, spec_from_dict
 
-    return {
-        "cell_id": cell_id(spec_from_dict(spec)),
-        "status": "failed",
-        "accuracy": None,
-        "world_size": None,
-        "error": f"its worker process died ({why}); the cell resumes from its folder next time",
-    }
+    why = f"its worker process died ({why}); the cell resumes from its folder next time"
+    return unfinished_summary(cell_id(spec_from_dict(spec)), "failed", why)
 
 
 def cell_worker(tasks, results, threads: int) -> None:
@@ -132,7 +125,3 @@ def cell_worker(tasks, results, threads: int) -> None:
         (summary,) = run_cells([spec_from_dict(spec)], [Path(cell_dir)], warm=warm)
         results.put(("done", i, summary))
         warm = True
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
