@@ -40,7 +40,15 @@ def spec(**kw) -> CellSpec:
 
 def test_matmul_weights_of_the_shape_table_match_the_registry_parameter_counts():
     # untied models also hold an input embedding (vocab x hidden); tied ones hold it once, as the LM head
-    for name in ("qwen2.5-7b", "qwen2.5-3b", "llama3.1-8b", "llama3.2-1b", "smollm2-135m"):
+    for name in (
+        "qwen2.5-7b",
+        "qwen2.5-3b",
+        "llama3.1-8b",
+        "llama3.2-1b",
+        "smollm2-135m",
+        "qwen2.5-coder-0.5b",
+        "qwen2.5-coder-1.5b",
+    ):
         s = SHAPES[name]
         tied = name in ("qwen2.5-3b", "llama3.2-1b", "smollm2-135m")
         counted = cost._matmul_params(s) + (0 if tied else s.vocab * s.hidden)

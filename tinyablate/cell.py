@@ -52,7 +52,9 @@ from .cell_folder import (
     eval_samples_file,
 )
 from .config import CellSpec, ModelInfo, cell_id, eval_task_configs, spec_to_dict
+from .config.model import load_kind
 from .distributed import Ranks
+from .embedded import weights_provenance
 from .evaluation import base_cache_key, base_cache_path, evaluate_task, read_base_cache, write_base_cache, write_samples
 from .metrics import MetricLogger, NullLogger, truncate_metrics, wandb_run_id
 from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
@@ -61,6 +63,7 @@ from .provenance import collect_provenance
 from .quantization import base_bytes
 from .tasks import Task, load_task
 from .train import FirstStepTimer, MetricLoggerCallback, build_trainer, last_complete_checkpoint
+from .train.attention_check import checked_attention
 from .train.glue import compiled_glue, train_kernels
 
 
@@ -422,6 +425,7 @@ def train(spec: CellSpec, built: BuiltCell, cell_dir: Path, callbacks) -> dict:
             "reward": None,
             "first_step_time": None,
             "nonfinite_skipped_steps": None,
+            "attention_check": None,
         }
     t0 = time.time()
     checkpoints = cell_dir / CHECKPOINTS_DIR
@@ -431,7 +435,8 @@ def train(spec: CellSpec, built: BuiltCell, cell_dir: Path, callbacks) -> dict:
     trainer = build_trainer(built.model, built.tokenizer, built.task, spec, checkpoints, built.device, callbacks, world)
     last = last_complete_checkpoint(checkpoints, world)
     glue = train_kernels(spec.algo, built.device.type) == "compiled"
-    with compiled_glue(built.model, enabled=glue):
+    log = print if built.ranks.is_main else (lambda _line: None)
+    with compiled_glue(built.model, enabled=glue), checked_attention(built.model, built.device, log) as attention:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     resumed = resume_step(checkpoints, world, last) if last else None  # None: this attempt started from scratch
     skipped = trainer.guard.skipped if spec.algo.nonfinite == "skip" else None
@@ -442,6 +447,7 @@ def train(spec: CellSpec, built: BuiltCell, cell_dir: Path, callbacks) -> dict:
         "reward": reward_summary(trainer.state.log_history),
         "first_step_time": times.get("first_step"),
         "nonfinite_skipped_steps": skipped,
+        "attention_check": attention.as_dict() if attention else None,
     }
 
 
@@ -504,6 +510,7 @@ def make_result(
             model_id=built.model_id,
             quantization=spec.model.quantization,
             base_bytes=base_bytes(built.model),
+            weights=weights_provenance(info.name) if load_kind(spec.model, info) == "gguf" else None,
         ),
         adapter=AdapterRecord(
             **{
@@ -546,7 +553,7 @@ def make_result(
         timing=Timing(
             **timing, n_gpus=n_gpus, world_size=built.ranks.world_size, gpu_hours=timing["wall_s"] / 3600 * n_gpus
         ),
-        provenance=collect_provenance(),
+        provenance={**collect_provenance(), "attention_check": train_info.get("attention_check")},
     )
 
 

