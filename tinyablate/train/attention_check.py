@@ -105,7 +105,7 @@ def backend_problem(backend: SDPBackend, device, dtype, head_dim: int) -> Option
             except RuntimeError:  # no kernel of this backend takes these inputs: the dispatcher skips it too
                 continue
             want = _forward_backward(*(t.float() for t in (q, k, v)), mask, grad_out.float(), reference=True)
-            problem = _compare(got, want, rows, _TOLERANCE.get(dtype, 6e-2))
+            problem = _compare(got, want, rows, _TOLERANCE.get(dtype, 6e-2), shifted=case is _low_lse_rows)
             if problem:
                 return f"{name}, key length {length}: {problem}"
     return None
@@ -122,14 +122,19 @@ def _forward_backward(q, k, v, mask, grad_out, reference: bool = False) -> tuple
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _compare(got: tuple, want: tuple, rows: torch.Tensor, tolerance: float) -> Optional[str]:
-    """Outputs and query gradients on the valid rows, key and value gradients everywhere."""
+def _compare(got: tuple, want: tuple, rows: torch.Tensor, tolerance: float, shifted: bool = False) -> Optional[str]:
+    """Outputs and query gradients on the valid rows, key and value gradients everywhere, all finite and close.
+    `shifted` (the low log-sum-exp case): the query gradient's first coordinate is checked for finiteness only:
+    it is -120 x (the sum of a row's score gradients, 0 in exact arithmetic), so any bf16 rounding is magnified
+    120-fold there, for every kernel alike."""
     for label, a, b, valid_only in zip(("output", "grad_q", "grad_k", "grad_v"), got, want, (True, True, False, False)):
         a, b = a.float(), b
         if valid_only:
             a, b = a[rows], b[rows]
         if not torch.isfinite(a).all():
             return f"{int((~torch.isfinite(a)).sum())} non-finite values in {label}"
+        if shifted and label == "grad_q":
+            a, b = a[..., 1:], b[..., 1:]
         scale = b.abs().max().clamp_min(1e-6)
         err = ((a - b).abs().max() / scale).item()
         if err > tolerance:
