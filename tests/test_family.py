@@ -1,0 +1,100 @@
+"""The family study's analysis: normalized gain against LoRA, half-LoRA budget, figure, tables, W&B (CPU, fast)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from analysis.compare import normalized_gain
+from analysis.data import aggregate, load_sweeps
+from analysis.family import family_gains
+from test_analysis import make_result, write_cell
+
+QWEN, LLAMA = "qwen2.5-0.5b", "smollm2-135m"
+N = 100  # held-out problems per cell
+NONE = dict(kind="none", params=0, r=None, u=None, tie=None, sharing=None)
+
+
+def cell(sweep: Path, correct: int, seed: int = 0, **kw) -> None:
+    """A completed cell right on its first `correct` of N problems, with its per-problem records."""
+    result = make_result(sweep="family", accuracy=correct / N, seed=seed, **kw)
+    folder = write_cell(sweep, result)
+    records = [{"id": f"p-{i}", "flexible": i < correct, "strict": False} for i in range(N)]
+    (folder / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def seeds(sweep: Path, correct: int, **kw) -> None:
+    """Three seeds one problem apart around `correct` (mean exactly correct / N)."""
+    for seed, delta in enumerate((-1, 0, 1)):
+        cell(sweep, correct + delta, seed=seed, **kw)
+
+
+def build_family_sweep(root: Path) -> Path:
+    """By hand (problems right of 100):
+    qwen grpo:  base 20, LoRA r=1 60 -> TinyLoRA 30, 45, 50 at u=1, 4, 16: gains 0.25, 0.625, 0.75; half at 4
+    llama grpo: base 30, LoRA r=1 50 -> TinyLoRA 32, 36, 38: gains 0.1, 0.3, 0.4; half not reached
+    qwen sft:   LoRA r=1 18 < base 20: undefined (LoRA gains -2 points)
+    llama sft:  no LoRA cell: undefined
+    """
+    d = root / "family"
+    for model, base in ((QWEN, 20), (LLAMA, 30)):
+        cell(d, base, model=model, base=base / N, **NONE)
+    curves = {
+        (QWEN, "grpo"): (60, (30, 45, 50)),
+        (LLAMA, "grpo"): (50, (32, 36, 38)),
+        (QWEN, "sft"): (18, (25, 30, 31)),
+        (LLAMA, "sft"): (None, (31, 33, 34)),
+    }
+    for (model, algo), (lora, tiny) in curves.items():
+        base = 0.2 if model == QWEN else 0.3
+        if lora is not None:
+            lora_params = 540_672 if model == QWEN else 460_800
+            seeds(d, lora, model=model, algo=algo, kind="lora", r=1, params=lora_params, base=base)
+        for u, correct in zip((1, 4, 16), tiny):
+            seeds(d, correct, model=model, algo=algo, params=u, base=base)
+    return d
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    sweep = build_family_sweep(tmp_path_factory.mktemp("runs"))
+    rows = load_sweeps([sweep]).rows
+    return {"sweep": sweep, "rows": rows, "settings": aggregate(rows)}
+
+
+def by_key(gains: list) -> dict:
+    return {(g["model"], g["algo"], g["params"]): g for g in gains}
+
+
+def test_normalized_gain_and_half_lora_budget_by_hand(family):
+    gains = by_key(family_gains(family["rows"], family["settings"]))
+    assert len(gains) == 12 and all(g["n_seeds"] == 3 for g in gains.values())
+    for u, want in zip((1, 4, 16), (0.25, 0.625, 0.75)):
+        g = gains[(QWEN, "grpo", u)]
+        assert g["gain"] == pytest.approx(want)
+        assert g["gain_low"] < g["gain"] < g["gain_high"] and g["note"] == ""
+        assert (g["lora_r"], g["lora_params"], g["half_lora_params"]) == (1, 540_672, 4)
+        assert g["base_accuracy"] == pytest.approx(0.2) and g["lora_accuracy"] == pytest.approx(0.6)
+    for u, want in zip((1, 4, 16), (0.1, 0.3, 0.4)):
+        g = gains[(LLAMA, "grpo", u)]
+        assert g["gain"] == pytest.approx(want) and g["half_lora_params"] is None  # never half of LoRA's gain
+    for u in (1, 4, 16):
+        g = gains[(QWEN, "sft", u)]  # LoRA below the base: no division, and the row says why
+        assert g["gain"] is None and g["gain_low"] is None and g["half_lora_params"] is None
+        assert g["note"].startswith("undefined: LoRA r=1 gains -2.0 points over the base (<= 0)")
+        assert gains[(LLAMA, "sft", u)]["note"] == "undefined: no LoRA cell of this model and algorithm"
+
+
+def test_normalized_gain_interval_by_hand():
+    """400 shared problems, one seed each: the base right on the first 80, TinyLoRA on the first 160, LoRA on the
+    first 240. A resample's gain is X / (X + Y), X and Y the drawn problems of [80, 160) and [160, 240): about
+    Binomial(160, ½) / 160, so 0.5 ± 1.96 · sqrt(0.25 / 160) = 0.5 ± 0.077."""
+    base, tiny, lora = ([[1.0] * k + [0.0] * (400 - k)] for k in (80, 160, 240))
+    gain, low, high = normalized_gain(tiny, lora, base, draws=20000)
+    assert gain == pytest.approx(0.5)
+    assert low == pytest.approx(0.5 - 0.077, abs=0.012) and high == pytest.approx(0.5 + 0.077, abs=0.012)
+    # LoRA 3 problems above the base: its own gain's interval reaches 0, so the share's interval is unbounded
+    near = [[1.0] * 53 + [0.0] * 47]
+    assert normalized_gain([[1.0] * 52 + [0.0] * 48], near, [[1.0] * 50 + [0.0] * 50])[1:] == (None, None)
+    with pytest.raises(ValueError, match="<= 0"):
+        normalized_gain(near, [[1.0] * 50 + [0.0] * 50], near)  # LoRA below the base: never divided by
