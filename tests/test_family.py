@@ -8,6 +8,7 @@ import pytest
 from analysis.compare import normalized_gain
 from analysis.data import aggregate, load_sweeps
 from analysis.family import family_gains
+from analysis.plots import family_figure, model_colors
 from test_analysis import make_result, write_cell
 
 QWEN, LLAMA = "qwen2.5-0.5b", "smollm2-135m"
@@ -98,3 +99,17 @@ def test_normalized_gain_interval_by_hand():
     assert normalized_gain([[1.0] * 52 + [0.0] * 48], near, [[1.0] * 50 + [0.0] * 50])[1:] == (None, None)
     with pytest.raises(ValueError, match="<= 0"):
         normalized_gain(near, [[1.0] * 50 + [0.0] * 50], near)  # LoRA below the base: never divided by
+
+
+def test_family_figure_has_a_panel_per_algorithm_and_a_colour_per_model(family):
+    settings = family["settings"]
+    colors = model_colors(settings)
+    fig = family_figure(family["rows"], settings, "arithmetic", "flexible", colors)
+    assert [ax.get_title() for ax in fig.axes] == ["grpo", "sft"]
+    for ax in fig.axes:
+        curves = {line.get_label(): line.get_color() for line in ax.get_lines() if "TinyLoRA" in line.get_label()}
+        assert curves == {f"qwen2 · {QWEN} · TinyLoRA": colors[QWEN], f"llama · {LLAMA} · TinyLoRA": colors[LLAMA]}
+        assert ax.get_xscale() == "log" and "0\n(base)" in [t.get_text() for t in ax.get_xticklabels()]
+    assert colors[QWEN] != colors[LLAMA]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert f"qwen2 · {QWEN} · LoRA" in labels and f"llama · {LLAMA} · base (0 params)" in labels
