@@ -1,5 +1,6 @@
 """The family study's analysis: normalized gain against LoRA, half-LoRA budget, figure, tables, W&B (CPU, fast)."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -7,8 +8,9 @@ import pytest
 
 from analysis.compare import normalized_gain
 from analysis.data import aggregate, load_sweeps
-from analysis.family import family_gains
+from analysis.family import FAMILY_COLUMNS, family_gains
 from analysis.plots import family_figure, model_colors
+from analysis.report import analyze
 from test_analysis import make_result, write_cell
 
 QWEN, LLAMA = "qwen2.5-0.5b", "smollm2-135m"
@@ -113,3 +115,21 @@ def test_family_figure_has_a_panel_per_algorithm_and_a_colour_per_model(family):
     assert colors[QWEN] != colors[LLAMA]
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert f"qwen2 · {QWEN} · LoRA" in labels and f"llama · {LLAMA} · base (0 params)" in labels
+
+
+def test_family_table_in_page_markdown_and_csv(family, tmp_path):
+    page = analyze([family["sweep"]], tmp_path)
+    assert (tmp_path / "family__arithmetic-flexible.png").read_bytes()[:4] == b"\x89PNG"
+    with open(tmp_path / "family.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == FAMILY_COLUMNS and len(rows) == 12
+    qwen4 = next(r for r in rows if (r["model"], r["algo"], r["params"]) == (QWEN, "grpo", "4"))
+    assert float(qwen4["gain"]) == pytest.approx(0.625) and qwen4["half_lora_params"] == "4"
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Family study: share of LoRA's gain" in md and "bootstrap over seeds and problems" in md
+    assert f"| arithmetic | flexible | {QWEN} | grpo | 4 | 45.0 | 3 | 20.0 | 1 (540,672) | 60.0 | 0.62 | [" in md
+    assert f"| {LLAMA} | grpo | 16 | 38.0 | 3 | 30.0 | 1 (460,800) | 50.0 | 0.40 | [" in md
+    assert "| not reached |" in md and "| undefined |" in md
+    html = page.read_text()
+    assert "Share of LoRA's gain per budget</h3>" in html and "gains -2.0 points over the base" in html
+    assert html.index("family__arithmetic-flexible.png") < html.index("Share of LoRA's gain")
