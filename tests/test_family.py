@@ -11,7 +11,9 @@ from analysis.data import aggregate, load_sweeps
 from analysis.family import FAMILY_COLUMNS, family_gains
 from analysis.plots import family_figure, model_colors
 from analysis.report import analyze
+from analysis.wandb_summary import log_wandb_summary
 from test_analysis import make_result, write_cell
+from wandb_reader import find_offline_runs, read_run
 
 QWEN, LLAMA = "qwen2.5-0.5b", "smollm2-135m"
 N = 100  # held-out problems per cell
@@ -133,3 +135,18 @@ def test_family_table_in_page_markdown_and_csv(family, tmp_path):
     html = page.read_text()
     assert "Share of LoRA's gain per budget</h3>" in html and "gains -2.0 points over the base" in html
     assert html.index("family__arithmetic-flexible.png") < html.index("Share of LoRA's gain")
+
+
+def test_wandb_summary_gets_the_family_view(family, tmp_path):
+    log_wandb_summary(family["rows"], "family", "offline", tmp_path)
+    [run_dir] = find_offline_runs(tmp_path)
+    summary = read_run(run_dir).summary
+    image = summary["arithmetic-flexible/family"]
+    assert image["_type"] == "image-file" and (run_dir / "files" / image["path"]).read_bytes()[:4] == b"\x89PNG"
+    table = summary["arithmetic-flexible/family_gain"]
+    assert table["_type"] == "table-file" and table["nrows"] == 12
+    data = json.loads((run_dir / "files" / table["path"]).read_text())
+    assert data["columns"] == FAMILY_COLUMNS
+    assert summary[f"half_lora/arithmetic-flexible/{QWEN} · grpo"] == 4
+    assert summary[f"half_lora/arithmetic-flexible/{LLAMA} · grpo"] == "not reached"
+    assert summary[f"half_lora/arithmetic-flexible/{QWEN} · sft"] == "undefined"
