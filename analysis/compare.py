@@ -8,6 +8,8 @@ each draw resamples the seeds of each setting and the evaluation problems (once 
 evaluates the same held-out problems, so the comparison is paired). A comparison whose interval excludes zero is
 resolved; one whose interval holds zero is reported as unresolved, never dropped. Cells whose per-problem records
 are not on disk (results read from W&B) resample their problems as n_eval Bernoulli draws at their accuracy.
+The same bootstrap gives `normalized_gain`'s interval: a setting's share (T − B) / (L − B) of a reference's gain
+over the base (analysis/family.py).
 
     from analysis.compare import comparisons
     for c in comparisons(rows): print(c["text"])     # e.g. "algo grpo − sft at 16 params: +21.0 points [14.0, 28.0]"
@@ -45,6 +47,32 @@ def difference(a: list, b: list, level: float = 0.95, draws: int = 4000, seed: i
     return float(point), float(low), float(high)
 
 
+def normalized_gain(tiny: list, lora: list, base: list, level: float = 0.95, draws: int = 4000, seed: int = 0) -> tuple:
+    """((T − B) / (L − B), low, high): the share of LoRA's gain over the base that a setting T gets, with a
+    percentile interval from the same bootstrap as `difference` (seeds of each setting and problems resampled,
+    problems shared by all three when they scored the same number). Each argument: per seed, the per-problem
+    scores. ValueError when L − B <= 0 (nothing to normalize by); low and high are None when L − B's own
+    interval reaches 0 (the ratio is unbounded there)."""
+    T, L, B = (np.asarray(x, dtype=float) for x in (tiny, lora, base))
+    if any(S.ndim != 2 or 0 in S.shape for S in (T, L, B)):
+        raise ValueError("normalized_gain: each setting needs at least one seed with at least one problem")
+    if L.mean() - B.mean() <= 0:
+        raise ValueError(f"normalized_gain: LoRA's gain over the base is {L.mean() - B.mean():+.4f} (<= 0)")
+    rng = np.random.default_rng(seed)
+    point = (T.mean() - B.mean()) / (L.mean() - B.mean())
+    shared = rng.integers(0, T.shape[1], (draws, T.shape[1]))
+    paired = L.shape[1] == B.shape[1] == T.shape[1]
+    t, l, b = (
+        _resampled(S, shared if paired else rng.integers(0, S.shape[1], (draws, S.shape[1])), rng) for S in (T, L, B)
+    )
+    tail = (1 - level) / 2
+    if np.quantile(l - b, tail) <= 0:
+        return float(point), None, None
+    ratio = np.where(l - b > 0, (t - b) / np.where(l - b > 0, l - b, 1.0), np.copysign(np.inf, t - b))
+    low, high = np.quantile(ratio, [tail, 1 - tail], method="inverted_cdf")
+    return float(point), float(low), float(high)
+
+
 def _resampled(scores: np.ndarray, problems: np.ndarray, rng) -> np.ndarray:
     """Per draw: the mean over resampled seeds of the mean over `problems` (draws x n indices)."""
     seeds = rng.integers(0, scores.shape[0], (problems.shape[0], scores.shape[0]))
@@ -71,7 +99,7 @@ def comparisons(rows: list, level: float = 0.95) -> list:
                 continue
             if str(x[0][axis]) > str(y[0][axis]):
                 x, y = y, x
-            diff, low, high = difference(_scores(x), _scores(y), level)
+            diff, low, high = difference(seed_scores(x), seed_scores(y), level)
             resolved = low > 0 or high < 0
             text = (
                 f"{axis} {x[0][axis]} − {y[0][axis]} at {params:,} params ({task}, {model}): "
@@ -110,7 +138,7 @@ def _one_axis(a: dict, b: dict) -> Optional[str]:
     return axis if not rest or (axis == "sharing" and rest <= SHARING_ALSO) else None
 
 
-def _scores(cells: list) -> list:
+def seed_scores(cells: list) -> list:
     """Per seed, the per-problem scores (0/1) by the task's scorer, in problem-id order."""
     return [_problem_scores(c) for c in sorted(cells, key=lambda c: str(c["seed"]))]
 

@@ -17,7 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from .data import base_point, frontier, matched_families, rl_sft_gap
+from .data import base_point, frontier, rl_sft_gap
+from .family import HALF, lora_reference
 
 # The TinyLoRA paper (arXiv 2602.04118): Qwen2.5-7B-Instruct on GSM8K trained with GRPO.
 PAPER_TASK = "gsm8k"
@@ -52,7 +53,7 @@ TITLES = {
     "bytes": "Accuracy vs trainable bytes (precision axis)",
     "sharing": "Tiled vs structured sharing",
     "rank": "Frozen rank r",
-    "family": "Qwen vs Llama at matched parameter counts",
+    "family": "Model families: accuracy vs trainable parameters (TinyLoRA, LoRA reference)",
     "rl_sft": "RL vs SFT: parameters SFT needs to reach GRPO's accuracy",
 }
 
@@ -504,76 +505,97 @@ def plot_rank(rows, settings, out_dir, task, scorer, colors) -> Plot:
     return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
 
 
-# -- 5. Qwen vs Llama ----------------------------------------------------------------------------
+# -- 5. the family view --------------------------------------------------------------------------
+FAMILY_KINDS = ("tinylora", "lora")
+FAMILY_PARTS = ["TinyLoRA", "LoRA", "base (0 params)", "½ of LoRA's gain"]  # a model's legend entries, in order
+
+
 def plot_family(rows, settings, out_dir, task, scorer, colors) -> Plot:
+    """Accuracy vs trainable parameters per model, one panel per algorithm (family.py's numbers drawn)."""
     key = "family"
     families = sorted({s["family"] for s in settings})
     if len(families) < 2:
         return _skip(key, task, scorer, f"one model family only ({families[0]})")
-    matched = matched_families(settings)
-    if not matched:
-        return _skip(
-            key,
-            task,
-            scorer,
-            "no trainable-parameter count was run on two families; compare their curves on the parameter plot",
-        )
-    algos = sorted({m["algo"] for m in matched})
-    fig = Figure(figsize=(max(6.0, 3.2 + 1.6 * len(matched)), 4.8), dpi=DPI)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(algos), squeeze=False, sharey=True)
-    bases = _models_with_base(settings, rows)
-    for ax, algo in zip(axes[0], algos):
-        cols = [m for m in matched if m["algo"] == algo]
-        models = sorted(
-            {mdl for m in cols for mdl in m["points"]},
-            key=lambda mdl: (next(m["points"][mdl]["family"] for m in cols if mdl in m["points"]), mdl),
-        )
-        width = 0.8 / len(models)
-        for j, model in enumerate(models):
-            xs, ys, err_lo, err_hi, fam = [], [], [], [], None
-            for i, m in enumerate(cols):
-                s = m["points"].get(model)
-                if s is None:
-                    continue
-                fam = s["family"]
-                mean = 100 * s["accuracy_mean"]
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(mean)
-                err_lo.append(mean - 100 * s["ci_low"] if s["ci_low"] is not None else 0.0)
-                err_hi.append(100 * s["ci_high"] - mean if s["ci_high"] is not None else 0.0)
-            ax.bar(
-                xs,
-                ys,
-                width=width * 0.92,
-                color=colors[model],
-                alpha=0.85,
-                label=f"{fam} · {model}",
-                yerr=[err_lo, err_hi],
-                capsize=3,
-                error_kw={"elinewidth": 1},
-            )
-            base = bases.get(model)
-            if base is not None:
-                ax.axhline(
-                    100 * base["accuracy_mean"], color=colors[model], ls=":", lw=1.2, label=f"{model} base (0 params)"
-                )
-        ax.set_xticks(range(len(cols)), [_fmt_count(m["params"]) for m in cols])
-        ax.set_xlabel("trainable parameters (matched counts)")
-        ax.set_ylabel(_ylabel(scorer))
-        ax.set_title(f"{algo}", fontsize=10)
-        ax.grid(True, axis="y", alpha=0.3)
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: "(0 params)" in labels[i])  # bars first, then bases
-    handles, labels = [handles[i] for i in order], [labels[i] for i in order]
-    axes[0][-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.suptitle(f"{TITLES[key]} — {_task_title(task, scorer)}", fontsize=11)
+    if not any(s["kind"] in FAMILY_KINDS and s["trainable_params"] > 0 for s in settings):
+        return _skip(key, task, scorer, "no TinyLoRA or LoRA cell")
+    fig = family_figure(rows, settings, task, scorer, colors)
     caption = (
-        "Only parameter counts run on both families (exact match), per algorithm; bars are the mean over "
-        "seeds of the best setting at that count, error bars its 95% t-interval; dotted lines are each "
-        "model's base accuracy."
+        "One panel per algorithm, one colour per model (blue Qwen, red Llama). Circles joined by a line: "
+        "TinyLoRA, the mean accuracy over seeds of the best setting at each trainable-parameter count (with "
+        "tie=all the count is u on every model), band and bars its 95% t-interval over seeds, dots single "
+        "seeds. Stars: LoRA, annotated with its rank; the smallest rank run (r=1 in the family study) is each "
+        "model's reference budget, and its parameter count differs per model. Diamonds left of the break: "
+        "the base model (0 trainable parameters). Dotted lines: half of each model's LoRA gain over its base, "
+        "base + ½·(LoRA − base); the table below gives the normalized gain at each budget."
     )
     return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
+
+
+def family_figure(rows, settings, task, scorer, colors) -> Figure:
+    """The family view's figure: a panel per algorithm (title = algo), TinyLoRA curve, LoRA stars and base per model."""
+    trained = [s for s in settings if s["kind"] in FAMILY_KINDS and s["trainable_params"] > 0]
+    algos = sorted({s["algo"] for s in trained})
+    models = sorted({(s["family"], s["model"]) for s in trained})
+    bases = _models_with_base(settings, rows)
+    positive = sorted({s["trainable_params"] for s in trained})
+    fig = Figure(figsize=(2.5 + 4.6 * len(algos), 4.8), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(algos), squeeze=False, sharey=True)
+    for ax, algo in zip(axes[0], algos):
+        base_x = _log_x(ax, positive, with_base=any(b is not None for b in bases.values()), unit="parameters")
+        for family, model in models:
+            mine = [s for s in trained if s["model"] == model and s["algo"] == algo]
+            _draw_family_model(ax, mine, bases.get(model), base_x, colors[model], f"{family} · {model}")
+        ax.set_title(algo, fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].set_ylabel(_ylabel(scorer))
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    labels = sorted(handles, key=lambda lb: (lb.rsplit(" · ", 1)[0], FAMILY_PARTS.index(lb.rsplit(" · ", 1)[1])))
+    fig.legend(
+        [handles[lb] for lb in labels], labels, loc="upper left", bbox_to_anchor=(1.0, 0.92), fontsize=8, frameon=False
+    )
+    fig.suptitle(f"{TITLES['family']} — {_task_title(task, scorer)}", fontsize=11)
+    return fig
+
+
+def _draw_family_model(ax, settings: list, base: Optional[dict], base_x, color: str, label: str) -> None:
+    """One model in one panel: its TinyLoRA curve, its LoRA stars, its base and the half-LoRA-gain line."""
+    best, others = frontier([s for s in settings if s["kind"] == "tinylora"])
+    if best:
+        _draw_curve(ax, best, others, "trainable_params", color, "-", "o", f"{label} · TinyLoRA")
+    for s in sorted((s for s in settings if s["kind"] == "lora"), key=lambda s: s["r"]):
+        m = 100 * s["accuracy_mean"]
+        yerr = None if s["ci_low"] is None else [[m - 100 * s["ci_low"]], [100 * s["ci_high"] - m]]
+        ax.errorbar(
+            [s["trainable_params"]],
+            [m],
+            yerr=yerr,
+            marker="*",
+            ms=13,
+            color=color,
+            mec="black",
+            mew=0.7,
+            capsize=2.5,
+            ls="none",
+            label=f"{label} · LoRA",
+            zorder=4,
+        )
+        ax.annotate(
+            f"r={s['r']}",
+            (s["trainable_params"], m),
+            xytext=(7, -3),
+            textcoords="offset points",
+            fontsize=7,
+            color="0.3",
+        )
+    _draw_base(ax, base, base_x, color, f"{label} · base (0 params)")
+    lora = lora_reference(settings)
+    if base is not None and lora is not None and lora["accuracy_mean"] > base["accuracy_mean"]:
+        half = 100 * (base["accuracy_mean"] + HALF * (lora["accuracy_mean"] - base["accuracy_mean"]))
+        ax.axhline(half, color=color, ls=":", lw=1.1, label=f"{label} · ½ of LoRA's gain", zorder=1)
 
 
 # -- 6. RL vs SFT --------------------------------------------------------------------------------

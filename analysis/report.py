@@ -10,6 +10,8 @@ Reads only `<sweep>/<cell>/result.json`. Writes into the output folder:
   summary_groups.csv   one row per setting, seeds aggregated: mean accuracy and 95% t-interval
   summary.md           readable tables, GPU-hours per sweep and per axis value, skipped cells and why
   <panel>__<task>-<scorer>.png   the plots (one set per task and scorer; see plots.py)
+  family.csv           the family study, when some task has LoRA and TinyLoRA cells: per model, algorithm and
+                       TinyLoRA budget, the normalized gain against LoRA r=1 and the half-LoRA budget (family.py)
   transfer.csv, transfer__<model>-<algo>-<adapter>.png, task_curves__<model>.png   when cells were evaluated on
                        other tasks (eval.tasks): the transfer matrix and per-task curves (transfer.py)
   index.html           the page to open: plots, tables, notes (PNGs referenced relatively)
@@ -37,6 +39,7 @@ from .data import (
     rl_sft_gap,
     task_groups,
 )
+from .family import FAMILY_COLUMNS, family_gains, half_lora_label
 from .plots import PAPER_TASK, make_plots
 from .transfer import (
     TRANSFER_COLUMNS,
@@ -95,6 +98,9 @@ def analyze(
         plots += make_plots(rows, mine, out_dir, task, scorer, reference)
     gap = rl_sft_gap(settings)
     matched = matched_families(settings)
+    gains = family_gains(sweeps.rows, settings)
+    if gains:
+        write_csv(out_dir / "family.csv", gains, FAMILY_COLUMNS)
     transfer = transfer_report(sweeps.rows, out_dir)
     compared = comparisons(sweeps.rows)
     if compared:
@@ -108,12 +114,13 @@ def analyze(
             )
     (out_dir / "summary.md").write_text(
         summary_markdown(sweeps, settings, plots, gap, matched, reference, wandb_notes)
+        + family_markdown(gains)
         + comparison_markdown(compared)
         + transfer_markdown(transfer)
     )
     page = out_dir / "index.html"
     page.write_text(
-        render_html(sweeps, settings, plots, gap, matched, reference, wandb_notes).replace(
+        render_html(sweeps, settings, plots, gap, matched, gains, reference, wandb_notes).replace(
             "</body></html>", comparison_html(compared) + transfer_html(transfer) + "</body></html>"
         )
     )
@@ -172,6 +179,84 @@ def comparison_html(compared: list) -> str:
         return ""
     return f"<h2>Comparisons</h2><p class='small'>{html.escape(COMPARISON_NOTE)}</p>" + _html_table(
         *comparison_table(compared)
+    )
+
+
+FAMILY_NOTE = (
+    "Normalized gain = (accuracy − base) / (LoRA − base): the share of a model's LoRA gain over its base (same "
+    "algorithm; LoRA at the smallest rank run, r=1 in the family study) that TinyLoRA gets at each budget (the best "
+    "TinyLoRA setting at that trainable-parameter count, seeds averaged); 1 = LoRA's gain, 0 = the base. 95% "
+    "interval: percentile bootstrap over seeds and problems (the held-out problems resampled together for the "
+    "budget, LoRA and the base; analysis/compare.py). Half-LoRA budget: the smallest budget whose mean normalized "
+    "gain is at least ½. Undefined where LoRA does not beat the base (no gain to take a share of) or a model has "
+    "no LoRA cell. Per row: family.csv."
+)
+
+
+def family_table(gains: list) -> tuple:
+    header = [
+        "task",
+        "scorer",
+        "model",
+        "algo",
+        "params",
+        "accuracy %",
+        "seeds",
+        "base %",
+        "LoRA r (params)",
+        "LoRA %",
+        "normalized gain",
+        "95% interval (bootstrap: seeds, problems)",
+        "half-LoRA budget",
+        "note",
+    ]
+    body = []
+    for g in gains:
+        body.append(
+            [
+                g["task"],
+                g["scorer"],
+                g["model"],
+                g["algo"],
+                f"{g['params']:,}",
+                _pct(g["accuracy"]),
+                str(g["n_seeds"]),
+                _pct(g["base_accuracy"]),
+                "" if g["lora_r"] is None else f"{g['lora_r']} ({g['lora_params']:,})",
+                _pct(g["lora_accuracy"]),
+                "undefined" if g["gain"] is None else f"{g['gain']:.2f}",
+                _gain_interval(g),
+                _half_budget(g),
+                g["note"],
+            ]
+        )
+    return header, body
+
+
+def _gain_interval(g: dict) -> str:
+    if g["gain"] is None:
+        return ""
+    return "unbounded" if g["gain_low"] is None else f"[{g['gain_low']:.2f}, {g['gain_high']:.2f}]"
+
+
+def _half_budget(g: dict) -> str:
+    half = half_lora_label(g)
+    return half if isinstance(half, str) else f"{half:,}"
+
+
+def family_markdown(gains: list) -> str:
+    if not gains:
+        return ""
+    return "\n".join(
+        ["## Family study: share of LoRA's gain", "", FAMILY_NOTE, "", _md_table(*family_table(gains)), "", ""]
+    )
+
+
+def family_html(gains: list) -> str:
+    if not gains:
+        return ""
+    return f"<h3>Share of LoRA's gain per budget</h3><p class='small'>{html.escape(FAMILY_NOTE)}</p>" + _html_table(
+        *family_table(gains)
     )
 
 
@@ -476,7 +561,14 @@ def _html_table(header: list, body: list) -> str:
 
 
 def render_html(
-    sweeps: Sweeps, settings: list, plots: list, gap: list, matched: list, reference: bool, wandb_notes: list
+    sweeps: Sweeps,
+    settings: list,
+    plots: list,
+    gap: list,
+    matched: list,
+    gains: list,
+    reference: bool,
+    wandb_notes: list,
 ) -> str:
     e = html.escape
     counts = sweeps.counts()
@@ -523,7 +615,10 @@ def render_html(
                 parts.append(_html_table(*gap_table(rows)))
             if p.key == "family" and p.file:
                 rows = [m for m in matched if (m["task"], m["scorer"]) == (task, scorer)]
-                parts.append(_html_table(*matched_table(rows)))
+                if rows:
+                    parts.append(_html_table(*matched_table(rows)))
+            if p.key == "family":  # the gains stand without the figure (one family): a model against its LoRA
+                parts.append(family_html([g for g in gains if (g["task"], g["scorer"]) == (task, scorer)]))
     parts += [
         "<h2>Accuracy per setting</h2>",
         "<p class='small'>Seeds aggregated: mean ± half-width of the 95% t-interval (a single seed has no "

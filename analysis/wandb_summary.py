@@ -8,6 +8,7 @@ is read or written here: online mode uses whatever `wandb login` set up.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -15,6 +16,8 @@ from typing import Optional
 from tinyablate.wandb_files import wait_for_exit_record
 
 from .data import CSV_COLUMNS, aggregate
+from .family import FAMILY_COLUMNS, family_gains, half_lora_label
+from .plots import model_colors, plot_family
 from .transfer import TRANSFER_COLUMNS, has_cross_task, transfer_rows
 
 PROJECT = "tinyablate"
@@ -38,6 +41,24 @@ def _cell(column: str, value):
     return str(value) if column in _STRING_COLUMNS else value
 
 
+def _log_family(log: dict, summary: dict, prefix: str, rows: list, settings: list, media: Path) -> None:
+    """The family view of one task and scorer (`rows`, `settings`): its figure, gain table and half-LoRA budgets."""
+    import wandb
+
+    task, scorer = rows[0]["task"], rows[0]["scorer"]
+    plot = plot_family(rows, settings, media, task, scorer, model_colors(settings))
+    if plot.file:
+        log[f"{prefix}/family"] = wandb.Image(str(media / plot.file), caption=plot.caption)
+    gains = family_gains(rows, settings)
+    if not gains:
+        return
+    log[f"{prefix}/family_gain"] = wandb.Table(
+        columns=FAMILY_COLUMNS, data=[[g[c] for c in FAMILY_COLUMNS] for g in gains]
+    )
+    for g in gains:
+        summary[f"half_lora/{prefix}/{g['model']} · {g['algo']}"] = half_lora_label(g)
+
+
 def log_wandb_summary(
     rows: list, sweep: str, mode: str, out_dir: Path, *, project: str = PROJECT, entity: Optional[str] = None
 ) -> Optional[Path]:
@@ -46,9 +67,12 @@ def log_wandb_summary(
     Logged: `cells` (a wandb.Table of every completed cell, CSV columns plus `line` =
     "family · algo" and log10_params), and per task/scorer `<task>/acc_vs_params` (a line series of
     mean accuracy vs log10 trainable parameters, one line per family · model · algo) plus
-    `<task>/scatter/<family>-<algo>` (accuracy of every cell vs log10 parameters). Summary values:
-    n_cells, gpu_hours, and the best mean accuracy per line under `best/<task>/<line>`. When cells were
-    evaluated on other tasks (eval.tasks), `transfer`: a table of every (cell, evaluation task).
+    `<task>/scatter/<family>-<algo>` (accuracy of every cell vs log10 parameters), and the family view where
+    the report has it: `<task>/family` (the report's figure, an image) and `<task>/family_gain` (family.csv's
+    table: the normalized gain against LoRA per model, algorithm and budget). Summary values: n_cells,
+    gpu_hours, the best mean accuracy per line under `best/<task>/<line>` and the half-LoRA budget per model and
+    algorithm under `half_lora/<task>/<model> · <algo>` (a count, "not reached" or "undefined"). When cells
+    were evaluated on other tasks (eval.tasks), `transfer`: a table of every (cell, evaluation task).
     """
     import wandb  # only when a summary run is asked for: importing it costs ~0.5 s
 
@@ -77,6 +101,7 @@ def log_wandb_summary(
         settings=wandb.Settings(console="off", silent=True, disable_code=True),
     )
     sync_file = getattr(run.settings, "sync_file", None)
+    media = tempfile.TemporaryDirectory()  # the family figure, until run.log has copied it into the run
     try:
         columns = table_columns()
         data = []
@@ -92,8 +117,10 @@ def log_wandb_summary(
         for task, scorer in tasks:
             prefix = f"{task}-{scorer}" if scorer else task
             mine = [r for r in rows if (r["task"], r["scorer"]) == (task, scorer)]
+            settings = aggregate(mine)
+            _log_family(log, summary, prefix, mine, settings, Path(media.name))
             lines = defaultdict(list)
-            for g in aggregate(mine):
+            for g in settings:
                 if g["trainable_params"] > 0:
                     lines[f"{g['family']} · {g['model']} · {g['algo']}"].append(g)
             keys, xs, ys = [], [], []
@@ -147,6 +174,8 @@ def log_wandb_summary(
     except BaseException:
         run.finish(exit_code=1)
         raise
+    finally:
+        media.cleanup()
     run.finish()
     if mode == "disabled" or not sync_file:
         return None
