@@ -48,6 +48,8 @@ OMIT_AT_DEFAULT = {
     ("algo", "nonfinite"): "fail",
     ("algo", "rollout_correction"): "none",
     ("algo", "rollout_is_cap"): 2.0,
+    ("algo", "collapse_steps"): 5,
+    ("algo", "on_collapse"): "record",
 }
 
 # Adapter fields a kind ignores: two cells differing only there are the same cell.
