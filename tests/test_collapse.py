@@ -5,6 +5,7 @@ status lines, and the settings' refusal."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from transformers import TrainerControl, TrainerState
@@ -225,3 +226,22 @@ def test_the_library_names_collapse_reasons_once():
     from tinyablate.cell_folder import COLLAPSE_REASONS
 
     assert {step_reason(stats(**k)) for k in (SAME_REWARDS, EMPTY, AT_CAP)} == set(COLLAPSE_REASONS)
+
+
+def test_a_cell_stopped_at_a_collapse_does_not_calibrate_the_cost_model(tmp_path):
+    from hydra_plugins.tinyablate.plan import completed_cells
+    from test_cell_folder import completed
+    from tinyablate.cell_folder import CollapseRecord
+    from tinyablate.config import spec_to_dict
+
+    spec = tiny_spec(tmp_path, max_steps=4)
+    folder = CellFolder.of(spec)
+    result = completed(cell_id(spec))
+    result.config = spec_to_dict(spec)
+    folder.write_result(result)
+    cells = [SimpleNamespace(folder=folder)]
+    assert [hours for _, hours in completed_cells(cells)] == [0.0]  # a whole run: it calibrates
+    result.algo.steps = result.metrics.train_steps = 2
+    result.metrics.collapse = CollapseRecord(step=1, detected_step=2, reason="length_cap", stopped=True)
+    folder.write_result(result)
+    assert completed_cells(cells) == []  # two of its four steps: its time is not a cell's
