@@ -14,7 +14,7 @@ from typing import Optional
 
 from tinyablate.wandb_files import wait_for_exit_record
 
-from .data import CSV_COLUMNS, aggregate
+from .data import CSV_COLUMNS, aggregate, collapsed
 from .transfer import TRANSFER_COLUMNS, has_cross_task, transfer_rows
 
 PROJECT = "tinyablate"
@@ -45,9 +45,9 @@ def log_wandb_summary(
 
     Logged: `cells` (a wandb.Table of every completed cell, CSV columns plus `line` =
     "family · algo" and log10_params), and per task/scorer `<task>/acc_vs_params` (a line series of
-    mean accuracy vs log10 trainable parameters, one line per family · model · algo) plus
-    `<task>/scatter/<family>-<algo>` (accuracy of every cell vs log10 parameters). Summary values:
-    n_cells, gpu_hours, and the best mean accuracy per line under `best/<task>/<line>`. When cells were
+    mean accuracy vs log10 trainable parameters, one line per family · model · algo; collapsed cells are in no
+    mean) plus `<task>/scatter/<family>-<algo>` (accuracy of every cell vs log10 parameters). Summary values:
+    n_cells, n_collapsed, gpu_hours, and the best mean accuracy per line under `best/<task>/<line>`. When cells were
     evaluated on other tasks (eval.tasks), `transfer`: a table of every (cell, evaluation task).
     """
     import wandb  # only when a summary run is asked for: importing it costs ~0.5 s
@@ -89,6 +89,7 @@ def log_wandb_summary(
         cells = wandb.Table(columns=columns, data=data)
         log = {"cells": cells}
         summary = {"n_cells": len(rows), "gpu_hours": sum(r["gpu_hours"] for r in rows)}
+        summary["n_collapsed"] = len(collapsed(rows))  # their table rows have collapse_step; no mean holds them
         for task, scorer in tasks:
             prefix = f"{task}-{scorer}" if scorer else task
             mine = [r for r in rows if (r["task"], r["scorer"]) == (task, scorer)]
