@@ -182,6 +182,22 @@ def test_completions_forced_to_the_end_token_stop_the_cell_when_asked(tmp_path, 
         Result.parse(raw)
 
 
+def test_a_resumed_cell_counts_on_from_its_checkpoint(tmp_path, monkeypatch):
+    """Steps 1-2 degenerate, checkpoint 2, then killed: the resumed cell names the collapse at step 3, not step 5."""
+    import shutil
+
+    constant_reward(monkeypatch)
+    force_completions(monkeypatch, [2, 3])
+    spec = collapse_spec(tmp_path, max_steps=4, save_steps=2, collapse_steps=3)
+    first = Result.parse(run_cell(spec))
+    folder = CellFolder.of(spec)
+    folder.file("result.json").unlink()  # as if killed after step 2's checkpoint
+    shutil.rmtree(folder.file(CHECKPOINTS_DIR) / "checkpoint-4")
+    again = Result.parse(run_cell(spec))
+    assert again.metrics.resumed_from_step == 2
+    assert again.metrics.collapse == first.metrics.collapse and again.metrics.collapse.detected_step == 3
+
+
 # -- the settings ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "field,value,expected",
