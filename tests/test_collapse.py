@@ -14,7 +14,7 @@ from test_cell import tiny_spec
 from tinyablate.cell import run_cell
 from tinyablate.cell_folder import CHECKPOINTS_DIR, CellFolder, Result, ResultError
 from tinyablate.config import ConfigError, LoggerConfig, cell_id, validate_spec
-from tinyablate.console import end_lines
+from tinyablate.console import collapse_note, end_lines
 from tinyablate.status import cell_row, format_table
 from tinyablate.tasks.base import Task
 from tinyablate.train.collapse import CollapseWatch, step_reason
@@ -174,6 +174,7 @@ def test_completions_forced_to_the_end_token_stop_the_cell_when_asked(tmp_path, 
         True,
     )
     assert result.completed and result.collapsed and result.algo.steps == 2  # of 6: stopped where it was named
+    assert cell_row(CellFolder.of(spec).path)["collapse"].endswith(", training stopped at step 2")
     checkpoints = CellFolder.of(spec).file(CHECKPOINTS_DIR)
     assert not (checkpoints / "checkpoint-2").exists()  # the stop step is not a checkpoint: a resume trains to it
     raw = result.to_dict()
@@ -232,6 +233,8 @@ def test_the_result_field_round_trips_and_older_results_lack_it():
     back = Result.parse(raw)
     assert back.metrics.collapse.recovered_step == 9 and not back.metrics.collapse.stopped
     assert not back.collapsed  # recovered: it counts in the means
+    note = "collapsed at steps 3-8 (every completion cut at algo.max_completion_length), then recovered"
+    assert collapse_note(back.metrics.collapse.to_dict()) == note  # the status table's line under the cell
     assert Result.parse(back.to_dict()).to_dict() == back.to_dict()
     raw["metrics"]["collapse"] = {"step": 3, "reason": "length_cap"}
     with pytest.raises(ResultError, match="metrics.collapse.detected_step is missing"):
