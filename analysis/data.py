@@ -3,7 +3,8 @@
 Only `result.json` files are read (never logs or stdout), through tinyablate.cell_folder (the result
 schema). A cell folder is one holding `result.json`, `spec.json` or `running.json`; hidden folders
 (`.submitit`, `.hydra`) are skipped. A folder given may be a sweep folder (cells inside) or the output
-root (sweep folders inside).
+root (sweep folders inside). A completed cell whose training ended collapsed stays in the rows (summary.csv's
+collapse_step) but in no mean (`aggregate`, `measured`: COLLAPSE_NOTE).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ CSV_COLUMNS = [
     "wall_s",
     "quantization",
     "base_bytes",
+    "collapse_step",
 ]
 # Axes whose values get a GPU-hours line in summary.md.
 AXES = ["task", "model", "family", "algo", "kind", "r", "u", "tie", "sharing", "precision", "quantization", "seed"]
@@ -76,10 +78,34 @@ class Sweeps:
     skipped: list = field(default_factory=list)  # Skipped
 
     def counts(self) -> dict:
-        out = {"completed": len(self.rows)}
+        """Cells per state; "collapsed": the completed cells whose training collapsed (is_collapsed)."""
+        out = {"completed": len(self.rows), "collapsed": len(collapsed(self.rows))}
         for s in self.skipped:
             out[s.state] = out.get(s.state, 0) + 1
         return out
+
+
+# -- collapsed cells: drawn and counted, never averaged ------------------------------------------
+COLLAPSE_NOTE = (
+    "A cell whose GRPO training ended collapsed (result.json's metrics.collapse: for algo.collapse_steps steps in a "
+    "row every group's rewards were equal, or every completion was empty or cut at the length cap) is left out of "
+    "every mean, interval, curve and comparison here; the plots draw it as a black ×, the tables count it."
+)
+
+
+def is_collapsed(row: dict) -> bool:
+    """A completed cell whose training ended collapsed (its collapse did not recover): never averaged."""
+    return row.get("collapse_step") is not None
+
+
+def measured(rows: list) -> list:
+    """The rows the means are taken over: every completed cell that did not end collapsed."""
+    return [r for r in rows if not is_collapsed(r)]
+
+
+def collapsed(rows: list) -> list:
+    """The completed cells whose training ended collapsed: drawn, listed and counted apart."""
+    return [r for r in rows if is_collapsed(r)]
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -213,6 +239,9 @@ def result_row(result: Result, sweep: str) -> dict:
         "lr": algo.learning_rate,
         "quantization": model.quantization or (config.get("model") or {}).get("quantization") or "none",
         "base_bytes": model.base_bytes,  # the frozen base as stored (schema 2)
+        # the step a collapse that lasted to the end of training began (None: none, or it recovered)
+        "collapse_step": metrics.collapse.step if result.collapsed else None,
+        "collapse": metrics.collapse.to_dict() if result.collapsed else None,  # not a CSV column
         # per evaluation task, as plain dicts (analysis/transfer.py); not a CSV column
         "tasks": {name: m.to_dict() for name, m in result.task_metrics().items()},
     }
@@ -305,27 +334,31 @@ GROUP_FIELDS = [
 
 
 def aggregate(rows: list) -> list:
-    """One dict per setting (cells with the same config_key): mean accuracy and its 95% interval."""
+    """One dict per setting (cells with the same config_key): mean accuracy and its 95% interval over the cells that
+    did not collapse (`n_collapsed` counts the others; a setting whose every cell collapsed has no mean: left out)."""
     groups = defaultdict(list)
     for row in rows:
         groups[row["config_key"]].append(row)
     out = []
-    for key, cells in groups.items():
-        cells.sort(key=lambda r: str(r["seed"]))
+    for key, every in groups.items():
+        cells = sorted(measured(every), key=lambda r: str(r["seed"]))
+        if not cells:
+            continue
         mean, lo, hi = mean_ci([c["accuracy"] for c in cells])
         g = {f: cells[0].get(f) for f in GROUP_FIELDS}
         g.update(
             config_key=key,
             n_seeds=len(cells),
+            n_collapsed=len(every) - len(cells),
             seeds=[c["seed"] for c in cells],
             accuracies=[c["accuracy"] for c in cells],
             accuracy_mean=mean,
             ci_low=lo,
             ci_high=hi,
             base_accuracy=_mean([c["base_accuracy"] for c in cells if c["base_accuracy"] is not None]),
-            gpu_hours=sum(c["gpu_hours"] for c in cells),
-            wall_s=sum(c["wall_s"] for c in cells),
-            sweeps=sorted({c["sweep"] for c in cells}),
+            gpu_hours=sum(c["gpu_hours"] for c in every),  # what the setting cost, collapsed seeds included
+            wall_s=sum(c["wall_s"] for c in every),
+            sweeps=sorted({c["sweep"] for c in every}),
         )
         out.append(g)
     out.sort(

@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from .data import base_point, frontier, rl_sft_gap
+from .data import base_point, collapsed, frontier, rl_sft_gap
 from .family import HALF, lora_reference
 
 # The TinyLoRA paper (arXiv 2602.04118): Qwen2.5-7B-Instruct on GSM8K trained with GRPO.
@@ -34,6 +34,7 @@ FAMILY_COLORS = {
 OTHER_COLORS = ["#2e8b57", "#7f7f7f", "#bcbd22", "#9edae5"]
 ALGO_STYLE = {"grpo": ("-", "o"), "sft": ("--", "s")}
 REF_COLOR = "0.35"
+COLLAPSED_STYLE = {"marker": "X", "color": "black", "s": 42, "zorder": 5}  # cells whose training collapsed
 DPI = 110
 
 
@@ -189,6 +190,19 @@ def _draw_curve(ax, best: list, others: list, x: str, color: str, ls: str, marke
         )
 
 
+def _draw_collapsed(ax, rows: list, x: str) -> str:
+    """Each cell whose training collapsed as a black × where it ended (never in a mean); the caption's sentence."""
+    cells = [r for r in collapsed(rows) if r[x]]
+    if not cells:
+        return ""
+    label = f"collapsed in training ({len(cells)} cells; not in any mean)"
+    ax.scatter([r[x] for r in cells], [100 * r["accuracy"] for r in cells], label=label, **COLLAPSED_STYLE)
+    return (
+        f" Black × are the {len(cells)} cells whose GRPO training collapsed, drawn where they ended and left out of "
+        "every mean, band and line."
+    )
+
+
 def _draw_base(ax, base: Optional[dict], base_x: Optional[float], color: str, label: str) -> None:
     if base is None or base_x is None:
         return
@@ -248,6 +262,7 @@ def plot_params(rows, settings, out_dir, task, scorer, colors, reference: bool) 
     fig, axes = _new_figure()
     ax = axes[0][0]
     xs = positive + ([p for p, _ in PAPER_POINTS] if draw_ref else [])
+    xs += [r["trainable_params"] for r in collapsed(rows) if r["trainable_params"] > 0]
     with_base = draw_ref or any(b is not None for b in bases.values())
     base_x = _log_x(ax, xs, with_base=with_base, unit="parameters")
     for model, algo in sorted({(s["model"], s["algo"]) for s in settings}):
@@ -261,6 +276,7 @@ def plot_params(rows, settings, out_dir, task, scorer, colors, reference: bool) 
         )
     for model, base in bases.items():
         _draw_base(ax, base, base_x, colors[model], f"{model} base (0 params)")
+    collapse_note = _draw_collapsed(ax, rows, "trainable_params")
     if draw_ref:
         ax.plot(
             [p for p, _ in PAPER_POINTS],
@@ -291,7 +307,7 @@ def plot_params(rows, settings, out_dir, task, scorer, colors, reference: bool) 
         "Lines join the best setting at each parameter count (colour: model, blue Qwen / red Llama; "
         "style: algorithm); hollow markers are other settings with that count; dots are single seeds. "
         "Diamonds left of the break are the base model (0 trainable parameters)."
-    )
+    ) + collapse_note
     if draw_ref:
         caption += (
             " Grey stars are the TinyLoRA paper's Qwen2.5-7B-Instruct GSM8K points (0 → 88.2%, 1 → 82.0%, "
@@ -315,7 +331,8 @@ def plot_bytes(rows, settings, out_dir, task, scorer, colors) -> Plot:
     bases = _models_with_base(settings, rows)
     fig, axes = _new_figure()
     ax = axes[0][0]
-    base_x = _log_x(ax, positive, with_base=any(b is not None for b in bases.values()), unit="bytes")
+    dropped = [r["trainable_bytes"] for r in collapsed(rows) if r["trainable_params"] > 0 and r["trainable_bytes"]]
+    base_x = _log_x(ax, positive + dropped, with_base=any(b is not None for b in bases.values()), unit="bytes")
     bits_markers = {32: "o", 16: "s", 8: "^"}
     bits_seen = set()
     lines = defaultdict(list)
@@ -340,6 +357,7 @@ def plot_bytes(rows, settings, out_dir, task, scorer, colors) -> Plot:
         )
     for model, base in bases.items():
         _draw_base(ax, base, base_x, colors[model], f"{model} base (0 bytes)")
+    collapse_note = _draw_collapsed(ax, rows, "trainable_bytes")
     ax.set_ylabel(_ylabel(scorer))
     _finish(fig, ax, f"{TITLES[key]} — {_task_title(task, scorer)}")
     bits_txt = ", ".join(f"{b:g}" for b in sorted(bits_seen))
@@ -350,6 +368,7 @@ def plot_bytes(rows, settings, out_dir, task, scorer, colors) -> Plot:
     )
     if len(bits_seen) < 2:
         caption += " Precision takes one value in these cells, so this is the parameter plot rescaled."
+    caption += collapse_note
     return Plot(key, TITLES[key], task, scorer, _save(fig, out_dir, file_name(key, task, scorer)), caption)
 
 

@@ -6,8 +6,9 @@ Analyse sweep folders into summary tables, plots and one HTML page.
     page = analyze([Path("runs/embedded")], Path("reports/embedded"))   # -> reports/embedded/index.html
 
 Reads only `<sweep>/<cell>/result.json`. Writes into the output folder:
-  summary.csv          one row per completed cell (data.CSV_COLUMNS)
-  summary_groups.csv   one row per setting, seeds aggregated: mean accuracy and 95% t-interval
+  summary.csv          one row per completed cell (data.CSV_COLUMNS; collapse_step: the cell's training ended collapsed)
+  summary_groups.csv   one row per setting, seeds aggregated: mean accuracy and 95% t-interval over the cells that did
+                       not collapse (n_collapsed: the others; data.COLLAPSE_NOTE)
   summary.md           readable tables, GPU-hours per sweep and per axis value, skipped cells and why
   <panel>__<task>-<scorer>.png   the plots (one set per task and scorer; see plots.py)
   family.csv           the family study, when some task has LoRA and TinyLoRA cells: per model, algorithm and
@@ -27,15 +28,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from tinyablate.cell_folder import COLLAPSE_REASONS
+
 from .compare import comparisons
 from .data import (
     AXES,
+    COLLAPSE_NOTE,
     CSV_COLUMNS,
     GROUP_FIELDS,
     Sweeps,
     aggregate,
+    collapsed,
     load_sweeps,
     matched_families,
+    measured,
     rl_sft_gap,
     task_groups,
 )
@@ -56,6 +62,7 @@ from .wandb_summary import log_wandb_summary
 # summary_groups.csv: what a setting keeps from its cells (data.GROUP_FIELDS), then its aggregate over seeds.
 GROUP_COLUMNS = GROUP_FIELDS + [
     "n_seeds",
+    "n_collapsed",
     "seeds",
     "accuracy_mean",
     "ci_low",
@@ -95,14 +102,15 @@ def analyze(
     plots = []
     for (task, scorer), rows in task_groups(sweeps.rows).items():
         mine = [s for s in settings if (s["task"], s["scorer"]) == (task, scorer)]
-        plots += make_plots(rows, mine, out_dir, task, scorer, reference)
+        if mine:  # (none: every cell of this task collapsed; the collapsed cells' table lists them)
+            plots += make_plots(rows, mine, out_dir, task, scorer, reference)
     gap = rl_sft_gap(settings)
     matched = matched_families(settings)
-    gains = family_gains(sweeps.rows, settings)
+    gains = family_gains(measured(sweeps.rows), settings)  # means: collapsed cells left out (data.COLLAPSE_NOTE)
     if gains:
         write_csv(out_dir / "family.csv", gains, FAMILY_COLUMNS)
-    transfer = transfer_report(sweeps.rows, out_dir)
-    compared = comparisons(sweeps.rows)
+    transfer = transfer_report(measured(sweeps.rows), out_dir)
+    compared = comparisons(measured(sweeps.rows))
     if compared:
         write_csv(out_dir / "comparisons.csv", compared, COMPARISON_COLUMNS)
     wandb_notes = []
@@ -145,7 +153,7 @@ COMPARISON_COLUMNS = [
 COMPARISON_NOTE = (
     "A − B in accuracy points with a 95% interval from a bootstrap over seeds and problems (paired: "
     "the same held-out problems); settings at one parameter count that differ in one axis "
-    "(analysis/compare.py). Unresolved: the interval holds 0."
+    "(analysis/compare.py). Unresolved: the interval holds 0. Cells whose training collapsed are left out."
 )
 
 
@@ -277,7 +285,7 @@ TRANSFER_NOTE = (
     "cells trained on each task (rows), one matrix per model, algorithm and adapter (lora+nf4 is QLoRA), "
     "all budgets and seeds together; [95% interval] is a "
     "t-interval over the cells, or for a single cell the binomial interval of its change; n = cells. "
-    "Per cell: transfer.csv."
+    "Per cell: transfer.csv. Cells whose training collapsed are left out."
 )
 
 
@@ -395,6 +403,7 @@ def setting_table(settings: list) -> tuple:
         "bits/param",
         "accuracy % (±95% CI)",
         "seeds",
+        "collapsed",
         "base %",
         "GPU-h",
     ]
@@ -417,11 +426,39 @@ def setting_table(settings: list) -> tuple:
                 "" if s["bits_per_param"] is None else f"{s['bits_per_param']:g}",
                 _acc_ci(s),
                 str(s["n_seeds"]),
+                str(s["n_collapsed"] or ""),
                 _pct(s["base_accuracy"]),
                 f"{s['gpu_hours']:.3g}",
             ]
         )
     return header, body
+
+
+def collapsed_table(rows: list) -> tuple:
+    """(header, rows) of the completed cells whose training ended collapsed (data.COLLAPSE_NOTE)."""
+    header = ["sweep", "cell", "accuracy %", "collapsed since step", "named at step", "why", "training"]
+    body = [
+        [
+            r["sweep"],
+            r["cell_id"],
+            _pct(r["accuracy"]),
+            str(r["collapse"]["step"]),
+            str(r["collapse"]["detected_step"]),
+            COLLAPSE_REASONS.get(r["collapse"]["reason"], r["collapse"]["reason"]),
+            "stopped there" if r["collapse"].get("stopped") else "ran on",
+        ]
+        for r in collapsed(rows)
+    ]
+    return header, body
+
+
+def _counts(counts: dict) -> list:
+    """(number, words) per state for the page's head: the completed cells first, with how many of them collapsed."""
+    done = " completed"
+    if counts.get("collapsed"):
+        done += f" ({counts['collapsed']} of them collapsed, left out of the means)"
+    others = ("failed", "running", "interrupted", "pending", "unreadable")
+    return [(counts.get("completed", 0), done)] + [(counts.get(k, 0), f" {k}") for k in others]
 
 
 def gap_table(gap: list) -> tuple:
@@ -472,11 +509,7 @@ def summary_markdown(
         "",
         f"Sources: {', '.join(f'`{d}`' for d in sweeps.dirs)} — generated {time.strftime('%Y-%m-%d %H:%M')}",
         "",
-        "Cells: "
-        + ", ".join(
-            f"{counts.get(k, 0)} {k}"
-            for k in ("completed", "failed", "running", "interrupted", "pending", "unreadable")
-        ),
+        "Cells: " + ", ".join(f"{n}{words}" for n, words in _counts(counts)),
         "",
         "## Accuracy per setting (seeds aggregated: mean ± half-width of the 95% t-interval)",
         "",
@@ -528,6 +561,9 @@ def summary_markdown(
             f"- The TinyLoRA paper's reference points are for {PAPER_TASK} only: not drawn (no {PAPER_TASK} cells)."
         )
     out.append("")
+    if counts["collapsed"]:
+        out += ["## Collapsed cells (left out of the means)", "", COLLAPSE_NOTE, ""]
+        out += [_md_table(*collapsed_table(sweeps.rows)), ""]
     if sweeps.skipped:
         out += [
             "## Cells without a result",
@@ -579,13 +615,13 @@ def render_html(
         f"<p class='small'>Sources: {e(', '.join(map(str, sweeps.dirs)))} — generated "
         f"{e(time.strftime('%Y-%m-%d %H:%M'))}. Files: <a href='summary.csv'>summary.csv</a> (per cell), "
         "<a href='summary_groups.csv'>summary_groups.csv</a> (per setting), <a href='summary.md'>summary.md</a>.</p>",
-        "<p class='counts'>"
-        + "".join(
-            f"<span><b>{counts.get(k, 0)}</b> {k}</span>"
-            for k in ("completed", "failed", "running", "interrupted", "pending", "unreadable")
-        )
-        + "</p>",
+        "<p class='counts'>" + "".join(f"<span><b>{n}</b>{e(words)}</span>" for n, words in _counts(counts)) + "</p>",
     ]
+    if counts["collapsed"]:
+        parts.append(
+            f"<p class='note'>{counts['collapsed']} completed cell(s) collapsed in training: {e(COLLAPSE_NOTE)} See "
+            "<a href='#collapsed'>collapsed cells</a>.</p>"
+        )
     n_skipped = len(sweeps.skipped)
     if n_skipped:
         parts.append(
@@ -637,6 +673,11 @@ def render_html(
             [[a, v, n, f"{g:.3g}", f"{w:.3g}"] for a in AXES for v, n, g, w in tables[a]],
         ),
     ]
+    if counts["collapsed"]:
+        parts += [
+            "<h2 id='collapsed'>Collapsed cells (left out of the means)</h2>",
+            _html_table(*collapsed_table(sweeps.rows)),
+        ]
     if sweeps.skipped:
         parts += [
             "<h2 id='skipped'>Cells without a result</h2>",

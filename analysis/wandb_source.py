@@ -4,9 +4,10 @@
     results = results_from_wandb("my-entity/tinyablate", "paper_gsm8k")   # result.json-shaped dicts
 
 Each cell's W&B run (tinyablate.cell) holds the whole cell config, `cell_id`, `trainable_params`,
-`model_family`, `model_size` in its config and the final metrics in its summary; this rebuilds the
-fields of result.json that the analysis reads. Runs without a final `eval/accuracy` (running, failed)
-are left out. Needs network access and WANDB_API_KEY; nothing here is written to disk.
+`model_family`, `model_size` in its config and the final metrics (a collapse as `collapse/<field>`) in its
+summary; this rebuilds the fields of result.json that the analysis reads. Runs without a final
+`eval/accuracy` (running, failed) are left out. Needs network access and WANDB_API_KEY; nothing here is
+written to disk.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ def _result(config: dict, summary: dict, group: str) -> Optional[dict]:
             "base_accuracy": _last(summary.get("eval/base_accuracy")),
             "n_eval": summary.get("eval/n_eval"),
             "train_steps": summary.get("train_steps"),
+            "collapse": _collapse(summary),
         },
         "timing": {"gpu_hours": summary.get("gpu_hours", 0.0), "wall_s": summary.get("wall_s", 0.0)},
     }
+
+
+def _collapse(summary: dict) -> Optional[dict]:
+    """metrics.collapse from the run's `collapse/<field>` summary values (tinyablate.cell), None without them."""
+    fields = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith("collapse/")}
+    return fields or None

@@ -15,7 +15,7 @@ from typing import Optional
 
 from tinyablate.wandb_files import wait_for_exit_record
 
-from .data import CSV_COLUMNS, aggregate
+from .data import CSV_COLUMNS, aggregate, collapsed, measured
 from .family import FAMILY_COLUMNS, family_gains, half_lora_label
 from .plots import model_colors, plot_family
 from .transfer import TRANSFER_COLUMNS, has_cross_task, transfer_rows
@@ -49,7 +49,7 @@ def _log_family(log: dict, summary: dict, prefix: str, rows: list, settings: lis
     plot = plot_family(rows, settings, media, task, scorer, model_colors(settings))
     if plot.file:
         log[f"{prefix}/family"] = wandb.Image(str(media / plot.file), caption=plot.caption)
-    gains = family_gains(rows, settings)
+    gains = family_gains(measured(rows), settings)  # collapsed cells in no mean
     if not gains:
         return
     log[f"{prefix}/family_gain"] = wandb.Table(
@@ -66,11 +66,12 @@ def log_wandb_summary(
 
     Logged: `cells` (a wandb.Table of every completed cell, CSV columns plus `line` =
     "family · algo" and log10_params), and per task/scorer `<task>/acc_vs_params` (a line series of
-    mean accuracy vs log10 trainable parameters, one line per family · model · algo) plus
+    mean accuracy vs log10 trainable parameters, one line per family · model · algo; collapsed cells are in no
+    mean) plus
     `<task>/scatter/<family>-<algo>` (accuracy of every cell vs log10 parameters), and the family view where
     the report has it: `<task>/family` (the report's figure, an image) and `<task>/family_gain` (family.csv's
     table: the normalized gain against LoRA per model, algorithm and budget). Summary values: n_cells,
-    gpu_hours, the best mean accuracy per line under `best/<task>/<line>` and the half-LoRA budget per model and
+    n_collapsed, gpu_hours, the best mean accuracy per line under `best/<task>/<line>` and the half-LoRA budget per model and
     algorithm under `half_lora/<task>/<model> · <algo>` (a count, "not reached" or "undefined"). When cells
     were evaluated on other tasks (eval.tasks), `transfer`: a table of every (cell, evaluation task).
     """
@@ -114,6 +115,7 @@ def log_wandb_summary(
         cells = wandb.Table(columns=columns, data=data)
         log = {"cells": cells}
         summary = {"n_cells": len(rows), "gpu_hours": sum(r["gpu_hours"] for r in rows)}
+        summary["n_collapsed"] = len(collapsed(rows))  # their table rows have collapse_step; no mean holds them
         for task, scorer in tasks:
             prefix = f"{task}-{scorer}" if scorer else task
             mine = [r for r in rows if (r["task"], r["scorer"]) == (task, scorer)]

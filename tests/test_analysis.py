@@ -432,6 +432,8 @@ class _FakeRun:
             "train_steps": m["train_steps"],
             "gpu_hours": result["timing"]["gpu_hours"],
             "wall_s": result["timing"]["wall_s"],
+            # as tinyablate.cell logs a collapse: its fields but the None ones
+            **{f"collapse/{k}": v for k, v in (m.get("collapse") or {}).items() if v is not None},
         }
 
 
@@ -451,12 +453,15 @@ def test_results_read_back_from_wandb_runs_match_the_local_rows(tmp_path):
     from tinyablate.cell_folder import Result
 
     results = [make_result(params=p, accuracy=a, seed=s) for p, a, s in [(1, 0.3, 0), (13, 0.6, 1), (13, 0.7, 2)]]
+    results.append(collapsed_result(params=13, accuracy=0.0, seed=3))
+    results[-1]["metrics"]["collapse"]["stopped"] = True  # stopped early: read back as completed all the same
+    results[-1]["algo"]["steps"] = results[-1]["metrics"]["train_steps"] = 8
     running = make_result(params=99)
     fake_running = _FakeRun(running, "grpo")
     fake_running.summary = {}  # no final accuracy yet: left out
     api = _FakeApi([_FakeRun(r, r["config"]["algo"]["name"]) for r in results] + [fake_running])
     got = results_from_wandb("ent/tinyablate", "sw", api=api)
-    assert api.asked == [("ent/tinyablate", {"group": "sw"})] and len(got) == 3
+    assert api.asked == [("ent/tinyablate", {"group": "sw"})] and len(got) == 4
     for local, remote in zip(results, got):
         a, b = result_row(Result.parse(local), "sw"), result_row(Result.parse(remote), "sw")
         for key in (
@@ -477,8 +482,10 @@ def test_results_read_back_from_wandb_runs_match_the_local_rows(tmp_path):
             "accuracy_strict",
             "base_accuracy",
             "gpu_hours",
+            "collapse_step",
         ):
             assert a[key] == b[key], key
+    assert result_row(Result.parse(got[-1]), "sw")["collapse_step"] == 4
 
 
 # --- transfer across tasks (result schema 2: metrics.tasks) ----------------------------------------
@@ -560,3 +567,67 @@ def test_no_transfer_section_without_cross_task_cells(tmp_path):
     analyze([d], tmp_path / "report")
     assert not (tmp_path / "report" / "transfer.csv").exists()
     assert "Transfer" not in (tmp_path / "report" / "summary.md").read_text()
+
+
+# --- collapsed cells: drawn and counted, never averaged (tinyablate/train/collapse.py) -----------------------------
+def collapsed_result(collapse_step=4, recovered_step=None, **kw) -> dict:
+    """A completed GRPO result whose training collapsed at `collapse_step` (recovered at `recovered_step`, if set)."""
+    out = make_result(**kw)
+    out["metrics"]["collapse"] = {
+        "step": collapse_step,
+        "detected_step": collapse_step + 4,
+        "reason": "empty_completions",
+        "stopped": False,
+        "recovered_step": recovered_step,
+    }
+    return out
+
+
+def test_collapsed_cells_are_drawn_counted_and_left_out_of_the_means(tmp_path, monkeypatch):
+    import analysis.plots
+    from analysis.compare import comparisons
+    from analysis.data import measured
+
+    d = tmp_path / "collapse"
+    for seed, acc in enumerate([0.60, 0.70]):  # GRPO u=13: two seeds learn, the third collapses to 0%
+        write_cell(d, make_result(params=13, accuracy=acc, seed=seed))
+    write_cell(d, collapsed_result(params=13, accuracy=0.0, seed=2))
+    write_cell(d, collapsed_result(params=196, accuracy=0.01, seed=0, collapse_step=3))  # its only seed collapsed
+    write_cell(d, collapsed_result(params=196, accuracy=0.66, seed=1, recovered_step=9))  # recovered: it counts
+    for seed, acc in enumerate([0.40, 0.44, 0.48]):
+        write_cell(d, make_result(algo="sft", params=13, accuracy=acc, seed=seed))
+    figures = {}
+    save = analysis.plots._save
+    monkeypatch.setattr(
+        analysis.plots, "_save", lambda fig, out_dir, name: figures.setdefault(name, fig) and save(fig, out_dir, name)
+    )
+    out = tmp_path / "report"
+    analyze([d], out)
+
+    cells = {r["cell_id"]: r for r in read_csv(out / "summary.csv")}
+    assert len(cells) == 8 and sorted(r["collapse_step"] for r in cells.values() if r["collapse_step"]) == ["3", "4"]
+    groups = {(g["algo"], g["trainable_params"]): g for g in read_csv(out / "summary_groups.csv")}
+    grpo13 = groups[("grpo", "13")]
+    assert (grpo13["n_seeds"], grpo13["n_collapsed"]) == ("2", "1")
+    assert float(grpo13["accuracy_mean"]) == pytest.approx(0.65)  # 0.60 and 0.70: the collapsed 0% is not in it
+    assert float(groups[("grpo", "196")]["accuracy_mean"]) == pytest.approx(0.66)  # the recovered seed alone
+    assert groups[("grpo", "196")]["n_collapsed"] == "1"
+    md = (out / "summary.md").read_text()
+    assert "Cells: 8 completed (2 of them collapsed, left out of the means), 0 failed" in md
+    assert "## Collapsed cells (left out of the means)" in md and "every completion empty (the end token first)" in md
+    listed = [line for line in md.split("## Collapsed cells")[1].splitlines() if line.startswith("| main | ")]
+    assert [line.split(" | ")[2:4] for line in listed] == [["0.0", "4"], ["1.0", "3"]]  # not the recovered cell
+    html = (out / "index.html").read_text()
+    assert "2 completed cell(s) collapsed in training" in html and "id='collapsed'" in html
+    params = figures["params__arithmetic-flexible.png"]
+    [marked] = [c for c in params.axes[0].collections if c.get_label().startswith("collapsed in training (2 cells")]
+    assert sorted(map(tuple, marked.get_offsets().tolist())) == [(13.0, 0.0), (196.0, 1.0)]  # where they ended
+    grpo_line = [ln for ln in params.axes[0].lines if ln.get_label().endswith("· grpo")][0]
+    assert list(grpo_line.get_ydata()) == pytest.approx([65.0, 66.0])  # the means drawn: no collapsed seed in them
+    assert "Black × are the 2 cells" in html
+    rows = load_sweeps([d]).rows
+    [algo13] = [c for c in comparisons(measured(rows)) if c["axis"] == "algo"]
+    assert (algo13["n_a"], algo13["n_b"]) == (2, 3)  # grpo's two seeds that did not collapse, against sft's three
+    log_wandb_summary(rows, "main", "offline", tmp_path / "wb")
+    [run_dir] = find_offline_runs(tmp_path / "wb")
+    assert read_run(run_dir).summary["n_collapsed"] == 2

@@ -176,16 +176,29 @@ def test_grpo_keyed_rollouts_two_ranks_match_one_rank(tmp_path):
 
 
 def test_grpo_torch_sampler_two_ranks_stay_in_sync(tmp_path):
-    """TRL's own sampling (per-rank generators): rollouts differ from 1 rank, v is identical across ranks."""
-    spec = _spec(tmp_path, "grpo", prompts_per_step=2, num_generations=4, micro_batch_size=2, max_steps=2, save_steps=2)
+    """TRL's own sampling (per-rank generators): rollouts differ from 1 rank, v is identical across ranks. The task's
+    reward is 0 for every completion of a random model: a collapse, which stops both ranks at the same step."""
+    spec = _spec(
+        tmp_path,
+        "grpo",
+        prompts_per_step=2,
+        num_generations=4,
+        micro_batch_size=2,
+        max_steps=4,
+        save_steps=2,
+        collapse_steps=2,
+        on_collapse="stop",
+    )
     spec.logger = LoggerConfig(mode="disabled")
     cell_dir, out = _run(spec, 2, tmp_path, "two")
     r0, r1 = _steps(out, 0), _steps(out, 1)
-    assert sorted(r0) == [1, 2]
+    assert sorted(r0) == sorted(r1) == [1, 2]  # each rank stopped at step 2 of 4 (else the other would wait forever)
     for step in r0:
         for k in r0[step]:
             assert torch.equal(r0[step][k], r1[step][k])
-    assert result_on_disk(cell_dir)["status"] == "completed"
+    result = result_on_disk(cell_dir)
+    assert result["status"] == "completed" and result["algo"]["steps"] == 2
+    assert result["metrics"]["collapse"]["stopped"] and result["metrics"]["collapse"]["detected_step"] == 2
 
 
 # -- what fails, fails loudly -----------------------------------------------------------------

@@ -41,6 +41,7 @@ from .cell_folder import (
     AlgoRecord,
     CellBusy,
     CellFolder,
+    CollapseRecord,
     ErrorRecord,
     Metrics,
     ModelRecord,
@@ -291,6 +292,7 @@ def _run(
             "train_steps": train_info["steps"],
             "gpu_hours": result.timing.gpu_hours,
             "wall_s": result.timing.wall_s,
+            **{f"collapse/{k}": v for k, v in (train_info["collapse"] or {}).items()},  # analysis/wandb_source.py
             **{
                 f"eval/{name}/{k}": getattr(m, k)
                 for name, m in result.metrics.tasks.items()
@@ -426,6 +428,7 @@ def train(spec: CellSpec, built: BuiltCell, cell_dir: Path, callbacks) -> dict:
             "first_step_time": None,
             "nonfinite_skipped_steps": None,
             "attention_check": None,
+            "collapse": None,
         }
     t0 = time.time()
     checkpoints = cell_dir / CHECKPOINTS_DIR
@@ -440,6 +443,7 @@ def train(spec: CellSpec, built: BuiltCell, cell_dir: Path, callbacks) -> dict:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
     resumed = resume_step(checkpoints, world, last) if last else None  # None: this attempt started from scratch
     skipped = trainer.guard.skipped if spec.algo.nonfinite == "skip" else None
+    watch = trainer.collapse_watch  # GRPO: the last collapse of training (train/collapse.py), if any
     return {
         "steps": trainer.state.global_step,
         "train_s": time.time() - t0,
@@ -448,6 +452,7 @@ def train(spec: CellSpec, built: BuiltCell, cell_dir: Path, callbacks) -> dict:
         "first_step_time": times.get("first_step"),
         "nonfinite_skipped_steps": skipped,
         "attention_check": attention.as_dict() if attention else None,
+        "collapse": watch.record if watch is not None else None,
     }
 
 
@@ -549,6 +554,7 @@ def make_result(
             resumed_from_step=train_info["resumed_from_step"],
             nonfinite_skipped_steps=train_info.get("nonfinite_skipped_steps"),
             tasks=tasks,
+            collapse=CollapseRecord(**train_info["collapse"]) if train_info.get("collapse") else None,
         ),
         timing=Timing(
             **timing, n_gpus=n_gpus, world_size=built.ranks.world_size, gpu_hours=timing["wall_s"] / 3600 * n_gpus

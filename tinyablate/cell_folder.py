@@ -203,6 +203,25 @@ class TaskMetrics(_Record):
     base: Optional[dict] = None  # the same for the base model
 
 
+COLLAPSE_REASONS = {  # CollapseRecord.reason -> what a person reads (status table, console, analysis)
+    "zero_reward_spread": "every group's rewards equal (no advantage, no gradient)",
+    "empty_completions": "every completion empty (the end token first)",
+    "length_cap": "every completion cut at algo.max_completion_length",
+}
+
+
+@dataclass
+class CollapseRecord(_Record):
+    """metrics.collapse: a GRPO cell's training collapsed (tinyablate/train/collapse.py): algo.collapse_steps steps
+    in a row were degenerate (every group's rewards equal, or every completion empty or cut at the length cap)."""
+
+    step: int  # the step the collapse began (the first degenerate step of the run)
+    detected_step: int  # the step it was named: step + algo.collapse_steps - 1
+    reason: str  # a key of COLLAPSE_REASONS: why the step it was named at was degenerate
+    stopped: bool = False  # training stopped at detected_step (algo.on_collapse=stop): train_steps = detected_step
+    recovered_step: Optional[int] = None  # the first healthy step after it; None: collapsed to the end of training
+
+
 @dataclass
 class Metrics(_Record):
     accuracy: float  # greedy pass@1 of the trained adapter under task.scorer
@@ -218,6 +237,8 @@ class Metrics(_Record):
     resumed_from_step: Optional[int] = None  # the checkpoint this attempt resumed from (None: from scratch)
     nonfinite_skipped_steps: Optional[int] = None  # algo.nonfinite=skip: steps this attempt dropped (None: fail)
     tasks: Optional[dict] = None  # schema 2: evaluation task name -> TaskMetrics (the training task first)
+    # GRPO: the last collapse of training (CollapseRecord); None: none (SFT, an untrained cell, or an older result)
+    collapse: Optional[CollapseRecord] = None
 
     @classmethod
     def from_dict(cls, raw: Any, where: str):
@@ -304,6 +325,13 @@ class Result(_Record):
     def completed(self) -> bool:
         return self.status == "completed"
 
+    @property
+    def collapsed(self) -> bool:
+        """A completed cell whose training ended collapsed (metrics.collapse, not recovered): the status table and
+        the analysis name it, and the analysis leaves it out of its means."""
+        collapse = self.metrics.collapse if self.completed else None
+        return collapse is not None and collapse.recovered_step is None
+
     def task_metrics(self) -> dict:
         """metrics.tasks of a completed result of any readable version (version 1: the training task alone)."""
         if self.metrics.tasks:
@@ -326,8 +354,9 @@ class Result(_Record):
 
 
 def _check_completed(result: Result, where: str) -> None:
-    """A completed result evaluated at least one problem, trained the steps its config asked for, and holds
-    finite numbers only (a NaN accuracy or reward means training broke: tinyablate/train/guard.py)."""
+    """A completed result evaluated at least one problem, trained the steps its config asked for (or stopped at a
+    collapse, algo.on_collapse=stop), and holds finite numbers only (a NaN accuracy or reward means training broke:
+    tinyablate/train/guard.py)."""
     bad = _nonfinite_paths(result.metrics.to_dict(), "metrics")
     if bad:
         raise ResultError(f"{where}: completed with non-finite values ({', '.join(bad)}): such a cell failed")
@@ -341,6 +370,9 @@ def _check_completed(result: Result, where: str) -> None:
     asked = (config.get("algo") or {}).get("max_steps")
     trains = config.get("train", True) and result.adapter.trainable_params > 0
     done = result.algo.steps
+    collapse = result.metrics.collapse
+    if collapse is not None and collapse.stopped and done == collapse.detected_step:
+        return  # algo.on_collapse=stop ended training where the collapse was named
     if trains and isinstance(asked, int) and done is not None and done != asked:
         raise ResultError(
             f"{where}: completed after {done} training steps, but algo.max_steps={asked} were asked "
@@ -361,7 +393,18 @@ def _nonfinite_paths(value: Any, path: str) -> list:
 
 _RECORDS = {
     c.__name__: c
-    for c in (ModelRecord, AdapterRecord, AlgoRecord, TaskRecord, TaskMetrics, Metrics, Timing, ErrorRecord, Result)
+    for c in (
+        ModelRecord,
+        AdapterRecord,
+        AlgoRecord,
+        TaskRecord,
+        TaskMetrics,
+        CollapseRecord,
+        Metrics,
+        Timing,
+        ErrorRecord,
+        Result,
+    )
 }
 
 

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from .cell_folder import COLLAPSE_REASONS
 from .config import CellSpec
 
 # (message regex, category, where it comes from): warnings raised inside libraries, about calls this project
@@ -82,6 +83,35 @@ def step_line(step: int, max_steps: int, logs: dict, s_per_step: Optional[float]
     return "  ".join(parts)
 
 
+def collapse_line(record: dict, steps: int) -> str:
+    """The line a GRPO cell prints when its training is named collapsed (train/collapse.py)."""
+    then = "training stops here (algo.on_collapse=stop)" if record["stopped"] else "training runs on"
+    return (
+        f"collapsed at step {record['detected_step']}: {steps} steps in a row gave GRPO nothing to learn from (since "
+        f"step {record['step']}; now {COLLAPSE_REASONS[record['reason']]}); {then}; result.json records it and the "
+        "analysis leaves the cell out of its means"
+    )
+
+
+def recovery_line(record: dict) -> str:
+    """The line a GRPO cell prints when a healthy step follows a collapse."""
+    return (
+        f"recovered at step {record['recovered_step']} from the collapse that began at step {record['step']}: "
+        "the cell counts in the analysis' means again unless it collapses anew"
+    )
+
+
+def collapse_note(collapse: Optional[dict]) -> str:
+    """A completed result's collapse in a few words (the status table, a cell's last lines); "" when none."""
+    if not collapse:
+        return ""
+    why = COLLAPSE_REASONS.get(collapse["reason"], collapse["reason"])
+    if collapse.get("recovered_step") is not None:
+        return f"collapsed at steps {collapse['step']}-{collapse['recovered_step'] - 1} ({why}), then recovered"
+    stopped = f", training stopped at step {collapse['detected_step']}" if collapse.get("stopped") else ""
+    return f"collapsed since step {collapse['step']} ({why}){stopped}"
+
+
 def duration(seconds: float) -> str:
     """1:02:03, 4:05 or 6 s."""
     s = int(round(seconds))
@@ -100,5 +130,7 @@ def end_lines(result: dict, result_path: Path, page: Optional[Path], page_note: 
         f"n={metrics['n_eval']}, {result['adapter']['trainable_params']:,} trainable parameters)",
         f"result:        {Path(result_path).resolve()}",
     ]
+    if metrics.get("collapse"):
+        lines.insert(1, collapse_note(metrics["collapse"]))
     lines.append(f"analysis page: {Path(page).resolve()}" if page is not None else f"analysis page: {page_note}")
     return "\n".join(lines)

@@ -4,8 +4,10 @@
 
 States: pending (not started, or queued), running (a live process holds the cell's lock), interrupted
 (started, then killed or cancelled without a result: a re-run resumes it), completed, failed (with the
-log to read). Exit code 1 when a cell failed (the launcher's `status=true` too).
-The launcher prints the same table at the end of a sweep and for `status=true`.
+log to read). A completed GRPO cell whose training collapsed (result.json's metrics.collapse) gets a line
+saying since which step and why; the count of cells that ended collapsed closes the table. Exit code 1 when
+a cell failed (the launcher's `status=true` too). The launcher prints the same table at the end of a sweep
+and for `status=true`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from pathlib import Path
 from typing import Optional
 
 from .cell_folder import SPEC_FILE, CellFolder, ResultError
+from .console import collapse_note
 
 
 def cell_row(cell_dir: Path, cell_id: Optional[str] = None, note: str = "") -> dict:
-    """One line of the status table: state, accuracy, base, params, and the log and error of a failure."""
+    """One line of the status table: state, accuracy, base, params, the log and error of a failure, and a completed
+    GRPO cell's collapse (`collapse`: a few words, "" without one; `collapsed`: it ended collapsed)."""
     folder = CellFolder(cell_dir)
     row = {
         "cell_id": cell_id or folder.name,
@@ -34,6 +38,8 @@ def cell_row(cell_dir: Path, cell_id: Optional[str] = None, note: str = "") -> d
         "log": None,
         "error": None,
         "note": note,
+        "collapse": "",
+        "collapsed": False,
     }
     try:
         result = folder.read_result()
@@ -47,6 +53,8 @@ def cell_row(cell_dir: Path, cell_id: Optional[str] = None, note: str = "") -> d
             accuracy=result.metrics.accuracy,
             base=result.metrics.base_accuracy,
             params=result.adapter.trainable_params,
+            collapse=collapse_note(result.metrics.collapse.to_dict() if result.metrics.collapse else None),
+            collapsed=result.collapsed,
         )
     elif result is not None:
         row.update(state="failed", error=f"{result.error.type}: {result.error.message}"[:160])
@@ -105,7 +113,12 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{'':<10} error: {r['error']}")
             if r["log"]:
                 lines.append(f"{'':<10} log: {r['log']}")
+        if r.get("collapse"):
+            lines.append(f"{'':<10} {r['collapse']}")
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    collapsed = sum(bool(r.get("collapsed")) for r in rows)
+    if collapsed:
+        summary += f"; {collapsed} of the completed collapsed in training (left out of the analysis' means)"
     lines.append(f"{len(rows)} cells: {summary}")
     return "\n".join(lines)
 

@@ -84,7 +84,7 @@ def estimates(cells: list, device: str) -> list:
 
 def completed_cells(cells: list) -> list:
     """(spec, GPU-hours) of the completed cells in these cells' sweep folders; a cell resumed from a
-    checkpoint is left out (its timing covers only part of its run)."""
+    checkpoint or stopped at a collapse (algo.on_collapse=stop) is left out (its timing covers only part of its run)."""
     out = []
     for sweep_dir in sorted({c.folder.path.parent for c in cells}):
         for folder in sweep_cell_folders(sweep_dir, depth=1):
@@ -99,6 +99,7 @@ def completed_cells(cells: list) -> list:
                 or result.timing.gpu_hours is None
                 or result.metrics is None
                 or result.metrics.resumed_from_step is not None
+                or (result.metrics.collapse is not None and result.metrics.collapse.stopped)
             ):
                 continue
             try:

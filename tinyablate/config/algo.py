@@ -29,6 +29,8 @@ REWARD_SCALINGS = ("group", "batch", "none")
 ROLLOUT_CORRECTIONS = ("none", "truncated_is")
 # What a non-finite loss, gradient or trainable tensor does (tinyablate/train/guard.py): see AlgoConfig.nonfinite.
 NONFINITE_MODES = ("fail", "skip")
+# What a GRPO cell does once its training has collapsed (tinyablate/train/collapse.py): see AlgoConfig.on_collapse.
+COLLAPSE_ACTIONS = ("record", "stop")
 
 
 @dataclass
@@ -103,6 +105,14 @@ class AlgoConfig(Section):
     # step's update and goes on (result.json counts the skipped steps). A trainable tensor that becomes non-finite
     # fails the cell either way.
     nonfinite: str = "fail"
+    # GRPO: steps in a row after which a cell counts as collapsed (tinyablate/train/collapse.py): every group's
+    # rewards equal (no advantage, so no gradient), or every completion empty or cut at max_completion_length, for
+    # this many consecutive steps. result.json records it (metrics.collapse: the step it began); the status table,
+    # the console and the analysis name it, and the analysis leaves such a cell out of its means.
+    collapse_steps: int = 5
+    # GRPO: what a collapse does: "record" (default) trains on to algo.max_steps and records it; "stop" ends
+    # training at the step it is named (the cell completes with fewer steps, its result says so).
+    on_collapse: str = "record"
 
     section = "algo"
 
@@ -124,6 +134,7 @@ class AlgoConfig(Section):
         c.choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         c.choice("scale_rewards", self.scale_rewards, REWARD_SCALINGS)
         c.choice("nonfinite", self.nonfinite, NONFINITE_MODES)
+        c.choice("on_collapse", self.on_collapse, COLLAPSE_ACTIONS)
         c.choice("rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
         c.number("rollout_is_cap", self.rollout_is_cap, minimum=1)
         for name in (
@@ -135,6 +146,7 @@ class AlgoConfig(Section):
             "save_steps",
             "logging_steps",
             "num_iterations",
+            "collapse_steps",
         ):
             c.integer(name, getattr(self, name), minimum=1)
         c.integer("warmup_steps", self.warmup_steps, minimum=0)

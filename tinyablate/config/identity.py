@@ -48,6 +48,10 @@ OMIT_AT_DEFAULT = {
     ("algo", "nonfinite"): "fail",
     ("algo", "rollout_correction"): "none",
     ("algo", "rollout_is_cap"): 2.0,
+    # (not NOT_IDENTITY: K decides what result.json records as a collapse, and so what the analysis averages;
+    # on_collapse=stop decides where training ends)
+    ("algo", "collapse_steps"): 5,
+    ("algo", "on_collapse"): "record",
 }
 
 # Adapter fields a kind ignores: two cells differing only there are the same cell.

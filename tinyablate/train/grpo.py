@@ -60,7 +60,8 @@ def build_grpo_trainer(model, tokenizer, task, spec, output_dir: Path, device, c
 
 class TinyablateGRPOTrainer(GuardedStepMixin, AdapterCheckpointMixin, GRPOTrainer):
     """GRPOTrainer with adapter-only checkpoints, keyed rollouts when `keyed_seed` is set, and rollouts
-    from tinyablate's generation engine unless `rollout_engine` is "hf" (TRL keeps rewards and loss).
+    from tinyablate's generation engine unless `rollout_engine` is "hf" (TRL keeps rewards and loss); each training
+    generation's statistics go to `collapse_watch` when set.
 
     With the engine's rollouts it logs the training-rollout mismatch every step: |log p_rollout - log p_train|
     over completion tokens (`rollout_logp_diff_mean`, `_max`), log p_train from the training forward itself;
@@ -68,6 +69,7 @@ class TinyablateGRPOTrainer(GuardedStepMixin, AdapterCheckpointMixin, GRPOTraine
     min(p_train / p_rollout, cap), p_train from one extra no-grad forward at generation time."""
 
     keyed_seed = None
+    collapse_watch = None  # a CollapseWatch (train/collapse.py), told about every training generation
     rollout_engine = "hf"
     rollout_is_cap = None
     _rollout_keys = None
@@ -81,6 +83,8 @@ class TinyablateGRPOTrainer(GuardedStepMixin, AdapterCheckpointMixin, GRPOTraine
                 self.keyed_seed, self.state.global_step, rows_by_rank, self.accelerator.process_index
             )
         out = super()._generate_and_score_completions(inputs)
+        if self.collapse_watch is not None and self.model.training:
+            self.collapse_watch.saw_rollouts(self._metrics["train"])  # TRL's statistics of these rollouts
         if self.rollout_is_cap is not None and self.model.training:
             out["advantages"] = self._truncated_is_advantages(out)
         return out
