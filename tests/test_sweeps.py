@@ -298,3 +298,42 @@ def test_one_cell_dry_run_checks_and_prices_it_and_runs_nothing(tmp_path):
     state = launch([*TINY, f"output_dir={runs}", "gpus=0", "status=true"], tmp_path, timeout=300)
     assert state.returncode == 0 and "1 cells: 1 pending" in state.stdout, state.stdout[-2000:] + state.stderr[-2000:]
     assert not list(runs.rglob("*.json"))
+
+
+def test_rate_by_u_takes_the_step_at_or_below_u_and_refuses_what_it_has_no_rate_for():
+    from hydra_plugins.tinyablate.conf import rate_by_u
+
+    table = "grpo 1:2e-3 16:1e-3 64:5e-4; sft 1:2e-3"
+    assert [rate_by_u("grpo", u, table) for u in (1, 4, 15, 16, 63, 64, 1024)] == [
+        2e-3,
+        2e-3,
+        2e-3,
+        1e-3,
+        1e-3,
+        5e-4,
+        5e-4,
+    ]
+    assert rate_by_u("sft", 256, table) == 2e-3
+    with pytest.raises(ValueError, match="no rate for algo 'dpo' at u=4"):
+        rate_by_u("dpo", 4, table)
+    with pytest.raises(ValueError, match="no rate for algo 'grpo' at u=0"):
+        rate_by_u("grpo", 0, table)
+
+
+def test_a_presets_rate_rule_is_resolved_for_each_cell(tmp_path):
+    """sweeps/embedded.yaml's GRPO learning rate falls with u: every cell of a sweep gets the rate of its own u (the
+    launcher's fast path composes a config once per group choice and sets plain values on copies, which would keep
+    the first u's rate; a config that interpolates is composed per cell)."""
+    from test_conf import compose_spec
+    from tinyablate.config import cell_id
+
+    proc = launch(["-m", "adapter.u=1,16,256", "algo=grpo_cpu", "gpus=0", "dry_run=true"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("pending ")}
+    common = ["sweeps=embedded", "algo=grpo_cpu", "gpus=0", f"output_dir={tmp_path}/runs"]
+    expected = {
+        cell_id(compose_spec([*common, f"adapter.u={u}", f"algo.learning_rate={lr}"]))
+        for u, lr in ((1, 2e-3), (16, 1e-3), (256, 5e-4))
+    }
+    assert ids == expected
+    assert compose_spec(["sweeps=embedded", "algo=sft_cpu", "adapter.u=256"]).algo.learning_rate == 2e-3

@@ -4,7 +4,9 @@ Hydra composes a whole config per override list (~0.1 s each: minutes for a pape
 Cells of a grid mostly differ in plain values (adapter.u=13, seed=2), not in config groups, so:
 compose once per distinct set of group choices (model=..., algo=...), convert to the typed
 RootConfig, then set each cell's plain values on a copy, with OmegaConf's type rules for scalars.
-Anything else (+key, ~key, unknown keys, interpolations, dict values) takes Hydra's full path.
+Anything else (+key, ~key, unknown keys, interpolations, dict values) takes Hydra's full path, and so does every
+cell of a config that holds an interpolation (a preset's rule such as sweeps/embedded.yaml's learning rate by u
+reads the cell's own values, so it is resolved per cell).
 """
 
 import copy
@@ -40,7 +42,9 @@ def _compose_one(loader, base_config, overrides: list, parser, bases: dict):
         return _full(loader, base_config, overrides)  # Hydra resolves and merges these itself
     key = tuple(o.input_line for o in groups)
     if key not in bases:
-        bases[key] = _full(loader, base_config, list(key))
+        bases[key] = _base(loader, base_config, list(key))
+    if bases[key] is None:  # the config interpolates: each cell's values resolved by Hydra
+        return _full(loader, base_config, overrides)
     root = copy.deepcopy(bases[key])
     for o in values:
         if not _set_path(root, o.key_or_group, o.value()):
@@ -63,10 +67,32 @@ def _is_group(loader, override) -> bool:
 
 
 def _full(loader, base_config, overrides: list):
+    return root_from_hydra(_load(loader, base_config, overrides))
+
+
+def _base(loader, base_config, overrides: list):
+    """The RootConfig of a set of group choices, or None when the config interpolates (no fast path)."""
+    cfg = _load(loader, base_config, overrides)
+    return None if _interpolates(cfg) else root_from_hydra(cfg)
+
+
+def _load(loader, base_config, overrides: list):
     cfg = loader.load_sweep_config(base_config, overrides)
     with read_write(cfg), open_dict(cfg):
         cfg.pop("hydra", None)
-    return root_from_hydra(cfg)
+    return cfg
+
+
+def _interpolates(node) -> bool:
+    """Whether any value of this (unresolved) config is an interpolation."""
+    keys = range(len(node)) if OmegaConf.is_list(node) else node.keys()
+    for k in keys:
+        if OmegaConf.is_interpolation(node, k):
+            return True
+        child = node._get_node(k)
+        if OmegaConf.is_config(child) and not child._is_none() and _interpolates(child):
+            return True
+    return False
 
 
 def _set_path(obj: Any, dotted: str, value: Any) -> bool:

@@ -103,8 +103,22 @@ def local_auto_gpus() -> int:
     return 1 if visible_gpus() > 0 else 0
 
 
+def rate_by_u(algo: str, u: int, table: str) -> float:
+    """A preset's learning rate by algorithm and adapter size, written in its YAML with its reason, e.g.
+    ``learning_rate: ${rate_by_u:${algo.name},${adapter.u},"grpo 1:2e-3 16:1e-3 64:5e-4; sft 1:2e-3"}``:
+    for `algo`, the rate of the largest threshold <= u (sweeps/embedded.yaml, sweeps/evidence.yaml)."""
+    rules = {}
+    for part in table.split(";"):
+        name, *steps = part.split()
+        rules[name] = sorted((int(k), float(v)) for k, v in (step.split(":") for step in steps))
+    if algo not in rules or not rules[algo] or u < rules[algo][0][0]:
+        raise ValueError(f"rate_by_u: no rate for algo {algo!r} at u={u} in {table!r}")
+    return [rate for threshold, rate in rules[algo] if threshold <= u][-1]
+
+
 def register() -> None:
-    """Register the root schema, the sweeper and the launchers in Hydra's ConfigStore."""
+    """Register the root schema, the sweeper, the launchers and the presets' resolvers in Hydra's ConfigStore."""
+    OmegaConf.register_new_resolver("rate_by_u", rate_by_u, replace=True)
     register_sweeper()
     store = ConfigStore.instance()
     store.store(name="root_schema", node=RootConfig)
