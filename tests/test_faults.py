@@ -2,7 +2,9 @@
 and result writing, re-run it after each kill, and check that nothing is lost, run twice or faked;
 two launches of one cell and of one sweep at once; kill, then status.
 
-The kills run through tests/fault_driver.py (forked attempts of the tiny random model, SFT, 6 steps).
+The kills run through tests/fault_driver.py (forked attempts of the tiny random model, SFT, 6 steps: one epoch);
+then a cell whose max_steps ends an epoch part way (SFT and GRPO) stopped after its final checkpoint (during
+the final evaluation, the export) and with its result.json damaged.
 The counts of the last run are printed (pytest -s) and written to <tmp>/fault_counts.json.
 """
 
@@ -15,7 +17,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -92,13 +94,10 @@ def can_land(a: dict, before: dict) -> bool:
     return True
 
 
-def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_run(tmp_path):
-    rng = random.Random(int(os.environ.get("TINYABLATE_FAULT_SEED", "13")))
-    lifetimes = [{"spec": asdict(fault_spec(tmp_path / "reference")), "attempts": []}]
-    lifetimes += [{"spec": asdict(fault_spec(tmp_path / f"life{i}")), "attempts": kill_plan(rng)} for i in range(LIVES)]
+def run_driver(tmp_path: Path, lifetimes: list) -> list:
+    """The attempts of every lifetime, run by tests/fault_driver.py: one record per attempt (attempts.jsonl)."""
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"lifetimes": lifetimes}))
-    t0 = time.time()
     out = subprocess.run(
         [sys.executable, str(REPO / "tests" / "fault_driver.py"), str(plan)],
         env=ENV,
@@ -109,8 +108,20 @@ def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_
     assert out.returncode == 0, out.stderr[-4000:]
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"')]
     assert records[-1] == {"done": True}, out.stderr[-4000:]
-    attempts = records[:-1]
-    (tmp_path / "attempts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in attempts))
+    (tmp_path / "attempts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in records[:-1]))
+    return records[:-1]
+
+
+def vectors(folder: CellFolder) -> dict:
+    return load_file(str(folder.file("adapter_native") / "vectors.safetensors"))
+
+
+def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_run(tmp_path):
+    rng = random.Random(int(os.environ.get("TINYABLATE_FAULT_SEED", "13")))
+    lifetimes = [{"spec": asdict(fault_spec(tmp_path / "reference")), "attempts": []}]
+    lifetimes += [{"spec": asdict(fault_spec(tmp_path / f"life{i}")), "attempts": kill_plan(rng)} for i in range(LIVES)]
+    t0 = time.time()
+    attempts = run_driver(tmp_path, lifetimes)
 
     kills = [a for a in attempts if a["outcome"] == "killed"]
     for before, a in zip([None] + attempts, attempts):
@@ -126,13 +137,13 @@ def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_
     assert len(kills) >= 20, [(a["point"], a["outcome"]) for a in attempts]
 
     reference = CellFolder.of(fault_spec(tmp_path / "reference"))
-    v_ref = load_file(str(reference.file("adapter_native") / "vectors.safetensors"))
+    v_ref = vectors(reference)
     for i in range(LIVES):
         folder = CellFolder.of(fault_spec(tmp_path / f"life{i}"))
         result = folder.read_result()
         assert result.completed and result.metrics.train_steps == STEPS and result.metrics.n_eval == 8
         assert sorted(p.name for p in folder.path.glob("result*.json")) == ["result.json"]  # exactly one
-        v = load_file(str(folder.file("adapter_native") / "vectors.safetensors"))
+        v = vectors(folder)
         assert v.keys() == v_ref.keys() and all((v[k] == v_ref[k]).all() for k in v), f"lifetime {i}: v differs"
         assert result.metrics.accuracy == reference.read_result().metrics.accuracy
         losses = [r["step"] for r in read_metrics(folder.path) if "train/loss" in r]
@@ -150,6 +161,56 @@ def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_
     }
     (tmp_path / "fault_counts.json").write_text(json.dumps(counts, indent=1))
     print("fault counts:", json.dumps(counts))
+
+
+# -- stopped after the final checkpoint ----------------------------------------------------------------
+MID_EPOCH = 4  # steps, of 6 an epoch (24 problems, 4 a step): resumed from checkpoint-4, TRL took a 5th step
+AFTER_FINAL = [
+    ["train_save", MID_EPOCH],  # the final checkpoint just complete
+    ["eval", 1],  # during the final evaluation (the base's is cached by then)
+    ["export", None],
+    ["none", None],  # completed
+    ["damaged_result", ["eval", 1]],  # result.json damaged, and the retry stopped during its evaluation,
+    ["damaged_result", ["export", None]],  # during its export,
+    ["damaged_result", ["result_write", None]],  # writing its result,
+    ["damaged_result", ["none", None]],  # or not at all
+]
+
+
+def mid_epoch_spec(root: Path, algo: str) -> CellSpec:
+    """fault_spec's cell trained by `algo` for MID_EPOCH steps, which end an epoch part way."""
+    spec = fault_spec(root)
+    grpo = dict(num_generations=2, max_completion_length=8) if algo == "grpo" else {}
+    return replace(spec, algo=replace(spec.algo, name=algo, max_steps=MID_EPOCH, **grpo))
+
+
+@pytest.mark.parametrize("algo", ["sft", "grpo"])
+def test_stopped_after_its_final_checkpoint_a_cell_completes_with_max_steps(tmp_path, algo):
+    lifetimes = [
+        {"spec": asdict(mid_epoch_spec(tmp_path / "reference", algo)), "attempts": []},
+        {"spec": asdict(mid_epoch_spec(tmp_path / "stopped", algo)), "attempts": AFTER_FINAL},
+    ]
+    attempts = [a for a in run_driver(tmp_path, lifetimes) if a["lifetime"] == 1]
+    completed_outputs = None
+    for a in attempts:
+        kill = a["arg"][0] if a["point"] == "damaged_result" else a["point"]
+        assert max(a["checkpoints"]) == MID_EPOCH, a  # never trained past algo.max_steps
+        assert a["outcome"] == ("exit 0" if kill == "none" else "killed"), a
+        assert a["result"] == ("completed" if kill == "none" else None), a
+        assert bool(a["tmp_files"]) == (kill == "result_write"), a  # what a killed write left, the next removed
+        if a["point"] == "damaged_result" and kill in ("eval", "export"):
+            assert a["outputs"] == completed_outputs, a  # a retry left the completed attempt's outputs alone
+        if kill == "none":
+            completed_outputs = a["outputs"]
+    assert len(completed_outputs) >= 3, completed_outputs  # eval_samples.jsonl, adapter/*, adapter_native/*
+
+    reference, folder = (CellFolder.of(mid_epoch_spec(tmp_path / w, algo)) for w in ("reference", "stopped"))
+    result, v_ref, v = folder.read_result(), vectors(reference), vectors(folder)
+    assert result.completed and result.metrics.train_steps == result.algo.steps == MID_EPOCH
+    assert result.metrics.resumed_from_step == MID_EPOCH  # evaluated and exported again, not trained
+    assert v.keys() == v_ref.keys() and all((v[k] == v_ref[k]).all() for k in v), "v differs"
+    assert result.metrics.accuracy == reference.read_result().metrics.accuracy
+    assert loss_steps(folder.path) == list(range(1, MID_EPOCH + 1))  # each step once
 
 
 # -- two launches at once, and status after a kill -----------------------------------------------

@@ -6,7 +6,16 @@ import os
 
 import pytest
 
-from tinyablate.files import TMP_SUFFIX, atomic_write, exclusive_lock, read_json, try_lock, umask, write_json_atomic
+from tinyablate.files import (
+    TMP_SUFFIX,
+    atomic_write,
+    exclusive_lock,
+    read_json,
+    replace_path,
+    try_lock,
+    umask,
+    write_json_atomic,
+)
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_temp(tmp_path):
@@ -37,3 +46,16 @@ def test_locks(tmp_path):
         assert try_lock(fd, shared=True)
     finally:
         os.close(fd)
+
+
+def test_a_folder_replaces_a_folder_whole_and_a_file_a_file(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "only_old").write_text("1")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "a").write_text("2")
+    replace_path(tmp_path / "new", tmp_path / "old")
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["a"] and not (tmp_path / "new").exists()
+    (tmp_path / "f.new").write_text("3")
+    replace_path(tmp_path / "f.new", tmp_path / "old" / "a")
+    assert (tmp_path / "old" / "a").read_text() == "3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no temp folder left

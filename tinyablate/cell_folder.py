@@ -18,7 +18,12 @@ A cell folder holds:
     eval_samples.jsonl   one record per evaluation problem of the final evaluation (the training task)
     eval_samples.<task>.jsonl   the same for each other task of eval.tasks
     adapter/             the trained adapter in PEFT's LoRA format; adapter_native/ TinyLoRA/LoRA-XS's own
-    checkpoints/         adapter-only training checkpoints (a restarted cell resumes from the last)
+    checkpoints/         adapter-only training checkpoints checkpoint-<step>/ (a restarted cell resumes from the
+                         last complete one; one at algo.max_steps means training is done: evaluation and export
+                         run again, training does not)
+    .staged/             an attempt's eval_samples*.jsonl, adapter/ and adapter_native/ while it runs: moved into
+                         place only when its result is ready (`CellFolder.publish`), so a retry that fails never
+                         overwrites an earlier attempt's; removed when the next attempt starts
     wandb/               the W&B run (unless logger.dir puts it elsewhere)
 
 The cell (cell.py), status.py, the launcher and analysis/ use this module for every one of these
@@ -41,6 +46,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import socket
 import time
 from dataclasses import MISSING, dataclass, fields
@@ -48,7 +55,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import CellSpec, cell_id, spec_to_dict
-from .files import TMP_SUFFIX, read_json, try_lock, umask, write_json_atomic
+from .files import TMP_SUFFIX, read_json, replace_path, try_lock, umask, write_json_atomic
 
 SCHEMA_VERSION = 2  # of result.json, written; bump it when a field changes meaning
 READABLE_SCHEMAS = (1, 2)  # what readers accept (Result.parse refuses others)
@@ -63,6 +70,10 @@ SPEC_FILE, LAUNCH_FILE, RUNNING_FILE, RESULT_FILE = "spec.json", "launch.json", 
 LOCK_FILE = "cell.lock"
 METRICS_FILE, SUMMARY_FILE, EVAL_SAMPLES_FILE = "metrics.jsonl", "summary.json", "eval_samples.jsonl"
 ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR = "adapter", "adapter_native", "checkpoints"
+STAGED_DIR = ".staged"  # an attempt's outputs until its result is ready (CellFolder.publish)
+# Inside checkpoints/checkpoint-<step>/: the trainable tensors, and TRL's trainer state (written last: a
+# checkpoint holding it, and every rank's RNG state, is complete).
+ADAPTER_STATE, TRAINER_STATE = "adapter_state.safetensors", "trainer_state.json"
 CELL_MARKERS = (RESULT_FILE, SPEC_FILE, RUNNING_FILE)  # a folder holding one of these is a cell folder
 
 
@@ -360,6 +371,30 @@ _RECORDS = {
 }
 
 
+# -- checkpoints ----------------------------------------------------------------------------------
+def checkpoint_step(path: Path) -> Optional[int]:
+    """N of a checkpoint-N folder (None for any other name)."""
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def last_complete_checkpoint(checkpoint_dir: Path, world_size: int = 1, max_step: Optional[int] = None):
+    """The newest checkpoint-N folder that was written completely (by every rank), N at most `max_step`
+    (a cell's algo.max_steps: a checkpoint past it is not this cell's), or None."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return None
+    rng_files = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{r}.pth" for r in range(world_size)]
+    found = []
+    for child in checkpoint_dir.iterdir():
+        step = checkpoint_step(child)
+        if step is None or (max_step is not None and step > max_step):
+            continue
+        if all((child / name).exists() for name in (TRAINER_STATE, ADAPTER_STATE, *rng_files)):
+            found.append((step, child))
+    return max(found)[1] if found else None
+
+
 # -- the folder -----------------------------------------------------------------------------------
 class CellBusy(RuntimeError):
     """Another live process runs this cell (it holds the cell's lock)."""
@@ -413,6 +448,20 @@ class CellFolder:
         path = self.path / RESULT_FILE
         write_json_atomic(path, data)
         return path
+
+    def staged(self, name: str) -> Path:
+        """Where this attempt writes an output (eval samples, adapter exports) until `publish` moves it in."""
+        return self.path / STAGED_DIR / name
+
+    def publish(self, result: Result) -> Path:
+        """Complete an attempt: check `result`, move the staged outputs into place (each replacing an earlier
+        attempt's), then write result.json. Nothing of an earlier attempt is replaced before this."""
+        Result.parse(result.to_dict(), "the result to write")
+        staged = self.path / STAGED_DIR
+        for entry in sorted(staged.iterdir()) if staged.is_dir() else []:
+            replace_path(entry, self.path / entry.name)
+        shutil.rmtree(staged, ignore_errors=True)
+        return self.write_result(result)
 
     def has_result(self) -> bool:
         return (self.path / RESULT_FILE).exists()
@@ -512,11 +561,23 @@ class CellFolder:
             os.close(fd)
 
     def remove_temp_files(self) -> list:
-        """Delete temp files that a killed write left (call it holding the lock); returns their paths."""
-        stale = [p for p in self.path.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+        """Delete what a killed attempt left: temp files and folders of its writes, its staged outputs (call it
+        holding the lock); returns their paths."""
+        stale = [*self.path.glob(f".*{TMP_SUFFIX}"), *self.path.glob(STAGED_DIR)]
         for p in stale:
-            p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
         return stale
+
+    def drop_checkpoints_past(self, max_step: int) -> list:
+        """Delete checkpoints past `max_step` (algo.max_steps; an earlier version could train past it on resume);
+        returns their names."""
+        past = [p for p in self.file(CHECKPOINTS_DIR).glob("checkpoint-*") if (checkpoint_step(p) or 0) > max_step]
+        for p in past:
+            shutil.rmtree(p, ignore_errors=True)
+        return sorted(p.name for p in past)
 
     # -- spec, running, launch records -----------------------------------------------------------
     def write_spec(self, spec: CellSpec) -> None:

@@ -3,6 +3,8 @@
 - `atomic_write(path, write)`: `write` fills a temp file beside `path` (named .<name>.<random>.tmp, so
   `TMP_SUFFIX` finds what a killed writer left), which is synced and renamed over `path`: a reader sees the
   old file or the new one, never half of one. `write_json_atomic` / `write_text_atomic` are the common cases.
+- `replace_path(src, dst)`: a file or folder moved over `dst` (a folder replaced whole: the old one is first
+  renamed to a temp name, so a kill leaves `dst` old, new or absent, and what it left is found by `TMP_SUFFIX`).
 - `exclusive_lock(path)`: a blocking exclusive lock for the block (e.g. one process converts a model while the
   others wait), a no-op where fcntl is missing (the atomic rename still holds).
 - `try_lock(fd, shared)`: a non-blocking lock attempt (the cell folder's liveness lock: a live process holds it).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -65,6 +68,18 @@ def write_json_atomic(path, data: Any) -> None:
 
 def write_text_atomic(path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def replace_path(src, dst) -> None:
+    """Move the file or folder `src` to `dst`, replacing what is there (a folder: renamed aside, then deleted)."""
+    src, dst = Path(src), Path(dst)
+    if dst.is_dir() and not dst.is_symlink():
+        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=TMP_SUFFIX))
+        os.replace(dst, old)  # (onto the empty temp folder)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    os.replace(src, dst)
 
 
 def read_json(path) -> Any:
