@@ -28,6 +28,7 @@ from tinyablate.cell_folder import RESULT_FILE, CellBusy, CellFolder
 from tinyablate.config import ConfigError
 from tinyablate.console import end_lines
 from tinyablate.distributed import ranks_from_env
+from tinyablate.files import DiskFull, disk_full
 
 register()
 
@@ -87,14 +88,16 @@ def _analysis_page(spec):
         return analyze([sweep_dir], sweep_dir / "analysis", wandb_mode=None), ""
     except ValueError as err:
         return None, f"not written ({err})"
+    except OSError as err:  # the cell's result stands
+        return None, f"not written ({disk_full(err, sweep_dir) or f'{type(err).__name__}: {err}'})"
 
 
 def _failure_message(err: Exception, spec) -> str:
     """What a failed single cell prints: the problems of an invalid cell, else the error and its record."""
     if isinstance(err, ConfigError):
         return "invalid cell, nothing was run:\n  " + "\n  ".join(err.problems)
-    if isinstance(err, CellBusy):
-        return str(err)
+    if isinstance(err, (CellBusy, DiskFull)):
+        return str(err) if isinstance(err, CellBusy) else f"cell failed: {err}"
     where = CellFolder.of(spec).file(RESULT_FILE)
     return f"cell failed: {type(err).__name__}: {err}\n(the traceback is in {where}, under error.traceback)"
 

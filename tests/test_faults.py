@@ -1,6 +1,7 @@
 """Fault injection (`-m faults`): kill -9 a short cell at random points of training, evaluation, export
 and result writing, re-run it after each kill, and check that nothing is lost, run twice or faked;
-two launches of one cell and of one sweep at once; kill, then status.
+two launches of one cell and of one sweep at once; kill, then status; Ctrl-C to a local sweep (SIGINT to its
+process group), then a re-run; a local bundle's process killed (the sweep names the job and fails).
 
 The kills run through tests/fault_driver.py (forked attempts of the tiny random model, SFT, 6 steps: one epoch);
 then a cell whose max_steps ends an epoch part way (SFT and GRPO) stopped after its final checkpoint (during
@@ -11,15 +12,18 @@ The counts of the last run are printed (pytest -s) and written to <tmp>/fault_co
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -231,7 +235,8 @@ TINY = [
 ]
 
 
-def start(args: list, tmp_path: Path, log: str) -> subprocess.Popen:
+def start(args: list, tmp_path: Path, log: str, session: bool = False) -> subprocess.Popen:
+    """launch.py with `args`, its output in tmp_path/log; `session`: in a session (and process group) of its own."""
     env = {**ENV, "TINYABLATE_CACHE": str(tmp_path / "cache")}
     return subprocess.Popen(
         [sys.executable, str(REPO / "launch.py"), *args],
@@ -240,7 +245,25 @@ def start(args: list, tmp_path: Path, log: str) -> subprocess.Popen:
         stdout=open(tmp_path / log, "w"),
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=session,
     )
+
+
+def wait_until(condition, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def session_processes(sid: int) -> list:
+    """The processes still alive in session `sid` (a launcher started with session=True, and its children)."""
+    alive = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.cmdline())
+    return alive
 
 
 def loss_steps(cell_dir: Path) -> list:
@@ -315,3 +338,89 @@ def test_kill_then_status_says_interrupted(tmp_path):
     )
     assert status.stdout.split()[5] == "interrupted", status.stdout
     assert CellFolder(cell).state() == "interrupted" and "1 cells: 1 interrupted" in status.stdout
+
+
+def test_ctrl_c_stops_a_local_sweep_with_one_line_and_the_rerun_resumes(tmp_path):
+    runs, steps = tmp_path / "runs", 200
+    args = ["-m", *TINY, f"algo.max_steps={steps}", f"output_dir={runs}", "sweep=ctrlc", "adapter.u=1,2"]
+    args += ["hydra.launcher.max_parallel=2", "hydra.launcher.poll_s=0.5"]
+    proc = start(args, tmp_path, "a.log", session=True)
+    checkpointed = lambda: len({p.parents[2] for p in runs.glob("ctrlc/*/checkpoints/*/trainer_state.json")}) == 2  # noqa: E731
+    wait_until(checkpointed, proc, tmp_path / "a.log")
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the launcher's whole process group
+    code, log = proc.wait(timeout=120), (tmp_path / "a.log").read_text()
+    assert code == 130 and "Traceback" not in log and "KeyboardInterrupt" not in log, log[-4000:]
+    assert len([line for line in log.splitlines() if line.startswith("interrupted (Ctrl-C)")]) == 1, log[-4000:]
+    assert session_processes(proc.pid) == []  # nothing left running
+    cells = sorted(p.parent for p in runs.glob("ctrlc/*/spec.json"))
+    assert [CellFolder(c).state() for c in cells] == ["interrupted", "interrupted"], log[-4000:]
+    assert log.count("  [resumes from checkpoint-") == 2, log[-4000:]  # the status table says from where
+
+    rerun = start(args, tmp_path, "b.log")
+    assert rerun.wait(timeout=600) == 0, (tmp_path / "b.log").read_text()[-4000:]
+    for cell in cells:
+        result = CellFolder(cell).read_result()
+        assert result.completed and result.metrics.resumed_from_step >= 1  # resumed, not started over
+        assert loss_steps(cell) == list(range(1, steps + 1))
+
+
+def test_a_bundle_whose_process_died_is_reported_and_fails_the_sweep(tmp_path):
+    runs = tmp_path / "runs"
+    args = ["-m", *TINY, "algo.max_steps=60", f"output_dir={runs}", "sweep=dead", "adapter.u=1,2,3"]
+    args += ["hydra.launcher.cells_per_job=3", "hydra.launcher.poll_s=0.5"]
+    proc = start(args, tmp_path, "a.log")
+
+    def second_cell():  # the bundle's second cell, once the first has completed and it has a checkpoint
+        completed = {p.parent for p in runs.glob("dead/*/result.json")}
+        started = {p.parents[2] for p in runs.glob("dead/*/checkpoints/*/trainer_state.json")} - completed
+        return next(iter(started)) if completed and started else None
+
+    wait_until(second_cell, proc, tmp_path / "a.log")
+    holder = json.loads((second_cell() / "cell.lock").read_text())["pid"]  # the process running the bundle
+    os.kill(holder, signal.SIGKILL)
+    code, log = proc.wait(timeout=300), (tmp_path / "a.log").read_text()
+    assert code == 1 and "Traceback" not in log, log[-4000:]
+    [line] = [line for line in log.splitlines() if line.startswith("job ")]
+    assert " died: its process ended without a result (killed" in line and "2 of its cells did not finish" in line
+    assert "(interrupted)" in line and "(pending)" in line and "1 completed, 1 interrupted, 1 pending" in log, log[
+        -3000:
+    ]
+
+
+FULL_DISK = """
+mount -t tmpfs -o size=120k tmpfs "$DISK" || exit 97
+"$PY" launch.py "$@" output_dir="$DISK/runs" sweep=full > "$OUT/cell.log" 2>&1; echo $? > "$OUT/cell.code"
+"$PY" -m tinyablate.status "$DISK/runs/full" > "$OUT/status.log" 2>&1; echo $? > "$OUT/status.code"
+head -c 1M /dev/zero > "$DISK/filler" 2>/dev/null
+"$PY" launch.py -m "$@" output_dir="$DISK/runs" sweep=full status=true > "$OUT/probe.log" 2>&1; echo $? > "$OUT/probe.code"
+"""
+
+
+def in_tmpfs(script: str, args: list, tmp_path: Path) -> dict:
+    """`script` in a mount namespace of its own (a 120 KB tmpfs at $DISK, gone with it); what it wrote to $OUT, by
+    name. Skipped where this machine does not let this user mount one."""
+    unshare = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    probe = subprocess.run([*unshare, "sh", "-c", f"mount -t tmpfs -o size=8k tmpfs {tmp_path}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no small tmpfs here: {' '.join(unshare)} + mount failed ({probe.stderr.decode().strip()[:200]})")
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir(), out.mkdir()
+    env = {**ENV, "DISK": str(disk), "OUT": str(out), "PY": sys.executable, "TINYABLATE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([*unshare, "bash", "-c", script, "bash", *args], cwd=REPO, env=env, timeout=600)
+    assert done.returncode == 0, done
+    return {p.name: p.read_text() for p in out.iterdir()}
+
+
+def test_a_full_disk_fails_the_cell_in_one_line_that_names_it_and_the_state_survives(tmp_path):
+    out = in_tmpfs(FULL_DISK, [*TINY, "algo.max_steps=30"], tmp_path)
+    log = out["cell.log"]
+    assert out["cell.code"].strip() == "1" and "Traceback" not in log, log[-3000:]
+    [line] = [line for line in log.splitlines() if "No space left on device" in line]
+    assert line.startswith("cell failed: the disk holding ") and "/runs/full/" in line and " is full " in line
+    # the failed result was written (into the space the cell held back), so the state is failed, not pending
+    assert out["status.code"].strip() == "1" and "1 cells: 1 failed" in out["status.log"], out["status.log"]
+    assert "DiskFull: the disk holding" in out["status.log"]
+    # a launch on the full disk is refused before Hydra writes there: one line, exit 2
+    probe = out["probe.log"]
+    assert out["probe.code"].strip() == "2" and "Traceback" not in probe, probe[-3000:]
+    assert [line for line in probe.splitlines() if "is full" in line][0].strip().startswith("output_dir=")

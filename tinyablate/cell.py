@@ -60,6 +60,7 @@ from .cell_folder import (
 from .config import CellSpec, ModelInfo, cell_id, eval_task_configs, spec_to_dict
 from .distributed import Ranks
 from .evaluation import base_cache_key, base_cache_path, evaluate_task, read_base_cache, write_base_cache, write_samples
+from .files import disk_full
 from .metrics import MetricLogger, NullLogger, truncate_metrics, wandb_run_id
 from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
 from .preflight import preflight
@@ -175,20 +176,27 @@ def _run_ranks(spec: CellSpec, folder: CellFolder, ranks: Ranks, started: Option
     previous = distributed.broadcast_from_main(previous)
     if previous is not None:
         return previous  # e.g. a requeue signal that arrived after the cell had finished
-    if ranks.is_main:
-        folder.write_spec(spec)
-        folder.mark_running(ranks.world_size)
-        print(console.banner(spec, cid, folder.path, ranks.world_size, _expected_params(spec)), flush=True)
     start = time.time()
     try:
+        if ranks.is_main:
+            folder.write_spec(spec)
+            folder.mark_running(ranks.world_size)
+            print(console.banner(spec, cid, folder.path, ranks.world_size, _expected_params(spec)), flush=True)
         result = _run(spec, cid, folder, start, ranks, started)
     except Exception as err:  # a failed cell still leaves its record (a kill or requeue signal does not)
-        if not folder.has_result():  # the first rank to fail says why (the others follow it)
-            folder.write_result(_failure(spec, cid, start, err, ranks))
-        raise
-    finally:
-        if ranks.is_main:
+        full = disk_full(err, folder.path)  # said in one line, naming the path
+        recorded = folder.has_result()  # the first rank to fail says why (the others follow it)
+        if not recorded:
+            recorded = folder.write_failure(_failure(spec, cid, start, full or err, ranks))
+        if ranks.is_main and recorded:  # not recorded (a full disk): running.json stays, the cell reads interrupted
             folder.clear_running()
+        if full is not None:
+            raise full from err
+        raise
+    # Ctrl-C (KeyboardInterrupt) or a signal's SystemExit: no result, and running.json stays, so the cell
+    # reads interrupted (like a killed one) and a re-run resumes it
+    if ranks.is_main:
+        folder.clear_running()
     return distributed.broadcast_from_main(result)
 
 

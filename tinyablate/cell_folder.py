@@ -12,6 +12,7 @@ A cell folder holds:
     launch.json          the launcher's record: backend, job_id, stdout, stderr, submitted, argv
     cell.lock            the lock of the process that runs the cell (see `CellFolder.locked`)
     running.json         while a process runs it: pid, host, started, slurm_job_id, world_size
+    .reserve             64 KiB held while a process runs it, given up to write its failed result on a full disk
     result.json          the `Result` below: written once per attempt, atomically (temp file + rename)
     result.<status>-<unix time>.json   an earlier attempt's result, moved aside when the cell is retried
     metrics.jsonl, summary.json        the metrics sink (tinyablate/metrics.py)
@@ -55,7 +56,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import CellSpec, cell_id, spec_to_dict
-from .files import TMP_SUFFIX, read_json, replace_path, try_lock, umask, write_json_atomic
+from .files import LOW_SPACE, TMP_SUFFIX, disk_full, read_json, replace_path, try_lock, umask, write_json_atomic
 
 SCHEMA_VERSION = 2  # of result.json, written; bump it when a field changes meaning
 READABLE_SCHEMAS = (1, 2)  # what readers accept (Result.parse refuses others)
@@ -71,6 +72,7 @@ LOCK_FILE = "cell.lock"
 METRICS_FILE, SUMMARY_FILE, EVAL_SAMPLES_FILE = "metrics.jsonl", "summary.json", "eval_samples.jsonl"
 ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR = "adapter", "adapter_native", "checkpoints"
 STAGED_DIR = ".staged"  # an attempt's outputs until its result is ready (CellFolder.publish)
+RESERVE_FILE = ".reserve"  # space held for a failed result while the cell runs (CellFolder.write_failure)
 # Inside checkpoints/checkpoint-<step>/: the trainable tensors, and TRL's trainer state (written last: a
 # checkpoint holding it, and every rank's RNG state, is complete).
 ADAPTER_STATE, TRAINER_STATE = "adapter_state.safetensors", "trainer_state.json"
@@ -463,6 +465,22 @@ class CellFolder:
         shutil.rmtree(staged, ignore_errors=True)
         return self.write_result(result)
 
+    def write_failure(self, result: Result) -> bool:
+        """Write a failed result; on a full disk, into the space `mark_running` reserved. False when even that
+        did not fit (running.json then stays: the cell reads interrupted, never pending)."""
+        try:
+            self.write_result(result)
+            return True
+        except OSError as err:
+            if disk_full(err, self.path) is None:
+                raise
+        self.file(RESERVE_FILE).unlink(missing_ok=True)
+        try:
+            self.write_result(result)
+            return True
+        except OSError:
+            return False
+
     def has_result(self) -> bool:
         return (self.path / RESULT_FILE).exists()
 
@@ -589,7 +607,9 @@ class CellFolder:
         return data if isinstance(data, dict) else None
 
     def mark_running(self, ranks_world_size: int) -> None:
-        """running.json: who runs the cell now (live_job in status.py reads it)."""
+        """running.json: who runs the cell now (live_job in status.py reads it); and the space a failed result
+        needs on a disk that fills up while it runs (write_failure)."""
+        self._reserve_space()
         write_json_atomic(
             self.path / RUNNING_FILE,
             {
@@ -601,15 +621,23 @@ class CellFolder:
             },
         )
 
+    def _reserve_space(self) -> None:
+        """LOW_SPACE bytes written (not a sparse file) in RESERVE_FILE, for write_failure; none on a full disk."""
+        try:
+            with open(self.file(RESERVE_FILE), "wb") as f:
+                f.write(b"\0" * LOW_SPACE)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            self.file(RESERVE_FILE).unlink(missing_ok=True)
+
     def read_running(self) -> dict:
         data = read_json(self.path / RUNNING_FILE)
         return data if isinstance(data, dict) else {}
 
     def clear_running(self) -> None:
-        try:
-            (self.path / RUNNING_FILE).unlink()
-        except FileNotFoundError:
-            pass
+        (self.path / RUNNING_FILE).unlink(missing_ok=True)
+        self.file(RESERVE_FILE).unlink(missing_ok=True)
 
     def write_launch(self, backend: str, job_id: str, stdout: str, stderr: str, argv: list) -> None:
         """launch.json: how the launcher submitted the cell (its job and log files)."""

@@ -29,6 +29,7 @@ from .config.checks import raise_problems
 from .config.logger import LoggerConfig
 from .config.model import ModelConfig
 from .config.task import TaskConfig
+from .files import LOW_SPACE, disk_full
 from .shapes import adapter_size
 
 
@@ -61,16 +62,21 @@ def preflight(spec: CellSpec, world_size: Optional[int] = None, here: bool = Tru
 
 
 def output_dir_problems(output_dir) -> list:
-    """output_dir can be written: a probe file is made and removed in it, or in the nearest folder above it that
-    exists (nothing is created)."""
+    """output_dir can be written: a probe file of LOW_SPACE bytes is written, synced and removed in it, or in the
+    nearest folder above it that exists (nothing is created); a full disk fails it (an empty file would not)."""
     path = Path(str(output_dir)).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     try:
         if not existing.is_dir():
             raise NotADirectoryError(20, f"{existing} is a file")
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        with tempfile.TemporaryFile(dir=existing) as probe:
+            probe.write(b"\0" * LOW_SPACE)
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as err:
+        full = disk_full(err, existing)
+        if full is not None:
+            return [f"output_dir={str(output_dir)!r} is invalid: {full}"]
         return [
             f"output_dir={str(output_dir)!r} is invalid: it cannot be written here ({type(err).__name__}: "
             f"{err.strerror or err}); choose a folder you can write (output_dir=/path/you/own)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -42,6 +43,16 @@ class CellJob(submitit.helpers.Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
     def __call__(self, specs: list, cell_dirs: list) -> list:
+        # Ctrl-C stops the cells (a local launcher starts its jobs with SIGINT ignored: see _sigint_ignored); the
+        # cell being run reads interrupted and resumes from its last checkpoint when run again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return self._run(specs, cell_dirs)
+        except KeyboardInterrupt:
+            print("interrupted (SIGINT): this job's cells stop; each resumes from its last checkpoint", flush=True)
+            raise SystemExit(130) from None
+
+    def _run(self, specs: list, cell_dirs: list) -> list:
         # Imported here, in the job: the launching process never loads torch/TRL for the cells it submits.
         from tinyablate.cell import cell_summary, run_cell, run_cells
 
@@ -137,6 +148,23 @@ def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
     return [job for job, _ in jobs]
 
 
+def job_end(job) -> str:
+    """How a finished job that left cells unfinished ended, as far as it can be known: the exit signal of a
+    worker that died (the job's own report: SLURM bundles run at once), SLURM's state of the job, or, for a
+    local job, that its process died (submitit's local controller keeps no exit status)."""
+    if job is None:
+        return "not followed by this launch"
+    try:
+        deaths = [s["error"] for s in job.result() if "worker process died" in (s.get("error") or "")]
+    except Exception:  # noqa: BLE001 - no result: the job's process itself died
+        deaths = []
+    if deaths:
+        return deaths[0].split(";")[0]
+    if isinstance(job, submitit.SlurmJob):
+        return f"SLURM state {job.state}"
+    return "its process ended without a result (killed, e.g. kill -9 or out of memory; submitit's local controller keeps no exit signal)"
+
+
 def _order(at_once: Any) -> str:
     if at_once == "auto":
         return "as many at once as fit in the job's GPU"
@@ -217,27 +245,78 @@ def _run_local(settings: dict, cells: list, folder: Path) -> list:
     threads = cpu_threads_per_cell(n_cores, limit, len(queue))
     if threads is not None:
         print(f"{threads} torch CPU thread(s) per cell ({n_cores} cores, up to {limit} cells at once)")
-    while queue or running:
-        while queue and len(running) < limit and (gpus := _take_gpus(free_gpus, queue[0][0].spec.gpus)) is not None:
-            bundle = queue.pop(0)
-            executor.update_parameters(
-                timeout_min=settings["timeout_min"],
-                gpus_per_node=len(gpus),
-                visible_gpus=gpus,
-                tasks_per_node=ranks_per_cell(len(gpus)),
-            )
-            job = executor.submit(CellJob(threads), *_job_args(bundle))
-            for cell in bundle:
-                write_launch_record(cell, job, "local")
-            names = bundle[0].cell_id + (f" and {len(bundle) - 1} more, one after another" if len(bundle) > 1 else "")
-            print(f"started {names}{f' on GPU {gpus}' if gpus else ''} (log: {job.paths.stderr})")
-            running.append((job, gpus))
-            jobs.append(job)
-        time.sleep(settings.get("poll_s", 2.0))
-        for job, gpus in [r for r in running if r[0].done()]:
-            free_gpus += gpus
-        running = [r for r in running if not r[0].done()]
+    try:
+        while queue or running:
+            while queue and len(running) < limit and (gpus := _take_gpus(free_gpus, queue[0][0].spec.gpus)) is not None:
+                bundle = queue.pop(0)
+                executor.update_parameters(
+                    timeout_min=settings["timeout_min"],
+                    gpus_per_node=len(gpus),
+                    visible_gpus=gpus,
+                    tasks_per_node=ranks_per_cell(len(gpus)),
+                )
+                with _sigint_ignored():
+                    job = executor.submit(CellJob(threads), *_job_args(bundle))
+                running.append((job, gpus))
+                jobs.append(job)
+                for cell in bundle:
+                    write_launch_record(cell, job, "local")
+                more = f" and {len(bundle) - 1} more, one after another" if len(bundle) > 1 else ""
+                print(f"started {bundle[0].cell_id}{more}{f' on GPU {gpus}' if gpus else ''} (log: {job.paths.stderr})")
+            time.sleep(settings.get("poll_s", 2.0))
+            for job, gpus in [r for r in running if r[0].done()]:
+                free_gpus += gpus
+            running = [r for r in running if not r[0].done()]
+    except BaseException:  # Ctrl-C, or submitting failed (a full disk): the cells started here stop too
+        with _sigint_ignored():  # a second Ctrl-C does not cut the stopping short
+            stop_local_jobs([job for job, _ in running])
+        raise
     return jobs
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Processes started in the block ignore SIGINT (inherited through exec): Ctrl-C reaches this launcher and
+    the cells (CellJob handles it again), not submitit's job controller, which would print a traceback and
+    kill its cell."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_local_jobs(jobs: list, grace_s: float = 2.0, patience_s: float = 30.0) -> None:
+    """After Ctrl-C: each local job's cell processes get SIGINT unless they ended within `grace_s` (a terminal's
+    Ctrl-C reached them already), and SIGKILL if still alive after `patience_s`; then their controllers end.
+    Their cells read interrupted either way (resumed from their last checkpoint by a re-run)."""
+    import psutil
+
+    controllers = []
+    for job in jobs:
+        with contextlib.suppress(psutil.Error, ValueError):
+            controllers.append(psutil.Process(int(job.job_id)))  # a local job's id is its controller's pid
+    _, alive = psutil.wait_procs([task for c in controllers for task in _children(c)], timeout=grace_s)
+    for task in alive:
+        with contextlib.suppress(psutil.Error):
+            task.send_signal(signal.SIGINT)
+    _, alive = psutil.wait_procs(alive, timeout=patience_s)
+    for task in alive:
+        with contextlib.suppress(psutil.Error):
+            task.kill()
+    _, controllers = psutil.wait_procs(controllers, timeout=10)
+    for controller in controllers:
+        with contextlib.suppress(psutil.Error):
+            controller.kill()
+
+
+def _children(process) -> list:
+    import psutil
+
+    try:
+        return process.children()
+    except psutil.Error:
+        return []
 
 
 def _take_gpus(free: list, n: int) -> Optional[list]:

@@ -16,6 +16,7 @@ process of the job), and the requeued bundle skips its completed cells and resum
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -65,7 +66,7 @@ def run_at_once(specs: list, cell_dirs: list, at_once: int, threads: int, worker
                 for pid in dead:
                     process, current = running.pop(pid)
                     if current is not None and current not in summaries:
-                        summaries[current] = _failed(specs[current], f"exit code {process.exitcode}")
+                        summaries[current] = _failed(specs[current], exit_description(process.exitcode))
                     process = start()
                     running[process.pid] = [process, None]
                     _LIVE.append(process)
@@ -82,6 +83,14 @@ def run_at_once(specs: list, cell_dirs: list, at_once: int, threads: int, worker
                 process.kill()  # not terminate(): workers ignore SIGTERM (_LEFT_TO_THE_JOB)
         _LIVE.clear()
     return [summaries[i] for i in range(len(specs))]
+
+
+def exit_description(code: int) -> str:
+    """A process's exit code in words: "killed by SIGKILL" for -9, else "exit code N"."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 def stop_workers() -> None:
