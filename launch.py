@@ -72,11 +72,13 @@ def _dry_run(spec, cost_device: str) -> int:
 
 
 def _status(spec) -> int:
-    """status=true for one cell: its state (pending, running, completed with accuracy, failed with its error)."""
+    """status=true for one cell: its state (pending, running, completed with accuracy, failed with its error);
+    exit 1 when it failed."""
     from tinyablate.status import cell_row, format_table
 
-    print(format_table([cell_row(CellFolder.of(spec).path)]))
-    return 0
+    row = cell_row(CellFolder.of(spec).path)
+    print(format_table([row]))
+    return 1 if row["state"] == "failed" else 0  # as the sweep's status=true
 
 
 def _analysis_page(spec):

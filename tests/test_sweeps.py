@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tinyablate.cell_folder import CellFolder, ErrorRecord, Result
+
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
 
@@ -298,3 +300,8 @@ def test_one_cell_dry_run_checks_and_prices_it_and_runs_nothing(tmp_path):
     state = launch([*TINY, f"output_dir={runs}", "gpus=0", "status=true"], tmp_path, timeout=300)
     assert state.returncode == 0 and "1 cells: 1 pending" in state.stdout, state.stdout[-2000:] + state.stderr[-2000:]
     assert not list(runs.rglob("*.json"))
+    [cid] = [line.split()[-1] for line in state.stdout.splitlines() if line.startswith("pending")]
+    failure = ErrorRecord(type="RuntimeError", message="it broke")
+    CellFolder(runs / "default" / cid).write_result(Result(cell_id=cid, status="failed", error=failure))
+    state = launch([*TINY, f"output_dir={runs}", "gpus=0", "status=true"], tmp_path, timeout=300)
+    assert state.returncode == 1 and "1 cells: 1 failed" in state.stdout, state.stdout[-2000:]  # as a sweep's

@@ -138,10 +138,10 @@ def _data_problems(key: str, train: bool, stamp: tuple) -> tuple:
     except (OSError, ValueError) as err:  # missing folder or file, a bad line (the message names it)
         if cfg.train_size is None:
             return (f"task data: {err}",)
-        # a train_size the training split cannot give: the evaluation split is still checked, and named
-        return (f"task data: {err}",) + _data_problems(
-            json.dumps({**json.loads(key), "train_size": None}, sort_keys=True), False, stamp
-        )
+        # a train_size the training split cannot give: the evaluation split is still checked, and named (a bad
+        # line that stops loading without train_size too is the same problem: said once)
+        rest = _data_problems(json.dumps({**json.loads(key), "train_size": None}, sort_keys=True), False, stamp)
+        return tuple(dict.fromkeys((f"task data: {err}", *rest)))
     problems = []
     where = f"task.name={task.cfg.name!r}, task.data_dir={task.cfg.data_dir!r}"
     if train:  # the training and the evaluation split are each checked, each named
