@@ -46,6 +46,9 @@ def main(cfg: DictConfig) -> None:
     except Exception as err:  # one clear message, no traceback (it is in result.json), non-zero exit
         print(_failure_message(err, spec), file=sys.stderr)
         raise SystemExit(2 if isinstance(err, (ConfigError, CellBusy)) else 1) from None
+    except KeyboardInterrupt:  # the cell reads interrupted (cell.py keeps running.json)
+        print("interrupted (Ctrl-C): the cell resumes from its last checkpoint when run again", file=sys.stderr)
+        raise SystemExit(130) from None
     if not ranks_from_env().is_main:
         return
     page, note = _analysis_page(spec)
@@ -90,7 +93,7 @@ def _analysis_page(spec):
         return analyze([sweep_dir], sweep_dir / "analysis", wandb_mode=None), ""
     except ValueError as err:
         return None, f"not written ({err})"
-    except OSError as err:  # the cell's result stands
+    except Exception as err:  # noqa: BLE001 - its own failure (a full disk, a plot): the cell's result stands
         return None, f"not written ({disk_full(err, sweep_dir) or f'{type(err).__name__}: {err}'})"
 
 

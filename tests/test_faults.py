@@ -424,3 +424,14 @@ def test_a_full_disk_fails_the_cell_in_one_line_that_names_it_and_the_state_surv
     probe = out["probe.log"]
     assert out["probe.code"].strip() == "2" and "Traceback" not in probe, probe[-3000:]
     assert [line for line in probe.splitlines() if "is full" in line][0].strip().startswith("output_dir=")
+
+
+def test_ctrl_c_stops_one_cell_with_one_line_and_it_reads_interrupted(tmp_path):
+    runs = tmp_path / "runs"
+    proc = start([*TINY, "algo.max_steps=400", f"output_dir={runs}", "sweep=one"], tmp_path, "a.log", session=True)
+    wait_until(lambda: list(runs.glob("one/*/checkpoints/*/trainer_state.json")), proc, tmp_path / "a.log")
+    os.killpg(proc.pid, signal.SIGINT)
+    code, log = proc.wait(timeout=120), (tmp_path / "a.log").read_text()
+    assert code == 130 and "Traceback" not in log and log.count("interrupted (Ctrl-C)") == 1, log[-3000:]
+    [cell] = [p.parent for p in runs.glob("one/*/spec.json")]
+    assert CellFolder(cell).state() == "interrupted"

@@ -305,3 +305,27 @@ def test_one_cell_dry_run_checks_and_prices_it_and_runs_nothing(tmp_path):
     CellFolder(runs / "default" / cid).write_result(Result(cell_id=cid, status="failed", error=failure))
     state = launch([*TINY, f"output_dir={runs}", "gpus=0", "status=true"], tmp_path, timeout=300)
     assert state.returncode == 1 and "1 cells: 1 failed" in state.stdout, state.stdout[-2000:]  # as a sweep's
+
+
+def test_an_analysis_that_fails_says_so_in_one_line_and_the_cells_stand(tmp_path, monkeypatch, capsys):
+    """After a single cell (launch.py) and after a sweep (the launcher): a full disk, or any error, in the
+    analysis is its own one line; it neither fails the cells nor raises."""
+    import errno
+    from types import SimpleNamespace
+
+    import analysis.report
+    from hydra_plugins.tinyablate.launcher import TinyablateLauncher
+    from launch import _analysis_page
+    from tinyablate.config import CellSpec, LoggerConfig
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(analysis.report, "analyze", full)
+    spec = CellSpec(output_dir=str(tmp_path / "runs"), sweep="s")
+    page, note = _analysis_page(spec)
+    assert page is None and note.startswith(f"not written (the disk holding {tmp_path / 'runs' / 's'} is full")
+    cell = SimpleNamespace(folder=CellFolder(tmp_path / "runs" / "s" / "c"), spec=CellSpec(logger=LoggerConfig()))
+    monkeypatch.setattr(analysis.report, "analyze", lambda *a, **k: 1 / 0)
+    TinyablateLauncher()._run_analysis([cell])
+    assert capsys.readouterr().out == "analysis failed, the cells' results stand: ZeroDivisionError: division by zero\n"

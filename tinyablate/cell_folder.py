@@ -12,7 +12,8 @@ A cell folder holds:
     launch.json          the launcher's record: backend, job_id, stdout, stderr, submitted, argv
     cell.lock            the lock of the process that runs the cell (see `CellFolder.locked`)
     running.json         while a process runs it: pid, host, started, slurm_job_id, world_size
-    .reserve             64 KiB held while a process runs it, given up to write its failed result on a full disk
+    .reserve             64 KiB held while a process runs it (a killed one leaves it to the next attempt), given up
+                         to write its failed result on a full disk (`write_failure`)
     result.json          the `Result` below: written once per attempt, atomically (temp file + rename)
     result.<status>-<unix time>.json   an earlier attempt's result, moved aside when the cell is retried
     metrics.jsonl, summary.json        the metrics sink (tinyablate/metrics.py)

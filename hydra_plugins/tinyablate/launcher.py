@@ -308,8 +308,9 @@ class TinyablateLauncher(Launcher):
             except ValueError as err:  # e.g. no cell completed: say so, the status table says why
                 print(f"analysis skipped: {err}")
                 continue
-            except OSError as err:  # its own failure: the cells' results stand
-                print(f"analysis failed, the cells' results stand: {disk_full(err, sweep_dir) or err}")
+            except Exception as err:  # noqa: BLE001 - its own failure (a full disk, a plot): the cells' results stand
+                why = disk_full(err, sweep_dir) or f"{type(err).__name__}: {err}"
+                print(f"analysis failed, the cells' results stand: {why}")
                 continue
             print(f"analysis page: {page.resolve()}")
 

@@ -154,10 +154,10 @@ def job_end(job) -> str:
     local job, that its process died (submitit's local controller keeps no exit status)."""
     if job is None:
         return "not followed by this launch"
-    try:
-        deaths = [s["error"] for s in job.result() if "worker process died" in (s.get("error") or "")]
-    except Exception:  # noqa: BLE001 - no result: the job's process itself died
-        deaths = []
+    deaths = []
+    if job.paths.result_pickle.exists():  # (else job.result() would wait 15 s for it)
+        with contextlib.suppress(Exception):  # a job that raised: no summaries
+            deaths = [s["error"] for s in job.result() if "worker process died" in (s.get("error") or "")]
     if deaths:
         return deaths[0].split(";")[0]
     if isinstance(job, submitit.SlurmJob):
