@@ -364,11 +364,14 @@ def test_ctrl_c_stops_a_local_sweep_with_one_line_and_the_rerun_resumes(tmp_path
         assert loss_steps(cell) == list(range(1, steps + 1))
 
 
-def test_a_bundle_whose_process_died_is_reported_and_fails_the_sweep(tmp_path):
+@pytest.mark.parametrize("killed", ["cells", "job"])
+def test_a_bundle_whose_process_died_is_reported_and_fails_the_sweep(tmp_path, killed):
+    """kill -9 of the process running a local bundle's cells (a forked child of the job's process, which reports
+    the signal), or of the job's process itself (the child dies with it: nothing is left running)."""
     runs = tmp_path / "runs"
     args = ["-m", *TINY, "algo.max_steps=60", f"output_dir={runs}", "sweep=dead", "adapter.u=1,2,3"]
     args += ["hydra.launcher.cells_per_job=3", "hydra.launcher.poll_s=0.5"]
-    proc = start(args, tmp_path, "a.log")
+    proc = start(args, tmp_path, "a.log", session=True)
 
     def second_cell():  # the bundle's second cell, once the first has completed and it has a checkpoint
         completed = {p.parent for p in runs.glob("dead/*/result.json")}
@@ -377,14 +380,14 @@ def test_a_bundle_whose_process_died_is_reported_and_fails_the_sweep(tmp_path):
 
     wait_until(second_cell, proc, tmp_path / "a.log")
     holder = json.loads((second_cell() / "cell.lock").read_text())["pid"]  # the process running the bundle
-    os.kill(holder, signal.SIGKILL)
+    os.kill(holder if killed == "cells" else psutil.Process(holder).ppid(), signal.SIGKILL)
     code, log = proc.wait(timeout=300), (tmp_path / "a.log").read_text()
     assert code == 1 and "Traceback" not in log, log[-4000:]
     [line] = [line for line in log.splitlines() if line.startswith("job ")]
-    assert " died: its process ended without a result (killed" in line and "2 of its cells did not finish" in line
-    assert "(interrupted)" in line and "(pending)" in line and "1 completed, 1 interrupted, 1 pending" in log, log[
-        -3000:
-    ]
+    how = "died (killed by SIGKILL)" if killed == "cells" else "its process ended without a result (killed"
+    assert f"lost its cells: {how}" in line or f"running its cells {how}" in line, line
+    assert "2 of its cells did not finish" in line and "(interrupted)" in line and "(pending)" in line, line
+    assert "1 completed, 1 interrupted, 1 pending" in log and session_processes(proc.pid) == [], log[-3000:]
 
 
 FULL_DISK = """

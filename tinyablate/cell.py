@@ -109,7 +109,9 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None, started: Optional[
             return _run_ranks(spec, folder, ranks, started).to_dict()
 
 
-def run_cells(specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]], warm: bool = False) -> list:
+def run_cells(
+    specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]], warm: bool = False, started: Optional[float] = None
+) -> list:
     """Cells one after another in this process (a bundle: hydra.launcher.cells_per_job), each through run_cell
     with its own folder, lock, result and metrics; returns one summary per cell (cell_id, status, accuracy,
     error). The process stays warm: imports, compiled kernels (kernels.py `compiled` keeps them per model
@@ -117,11 +119,12 @@ def run_cells(specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]], wa
     result says why) or that another process holds does not stop the cells after it; memory is released
     between cells. A bundle run again (a requeue) returns its completed cells' results and resumes the others.
     `warm`: this process ran a cell before, so even the first cell's start to first step counts from its own start.
+    `started`: else, when the first cell's start to first step counts from (default: this process's start).
     """
     summaries = []
     for i, (spec, cell_dir) in enumerate(zip(specs, cell_dirs)):
         try:  # the first cell's start is the process's (imports included), a later one's its own
-            summaries.append(cell_summary(run_cell(spec, cell_dir, started=time.time() if i or warm else None)))
+            summaries.append(cell_summary(run_cell(spec, cell_dir, started=time.time() if i or warm else started)))
         except Exception as err:  # noqa: BLE001 - the cell's own result.json records its failure
             status = "busy" if isinstance(err, CellBusy) else "failed"
             summaries.append(unfinished_summary(cell_id(spec), status, f"{type(err).__name__}: {err}"))

@@ -63,7 +63,7 @@ def died_job_lines(cells: list, jobs: list) -> list:
             left.setdefault(str(c.folder.read_launch().get("job_id")), []).append(f"{c.cell_id} ({state})")
     by_id = {str(j.job_id): j for j in jobs}
     return [
-        f"job {job_id} died: {job_end(by_id.get(job_id))}; {len(stuck)} of its cells did not finish: "
+        f"job {job_id} lost its cells: {job_end(by_id.get(job_id))}; {len(stuck)} of its cells did not finish: "
         f"{', '.join(stuck)}; run the sweep again to resume them"
         for job_id, stuck in left.items()
     ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ import torch
 from tinyablate.config import spec_from_dict
 from tinyablate.cost import cells_per_gpu
 
-from .workers import run_at_once, stop_workers
+from .workers import run_at_once, run_forked, stop_workers
 
 
 class CellJob(submitit.helpers.Checkpointable):
@@ -33,8 +34,8 @@ class CellJob(submitit.helpers.Checkpointable):
     `cpu_threads`: torch's thread pool for CPU cells that share this machine with others (None: torch's own).
     `at_once`: a number, or "auto" (as many as fit in the job's GPU by the cost model, cost.cells_per_gpu)."""
 
-    def __init__(self, cpu_threads: Optional[int] = None, at_once: Any = 1) -> None:
-        self.cpu_threads, self.at_once = cpu_threads, at_once
+    def __init__(self, cpu_threads: Optional[int] = None, at_once: Any = 1, forked: bool = False) -> None:
+        self.cpu_threads, self.at_once, self.forked = cpu_threads, at_once, forked
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on pre-emption or time-out, before it requeues this job: a bundle's worker
@@ -59,6 +60,10 @@ class CellJob(submitit.helpers.Checkpointable):
         if self.cpu_threads is not None:
             os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)  # for whatever the cell starts, too
             torch.set_num_threads(self.cpu_threads)
+        # local: the cells in a forked child, whose death is reported with its signal (CUDA is not yet started
+        # here, so the child can start it; torch.cuda.is_initialized guards that)
+        if self.forked and submitit.JobEnvironment().num_tasks == 1 and not torch.cuda.is_initialized():
+            return run_forked([spec_from_dict(s) for s in specs], [Path(d) for d in cell_dirs])
         if len(specs) > 1:  # a bundle: cells of at most one GPU each (bundles() never bundles multi-GPU cells)
             typed = [spec_from_dict(s) for s in specs]
             at_once = job_cells_at_once(self.at_once, typed)
@@ -150,19 +155,23 @@ def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
 
 def job_end(job) -> str:
     """How a finished job that left cells unfinished ended, as far as it can be known: the exit signal of a
-    worker that died (the job's own report: SLURM bundles run at once), SLURM's state of the job, or, for a
-    local job, that its process died (submitit's local controller keeps no exit status)."""
+    process of it that died (the job's own report: a local job's forked child, a SLURM bundle's worker), SLURM's
+    state of the job, or that the job's own process died (its controller keeps no exit status)."""
     if job is None:
         return "not followed by this launch"
     deaths = []
     if job.paths.result_pickle.exists():  # (else job.result() would wait 15 s for it)
         with contextlib.suppress(Exception):  # a job that raised: no summaries
-            deaths = [s["error"] for s in job.result() if "worker process died" in (s.get("error") or "")]
+            deaths = [re.search(DIED, s.get("error") or "") for s in job.result()]
+    deaths = [d.group(1) for d in deaths if d]
     if deaths:
-        return deaths[0].split(";")[0]
+        return f"a process running its cells died ({deaths[0]})"
     if isinstance(job, submitit.SlurmJob):
         return f"SLURM state {job.state}"
-    return "its process ended without a result (killed, e.g. kill -9 or out of memory; submitit's local controller keeps no exit signal)"
+    return "its process ended without a result (killed, e.g. kill -9 or out of memory: no exit signal kept)"
+
+
+DIED = r"process died \((killed by \w+|exit code -?\d+|no word from it)\)"  # workers.py's summaries of such cells
 
 
 def _order(at_once: Any) -> str:
@@ -256,7 +265,7 @@ def _run_local(settings: dict, cells: list, folder: Path) -> list:
                     tasks_per_node=ranks_per_cell(len(gpus)),
                 )
                 with _sigint_ignored():
-                    job = executor.submit(CellJob(threads), *_job_args(bundle))
+                    job = executor.submit(CellJob(threads, forked=True), *_job_args(bundle))
                 running.append((job, gpus))
                 jobs.append(job)
                 for cell in bundle:
@@ -314,7 +323,7 @@ def _children(process) -> list:
     import psutil
 
     try:
-        return process.children()
+        return process.children(recursive=True)
     except psutil.Error:
         return []
 
