@@ -493,7 +493,8 @@ class CellFolder:
         """pending | running | interrupted | completed | failed (an unusable result.json counts as failed).
 
         running: a live process holds the cell's lock. interrupted: one started it (running.json) and is
-        gone without a result (killed, cancelled, node lost); running it again resumes it.
+        gone without a result (killed, stopped by Ctrl-C, cancelled, node lost, or a failure on a disk too full
+        to record it); running it again resumes it.
         """
         try:
             result = self.read_result()
