@@ -134,6 +134,10 @@ def test_state_running_failed_unreadable_and_a_retry(tmp_path):
     assert folder.state() == "failed"
     with pytest.raises(ResultError, match="not valid JSON"):
         folder.read_result()
+    folder.move_result_aside("unreadable")
+    (folder.path / "result.json").write_text("{")
+    folder.move_result_aside("unreadable")  # (within the same second, most likely: neither is lost)
+    assert len(list(folder.path.glob("result.unreadable-*.json"))) == 2
 
 
 def test_spec_and_launch_records_and_finding_cells(tmp_path):

@@ -215,6 +215,8 @@ def test_stopped_after_its_final_checkpoint_a_cell_completes_with_max_steps(tmp_
     assert v.keys() == v_ref.keys() and all((v[k] == v_ref[k]).all() for k in v), "v differs"
     assert result.metrics.accuracy == reference.read_result().metrics.accuracy
     assert loss_steps(folder.path) == list(range(1, MID_EPOCH + 1))  # each step once
+    damaged = sum(a["point"] == "damaged_result" for a in attempts)
+    assert len(list(folder.path.glob("result.unreadable-*.json"))) == damaged  # each kept aside, none lost
 
 
 # -- two launches at once, and status after a kill -----------------------------------------------

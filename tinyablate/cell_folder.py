@@ -15,7 +15,7 @@ A cell folder holds:
     .reserve             64 KiB held while a process runs it (a killed one leaves it to the next attempt), given up
                          to write its failed result on a full disk (`write_failure`)
     result.json          the `Result` below: written once per attempt, atomically (temp file + rename)
-    result.<status>-<unix time>.json   an earlier attempt's result, moved aside when the cell is retried
+    result.<status>-<unix time>[.<n>].json   an earlier attempt's result, moved aside when the cell is retried
     metrics.jsonl, summary.json        the metrics sink (tinyablate/metrics.py)
     eval_samples.jsonl   one record per evaluation problem of the final evaluation (the training task)
     eval_samples.<task>.jsonl   the same for each other task of eval.tasks
@@ -486,8 +486,12 @@ class CellFolder:
         return (self.path / RESULT_FILE).exists()
 
     def move_result_aside(self, status: str) -> None:
-        """Keep an earlier attempt's result as result.<status>-<unix time>.json (a retry starts over)."""
-        os.replace(self.path / RESULT_FILE, self.path / f"result.{status}-{int(time.time())}.json")
+        """Keep an earlier attempt's result as result.<status>-<unix time>[.<n>].json (a retry starts over; two
+        in one second each keep their own file)."""
+        stamp, n = int(time.time()), 0
+        while (aside := self.path / f"result.{status}-{stamp}{f'.{n}' if n else ''}.json").exists():
+            n += 1
+        os.replace(self.path / RESULT_FILE, aside)
 
     def state(self) -> str:
         """pending | running | interrupted | completed | failed (an unusable result.json counts as failed).
