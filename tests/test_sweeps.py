@@ -329,3 +329,22 @@ def test_an_analysis_that_fails_says_so_in_one_line_and_the_cells_stand(tmp_path
     monkeypatch.setattr(analysis.report, "analyze", lambda *a, **k: 1 / 0)
     TinyablateLauncher()._run_analysis([cell])
     assert capsys.readouterr().out == "analysis failed, the cells' results stand: ZeroDivisionError: division by zero\n"
+
+
+def test_submitting_on_a_full_disk_stops_the_sweep_with_one_line(tmp_path, monkeypatch, capsys):
+    """submitit's pickles (or the launch records) cannot be written: one line naming the disk, exit 1."""
+    import errno
+    from types import SimpleNamespace
+
+    import hydra_plugins.tinyablate.launcher as launcher
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "s" / ".submitit" / "1.pkl"))
+
+    monkeypatch.setattr(launcher, "submit_cells", full)
+    cell = SimpleNamespace(folder=CellFolder(tmp_path / "runs" / "s" / "c"))
+    with pytest.raises(SystemExit) as stop:
+        launcher.TinyablateLauncher()._submit([cell], [cell], {}, wait=True)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1, err
+    assert f"the disk holding {tmp_path / 'runs' / 's' / '.submitit' / '1.pkl'} is full" in err

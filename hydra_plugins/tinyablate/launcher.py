@@ -116,16 +116,7 @@ class TinyablateLauncher(Launcher):
         if todo:
             print(plan.todo_line(todo, options.cost_device, self._packed()))
             self._check_backend()
-            try:
-                jobs = submit_cells(self.backend, self.settings, todo, options.wait)
-            except KeyboardInterrupt:
-                self._interrupted(cells, notes)
-            except OSError as err:  # e.g. submitit's pickles on a full disk
-                full = disk_full(err, todo[0].folder.path.parent)
-                if full is None:
-                    raise
-                print(f"the sweep stopped (its running cells were stopped): {full}", file=sys.stderr, flush=True)
-                raise SystemExit(1) from None
+            jobs = self._submit(todo, cells, notes, options.wait)
             if not options.wait:
                 self._print_submitted(jobs, len(todo))
                 return self._returns(cells)
@@ -263,6 +254,20 @@ class TinyablateLauncher(Launcher):
         if c.problems:
             print("\n".join(c.problems) + "\nnothing was submitted.")
             raise SystemExit(2)
+
+    def _submit(self, todo: list, cells: list, notes: dict, wait: bool) -> list:
+        """submit_cells, its jobs returned; Ctrl-C (_interrupted) and a full disk (submitit's pickles, the launch
+        records) end the sweep with one line."""
+        try:
+            return submit_cells(self.backend, self.settings, todo, wait)
+        except KeyboardInterrupt:
+            self._interrupted(cells, notes)
+        except OSError as err:
+            full = disk_full(err, todo[0].folder.path.parent)
+            if full is None:
+                raise
+            print(f"the sweep stopped (its running cells were stopped): {full}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
 
     def _interrupted(self, cells: list, notes: dict) -> None:
         """Ctrl-C while the sweep ran: the status table, one line, exit 130 (local cells were stopped: submit.py)."""
