@@ -28,6 +28,7 @@ from tinyablate.cell_folder import RESULT_FILE, CellBusy, CellFolder
 from tinyablate.config import ConfigError
 from tinyablate.console import end_lines
 from tinyablate.distributed import ranks_from_env
+from tinyablate.files import DiskFull, disk_full
 
 register()
 
@@ -45,6 +46,9 @@ def main(cfg: DictConfig) -> None:
     except Exception as err:  # one clear message, no traceback (it is in result.json), non-zero exit
         print(_failure_message(err, spec), file=sys.stderr)
         raise SystemExit(2 if isinstance(err, (ConfigError, CellBusy)) else 1) from None
+    except KeyboardInterrupt:  # the cell reads interrupted (cell.py keeps running.json)
+        print("interrupted (Ctrl-C): the cell resumes from its last checkpoint when run again", file=sys.stderr)
+        raise SystemExit(130) from None
     if not ranks_from_env().is_main:
         return
     page, note = _analysis_page(spec)
@@ -71,11 +75,13 @@ def _dry_run(spec, cost_device: str) -> int:
 
 
 def _status(spec) -> int:
-    """status=true for one cell: its state (pending, running, completed with accuracy, failed with its error)."""
+    """status=true for one cell: its state (pending, running, completed with accuracy, failed with its error);
+    exit 1 when it failed."""
     from tinyablate.status import cell_row, format_table
 
-    print(format_table([cell_row(CellFolder.of(spec).path)]))
-    return 0
+    row = cell_row(CellFolder.of(spec).path)
+    print(format_table([row]))
+    return 1 if row["state"] == "failed" else 0  # as the sweep's status=true
 
 
 def _analysis_page(spec):
@@ -87,14 +93,16 @@ def _analysis_page(spec):
         return analyze([sweep_dir], sweep_dir / "analysis", wandb_mode=None), ""
     except ValueError as err:
         return None, f"not written ({err})"
+    except Exception as err:  # noqa: BLE001 - its own failure (a full disk, a plot): the cell's result stands
+        return None, f"not written ({disk_full(err, sweep_dir) or f'{type(err).__name__}: {err}'})"
 
 
 def _failure_message(err: Exception, spec) -> str:
     """What a failed single cell prints: the problems of an invalid cell, else the error and its record."""
     if isinstance(err, ConfigError):
         return "invalid cell, nothing was run:\n  " + "\n  ".join(err.problems)
-    if isinstance(err, CellBusy):
-        return str(err)
+    if isinstance(err, (CellBusy, DiskFull)):
+        return str(err) if isinstance(err, CellBusy) else f"cell failed: {err}"
     where = CellFolder.of(spec).file(RESULT_FILE)
     return f"cell failed: {type(err).__name__}: {err}\n(the traceback is in {where}, under error.traceback)"
 

@@ -13,6 +13,8 @@ is one cell folder taken from empty to completed; an attempt's point is
   export        after the PEFT export, before the native one
   result_write  with result.json's temp file written and synced, before the rename
   none          no kill: the attempt runs to its end
+  damaged_result  result.json overwritten with garbage first, then the planned kill `arg` ([point, arg]; not
+                random) or none
 This process imports torch/transformers/TRL once and forks each attempt from it (no torch op runs
 in it before the last fork), so 20+ kills cost seconds each, not a fresh interpreter each.
 """
@@ -69,9 +71,12 @@ def nth_call_dies(module, name: str, n: int, before: bool) -> None:
     setattr(module, name, wrapper)
 
 
-def arm(point: str, arg) -> None:
+def arm(point: str, arg, spec) -> None:
     """Install the kill of `point` in this (child) process."""
-    if point in ("train_step", "train_save"):
+    if point == "damaged_result":  # a completed result whose file was damaged (disk, hand): the cell re-runs
+        cell_folder.CellFolder.of(spec).file(cell_folder.RESULT_FILE).write_text('{"status": "compl')
+        arm(*arg, spec)
+    elif point in ("train_step", "train_save"):
         train = cell_module.train
         cell_module.train = lambda spec, built, cell_dir, callbacks: train(
             spec, built, cell_dir, [*callbacks, KillAt(point, int(arg))]
@@ -113,7 +118,7 @@ def attempt(spec, point: str, arg) -> dict:
     if pid == 0:  # the child: arm, run, exit (never returns)
         code = 0
         try:
-            arm(point, arg)
+            arm(point, arg, spec)
             cell_module.run_cell(spec)
         except BaseException:
             traceback.print_exc()
@@ -139,12 +144,14 @@ def folder_facts(folder) -> dict:
     except cell_folder.ResultError as err:
         result_state = f"unusable: {err}"
     ckpts = sorted(int(p.name.split("-")[1]) for p in folder.file(cell_folder.CHECKPOINTS_DIR).glob("checkpoint-*"))
+    outputs = [*folder.path.glob("eval_samples*.jsonl"), *folder.path.glob("adapter*/*")]
     return {
         "state": folder.state(),
         "holder": folder.holder(),
         "result": result_state,
         "checkpoints": ckpts,
         "tmp_files": sorted(p.name for p in folder.path.glob(".*.tmp")),
+        "outputs": {str(p.relative_to(folder.path)): p.stat().st_mtime_ns for p in outputs},  # when each was written
     }
 
 

@@ -18,6 +18,7 @@ from tinyablate.cell_folder import (
     ResultError,
     TaskRecord,
     Timing,
+    last_complete_checkpoint,
     sweep_cell_folders,
 )
 from tinyablate.config import CellSpec, cell_id
@@ -133,6 +134,10 @@ def test_state_running_failed_unreadable_and_a_retry(tmp_path):
     assert folder.state() == "failed"
     with pytest.raises(ResultError, match="not valid JSON"):
         folder.read_result()
+    folder.move_result_aside("unreadable")
+    (folder.path / "result.json").write_text("{")
+    folder.move_result_aside("unreadable")  # (within the same second, most likely: neither is lost)
+    assert len(list(folder.path.glob("result.unreadable-*.json"))) == 2
 
 
 def test_spec_and_launch_records_and_finding_cells(tmp_path):
@@ -226,3 +231,44 @@ def test_a_result_that_evaluated_nothing_or_trained_short_is_not_completed(tmp_p
     result.config["train"] = False  # evaluating the initial adapter trains nothing, as asked
     if "steps" in change:
         CellFolder(tmp_path).write_result(result)
+
+
+def test_staged_outputs_replace_the_earlier_ones_only_when_the_result_is_published(tmp_path):
+    folder = CellFolder(tmp_path / "cell")
+    folder.path.mkdir()
+    (folder.file("adapter")).mkdir()
+    folder.file("adapter/v").write_text("earlier")
+    folder.file("eval_samples.jsonl").write_text("earlier")
+    folder.staged("adapter").mkdir(parents=True)
+    folder.staged("adapter/v").write_text("this attempt")
+    folder.staged("eval_samples.jsonl").write_text("this attempt")
+    bad = completed()
+    bad.metrics.n_eval = 0
+    with pytest.raises(ResultError):
+        folder.publish(bad)  # a result that is not ready replaces nothing
+    assert folder.file("adapter/v").read_text() == folder.file("eval_samples.jsonl").read_text() == "earlier"
+    folder.publish(completed())
+    assert folder.file("adapter/v").read_text() == folder.file("eval_samples.jsonl").read_text() == "this attempt"
+    assert folder.read_result().completed and sorted(p.name for p in folder.path.glob(".*")) == []
+
+
+def test_staged_outputs_of_a_killed_attempt_are_removed_by_the_next(tmp_path):
+    folder = CellFolder(tmp_path / "cell")
+    folder.staged("adapter").mkdir(parents=True)
+    (folder.path / ".adapter.x.tmp").mkdir()  # a folder replace_path renamed aside, then killed
+    assert len(folder.remove_temp_files()) == 2 and not list(folder.path.iterdir())
+
+
+def test_the_last_checkpoint_is_complete_and_at_most_max_steps(tmp_path):
+    folder = CellFolder(tmp_path / "cell")
+    for step, files in ((2, 3), (4, 3), (5, 3), (6, 2)):  # 6: its trainer state not yet written
+        ckpt = folder.file(f"checkpoints/checkpoint-{step}")
+        ckpt.mkdir(parents=True)
+        for name in ("adapter_state.safetensors", "rng_state.pth", "trainer_state.json")[:files]:
+            (ckpt / name).write_text("x")
+    checkpoints = folder.file("checkpoints")
+    assert last_complete_checkpoint(checkpoints).name == "checkpoint-5"
+    assert last_complete_checkpoint(checkpoints, max_step=4).name == "checkpoint-4"
+    assert last_complete_checkpoint(checkpoints, max_step=1) is None
+    assert folder.drop_checkpoints_past(4) == ["checkpoint-5", "checkpoint-6"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]

@@ -77,8 +77,9 @@ def test_cuda_device_is_refused_by_the_local_dry_run(tmp_path):
 
 def test_rollout_correction_settings_are_checked(tmp_path):
     spec = tiny_spec(tmp_path, rollout_correction="importance")
-    with pytest.raises(ConfigError, match="algo.rollout_correction='importance' is invalid"):
+    with pytest.raises(ConfigError, match="algo.rollout_correction='importance' is invalid") as bad:
         validate_spec(spec)
+    assert len(bad.value.problems) == 1, bad.value.problems  # not also "set algo.rollout_engine=eager"
     spec = tiny_spec(tmp_path, rollout_correction="truncated_is", rollout_engine="hf")
     with pytest.raises(ConfigError, match="needs the generation engine's sampling log-probabilities"):
         validate_spec(spec)

@@ -1,23 +1,29 @@
 """Fault injection (`-m faults`): kill -9 a short cell at random points of training, evaluation, export
 and result writing, re-run it after each kill, and check that nothing is lost, run twice or faked;
-two launches of one cell and of one sweep at once; kill, then status.
+two launches of one cell and of one sweep at once; kill, then status; Ctrl-C to a local sweep (SIGINT to its
+process group), then a re-run; a local bundle's process killed (the sweep names the job and fails).
 
-The kills run through tests/fault_driver.py (forked attempts of the tiny random model, SFT, 6 steps).
+The kills run through tests/fault_driver.py (forked attempts of the tiny random model, SFT, 6 steps: one epoch);
+then a cell whose max_steps ends an epoch part way (SFT and GRPO) stopped after its final checkpoint (during
+the final evaluation, the export) and with its result.json damaged.
 The counts of the last run are printed (pytest -s) and written to <tmp>/fault_counts.json.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -92,13 +98,10 @@ def can_land(a: dict, before: dict) -> bool:
     return True
 
 
-def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_run(tmp_path):
-    rng = random.Random(int(os.environ.get("TINYABLATE_FAULT_SEED", "13")))
-    lifetimes = [{"spec": asdict(fault_spec(tmp_path / "reference")), "attempts": []}]
-    lifetimes += [{"spec": asdict(fault_spec(tmp_path / f"life{i}")), "attempts": kill_plan(rng)} for i in range(LIVES)]
+def run_driver(tmp_path: Path, lifetimes: list) -> list:
+    """The attempts of every lifetime, run by tests/fault_driver.py: one record per attempt (attempts.jsonl)."""
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"lifetimes": lifetimes}))
-    t0 = time.time()
     out = subprocess.run(
         [sys.executable, str(REPO / "tests" / "fault_driver.py"), str(plan)],
         env=ENV,
@@ -109,8 +112,20 @@ def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_
     assert out.returncode == 0, out.stderr[-4000:]
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"')]
     assert records[-1] == {"done": True}, out.stderr[-4000:]
-    attempts = records[:-1]
-    (tmp_path / "attempts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in attempts))
+    (tmp_path / "attempts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in records[:-1]))
+    return records[:-1]
+
+
+def vectors(folder: CellFolder) -> dict:
+    return load_file(str(folder.file("adapter_native") / "vectors.safetensors"))
+
+
+def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_run(tmp_path):
+    rng = random.Random(int(os.environ.get("TINYABLATE_FAULT_SEED", "13")))
+    lifetimes = [{"spec": asdict(fault_spec(tmp_path / "reference")), "attempts": []}]
+    lifetimes += [{"spec": asdict(fault_spec(tmp_path / f"life{i}")), "attempts": kill_plan(rng)} for i in range(LIVES)]
+    t0 = time.time()
+    attempts = run_driver(tmp_path, lifetimes)
 
     kills = [a for a in attempts if a["outcome"] == "killed"]
     for before, a in zip([None] + attempts, attempts):
@@ -126,13 +141,13 @@ def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_
     assert len(kills) >= 20, [(a["point"], a["outcome"]) for a in attempts]
 
     reference = CellFolder.of(fault_spec(tmp_path / "reference"))
-    v_ref = load_file(str(reference.file("adapter_native") / "vectors.safetensors"))
+    v_ref = vectors(reference)
     for i in range(LIVES):
         folder = CellFolder.of(fault_spec(tmp_path / f"life{i}"))
         result = folder.read_result()
         assert result.completed and result.metrics.train_steps == STEPS and result.metrics.n_eval == 8
         assert sorted(p.name for p in folder.path.glob("result*.json")) == ["result.json"]  # exactly one
-        v = load_file(str(folder.file("adapter_native") / "vectors.safetensors"))
+        v = vectors(folder)
         assert v.keys() == v_ref.keys() and all((v[k] == v_ref[k]).all() for k in v), f"lifetime {i}: v differs"
         assert result.metrics.accuracy == reference.read_result().metrics.accuracy
         losses = [r["step"] for r in read_metrics(folder.path) if "train/loss" in r]
@@ -150,6 +165,58 @@ def test_kills_at_random_points_then_one_valid_result_equal_to_an_uninterrupted_
     }
     (tmp_path / "fault_counts.json").write_text(json.dumps(counts, indent=1))
     print("fault counts:", json.dumps(counts))
+
+
+# -- stopped after the final checkpoint ----------------------------------------------------------------
+MID_EPOCH = 4  # steps, of 6 an epoch (24 problems, 4 a step): resumed from checkpoint-4, TRL took a 5th step
+AFTER_FINAL = [
+    ["train_save", MID_EPOCH],  # the final checkpoint just complete
+    ["eval", 1],  # during the final evaluation (the base's is cached by then)
+    ["export", None],
+    ["none", None],  # completed
+    ["damaged_result", ["eval", 1]],  # result.json damaged, and the retry stopped during its evaluation,
+    ["damaged_result", ["export", None]],  # during its export,
+    ["damaged_result", ["result_write", None]],  # writing its result,
+    ["damaged_result", ["none", None]],  # or not at all
+]
+
+
+def mid_epoch_spec(root: Path, algo: str) -> CellSpec:
+    """fault_spec's cell trained by `algo` for MID_EPOCH steps, which end an epoch part way."""
+    spec = fault_spec(root)
+    grpo = dict(num_generations=2, max_completion_length=8) if algo == "grpo" else {}
+    return replace(spec, algo=replace(spec.algo, name=algo, max_steps=MID_EPOCH, **grpo))
+
+
+@pytest.mark.parametrize("algo", ["sft", "grpo"])
+def test_stopped_after_its_final_checkpoint_a_cell_completes_with_max_steps(tmp_path, algo):
+    lifetimes = [
+        {"spec": asdict(mid_epoch_spec(tmp_path / "reference", algo)), "attempts": []},
+        {"spec": asdict(mid_epoch_spec(tmp_path / "stopped", algo)), "attempts": AFTER_FINAL},
+    ]
+    attempts = [a for a in run_driver(tmp_path, lifetimes) if a["lifetime"] == 1]
+    completed_outputs = None
+    for a in attempts:
+        kill = a["arg"][0] if a["point"] == "damaged_result" else a["point"]
+        assert max(a["checkpoints"]) == MID_EPOCH, a  # never trained past algo.max_steps
+        assert a["outcome"] == ("exit 0" if kill == "none" else "killed"), a
+        assert a["result"] == ("completed" if kill == "none" else None), a
+        assert bool(a["tmp_files"]) == (kill == "result_write"), a  # what a killed write left, the next removed
+        if a["point"] == "damaged_result" and kill in ("eval", "export"):
+            assert a["outputs"] == completed_outputs, a  # a retry left the completed attempt's outputs alone
+        if kill == "none":
+            completed_outputs = a["outputs"]
+    assert len(completed_outputs) >= 3, completed_outputs  # eval_samples.jsonl, adapter/*, adapter_native/*
+
+    reference, folder = (CellFolder.of(mid_epoch_spec(tmp_path / w, algo)) for w in ("reference", "stopped"))
+    result, v_ref, v = folder.read_result(), vectors(reference), vectors(folder)
+    assert result.completed and result.metrics.train_steps == result.algo.steps == MID_EPOCH
+    assert result.metrics.resumed_from_step == MID_EPOCH  # evaluated and exported again, not trained
+    assert v.keys() == v_ref.keys() and all((v[k] == v_ref[k]).all() for k in v), "v differs"
+    assert result.metrics.accuracy == reference.read_result().metrics.accuracy
+    assert loss_steps(folder.path) == list(range(1, MID_EPOCH + 1))  # each step once
+    damaged = sum(a["point"] == "damaged_result" for a in attempts)
+    assert len(list(folder.path.glob("result.unreadable-*.json"))) == damaged  # each kept aside, none lost
 
 
 # -- two launches at once, and status after a kill -----------------------------------------------
@@ -170,7 +237,8 @@ TINY = [
 ]
 
 
-def start(args: list, tmp_path: Path, log: str) -> subprocess.Popen:
+def start(args: list, tmp_path: Path, log: str, session: bool = False) -> subprocess.Popen:
+    """launch.py with `args`, its output in tmp_path/log; `session`: in a session (and process group) of its own."""
     env = {**ENV, "TINYABLATE_CACHE": str(tmp_path / "cache")}
     return subprocess.Popen(
         [sys.executable, str(REPO / "launch.py"), *args],
@@ -179,7 +247,25 @@ def start(args: list, tmp_path: Path, log: str) -> subprocess.Popen:
         stdout=open(tmp_path / log, "w"),
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=session,
     )
+
+
+def wait_until(condition, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def session_processes(sid: int) -> list:
+    """The processes still alive in session `sid` (a launcher started with session=True, and its children)."""
+    alive = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.cmdline())
+    return alive
 
 
 def loss_steps(cell_dir: Path) -> list:
@@ -254,3 +340,103 @@ def test_kill_then_status_says_interrupted(tmp_path):
     )
     assert status.stdout.split()[5] == "interrupted", status.stdout
     assert CellFolder(cell).state() == "interrupted" and "1 cells: 1 interrupted" in status.stdout
+
+
+def test_ctrl_c_stops_a_local_sweep_with_one_line_and_the_rerun_resumes(tmp_path):
+    runs, steps = tmp_path / "runs", 200
+    args = ["-m", *TINY, f"algo.max_steps={steps}", f"output_dir={runs}", "sweep=ctrlc", "adapter.u=1,2"]
+    args += ["hydra.launcher.max_parallel=2", "hydra.launcher.poll_s=0.5"]
+    proc = start(args, tmp_path, "a.log", session=True)
+    checkpointed = lambda: len({p.parents[2] for p in runs.glob("ctrlc/*/checkpoints/*/trainer_state.json")}) == 2  # noqa: E731
+    wait_until(checkpointed, proc, tmp_path / "a.log")
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the launcher's whole process group
+    code, log = proc.wait(timeout=120), (tmp_path / "a.log").read_text()
+    assert code == 130 and "Traceback" not in log and "KeyboardInterrupt" not in log, log[-4000:]
+    assert len([line for line in log.splitlines() if line.startswith("interrupted (Ctrl-C)")]) == 1, log[-4000:]
+    assert session_processes(proc.pid) == []  # nothing left running
+    cells = sorted(p.parent for p in runs.glob("ctrlc/*/spec.json"))
+    assert [CellFolder(c).state() for c in cells] == ["interrupted", "interrupted"], log[-4000:]
+    assert log.count("  [resumes from checkpoint-") == 2, log[-4000:]  # the status table says from where
+
+    rerun = start(args, tmp_path, "b.log")
+    assert rerun.wait(timeout=600) == 0, (tmp_path / "b.log").read_text()[-4000:]
+    for cell in cells:
+        result = CellFolder(cell).read_result()
+        assert result.completed and result.metrics.resumed_from_step >= 1  # resumed, not started over
+        assert loss_steps(cell) == list(range(1, steps + 1))
+
+
+@pytest.mark.parametrize("killed", ["cells", "job"])
+def test_a_bundle_whose_process_died_is_reported_and_fails_the_sweep(tmp_path, killed):
+    """kill -9 of the process running a local bundle's cells (a forked child of the job's process, which reports
+    the signal), or of the job's process itself (the child dies with it: nothing is left running)."""
+    runs = tmp_path / "runs"
+    args = ["-m", *TINY, "algo.max_steps=60", f"output_dir={runs}", "sweep=dead", "adapter.u=1,2,3"]
+    args += ["hydra.launcher.cells_per_job=3", "hydra.launcher.poll_s=0.5"]
+    proc = start(args, tmp_path, "a.log", session=True)
+
+    def second_cell():  # the bundle's second cell, once the first has completed and it has a checkpoint
+        completed = {p.parent for p in runs.glob("dead/*/result.json")}
+        started = {p.parents[2] for p in runs.glob("dead/*/checkpoints/*/trainer_state.json")} - completed
+        return next(iter(started)) if completed and started else None
+
+    wait_until(second_cell, proc, tmp_path / "a.log")
+    holder = json.loads((second_cell() / "cell.lock").read_text())["pid"]  # the process running the bundle
+    os.kill(holder if killed == "cells" else psutil.Process(holder).ppid(), signal.SIGKILL)
+    code, log = proc.wait(timeout=300), (tmp_path / "a.log").read_text()
+    assert code == 1 and "Traceback" not in log, log[-4000:]
+    [line] = [line for line in log.splitlines() if line.startswith("job ")]
+    how = "died (killed by SIGKILL)" if killed == "cells" else "its process ended without a result (killed"
+    assert f"lost its cells: {how}" in line or f"running its cells {how}" in line, line
+    assert "2 of its cells did not finish" in line and "(interrupted)" in line and "(pending)" in line, line
+    assert "1 completed, 1 interrupted, 1 pending" in log and session_processes(proc.pid) == [], log[-3000:]
+
+
+FULL_DISK = """
+mount -t tmpfs -o size=120k tmpfs "$DISK" || exit 97
+"$PY" launch.py "$@" output_dir="$DISK/runs" sweep=full > "$OUT/cell.log" 2>&1; echo $? > "$OUT/cell.code"
+"$PY" -m tinyablate.status "$DISK/runs/full" > "$OUT/status.log" 2>&1; echo $? > "$OUT/status.code"
+head -c 1M /dev/zero > "$DISK/filler" 2>/dev/null
+"$PY" launch.py -m "$@" output_dir="$DISK/runs" sweep=full status=true > "$OUT/probe.log" 2>&1; echo $? > "$OUT/probe.code"
+"""
+
+
+def in_tmpfs(script: str, args: list, tmp_path: Path) -> dict:
+    """`script` in a mount namespace of its own (a 120 KB tmpfs at $DISK, gone with it); what it wrote to $OUT, by
+    name. Skipped where this machine does not let this user mount one."""
+    unshare = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    probe = subprocess.run([*unshare, "sh", "-c", f"mount -t tmpfs -o size=8k tmpfs {tmp_path}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no small tmpfs here: {' '.join(unshare)} + mount failed ({probe.stderr.decode().strip()[:200]})")
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir(), out.mkdir()
+    env = {**ENV, "DISK": str(disk), "OUT": str(out), "PY": sys.executable, "TINYABLATE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([*unshare, "bash", "-c", script, "bash", *args], cwd=REPO, env=env, timeout=600)
+    assert done.returncode == 0, done
+    return {p.name: p.read_text() for p in out.iterdir()}
+
+
+def test_a_full_disk_fails_the_cell_in_one_line_that_names_it_and_the_state_survives(tmp_path):
+    out = in_tmpfs(FULL_DISK, [*TINY, "algo.max_steps=30"], tmp_path)
+    log = out["cell.log"]
+    assert out["cell.code"].strip() == "1" and "Traceback" not in log, log[-3000:]
+    [line] = [line for line in log.splitlines() if "No space left on device" in line]
+    assert line.startswith("cell failed: the disk holding ") and "/runs/full/" in line and " is full " in line
+    # the failed result was written (into the space the cell held back), so the state is failed, not pending
+    assert out["status.code"].strip() == "1" and "1 cells: 1 failed" in out["status.log"], out["status.log"]
+    assert "DiskFull: the disk holding" in out["status.log"]
+    # a launch on the full disk is refused before Hydra writes there: one line, exit 2
+    probe = out["probe.log"]
+    assert out["probe.code"].strip() == "2" and "Traceback" not in probe, probe[-3000:]
+    assert [line for line in probe.splitlines() if "is full" in line][0].strip().startswith("output_dir=")
+
+
+def test_ctrl_c_stops_one_cell_with_one_line_and_it_reads_interrupted(tmp_path):
+    runs = tmp_path / "runs"
+    proc = start([*TINY, "algo.max_steps=400", f"output_dir={runs}", "sweep=one"], tmp_path, "a.log", session=True)
+    wait_until(lambda: list(runs.glob("one/*/checkpoints/*/trainer_state.json")), proc, tmp_path / "a.log")
+    os.killpg(proc.pid, signal.SIGINT)
+    code, log = proc.wait(timeout=120), (tmp_path / "a.log").read_text()
+    assert code == 130 and "Traceback" not in log and log.count("interrupted (Ctrl-C)") == 1, log[-3000:]
+    [cell] = [p.parent for p in runs.glob("one/*/spec.json")]
+    assert CellFolder(cell).state() == "interrupted"

@@ -79,6 +79,9 @@ def test_data_files_exist_parse_are_non_empty_and_errors_name_file_and_line(tmp_
     assert preflight(spec(task=TaskConfig(name="gsm8k", data_dir=str(gsm8k_dir(tmp_path))))) == (21, 84)
     with pytest.raises(ConfigError, match=r"train.jsonl:10: not valid JSON"):
         preflight(spec(task=TaskConfig(name="gsm8k", data_dir=str(gsm8k_dir(tmp_path, 12, 3, broken_line=10)))))
+    with pytest.raises(ConfigError) as err:  # with a train_size too, the bad line is said once
+        preflight(spec(task=TaskConfig(name="gsm8k", data_dir=str(tmp_path / "gsm8k"), train_size=5)))
+    assert len(err.value.problems) == 1 and "train.jsonl:10: not valid JSON" in err.value.problems[0], err.value
     (tmp_path / "e").mkdir()
     empty = gsm8k_dir(tmp_path / "e", 0, 0)
     with pytest.raises(ConfigError) as err:  # was a "completed" cell with n_eval=0 and 0 steps

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tinyablate.cell_folder import CellFolder, ErrorRecord, Result
+
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
 
@@ -298,6 +300,54 @@ def test_one_cell_dry_run_checks_and_prices_it_and_runs_nothing(tmp_path):
     state = launch([*TINY, f"output_dir={runs}", "gpus=0", "status=true"], tmp_path, timeout=300)
     assert state.returncode == 0 and "1 cells: 1 pending" in state.stdout, state.stdout[-2000:] + state.stderr[-2000:]
     assert not list(runs.rglob("*.json"))
+    [cid] = [line.split()[-1] for line in state.stdout.splitlines() if line.startswith("pending")]
+    failure = ErrorRecord(type="RuntimeError", message="it broke")
+    CellFolder(runs / "default" / cid).write_result(Result(cell_id=cid, status="failed", error=failure))
+    state = launch([*TINY, f"output_dir={runs}", "gpus=0", "status=true"], tmp_path, timeout=300)
+    assert state.returncode == 1 and "1 cells: 1 failed" in state.stdout, state.stdout[-2000:]  # as a sweep's
+
+
+def test_an_analysis_that_fails_says_so_in_one_line_and_the_cells_stand(tmp_path, monkeypatch, capsys):
+    """After a single cell (launch.py) and after a sweep (the launcher): a full disk, or any error, in the
+    analysis is its own one line; it neither fails the cells nor raises."""
+    import errno
+    from types import SimpleNamespace
+
+    import analysis.report
+    from hydra_plugins.tinyablate.launcher import TinyablateLauncher
+    from launch import _analysis_page
+    from tinyablate.config import CellSpec, LoggerConfig
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(analysis.report, "analyze", full)
+    spec = CellSpec(output_dir=str(tmp_path / "runs"), sweep="s")
+    page, note = _analysis_page(spec)
+    assert page is None and note.startswith(f"not written (the disk holding {tmp_path / 'runs' / 's'} is full")
+    cell = SimpleNamespace(folder=CellFolder(tmp_path / "runs" / "s" / "c"), spec=CellSpec(logger=LoggerConfig()))
+    monkeypatch.setattr(analysis.report, "analyze", lambda *a, **k: 1 / 0)
+    TinyablateLauncher()._run_analysis([cell])
+    assert capsys.readouterr().out == "analysis failed, the cells' results stand: ZeroDivisionError: division by zero\n"
+
+
+def test_submitting_on_a_full_disk_stops_the_sweep_with_one_line(tmp_path, monkeypatch, capsys):
+    """submitit's pickles (or the launch records) cannot be written: one line naming the disk, exit 1."""
+    import errno
+    from types import SimpleNamespace
+
+    import hydra_plugins.tinyablate.launcher as launcher
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "s" / ".submitit" / "1.pkl"))
+
+    monkeypatch.setattr(launcher, "submit_cells", full)
+    cell = SimpleNamespace(folder=CellFolder(tmp_path / "runs" / "s" / "c"))
+    with pytest.raises(SystemExit) as stop:
+        launcher.TinyablateLauncher()._submit([cell], [cell], {}, wait=True)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1, err
+    assert f"the disk holding {tmp_path / 'runs' / 's' / '.submitit' / '1.pkl'} is full" in err
 
 
 def test_rate_by_u_takes_the_step_at_or_below_u_and_refuses_what_it_has_no_rate_for():

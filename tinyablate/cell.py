@@ -8,7 +8,8 @@ call it. It runs the same in a notebook, a test, a local subprocess or a SLURM j
 launcher. Before anything loads it runs `preflight` (tinyablate/preflight.py: every check that needs no
 weights, the same call a sweep's launcher makes) and takes the cell's lock (one process per cell;
 CellBusy if another live one holds it). A cell started again resumes training from its last complete
-checkpoint. Whatever happens, the cell ends with a result.json (status completed or failed) unless the
+checkpoint (its final one: no training, evaluation and export only). Its samples and exported adapter are
+staged and published with its result (CellFolder.publish). Whatever happens, the cell ends with a result.json (status completed or failed) unless the
 process itself is killed; a completed one evaluated problems and trained the steps asked for.
 A `gpus: N > 1` cell runs as N ranks (distributed.py): started as one plain process, run_cell spawns
 them on this machine; under torchrun or a SLURM task it is one of them. Every rank builds, trains
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import os
 import time
@@ -32,11 +34,13 @@ import torch
 from transformers import set_seed
 
 from . import console, distributed
-from .adapters import Adapter, apply_adapter
+from .adapters import Adapter, apply_adapter, load_trainable_state
 from .cell_folder import (
     ADAPTER_DIR,
     ADAPTER_NATIVE_DIR,
+    ADAPTER_STATE,
     CHECKPOINTS_DIR,
+    TRAINER_STATE,
     AdapterRecord,
     AlgoRecord,
     CellBusy,
@@ -50,20 +54,23 @@ from .cell_folder import (
     TaskMetrics,
     TaskRecord,
     Timing,
+    checkpoint_step,
     eval_samples_file,
+    last_complete_checkpoint,
 )
 from .config import CellSpec, ModelInfo, cell_id, eval_task_configs, spec_to_dict
 from .config.model import load_kind
 from .distributed import Ranks
 from .embedded import weights_provenance
 from .evaluation import base_cache_key, base_cache_path, evaluate_task, read_base_cache, write_base_cache, write_samples
+from .files import disk_full
 from .metrics import MetricLogger, NullLogger, truncate_metrics, wandb_run_id
 from .models import load_model_and_tokenizer, model_identity, resolve_cache_dir
 from .preflight import preflight
 from .provenance import collect_provenance
 from .quantization import base_bytes
 from .tasks import Task, load_task
-from .train import FirstStepTimer, MetricLoggerCallback, build_trainer, last_complete_checkpoint
+from .train import FirstStepTimer, MetricLoggerCallback, build_trainer
 from .train.attention_check import checked_attention
 from .train.glue import compiled_glue, train_kernels
 
@@ -106,7 +113,9 @@ def run_cell(spec: CellSpec, cell_dir: Optional[Path] = None, started: Optional[
             return _run_ranks(spec, folder, ranks, started).to_dict()
 
 
-def run_cells(specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]], warm: bool = False) -> list:
+def run_cells(
+    specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]], warm: bool = False, started: Optional[float] = None
+) -> list:
     """Cells one after another in this process (a bundle: hydra.launcher.cells_per_job), each through run_cell
     with its own folder, lock, result and metrics; returns one summary per cell (cell_id, status, accuracy,
     error). The process stays warm: imports, compiled kernels (kernels.py `compiled` keeps them per model
@@ -114,11 +123,12 @@ def run_cells(specs: Sequence[CellSpec], cell_dirs: Sequence[Optional[Path]], wa
     result says why) or that another process holds does not stop the cells after it; memory is released
     between cells. A bundle run again (a requeue) returns its completed cells' results and resumes the others.
     `warm`: this process ran a cell before, so even the first cell's start to first step counts from its own start.
+    `started`: else, when the first cell's start to first step counts from (default: this process's start).
     """
     summaries = []
     for i, (spec, cell_dir) in enumerate(zip(specs, cell_dirs)):
         try:  # the first cell's start is the process's (imports included), a later one's its own
-            summaries.append(cell_summary(run_cell(spec, cell_dir, started=time.time() if i or warm else None)))
+            summaries.append(cell_summary(run_cell(spec, cell_dir, started=time.time() if i or warm else started)))
         except Exception as err:  # noqa: BLE001 - the cell's own result.json records its failure
             status = "busy" if isinstance(err, CellBusy) else "failed"
             summaries.append(unfinished_summary(cell_id(spec), status, f"{type(err).__name__}: {err}"))
@@ -173,20 +183,27 @@ def _run_ranks(spec: CellSpec, folder: CellFolder, ranks: Ranks, started: Option
     previous = distributed.broadcast_from_main(previous)
     if previous is not None:
         return previous  # e.g. a requeue signal that arrived after the cell had finished
-    if ranks.is_main:
-        folder.write_spec(spec)
-        folder.mark_running(ranks.world_size)
-        print(console.banner(spec, cid, folder.path, ranks.world_size, _expected_params(spec)), flush=True)
     start = time.time()
     try:
+        if ranks.is_main:
+            folder.write_spec(spec)
+            folder.mark_running(ranks.world_size)
+            print(console.banner(spec, cid, folder.path, ranks.world_size, _expected_params(spec)), flush=True)
         result = _run(spec, cid, folder, start, ranks, started)
     except Exception as err:  # a failed cell still leaves its record (a kill or requeue signal does not)
-        if not folder.has_result():  # the first rank to fail says why (the others follow it)
-            folder.write_result(_failure(spec, cid, start, err, ranks))
-        raise
-    finally:
-        if ranks.is_main:
+        full = disk_full(err, folder.path)  # said in one line, naming the path
+        recorded = folder.has_result()  # the first rank to fail says why (the others follow it)
+        if not recorded:
+            recorded = folder.write_failure(_failure(spec, cid, start, full or err, ranks))
+        if ranks.is_main and recorded:  # not recorded (a full disk): running.json stays, the cell reads interrupted
             folder.clear_running()
+        if full is not None:
+            raise full from err
+        raise
+    # Ctrl-C (KeyboardInterrupt) or a signal's SystemExit: no result, and running.json stays, so the cell
+    # reads interrupted (like a killed one) and a re-run resumes it
+    if ranks.is_main:
+        folder.clear_running()
     return distributed.broadcast_from_main(result)
 
 
@@ -229,9 +246,7 @@ def _run(
         "model_size": built.info.size,
         "world_size": ranks.world_size,
     }
-    kept = []  # metrics.jsonl keeps the steps up to the checkpoint it resumes from: each step once
-    if ranks.is_main:
-        kept = truncate_metrics(folder.path, resume_step(folder.file(CHECKPOINTS_DIR), ranks.world_size))
+    kept = _prepare_resume(spec, folder, ranks.world_size) if ranks.is_main else []  # each step once in metrics.jsonl
     logger = (
         MetricLogger(
             folder.path,
@@ -261,14 +276,14 @@ def _run(
         train_info = train(spec, built, folder.path, [MetricLoggerCallback(logger)])
         t1 = time.time()
         finals = {
-            name: evaluate_final(spec, built, folder.path, bases[name], trained=train_info["steps"] > 0, task=task)
+            name: evaluate_final(spec, built, folder, bases[name], trained=train_info["steps"] > 0, task=task)
             for name, task in built.eval_tasks.items()
         }
         final = finals[spec.task.name]
         t2 = time.time()
         if not ranks.is_main:
             return None
-        export(built, folder.path)
+        export(built, folder)
         timing = {
             "wall_s": time.time() - start,
             "train_s": train_info["train_s"],
@@ -302,8 +317,20 @@ def _run(
         summary = {k: v for k, v in summary.items() if v is not None}
         logger.log(summary, step=step)
         logger.summary(summary)
-    folder.write_result(result)  # after the logger closed: nothing after this can turn it into a failure
+    folder.publish(result)  # after the logger closed: nothing after this can turn it into a failure
     return result
+
+
+def _prepare_resume(spec: CellSpec, folder: CellFolder, world_size: int) -> list:
+    """Rank 0, before training: checkpoints past algo.max_steps dropped (an earlier version trained past it
+    on resume), metrics.jsonl cut back to the checkpoint this attempt resumes from (its kept rows returned),
+    an empty staging folder for this attempt's outputs (CellFolder.publish)."""
+    dropped = folder.drop_checkpoints_past(spec.algo.max_steps)
+    if dropped:
+        print(f"removed {', '.join(dropped)}: past algo.max_steps={spec.algo.max_steps}", flush=True)
+    folder.staged("").mkdir(parents=True, exist_ok=True)
+    checkpoints = folder.file(CHECKPOINTS_DIR)
+    return truncate_metrics(folder.path, resume_step(checkpoints, world_size, max_step=spec.algo.max_steps))
 
 
 # -- build -------------------------------------------------------------------------------------
@@ -373,17 +400,17 @@ def base_accuracy(spec: CellSpec, built: BuiltCell, task: Optional[Task] = None)
 
 
 def evaluate_final(
-    spec: CellSpec, built: BuiltCell, cell_dir: Path, base: dict, trained: bool, task: Optional[Task] = None
+    spec: CellSpec, built: BuiltCell, folder: CellFolder, base: dict, trained: bool, task: Optional[Task] = None
 ) -> dict:
     """Accuracy of the adapted model on `task` (default: the training task); per-problem records go to
-    eval_samples.jsonl (the training task) or eval_samples.<task>.jsonl."""
+    eval_samples.jsonl (the training task) or eval_samples.<task>.jsonl, staged until the result is ready."""
     task = task or built.task
     if not trained and base.get("accuracy") is not None and built.adapter.trainable_params == 0:
         return {k: v for k, v in base.items() if k not in ("cached", "eval_s")}
     desc = f"eval trained {task.cfg.name}"
     metrics, records = evaluate_task(built.model, built.tokenizer, task, spec.eval, desc=desc)
     if built.ranks.is_main:
-        write_samples(cell_dir / eval_samples_file(None if task is built.task else task.cfg.name), records)
+        write_samples(folder.staged(eval_samples_file(None if task is built.task else task.cfg.name)), records)
     return metrics
 
 
@@ -418,48 +445,70 @@ def task_table_rows(tasks: dict) -> list:
 
 # -- training ----------------------------------------------------------------------------------
 def train(spec: CellSpec, built: BuiltCell, cell_dir: Path, callbacks) -> dict:
-    """Train with TRL, resuming from the last complete checkpoint; returns steps and reward summary."""
+    """Train with TRL, resuming from the last complete checkpoint; returns steps and reward summary. A last
+    checkpoint at algo.max_steps is the trained adapter: loaded, not trained on (TRL would take another step)."""
     if not spec.train or built.adapter.trainable_params == 0:
-        return {
-            "steps": 0,
-            "train_s": 0.0,
-            "resumed_from_step": None,
-            "reward": None,
-            "first_step_time": None,
-            "nonfinite_skipped_steps": None,
-            "attention_check": None,
-            "collapse": None,
-        }
+        return _train_info(0, None, None, None)
     t0 = time.time()
     checkpoints = cell_dir / CHECKPOINTS_DIR
+    world = built.ranks.world_size
+    last = last_complete_checkpoint(checkpoints, world, max_step=spec.algo.max_steps)
+    if last is not None and checkpoint_step(last) == spec.algo.max_steps:
+        return _trained_already(spec, built, last)
     times: dict = {}
     callbacks = [*callbacks, FirstStepTimer(times)]
-    world = built.ranks.world_size
     trainer = build_trainer(built.model, built.tokenizer, built.task, spec, checkpoints, built.device, callbacks, world)
-    last = last_complete_checkpoint(checkpoints, world)
     glue = train_kernels(spec.algo, built.device.type) == "compiled"
     log = print if built.ranks.is_main else (lambda _line: None)
     with compiled_glue(built.model, enabled=glue), checked_attention(built.model, built.device, log) as attention:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
-    resumed = resume_step(checkpoints, world, last) if last else None  # None: this attempt started from scratch
+    resumed = checkpoint_step(last) if last else None  # None: this attempt started from scratch
     skipped = trainer.guard.skipped if spec.algo.nonfinite == "skip" else None
     watch = trainer.collapse_watch  # GRPO: the last collapse of training (train/collapse.py), if any
+    info = _train_info(trainer.state.global_step, resumed, reward_summary(trainer.state.log_history), skipped)
     return {
-        "steps": trainer.state.global_step,
+        **info,
         "train_s": time.time() - t0,
-        "resumed_from_step": resumed,
-        "reward": reward_summary(trainer.state.log_history),
         "first_step_time": times.get("first_step"),
-        "nonfinite_skipped_steps": skipped,
         "attention_check": attention.as_dict() if attention else None,
         "collapse": watch.record if watch is not None else None,
     }
 
 
-def resume_step(checkpoints: Path, world_size: int, last: Optional[Path] = None) -> Optional[int]:
-    """The step of the last complete checkpoint (None: training starts from scratch)."""
-    last = last or last_complete_checkpoint(checkpoints, world_size)
-    return int(last.name.split("-")[1]) if last else None
+def _trained_already(spec: CellSpec, built: BuiltCell, last: Path) -> dict:
+    """A cell whose last checkpoint is its final one (stopped during evaluation or export, or its result lost):
+    the trained tensors from it, its logged rewards, no training step."""
+    from safetensors.torch import load_file
+
+    load_trainable_state(built.model, load_file(str(last / ADAPTER_STATE)), source=f"checkpoint {last}")
+    state = json.loads((last / TRAINER_STATE).read_text())
+    if built.ranks.is_main:
+        print(f"training was complete ({last.name}): evaluating and exporting", flush=True)
+    skipped = 0 if spec.algo.nonfinite == "skip" else None  # steps this attempt dropped: none
+    step = checkpoint_step(last)
+    info = _train_info(step, step, reward_summary(state.get("log_history", [])), skipped)
+    watch = state.get("stateful_callbacks", {}).get("CollapseWatch", {})  # the collapse training recorded, if any
+    return {**info, "collapse": watch.get("attributes", {}).get("record")}
+
+
+def _train_info(steps: int, resumed: Optional[int], reward: Optional[dict], skipped: Optional[int]) -> dict:
+    """What train() returns (train_s, first_step_time, attention_check and collapse: 0 and None unless it trained)."""
+    return {
+        "steps": steps,
+        "train_s": 0.0,
+        "resumed_from_step": resumed,
+        "reward": reward,
+        "first_step_time": None,
+        "nonfinite_skipped_steps": skipped,
+        "attention_check": None,
+        "collapse": None,
+    }
+
+
+def resume_step(checkpoints: Path, world_size: int, max_step: Optional[int] = None) -> Optional[int]:
+    """The step of the last complete checkpoint at most `max_step` (None: training starts from scratch)."""
+    last = last_complete_checkpoint(checkpoints, world_size, max_step=max_step)
+    return checkpoint_step(last) if last else None
 
 
 def reward_summary(log_history: list) -> Optional[dict]:
@@ -478,14 +527,15 @@ def _finite(value) -> bool:
 
 
 # -- outputs -----------------------------------------------------------------------------------
-def export(built: BuiltCell, cell_dir: Path) -> None:
-    """The PEFT-format adapter (anyone can load it) and, for TinyLoRA/LoRA-XS, the native one."""
+def export(built: BuiltCell, folder: CellFolder) -> None:
+    """The PEFT-format adapter (anyone can load it) and, for TinyLoRA/LoRA-XS, the native one (staged until the
+    result is ready)."""
     kind = built.adapter.cfg.kind
     if kind == "none":
         return
-    built.adapter.export_peft(cell_dir / ADAPTER_DIR)
+    built.adapter.export_peft(folder.staged(ADAPTER_DIR))
     if kind in ("tinylora", "lora_xs"):
-        built.adapter.save_native(cell_dir / ADAPTER_NATIVE_DIR)
+        built.adapter.save_native(folder.staged(ADAPTER_NATIVE_DIR))
 
 
 def make_result(

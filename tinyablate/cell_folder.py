@@ -12,13 +12,20 @@ A cell folder holds:
     launch.json          the launcher's record: backend, job_id, stdout, stderr, submitted, argv
     cell.lock            the lock of the process that runs the cell (see `CellFolder.locked`)
     running.json         while a process runs it: pid, host, started, slurm_job_id, world_size
+    .reserve             64 KiB held while a process runs it (a killed one leaves it to the next attempt), given up
+                         to write its failed result on a full disk (`write_failure`)
     result.json          the `Result` below: written once per attempt, atomically (temp file + rename)
-    result.<status>-<unix time>.json   an earlier attempt's result, moved aside when the cell is retried
+    result.<status>-<unix time>[.<n>].json   an earlier attempt's result, moved aside when the cell is retried
     metrics.jsonl, summary.json        the metrics sink (tinyablate/metrics.py)
     eval_samples.jsonl   one record per evaluation problem of the final evaluation (the training task)
     eval_samples.<task>.jsonl   the same for each other task of eval.tasks
     adapter/             the trained adapter in PEFT's LoRA format; adapter_native/ TinyLoRA/LoRA-XS's own
-    checkpoints/         adapter-only training checkpoints (a restarted cell resumes from the last)
+    checkpoints/         adapter-only training checkpoints checkpoint-<step>/ (a restarted cell resumes from the
+                         last complete one; one at algo.max_steps means training is done: evaluation and export
+                         run again, training does not)
+    .staged/             an attempt's eval_samples*.jsonl, adapter/ and adapter_native/ while it runs: moved into
+                         place only when its result is ready (`CellFolder.publish`), so a retry that fails never
+                         overwrites an earlier attempt's; removed when the next attempt starts
     wandb/               the W&B run (unless logger.dir puts it elsewhere)
 
 The cell (cell.py), status.py, the launcher and analysis/ use this module for every one of these
@@ -41,6 +48,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import socket
 import time
 from dataclasses import MISSING, dataclass, fields
@@ -48,7 +57,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import CellSpec, cell_id, spec_to_dict
-from .files import TMP_SUFFIX, read_json, try_lock, umask, write_json_atomic
+from .files import LOW_SPACE, TMP_SUFFIX, disk_full, read_json, replace_path, try_lock, umask, write_json_atomic
 
 SCHEMA_VERSION = 2  # of result.json, written; bump it when a field changes meaning
 READABLE_SCHEMAS = (1, 2)  # what readers accept (Result.parse refuses others)
@@ -63,6 +72,11 @@ SPEC_FILE, LAUNCH_FILE, RUNNING_FILE, RESULT_FILE = "spec.json", "launch.json", 
 LOCK_FILE = "cell.lock"
 METRICS_FILE, SUMMARY_FILE, EVAL_SAMPLES_FILE = "metrics.jsonl", "summary.json", "eval_samples.jsonl"
 ADAPTER_DIR, ADAPTER_NATIVE_DIR, CHECKPOINTS_DIR = "adapter", "adapter_native", "checkpoints"
+STAGED_DIR = ".staged"  # an attempt's outputs until its result is ready (CellFolder.publish)
+RESERVE_FILE = ".reserve"  # space held for a failed result while the cell runs (CellFolder.write_failure)
+# Inside checkpoints/checkpoint-<step>/: the trainable tensors, and TRL's trainer state (written last: a
+# checkpoint holding it, and every rank's RNG state, is complete).
+ADAPTER_STATE, TRAINER_STATE = "adapter_state.safetensors", "trainer_state.json"
 CELL_MARKERS = (RESULT_FILE, SPEC_FILE, RUNNING_FILE)  # a folder holding one of these is a cell folder
 
 
@@ -408,6 +422,30 @@ _RECORDS = {
 }
 
 
+# -- checkpoints ----------------------------------------------------------------------------------
+def checkpoint_step(path: Path) -> Optional[int]:
+    """N of a checkpoint-N folder (None for any other name)."""
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def last_complete_checkpoint(checkpoint_dir: Path, world_size: int = 1, max_step: Optional[int] = None):
+    """The newest checkpoint-N folder that was written completely (by every rank), N at most `max_step`
+    (a cell's algo.max_steps: a checkpoint past it is not this cell's), or None."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return None
+    rng_files = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{r}.pth" for r in range(world_size)]
+    found = []
+    for child in checkpoint_dir.iterdir():
+        step = checkpoint_step(child)
+        if step is None or (max_step is not None and step > max_step):
+            continue
+        if all((child / name).exists() for name in (TRAINER_STATE, ADAPTER_STATE, *rng_files)):
+            found.append((step, child))
+    return max(found)[1] if found else None
+
+
 # -- the folder -----------------------------------------------------------------------------------
 class CellBusy(RuntimeError):
     """Another live process runs this cell (it holds the cell's lock)."""
@@ -462,18 +500,53 @@ class CellFolder:
         write_json_atomic(path, data)
         return path
 
+    def staged(self, name: str) -> Path:
+        """Where this attempt writes an output (eval samples, adapter exports) until `publish` moves it in."""
+        return self.path / STAGED_DIR / name
+
+    def publish(self, result: Result) -> Path:
+        """Complete an attempt: check `result`, move the staged outputs into place (each replacing an earlier
+        attempt's), then write result.json. Nothing of an earlier attempt is replaced before this."""
+        Result.parse(result.to_dict(), "the result to write")
+        staged = self.path / STAGED_DIR
+        for entry in sorted(staged.iterdir()) if staged.is_dir() else []:
+            replace_path(entry, self.path / entry.name)
+        shutil.rmtree(staged, ignore_errors=True)
+        return self.write_result(result)
+
+    def write_failure(self, result: Result) -> bool:
+        """Write a failed result; on a full disk, into the space `mark_running` reserved. False when even that
+        did not fit (running.json then stays: the cell reads interrupted, never pending)."""
+        try:
+            self.write_result(result)
+            return True
+        except OSError as err:
+            if disk_full(err, self.path) is None:
+                raise
+        self.file(RESERVE_FILE).unlink(missing_ok=True)
+        try:
+            self.write_result(result)
+            return True
+        except OSError:
+            return False
+
     def has_result(self) -> bool:
         return (self.path / RESULT_FILE).exists()
 
     def move_result_aside(self, status: str) -> None:
-        """Keep an earlier attempt's result as result.<status>-<unix time>.json (a retry starts over)."""
-        os.replace(self.path / RESULT_FILE, self.path / f"result.{status}-{int(time.time())}.json")
+        """Keep an earlier attempt's result as result.<status>-<unix time>[.<n>].json (a retry starts over; two
+        in one second each keep their own file)."""
+        stamp, n = int(time.time()), 0
+        while (aside := self.path / f"result.{status}-{stamp}{f'.{n}' if n else ''}.json").exists():
+            n += 1
+        os.replace(self.path / RESULT_FILE, aside)
 
     def state(self) -> str:
         """pending | running | interrupted | completed | failed (an unusable result.json counts as failed).
 
         running: a live process holds the cell's lock. interrupted: one started it (running.json) and is
-        gone without a result (killed, cancelled, node lost); running it again resumes it.
+        gone without a result (killed, stopped by Ctrl-C, cancelled, node lost, or a failure on a disk too full
+        to record it); running it again resumes it.
         """
         try:
             result = self.read_result()
@@ -560,11 +633,23 @@ class CellFolder:
             os.close(fd)
 
     def remove_temp_files(self) -> list:
-        """Delete temp files that a killed write left (call it holding the lock); returns their paths."""
-        stale = [p for p in self.path.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+        """Delete what a killed attempt left: temp files and folders of its writes, its staged outputs (call it
+        holding the lock); returns their paths."""
+        stale = [*self.path.glob(f".*{TMP_SUFFIX}"), *self.path.glob(STAGED_DIR)]
         for p in stale:
-            p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
         return stale
+
+    def drop_checkpoints_past(self, max_step: int) -> list:
+        """Delete checkpoints past `max_step` (algo.max_steps; an earlier version could train past it on resume);
+        returns their names."""
+        past = [p for p in self.file(CHECKPOINTS_DIR).glob("checkpoint-*") if (checkpoint_step(p) or 0) > max_step]
+        for p in past:
+            shutil.rmtree(p, ignore_errors=True)
+        return sorted(p.name for p in past)
 
     # -- spec, running, launch records -----------------------------------------------------------
     def write_spec(self, spec: CellSpec) -> None:
@@ -576,7 +661,9 @@ class CellFolder:
         return data if isinstance(data, dict) else None
 
     def mark_running(self, ranks_world_size: int) -> None:
-        """running.json: who runs the cell now (live_job in status.py reads it)."""
+        """running.json: who runs the cell now (live_job in status.py reads it); and the space a failed result
+        needs on a disk that fills up while it runs (write_failure)."""
+        self._reserve_space()
         write_json_atomic(
             self.path / RUNNING_FILE,
             {
@@ -588,15 +675,23 @@ class CellFolder:
             },
         )
 
+    def _reserve_space(self) -> None:
+        """LOW_SPACE bytes written (not a sparse file) in RESERVE_FILE, for write_failure; none on a full disk."""
+        try:
+            with open(self.file(RESERVE_FILE), "wb") as f:
+                f.write(b"\0" * LOW_SPACE)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            self.file(RESERVE_FILE).unlink(missing_ok=True)
+
     def read_running(self) -> dict:
         data = read_json(self.path / RUNNING_FILE)
         return data if isinstance(data, dict) else {}
 
     def clear_running(self) -> None:
-        try:
-            (self.path / RUNNING_FILE).unlink()
-        except FileNotFoundError:
-            pass
+        (self.path / RUNNING_FILE).unlink(missing_ok=True)
+        self.file(RESERVE_FILE).unlink(missing_ok=True)
 
     def write_launch(self, backend: str, job_id: str, stdout: str, stderr: str, argv: list) -> None:
         """launch.json: how the launcher submitted the cell (its job and log files)."""

@@ -31,6 +31,7 @@ from .config.logger import LoggerConfig
 from .config.model import MODELS, ModelConfig, load_kind
 from .config.task import TaskConfig
 from .embedded import missing_problem
+from .files import LOW_SPACE, disk_full
 from .shapes import adapter_size
 
 
@@ -63,16 +64,21 @@ def preflight(spec: CellSpec, world_size: Optional[int] = None, here: bool = Tru
 
 
 def output_dir_problems(output_dir) -> list:
-    """output_dir can be written: a probe file is made and removed in it, or in the nearest folder above it that
-    exists (nothing is created)."""
+    """output_dir can be written: a probe file of LOW_SPACE bytes is written, synced and removed in it, or in the
+    nearest folder above it that exists (nothing is created); a full disk fails it (an empty file would not)."""
     path = Path(str(output_dir)).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     try:
         if not existing.is_dir():
             raise NotADirectoryError(20, f"{existing} is a file")
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        with tempfile.TemporaryFile(dir=existing) as probe:
+            probe.write(b"\0" * LOW_SPACE)
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as err:
+        full = disk_full(err, existing)
+        if full is not None:
+            return [f"output_dir={str(output_dir)!r} is invalid: {full}"]
         return [
             f"output_dir={str(output_dir)!r} is invalid: it cannot be written here ({type(err).__name__}: "
             f"{err.strerror or err}); choose a folder you can write (output_dir=/path/you/own)"
@@ -138,10 +144,10 @@ def _data_problems(key: str, train: bool, stamp: tuple) -> tuple:
     except (OSError, ValueError) as err:  # missing folder or file, a bad line (the message names it)
         if cfg.train_size is None:
             return (f"task data: {err}",)
-        # a train_size the training split cannot give: the evaluation split is still checked, and named
-        return (f"task data: {err}",) + _data_problems(
-            json.dumps({**json.loads(key), "train_size": None}, sort_keys=True), False, stamp
-        )
+        # a train_size the training split cannot give: the evaluation split is still checked, and named (a bad
+        # line that stops loading without train_size too is the same problem: said once)
+        rest = _data_problems(json.dumps({**json.loads(key), "train_size": None}, sort_keys=True), False, stamp)
+        return tuple(dict.fromkeys((f"task data: {err}", *rest)))
     problems = []
     where = f"task.name={task.cfg.name!r}, task.data_dir={task.cfg.data_dir!r}"
     if train:  # the training and the evaluation split are each checked, each named

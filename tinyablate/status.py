@@ -3,11 +3,11 @@
     python -m tinyablate.status runs/embedded          # every cell folder under a sweep folder
 
 States: pending (not started, or queued), running (a live process holds the cell's lock), interrupted
-(started, then killed or cancelled without a result: a re-run resumes it), completed, failed (with the
-log to read). A completed GRPO cell whose training collapsed (result.json's metrics.collapse) gets a line
-saying since which step and why; the count of cells that ended collapsed closes the table. Exit code 1 when
-a cell failed (the launcher's `status=true` too). The launcher prints the same table at the end of a sweep
-and for `status=true`.
+(started, then killed, stopped by Ctrl-C or cancelled without a result: a re-run resumes it from the
+checkpoint its row names), completed, failed (with the log to read). A completed GRPO cell whose training
+collapsed (result.json's metrics.collapse) gets a line saying since which step and why; the count of cells
+that ended collapsed closes the table. Exit code 1 when a cell failed (the launcher's `status=true` too).
+The launcher prints the same table at the end of a sweep and for `status=true`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .cell_folder import SPEC_FILE, CellFolder, ResultError
+from .cell_folder import CHECKPOINTS_DIR, SPEC_FILE, CellFolder, ResultError, last_complete_checkpoint
 from .console import collapse_note
 
 
@@ -47,6 +47,8 @@ def cell_row(cell_dir: Path, cell_id: Optional[str] = None, note: str = "") -> d
         result, row["state"], row["error"] = None, "failed", str(err)
     if result is None and row["error"] is None:
         row["state"] = folder.state()
+        if row["state"] == "interrupted" and not note:
+            row["note"] = resume_note(folder)
     elif result is not None and result.completed:
         row.update(
             state="completed",
@@ -63,6 +65,18 @@ def cell_row(cell_dir: Path, cell_id: Optional[str] = None, note: str = "") -> d
         row["log"] = launch.get("stderr")
         row["job_id"] = launch.get("job_id")
     return row
+
+
+def resume_note(folder: CellFolder) -> str:
+    """Where an interrupted cell resumes: its last complete checkpoint, or the start."""
+    world_size = folder.read_running().get("world_size")
+    max_steps = ((folder.read_spec() or {}).get("config") or {}).get("algo", {}).get("max_steps")
+    last = last_complete_checkpoint(
+        folder.file(CHECKPOINTS_DIR),
+        world_size if isinstance(world_size, int) else 1,
+        max_step=max_steps if isinstance(max_steps, int) else None,
+    )
+    return f"resumes from {last.name}" if last else "no checkpoint yet: starts over"
 
 
 def live_job(cell_dir: Path) -> Optional[str]:
@@ -102,19 +116,19 @@ def format_table(rows: list[dict]) -> str:
     counts = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
-    lines = [f"{'state':<10} {'accuracy':>8} {'base':>6} {'params':>9}  cell"]
+    lines = [f"{'state':<11} {'accuracy':>8} {'base':>6} {'params':>9}  cell"]
     for r in rows:
         acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         base = "" if r["base"] is None else f"{r['base']:.3f}"
         params = "" if r["params"] is None else f"{r['params']:,}"
         extra = f"  [{r['note']}]" if r["note"] else ""
-        lines.append(f"{r['state']:<10} {acc:>8} {base:>6} {params:>9}  {r['cell_id']}{extra}")
+        lines.append(f"{r['state']:<11} {acc:>8} {base:>6} {params:>9}  {r['cell_id']}{extra}")
         if r["state"] == "failed":
-            lines.append(f"{'':<10} error: {r['error']}")
+            lines.append(f"{'':<11} error: {r['error']}")
             if r["log"]:
-                lines.append(f"{'':<10} log: {r['log']}")
+                lines.append(f"{'':<11} log: {r['log']}")
         if r.get("collapse"):
-            lines.append(f"{'':<10} {r['collapse']}")
+            lines.append(f"{'':<11} {r['collapse']}")
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     collapsed = sum(bool(r.get("collapsed")) for r in rows)
     if collapsed:

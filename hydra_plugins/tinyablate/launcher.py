@@ -7,6 +7,7 @@ with a status table. Cell folders: <output_dir>/<sweep>/<cell_id>/.
 """
 
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -17,13 +18,14 @@ from hydra.plugins.launcher import Launcher
 from tinyablate.cell_folder import CellFolder
 from tinyablate.config import CellSpec, Checks, cell_id, cell_spec
 from tinyablate.cost import cells_per_gpu
+from tinyablate.files import disk_full
 from tinyablate.preflight import preflight
 from tinyablate.status import cell_row, format_table, live_job
 
 from . import plan
 from .compose import compose_cells
 from .conf import local_auto_gpus
-from .submit import auto_cells_at_once, cores, local_gpu_bytes, local_gpus, slurm_auto_gpus, submit_cells
+from .submit import auto_cells_at_once, cores, job_end, local_gpu_bytes, local_gpus, slurm_auto_gpus, submit_cells
 
 
 @dataclass
@@ -49,6 +51,22 @@ def invalid_lines(bad: list, shown: int = 3) -> list:
         if len(group) > shown:
             lines.append(f"... and {len(group) - shown} more cells with this problem")
     return lines
+
+
+def died_job_lines(cells: list, jobs: list) -> list:
+    """One line per finished job that left cells of its own neither completed nor failed (its process died: kill
+    -9, out of memory, a lost node): which cells, in which state, and how the job ended."""
+    left: dict = {}
+    for c in cells:
+        state = c.folder.state()
+        if state in ("pending", "interrupted"):
+            left.setdefault(str(c.folder.read_launch().get("job_id")), []).append(f"{c.cell_id} ({state})")
+    by_id = {str(j.job_id): j for j in jobs}
+    return [
+        f"job {job_id} lost its cells: {job_end(by_id.get(job_id))}; {len(stuck)} of its cells did not finish: "
+        f"{', '.join(stuck)}; run the sweep again to resume them"
+        for job_id, stuck in left.items()
+    ]
 
 
 class TinyablateLauncher(Launcher):
@@ -98,14 +116,17 @@ class TinyablateLauncher(Launcher):
         if todo:
             print(plan.todo_line(todo, options.cost_device, self._packed()))
             self._check_backend()
-            jobs = submit_cells(self.backend, self.settings, todo, options.wait)
+            jobs = self._submit(todo, cells, notes, options.wait)
             if not options.wait:
                 self._print_submitted(jobs, len(todo))
                 return self._returns(cells)
         rows = [cell_row(c.folder.path, c.cell_id, notes.get(c.cell_id, "")) for c in plan.distinct(cells)[0]]
         print(format_table(rows))
+        died = died_job_lines(todo, jobs if todo else [])
         self._run_analysis(cells)
-        if any(r["state"] == "failed" for r in rows):
+        if died:
+            print("\n".join(died), file=sys.stderr, flush=True)
+        if died or any(r["state"] == "failed" for r in rows):
             raise SystemExit(1)
         return self._returns(cells)
 
@@ -234,6 +255,36 @@ class TinyablateLauncher(Launcher):
             print("\n".join(c.problems) + "\nnothing was submitted.")
             raise SystemExit(2)
 
+    def _submit(self, todo: list, cells: list, notes: dict, wait: bool) -> list:
+        """submit_cells, its jobs returned; Ctrl-C (_interrupted) and a full disk (submitit's pickles, the launch
+        records) end the sweep with one line."""
+        try:
+            return submit_cells(self.backend, self.settings, todo, wait)
+        except KeyboardInterrupt:
+            self._interrupted(cells, notes)
+        except OSError as err:
+            full = disk_full(err, todo[0].folder.path.parent)
+            if full is None:
+                raise
+            print(f"the sweep stopped (its running cells were stopped): {full}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    def _interrupted(self, cells: list, notes: dict) -> None:
+        """Ctrl-C while the sweep ran: the status table, one line, exit 130 (local cells were stopped: submit.py)."""
+        rows = [cell_row(c.folder.path, c.cell_id, notes.get(c.cell_id, "")) for c in plan.distinct(cells)[0]]
+        print(format_table(rows))
+        if self.backend == "local":
+            n = sum(r["state"] == "interrupted" for r in rows)
+            line = (
+                f"interrupted (Ctrl-C): {n} cells stopped; they resume from their last checkpoint when this runs again"
+            )
+        else:
+            line = (
+                "interrupted (Ctrl-C): stopped waiting; the SLURM jobs go on (status=true follows them, scancel stops)"
+            )
+        print(line, file=sys.stderr, flush=True)
+        raise SystemExit(130)
+
     def _check_backend(self) -> None:
         if self.backend == "slurm" and shutil.which("sbatch") is None:
             print(
@@ -261,6 +312,10 @@ class TinyablateLauncher(Launcher):
                 page = analyze([sweep_dir], sweep_dir / "analysis", wandb_mode=None if mode == "disabled" else mode)
             except ValueError as err:  # e.g. no cell completed: say so, the status table says why
                 print(f"analysis skipped: {err}")
+                continue
+            except Exception as err:  # noqa: BLE001 - its own failure (a full disk, a plot): the cells' results stand
+                why = disk_full(err, sweep_dir) or f"{type(err).__name__}: {err}"
+                print(f"analysis failed, the cells' results stand: {why}")
                 continue
             print(f"analysis page: {page.resolve()}")
 

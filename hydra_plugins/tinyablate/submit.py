@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -20,7 +22,7 @@ import torch
 from tinyablate.config import spec_from_dict
 from tinyablate.cost import cells_per_gpu
 
-from .workers import run_at_once, stop_workers
+from .workers import run_at_once, run_forked, stop_workers
 
 
 class CellJob(submitit.helpers.Checkpointable):
@@ -32,8 +34,8 @@ class CellJob(submitit.helpers.Checkpointable):
     `cpu_threads`: torch's thread pool for CPU cells that share this machine with others (None: torch's own).
     `at_once`: a number, or "auto" (as many as fit in the job's GPU by the cost model, cost.cells_per_gpu)."""
 
-    def __init__(self, cpu_threads: Optional[int] = None, at_once: Any = 1) -> None:
-        self.cpu_threads, self.at_once = cpu_threads, at_once
+    def __init__(self, cpu_threads: Optional[int] = None, at_once: Any = 1, forked: bool = False) -> None:
+        self.cpu_threads, self.at_once, self.forked = cpu_threads, at_once, forked
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on pre-emption or time-out, before it requeues this job: a bundle's worker
@@ -42,12 +44,26 @@ class CellJob(submitit.helpers.Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
     def __call__(self, specs: list, cell_dirs: list) -> list:
+        # Ctrl-C stops the cells (a local launcher starts its jobs with SIGINT ignored: see _sigint_ignored); the
+        # cell being run reads interrupted and resumes from its last checkpoint when run again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return self._run(specs, cell_dirs)
+        except KeyboardInterrupt:
+            print("interrupted (SIGINT): this job's cells stop; each resumes from its last checkpoint", flush=True)
+            raise SystemExit(130) from None
+
+    def _run(self, specs: list, cell_dirs: list) -> list:
         # Imported here, in the job: the launching process never loads torch/TRL for the cells it submits.
         from tinyablate.cell import cell_summary, run_cell, run_cells
 
         if self.cpu_threads is not None:
             os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)  # for whatever the cell starts, too
             torch.set_num_threads(self.cpu_threads)
+        # local: the cells in a forked child, whose death is reported with its signal (CUDA is not yet started
+        # here, so the child can start it; torch.cuda.is_initialized guards that)
+        if self.forked and submitit.JobEnvironment().num_tasks == 1 and not torch.cuda.is_initialized():
+            return run_forked([spec_from_dict(s) for s in specs], [Path(d) for d in cell_dirs])
         if len(specs) > 1:  # a bundle: cells of at most one GPU each (bundles() never bundles multi-GPU cells)
             typed = [spec_from_dict(s) for s in specs]
             at_once = job_cells_at_once(self.at_once, typed)
@@ -137,6 +153,27 @@ def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
     return [job for job, _ in jobs]
 
 
+def job_end(job) -> str:
+    """How a finished job that left cells unfinished ended, as far as it can be known: the exit signal of a
+    process of it that died (the job's own report: a local job's forked child, a SLURM bundle's worker), SLURM's
+    state of the job, or that the job's own process died (its controller keeps no exit status)."""
+    if job is None:
+        return "not followed by this launch"
+    deaths = []
+    if job.paths.result_pickle.exists():  # (else job.result() would wait 15 s for it)
+        with contextlib.suppress(Exception):  # a job that raised: no summaries
+            deaths = [re.search(DIED, s.get("error") or "") for s in job.result()]
+    deaths = [d.group(1) for d in deaths if d]
+    if deaths:
+        return f"a process running its cells died ({deaths[0]})"
+    if isinstance(job, submitit.SlurmJob):
+        return f"SLURM state {job.state}"
+    return "its process ended without a result (killed, e.g. kill -9 or out of memory: no exit signal kept)"
+
+
+DIED = r"process died \((killed by \w+|exit code -?\d+|no word from it)\)"  # workers.py's summaries of such cells
+
+
 def _order(at_once: Any) -> str:
     if at_once == "auto":
         return "as many at once as fit in the job's GPU"
@@ -217,27 +254,78 @@ def _run_local(settings: dict, cells: list, folder: Path) -> list:
     threads = cpu_threads_per_cell(n_cores, limit, len(queue))
     if threads is not None:
         print(f"{threads} torch CPU thread(s) per cell ({n_cores} cores, up to {limit} cells at once)")
-    while queue or running:
-        while queue and len(running) < limit and (gpus := _take_gpus(free_gpus, queue[0][0].spec.gpus)) is not None:
-            bundle = queue.pop(0)
-            executor.update_parameters(
-                timeout_min=settings["timeout_min"],
-                gpus_per_node=len(gpus),
-                visible_gpus=gpus,
-                tasks_per_node=ranks_per_cell(len(gpus)),
-            )
-            job = executor.submit(CellJob(threads), *_job_args(bundle))
-            for cell in bundle:
-                write_launch_record(cell, job, "local")
-            names = bundle[0].cell_id + (f" and {len(bundle) - 1} more, one after another" if len(bundle) > 1 else "")
-            print(f"started {names}{f' on GPU {gpus}' if gpus else ''} (log: {job.paths.stderr})")
-            running.append((job, gpus))
-            jobs.append(job)
-        time.sleep(settings.get("poll_s", 2.0))
-        for job, gpus in [r for r in running if r[0].done()]:
-            free_gpus += gpus
-        running = [r for r in running if not r[0].done()]
+    try:
+        while queue or running:
+            while queue and len(running) < limit and (gpus := _take_gpus(free_gpus, queue[0][0].spec.gpus)) is not None:
+                bundle = queue.pop(0)
+                executor.update_parameters(
+                    timeout_min=settings["timeout_min"],
+                    gpus_per_node=len(gpus),
+                    visible_gpus=gpus,
+                    tasks_per_node=ranks_per_cell(len(gpus)),
+                )
+                with _sigint_ignored():
+                    job = executor.submit(CellJob(threads, forked=True), *_job_args(bundle))
+                running.append((job, gpus))
+                jobs.append(job)
+                for cell in bundle:
+                    write_launch_record(cell, job, "local")
+                more = f" and {len(bundle) - 1} more, one after another" if len(bundle) > 1 else ""
+                print(f"started {bundle[0].cell_id}{more}{f' on GPU {gpus}' if gpus else ''} (log: {job.paths.stderr})")
+            time.sleep(settings.get("poll_s", 2.0))
+            for job, gpus in [r for r in running if r[0].done()]:
+                free_gpus += gpus
+            running = [r for r in running if not r[0].done()]
+    except BaseException:  # Ctrl-C, or submitting failed (a full disk): the cells started here stop too
+        with _sigint_ignored():  # a second Ctrl-C does not cut the stopping short
+            stop_local_jobs([job for job, _ in running])
+        raise
     return jobs
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Processes started in the block ignore SIGINT (inherited through exec): Ctrl-C reaches this launcher and
+    the cells (CellJob handles it again), not submitit's job controller, which would print a traceback and
+    kill its cell."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_local_jobs(jobs: list, grace_s: float = 2.0, patience_s: float = 30.0) -> None:
+    """After Ctrl-C: each local job's cell processes get SIGINT unless they ended within `grace_s` (a terminal's
+    Ctrl-C reached them already), and SIGKILL if still alive after `patience_s`; then their controllers end.
+    Their cells read interrupted either way (resumed from their last checkpoint by a re-run)."""
+    import psutil
+
+    controllers = []
+    for job in jobs:
+        with contextlib.suppress(psutil.Error, ValueError):
+            controllers.append(psutil.Process(int(job.job_id)))  # a local job's id is its controller's pid
+    _, alive = psutil.wait_procs([task for c in controllers for task in _children(c)], timeout=grace_s)
+    for task in alive:
+        with contextlib.suppress(psutil.Error):
+            task.send_signal(signal.SIGINT)
+    _, alive = psutil.wait_procs(alive, timeout=patience_s)
+    for task in alive:
+        with contextlib.suppress(psutil.Error):
+            task.kill()
+    _, controllers = psutil.wait_procs(controllers, timeout=10)
+    for controller in controllers:
+        with contextlib.suppress(psutil.Error):
+            controller.kill()
+
+
+def _children(process) -> list:
+    import psutil
+
+    try:
+        return process.children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def _take_gpus(free: list, n: int) -> Optional[list]:

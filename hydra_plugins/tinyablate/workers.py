@@ -12,14 +12,21 @@ process that dies (killed, out of memory) fails only the cell it was running (it
 left to a later attempt) and a new worker takes its place. Workers ignore SLURM's pre-emption and time-out
 signals: the job's main process handles them (submitit checkpoints and requeues the job; SLURM then stops every
 process of the job), and the requeued bundle skips its completed cells and resumes the others.
+
+A local job (hydra/launcher=local) runs its cells in one forked child (`run_forked`; forked before CUDA starts)
+that the job's process watches: if the child is killed (kill -9, out of memory), the summaries of the cells it
+did not finish say with which signal, and the launcher names the job, its cells and the signal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -65,7 +72,7 @@ def run_at_once(specs: list, cell_dirs: list, at_once: int, threads: int, worker
                 for pid in dead:
                     process, current = running.pop(pid)
                     if current is not None and current not in summaries:
-                        summaries[current] = _failed(specs[current], f"exit code {process.exitcode}")
+                        summaries[current] = _failed(specs[current], exit_description(process.exitcode))
                     process = start()
                     running[process.pid] = [process, None]
                     _LIVE.append(process)
@@ -82,6 +89,109 @@ def run_at_once(specs: list, cell_dirs: list, at_once: int, threads: int, worker
                 process.kill()  # not terminate(): workers ignore SIGTERM (_LEFT_TO_THE_JOB)
         _LIVE.clear()
     return [summaries[i] for i in range(len(specs))]
+
+
+def exit_description(code: int) -> str:
+    """A process's exit code in words: "killed by SIGKILL" for -9, else "exit code N"."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def run_forked(specs: list, cell_dirs: list) -> list:
+    """A local job's cells (typed specs) one after another in a forked child of this process, which waits for it:
+    a child killed by a signal (kill -9, out of memory) is reported with it, in the summaries of the cells it
+    did not finish. Ctrl-C reaches the child (this process ignores it) and ends the job with exit 130; the child
+    dies with this process. Fork, not spawn: the imports are done and no torch op has run here."""
+    import json
+
+    from tinyablate.cell import unfinished_summary
+    from tinyablate.config import cell_id
+
+    started = _process_start()  # the job's: the first cell's start to first step counts its imports
+    read_end, write_end = os.pipe()
+    parent, pid = os.getpid(), os.fork()
+    if pid == 0:  # the child: each cell's summary on the pipe as it finishes; it never returns
+        code = 1
+        try:
+            os.close(read_end)
+            _child_of_the_job(parent)
+            with os.fdopen(write_end, "w") as out:
+                code = _run_each(specs, cell_dirs, started, lambda s: print(json.dumps(s), file=out, flush=True))
+        except BaseException:  # noqa: BLE001 - said in the job's log; the parent reports the cells unfinished
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_end)
+    _LIVE[:] = [_Forked(pid)]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with os.fdopen(read_end) as lines:
+            summaries = [json.loads(line) for line in lines if line.endswith("\n")]  # (not a line cut by a kill)
+        status = os.waitpid(pid, 0)[1]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _LIVE.clear()
+    code = os.waitstatus_to_exitcode(status)
+    if code == 130:
+        raise SystemExit(130)  # Ctrl-C: the cell being run reads interrupted
+    why = f"its job's process died ({exit_description(code)}) before it finished; it resumes from its folder next time"
+    summaries += [unfinished_summary(cell_id(spec), "failed", why) for spec in specs[len(summaries) :]]
+    return summaries
+
+
+def _run_each(specs: list, cell_dirs: list, started: float, report: Callable) -> int:
+    """The forked child's work: the cells through run_cells, each reported as it ends; its exit code."""
+    from tinyablate.cell import run_cells
+
+    try:
+        for i, (spec, cell_dir) in enumerate(zip(specs, cell_dirs)):
+            report(run_cells([spec], [cell_dir], warm=i > 0, started=started)[0])
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT): this job's cells stop; each resumes from its last checkpoint", flush=True)
+        return 130
+
+
+def _child_of_the_job(parent: int) -> None:
+    """In a forked child: SLURM/submitit's signals left to the job (as a worker), and death with the parent
+    (Linux: PR_SET_PDEATHSIG), so that a job killed whole leaves nothing running."""
+    for sig in _LEFT_TO_THE_JOB:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before that took hold
+        os._exit(1)
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+class _Forked:
+    """A forked child as stop_workers sees a worker (is_alive, kill)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def is_alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
 
 
 def stop_workers() -> None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from .adapter import AdapterConfig, adapter_from_dict
-from .algo import NOT_CAPTURABLE, AlgoConfig
+from .algo import NOT_CAPTURABLE, ROLLOUT_CORRECTIONS, AlgoConfig
 from .checks import Checks, is_number, raise_problems
 from .eval import EvalConfig
 from .logger import LoggerConfig
@@ -140,7 +140,8 @@ def _cross_section_problems(spec: CellSpec, gpus_ok: bool) -> list:
                 f"(HF generate on such a base), eager or hf"
             )
     hf_rollouts = spec.algo.rollout_engine == "hf" or (spec.algo.rollout_engine == "auto" and on_cpu)
-    if spec.algo.name == "grpo" and spec.algo.rollout_correction != "none" and hf_rollouts:
+    correction = spec.algo.rollout_correction  # (an unknown one is said once, by AlgoConfig.check)
+    if spec.algo.name == "grpo" and correction != "none" and correction in ROLLOUT_CORRECTIONS and hf_rollouts:
         c.rule(
             f"algo.rollout_correction={spec.algo.rollout_correction} needs the generation engine's sampling "
             f"log-probabilities, but this cell's rollouts come from HF generate (algo.rollout_engine="

@@ -6,7 +6,6 @@ from .common import (
     MetricLoggerCallback,
     RankSyncCheck,
     ignore_frozen_in_ddp,
-    last_complete_checkpoint,
     use_console,
 )
 from .grpo import build_grpo_trainer
@@ -34,4 +33,4 @@ def build_trainer(model, tokenizer, task, spec, output_dir, device, callbacks=()
     return trainer
 
 
-__all__ = ["FirstStepTimer", "MetricLoggerCallback", "NonFiniteTraining", "build_trainer", "last_complete_checkpoint"]
+__all__ = ["FirstStepTimer", "MetricLoggerCallback", "NonFiniteTraining", "build_trainer"]

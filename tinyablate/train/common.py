@@ -4,7 +4,6 @@ trainer callbacks (metrics to the cell's one sink, first-step time, rank sync ch
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -16,6 +15,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .. import distributed
 from ..adapters import load_trainable_state, trainable_state
+from ..cell_folder import ADAPTER_STATE
 from ..console import duration, step_line
 from ..metrics import MetricLogger, rewrite_trainer_logs
 
@@ -25,8 +25,6 @@ CHECKPOINTING = (
     if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
     else "gradient_checkpointing"
 )
-ADAPTER_STATE = "adapter_state.safetensors"
-TRAINER_STATE = "trainer_state.json"  # written last by Trainer._save_checkpoint: marks a complete checkpoint
 
 
 class AdapterCheckpointMixin:
@@ -97,20 +95,6 @@ def use_console(trainer) -> None:
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(ConsoleCallback())
-
-
-def last_complete_checkpoint(checkpoint_dir: Path, world_size: int = 1) -> Optional[Path]:
-    """The newest checkpoint-N folder that was written completely (by every rank), or None."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        return None
-    rng_files = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{r}.pth" for r in range(world_size)]
-    found = []
-    for child in checkpoint_dir.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        if match and all((child / name).exists() for name in (TRAINER_STATE, ADAPTER_STATE, *rng_files)):
-            found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
 
 
 class RankSyncCheck(TrainerCallback):
