@@ -4,13 +4,14 @@ Hydra composes a whole config per override list (~0.1 s each: minutes for a pape
 Cells of a grid mostly differ in plain values (adapter.u=13, seed=2), not in config groups, so:
 compose once per distinct set of group choices (model=..., algo=...), convert to the typed
 RootConfig, then set each cell's plain values on a copy, with OmegaConf's type rules for scalars.
-Anything else (+key, ~key, unknown keys, interpolations, dict values) takes Hydra's full path, and so does every
-cell of a config that holds an interpolation (a preset's rule such as sweeps/embedded.yaml's learning rate by u
-reads the cell's own values, so it is resolved per cell).
+Anything else (+key, ~key, unknown keys, interpolations, dict values) takes Hydra's full path, and so does a cell
+that sets a value an interpolation of its config reads (sweeps/embedded.yaml's learning rate by u reads adapter.u
+and algo.name: resolved once, it would keep the first cell's rate).
 """
 
 import copy
 import dataclasses
+import re
 import typing
 from functools import lru_cache
 from typing import Any, Sequence
@@ -43,9 +44,10 @@ def _compose_one(loader, base_config, overrides: list, parser, bases: dict):
     key = tuple(o.input_line for o in groups)
     if key not in bases:
         bases[key] = _base(loader, base_config, list(key))
-    if bases[key] is None:  # the config interpolates: each cell's values resolved by Hydra
+    base, read = bases[key]
+    if any(_overlaps(o.key_or_group, r) for o in values for r in read):  # an interpolation reads a value set here
         return _full(loader, base_config, overrides)
-    root = copy.deepcopy(bases[key])
+    root = copy.deepcopy(base)
     for o in values:
         if not _set_path(root, o.key_or_group, o.value()):
             return _full(loader, base_config, overrides)
@@ -70,10 +72,10 @@ def _full(loader, base_config, overrides: list):
     return root_from_hydra(_load(loader, base_config, overrides))
 
 
-def _base(loader, base_config, overrides: list):
-    """The RootConfig of a set of group choices, or None when the config interpolates (no fast path)."""
+def _base(loader, base_config, overrides: list) -> tuple:
+    """The RootConfig of a set of group choices, and the keys its interpolations read."""
     cfg = _load(loader, base_config, overrides)
-    return None if _interpolates(cfg) else root_from_hydra(cfg)
+    return root_from_hydra(cfg), _interpolation_reads(cfg)
 
 
 def _load(loader, base_config, overrides: list):
@@ -83,16 +85,24 @@ def _load(loader, base_config, overrides: list):
     return cfg
 
 
-def _interpolates(node) -> bool:
-    """Whether any value of this (unresolved) config is an interpolation."""
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")  # ${adapter.u}, also inside a resolver's arguments
+
+
+def _interpolation_reads(node) -> set:
+    """The dotted keys that the interpolations of this (unresolved) config read."""
+    reads = set()
     keys = range(len(node)) if OmegaConf.is_list(node) else node.keys()
     for k in keys:
-        if OmegaConf.is_interpolation(node, k):
-            return True
         child = node._get_node(k)
-        if OmegaConf.is_config(child) and not child._is_none() and _interpolates(child):
-            return True
-    return False
+        if OmegaConf.is_interpolation(node, k):
+            reads.update(_REFERENCE.findall(str(child._value())))
+        elif OmegaConf.is_config(child) and not child._is_none():
+            reads |= _interpolation_reads(child)
+    return reads
+
+
+def _overlaps(key: str, read: str) -> bool:
+    return key == read or read.startswith(key + ".") or key.startswith(read + ".")
 
 
 def _set_path(obj: Any, dotted: str, value: Any) -> bool:
