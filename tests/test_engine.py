@@ -459,3 +459,22 @@ def test_engine_for_keeps_the_eos_tensor_the_graphs_read_and_drops_graphs_when_t
     stop = first[0][2]
     engine_for(model, 1, [stop], use_graphs=False)
     assert engine.generate(ps, 6)[0] == first[0][:3]  # the new EOS ends the row
+
+
+def test_engine_for_reports_to_the_log_of_its_latest_caller(tmp_path):
+    """The base evaluation builds a cell's engine without a log; the rollouts then ask for it with theirs. Their
+    lines (the KV cache, recaptures) used to be lost: the engine kept its first caller's silent log."""
+    from tinyablate.engine import engine_for
+
+    model, _ = _load("tiny-qwen2", tmp_path)
+    engine = engine_for(model, 0, [5], use_graphs=False)  # the base evaluation
+    engine.reserve(2, 16)
+    lines = []
+    assert engine_for(model, 0, [5], use_graphs=False, log=lines.append) is engine  # the rollouts
+    engine.reserve(8, 64)
+    assert lines == [f"generation engine: KV cache 8 rows x 64 tokens = {engine.cache_bytes / 2**30:.2f} GiB"]
+    engine.graphs.log("recapturing")
+    assert lines[-1] == "recapturing"
+    engine_for(model, 0, [5], use_graphs=False)  # a later caller without a log keeps the rollouts'
+    engine.reserve(16, 64)
+    assert len(lines) == 3

@@ -262,12 +262,16 @@ _ATTR = "_tinyablate_engine"
 
 
 def engine_for(model, pad_token_id: int, eos_token_ids: Sequence[int], use_graphs: bool, log=None) -> GenerationEngine:
-    """The engine of `model`, kept on the model object, so a cell (rank) allocates its cache and captures once."""
+    """The engine of `model`, kept on the model object, so a cell (rank) allocates its cache and captures once. A
+    `log` given here is where the engine reports from now on, also when an earlier caller (the base evaluation,
+    without one) built it."""
     engine = model.__dict__.get(_ATTR)
     if engine is None or engine.use_graphs != use_graphs:
         engine = GenerationEngine(
             model, pad_token_id, eos_token_ids, use_graphs=use_graphs, options=EngineOptions(log=log)
         )
         model.__dict__[_ATTR] = engine  # not a submodule: no state dict entry
+    elif log is not None:
+        engine.log = engine.graphs.log = log
     engine.set_special_tokens(pad_token_id, eos_token_ids)
     return engine
