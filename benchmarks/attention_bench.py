@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinyablate.adapters import apply_adapter  # noqa: E402
 from tinyablate.config import AdapterConfig, ModelConfig  # noqa: E402
 from tinyablate.config.model import SHAPES  # noqa: E402
+from tinyablate.kernels import head_dim  # noqa: E402
 from tinyablate.train import attention_check as A  # noqa: E402
 
 LENGTHS = (64, 128, 192, 256, 320, 448, 576, 704, 768, 1088)
 BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION)
 
 
-def fault_matrix(dtype, head_dim: int) -> dict:
+def fault_matrix(dtype, head_size: int) -> dict:
     """backend -> case -> length -> "ok" | "unsupported" | the problem."""
     out = {}
     for backend in BACKENDS:
@@ -42,7 +43,7 @@ def fault_matrix(dtype, head_dim: int) -> dict:
         for name, case in A.CASES.items():
             row = {}
             for length in LENGTHS:
-                q, k, v, mask, grad_out, rows = case("cuda", dtype, head_dim, length)
+                q, k, v, mask, grad_out, rows = case("cuda", dtype, head_size, length)
                 try:
                     with sdpa_kernel([backend]):
                         got = A._forward_backward(q, k, v, mask, grad_out)
@@ -133,19 +134,17 @@ def main(argv=None) -> dict:
     report = {
         "device": A._device_name(torch.device("cuda")),
         "date": time.strftime("%Y-%m-%d"),
-        "faults": {str(d): fault_matrix(d, hd) for d in (torch.bfloat16,) for hd in (64, 128)},
+        "faults": {f"bfloat16, head size {hd}": fault_matrix(torch.bfloat16, hd) for hd in (64, 128)},
     }
-    for backend, cases in report["faults"][str(torch.bfloat16)].items():
-        for case, row in cases.items():
-            bad = [f"{n}: {r}" for n, r in row.items() if r not in ("ok", "unsupported")]
-            print(f"{backend:22s} {case:36s} " + ("; ".join(bad) if bad else "all lengths ok or unsupported"))
+    for setting, backends in report["faults"].items():
+        for backend, cases in backends.items():
+            for case, row in cases.items():
+                bad = [f"{n}: {r}" for n, r in row.items() if r not in ("ok", "unsupported")]
+                print(f"{setting:22s} {backend:20s} {case:36s} " + ("; ".join(bad) or "all lengths ok or unsupported"))
     report["steps"] = {}
     for spec in args.models.split(","):
         model = build(spec)
-        head_dim = (
-            getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-        )
-        check = A.check_attention(torch.device("cuda"), torch.bfloat16, head_dim)
+        check = A.check_attention(torch.device("cuda"), torch.bfloat16, head_dim(model.config))
         kept = [getattr(SDPBackend, name.upper()) for name in check.kept]
         default, checked, raw = step_times(model, batch(model.config.vocab_size), kept)
         report["steps"][spec] = {

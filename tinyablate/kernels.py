@@ -77,15 +77,19 @@ def compiled(fn, tag: str, dynamic: bool = False):
     return _COMPILED[key]
 
 
+def head_dim(config) -> int:
+    """The attention head size of a transformers config (its head_dim, else hidden size / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def model_tag(config, dtype: torch.dtype) -> str:
     """A name for a model's shape and dtype (what compiled code depends on besides the batch shape)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dims = (
         config.hidden_size,
         config.num_hidden_layers,
         config.num_attention_heads,
         config.num_key_value_heads,
-        head_dim,
+        head_dim(config),
         config.intermediate_size,
         config.vocab_size,
     )

@@ -16,11 +16,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..kernels import head_dim
+
 
 def kv_cache_bytes(config, batch: int, length: int, dtype: torch.dtype) -> int:
     """Bytes of the engine's KV cache for `batch` rows of `length` tokens."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config)
     return per_token * batch * length * torch.empty((), dtype=dtype).element_size()
 
 

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..kernels import head_dim
+
 ENV_SWITCH = "TINYABLATE_ATTENTION_CHECK"
 # The backends checked, by the flag that enables each in this process (torch.backends.cuda).
 _BACKENDS = {
@@ -66,18 +68,18 @@ class AttentionReport:
         return {"device": self.device, "kept": self.kept, "failed": self.failed, "skipped": self.skipped}
 
 
-_REPORTS: dict = {}  # (device, dtype, head_dim) -> AttentionReport: one check per process and setting
+_REPORTS: dict = {}  # (device, dtype, head_size) -> AttentionReport: one check per process and setting
 
 
-def check_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> AttentionReport:
+def check_attention(device: torch.device, dtype: torch.dtype, head_size: int) -> AttentionReport:
     """Run (once per process for this device, dtype and head size) the backward check of every enabled backend."""
-    key = (str(device), dtype, head_dim)
+    key = (str(device), dtype, head_size)
     if key not in _REPORTS:
-        _REPORTS[key] = _run_check(device, dtype, head_dim)
+        _REPORTS[key] = _run_check(device, dtype, head_size)
     return _REPORTS[key]
 
 
-def _run_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> AttentionReport:
+def _run_check(device: torch.device, dtype: torch.dtype, head_size: int) -> AttentionReport:
     report = AttentionReport(device=_device_name(device))
     if os.environ.get(ENV_SWITCH, "on").lower() in ("off", "0", "false"):
         report.skipped = True
@@ -85,7 +87,7 @@ def _run_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> Atten
     for backend, flag in _BACKENDS.items():
         if not getattr(torch.backends.cuda, flag)():
             continue  # disabled in this process already: not ours to judge
-        problem = backend_problem(backend, device, dtype, head_dim)
+        problem = backend_problem(backend, device, dtype, head_size)
         if problem:
             report.failed[backend.name.lower()] = problem
         else:
@@ -94,11 +96,11 @@ def _run_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> Atten
     return report
 
 
-def backend_problem(backend: SDPBackend, device, dtype, head_dim: int) -> Optional[str]:
+def backend_problem(backend: SDPBackend, device, dtype, head_size: int) -> Optional[str]:
     """None when `backend` gives finite gradients close to the float32 reference on every case it accepts."""
     for name, case in CASES.items():
         for length in _KEY_LENGTHS:
-            q, k, v, mask, grad_out, rows = case(device, dtype, head_dim, length)
+            q, k, v, mask, grad_out, rows = case(device, dtype, head_size, length)
             try:
                 with sdpa_kernel([backend]):
                     got = _forward_backward(q, k, v, mask, grad_out)
@@ -142,25 +144,25 @@ def _compare(got: tuple, want: tuple, rows: torch.Tensor, tolerance: float, shif
     return None
 
 
-def _low_lse_rows(device, dtype, head_dim: int, length: int) -> tuple:
+def _low_lse_rows(device, dtype, head_size: int, length: int) -> tuple:
     """Every query anti-aligned with every key (scaled logits ~ -120): each row's log-sum-exp is ~ -115;
     a causal mask passed as a tensor, as transformers does."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(1, 2, length, head_dim, generator=g) * 0.1
-    k = torch.randn(1, 2, length, head_dim, generator=g) * 0.1
-    q[..., 0], k[..., 0] = 1.0, _LOW_LSE_LOGIT * math.sqrt(head_dim)
-    v = torch.randn(1, 2, length, head_dim, generator=g)
+    q = torch.randn(1, 2, length, head_size, generator=g) * 0.1
+    k = torch.randn(1, 2, length, head_size, generator=g) * 0.1
+    q[..., 0], k[..., 0] = 1.0, _LOW_LSE_LOGIT * math.sqrt(head_size)
+    v = torch.randn(1, 2, length, head_size, generator=g)
     mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
-    grad_out = torch.randn(1, 2, length, head_dim, generator=g)
+    grad_out = torch.randn(1, 2, length, head_size, generator=g)
     rows = torch.ones(1, 2, length, dtype=torch.bool)
     return (*(t.to(device, dtype) for t in (q, k, v)), mask.to(device), grad_out.to(device, dtype), rows.to(device))
 
 
-def _left_padded_rows(device, dtype, head_dim: int, length: int) -> tuple:
+def _left_padded_rows(device, dtype, head_size: int, length: int) -> tuple:
     """Two sequences, the second left-padded by a third of the length: its pad queries see no key (fully masked
     rows, log-sum-exp = -inf), as in a left-padded GRPO batch; their output gradient is zero, as in training."""
     g = torch.Generator(device="cpu").manual_seed(1)
-    q, k, v, grad_out = (torch.randn(2, 2, length, head_dim, generator=g) for _ in range(4))
+    q, k, v, grad_out = (torch.randn(2, 2, length, head_size, generator=g) for _ in range(4))
     pad = length // 3
     keys = torch.ones(2, length, dtype=torch.bool)
     keys[1, :pad] = False
@@ -180,11 +182,9 @@ def checked_attention(model, device: torch.device, log: Callable[[str], None] = 
     if device.type != "cuda":
         yield None
         return
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dtype = next(model.parameters()).dtype
-    new = (str(device), dtype, head_dim) not in _REPORTS
-    report = check_attention(device, dtype, head_dim)
+    size, dtype = head_dim(model.config), next(model.parameters()).dtype
+    new = (str(device), dtype, size) not in _REPORTS
+    report = check_attention(device, dtype, size)
     if new:
         log(report.line)
     if report.skipped or not report.failed:
