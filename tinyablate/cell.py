@@ -567,27 +567,7 @@ def make_result(
             base_bytes=base_bytes(built.model),
             weights=weights_provenance(info.name) if load_kind(spec.model, info) == "gguf" else None,
         ),
-        adapter=AdapterRecord(
-            **{
-                k: summary.get(k)
-                for k in (
-                    "kind",
-                    "r",
-                    "u",
-                    "tie",
-                    "sharing",
-                    "precision",
-                    "trainable_params",
-                    "trainable_bytes",
-                    "n_modules",
-                    "n_groups",
-                    "svd_method",
-                    "svd_max_sin_bound",
-                    "svd_min_rel_gap",
-                    "svd_ties",
-                )
-            }
-        ),
+        adapter=AdapterRecord.pick(summary),  # the summary also holds expected_trainable_params: not recorded
         algo=AlgoRecord(name=spec.algo.name, learning_rate=spec.algo.learning_rate, steps=train_info["steps"]),
         task=TaskRecord(name=spec.task.name, scorer=spec.task.scorer),
         metrics=Metrics(

@@ -115,6 +115,11 @@ class _Record:
         record.extra = {k: v for k, v in raw.items() if k not in known}
         return record
 
+    @classmethod
+    def pick(cls, values: dict):
+        """The record of those keys of `values` that are its fields (the others left out)."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
     def to_dict(self) -> dict:
         out = {f.name: _dump(getattr(self, f.name)) for f in fields(self)}
         if self.omit_none:
