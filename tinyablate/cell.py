@@ -72,6 +72,7 @@ from .quantization import base_bytes
 from .tasks import Task, load_task
 from .train import FirstStepTimer, MetricLoggerCallback, build_trainer
 from .train.attention_check import checked_attention
+from .train.collapse import recorded_collapse
 from .train.glue import compiled_glue, train_kernels
 
 
@@ -487,8 +488,7 @@ def _trained_already(spec: CellSpec, built: BuiltCell, last: Path) -> dict:
     skipped = 0 if spec.algo.nonfinite == "skip" else None  # steps this attempt dropped: none
     step = checkpoint_step(last)
     info = _train_info(step, step, reward_summary(state.get("log_history", [])), skipped)
-    watch = state.get("stateful_callbacks", {}).get("CollapseWatch", {})  # the collapse training recorded, if any
-    return {**info, "collapse": watch.get("attributes", {}).get("record")}
+    return {**info, "collapse": recorded_collapse(state)}
 
 
 def _train_info(steps: int, resumed: Optional[int], reward: Optional[dict], skipped: Optional[int]) -> dict:

@@ -97,3 +97,9 @@ class CollapseWatch(TrainerCallback, ExportableState):
         if stop:
             control.should_training_stop = True
             control.should_save = False  # a resumed cell trains to this stop again from its last checkpoint
+
+
+def recorded_collapse(trainer_state: dict) -> Optional[dict]:
+    """The collapse a checkpoint's trainer_state.json holds (the watch's state, saved with it), else None."""
+    saved = trainer_state.get("stateful_callbacks", {}).get(CollapseWatch.__name__, {})
+    return saved.get("attributes", {}).get("record")
