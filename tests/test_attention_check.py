@@ -94,10 +94,20 @@ def test_training_runs_without_a_failing_backend_and_says_so_once(monkeypatch):
 def test_the_check_can_be_switched_off_and_is_a_no_op_on_cpu(monkeypatch):
     monkeypatch.setattr(A, "_REPORTS", {})
     monkeypatch.setattr(A, "_device_name", lambda device: "FakeGPU")
-    monkeypatch.setenv(A.ENV_SWITCH, "off")
+    monkeypatch.setenv(A.ATTENTION_CHECK_ENV, "off")
     model = torch.nn.Linear(2, 2)
     model.config = types.SimpleNamespace(hidden_size=128, num_attention_heads=2, head_dim=64)
     with A.checked_attention(model, torch.device("cuda"), print) as report:
         assert report.skipped and torch.backends.cuda.cudnn_sdp_enabled()
     with A.checked_attention(model, torch.device("cpu"), print) as report:
         assert report is None
+
+
+def test_an_unknown_switch_value_is_refused_before_anything_loads(monkeypatch, tmp_path):
+    from tinyablate.config import CellSpec, ConfigError
+    from tinyablate.preflight import preflight
+
+    monkeypatch.setenv(A.ATTENTION_CHECK_ENV, "of")
+    spec = CellSpec(output_dir=str(tmp_path / "runs"), gpus=0)
+    with pytest.raises(ConfigError, match="TINYABLATE_ATTENTION_CHECK='of' is invalid: expected 'on' or 'off'"):
+        preflight(spec)

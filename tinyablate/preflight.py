@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import CellSpec, ConfigError, eval_task_configs, spec_problems
+from .config.algo import attention_check_on
 from .config.checks import raise_problems
 from .config.logger import LoggerConfig
 from .config.model import MODELS, ModelConfig, load_kind
@@ -58,6 +59,11 @@ def preflight(spec: CellSpec, world_size: Optional[int] = None, here: bool = Tru
         problems += logger_problems(spec.logger)
     if here and isinstance(spec.gpus, int) and sound("model"):
         problems += device_problems(spec)
+    if here:  # the environment the cell trains in
+        try:
+            attention_check_on()
+        except ValueError as err:
+            problems.append(str(err))
     problems += output_dir_problems(spec.output_dir)
     raise_problems(problems)
     return size

@@ -8,6 +8,7 @@ left to TRL's defaults, which change between releases. The embedded CPU settings
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -214,3 +215,17 @@ class AlgoConfig(Section):
 
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+# The environment switch of training's attention check (tinyablate/train/attention_check.py): "on" (default) or
+# "off" (torch's SDPA backends as they are: reproductions and benchmarks only); also 1/0, true/false.
+ATTENTION_CHECK_ENV = "TINYABLATE_ATTENTION_CHECK"
+_SWITCH = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
+
+
+def attention_check_on() -> bool:
+    """Whether the attention check runs; ValueError (one line naming the variable) for a value it does not know."""
+    value = os.environ.get(ATTENTION_CHECK_ENV, "on")
+    if value.lower() not in _SWITCH:
+        raise ValueError(f"{ATTENTION_CHECK_ENV}={value!r} is invalid: expected 'on' or 'off'")
+    return _SWITCH[value.lower()]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -32,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..config.algo import ATTENTION_CHECK_ENV, attention_check_on
 from ..kernels import head_dim
 
-ENV_SWITCH = "TINYABLATE_ATTENTION_CHECK"
 # The backends checked, by the flag that enables each in this process (torch.backends.cuda).
 _BACKENDS = {
     SDPBackend.CUDNN_ATTENTION: "cudnn_sdp_enabled",
@@ -58,7 +57,9 @@ class AttentionReport:
     @property
     def line(self) -> str:
         if self.skipped:
-            return f"attention check skipped ({ENV_SWITCH}=off): training uses torch's SDPA backends as enabled"
+            return (
+                f"attention check skipped ({ATTENTION_CHECK_ENV}=off): training uses torch's SDPA backends as enabled"
+            )
         if not self.failed:
             return f"attention check on {self.device}: every enabled SDPA backend passed ({', '.join(self.kept)})"
         why = "; ".join(f"{name} ({reason})" for name, reason in self.failed.items())
@@ -84,7 +85,7 @@ def check_attention(device: torch.device, dtype: torch.dtype, head_size: int, lo
 
 def _run_check(device: torch.device, dtype: torch.dtype, head_size: int) -> AttentionReport:
     report = AttentionReport(device=_device_name(device))
-    if os.environ.get(ENV_SWITCH, "on").lower() in ("off", "0", "false"):
+    if not attention_check_on():
         report.skipped = True
         return report
     for backend, flag in _BACKENDS.items():
