@@ -5,8 +5,8 @@
     python benchmarks/numerics_probe.py --out /tmp/probe/fp32head --fp32-lm-head -- ...   # TRL's fp32 LM head
     python benchmarks/numerics_probe.py --out /tmp/probe/op --anomaly-from 20 -- ...      # which backward op NaNs
 
-Builds the cell as run_cell does (cell.build: the same model, adapter, task and device), trains it through the
-same `cell.train` with a probe callback, and evaluates the training task greedily. Nothing is written to the
+Builds the cell as run_cell does (build.build: the same model, adapter, task and device), trains it through the
+same `train.run.train` with a probe callback, and evaluates the training task greedily. Nothing is written to the
 sweep's folders: the checkpoints go under --out. Writes <out>/probe.jsonl, one record per optimizer step:
 
 - the trainer's loss and gradient norm (before clipping) and GRPO's reward / entropy as logged;
@@ -64,9 +64,11 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="the cell's Hydra overrides, as for launch.py")
     args = p.parse_args(argv)
 
-    from tinyablate import cell
+    from tinyablate.build import build
     from tinyablate.console import quiet_known_warnings
     from tinyablate.evaluation import evaluate_task
+    from tinyablate.evaluation.plan import base_accuracy
+    from tinyablate.train.run import train
 
     quiet_known_warnings()
     spec = compose(args.overrides)
@@ -78,20 +80,19 @@ def main(argv=None) -> int:
         _engine_options(args.engine)
     if args.spikes:
         _describe_spikes(args.spikes, args.out / "spikes")
-    built = cell.build(spec)
+    built = build(spec)
     print(
         f"probe: {spec.model.name} {next(built.model.parameters()).dtype} on {built.device}, "
         f"{built.adapter.trainable_params} trainable, overrides {' '.join(args.overrides)}",
         flush=True,
     )
-    base = None if args.no_eval else cell.base_accuracy(spec, built)["accuracy"]
+    base = None if args.no_eval else base_accuracy(spec, built).accuracy
     probe = Probe(built.model, args.out / "probe.jsonl")
     callbacks = [probe] + ([AnomalyFrom(args.anomaly_from)] if args.anomaly_from else [])
     t0 = time.time()
     error = None
     try:
-        info = cell.train(spec, built, args.out, callbacks)
-        steps = info["steps"]
+        steps = train(spec, built, args.out, callbacks).steps
     except Exception as err:  # the guard (or anything else) stopped training: record it and the step it stopped in
         error, steps = f"{type(err).__name__}: {err}", probe.step
         probe.record_stopped_step(error)

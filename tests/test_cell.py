@@ -126,7 +126,7 @@ def test_peft_export_loads_and_matches(sft_cell):
     from peft import PeftModel
 
     from tinyablate.adapters import load_native
-    from tinyablate.cell import build
+    from tinyablate.build import build
 
     spec, result, cell_dir = sft_cell
 
@@ -224,14 +224,14 @@ def test_other_adapters_complete(tmp_path, kind):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fails for want of a GPU")
 def test_failed_cell_leaves_a_failed_result(tmp_path, monkeypatch):
-    import tinyablate.cell
+    import tinyablate.build
 
     def broken_loader(cfg):
         raise RuntimeError("the weights could not be read")
 
     spec = tiny_spec(tmp_path)
     spec.logger = LoggerConfig(mode="disabled")
-    monkeypatch.setattr(tinyablate.cell, "load_model_and_tokenizer", broken_loader)  # fails while it builds
+    monkeypatch.setattr(tinyablate.build, "load_model_and_tokenizer", broken_loader)  # fails while it builds
     with pytest.raises(RuntimeError, match="could not be read"):
         run_cell(spec)
     result = result_on_disk(CellFolder.of(spec).path)

@@ -10,9 +10,11 @@
   `encode_pair`, `ChoiceEvalResult`).
 - `shards.py`: the step both share: each rank scores its share of the problems, every rank gets all records.
 - `records.py`: what evaluation leaves on disk: the base-accuracy cache and the per-problem samples files.
+- `plan.py`: a cell's evaluation plan, which cell.py runs (base accuracy from the cache or evaluated with the
+  adapter disabled, the final evaluation, the samples files, result.json's metrics.tasks), its typed
+  `Evaluation` (imported from the module, not from here).
 
-cell.py orchestrates it (base accuracy from the cache or evaluated with the adapter disabled, the final
-evaluation, the samples files); its scorers are the tasks' own (tinyablate/tasks/).
+Its scorers are the tasks' own (tinyablate/tasks/).
 """
 
 from .choice import ChoiceEvalResult, continuation_logliks, encode_pair, evaluate_choices
