@@ -7,7 +7,7 @@
 
 The base model's accuracy (the 0-parameter point of every curve) is cached per (model, task, eval
 settings), so every cell of a sweep reports it without generating again; the key is a hash over those
-settings and leaves out the ones that change only speed. cell.py orchestrates both (base_accuracy,
+settings and leaves out the ones that change only speed. plan.py orchestrates both (base_accuracy,
 evaluate_final); cell_folder.py names the samples files.
 """
 

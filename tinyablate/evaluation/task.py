@@ -4,7 +4,7 @@
 
 Generation tasks: greedy pass@1 (generation.py), with `accuracy_strict` and `accuracy_flexible` both kept;
 multiple-choice tasks: per-choice log-likelihood (choice.py), with `acc` and `acc_norm` both kept. Either
-way `accuracy` is the task's scorer (`task.scorer`). cell.py calls this for the base model and the trained one.
+way `accuracy` is the task's scorer (`task.scorer`). plan.py calls this for the base model and the trained one.
 """
 
 from __future__ import annotations
