@@ -77,7 +77,7 @@ def arm(point: str, arg, spec) -> None:
         cell_folder.CellFolder.of(spec).file(cell_folder.RESULT_FILE).write_text('{"status": "compl')
         arm(*arg, spec)
     elif point in ("train_step", "train_save"):
-        train = cell_module.train
+        train = cell_module.train  # cell's binding, where _run looks it up (defined in tinyablate.train.run)
         cell_module.train = lambda spec, built, cell_dir, callbacks: train(
             spec, built, cell_dir, [*callbacks, KillAt(point, int(arg))]
         )

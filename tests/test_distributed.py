@@ -58,7 +58,7 @@ def _recorded_rank(spec: dict, cell_dir: str, out: str, text_reward: bool = Fals
     def train(spec_, built, cell_dir_, callbacks):
         return inner(spec_, built, cell_dir_, [*callbacks, Recorder(built.model)])
 
-    cell.train = train
+    cell.train = train  # cell's own binding: _run looks train up there (it lives in tinyablate.train.run)
     result = cell.run_cell(spec_from_dict(spec), cell_dir)
     (folder / "result.json").write_text(json.dumps(result, default=str))
 
