@@ -171,7 +171,7 @@ class GenerationEngine:
     ):
         """One completion per prompt (token ids, up to and including the first EOS), in input order; with
         `logprobs`, also each token's log-probability under softmax(logits / temperature) as sampled (GRPO's
-        training-rollout mismatch, train/rollouts.py): (completions, logprobs)."""
+        training-rollout mismatch, train/mismatch.py): (completions, logprobs)."""
         if sampling.keyed and (keys is None or len(keys) != len(prompts)):
             raise ValueError("keyed sampling needs one key per prompt")
         if not prompts:
