@@ -12,7 +12,7 @@ TRL's own) draws from per-rank generators instead: equally valid, but it depends
 
 This module is the ground floor both samplers stand on (torch only): TRL's HF generation samples with
 `KeyedGumbelSampler` (switched in by the trainer, train/trl_seam.py), the generation engine with the same
-scores (engine/sampler.py).
+scores (engine/sampler.py); both check their keys with `check_keys`.
 """
 
 from __future__ import annotations
@@ -60,6 +60,14 @@ def rollout_keys(seed: int, step: int, rows_by_rank: Sequence[Sequence[int]], ra
             seen[row] += 1
         keys_by_rank.append(keys)
     return keys_by_rank[rank]
+
+
+def check_keys(keys: Optional[Sequence[int]], prompts: int) -> None:
+    """Keyed sampling needs one key per prompt (the engine's generate, and TRL's generation in
+    train/trl_seam.py, check here)."""
+    if keys is None or len(keys) != prompts:
+        got = "no" if keys is None else len(keys)
+        raise ValueError(f"keyed sampling needs one key per prompt: {got} keys for {prompts} prompts")
 
 
 class KeyedGumbelSampler:

@@ -22,7 +22,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from trl import GRPOTrainer, SFTTrainer
 
 from .. import distributed
-from ..sampling import KeyedGumbelSampler, rollout_keys
+from ..sampling import KeyedGumbelSampler, check_keys, rollout_keys
 from .collapse import CollapseWatch
 from .common import load_adapter_checkpoint, save_adapter_checkpoint
 from .guard import NonFiniteGuard
@@ -153,8 +153,8 @@ class TinyablateGRPOTrainer(_Settled, GRPOTrainer):
     # TRL GRPOTrainer._generate_single_turn
     def _generate_single_turn(self, prompt_ids, *args, **kwargs):
         keys, self._rollout_keys = self._rollout_keys, None
-        if keys is not None and len(keys) != len(prompt_ids):  # one check for the engine's rollouts and HF's
-            raise RuntimeError(f"keyed sampling: {len(keys)} keys for {len(prompt_ids)} prompts")
+        if keys is not None:
+            check_keys(keys, len(prompt_ids))
         if self._settings.rollout_engine != "hf":
             return self._engine_rollouts(prompt_ids, keys)  # (completions, sampling log-probabilities)
         if keys is None:
