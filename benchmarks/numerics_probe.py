@@ -169,7 +169,7 @@ def _describe_spikes(threshold: float, folder: Path) -> None:
     """After each GRPO loss: if max |log p_rollout - log p_train| > threshold, print where (row, token, both
     log-probs, the prompt's group), a no-grad eval-mode forward's log p of the same tokens (the model's own
     HF forward: positions from 0, as TRL's; and from the attention mask, as the engine's), and save the batch."""
-    from tinyablate.train.grpo import TinyablateGRPOTrainer
+    from tinyablate.train.trl_seam import TinyablateGRPOTrainer
 
     original = TinyablateGRPOTrainer.compute_loss
     folder.mkdir(parents=True, exist_ok=True)
@@ -398,7 +398,7 @@ class Probe(TrainerCallback):
 
 def _wrap_logps(sink: list) -> None:
     """Record (min log p, max entropy) of completion tokens from GRPO's training forwards."""
-    from tinyablate.train.grpo import TinyablateGRPOTrainer
+    from tinyablate.train.trl_seam import TinyablateGRPOTrainer
 
     original = TinyablateGRPOTrainer._get_per_token_logps_and_entropies
     if getattr(original, "_probed", False):

@@ -18,7 +18,7 @@ from tinyablate.console import collapse_note, end_lines
 from tinyablate.status import cell_row, format_table
 from tinyablate.tasks.base import Task
 from tinyablate.train.collapse import CollapseWatch, step_reason
-from tinyablate.train.grpo import TinyablateGRPOTrainer
+from tinyablate.train.trl_seam import TinyablateGRPOTrainer
 
 HEALTHY = dict(zero_std=0.5, max_length=9, clipped=0.0)
 SAME_REWARDS = dict(zero_std=1.0, max_length=9, clipped=0.0)

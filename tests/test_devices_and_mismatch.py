@@ -117,24 +117,12 @@ def test_grpo_logs_the_rollout_mismatch(tmp_path, correction):
 
 
 def test_truncated_is_weights_each_token_by_the_capped_ratio():
-    from tinyablate.train.grpo import TinyablateGRPOTrainer
+    from tinyablate.train.mismatch import truncated_is_advantages
 
-    trainer = TinyablateGRPOTrainer.__new__(TinyablateGRPOTrainer)
-    trainer.rollout_is_cap = 2.0
     train = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, -1.0]])
-    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (train, None, None)
-    trainer.model = None
-    trainer.args = type("Args", (), {"per_device_train_batch_size": 2})()
     sampling = torch.tensor([[-1.0, -3.0, -0.1], [-3.0, -1.5, 0.0]])
-    out = {
-        "prompt_ids": torch.zeros(2, 1, dtype=torch.long),
-        "prompt_mask": torch.ones(2, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(2, 3, dtype=torch.long),
-        "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
-        "advantages": torch.tensor([1.0, -2.0]),
-        "sampling_per_token_logps": sampling,
-    }
-    adv = trainer._truncated_is_advantages(out)
-    ratio = torch.exp(train - sampling).clamp(max=2.0) * out["completion_mask"]
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = truncated_is_advantages(torch.tensor([1.0, -2.0]), train, sampling, mask, cap=2.0)
+    ratio = torch.exp(train - sampling).clamp(max=2.0) * mask
     assert torch.allclose(adv, torch.tensor([[1.0], [-2.0]]) * ratio)
     assert adv[0, 1] == 2.0 and math.isclose(adv[0, 2].item(), math.exp(-0.4), rel_tol=1e-6) and adv[1, 2] == 0

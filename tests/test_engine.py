@@ -243,7 +243,7 @@ def test_keyed_grpo_cell_trains_the_same_v_with_the_engine(tmp_path, monkeypatch
     """TRL's seam: rollouts from the engine (keyed) are HF's keyed rollouts, so the cells train the same v."""
     from safetensors.torch import load_file
 
-    import tinyablate.train.grpo as grpo
+    import tinyablate.train.trl_seam as seam
     from tinyablate.tasks.base import Task
 
     # The task's reward is always 0 for a random tiny model; digits in the text are earned unevenly
@@ -254,8 +254,8 @@ def test_keyed_grpo_cell_trains_the_same_v_with_the_engine(tmp_path, monkeypatch
         lambda self: lambda completions, **kw: [float(sum(ch.isdigit() for ch in str(c))) for c in completions],
     )
     calls = []
-    real = grpo.engine_rollouts
-    monkeypatch.setattr(grpo, "engine_rollouts", lambda *a: calls.append(1) or real(*a))
+    real = seam.engine_rollouts
+    monkeypatch.setattr(seam, "engine_rollouts", lambda *a, **k: calls.append(1) or real(*a, **k))
     from test_cell import tiny_spec  # tests/ is on sys.path, as test_distributed.py relies on
     from tinyablate.cell import run_cell
     from tinyablate.cell_folder import ADAPTER_NATIVE_DIR, CellFolder

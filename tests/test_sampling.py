@@ -90,3 +90,13 @@ def test_fused_cuda_noise_draws_what_the_cpu_draws():
     cuda = KeyedGumbelSampler(keys, 0.7)(ids.cuda(), logits.cuda()).cpu()
     torch.testing.assert_close(cuda, cpu, rtol=1e-5, atol=1e-5)
     assert (cuda.argmax(-1) == cpu.argmax(-1)).all()
+
+
+def test_keyed_sampling_needs_one_key_per_prompt_in_one_check():
+    from tinyablate.sampling import check_keys
+
+    check_keys([1, 2], 2)
+    with pytest.raises(ValueError, match="one key per prompt: 1 keys for 2 prompts"):
+        check_keys([1], 2)
+    with pytest.raises(ValueError, match="one key per prompt: no keys for 2 prompts"):
+        check_keys(None, 2)

@@ -9,17 +9,18 @@ based hash instead of a stateful generator. The same (seed, step, prompt, sample
 same completion whatever the batch split, padding, number of ranks or device, so a 2-GPU GRPO run
 samples the same rollouts as a 1-GPU run with the same global batch. The default sampler (`torch`,
 TRL's own) draws from per-rank generators instead: equally valid, but it depends on the layout.
+
+This module is the ground floor both samplers stand on (torch only): TRL's HF generation samples with
+`KeyedGumbelSampler` (switched in by the trainer, train/trl_seam.py), the generation engine with the same
+scores (engine/sampler.py); both check their keys with `check_keys`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
-from functools import partial
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList
 
 _M32 = 0xFFFFFFFF
 
@@ -59,6 +60,14 @@ def rollout_keys(seed: int, step: int, rows_by_rank: Sequence[Sequence[int]], ra
             seen[row] += 1
         keys_by_rank.append(keys)
     return keys_by_rank[rank]
+
+
+def check_keys(keys: Optional[Sequence[int]], prompts: int) -> None:
+    """Keyed sampling needs one key per prompt (the engine's generate, and TRL's generation in
+    train/trl_seam.py, check here)."""
+    if keys is None or len(keys) != prompts:
+        got = "no" if keys is None else len(keys)
+        raise ValueError(f"keyed sampling needs one key per prompt: {got} keys for {prompts} prompts")
 
 
 class KeyedGumbelSampler:
@@ -131,27 +140,3 @@ def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     probs = sorted_scores.softmax(-1)
     drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
     return scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-
-
-@contextmanager
-def keyed_generation(trainer, keys: Sequence[int]) -> Iterator[None]:
-    """Within the block, the trainer's model generates with KeyedGumbelSampler (greedy over keyed scores)."""
-    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    sampler = KeyedGumbelSampler(keys, trainer.temperature, trainer.top_p)
-    greedy = {
-        **trainer.generation_kwargs,
-        "do_sample": False,
-        "temperature": None,
-        "top_p": None,
-        "top_k": None,
-        "min_p": None,
-    }
-    saved = trainer.generation_config, trainer.generation_kwargs
-    trainer.generation_config = GenerationConfig(**greedy, disable_compile=True)
-    trainer.generation_kwargs = greedy
-    model.generate = partial(type(model).generate, model, logits_processor=LogitsProcessorList([sampler]))
-    try:
-        yield
-    finally:
-        del model.generate
-        trainer.generation_config, trainer.generation_kwargs = saved

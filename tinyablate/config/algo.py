@@ -26,7 +26,7 @@ NOT_CAPTURABLE = ("int8",)
 TRAIN_KERNELS = ("auto", "compiled", "eager")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 REWARD_SCALINGS = ("group", "batch", "none")
-# Corrections of GRPO's rollout-training mismatch (tinyablate/train/grpo.py): see AlgoConfig.rollout_correction.
+# Corrections of GRPO's rollout-training mismatch (tinyablate/train/mismatch.py): see AlgoConfig.rollout_correction.
 ROLLOUT_CORRECTIONS = ("none", "truncated_is")
 # What a non-finite loss, gradient or trainable tensor does (tinyablate/train/guard.py): see AlgoConfig.nonfinite.
 NONFINITE_MODES = ("fail", "skip")

@@ -4,7 +4,7 @@
                               use_graphs=True)            # one per cell (per rank), reused
     completions = engine.generate(prompt_ids, max_new_tokens=256, sampling=Sampling(temperature=1.0))
 
-Used by GRPO rollouts (train/grpo.py, `algo.rollout_engine`) and evaluation (evaluation/, `eval.engine`).
+Used by GRPO rollouts (train/rollouts.py, `algo.rollout_engine`) and evaluation (evaluation/, `eval.engine`).
 Which engine a setting means on a device: `settings.py` (the settings are declared and checked in
 tinyablate/config). The engine itself, room by room:
 

@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..sampling import check_keys
 from .cache import DecodeState, KVCache, dedupe, left_pad
 from .graphs import DecodeGraphs, weight_signature
 from .layers import DecoderLayers, causal_lm_parts
@@ -171,9 +172,9 @@ class GenerationEngine:
     ):
         """One completion per prompt (token ids, up to and including the first EOS), in input order; with
         `logprobs`, also each token's log-probability under softmax(logits / temperature) as sampled (GRPO's
-        training-rollout mismatch, train/rollouts.py): (completions, logprobs)."""
-        if sampling.keyed and (keys is None or len(keys) != len(prompts)):
-            raise ValueError("keyed sampling needs one key per prompt")
+        training-rollout mismatch, train/mismatch.py): (completions, logprobs)."""
+        if sampling.keyed:
+            check_keys(keys, len(prompts))
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):

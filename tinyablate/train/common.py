@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,18 +26,18 @@ CHECKPOINTING = (
 )
 
 
-class AdapterCheckpointMixin:
-    """Checkpoints hold only the trainable tensors (bytes, not the 15 GB base) + optimizer/RNG state."""
+def save_adapter_checkpoint(model, args, output_dir: str) -> None:
+    """A checkpoint's model part: only the trainable tensors (bytes, not the 15 GB base) and the training
+    arguments; the trainer writes optimizer and RNG state beside them."""
+    os.makedirs(output_dir, exist_ok=True)
+    save_file(trainable_state(model), os.path.join(output_dir, ADAPTER_STATE))
+    torch.save(args, os.path.join(output_dir, "training_args.bin"))
 
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        save_file(trainable_state(self.model), os.path.join(output_dir, ADAPTER_STATE))
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        tensors = load_file(os.path.join(resume_from_checkpoint, ADAPTER_STATE))
-        load_trainable_state(model or self.model, tensors, source=f"checkpoint {resume_from_checkpoint}")
+def load_adapter_checkpoint(model, checkpoint: str) -> None:
+    """Load a checkpoint's trainable tensors (save_adapter_checkpoint) into `model`."""
+    tensors = load_file(os.path.join(checkpoint, ADAPTER_STATE))
+    load_trainable_state(model, tensors, source=f"checkpoint {checkpoint}")
 
 
 class FirstStepTimer(TrainerCallback):

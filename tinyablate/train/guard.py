@@ -26,20 +26,9 @@ class NonFiniteTraining(RuntimeError):
     """Training produced a non-finite loss, gradient or trainable tensor."""
 
 
-class GuardedStepMixin:
-    """A trainer mixin that hands each micro-batch's loss to its `guard` (a NonFiniteGuard, or None)."""
-
-    guard = None
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.guard is not None:
-            self.guard.saw_loss(loss)
-        return loss
-
-
 class NonFiniteGuard(TrainerCallback):
-    """See the module docstring. The trainer reports each micro-batch's loss through `saw_loss`."""
+    """See the module docstring. The trainer (train/trl_seam.py) reports each micro-batch's loss through
+    `saw_loss`."""
 
     def __init__(self, model, mode: str = "fail") -> None:
         if mode not in NONFINITE_MODES:

@@ -1,8 +1,10 @@
-"""GRPO rollouts from tinyablate's generation engine (tinyablate/engine), behind TRL's generation seam.
+"""GRPO rollouts: the dataset column that keys them, and rollouts from tinyablate's generation engine
+(tinyablate/engine) behind TRL's generation seam.
 
 TRL's GRPOTrainer calls `_generate_single_turn(prompt_ids, ...)` for a rank's completions and expects
 each one as token ids up to and including the first EOS; with `algo.rollout_engine` other than "hf" the
-project's trainer (train/grpo.py) answers it here, so TRL still computes rewards, advantages and loss.
+project's trainer (train/trl_seam.py) answers it with `engine_rollouts`, so TRL still computes rewards,
+advantages and loss.
 """
 
 from __future__ import annotations
@@ -14,44 +16,49 @@ import torch
 
 from ..engine import Sampling, engine_for, kv_cache_bytes
 
+ROW = "row"  # GRPO dataset column: the prompt's index, part of each rollout's key under keyed sampling
+
 # Memory kept free for training beside the rollout KV cache, as a share of the GPU's memory.
 TRAINING_HEADROOM = 0.25
 
 
-def _engine(trainer):
-    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    return engine_for(
-        model,
-        trainer._tokenizer.pad_token_id,
-        trainer.eos_token_ids,
-        use_graphs=trainer.rollout_engine == "graph",
-        log=_log,
-    )
+def rollout_engine(model, pad_token_id: int, eos_token_ids: Sequence[int], kind: str):
+    """The generation engine of `model` (kept on it: engine/core.py engine_for) for `algo.rollout_engine` = kind
+    ("eager" or "graph")."""
+    return engine_for(model, pad_token_id, eos_token_ids, use_graphs=kind == "graph", log=_log)
 
 
 def _log(message: str) -> None:
     logging.getLogger("tinyablate").info(message)
 
 
-def engine_rollouts(trainer, prompt_ids: Sequence[Sequence[int]], keys: Optional[Sequence[int]]) -> tuple:
-    """The rank's completions (token ids, cut after the first EOS), sampled as TRL's settings say, and each
-    token's sampling log-probability (TRL keeps them as `sampling_per_token_logps`: train/grpo.py's mismatch)."""
-    if keys is not None and len(keys) != len(prompt_ids):
-        raise RuntimeError(f"keyed sampling: {len(keys)} keys for {len(prompt_ids)} prompts")
-    if trainer.min_p or trainer.repetition_penalty != 1.0:
+def engine_rollouts(
+    engine,
+    prompt_ids: Sequence[Sequence[int]],
+    keys: Optional[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: Optional[float],
+    top_k: Optional[int],
+    min_p: Optional[float],
+    repetition_penalty: float,
+) -> tuple:
+    """The rank's completions (token ids, cut after the first EOS), sampled as TRL's settings say (keyed when
+    `keys` are given), and each token's sampling log-probability (TRL keeps them as `sampling_per_token_logps`:
+    train/mismatch.py)."""
+    if min_p or repetition_penalty != 1.0:
         raise ValueError("the generation engine applies temperature, top_p and top_k only: use algo.rollout_engine=hf")
-    sampling = Sampling(
-        temperature=trainer.temperature, top_p=trainer.top_p or 1.0, top_k=trainer.top_k or 0, keyed=keys is not None
-    )
-    return _engine(trainer).generate(prompt_ids, trainer.max_completion_length, sampling, keys, logprobs=True)
+    sampling = Sampling(temperature=temperature, top_p=top_p or 1.0, top_k=top_k or 0, keyed=keys is not None)
+    return engine.generate(prompt_ids, max_new_tokens, sampling, keys, logprobs=True)
 
 
-def reserve_rollout_cache(trainer, tokenizer, rows: list, algo, world_size: int) -> None:
-    """Allocate the rollout KV cache before training, or fail naming the settings to lower."""
+def reserve_rollout_cache(engine, tokenizer, rows: list, algo, world_size: int) -> None:
+    """Allocate the rollout KV cache of `engine` (rollout_engine) before training, or fail naming the settings
+    to lower."""
     longest = max(len(_prompt_ids(tokenizer, row["prompt"])) for row in rows)
     batch = algo.prompts_per_step * algo.num_generations // max(world_size, 1)
     length = longest + algo.max_completion_length
-    engine = _engine(trainer)
     engine.refresh_weights()  # the packed weights first (engine/packing.py), so the free memory counts them
     need = kv_cache_bytes(engine.lm.config, batch, length, engine.dtype)
     if engine.device.type == "cuda":

@@ -6,18 +6,17 @@ from pathlib import Path
 
 from datasets import Dataset
 from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
-from .common import AdapterCheckpointMixin, one_device_per_process, trainer_kwargs
-from .guard import GuardedStepMixin
-
-
-class TinyablateSFTTrainer(GuardedStepMixin, AdapterCheckpointMixin, SFTTrainer):
-    """SFTTrainer with adapter-only checkpoints and the non-finite guard."""
+from .common import one_device_per_process, trainer_kwargs
+from .trl_seam import TinyablateSFTTrainer, TrainerSettings
 
 
-def build_sft_trainer(model, tokenizer, task, spec, output_dir: Path, device, callbacks=(), world_size: int = 1):
-    """An SFTTrainer over prompt-completion conversations built from the task's training problems."""
+def build_sft_trainer(
+    model, tokenizer, task, spec, output_dir: Path, device, callbacks=(), world_size: int = 1, settings=None
+):
+    """An SFTTrainer (train/trl_seam.py) over prompt-completion conversations built from the task's training
+    problems; `settings`: the trainer's TrainerSettings (its guard)."""
     algo = spec.algo
     args = SFTConfig(
         **trainer_kwargs(algo, spec.seed, output_dir, device, world_size),
@@ -36,6 +35,7 @@ def build_sft_trainer(model, tokenizer, task, spec, output_dir: Path, device, ca
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=list(callbacks),
+            settings=settings or TrainerSettings(),
         )
     finally:
         if bars:
