@@ -1,7 +1,9 @@
-"""Submission through submitit: a job array per GPU count on SLURM, a bounded pool locally.
+"""Submission through submitit: a job array per GPU count on SLURM, at most `max_parallel` jobs at once locally.
 
-A cell with `gpus: N > 1` is one job of N tasks on one node (one rank per GPU); each task exports
-the torch.distributed variables from submitit's job environment and runs the cell as its rank.
+A job's cells run in a pool of worker processes (pool.py; CellJob says when). A cell with `gpus: N > 1` is one
+job of N tasks on one node (one rank per GPU); each task exports the torch.distributed variables from submitit's
+job environment and runs the cell as its rank. Importing this module loads no torch: the launching process stays
+light, and a job's process loads it only where it runs a cell itself.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class CellJob(submitit.helpers.Checkpointable):
     is reported with its signal); a SLURM job with `at_once` > 1 (cells_per_gpu) in a pool of that many workers
     on the job's GPU; else in the job's own process. On preemption or time-out submitit calls `checkpoint`,
     which requeues the same call; completed cells are then skipped and the cells that were interrupted resume
-    from their last training checkpoint. This process itself loads torch only to run cells itself.
+    from their last training checkpoint. The job's process loads torch only where it runs cells itself.
     `cpu_threads`: torch's thread pool for CPU cells that share this machine with others (None: torch's own).
     `at_once`: a number, or "auto" (as many as fit in the job's GPU by the cost model, cost.cells_per_gpu).
     `local`: a local launcher's job."""
@@ -259,7 +261,7 @@ def _slurm_executor(settings: dict, folder: Path, gpus: int, sweep: str, tasks: 
 
 def _run_local(settings: dict, cells: list, folder: Path) -> list:
     """At most `max_parallel` jobs at once (a job: one cell, or a bundle of up to `cells_per_job` run one after
-    another in one process); each gets its own GPUs (CUDA_VISIBLE_DEVICES) if it asks, a GPU going to up to
+    another by its pool's one worker); each gets its own GPUs (CUDA_VISIBLE_DEVICES) if it asks, a GPU going to up to
     `cells_per_gpu` jobs at once."""
     executor = submitit.LocalExecutor(folder=folder)
     gpu_ids = local_gpus() if any(c.spec.gpus for c in cells) else []
