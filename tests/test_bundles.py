@@ -162,49 +162,73 @@ def test_the_cost_model_prices_packed_cells_by_the_measured_speedup():
     assert line.startswith("packed 8 cells per GPU (hydra.launcher.cells_per_gpu): about 2 GPU-hours in all (5.1x")
 
 
-def fake_cell_worker(tasks, results, threads):
-    """A stand-in for workers.cell_worker (the same protocol, no training): a cell of seed 13 kills its worker,
-    others take 1.5 s and report when they ran."""
+def fake_cell_worker(tasks, results, threads, started, parent):
+    """A stand-in for pool.cell_worker (the same protocol, no training): a cell of seed 13 kills its worker, one of
+    seed 130 ends it as Ctrl-C does (exit 130), others take 1.5 s and report when they ran."""
     import os
     import time
 
     while (task := tasks.get()) is not None:
         i, spec, _ = task
         results.put(("started", i, os.getpid()))
-        if spec["seed"] == 13:
-            os._exit(3)
+        if spec["seed"] in (13, 130):
+            os._exit(3 if spec["seed"] == 13 else 130)
         t0 = time.time()
         time.sleep(1.5)
-        results.put(
-            (
-                "done",
-                i,
-                {
-                    "cell_id": f"seed{spec['seed']}",
-                    "status": "completed",
-                    "span": (t0, time.time()),
-                    "pid": os.getpid(),
-                    "threads": threads,
-                },
-            )
-        )
+        summary = dict(cell_id=f"seed{spec['seed']}", status="completed", span=(t0, time.time()), pid=os.getpid())
+        results.put(("done", i, {**summary, "threads": threads, "started": started, "parent": parent}))
 
 
 def test_a_jobs_bundle_runs_cells_at_once_and_a_dead_worker_fails_only_its_cell(tmp_path):
-    """SLURM's cells_per_gpu=N: N worker processes take a bundle's cells from one queue; a worker that dies fails
-    the cell it ran (a summary that says so) and a new worker finishes the rest."""
+    """SLURM's cells_per_gpu=N: a pool of N worker processes takes a bundle's cells from one queue; a worker that
+    dies fails the cell it ran (a summary that says so) and a new worker finishes the rest."""
+    import os
     from dataclasses import asdict
 
-    from hydra_plugins.tinyablate.workers import run_at_once
+    from hydra_plugins.tinyablate.pool import run_pool
     from tinyablate.config import CellSpec
 
     seeds = [1, 2, 13, 4, 5]
     specs = [asdict(CellSpec(seed=s)) for s in seeds]
-    out = run_at_once(specs, [tmp_path / str(s) for s in seeds], at_once=2, threads=3, worker=fake_cell_worker)
+    out = run_pool(specs, [tmp_path / str(s) for s in seeds], workers=2, threads=3, worker=fake_cell_worker)
     assert [o["status"] for o in out] == ["completed", "completed", "failed", "completed", "completed"]
     assert "worker process died (exit code 3)" in out[2]["error"] and out[2]["cell_id"]
     done = [o for o in out if o["status"] == "completed"]
-    assert {o["threads"] for o in done} == {3}
+    assert {o["threads"] for o in done} == {3} and {o["parent"] for o in done} == {os.getpid()}
     assert len({o["pid"] for o in done}) >= 2  # more than one worker, one of them the dead one's replacement
     spans = sorted(o["span"] for o in done)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans  # two cells ran at the same time
+
+
+def test_a_local_jobs_pool_stops_where_its_worker_died_and_ctrl_c_ends_it_with_130(tmp_path):
+    """A local job: a pool of one worker, its cells one after another, the first timed from `started`. Its
+    worker's death fails the cell it ran and leaves the rest unfinished, both naming how it died (what
+    submit.job_end reads); a worker ended by Ctrl-C (exit 130) ends the job with 130."""
+    import re
+    from dataclasses import asdict
+
+    from hydra_plugins.tinyablate.pool import run_pool
+    from hydra_plugins.tinyablate.submit import DIED
+    from tinyablate.config import CellSpec
+
+    specs = [asdict(CellSpec(seed=s)) for s in (1, 13, 3)]
+    out = run_pool(
+        specs, [tmp_path / str(i) for i in range(3)], 1, started=12.5, replace_dead=False, worker=fake_cell_worker
+    )
+    assert [o["status"] for o in out] == ["completed", "failed", "failed"] and out[0]["started"] == 12.5
+    assert "worker process died (exit code 3) before it finished" in out[1]["error"]
+    assert "its job stopped when a worker process died (exit code 3)" in out[2]["error"]
+    assert all(re.search(DIED, o["error"]).group(1) == "exit code 3" for o in out[1:])
+    with pytest.raises(SystemExit) as stop:
+        run_pool([asdict(CellSpec(seed=130))] * 2, [tmp_path / "a", tmp_path / "b"], 1, worker=fake_cell_worker)
+    assert stop.value.code == 130
+
+
+def test_the_launching_process_does_not_load_torch():
+    """submit.py (what the launcher and each job's process import) loads torch only where a cell runs in it."""
+    import subprocess
+    import sys
+
+    code = "import sys, hydra_plugins.tinyablate.submit; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -65,8 +65,8 @@ class SlurmConf:
     # Cells one job (array task) runs on its node (as the local launcher's cells_per_job: one after another in
     # one process); timeout_min is then the whole bundle's, and a requeued bundle skips its completed cells.
     cells_per_job: int = 1
-    # Cells of a job's bundle running at once, each in a worker process of its own (hydra_plugins/tinyablate/
-    # workers.py), sharing the job's GPU (gpus=1 cells) or its CPUs (gpus=0 cells; cpus_per_task split between
+    # Cells of a job's bundle running at once, each in a worker process of the job's pool (hydra_plugins/tinyablate/
+    # pool.py), sharing the job's GPU (gpus=1 cells) or its CPUs (gpus=0 cells; cpus_per_task split between
     # them). "auto": as many as fit in the job's GPU by the cost model's memory estimate (known in the job: a
     # number that does not fit is lowered there, and the job's log says so), at most one per CPU; CPU cells: 1.
     # Needs cells_per_job > 1; mem_gb and cpus_per_task are the whole job's.

@@ -1,7 +1,9 @@
-"""Submission through submitit: a job array per GPU count on SLURM, a bounded pool locally.
+"""Submission through submitit: a job array per GPU count on SLURM, at most `max_parallel` jobs at once locally.
 
-A cell with `gpus: N > 1` is one job of N tasks on one node (one rank per GPU); each task exports
-the torch.distributed variables from submitit's job environment and runs the cell as its rank.
+A job's cells run in a pool of worker processes (pool.py; CellJob says when). A cell with `gpus: N > 1` is one
+job of N tasks on one node (one rank per GPU); each task exports the torch.distributed variables from submitit's
+job environment and runs the cell as its rank. Importing this module loads no torch: the launching process stays
+light, and a job's process loads it only where it runs a cell itself.
 """
 
 from __future__ import annotations
@@ -17,25 +19,26 @@ from pathlib import Path
 from typing import Any, Optional
 
 import submitit
-import torch
 
 from tinyablate.config import spec_from_dict
 from tinyablate.cost import cells_per_gpu
 
-from .workers import run_at_once, run_forked, stop_workers
+from .pool import run_pool, stop_workers
 
 
 class CellJob(submitit.helpers.Checkpointable):
     """What a job runs: one cell, or a bundle of cells (hydra.launcher.cells_per_job; tinyablate.cell.run_cells: a
-    failed cell does not stop the next), one after another in one process or, with `at_once` > 1 (SLURM's
-    cells_per_gpu), that many at a time in worker processes on the job's GPU (workers.run_at_once). On
-    preemption or time-out submitit calls `checkpoint`, which requeues the same call; completed cells are then
-    skipped and the cells that were interrupted resume from their last training checkpoint.
+    failed cell does not stop the next). A local job runs them in a pool of one worker (pool.run_pool: its death
+    is reported with its signal); a SLURM job with `at_once` > 1 (cells_per_gpu) in a pool of that many workers
+    on the job's GPU; else in the job's own process. On preemption or time-out submitit calls `checkpoint`,
+    which requeues the same call; completed cells are then skipped and the cells that were interrupted resume
+    from their last training checkpoint. The job's process loads torch only where it runs cells itself.
     `cpu_threads`: torch's thread pool for CPU cells that share this machine with others (None: torch's own).
-    `at_once`: a number, or "auto" (as many as fit in the job's GPU by the cost model, cost.cells_per_gpu)."""
+    `at_once`: a number, or "auto" (as many as fit in the job's GPU by the cost model, cost.cells_per_gpu).
+    `local`: a local launcher's job."""
 
-    def __init__(self, cpu_threads: Optional[int] = None, at_once: Any = 1, forked: bool = False) -> None:
-        self.cpu_threads, self.at_once, self.forked = cpu_threads, at_once, forked
+    def __init__(self, cpu_threads: Optional[int] = None, at_once: Any = 1, local: bool = False) -> None:
+        self.cpu_threads, self.at_once, self.local = cpu_threads, at_once, local
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on pre-emption or time-out, before it requeues this job: a bundle's worker
@@ -47,6 +50,8 @@ class CellJob(submitit.helpers.Checkpointable):
         # Ctrl-C stops the cells (a local launcher starts its jobs with SIGINT ignored: see _sigint_ignored); the
         # cell being run reads interrupted and resumes from its last checkpoint when run again
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.cpu_threads is not None:
+            os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)  # for whatever the cell starts, too
         try:
             return self._run(specs, cell_dirs)
         except KeyboardInterrupt:
@@ -54,28 +59,47 @@ class CellJob(submitit.helpers.Checkpointable):
             raise SystemExit(130) from None
 
     def _run(self, specs: list, cell_dirs: list) -> list:
-        # Imported here, in the job: the launching process never loads torch/TRL for the cells it submits.
-        from tinyablate.cell import cell_summary, run_cell, run_cells
-
-        if self.cpu_threads is not None:
-            os.environ["OMP_NUM_THREADS"] = str(self.cpu_threads)  # for whatever the cell starts, too
-            torch.set_num_threads(self.cpu_threads)
-        # local: the cells in a forked child, whose death is reported with its signal (CUDA is not yet started
-        # here, so the child can start it; torch.cuda.is_initialized guards that)
-        if self.forked and submitit.JobEnvironment().num_tasks == 1 and not torch.cuda.is_initialized():
-            return run_forked([spec_from_dict(s) for s in specs], [Path(d) for d in cell_dirs])
+        if submitit.JobEnvironment().num_tasks > 1:  # one cell of several GPUs: this task is one of its ranks
+            return self._run_rank(specs[0], cell_dirs[0])
+        if self.local:  # a pool of one worker: its death is reported with its signal, and ends the job
+            return run_pool(specs, cell_dirs, 1, self.cpu_threads, started=_process_start(), replace_dead=False)
         if len(specs) > 1:  # a bundle: cells of at most one GPU each (bundles() never bundles multi-GPU cells)
-            typed = [spec_from_dict(s) for s in specs]
-            at_once = job_cells_at_once(self.at_once, typed)
-            if at_once > 1:  # the workers get the dicts (they pickle); each core shared by as few as can be
-                return run_at_once(specs, cell_dirs, at_once, threads=max(1, cores() // at_once))
-            return run_cells(typed, [Path(d) for d in cell_dirs])
-        spec = spec_from_dict(specs[0])
-        if submitit.JobEnvironment().num_tasks > 1:  # one task per rank: MASTER_ADDR/PORT, RANK, WORLD_SIZE, ...
-            # Every task sees the node's GPUs; rank r takes cuda:LOCAL_RANK (distributed.process_group).
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        # a failure raises: the job fails (and its other ranks)
-        return [cell_summary(run_cell(spec, Path(cell_dirs[0])))]
+            at_once = job_cells_at_once(self.at_once, [spec_from_dict(s) for s in specs])
+            if at_once > 1:  # each core shared by as few as can be
+                return run_pool(specs, cell_dirs, at_once, threads=max(1, cores() // at_once))
+        return self._run_here(specs, cell_dirs)
+
+    def _run_here(self, specs: list, cell_dirs: list) -> list:
+        """The cells in this process, one after another (tinyablate.cell.run_cells); one cell alone fails the job
+        when it fails."""
+        from tinyablate.cell import cell_summary, run_cell, run_cells  # in the job: the launcher stays light
+
+        self._set_threads()
+        typed, dirs = [spec_from_dict(s) for s in specs], [Path(d) for d in cell_dirs]
+        return run_cells(typed, dirs) if len(specs) > 1 else [cell_summary(run_cell(typed[0], dirs[0]))]
+
+    def _run_rank(self, spec: dict, cell_dir: str) -> list:
+        """One rank of a cell of several GPUs: MASTER_ADDR/PORT, RANK, WORLD_SIZE, ... from submitit's job
+        environment. Every task sees the node's GPUs; rank r takes cuda:LOCAL_RANK (distributed.process_group).
+        A failure raises: the job fails (and its other ranks)."""
+        from tinyablate.cell import cell_summary, run_cell
+
+        self._set_threads()
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        return [cell_summary(run_cell(spec_from_dict(spec), Path(cell_dir)))]
+
+    def _set_threads(self) -> None:
+        if self.cpu_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.cpu_threads)
+
+
+def _process_start() -> float:
+    """When this process started (a local job's first cell counts its start to first step from it)."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def job_cells_at_once(value: Any, specs: list) -> int:
@@ -155,7 +179,7 @@ def submit_cells(backend: str, settings: dict, cells: list, wait: bool) -> list:
 
 def job_end(job) -> str:
     """How a finished job that left cells unfinished ended, as far as it can be known: the exit signal of a
-    process of it that died (the job's own report: a local job's forked child, a SLURM bundle's worker), SLURM's
+    process of it that died (the job's own report: a worker of its pool, pool.py), SLURM's
     state of the job, or that the job's own process died (its controller keeps no exit status)."""
     if job is None:
         return "not followed by this launch"
@@ -171,7 +195,7 @@ def job_end(job) -> str:
     return "its process ended without a result (killed, e.g. kill -9 or out of memory: no exit signal kept)"
 
 
-DIED = r"process died \((killed by \w+|exit code -?\d+|no word from it)\)"  # workers.py's summaries of such cells
+DIED = r"process died \((killed by \w+|exit code -?\d+|no word from it)\)"  # pool.py's summaries of such cells
 
 
 def _order(at_once: Any) -> str:
@@ -237,7 +261,7 @@ def _slurm_executor(settings: dict, folder: Path, gpus: int, sweep: str, tasks: 
 
 def _run_local(settings: dict, cells: list, folder: Path) -> list:
     """At most `max_parallel` jobs at once (a job: one cell, or a bundle of up to `cells_per_job` run one after
-    another in one process); each gets its own GPUs (CUDA_VISIBLE_DEVICES) if it asks, a GPU going to up to
+    another by its pool's one worker); each gets its own GPUs (CUDA_VISIBLE_DEVICES) if it asks, a GPU going to up to
     `cells_per_gpu` jobs at once."""
     executor = submitit.LocalExecutor(folder=folder)
     gpu_ids = local_gpus() if any(c.spec.gpus for c in cells) else []
@@ -265,7 +289,7 @@ def _run_local(settings: dict, cells: list, folder: Path) -> list:
                     tasks_per_node=ranks_per_cell(len(gpus)),
                 )
                 with _sigint_ignored():
-                    job = executor.submit(CellJob(threads, forked=True), *_job_args(bundle))
+                    job = executor.submit(CellJob(threads, local=True), *_job_args(bundle))
                 running.append((job, gpus))
                 jobs.append(job)
                 for cell in bundle:
@@ -374,13 +398,19 @@ def local_gpus() -> list:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [int(x) for x in visible.split(",") if x.strip().isdigit()]
+    import torch  # here: importing this module loads no torch (a test checks)
+
     return list(range(torch.cuda.device_count()))
 
 
 def local_gpu_bytes() -> int:
     """The memory of the smallest GPU this process may hand out (0 without one)."""
     ids = local_gpus()
-    return min((torch.cuda.get_device_properties(i).total_memory for i in ids), default=0) if ids else 0
+    if not ids:
+        return 0
+    import torch
+
+    return min((torch.cuda.get_device_properties(i).total_memory for i in ids), default=0)
 
 
 def _wait(jobs: list, poll_s: float) -> None:
