@@ -5,7 +5,7 @@ that depends on trainable parameters: M = Σ_i v_i P_i (TinyLoRA) or M = R (LoRA
 
 Two forward paths compute the same function:
 - unmerged (the reference): x Wᵀ + ((x Bᵀ) Mᵀ) Aᵀ through autograd.
-- fused: y = x W_effᵀ with W_eff = W + A M B kept in a cache that is rebuilt only when v changes
+- merged (the setting adapter.forward=fused): y = x W_effᵀ with W_eff = W + A M B kept in a cache that is rebuilt only when v changes
   (once per optimizer step). Its custom backward gives x the gradient W_eff would give it and M the
   rank-r gradient (g A)ᵀ (x Bᵀ), so neither pass touches a d × k weight gradient. Generation and
   training then run at the frozen model's speed, plus two skinny matmuls and one merge per step.
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantization import compute_dtype, is_quantized_linear
-from .kernels import merge_into
+from .triton_merge import merge_into
 
 
-class _FusedLowRankLinear(torch.autograd.Function):
+class _MergedLowRankLinear(torch.autograd.Function):
     """y = x W_effᵀ + b, where W_eff = W + A M B was merged for the current M."""
 
     @staticmethod
@@ -157,7 +157,7 @@ class SVDAdapterLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias) + ((x @ self.B.t()) @ M.t()) @ self.A.t()
         w_eff = self._merged_weight()
         if torch.is_grad_enabled() and self.v.requires_grad:
-            return _FusedLowRankLinear.apply(x, self.core(), w_eff, self.A, self.B, self.bias)
+            return _MergedLowRankLinear.apply(x, self.core(), w_eff, self.A, self.B, self.bias)
         return F.linear(x, w_eff, self.bias)
 
     def _merged_weight(self) -> torch.Tensor:

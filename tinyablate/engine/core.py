@@ -1,7 +1,7 @@
 """GenerationEngine: batched left-padded prefill, then a fixed-shape decode step, replayed from CUDA graphs.
 
 The engine runs the model's own modules (embeddings, RMSNorms, q/k/v/o projections, MLPs, rotary
-embedding, lm_head) in its own loop, so every adapter on them (TinyLoRA / LoRA-XS fused layers, PEFT
+embedding, lm_head) in its own loop, so every adapter on them (TinyLoRA / LoRA-XS layers, merged or not, PEFT
 LoRA) is in the computation; only the cache and the attention over it are the engine's:
 
 - KV cache (engine/cache.py): one (batch, kv heads, length, head dim) tensor per layer for keys and one for
@@ -16,8 +16,8 @@ LoRA) is in the computation; only the cache and the attention over it are the en
   captured once per (batch bucket, key-length bucket, sampling) and replayed (engine/graphs.py); the host
   only checks every few steps whether all rows are done (early exit).
 - packed projections (engine/packing.py): q/k/v run as one matmul and gate/up as one, over stacked
-  weights that hold each layer's effective weight (a fused adapter merges straight into its rows).
-- weights: before a generation the adapters' fused weights are re-merged for the current v (in
+  weights that hold each layer's effective weight (a merged adapter merges straight into its rows).
+- weights: before a generation the merged adapters' weights are re-merged for the current v (in
   place, the same storage), the packed weights refreshed, and a signature of every weight tensor the
   step reads (addresses and adapter states) is compared with the one the graphs were captured with;
   any change (a dropped merged cache, adapters disabled or merged, a device move) drops the graphs, which
@@ -50,7 +50,7 @@ class EngineOptions:
     # with Triton installed, else "sdpa".
     attention: Optional[str] = None
     # None: on CUDA. With every projection packed, compile each decoder layer of the decode step into two
-    # functions around the attention (engine/fused.py) and the sampling draw into one kernel (engine/sampler.py);
+    # functions around the attention (engine/compiled.py) and the sampling draw into one kernel (engine/sampler.py);
     # otherwise compile the norms, rotary and SiLU x up one by one (CUDA only); the prefill's norms, rotary and
     # SiLU x up are compiled too (dynamic shapes: any batch and width). Its bf16 tokens agree with HF's as the
     # uncompiled step's do (tests/test_engine_gpu.py); speed-ups are in benchmarks/RESULTS.md.
@@ -101,7 +101,7 @@ class GenerationEngine:
         self.layers = DecoderLayers(
             self.lm, self.decoder, self.cache, options.attention, options.share_prompts, compile_glue, options.pack
         )
-        self.sampler = Sampler(self.layers.compiled, self.layers.fuse)
+        self.sampler = Sampler(self.layers.compiled, self.layers.compiles_layers)
         self.graphs = DecodeGraphs(self._decode_step, self.log)
         self._states: dict = {}  # rows -> the DecodeState of that batch bucket
         self.set_special_tokens(pad_token_id, eos_token_ids)
@@ -251,7 +251,7 @@ class GenerationEngine:
 
     # -- fresh weights ----------------------------------------------------------------------------
     def refresh_weights(self) -> None:
-        """Re-merge adapters' fused weights for the current v and refresh the packed weights; drop the
+        """Re-merge the merged adapters' weights for the current v and refresh the packed weights; drop the
         captured graphs if any weight tensor the decode step reads moved or changed state."""
         if self.layers.pack:
             self.layers.refresh_packs()

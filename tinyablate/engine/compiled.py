@@ -105,8 +105,8 @@ def _add_rms_norm(x, delta, weight, eps: float):
 class _Glue:
     """Norms, residual adds, rotary embedding and the MLP's SiLU x up of one model, as functions.
 
-    With HF's RMSNorm and SiLU MLPs they are the functions above (compiled when `compiled`); any other
-    module falls back to calling the module itself.
+    With HF's RMSNorm and SiLU MLPs (`standard`) they are the functions above (compiled when `compiled`); any
+    other module falls back to calling the module itself.
     """
 
     def __init__(self, decoder, rope, compiled: bool, dynamic: bool = False):
@@ -114,14 +114,15 @@ class _Glue:
         norms = [decoder.norm] + [
             m for lay in decoder.layers for m in (lay.input_layernorm, lay.post_attention_layernorm)
         ]
-        self.fused = all(kernels.is_hf_rms_norm(n) for n in norms) and kernels.is_silu_mlp(layer.mlp)
+        # standard: the norms and the MLP are HF's RMSNorm and SiLU MLP (tinyablate/kernels.py's functions)
+        self.standard = all(kernels.is_hf_rms_norm(n) for n in norms) and kernels.is_silu_mlp(layer.mlp)
         # Compiled only where inductor can round where HF's eager code rounds (emulate_precision_casts: without
         # it bf16 norm outputs differ from HF's by an ulp, measured: benchmarks/RESULTS.md). One compiled version
         # per model shape (the prefill's, with dynamic shapes) or per model shape and rows (the decode step's,
         # fixed shapes), shared by every engine of the process (kernels.compiled).
         model = kernels.model_tag(decoder.config, decoder.embed_tokens.weight.dtype)
         tag = f"{'prefill' if dynamic else 'decode'}_{model}"
-        if not (compiled and self.fused and kernels.available()):
+        if not (compiled and self.standard and kernels.available()):
             wrap = lambda f: f  # noqa: E731
         elif dynamic:
             wrap = lambda f: kernels.compiled(f, tag, dynamic=True)  # noqa: E731
@@ -132,10 +133,10 @@ class _Glue:
         )
 
     def norm(self, module, x):
-        return self._rms(x, module.weight, module.variance_epsilon) if self.fused else module(x)
+        return self._rms(x, module.weight, module.variance_epsilon) if self.standard else module(x)
 
     def add_norm(self, module, x, delta):
-        if self.fused:
+        if self.standard:
             return self._add_rms(x, delta, module.weight, module.variance_epsilon)
         x = x + delta
         return x, module(x)
@@ -144,7 +145,7 @@ class _Glue:
         return self._rope(q, k, cos, sin)
 
     def mlp(self, mlp, h, gate_up=None):
-        if self.fused:
+        if self.standard:
             gate, up = gate_up(h) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
             return mlp.down_proj(self._silu_mul(gate, up))
         return mlp(h)
