@@ -83,18 +83,14 @@ def final_norm(x, delta, norm_w, eps: float):
 
 class EngineCompiled:
     """One engine's compiled functions: `fn` compiled for the model's shape (`tag`, kernels.model_tag) and a
-    batch shape (static shapes: each shape its own code), looked up once per engine and shape (an eager decode
-    step asks for it every step); the compiled code itself is shared by the process (kernels.compiled)."""
+    batch shape (static shapes: each shape its own code), from the process's memo (kernels.compiled: a dict
+    get per lookup; an eager decode step asks every step)."""
 
     def __init__(self, tag: str):
         self.tag = tag
-        self._fns: dict = {}
 
     def __call__(self, fn, *batch_shape):
-        key = (fn, batch_shape)
-        if key not in self._fns:
-            self._fns[key] = kernels.compiled(fn, "_".join(["engine", self.tag, *map(str, batch_shape)]))
-        return self._fns[key]
+        return kernels.compiled(fn, "engine", self.tag, *batch_shape)
 
 
 def _add_rms_norm(x, delta, weight, eps: float):
@@ -152,13 +148,16 @@ class _Glue:
 
 
 def _per_rows(fn, tag: str):
-    """`fn` compiled for fixed shapes, one version per number of rows (its first argument's first dimension)."""
+    """`fn` compiled for fixed shapes, one version per number of rows (its first argument's first dimension).
+
+    `by_rows` compiles nothing: it holds kernels.compiled's code objects by rows, so a call of the decode step's
+    glue (every layer of every eager step) costs one dict get and no call into kernels."""
     by_rows: dict = {}
 
     def call(x, *args):
         compiled = by_rows.get(x.shape[0])
         if compiled is None:
-            compiled = by_rows[x.shape[0]] = kernels.compiled(fn, f"{tag}_{x.shape[0]}")
+            compiled = by_rows[x.shape[0]] = kernels.compiled(fn, tag, x.shape[0])
         return compiled(x, *args)
 
     return call
