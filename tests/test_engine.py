@@ -153,6 +153,33 @@ def test_next_rollout_uses_the_v_the_optimizer_just_changed(tmp_path, pack):
     assert "sentinel" not in engine.graphs.table and merged == after
 
 
+def test_weight_signature_reads_and_remerge_merges(tmp_path):
+    """The signature of the weights changes nothing; the merge for a new v is remerge's (refresh_weights calls
+    it before the signature), and a first merge changes the signature (a new merged weight's address)."""
+    from tinyablate.adapters import apply_adapter
+    from tinyablate.adapters.layers import remerge
+    from tinyablate.config import AdapterConfig, SVDConfig
+    from tinyablate.engine.graphs import weight_signature
+
+    model, _ = _load("tiny-qwen2", tmp_path)
+    adapter = apply_adapter(model, AdapterConfig(kind="tinylora", r=2, u=4, tie=1, svd=SVDConfig(cache_dir="")), "t")
+    layer = next(iter(adapter.layers.values()))
+    modules = list(adapter.model.modules())
+    assert layer.merges and layer._w_eff is None
+    unmerged = weight_signature(modules, [])
+    assert layer._w_eff is None and weight_signature(modules, []) == unmerged
+    remerge(modules)
+    merged = weight_signature(modules, [])
+    assert merged != unmerged and layer.state_signature()[3] == layer._w_eff.data_ptr()
+    with torch.no_grad():
+        layer.v.add_(1.0)
+    stale = layer._w_eff.clone()
+    assert weight_signature(modules, []) == merged and torch.equal(layer._w_eff, stale)  # no merge
+    remerge(modules)
+    assert not torch.equal(layer._w_eff, stale) and weight_signature(modules, []) == merged  # in place
+    torch.testing.assert_close(layer._w_eff, layer.weight + layer.delta_weight(), atol=1e-5, rtol=0)
+
+
 def test_engine_setting_resolves_per_device():
     assert resolve_engine("auto", "cuda") == "graph" and resolve_engine("auto", "cpu") == "hf"
     assert resolve_engine("eager", "cpu") == "eager"

@@ -103,6 +103,23 @@ class SVDAdapterLinear(nn.Linear):
         return self._pristine is not None
 
     @property
+    def merges(self) -> bool:
+        """The forward reads the merged weight W + A M B: adapter.forward=fused, enabled, ΔW not folded into W."""
+        return self._enabled and self._pristine is None and self._forward_mode == "fused"
+
+    def state_signature(self) -> tuple:
+        """What a computation captured with this layer (the engine's CUDA graphs) depends on besides its
+        parameters' addresses: enabled, ΔW not folded into W, the forward mode, and the merged weight's address
+        (0 unless it merges). Read it after `remerge`: a first merge allocates the merged weight."""
+        w_eff = self._w_eff
+        return (
+            self._enabled,
+            self._pristine is None,
+            self._forward_mode,
+            w_eff.data_ptr() if self.merges and w_eff is not None else 0,
+        )
+
+    @property
     def quantized(self) -> bool:
         """The frozen base is a quantized layer (it computes its own output; nothing is merged)."""
         return self._quantized_base is not None
@@ -222,6 +239,14 @@ class SVDAdapterLinear(nn.Linear):
             f"in={self.in_features}, out={self.out_features}, r={self.rank}, group={self.group}, "
             f"forward={self.forward_mode}"
         )
+
+
+def remerge(modules) -> None:
+    """Bring the merged weight of every SVDAdapterLinear among `modules` that merges up to its current v (in
+    place: into its cached buffer, or the storage it keeps it in; nothing where v has not changed)."""
+    for module in modules:
+        if isinstance(module, SVDAdapterLinear) and module.merges:
+            module.merged_weight()
 
 
 def projection(seed: int, module_index: int, u: int, r: int) -> torch.Tensor:

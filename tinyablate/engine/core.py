@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..adapters.layers import remerge
 from .cache import DecodeState, KVCache, dedupe, left_pad
 from .graphs import DecodeGraphs, weight_signature
 from .layers import DecoderLayers, causal_lm_parts
@@ -254,8 +255,10 @@ class GenerationEngine:
         """Re-merge the merged adapters' weights for the current v and refresh the packed weights; drop the
         captured graphs if any weight tensor the decode step reads moved or changed state."""
         if self.layers.pack:
-            self.layers.refresh_packs()
-        self.graphs.check_weights(weight_signature(self.model, self.layers.packs))
+            self.layers.refresh_packs()  # merges the packed adapters into their rows of the packs
+        modules = list(self.model.modules())
+        remerge(modules)  # and the others (pack off, or a group that cannot be packed) into their own buffers
+        self.graphs.check_weights(weight_signature(modules, self.layers.packs))
 
 
 _ATTR = "_tinyablate_engine"

@@ -32,13 +32,7 @@ from ..adapters.layers import SVDAdapterLinear
 def _packable(module) -> bool:
     if type(module) is nn.Linear:
         return not module.weight.requires_grad
-    return (
-        isinstance(module, SVDAdapterLinear)
-        and not module.quantized
-        and module.enabled
-        and not module.is_merged
-        and module.forward_mode == "fused"
-    )
+    return isinstance(module, SVDAdapterLinear) and module.merges and not module.quantized
 
 
 class PackedLinear:
