@@ -42,27 +42,30 @@ from .sampler import Sampler, Sampling
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How the engine runs, beyond what production sets: experiments (benchmarks, numerics_probe's --engine)
-    and tests. The defaults are what a cell runs; none of them changes what is sampled from."""
+    """How the engine runs. A cell sets only `log` (engine_for); every other field is an experiment knob, set by
+    benchmarks (rollout_bench.py --attention, mismatch_check.py, numerics_probe.py --engine) and tests, never by
+    a setting: its default is what a cell runs. None of them changes what is sampled from. They stay here, not
+    in the benchmarks, because the tests that pin the engine's numbers (tests/test_engine*.py) set them too."""
 
-    # Graphs are captured for key lengths in multiples of it; the cache's length is one too.
+    # Experiment knob. Graphs are captured for key lengths in multiples of it; the cache's length is one too.
     length_bucket: int = 64
-    # The decode step's attention: "triton" (engine/attention.py), "sdpa" or "matmul"; None: "triton" on CUDA
-    # with Triton installed, else "sdpa".
+    # Experiment knob. The decode step's attention: "triton" (engine/attention.py), "sdpa" or "matmul"; None:
+    # "triton" on CUDA with Triton installed, else "sdpa" (what a cell runs). "matmul" (HF eager attention's
+    # rounding) exists for benchmarks and tests only.
     attention: Optional[str] = None
-    # None: on CUDA. With every projection packed, compile each decoder layer of the decode step into two
+    # Experiment knob. None: on CUDA. With every projection packed, compile each decoder layer of the decode step into two
     # functions around the attention (engine/compiled.py) and the sampling draw into one kernel (engine/sampler.py);
     # otherwise compile the norms, rotary and SiLU x up one by one (CUDA only); the prefill's norms, rotary and
     # SiLU x up are compiled too (dynamic shapes: any batch and width). Its bf16 tokens agree with HF's as the
     # uncompiled step's do (tests/test_engine_gpu.py); speed-ups are in benchmarks/RESULTS.md.
     compile_glue: Optional[bool] = None
-    # Run q/k/v and gate/up as one matmul each over packed weights (engine/packing.py); layers that cannot be
+    # Experiment knob. Run q/k/v and gate/up as one matmul each over packed weights (engine/packing.py); layers that cannot be
     # packed (PEFT LoRA, a quantized base, an unmerged adapter) are called one by one.
     pack: bool = True
-    # The Triton attention reads the prompt keys of rows with identical prompts from one cache row
+    # Experiment knob. The Triton attention reads the prompt keys of rows with identical prompts from one cache row
     # (engine/attention.py), so the copies are not each read from HBM.
     share_prompts: bool = True
-    # Where the engine reports cache allocations and recaptures (one line each); None: nowhere.
+    # The one a cell sets. Where the engine reports cache allocations and recaptures (one line each); None: nowhere.
     log: Optional[Callable[[str], None]] = None
 
 

@@ -72,7 +72,7 @@ class DecoderLayers:
         device = self.device = cache.device
         # Decode attention: "triton" (engine/attention.py, flash decoding; CUDA), "sdpa" (torch's fused kernel,
         # fp32 softmax) or "matmul" (two grouped matmuls, scores rounded to the model dtype as HF's eager
-        # attention does). Default: triton where it runs, else sdpa.
+        # attention does; benchmarks and tests only). Default: triton where it runs, else sdpa.
         if attention is None:
             attention = "triton" if attention_kernel_available(device) else "sdpa"
         if attention not in ("triton", "sdpa", "matmul"):
