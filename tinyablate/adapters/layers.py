@@ -5,10 +5,11 @@ that depends on trainable parameters: M = Σ_i v_i P_i (TinyLoRA) or M = R (LoRA
 
 Two forward paths compute the same function:
 - unmerged (the reference): x Wᵀ + ((x Bᵀ) Mᵀ) Aᵀ through autograd.
-- merged (the setting adapter.forward=fused): y = x W_effᵀ with W_eff = W + A M B kept in a cache that is rebuilt only when v changes
-  (once per optimizer step). Its custom backward gives x the gradient W_eff would give it and M the
-  rank-r gradient (g A)ᵀ (x Bᵀ), so neither pass touches a d × k weight gradient. Generation and
-  training then run at the frozen model's speed, plus two skinny matmuls and one merge per step.
+- merged (the setting adapter.forward=fused): y = x W_effᵀ with W_eff = W + A M B kept in a cache that
+  is rebuilt only when v changes (once per optimizer step). Its custom backward gives x the gradient W_eff
+  would give it and M the rank-r gradient (g A)ᵀ (x Bᵀ), so neither pass touches a d × k weight gradient.
+  Generation and training then run at the frozen model's speed, plus two skinny matmuls and one merge per
+  step.
 
 The layer keeps W (`self.weight`) pristine and keeps the parameter names of nn.Linear, so the
 model's state dict is unchanged apart from the adapter's own vectors.
@@ -19,8 +20,6 @@ weight: A and B come from the dequantized W, the layer computes the quantized ba
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -127,12 +126,6 @@ class SVDAdapterLinear(nn.Linear):
     def merged_weight(self) -> torch.Tensor:
         """W + A M B for the current v: cached, recomputed in place when v has changed (its version counter)."""
         return self._merged_weight()
-
-    @property
-    def merged_weight_cache(self) -> Optional[torch.Tensor]:
-        """The tensor that holds the cached merged weight (None before the first merge and after drop_cache):
-        its address changes only when the cache moves (keep_merged_weight_in, drop_cache)."""
-        return self._w_eff
 
     @property
     def rank(self) -> int:

@@ -53,19 +53,21 @@ class EngineOptions:
     # "triton" on CUDA with Triton installed, else "sdpa" (what a cell runs). "matmul" (HF eager attention's
     # rounding) exists for benchmarks and tests only.
     attention: Optional[str] = None
-    # Experiment knob. None: on CUDA. With every projection packed, compile each decoder layer of the decode step into two
-    # functions around the attention (engine/compiled.py) and the sampling draw into one kernel (engine/sampler.py);
-    # otherwise compile the norms, rotary and SiLU x up one by one (CUDA only); the prefill's norms, rotary and
-    # SiLU x up are compiled too (dynamic shapes: any batch and width). Its bf16 tokens agree with HF's as the
-    # uncompiled step's do (tests/test_engine_gpu.py); speed-ups are in benchmarks/RESULTS.md.
+    # Experiment knob. None: on CUDA. With every projection packed, compile each decoder layer of the decode
+    # step into two functions around the attention (engine/compiled.py) and the sampling draw into one kernel
+    # (engine/sampler.py); otherwise compile the norms, rotary and SiLU x up one by one (CUDA only); the
+    # prefill's norms, rotary and SiLU x up are compiled too (dynamic shapes: any batch and width). Its bf16
+    # tokens agree with HF's as the uncompiled step's do (tests/test_engine_gpu.py); speed-ups are in
+    # benchmarks/RESULTS.md.
     compile_glue: Optional[bool] = None
-    # Experiment knob. Run q/k/v and gate/up as one matmul each over packed weights (engine/packing.py); layers that cannot be
-    # packed (PEFT LoRA, a quantized base, an unmerged adapter) are called one by one.
+    # Experiment knob. Run q/k/v and gate/up as one matmul each over packed weights (engine/packing.py); layers
+    # that cannot be packed (PEFT LoRA, a quantized base, an unmerged adapter) are called one by one.
     pack: bool = True
-    # Experiment knob. The Triton attention reads the prompt keys of rows with identical prompts from one cache row
-    # (engine/attention.py), so the copies are not each read from HBM.
+    # Experiment knob. The Triton attention reads the prompt keys of rows with identical prompts from one cache
+    # row (engine/attention.py), so the copies are not each read from HBM.
     share_prompts: bool = True
-    # The one a cell sets. Where the engine reports cache allocations and recaptures (one line each); None: nowhere.
+    # The one a cell sets. Where the engine reports cache allocations and recaptures (one line each); None:
+    # nowhere.
     log: Optional[Callable[[str], None]] = None
 
 
