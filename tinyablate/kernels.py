@@ -90,10 +90,9 @@ def compiled(fn, *tag, dynamic: bool = False, fullgraph: Optional[bool] = None, 
     return code
 
 
-def run_eager(fn, *tag, **options) -> None:
-    """From now on `compiled(fn, *tag, **options)` returns `fn` itself (its compile failed: train/glue.py)."""
-    key = (fn, tag, options.get("dynamic", False), options.get("fullgraph"), options.get("hf_rounding", True))
-    _COMPILED[key] = fn
+def run_eager(fn, *tag, dynamic: bool = False, fullgraph: Optional[bool] = None, hf_rounding: bool = True) -> None:
+    """From now on `compiled` with these arguments returns `fn` itself (its compile failed: train/glue.py)."""
+    _COMPILED[(fn, tag, dynamic, fullgraph, hf_rounding)] = fn
 
 
 def head_dim(config) -> int:
