@@ -143,7 +143,8 @@ def folder_facts(folder) -> dict:
         result_state = None if result is None else result.status
     except cell_folder.ResultError as err:
         result_state = f"unusable: {err}"
-    ckpts = sorted(int(p.name.split("-")[1]) for p in folder.file(cell_folder.CHECKPOINTS_DIR).glob("checkpoint-*"))
+    steps = map(cell_folder.checkpoint_step, folder.file(cell_folder.CHECKPOINTS_DIR).glob("checkpoint-*"))
+    ckpts = sorted(step for step in steps if step is not None)  # cell_folder's reading of checkpoint-N
     outputs = [*folder.path.glob("eval_samples*.jsonl"), *folder.path.glob("adapter*/*")]
     return {
         "state": folder.state(),

@@ -50,7 +50,7 @@ def test_fused_matches_unmerged_on_gpu(dtype, tol):
 
 
 def test_triton_merge_matches_float64():
-    from tinyablate.adapters.kernels import kernel_available, merge_into
+    from tinyablate.adapters.triton_merge import kernel_available, merge_into
 
     gen = torch.Generator().manual_seed(0)
     for d, k, r in [(3584, 3584, 2), (512, 18944, 4), (1000, 777, 1), (130, 70, 16)]:

@@ -104,7 +104,7 @@ def test_sampled_token_frequencies_match_softmax_at_temperature(top_k, compile_g
     engine = GenerationEngine(
         model, tok.pad_token_id, [-1], use_graphs=False, options=EngineOptions(compile_glue=compile_glue)
     )
-    assert engine.layers.fuse == compile_glue  # the compiled exponential race (engine/sampler.py)
+    assert engine.layers.compiles_layers == compile_glue  # the compiled exponential race (engine/sampler.py)
     first = [c[0] for c in engine.generate([prompt] * n, 1, Sampling(temperature=temperature, top_k=top_k))]
     freq = torch.bincount(torch.tensor(first), minlength=len(expected)).float() / n
     assert expected.max() < 0.9  # a spread distribution, so the check has teeth
@@ -151,6 +151,33 @@ def test_next_rollout_uses_the_v_the_optimizer_just_changed(tmp_path, pack):
     adapter.merge()  # ΔW folded into the weights, fused path off: again a different computation
     merged = engine.generate(prompts, 24)
     assert "sentinel" not in engine.graphs.table and merged == after
+
+
+def test_weight_signature_reads_and_remerge_merges(tmp_path):
+    """The signature of the weights changes nothing; the merge for a new v is remerge's (refresh_weights calls
+    it before the signature), and a first merge changes the signature (a new merged weight's address)."""
+    from tinyablate.adapters import apply_adapter
+    from tinyablate.adapters.layers import remerge
+    from tinyablate.config import AdapterConfig, SVDConfig
+    from tinyablate.engine.graphs import weight_signature
+
+    model, _ = _load("tiny-qwen2", tmp_path)
+    adapter = apply_adapter(model, AdapterConfig(kind="tinylora", r=2, u=4, tie=1, svd=SVDConfig(cache_dir="")), "t")
+    layer = next(iter(adapter.layers.values()))
+    modules = list(adapter.model.modules())
+    assert layer.merges and layer._w_eff is None
+    unmerged = weight_signature(modules, [])
+    assert layer._w_eff is None and weight_signature(modules, []) == unmerged
+    remerge(modules)
+    merged = weight_signature(modules, [])
+    assert merged != unmerged and layer.state_signature()[3] == layer._w_eff.data_ptr()
+    with torch.no_grad():
+        layer.v.add_(1.0)
+    stale = layer._w_eff.clone()
+    assert weight_signature(modules, []) == merged and torch.equal(layer._w_eff, stale)  # no merge
+    remerge(modules)
+    assert not torch.equal(layer._w_eff, stale) and weight_signature(modules, []) == merged  # in place
+    torch.testing.assert_close(layer._w_eff, layer.weight + layer.delta_weight(), atol=1e-5, rtol=0)
 
 
 def test_engine_setting_resolves_per_device():
@@ -307,7 +334,7 @@ def test_compiled_glue_rounds_where_hf_rounds_in_bf16():
     """The decode step's compiled norm + residual add gives HF's eager bf16 numbers bit for bit."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tinyablate.engine.fused import _Glue
+    from tinyablate.engine.compiled import _Glue
 
     torch.manual_seed(0)
     llama = LlamaForCausalLM(
@@ -363,7 +390,7 @@ def test_packed_projections_follow_edited_weights_and_skip_what_cannot_be_packed
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
 def test_compiled_decode_layers_give_hf_generates_tokens(name, tmp_path):
     """With every projection packed, compile_glue runs each decoder layer of the decode step as two
-    compiled functions (engine/fused.py); they write the same KV cache and give HF's greedy tokens in fp32."""
+    compiled functions (engine/compiled.py); they write the same KV cache and give HF's greedy tokens in fp32."""
     from tinyablate.adapters import apply_adapter
     from tinyablate.config import AdapterConfig, SVDConfig
 
@@ -378,7 +405,7 @@ def test_compiled_decode_layers_give_hf_generates_tokens(name, tmp_path):
         adapter.model, tok.pad_token_id, [-1], use_graphs=False, options=EngineOptions(compile_glue=True)
     )
     plain = GenerationEngine(adapter.model, tok.pad_token_id, [-1], use_graphs=False)
-    assert fused.layers.fuse
+    assert fused.layers.compiles_layers
     assert fused.generate(prompts, 40) == ref and fused.layers.all_packed
     assert plain.generate(prompts, 40) == ref
     for a, b in zip(
@@ -412,7 +439,7 @@ def test_compiled_glue_of_decode_prefill_and_training_keep_separate_recompile_bu
     many decode shapes plus prefill and training calls never hit that limit (it failed so before)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tinyablate.engine.fused import _Glue
+    from tinyablate.engine.compiled import _Glue
     from tinyablate.kernels import rms_norm
     from tinyablate.train.glue import _compiled
 

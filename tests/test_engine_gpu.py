@@ -133,7 +133,7 @@ def test_the_sampling_draw_captured_in_a_graph_draws_afresh_at_every_replay():
     """The engine's compiled sampling draw (exponential noise, then the fused race), captured in a CUDA graph:
     each replay must draw new noise, not the capture's, and the draws follow softmax(logits / T)."""
     engine = GenerationEngine(tiny("qwen2"), 0, [-1], use_graphs=True)
-    assert engine.layers.fuse  # the compiled exponential race (engine/sampler.py)
+    assert engine.layers.compiles_layers  # the compiled exponential race (engine/sampler.py)
     torch.manual_seed(0)
     rows, sampling = 4096, Sampling(temperature=0.7)
     logits = (torch.randn(16, device="cuda") * 2).to(torch.bfloat16).expand(rows, 16).contiguous()

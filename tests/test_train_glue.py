@@ -125,3 +125,26 @@ def test_the_old_name_train_glue_still_works_with_a_warning_and_a_conflict_is_re
     del raw["algo"]["train_kernels"]
     raw["algo"]["train_glue"] = "auto"
     assert train_kernels(spec_from_dict(raw).algo, "cuda") == "compiled"
+
+
+def test_a_function_whose_compile_fails_warns_once_and_runs_eager_from_the_one_memo(monkeypatch):
+    """A compiler failure costs speed, never the cell: kernels.compiled's memo then hands training fn itself."""
+    import warnings
+
+    from tinyablate import kernels
+    from tinyablate.train import glue
+
+    def plus_one(x):
+        return x + 1
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setitem(kernels._COMPILED, (plus_one, ("train",), True, None, True), broken)
+    assert glue._compiled(plus_one) is broken
+    with pytest.warns(UserWarning, match="compiling plus_one failed"):
+        assert glue._run(plus_one, 1) == 2
+    assert glue._compiled(plus_one) is plus_one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert glue._run(plus_one, 2) == 3

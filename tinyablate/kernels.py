@@ -2,8 +2,9 @@
 
 The work between a Qwen2/Llama model's matmuls: HF's RMSNorm and the SiLU MLP's silu(gate) x up as plain
 tensor functions (op for op HF's, so compiled they compute HF's numbers), the checks that a module computes
-them, and `compiled`: torch.compile with one process-wide memo, each caller on its own code object (so the
-engine's decode step, its prefill and training keep separate recompile budgets). Inductor's
+them, and `compiled`: torch.compile with the process's one memo of compiled functions, each caller on its own
+code object (so the engine's decode step, its prefill and training keep separate recompile budgets; the
+keyed sampler's noise, tinyablate/sampling.py, compiles there too). Inductor's
 `emulate_precision_casts` rounds where HF's eager code rounds (bf16 norm output before the weight, the
 residual sum), so the compiled kernels compute HF's numbers (tests/test_engine.py, tests/test_train_glue.py).
 
@@ -11,6 +12,8 @@ The engine imports from here, training imports from here; neither imports the ot
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,23 +61,38 @@ def plain_function(fn):
     return fn
 
 
+# The process's compiled functions, the only memo of them: (fn, tag, dynamic, fullgraph, hf_rounding) -> code.
 _COMPILED: dict = {}
 
 
-def compiled(fn, tag: str, dynamic: bool = False):
-    """`fn` compiled into fused kernels (no CUDA graphs of its own: the engine captures), on its own code
-    object for `tag` (see own_code), one per (fn, tag, dynamic) in a process: engines that pass the same tag (one
-    model shape, one batch shape: `model_tag`) share the compiled code, so the cells that a process runs one
-    after another (a bundle, hydra.launcher.cells_per_job) compile it once. Fixed shapes compile whole
-    (fullgraph: the decode step); dynamic shapes (the prefill, training) may fall back to eager past the
-    recompile budget. `emulate_precision_casts` rounds where HF's eager code rounds, so the kernels compute
-    HF's numbers."""
-    key = (fn, tag, dynamic)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(
-            own_code(fn, tag), fullgraph=not dynamic, dynamic=dynamic, options={"emulate_precision_casts": True}
+def compiled(fn, *tag, dynamic: bool = False, fullgraph: Optional[bool] = None, hf_rounding: bool = True):
+    """`fn` compiled into fused kernels (no CUDA graphs of its own: the engine captures), one per
+    (fn, tag, options) in a process. Every compiled function of the project comes from here.
+
+    tag: the parts (strings, ints) of the caller's name for its code: with a tag, `fn` compiles on its own code
+    object (own_code, named fn__part1_part2...), so each caller keeps its own recompile budget; callers that
+    pass the same tag share the compiled code (the engines of one model shape and batch shape: the cells a
+    process runs one after another, a bundle or hydra.launcher.cells_per_job, compile it once). Without a tag
+    `fn` itself is compiled. The tag is joined into a name only when compiling, so a lookup costs a dict get.
+    dynamic: dynamic shapes (the prefill, training; may fall back to eager past the recompile budget); fixed
+    shapes compile whole (fullgraph defaults to `not dynamic`: the decode step). hf_rounding: inductor's
+    `emulate_precision_casts`, which rounds where HF's eager code rounds, so the kernels compute HF's numbers.
+    """
+    key = (fn, tag, dynamic, fullgraph, hf_rounding)
+    code = _COMPILED.get(key)
+    if code is None:
+        code = _COMPILED[key] = torch.compile(
+            own_code(fn, "_".join(map(str, tag))) if tag else fn,
+            fullgraph=not dynamic if fullgraph is None else fullgraph,
+            dynamic=dynamic,
+            options={"emulate_precision_casts": True} if hf_rounding else None,
         )
-    return _COMPILED[key]
+    return code
+
+
+def run_eager(fn, *tag, dynamic: bool = False, fullgraph: Optional[bool] = None, hf_rounding: bool = True) -> None:
+    """From now on `compiled` with these arguments returns `fn` itself (its compile failed: train/glue.py)."""
+    _COMPILED[(fn, tag, dynamic, fullgraph, hf_rounding)] = fn
 
 
 def head_dim(config) -> int:

@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .kernels import compiled
+
 _M32 = 0xFFFFFFFF
 
 
@@ -121,17 +123,15 @@ def _add_gumbel(scores: torch.Tensor, keys: torch.Tensor, vocab_hash: torch.Tens
     return scores - torch.log(-torch.log(uniform))
 
 
-_COMPILED = {}
-
-
 def noisy_scores(cuda: bool):
-    """The function scores + keyed Gumbel noise (scores, keys, vocab_hash, step): on CUDA the ~20 elementwise integer and float ops are fused into one kernel by torch.compile
-    (eager they cost a pass over a (rows x vocab) int64 tensor each); on CPU they run eagerly."""
+    """The function scores + keyed Gumbel noise (scores, keys, vocab_hash, step): on CUDA the ~20 elementwise
+    integer and float ops are fused into one kernel by torch.compile (eager they cost a pass over a
+    (rows x vocab) int64 tensor each), compiled once per process (tinyablate/kernels.py `compiled`: dynamic
+    shapes, whole, no emulate_precision_casts: its float work is float32); on CPU they run
+    eagerly."""
     if not cuda:
         return _add_gumbel
-    if "cuda" not in _COMPILED:
-        _COMPILED["cuda"] = torch.compile(_add_gumbel, dynamic=True, fullgraph=True)
-    return _COMPILED["cuda"]
+    return compiled(_add_gumbel, dynamic=True, fullgraph=True, hf_rounding=False)
 
 
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -5,10 +5,11 @@ that depends on trainable parameters: M = Σ_i v_i P_i (TinyLoRA) or M = R (LoRA
 
 Two forward paths compute the same function:
 - unmerged (the reference): x Wᵀ + ((x Bᵀ) Mᵀ) Aᵀ through autograd.
-- fused: y = x W_effᵀ with W_eff = W + A M B kept in a cache that is rebuilt only when v changes
-  (once per optimizer step). Its custom backward gives x the gradient W_eff would give it and M the
-  rank-r gradient (g A)ᵀ (x Bᵀ), so neither pass touches a d × k weight gradient. Generation and
-  training then run at the frozen model's speed, plus two skinny matmuls and one merge per step.
+- merged (the setting adapter.forward=fused): y = x W_effᵀ with W_eff = W + A M B kept in a cache that
+  is rebuilt only when v changes (once per optimizer step). Its custom backward gives x the gradient W_eff
+  would give it and M the rank-r gradient (g A)ᵀ (x Bᵀ), so neither pass touches a d × k weight gradient.
+  Generation and training then run at the frozen model's speed, plus two skinny matmuls and one merge per
+  step.
 
 The layer keeps W (`self.weight`) pristine and keeps the parameter names of nn.Linear, so the
 model's state dict is unchanged apart from the adapter's own vectors.
@@ -20,17 +21,15 @@ weight: A and B come from the dequantized W, the layer computes the quantized ba
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..quantization import compute_dtype, is_quantized_linear
-from .kernels import merge_into
+from .triton_merge import merge_into
 
 
-class _FusedLowRankLinear(torch.autograd.Function):
+class _MergedLowRankLinear(torch.autograd.Function):
     """y = x W_effᵀ + b, where W_eff = W + A M B was merged for the current M."""
 
     @staticmethod
@@ -103,6 +102,23 @@ class SVDAdapterLinear(nn.Linear):
         return self._pristine is not None
 
     @property
+    def merges(self) -> bool:
+        """The forward reads the merged weight W + A M B: adapter.forward=fused, enabled, ΔW not folded into W."""
+        return self._enabled and self._pristine is None and self._forward_mode == "fused"
+
+    def state_signature(self) -> tuple:
+        """What a computation captured with this layer (the engine's CUDA graphs) depends on besides its
+        parameters' addresses: enabled, ΔW not folded into W, the forward mode, and the merged weight's address
+        (0 unless it merges). Read it after `remerge`: a first merge allocates the merged weight."""
+        w_eff = self._w_eff
+        return (
+            self._enabled,
+            self._pristine is None,
+            self._forward_mode,
+            w_eff.data_ptr() if self.merges and w_eff is not None else 0,
+        )
+
+    @property
     def quantized(self) -> bool:
         """The frozen base is a quantized layer (it computes its own output; nothing is merged)."""
         return self._quantized_base is not None
@@ -110,12 +126,6 @@ class SVDAdapterLinear(nn.Linear):
     def merged_weight(self) -> torch.Tensor:
         """W + A M B for the current v: cached, recomputed in place when v has changed (its version counter)."""
         return self._merged_weight()
-
-    @property
-    def merged_weight_cache(self) -> Optional[torch.Tensor]:
-        """The tensor that holds the cached merged weight (None before the first merge and after drop_cache):
-        its address changes only when the cache moves (keep_merged_weight_in, drop_cache)."""
-        return self._w_eff
 
     @property
     def rank(self) -> int:
@@ -157,7 +167,7 @@ class SVDAdapterLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias) + ((x @ self.B.t()) @ M.t()) @ self.A.t()
         w_eff = self._merged_weight()
         if torch.is_grad_enabled() and self.v.requires_grad:
-            return _FusedLowRankLinear.apply(x, self.core(), w_eff, self.A, self.B, self.bias)
+            return _MergedLowRankLinear.apply(x, self.core(), w_eff, self.A, self.B, self.bias)
         return F.linear(x, w_eff, self.bias)
 
     def _merged_weight(self) -> torch.Tensor:
@@ -222,6 +232,14 @@ class SVDAdapterLinear(nn.Linear):
             f"in={self.in_features}, out={self.out_features}, r={self.rank}, group={self.group}, "
             f"forward={self.forward_mode}"
         )
+
+
+def remerge(modules) -> None:
+    """Bring the merged weight of every SVDAdapterLinear among `modules` that merges up to its current v (in
+    place: into its cached buffer, or the storage it keeps it in; nothing where v has not changed)."""
+    for module in modules:
+        if isinstance(module, SVDAdapterLinear) and module.merges:
+            module.merged_weight()
 
 
 def projection(seed: int, module_index: int, u: int, r: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ tinyablate/config). The engine itself, room by room:
 - `layers.py`: the decoder layers over the cache (prefill, decode step, decode attention backends).
 - `sampler.py`: Sampling (how) and the sampler (greedy, temperature / top-k / top-p, keyed).
 - `graphs.py`: CUDA-graph capture and replay of the decode step; the weight signature that drops stale graphs.
-- `packing.py`: packed q/k/v and gate/up projections; `fused.py`: what the engine compiles (the glue
+- `packing.py`: packed q/k/v and gate/up projections; `compiled.py`: what the engine compiles (the glue
   between matmuls, whole decoder layers); `attention.py`: the Triton decode attention.
 The elementwise kernels shared with training (RMSNorm, SiLU x up, torch.compile memo): tinyablate/kernels.py.
 """

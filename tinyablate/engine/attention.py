@@ -204,8 +204,10 @@ def decode_attention(
     start: (rows,) int; slot: (1,) int (both on the device). Returns (rows, kv heads, groups, dim).
     src: (rows,) int, prompt_end: (1,) int (on the device, both or neither): keys before prompt_end are
     read from row src[row] (whose prompt is identical), see the module docstring.
-    splits: key slices per program; block_n, num_warps, num_stages: the kernel's keys per block and launch
-    settings (the defaults were the fastest in benchmarks/decode_kernels_bench.py's sweep on an H200).
+    splits: key slices per program (the engine's: splits_for). block_n, num_warps, num_stages: benchmark-only
+    knobs, the kernel's keys per block and launch settings: the engine never passes them (the defaults were the
+    fastest in benchmarks/decode_kernels_bench.py's sweep on an H200, which sets them; the interpreter test
+    sets a small block_n).
     """
     if (src is None) != (prompt_end is None):
         raise ValueError("decode_attention: pass src and prompt_end together")

@@ -1,7 +1,7 @@
 """GenerationEngine: batched left-padded prefill, then a fixed-shape decode step, replayed from CUDA graphs.
 
 The engine runs the model's own modules (embeddings, RMSNorms, q/k/v/o projections, MLPs, rotary
-embedding, lm_head) in its own loop, so every adapter on them (TinyLoRA / LoRA-XS fused layers, PEFT
+embedding, lm_head) in its own loop, so every adapter on them (TinyLoRA / LoRA-XS layers, merged or not, PEFT
 LoRA) is in the computation; only the cache and the attention over it are the engine's:
 
 - KV cache (engine/cache.py): one (batch, kv heads, length, head dim) tensor per layer for keys and one for
@@ -16,8 +16,8 @@ LoRA) is in the computation; only the cache and the attention over it are the en
   captured once per (batch bucket, key-length bucket, sampling) and replayed (engine/graphs.py); the host
   only checks every few steps whether all rows are done (early exit).
 - packed projections (engine/packing.py): q/k/v run as one matmul and gate/up as one, over stacked
-  weights that hold each layer's effective weight (a fused adapter merges straight into its rows).
-- weights: before a generation the adapters' fused weights are re-merged for the current v (in
+  weights that hold each layer's effective weight (a merged adapter merges straight into its rows).
+- weights: before a generation the merged adapters' weights are re-merged for the current v (in
   place, the same storage), the packed weights refreshed, and a signature of every weight tensor the
   step reads (addresses and adapter states) is compared with the one the graphs were captured with;
   any change (a dropped merged cache, adapters disabled or merged, a device move) drops the graphs, which
@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..adapters.layers import remerge
 from ..sampling import check_keys
 from .cache import DecodeState, KVCache, dedupe, left_pad
 from .graphs import DecodeGraphs, weight_signature
@@ -42,27 +43,32 @@ from .sampler import Sampler, Sampling
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How the engine runs, beyond what production sets: experiments (benchmarks, numerics_probe's --engine)
-    and tests. The defaults are what a cell runs; none of them changes what is sampled from."""
+    """How the engine runs. A cell sets only `log` (engine_for); every other field is an experiment knob, set by
+    benchmarks (rollout_bench.py --attention, mismatch_check.py, numerics_probe.py --engine) and tests, never by
+    a setting: its default is what a cell runs. None of them changes what is sampled from. They stay here, not
+    in the benchmarks, because the tests that pin the engine's numbers (tests/test_engine*.py) set them too."""
 
-    # Graphs are captured for key lengths in multiples of it; the cache's length is one too.
+    # Experiment knob. Graphs are captured for key lengths in multiples of it; the cache's length is one too.
     length_bucket: int = 64
-    # The decode step's attention: "triton" (engine/attention.py), "sdpa" or "matmul"; None: "triton" on CUDA
-    # with Triton installed, else "sdpa".
+    # Experiment knob. The decode step's attention: "triton" (engine/attention.py), "sdpa" or "matmul"; None:
+    # "triton" on CUDA with Triton installed, else "sdpa" (what a cell runs). "matmul" (HF eager attention's
+    # rounding) exists for benchmarks and tests only.
     attention: Optional[str] = None
-    # None: on CUDA. With every projection packed, compile each decoder layer of the decode step into two
-    # functions around the attention (engine/fused.py) and the sampling draw into one kernel (engine/sampler.py);
-    # otherwise compile the norms, rotary and SiLU x up one by one (CUDA only); the prefill's norms, rotary and
-    # SiLU x up are compiled too (dynamic shapes: any batch and width). Its bf16 tokens agree with HF's as the
-    # uncompiled step's do (tests/test_engine_gpu.py); speed-ups are in benchmarks/RESULTS.md.
+    # Experiment knob. None: on CUDA. With every projection packed, compile each decoder layer of the decode
+    # step into two functions around the attention (engine/compiled.py) and the sampling draw into one kernel
+    # (engine/sampler.py); otherwise compile the norms, rotary and SiLU x up one by one (CUDA only); the
+    # prefill's norms, rotary and SiLU x up are compiled too (dynamic shapes: any batch and width). Its bf16
+    # tokens agree with HF's as the uncompiled step's do (tests/test_engine_gpu.py); speed-ups are in
+    # benchmarks/RESULTS.md.
     compile_glue: Optional[bool] = None
-    # Run q/k/v and gate/up as one matmul each over packed weights (engine/packing.py); layers that cannot be
-    # packed (PEFT LoRA, a quantized base, an unmerged adapter) are called one by one.
+    # Experiment knob. Run q/k/v and gate/up as one matmul each over packed weights (engine/packing.py); layers
+    # that cannot be packed (PEFT LoRA, a quantized base, an unmerged adapter) are called one by one.
     pack: bool = True
-    # The Triton attention reads the prompt keys of rows with identical prompts from one cache row
-    # (engine/attention.py), so the copies are not each read from HBM.
+    # Experiment knob. The Triton attention reads the prompt keys of rows with identical prompts from one cache
+    # row (engine/attention.py), so the copies are not each read from HBM.
     share_prompts: bool = True
-    # Where the engine reports cache allocations and recaptures (one line each); None: nowhere.
+    # The one a cell sets. Where the engine reports cache allocations and recaptures (one line each); None:
+    # nowhere.
     log: Optional[Callable[[str], None]] = None
 
 
@@ -102,7 +108,7 @@ class GenerationEngine:
         self.layers = DecoderLayers(
             self.lm, self.decoder, self.cache, options.attention, options.share_prompts, compile_glue, options.pack
         )
-        self.sampler = Sampler(self.layers.compiled, self.layers.fuse)
+        self.sampler = Sampler(self.layers.compiled, self.layers.compiles_layers)
         self.graphs = DecodeGraphs(self._decode_step, self.log)
         self._states: dict = {}  # rows -> the DecodeState of that batch bucket
         self.set_special_tokens(pad_token_id, eos_token_ids)
@@ -252,11 +258,13 @@ class GenerationEngine:
 
     # -- fresh weights ----------------------------------------------------------------------------
     def refresh_weights(self) -> None:
-        """Re-merge adapters' fused weights for the current v and refresh the packed weights; drop the
+        """Re-merge the merged adapters' weights for the current v and refresh the packed weights; drop the
         captured graphs if any weight tensor the decode step reads moved or changed state."""
         if self.layers.pack:
-            self.layers.refresh_packs()
-        self.graphs.check_weights(weight_signature(self.model, self.layers.packs))
+            self.layers.refresh_packs()  # merges the packed adapters into their rows of the packs
+        modules = list(self.model.modules())
+        remerge(modules)  # and the others (pack off, or a group that cannot be packed) into their own buffers
+        self.graphs.check_weights(weight_signature(modules, self.layers.packs))
 
 
 _ATTR = "_tinyablate_engine"

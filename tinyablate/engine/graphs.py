@@ -84,25 +84,15 @@ class DecodeGraphs:
             self.signature = signature
 
 
-def weight_signature(model, packs: list) -> tuple:
-    """Re-merge every fused adapter's weight for its current v (in place, into its cached buffer) and return a
-    signature of every weight tensor the decode step reads: the packed weights (engine/packing.py, `packs`
-    per layer), each adapter's and PEFT LoRA layer's state, and the address of every parameter and buffer."""
+def weight_signature(modules, packs: list) -> tuple:
+    """A signature of every weight tensor the decode step reads, from the model's `modules` (a list of
+    model.modules(), its adapters' merged weights already brought up to v: adapters.layers.remerge): the packed
+    weights (engine/packing.py, `packs` per layer), each adapter's (SVDAdapterLinear.state_signature) and PEFT
+    LoRA layer's state, and the address of every parameter and buffer. It changes nothing."""
     signature = [tuple(p.signature() if p is not None else None for p in layer) for layer in packs]
-    for module in model.modules():
+    for module in modules:
         if isinstance(module, SVDAdapterLinear):
-            fused = module.enabled and not module.is_merged and module.forward_mode == "fused"
-            if fused:
-                module.merged_weight()  # in place into the cached buffer when v changed
-            w_eff = module.merged_weight_cache
-            signature.append(
-                (
-                    module.enabled,
-                    not module.is_merged,
-                    module.forward_mode,
-                    w_eff.data_ptr() if fused and w_eff is not None else 0,
-                )
-            )
+            signature.append(module.state_signature())
         else:
             for flag in ("merged", "disable_adapters", "active_adapters"):  # PEFT LoRA layers
                 if hasattr(type(module), flag) or flag in vars(module):

@@ -1,16 +1,16 @@
 """The model's decoder layers as the engine runs them: the prefill and the decode step over the KV cache.
 
 The engine runs the model's own modules (embeddings, RMSNorms, q/k/v/o projections, MLPs, rotary
-embedding, lm_head) in its own loop, so every adapter on them (TinyLoRA / LoRA-XS fused layers, PEFT
+embedding, lm_head) in its own loop, so every adapter on them (TinyLoRA / LoRA-XS layers, merged or not, PEFT
 LoRA) is in the computation; only the cache and the attention over it are the engine's. A
 `DecoderLayers` holds what that takes for one model: its parts, the packed projections
-(engine/packing.py), the glue between the matmuls and the compiled layers (engine/fused.py), and the
+(engine/packing.py), the glue between the matmuls and the compiled layers (engine/compiled.py), and the
 decode attention (engine/attention.py's Triton kernel, SDPA or two matmuls):
 
     logits = layers.prefill(ids, mask, state, unique, source)   # prompts into the cache, last logits
     logits = layers.decode_logits(state, kv_len)                # one new token per row
 
-The decode step takes one of two paths with the same arithmetic: `_fused_layers` (every projection packed
+The decode step takes one of two paths with the same arithmetic: `_compiled_layers` (every projection packed
 and compile_glue: each layer as two compiled functions around the attention) or `_layers` (layer by layer,
 through the glue, compiled or eager).
 """
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..kernels import ARCHITECTURES
-from . import fused
+from . import compiled
 from .attention import available as attention_kernel_available
 from .attention import decode_attention
 from .attention import splits_for as decode_attention_splits
@@ -72,7 +72,7 @@ class DecoderLayers:
         device = self.device = cache.device
         # Decode attention: "triton" (engine/attention.py, flash decoding; CUDA), "sdpa" (torch's fused kernel,
         # fp32 softmax) or "matmul" (two grouped matmuls, scores rounded to the model dtype as HF's eager
-        # attention does). Default: triton where it runs, else sdpa.
+        # attention does; benchmarks and tests only). Default: triton where it runs, else sdpa.
         if attention is None:
             attention = "triton" if attention_kernel_available(device) else "sdpa"
         if attention not in ("triton", "sdpa", "matmul"):
@@ -89,19 +89,19 @@ class DecoderLayers:
         # The elementwise work between the matmuls (norms, residual adds, rotary, SiLU x up): HF's own math,
         # as plain functions; in the decode step on CUDA compiled into a few fused kernels (compile_glue).
         # The prefill's (any rows x width: dynamic shapes) and the decode step's (fixed shapes).
-        self._glue = fused._Glue(decoder, rope, compiled=compile_glue and device.type == "cuda", dynamic=True)
-        self._glue_decode = fused._Glue(decoder, rope, compiled=compile_glue and device.type == "cuda")
+        self._glue = compiled._Glue(decoder, rope, compiled=compile_glue and device.type == "cuda", dynamic=True)
+        self._glue_decode = compiled._Glue(decoder, rope, compiled=compile_glue and device.type == "cuda")
         self.pack = bool(pack)
         self.packs: list = [NO_PACKS] * len(decoder.layers)
-        # The decode step's layers (engine/fused.py) and sampling draw (engine/sampler.py) as compiled functions,
+        # The decode step's layers (engine/compiled.py) and sampling draw (engine/sampler.py) as compiled functions,
         # used while every projection is packed; one compiled version per model shape and batch shape in a process
-        self.compiled = fused.EngineCompiled(kernels.model_tag(lm.config, cache.dtype))
-        self.fuse = bool(compile_glue and self.pack and self._glue.fused and kernels.available())
+        self.compiled = compiled.EngineCompiled(kernels.model_tag(lm.config, cache.dtype))
+        self.compiles_layers = bool(compile_glue and self.pack and self._glue.standard and kernels.available())
 
     # -- packed weights ---------------------------------------------------------------------------
     def refresh_packs(self) -> None:
         """Each layer's packed weights (None where the layers cannot be packed), refreshed."""
-        self.packs = pack_layers(self.decoder, self.packs, self._glue.fused)
+        self.packs = pack_layers(self.decoder, self.packs, self._glue.standard)
 
     def drop_packs(self) -> None:
         self.packs = [NO_PACKS] * len(self.decoder.layers)
@@ -173,8 +173,8 @@ class DecoderLayers:
             vc.index_copy_(2, st.slot, v)
             return kc[:, :, :kv_len], vc[:, :, :kv_len]
 
-        if self.fuse and self.all_packed:
-            h = self._fused_layers(x, cos, sin, mask, kv_len, rows)
+        if self.compiles_layers and self.all_packed:
+            h = self._compiled_layers(x, cos, sin, mask, kv_len, rows)
         else:
             h = self._layers(x, cos, sin, mask, write, decode=True)
         return self.lm.lm_head(h)[:, -1]  # the model's dtype: the sampler casts where it needs float32
@@ -210,11 +210,11 @@ class DecoderLayers:
             return torch.matmul(probs, values)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.valid, scale=scaling)
 
-    def _fused_layers(self, x, cos, sin, mask: DecodeMask, kv_len: int, rows: int):
-        """The decode step's layers through the compiled functions of engine/fused.py (all projections packed)."""
+    def _compiled_layers(self, x, cos, sin, mask: DecodeMask, kv_len: int, rows: int):
+        """The decode step's layers through the compiled functions of engine/compiled.py (all projections packed)."""
         pre, post, final = (
             self.compiled(f, rows, self.cache.length)
-            for f in (fused.pre_attention, fused.post_attention, fused.final_norm)
+            for f in (compiled.pre_attention, compiled.post_attention, compiled.final_norm)
         )
         delta = None
         for i, layer in enumerate(self.decoder.layers):

@@ -5,7 +5,8 @@ the GPU's peak (Qwen2.5-7B's k_proj and v_proj have 512 output features each). S
 the layers that read one input by rows turns three matmuls into one, and two into one for the MLP.
 
 Each member's *effective* weight is what the stack holds:
-- a fused TinyLoRA / LoRA-XS layer (SVDAdapterLinear, fused, enabled, not merged, not quantized) keeps
+- a merged TinyLoRA / LoRA-XS layer (SVDAdapterLinear, adapter.forward=fused, enabled, ΔW not folded
+  into W, not quantized) keeps
   its merged weight W + A M B in its rows of the stack (`keep_merged_weight_in`): the merge after an
   optimizer step writes there in place, and the layer's own forward reads the same rows, so the
   stack costs no memory and can never be stale;
@@ -31,13 +32,7 @@ from ..adapters.layers import SVDAdapterLinear
 def _packable(module) -> bool:
     if type(module) is nn.Linear:
         return not module.weight.requires_grad
-    return (
-        isinstance(module, SVDAdapterLinear)
-        and not module.quantized
-        and module.enabled
-        and not module.is_merged
-        and module.forward_mode == "fused"
-    )
+    return isinstance(module, SVDAdapterLinear) and module.merges and not module.quantized
 
 
 class PackedLinear:

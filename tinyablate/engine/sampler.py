@@ -43,12 +43,12 @@ class Sampling:
 
 
 class Sampler:
-    """One engine's sampling. compiled: the engine's compiled functions (engine/fused.py EngineCompiled);
-    fuse: plain temperature sampling through the compiled exponential race (one fused kernel)."""
+    """One engine's sampling. compiled: the engine's compiled functions (engine/compiled.py EngineCompiled);
+    compiled_race: plain temperature sampling through the compiled exponential race (one fused kernel)."""
 
-    def __init__(self, compiled, fuse: bool):
+    def __init__(self, compiled, compiled_race: bool):
         self.compiled = compiled
-        self.fuse = fuse
+        self.compiled_race = compiled_race
         self._vocab_hash = None  # keyed sampling: the per-token hashes, made once per vocabulary size
 
     def sample_next(self, logits: torch.Tensor, state, sampling: Sampling, pad: int, eos: torch.Tensor) -> None:
@@ -68,7 +68,9 @@ class Sampler:
         """(the next token of each row, its log-probability under softmax(logits / T); None when greedy)."""
         if sampling.greedy:  # float32 holds every bf16/fp16 value exactly: the same argmax without the cast
             return logits.argmax(-1), None
-        if self.fuse and not (sampling.keyed or sampling.top_k or sampling.top_p < 1):  # compiled: one fused kernel
+        if self.compiled_race and not (
+            sampling.keyed or sampling.top_k or sampling.top_p < 1
+        ):  # compiled: one fused kernel
             # The noise is drawn outside compiled code by exponential_ (torch's generator, which a CUDA graph
             # replay advances). Drawn inside the kernel instead (torch.rand compiled), the sampling kernel was
             # slower than the two apart (measured: benchmarks/RESULTS.md).

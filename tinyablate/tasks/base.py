@@ -8,7 +8,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 from ..config.task import TaskConfig
 from .scoring import Score, reward_fn, score
@@ -81,3 +81,24 @@ def jsonl_rows(path: Path) -> Iterator[tuple]:
                     f"{path}:{line_number}: not valid JSON ({getattr(err, 'msg', err)}, "
                     f"column {getattr(err, 'colno', '?')})"
                 ) from None
+
+
+def hub_splits(task: str, hub_id: str, configs: Sequence[Optional[str]], splits: dict, how_to_provide: str) -> dict:
+    """{config: {split: the Hub split's rows}} of the Hub dataset `hub_id` (datasets.load_dataset), for each of
+    its `configs`; `splits`: this project's split name -> the Hub's. The loading of every task without
+    task.data_dir: any failure (offline, unknown id, config or split) is one RuntimeError naming the task
+    and where it looked, and saying `how_to_provide` the data instead."""
+    try:
+        import datasets
+
+        loaded = {}
+        for config in configs:
+            dataset = datasets.load_dataset(hub_id, config)
+            loaded[config] = {split: dataset[hub_split] for split, hub_split in splits.items()}
+        return loaded
+    except Exception as error:  # offline, unknown id, missing config or split: all mean "no data"
+        where = f"{hub_id}, config {configs[0]}" if len(configs) == 1 else hub_id
+        raise RuntimeError(
+            f"Could not load {task} from the Hub ({where}) because task.data_dir is None: "
+            f"{type(error).__name__}: {error}. {how_to_provide}"
+        ) from error

@@ -8,10 +8,8 @@ calculator notes, ending in `\\boxed{18}` instead of the `#### 18` line.
 import re
 from pathlib import Path
 
-import datasets
-
 from ..config.task import TaskConfig
-from .base import Problem, Task, jsonl_rows
+from .base import Problem, Task, hub_splits, jsonl_rows
 from .scoring import normalize_number
 
 SPLITS = ("train", "test")
@@ -95,11 +93,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _load_from_hub(cfg: TaskConfig) -> dict[str, list[dict]]:
-    try:
-        dataset = datasets.load_dataset(cfg.hub_id, cfg.hub_config)
-        return {split: [{"question": r["question"], "answer": r["answer"]} for r in dataset[split]] for split in SPLITS}
-    except Exception as error:  # offline, unknown id, missing split: all mean "no data"
-        raise RuntimeError(
-            f"Could not load GSM8K from the Hub ({cfg.hub_id}, config {cfg.hub_config}) because task.data_dir "
-            f"is None: {type(error).__name__}: {error}. To get GSM8K, {_how_to_provide(cfg)}"
-        ) from error
+    how = f"To get GSM8K, {_how_to_provide(cfg)}"
+    loaded = hub_splits("GSM8K", cfg.hub_id, [cfg.hub_config], {s: s for s in SPLITS}, how)[cfg.hub_config]
+    return {split: [{"question": r["question"], "answer": r["answer"]} for r in rows] for split, rows in loaded.items()}

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ..config.task import TaskConfig
-from .base import jsonl_rows
+from .base import hub_splits, jsonl_rows
 from .choice import ChoiceProblem, ChoiceTask, data_error, local_data_dir
 
 FILES = {"train": "hellaswag_train.jsonl", "val": "hellaswag_val.jsonl"}
@@ -92,16 +92,7 @@ def _how_to_provide(cfg: TaskConfig) -> str:
 
 
 def _load_from_hub(cfg: TaskConfig) -> dict:
-    try:
-        import datasets
-
-        dataset = datasets.load_dataset(cfg.hub_id, cfg.hub_config)
-        loaded = {split: dataset[hub_split] for split, hub_split in HUB_SPLITS.items()}
-    except Exception as error:  # offline, unknown id, missing split: all mean "no data"
-        raise RuntimeError(
-            f"Could not load HellaSwag from the Hub ({cfg.hub_id}, config {cfg.hub_config}) because "
-            f"task.data_dir is None: {type(error).__name__}: {error}. {_how_to_provide(cfg)}"
-        ) from error
+    loaded = hub_splits("HellaSwag", cfg.hub_id, [cfg.hub_config], HUB_SPLITS, _how_to_provide(cfg))[cfg.hub_config]
     return {
         split: [
             parse_row(

@@ -20,6 +20,7 @@ import csv
 from pathlib import Path
 
 from ..config.task import TaskConfig
+from .base import hub_splits
 from .choice import ChoiceProblem, ChoiceTask, data_error, local_data_dir
 
 MMLU_CS_SUBJECTS = ("college_computer_science", "high_school_computer_science", "computer_security", "machine_learning")
@@ -130,22 +131,14 @@ def _how_to_provide(cfg: TaskConfig) -> str:
 
 
 def _load_from_hub(cfg: TaskConfig) -> dict:
-    try:
-        import datasets
-
-        loaded = {subject: datasets.load_dataset(cfg.hub_id, subject) for subject in MMLU_CS_SUBJECTS}
-    except Exception as error:  # offline, unknown id, missing config: all mean "no data"
-        raise RuntimeError(
-            f"Could not load MMLU from the Hub ({cfg.hub_id}) because task.data_dir is None: "
-            f"{type(error).__name__}: {error}. {_how_to_provide(cfg)}"
-        ) from error
+    loaded = hub_splits("MMLU", cfg.hub_id, MMLU_CS_SUBJECTS, SPLITS, _how_to_provide(cfg))
     return {
         split: [
             _hub_problem(row, split, subject, i)
             for subject in MMLU_CS_SUBJECTS
-            for i, row in enumerate(loaded[subject][hub_split])
+            for i, row in enumerate(loaded[subject][split])
         ]
-        for split, hub_split in SPLITS.items()
+        for split in SPLITS
     }
 
 

@@ -25,12 +25,11 @@ from contextlib import contextmanager
 
 import torch
 
+from .. import kernels
 from ..config.algo import TRAIN_KERNELS
-from ..kernels import ARCHITECTURES, compiled, is_hf_rms_norm, is_silu_mlp, plain_function, rms_norm, silu_mul
+from ..kernels import ARCHITECTURES, is_hf_rms_norm, is_silu_mlp, plain_function, rms_norm, silu_mul
 
 __all__ = ["compiled_glue", "train_kernels"]
-
-_COMPILED: dict = {}
 
 
 def train_kernels(algo, device_type: str) -> str:
@@ -53,10 +52,8 @@ def train_kernels(algo, device_type: str) -> str:
 
 def _compiled(fn):
     """`fn` compiled once per process for dynamic shapes, on its own code object (tinyablate/kernels.py
-    `compiled`: the engine's compiled glue keeps its recompile budget)."""
-    if fn not in _COMPILED:
-        _COMPILED[fn] = compiled(fn, "train", dynamic=True)
-    return _COMPILED[fn]
+    `compiled`: the engine's compiled glue keeps its recompile budget); `fn` itself once its compile failed."""
+    return kernels.compiled(fn, "train", dynamic=True)
 
 
 def _run(fn, *args):
@@ -74,7 +71,7 @@ def _run(fn, *args):
             "it runs eager from now on",
             stacklevel=2,
         )
-        _COMPILED[fn] = fn
+        kernels.run_eager(fn, "train", dynamic=True)
         return fn(*args)
 
 

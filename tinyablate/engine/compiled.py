@@ -83,18 +83,14 @@ def final_norm(x, delta, norm_w, eps: float):
 
 class EngineCompiled:
     """One engine's compiled functions: `fn` compiled for the model's shape (`tag`, kernels.model_tag) and a
-    batch shape (static shapes: each shape its own code), looked up once per engine and shape (an eager decode
-    step asks for it every step); the compiled code itself is shared by the process (kernels.compiled)."""
+    batch shape (static shapes: each shape its own code), from the process's memo (kernels.compiled: a dict
+    get per lookup; an eager decode step asks every step)."""
 
     def __init__(self, tag: str):
         self.tag = tag
-        self._fns: dict = {}
 
     def __call__(self, fn, *batch_shape):
-        key = (fn, batch_shape)
-        if key not in self._fns:
-            self._fns[key] = kernels.compiled(fn, "_".join(["engine", self.tag, *map(str, batch_shape)]))
-        return self._fns[key]
+        return kernels.compiled(fn, "engine", self.tag, *batch_shape)
 
 
 def _add_rms_norm(x, delta, weight, eps: float):
@@ -105,8 +101,8 @@ def _add_rms_norm(x, delta, weight, eps: float):
 class _Glue:
     """Norms, residual adds, rotary embedding and the MLP's SiLU x up of one model, as functions.
 
-    With HF's RMSNorm and SiLU MLPs they are the functions above (compiled when `compiled`); any other
-    module falls back to calling the module itself.
+    With HF's RMSNorm and SiLU MLPs (`standard`) they are the functions above (compiled when `compiled`); any
+    other module falls back to calling the module itself.
     """
 
     def __init__(self, decoder, rope, compiled: bool, dynamic: bool = False):
@@ -114,14 +110,15 @@ class _Glue:
         norms = [decoder.norm] + [
             m for lay in decoder.layers for m in (lay.input_layernorm, lay.post_attention_layernorm)
         ]
-        self.fused = all(kernels.is_hf_rms_norm(n) for n in norms) and kernels.is_silu_mlp(layer.mlp)
+        # standard: the norms and the MLP are HF's RMSNorm and SiLU MLP (tinyablate/kernels.py's functions)
+        self.standard = all(kernels.is_hf_rms_norm(n) for n in norms) and kernels.is_silu_mlp(layer.mlp)
         # Compiled only where inductor can round where HF's eager code rounds (emulate_precision_casts: without
         # it bf16 norm outputs differ from HF's by an ulp, measured: benchmarks/RESULTS.md). One compiled version
         # per model shape (the prefill's, with dynamic shapes) or per model shape and rows (the decode step's,
         # fixed shapes), shared by every engine of the process (kernels.compiled).
         model = kernels.model_tag(decoder.config, decoder.embed_tokens.weight.dtype)
         tag = f"{'prefill' if dynamic else 'decode'}_{model}"
-        if not (compiled and self.fused and kernels.available()):
+        if not (compiled and self.standard and kernels.available()):
             wrap = lambda f: f  # noqa: E731
         elif dynamic:
             wrap = lambda f: kernels.compiled(f, tag, dynamic=True)  # noqa: E731
@@ -132,10 +129,10 @@ class _Glue:
         )
 
     def norm(self, module, x):
-        return self._rms(x, module.weight, module.variance_epsilon) if self.fused else module(x)
+        return self._rms(x, module.weight, module.variance_epsilon) if self.standard else module(x)
 
     def add_norm(self, module, x, delta):
-        if self.fused:
+        if self.standard:
             return self._add_rms(x, delta, module.weight, module.variance_epsilon)
         x = x + delta
         return x, module(x)
@@ -144,20 +141,23 @@ class _Glue:
         return self._rope(q, k, cos, sin)
 
     def mlp(self, mlp, h, gate_up=None):
-        if self.fused:
+        if self.standard:
             gate, up = gate_up(h) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
             return mlp.down_proj(self._silu_mul(gate, up))
         return mlp(h)
 
 
 def _per_rows(fn, tag: str):
-    """`fn` compiled for fixed shapes, one version per number of rows (its first argument's first dimension)."""
+    """`fn` compiled for fixed shapes, one version per number of rows (its first argument's first dimension).
+
+    `by_rows` compiles nothing: it holds kernels.compiled's code objects by rows, so a call of the decode step's
+    glue (every layer of every eager step) costs one dict get and no call into kernels."""
     by_rows: dict = {}
 
     def call(x, *args):
         compiled = by_rows.get(x.shape[0])
         if compiled is None:
-            compiled = by_rows[x.shape[0]] = kernels.compiled(fn, f"{tag}_{x.shape[0]}")
+            compiled = by_rows[x.shape[0]] = kernels.compiled(fn, tag, x.shape[0])
         return compiled(x, *args)
 
     return call
