@@ -37,6 +37,8 @@ _LEFT_TO_THE_JOB = (signal.SIGTERM, signal.SIGCONT, signal.SIGUSR1, signal.SIGUS
 # The worker processes this (job) process runs now: stop_workers() ends them before a requeue.
 _LIVE: list = []
 INTERRUPTED = 130  # a worker's exit code after Ctrl-C (the job's too)
+# What a job or a worker says when Ctrl-C stops its cells.
+INTERRUPTED_LINE = "interrupted (SIGINT): this job's cells stop; each resumes from its last checkpoint"
 
 
 def run_pool(
@@ -211,7 +213,7 @@ def cell_worker(tasks, results, threads: Optional[int], started: Optional[float]
             results.put(("done", i, summary))
             warm = True
     except KeyboardInterrupt:
-        print("interrupted (SIGINT): this job's cells stop; each resumes from its last checkpoint", flush=True)
+        print(INTERRUPTED_LINE, flush=True)
         sys.exit(INTERRUPTED)
 
 

@@ -23,7 +23,7 @@ import submitit
 from tinyablate.config import spec_from_dict
 from tinyablate.cost import cells_per_gpu
 
-from .pool import run_pool, stop_workers
+from .pool import INTERRUPTED_LINE, run_pool, stop_workers
 
 
 class CellJob(submitit.helpers.Checkpointable):
@@ -55,7 +55,7 @@ class CellJob(submitit.helpers.Checkpointable):
         try:
             return self._run(specs, cell_dirs)
         except KeyboardInterrupt:
-            print("interrupted (SIGINT): this job's cells stop; each resumes from its last checkpoint", flush=True)
+            print(INTERRUPTED_LINE, flush=True)
             raise SystemExit(130) from None
 
     def _run(self, specs: list, cell_dirs: list) -> list:
